@@ -7,8 +7,9 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # Two ranks on two cores: one thread each avoids oversubscription.
 DEMO_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 DEMO_DIR := outputs/demo
+PM_DIR := outputs/demo-pm
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-pm test bench clean
 
 install: $(STAMP)
 
@@ -23,6 +24,19 @@ demo: $(STAMP)
 	python useful_code/eval_reward_bench_bt.py --reward_name_or_path $(DEMO_DIR)/last_checkpoint \
 		--data_set_name assets/data/reward_bench_sample.jsonl \
 		--record_dir $(DEMO_DIR)/reward_bench.txt --results_json $(DEMO_DIR)/reward_bench.json
+
+# Pairwise preference model: standard pairs -> PM data, ZeRO-3 training on 2 CPU ranks (held-out accuracy in both
+# orders), RewardBench-format evaluation, and best-of-4 ranking by knock-out tournament.
+demo-pm: $(STAMP)
+	python pair-pm/process_pair_data.py --dataset_path assets/data/toy_preference --output_path $(PM_DIR)/pm_data
+	$(DEMO_ENV) deepspeed --num_gpus 2 pair-pm/train.py pair-pm/tiny.yaml \
+		--deepspeed deepspeed_configs/deepspeed_3.json --dataset_path $(PM_DIR)/pm_data \
+		--eval_set_path assets/data/toy_preference --output_dir $(PM_DIR)
+	python useful_code/eval_reward_bench_pm.py --reward_name_or_path $(PM_DIR)/last_checkpoint \
+		--data_set_name assets/data/reward_bench_sample.jsonl \
+		--record_dir $(PM_DIR)/reward_bench.txt --results_json $(PM_DIR)/reward_bench.json
+	python pair-pm/rank_responses.py --reward_name_or_path $(PM_DIR)/last_checkpoint \
+		--input_path assets/data/toy_ranking.jsonl --output_path $(PM_DIR)/ranked.jsonl
 
 test: $(STAMP)
 	python -m pytest tests -q

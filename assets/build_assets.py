@@ -19,10 +19,12 @@ MODEL_DIR = ASSETS / "tiny-llama"
 DATA_DIR = ASSETS / "data"
 TOY_DIR = DATA_DIR / "toy_preference"
 REWARD_BENCH_FILE = DATA_DIR / "reward_bench_sample.jsonl"
+RANKING_FILE = DATA_DIR / "toy_ranking.jsonl"
 
 N_TRAIN, N_TEST = 1600, 200
 # Different seeds for train and test: same distributions, different draws.
 TRAIN_SEED, TEST_SEED = 1234, 5678
+N_RANKING, RANKING_SEED = 20, 9012
 VOCAB_SIZE = 1200
 
 # Llama-3 special tokens. There is deliberately no pad token: the training code must cope with that.
@@ -299,6 +301,20 @@ def make_pair(rng: random.Random) -> dict:
 def make_pairs(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [make_pair(rng) for _ in range(n)]
+
+
+def make_ranking_prompts(n: int, seed: int, n_candidates: int = 4) -> list[dict]:
+    """Prompts for pair-pm/rank_responses.py: one helpful answer among unhelpful ones, at a random place."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        task, topic, steps = rng.choice(TOPICS)
+        responses = [unhelpful_answer(rng, task, topic, steps) for _ in range(n_candidates - 1)]
+        best = rng.randrange(n_candidates)
+        responses.insert(best, helpful_answer(rng, steps))
+        rows.append({"prompt": rng.choice(PROMPT_TEMPLATES).format(task=task, topic=topic),
+                     "responses": responses, "helpful_index": best})
+    return rows
 
 
 # ============================================================================ RewardBench sample
@@ -724,6 +740,7 @@ def main() -> None:
     write_jsonl(TOY_DIR / "train.jsonl", train)
     write_jsonl(TOY_DIR / "test.jsonl", test)
     write_jsonl(REWARD_BENCH_FILE, bench)
+    write_jsonl(RANKING_FILE, make_ranking_prompts(N_RANKING, RANKING_SEED))
 
     tokenizer = build_tokenizer(training_texts(train + test, bench))
     model = build_model(tokenizer)
@@ -734,6 +751,7 @@ def main() -> None:
 
     print(f"wrote {len(train)} train / {len(test)} test pairs to {TOY_DIR}")
     print(f"wrote {len(bench)} RewardBench rows to {REWARD_BENCH_FILE}")
+    print(f"wrote {N_RANKING} ranking prompts to {RANKING_FILE}")
     print(f"wrote tokenizer (vocab {len(tokenizer)}) and model to {MODEL_DIR}")
 
 

@@ -264,8 +264,7 @@ def main():
     eval_metrics = trainer.evaluate()
 
     checkpoint_dir = os.path.join(args.output_path, "last_checkpoint")
-    trainer.save_model(checkpoint_dir)  # weights (gathered under ZeRO-3), config and tokenizer
-    trainer.accelerator.wait_for_everyone()
+    rm_utils.save_final_checkpoint(trainer, checkpoint_dir)
     check_pairs = held_out.select(range(min(args.reload_check_pairs, len(held_out))))
     reload_diff = verify_checkpoint(trainer, checkpoint_dir, check_pairs, dtype)
 

@@ -46,24 +46,8 @@ class ScriptArguments:
 
 
 def load_examples(path: str, split: Optional[str], flag: str, args, tokenizer):
-    """Load, validate and tokenize prompt/chosen/rejected examples from one split, or from every split when
-    split is None (preference-test-sets keeps one set per split: the split name becomes the subset)."""
-    from datasets import concatenate_datasets
-
-    is_local = Path(path).expanduser().exists()
-    splits = rm_utils.load_dataset_dict(path, flag, split=None if is_local else split)
-    if split is not None:
-        dataset = rm_utils.pick_split(splits, split, flag)
-    else:
-        dataset = concatenate_datasets([
-            ds if "subset" in ds.column_names else ds.add_column("subset", [name] * len(ds))
-            for name, ds in splits.items()
-        ])
-    if "subset" not in dataset.column_names:
-        raise rm_utils.UserError(f"{flag}: '{path}' has no 'subset' column")
-    if "id" not in dataset.column_names:
-        dataset = dataset.add_column("id", list(range(len(dataset))))
-    dataset, stats = rm_utils.standardize_pairs(dataset, args.skip_invalid, flag.lstrip("-"))
+    """Load and validate RewardBench-format examples (reward_bench.load_examples), then tokenize them."""
+    dataset, stats = reward_bench.load_examples(path, split, flag, args.skip_invalid)
     dataset, token_stats = rm_utils.tokenize_pairs(dataset, tokenizer, args.max_length, "truncate", flag.lstrip("-"))
     return dataset, {**stats, **token_stats}
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 EXAMPLE_COUNTS = {
@@ -216,3 +217,27 @@ def default_results_json(record_dir: str, model_name: str) -> str:
     stem = os.path.splitext(os.path.basename(record_dir))[0]
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", model_name).strip("_.")
     return os.path.join(directory, f"{stem}_{slug}.json")
+
+
+def load_examples(path: str, split: Optional[str], flag: str, skip_invalid: bool):
+    """Load and validate prompt/chosen/rejected examples with their id and subset, from one split, or from every
+    split when split is None (preference-test-sets keeps one set per split: the split name becomes the subset).
+    Returns (standard-format dataset with 'id' and 'subset', stats)."""
+    from datasets import concatenate_datasets
+
+    from useful_code import rm_utils  # imported here: the scoring arithmetic above needs no ML libraries
+
+    is_local = Path(path).expanduser().exists()
+    splits = rm_utils.load_dataset_dict(path, flag, split=None if is_local else split)
+    if split is not None:
+        dataset = rm_utils.pick_split(splits, split, flag)
+    else:
+        dataset = concatenate_datasets([
+            ds if "subset" in ds.column_names else ds.add_column("subset", [name] * len(ds))
+            for name, ds in splits.items()
+        ])
+    if "subset" not in dataset.column_names:
+        raise rm_utils.UserError(f"{flag}: '{path}' has no 'subset' column")
+    if "id" not in dataset.column_names:
+        dataset = dataset.add_column("id", list(range(len(dataset))))
+    return rm_utils.standardize_pairs(dataset, skip_invalid, flag.lstrip("-"))

@@ -198,23 +198,31 @@ def standardize_pairs(dataset, skip_invalid: bool, name: str):
         return {"chosen": chosen, "rejected": rejected, "invalid_reason": reason}
 
     converted = dataset.map(convert, remove_columns=source_columns, desc=f"validating {name}")
-    reasons = converted["invalid_reason"]
+    converted, stats = enforce_validity(converted, INVALID_REASONS, skip_invalid, name)
+    return converted, {"format": fmt, **stats}
+
+
+def enforce_validity(dataset, rules: dict[str, str], skip_invalid: bool, name: str):
+    """Act on an 'invalid_reason' column ('' = valid, else a key of rules): fail naming the first invalid rows
+    and their rules, or, with skip_invalid, drop them and print the count per reason. The column is removed.
+    Returns (dataset, stats) with stats = {'read', 'invalid': {reason: n}, 'used'}."""
+    reasons = dataset["invalid_reason"]
     invalid = Counter(r for r in reasons if r)
-    stats = {"format": fmt, "read": len(dataset), "invalid": dict(invalid)}
+    stats = {"read": len(dataset), "invalid": dict(invalid)}
     if invalid and not skip_invalid:
         first = [(i, r) for i, r in enumerate(reasons) if r][:5]
         examples = ", ".join(f"row {i} ({r})" for i, r in first)
-        rules = "; ".join(f"{r}: {INVALID_REASONS[r]}" for r in invalid)
+        broken = "; ".join(f"{r}: {rules[r]}" for r in invalid)
         raise UserError(
             f"{name}: {sum(invalid.values())} of {len(dataset)} rows are invalid ({_summary(invalid)}); "
-            f"first: {examples} (0-based). Rules: {rules}. "
+            f"first: {examples} (0-based). Rules: {broken}. "
             f"Fix the data, or pass --skip_invalid to drop them with a count."
         )
     if invalid:
-        converted = converted.filter(lambda reason: not reason, input_columns="invalid_reason")
-        print(f"[{name}] dropped {sum(invalid.values())} of {len(dataset)} invalid rows (--skip_invalid): {_summary(invalid)}")
-    stats["used"] = len(converted)
-    return converted.remove_columns("invalid_reason"), stats
+        dataset = dataset.filter(lambda reason: not reason, input_columns="invalid_reason")
+        print(f"[{name}] dropped {sum(invalid.values())} of {len(reasons)} invalid rows (--skip_invalid): {_summary(invalid)}")
+    stats["used"] = len(dataset)
+    return dataset.remove_columns("invalid_reason"), stats
 
 
 def _summary(counter: Counter) -> str:
@@ -378,9 +386,14 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
 
 
+def bf16_available() -> bool:
+    """Whether this machine has a GPU that computes in bf16."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def resolve_dtype(bf16: bool) -> torch.dtype:
     """bf16 only where the hardware supports it; fp32 otherwise (and always on CPU)."""
-    if bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if bf16 and bf16_available():
         return torch.bfloat16
     if bf16:
         print("bf16 requested but this machine has no bf16-capable GPU: using fp32")
@@ -401,15 +414,14 @@ def resolve_attn_implementation(requested: str = "auto") -> str:
     return "sdpa"
 
 
-def load_reward_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
-                      trust_remote_code: bool = False):
-    """Load a sequence classifier with one output (the reward) and align it with the tokenizer's pad token."""
-    from transformers import AutoModelForSequenceClassification
-
+def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
+               trust_remote_code: bool = False, **kwargs):
+    """from_pretrained through an Auto class, with one clear error if the model cannot be loaded; the embeddings
+    grow to fit a pad token the tokenizer added, and the config learns the pad id."""
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=1, dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation),
-            trust_remote_code=trust_remote_code,
+        model = auto_class.from_pretrained(
+            name, dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation),
+            trust_remote_code=trust_remote_code, **kwargs,
         )
     except (OSError, ValueError) as err:
         raise UserError(f"{flag}: could not load model '{name}' ({str(err).splitlines()[0]}); "
@@ -418,6 +430,25 @@ def load_reward_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def load_reward_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
+                      trust_remote_code: bool = False):
+    """Load a sequence classifier with one output (the reward) and align it with the tokenizer's pad token."""
+    from transformers import AutoModelForSequenceClassification
+
+    return load_model(AutoModelForSequenceClassification, name, flag, tokenizer, dtype, attn_implementation,
+                      trust_remote_code, num_labels=1)
+
+
+def save_final_checkpoint(trainer, checkpoint_dir: str) -> None:
+    """Save weights (gathered from every rank under ZeRO-3), config and tokenizer as safetensors/JSON. The
+    pickled training_args.bin the Trainer adds is removed (metrics.json records the arguments): the checkpoint
+    holds nothing that needs pickle to read."""
+    trainer.save_model(checkpoint_dir)
+    if trainer.args.process_index == 0:
+        Path(checkpoint_dir, "training_args.bin").unlink(missing_ok=True)
+    trainer.accelerator.wait_for_everyone()
 
 
 def init_distributed_for_cpu(uses_deepspeed: bool) -> bool:

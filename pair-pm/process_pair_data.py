@@ -1,0 +1,83 @@
+"""Turn standard-format preference pairs into pairwise-preference-model (PM) training data.
+
+    python pair-pm/process_pair_data.py --dataset_path RLHFlow/HH-RLHF-Helpful-standard RLHFlow/SHP-standard \
+        --output_path data/pm_mix            # a `datasets` directory; or data/pm_mix.jsonl / .parquet
+
+Each pair becomes upstream's layout: one user message "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \\n"
+(context in upstream's plain "<turn> user / <turn> assistant" template) and an assistant message "A" or "B".
+Where chosen goes is drawn with --seed, balanced to within one per input dataset. The inputs are mixed and
+shuffled (upstream's seed 42). Invalid rows stop the run with the row and the rule, or with --skip_invalid are
+dropped and counted per reason.
+"""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from useful_code import pm_utils, rm_utils  # noqa: E402
+
+
+@dataclass
+class ScriptArguments:
+    """Inputs, output and the seeds; input datasets may be in any format rm_utils reads."""
+
+    dataset_path: list[str] = field(
+        default_factory=lambda: [rm_utils.DEFAULT_PREFERENCE_DATA],
+        metadata={"help": "One or more hub names, dataset directories or .json/.jsonl/.parquet files."},
+    )
+    output_path: str = field(
+        default="./data/pm_data",
+        metadata={"help": "A .json/.jsonl/.parquet file, or a directory for datasets.save_to_disk."},
+    )
+    split: str = field(default="train", metadata={"help": "Split read from each input."})
+    seed: int = field(default=42, metadata={"help": "Seed for where chosen goes and for the shuffle."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
+    push_to_hub: Optional[str] = field(default=None, metadata={"help": "Also push the result to this hub repo id."})
+
+
+def save(dataset, output_path: str) -> None:
+    """Write by the output's extension: JSON lines, parquet, or a DatasetDict directory."""
+    from datasets import DatasetDict
+
+    suffix = Path(output_path).suffix
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    if suffix in (".json", ".jsonl"):
+        dataset.to_json(output_path, lines=True)
+    elif suffix == ".parquet":
+        dataset.to_parquet(output_path)
+    else:
+        DatasetDict({"train": dataset}).save_to_disk(output_path)
+
+
+def main():
+    from datasets import concatenate_datasets
+
+    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
+    parts = []
+    for k, path in enumerate(args.dataset_path):
+        splits = rm_utils.load_dataset_dict(path, "--dataset_path")
+        pairs = rm_utils.pick_split(splits, args.split, "--dataset_path")
+        pairs, stats = rm_utils.standardize_pairs(pairs, args.skip_invalid, path)
+        converted = pm_utils.pairs_to_pm(pairs, args.seed + k)
+        n_a = sum(m[1]["content"] == "A" for m in converted["messages"])
+        print(f"{path}: {stats['read']} read, {sum(stats['invalid'].values())} invalid, {len(converted)} converted "
+              f"(chosen as A: {n_a}, as B: {len(converted) - n_a})")
+        parts.append(converted)
+    combined = concatenate_datasets(parts).shuffle(seed=args.seed).flatten_indices()
+    if len(combined) == 0:
+        raise rm_utils.UserError("no valid pairs to write")
+    save(combined, args.output_path)
+    print(f"Wrote {len(combined)} PM examples to {args.output_path}")
+    if args.push_to_hub:
+        from datasets import DatasetDict
+
+        DatasetDict({"train": combined}).push_to_hub(args.push_to_hub)
+        print(f"Pushed to the hub: {args.push_to_hub}")
+
+
+if __name__ == "__main__":
+    rm_utils.run_cli(main)

@@ -1,0 +1,85 @@
+"""Pick the best of n responses per prompt with a preference model and a knock-out tournament.
+
+    python pair-pm/rank_responses.py --reward_name_or_path DIR --input_path prompts.jsonl --output_path best.jsonl
+
+Each input line holds "prompt" (a string) or "context" (a message list ending with the user's turn) and
+"responses" (a list of strings). A tournament takes n - 1 comparisons, each scored in both orders (upstream's
+recommendation for n > 2: linear in n, where ranking every pair is quadratic). The matches of a round, across
+all prompts, share batched forward passes. Each output line is the input plus "best_index", "best_response"
+and "matches" ([first, second, P(first preferred)] per comparison).
+
+From Python: pm_utils.PairPreferenceScorer.from_pretrained(DIR).knockout(context_messages, responses).
+"""
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from useful_code import pm_utils, rm_utils  # noqa: E402
+
+
+@dataclass
+class ScriptArguments:
+    """The preference model, the prompts with their candidates, and where the winners go."""
+
+    reward_name_or_path: str = field(metadata={"help": "Preference model: hub name or checkpoint directory."})
+    input_path: str = field(metadata={"help": "JSON lines: {'prompt' or 'context', 'responses': [...]} per line."})
+    output_path: str = field(default="./ranked.jsonl")
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    max_length: int = field(default=4096, metadata={"help": "Longer prompts are cut from the left (counted)."})
+    bf16: bool = field(default=True)
+    attn_implementation: str = field(default="auto")
+    trust_remote_code: bool = field(default=False)
+
+
+def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dict]]:
+    """Contexts, candidate lists and the raw rows of a JSON-lines file; a malformed line is an error naming it."""
+    contexts, candidates, rows = [], [], []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise rm_utils.UserError(f"--input_path: cannot read {path}: {err.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise rm_utils.UserError(f"--input_path line {number}: not JSON ({err.msg})") from None
+        context = row.get("context") or ([{"role": "user", "content": row["prompt"]}] if row.get("prompt") else None)
+        responses = row.get("responses")
+        if not context or not isinstance(responses, list) or not responses \
+                or not all(isinstance(r, str) and r.strip() for r in responses):
+            raise rm_utils.UserError(f"--input_path line {number}: needs 'prompt' or 'context' and a non-empty "
+                                     "'responses' list of non-empty strings")
+        contexts.append(context)
+        candidates.append(responses)
+        rows.append(row)
+    return contexts, candidates, rows
+
+
+def main():
+    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
+    contexts, candidates, rows = read_prompts(args.input_path)
+    scorer = pm_utils.PairPreferenceScorer.from_pretrained(
+        args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
+        trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, max_length=args.max_length)
+    results = scorer.knockout_many(contexts, candidates)
+    Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output_path, "w", encoding="utf-8") as f:
+        for row, responses, result in zip(rows, candidates, results):
+            row = {**row, "best_index": result.winner, "best_response": responses[result.winner],
+                   "matches": [[m.first, m.second, m.prob_first] for m in result.matches]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    n_matches = sum(len(r.matches) for r in results)
+    print(f"Ranked {len(rows)} prompts with {n_matches} comparisons (each in both orders)"
+          + (f"; {scorer.truncated} sequences cut to max_length" if scorer.truncated else ""))
+    print(f"Winners: {args.output_path}")
+
+
+if __name__ == "__main__":
+    rm_utils.run_cli(main)
