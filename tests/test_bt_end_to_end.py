@@ -1,9 +1,7 @@
 """End to end: train the embedded tiny reward model, save, reload, evaluate on the RewardBench sample."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,21 +12,10 @@ from transformers import AutoModelForSequenceClassification
 
 from useful_code import reward_bench, rm_utils
 
-ROOT = rm_utils.REPO_ROOT
+from helpers import BIN, ROOT, check_ok, run
+
 TRAIN = str(ROOT / "bradley-terry-rm" / "train.py")
 EVAL = str(ROOT / "useful_code" / "eval_reward_bench_bt.py")
-BIN = Path(sys.executable).parent
-
-
-def run(cmd, env_extra=None, timeout=600):
-    """Run a command from the repo root; return the completed process (output captured)."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def check_ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def reload_rewards(checkpoint, pairs):
@@ -69,6 +56,7 @@ def test_checkpoint_is_complete_safetensors_and_reloads(trained):
     checkpoint = trained / "last_checkpoint"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (checkpoint / name).exists(), name
+    assert not list(checkpoint.glob("*.bin")) and not list(checkpoint.glob("*.pt"))  # nothing that needs pickle
     weights = load_file(str(checkpoint / "model.safetensors"))
     assert weights["score.weight"].shape == (1, 64)
     config = json.loads((checkpoint / "config.json").read_text())

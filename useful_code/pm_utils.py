@@ -152,7 +152,7 @@ def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, n
         encoded = encoded.select(keep)
         print(f"[{name}] dropped {len(too_long)} examples longer than max_length={max_length} tokens "
               "(--overlength drop)")
-    return encoded, {"overlength": len(too_long), "dropped_overlength": len(too_long) if too_long else 0}
+    return encoded, {"dropped_overlength": len(too_long)}
 
 
 # ----------------------------------------------------------------------------------------------- scoring

@@ -1,0 +1,158 @@
+"""End to end for the pairwise preference model: standard pairs -> PM data -> train -> save -> reload -> RewardBench
+eval -> tournament ranking; ZeRO-3 on two CPU ranks; errors a user can make."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from useful_code import pm_utils, reward_bench, rm_utils
+
+from helpers import BIN, ROOT, check_ok, run
+
+PROCESS = str(ROOT / "pair-pm" / "process_pair_data.py")
+TRAIN = str(ROOT / "pair-pm" / "train.py")
+EVAL = str(ROOT / "useful_code" / "eval_reward_bench_pm.py")
+RANK = str(ROOT / "pair-pm" / "rank_responses.py")
+TOY = str(ROOT / "assets" / "data" / "toy_preference")
+
+
+def upstream_style_prob_chosen(model, tokenizer, context, chosen, rejected):
+    """P(chosen preferred), one sequence per forward, both orders averaged: upstream's loop, written out here
+    independently of the batched scorer."""
+    id_a, id_b = (tokenizer.encode(x, add_special_tokens=False)[0] for x in ("A", "B"))
+    probs = []
+    for chosen_position in (0, 1):
+        a, b = (chosen, rejected) if chosen_position == 0 else (rejected, chosen)
+        prompt = pm_utils.build_pm_prompt(context, a, b)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1, [id_a, id_b]]
+        probs.append(torch.softmax(logits.float(), -1)[chosen_position].item())
+    return float(np.mean(probs))
+
+
+@pytest.fixture(scope="module")
+def pm_run(tmp_path_factory):
+    """Convert the toy pairs, train 120 steps with plain python, evaluate on the RewardBench sample."""
+    out = tmp_path_factory.mktemp("pm")
+    check_ok(run([sys.executable, PROCESS, "--dataset_path", TOY, "--output_path", str(out / "pm.jsonl")]))
+    check_ok(run([sys.executable, TRAIN, "pair-pm/tiny.yaml", "--dataset_path", str(out / "pm.jsonl"),
+                  "--eval_set_path", TOY, "--output_dir", str(out), "--max_steps", "120", "--learning_rate", "2e-3"]))
+    check_ok(run([sys.executable, EVAL, "--reward_name_or_path", str(out / "last_checkpoint"),
+                  "--data_set_name", rm_utils.REWARD_BENCH_SAMPLE, "--record_dir", str(out / "record.txt"),
+                  "--results_json", str(out / "rb.json"), "--batch_size", "16"]))
+    return out
+
+
+def test_converted_data_is_upstream_layout_and_balanced(pm_run):
+    rows = [json.loads(line) for line in open(pm_run / "pm.jsonl")]
+    assert len(rows) == 1600 and set(rows[0]) == {"messages"}
+    labels = [r["messages"][1]["content"] for r in rows]
+    assert labels.count("A") == labels.count("B") == 800
+    prompts = [r["messages"][0]["content"] for r in rows]
+    assert all(r["messages"][0]["role"] == "user" for r in rows)
+    starts = [p.startswith("[CONTEXT] \n\n<turn> user\n ") for p in prompts]
+    with_system = [p.startswith("[CONTEXT] \n\n<turn> system\n ") for p in prompts]
+    toy = [json.loads(line) for line in open(f"{TOY}/train.jsonl")]
+    assert sum(with_system) == sum(r["chosen"][0]["role"] == "system" for r in toy) > 0
+    assert all(a or b for a, b in zip(starts, with_system))
+
+
+def test_training_learns_both_orders_and_checkpoint_reloads(pm_run):
+    metrics = json.loads((pm_run / "metrics.json").read_text())
+    assert metrics["train_steps"] == 120
+    assert metrics["eval_pairs"] == 200
+    assert metrics["eval_accuracy_chosen_as_A"] >= 0.9 and metrics["eval_accuracy_chosen_as_B"] >= 0.9
+    assert metrics["eval_accuracy"] >= 0.9
+    assert metrics["reload_max_abs_diff"] < 1e-4
+    assert metrics["examples"]["train"] == {"format": "pm", "read": 1600, "invalid": {}, "used": 1600,
+                                            "dropped_overlength": 0}
+    checkpoint = pm_run / "last_checkpoint"
+    assert (checkpoint / "model.safetensors").exists() and not list(checkpoint.glob("*.bin"))
+    tokenizer = rm_utils.load_tokenizer(str(checkpoint), "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["pad_token_id"] == tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_rewardbench_eval_matches_an_unbatched_upstream_style_computation(pm_run):
+    results = json.loads((pm_run / "rb.json").read_text())
+    rows = results["per_example"]
+    assert len(rows) == 69 and len(results["subsets"]) == 23 and not results["missing_subsets"]
+    assert all(r["chosen_reward"] + r["rejected_reward"] == pytest.approx(1.0) for r in rows)
+    assert all(r["correct"] == float(r["chosen_reward"] > 0.5) for r in rows)
+    assert results["sections"] == reward_bench.section_scores(results["subsets"])
+    checkpoint = str(pm_run / "last_checkpoint")
+    tokenizer = rm_utils.load_tokenizer(checkpoint, "checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    sample = [json.loads(line) for line in open(rm_utils.REWARD_BENCH_SAMPLE)][:5]
+    for example in sample:
+        expected = upstream_style_prob_chosen(model, tokenizer, [{"role": "user", "content": example["prompt"]}],
+                                              example["chosen"], example["rejected"])
+        row = next(r for r in rows if r["id"] == example["id"])
+        assert row["chosen_reward"] == pytest.approx(expected, abs=1e-4)
+    lines = (pm_run / "record.txt").read_text().splitlines()
+    assert lines[0] == checkpoint and lines[1] == f"Chat\t{results['sections']['Chat']}"
+
+
+def test_rank_responses_picks_the_helpful_answer_with_n_minus_1_matches(pm_run, tmp_path):
+    out = tmp_path / "ranked.jsonl"
+    check_ok(run([sys.executable, RANK, "--reward_name_or_path", str(pm_run / "last_checkpoint"),
+                  "--input_path", "assets/data/toy_ranking.jsonl", "--output_path", str(out)]))
+    rows = [json.loads(line) for line in open(out)]
+    assert len(rows) == 20
+    assert all(len(r["matches"]) == len(r["responses"]) - 1 for r in rows)
+    assert all(r["best_response"] == r["responses"][r["best_index"]] for r in rows)
+    assert sum(r["best_index"] == r["helpful_index"] for r in rows) >= 18
+
+
+def test_user_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "[CONTEXT] x [RESPONSE A] a [RESPONSE B] b \n"},
+                          {"role": "assistant", "content": "A"}]}] * 3
+    rows[2] = {"messages": [rows[0]["messages"][0], {"role": "assistant", "content": "C"}]}
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run([sys.executable, TRAIN, "--dataset_path", str(bad), "--output_dir", str(tmp_path / "o")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "row 2 (bad_label)" in proc.stderr
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 1.0e-5\nno_such_field: 3\n")
+    proc = run([sys.executable, TRAIN, str(config)])
+    assert proc.returncode == 2 and "no_such_field" in proc.stderr and "Traceback" not in proc.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    proc = run([sys.executable, TRAIN, "--dataset_path", str(good), "--max_length", "8",
+                "--output_dir", str(tmp_path / "o")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "longer than max_length=8" in proc.stderr and "row 0" in proc.stderr and "--overlength drop" in proc.stderr
+
+
+def test_packing_trains_and_the_checkpoint_verifies(tmp_path):
+    proc = run([sys.executable, TRAIN, "--packing", "true", "--max_steps", "4", "--eval_holdout_size", "20",
+                "--output_dir", str(tmp_path)])
+    check_ok(proc)
+    assert "Checkpoint verified" in proc.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["train_steps"] == 4
+
+
+@pytest.mark.skipif(shutil.which("deepspeed", path=str(BIN)) is None, reason="deepspeed launcher not installed")
+def test_zero3_two_ranks_on_cpu_saves_a_complete_checkpoint(tmp_path):
+    proc = run([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, "pair-pm/tiny.yaml",
+                "--deepspeed", "deepspeed_configs/deepspeed_3.json", "--output_dir", str(tmp_path), "--max_steps", "6"],
+               env_extra={"OMP_NUM_THREADS": "1"})
+    check_ok(proc)
+    assert "Checkpoint verified" in proc.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train_steps"] == 6
+    weights = load_file(str(tmp_path / "last_checkpoint" / "model.safetensors"))
+    base = load_file(str(rm_utils.REPO_ROOT / "assets" / "tiny-llama" / "model.safetensors"))
+    assert set(weights) >= set(base) - {"lm_head.weight"}
+    for name, tensor in base.items():
+        if name in weights:
+            assert weights[name].shape == tensor.shape, name
