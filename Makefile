@@ -41,9 +41,11 @@ demo-pm: $(STAMP)
 test: $(STAMP)
 	python -m pytest tests -q
 
-# Speed of batched RewardBench scoring vs one sequence per forward, on real HH-RLHF pairs (needs ../shared).
+# Speed of batched RewardBench scoring (BT, and PM in both orders) vs one sequence per forward, on real HH-RLHF
+# pairs (needs ../shared).
 bench: $(STAMP)
 	python benchmarks/bench_eval_batching.py
+	python benchmarks/bench_pm_eval_batching.py
 
 clean:
 	rm -rf outputs

@@ -10,7 +10,6 @@ With no flags it trains the embedded tiny model on the bundled toy pairs. Writes
 <output_path>/last_checkpoint/ (model, config, tokenizer) and <output_path>/metrics.json.
 """
 
-import json
 import os
 import sys
 import time
@@ -21,7 +20,6 @@ from typing import Optional
 import numpy as np
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.integrations import deepspeed as hf_deepspeed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from useful_code import rm_utils  # noqa: E402
@@ -166,14 +164,8 @@ def verify_checkpoint(trainer, checkpoint_dir: str, pairs, dtype: torch.dtype) -
     max_diff = 0.0
     if trainer.args.process_index == 0:
         tokenizer = rm_utils.load_tokenizer(checkpoint_dir, "checkpoint")
-        # Load it as a user would, whole on one process: under ZeRO-3, from_pretrained would otherwise
-        # partition it with collectives that the other ranks (waiting below) never join.
-        zero3_config = hf_deepspeed._hf_deepspeed_config_weak_ref
-        hf_deepspeed.unset_hf_deepspeed_config()
-        try:
+        with rm_utils.outside_zero3():  # as a user would: whole, on one process
             model = rm_utils.load_reward_model(checkpoint_dir, "checkpoint", tokenizer, dtype).to(trainer.args.device)
-        finally:
-            hf_deepspeed._hf_deepspeed_config_weak_ref = zero3_config
         model.eval()
         sequences = list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"])
         reloaded = np.asarray(rm_utils.score_sequences(model, tokenizer, sequences, batch_size=8))
@@ -273,23 +265,16 @@ def main():
             "eval_accuracy": eval_metrics["eval_accuracy"],
             "eval_loss": eval_metrics["eval_loss"],
             "eval_ties": eval_metrics["eval_ties"],
-            "train_loss": train_result.training_loss,
-            "train_steps": train_result.global_step,
             "examples": data_stats,
             "reload_max_abs_diff": reload_diff,
-            "wall_time_s": round(time.time() - started, 1),
-            "train_runtime_s": train_result.metrics.get("train_runtime"),
-            "world_size": training_args.world_size,
-            "dtype": str(dtype),
             "recipe": recipe,
             "arguments": asdict(args),
-            "versions": rm_utils.library_versions(),
         }
-        with open(os.path.join(args.output_path, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        metrics_path = rm_utils.write_run_metrics(args.output_path, metrics, started, train_result, training_args,
+                                                  dtype)
         print(f"Held-out pair accuracy {metrics['eval_accuracy']:.4f}, loss {metrics['eval_loss']:.4f} "
-              f"on {len(held_out)} pairs; wall time {metrics['wall_time_s']} s")
-        print(f"Checkpoint: {checkpoint_dir}\nMetrics: {os.path.join(args.output_path, 'metrics.json')}")
+              f"on {len(held_out)} pairs; wall time {time.time() - started:.1f} s")
+        print(f"Checkpoint: {checkpoint_dir}\nMetrics: {metrics_path}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ From Python: pm_utils.PairPreferenceScorer.from_pretrained(DIR).knockout(context
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser

@@ -13,7 +13,6 @@ them) are scored in both orders after training. Writes <output_dir>/last_checkpo
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,13 +24,16 @@ import numpy as np
 import torch
 import yaml
 from transformers import set_seed
-from transformers.integrations import deepspeed as hf_deepspeed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from useful_code import pm_utils, rm_utils  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "tiny.yaml")
+# SFTConfig fields copied into metrics.json (the full config is hundreds of fields).
+RECORDED_TRAINING_ARGS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                          "num_train_epochs", "max_steps", "max_length", "packing", "lr_scheduler_type",
+                          "warmup_steps", "optim", "bf16", "seed", "deepspeed")
 
 
 @dataclass
@@ -113,23 +115,11 @@ def load_examples(args: ScriptArguments, seed: int):
     return train, held_out, stats
 
 
-def score_both_orders(scorer: pm_utils.PairPreferenceScorer, pairs) -> dict[str, np.ndarray]:
-    """P(chosen preferred) for standard-format pairs, chosen shown as A, as B, and the mean."""
-    contexts = [c[:-1] for c in pairs["chosen"]]
-    return scorer.prob_first_preferred(contexts, [c[-1]["content"] for c in pairs["chosen"]],
-                                       [r[-1]["content"] for r in pairs["rejected"]], progress=True)
-
-
 def reload_checkpoint(checkpoint_dir: str, dtype: torch.dtype, device) -> pm_utils.PairPreferenceScorer:
-    """Load the saved checkpoint whole on this process, as a user would, outside any ZeRO-3 context (under ZeRO-3,
-    from_pretrained would partition it with collectives the other ranks never join)."""
-    zero3_config = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
+    """Load the saved checkpoint whole on this process, as a user would."""
+    with rm_utils.outside_zero3():
         tokenizer = rm_utils.load_tokenizer(checkpoint_dir, "checkpoint")
         model = pm_utils.load_preference_model(checkpoint_dir, "checkpoint", tokenizer, dtype)
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = zero3_config
     return pm_utils.PairPreferenceScorer(model.to(device).eval(), tokenizer)
 
 
@@ -177,7 +167,8 @@ def main():
             pm_utils.build_pm_prompt(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
             for chosen, rejected in zip(check["chosen"], check["rejected"])])
     else:  # PM-format data only: check on training prompts (without their answer token)
-        check_sequences = [ids[:-1] for ids in train.select(range(min(script_args.reload_check_pairs, len(train))))["input_ids"]]
+        check = train.select(range(min(script_args.reload_check_pairs, len(train))))
+        check_sequences = [ids[:-1] for ids in check["input_ids"]]
     in_memory = in_memory_scorer.label_logits(check_sequences)
 
     if is_main:
@@ -190,11 +181,11 @@ def main():
                 f"up to {reload_diff:.4g}. With ZeRO-3, the DeepSpeed config needs "
                 "stage3_gather_16bit_weights_on_model_save: true.")
         print(f"Checkpoint verified: reloaded answer logits match the trained model (max |diff| {reload_diff:.2e})")
-        metrics = {"train_loss": train_result.training_loss, "train_steps": train_result.global_step}
+        metrics = {}
         if held_out is not None:
             scorer.batch_size = training_args.per_device_eval_batch_size
             scorer.max_length = training_args.max_length
-            probs = score_both_orders(scorer, held_out)
+            probs = scorer.score_pairs(held_out)
             metrics.update({
                 "eval_accuracy": float(np.mean(probs["mean"] > 0.5)),
                 "eval_accuracy_chosen_as_A": float(np.mean(probs["first_as_A"] > 0.5)),
@@ -211,20 +202,12 @@ def main():
         metrics.update({
             "examples": data_stats,
             "reload_max_abs_diff": reload_diff,
-            "wall_time_s": round(time.time() - started, 1),
-            "train_runtime_s": train_result.metrics.get("train_runtime"),
-            "world_size": training_args.world_size,
-            "dtype": str(dtype),
             "arguments": {**asdict(script_args), **{k: v for k, v in training_args.to_dict().items()
-                                                     if k in ("learning_rate", "per_device_train_batch_size",
-                                                              "gradient_accumulation_steps", "num_train_epochs",
-                                                              "max_length", "packing", "lr_scheduler_type",
-                                                              "warmup_steps", "seed", "deepspeed")}},
-            "versions": rm_utils.library_versions(),
+                                                     if k in RECORDED_TRAINING_ARGS}},
         })
-        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        print(f"Checkpoint: {checkpoint_dir}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
+        metrics_path = rm_utils.write_run_metrics(training_args.output_dir, metrics, started, train_result,
+                                                  training_args, dtype)
+        print(f"Checkpoint: {checkpoint_dir}\nMetrics: {metrics_path}")
     trainer.accelerator.wait_for_everyone()
 
 

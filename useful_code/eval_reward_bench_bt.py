@@ -20,29 +20,12 @@ from useful_code import reward_bench, rm_utils  # noqa: E402
 
 
 @dataclass
-class ScriptArguments:
-    """Upstream's flags plus batching, truncation, tie handling, prior sets and the results JSON."""
+class ScriptArguments(reward_bench.EvalArguments):
+    """The shared RewardBench eval flags (reward_bench.EvalArguments), with a BT reward model by default."""
 
-    data_set_name: Optional[str] = field(
-        default="allenai/reward-bench",
-        metadata={"help": f"Hub name or local file/directory (bundled sample: {rm_utils.REWARD_BENCH_SAMPLE})."},
-    )
-    record_dir: Optional[str] = field(default="./bench_mark_eval.txt", metadata={"help": "Text file appended to."})
     reward_name_or_path: Optional[str] = field(
         default="sfairXC/FsfairX-LLaMA3-RM-v0.1", metadata={"help": "Reward model: hub name or checkpoint directory."}
     )
-    split: str = field(default="filtered", metadata={"help": "Dataset split (a single local file is its own split)."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass (length-sorted)."})
-    max_length: int = field(default=4096, metadata={"help": "Longer conversations are truncated from the left."})
-    results_json: Optional[str] = field(default=None, metadata={"help": "Default: next to record_dir."})
-    tie_credit: float = field(default=0.0, metadata={"help": "Credit for a tie: 0 (reward-bench), 0.5 (upstream RLHFlow)."})
-    prior_sets_path: Optional[str] = field(
-        default=None, metadata={"help": "allenai/preference-test-sets-format data: adds Prior Sets and the leaderboard Score."}
-    )
-    bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
-    attn_implementation: str = field(default="auto")
-    trust_remote_code: bool = field(default=False)
-    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
 
 
 def load_examples(path: str, split: Optional[str], flag: str, args, tokenizer):

@@ -20,37 +20,18 @@ from useful_code import pm_utils, reward_bench, rm_utils  # noqa: E402
 
 
 @dataclass
-class ScriptArguments:
-    """Upstream's flags plus batching, truncation, tie handling, prior sets and the results JSON."""
+class ScriptArguments(reward_bench.EvalArguments):
+    """The shared RewardBench eval flags (reward_bench.EvalArguments) plus the softmax temperature."""
 
-    data_set_name: Optional[str] = field(
-        default="allenai/reward-bench",
-        metadata={"help": f"Hub name or local file/directory (bundled sample: {rm_utils.REWARD_BENCH_SAMPLE})."},
-    )
-    record_dir: Optional[str] = field(default="./bench_mark_eval.txt", metadata={"help": "Text file appended to."})
     reward_name_or_path: Optional[str] = field(
         default="RLHFlow/pair-preference-model-LLaMA3-8B", metadata={"help": "PM: hub name or checkpoint directory."}
     )
-    split: str = field(default="filtered", metadata={"help": "Dataset split (a single local file is its own split)."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass (length-sorted)."})
-    max_length: int = field(default=4096, metadata={"help": "Longer prompts are cut from the left (counted)."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature on the A/B logits."})
-    results_json: Optional[str] = field(default=None, metadata={"help": "Default: next to record_dir."})
-    tie_credit: float = field(default=0.0, metadata={"help": "Credit for P = 0.5 exactly: 0 (reward-bench), 0.5 (upstream)."})
-    prior_sets_path: Optional[str] = field(
-        default=None, metadata={"help": "allenai/preference-test-sets-format data: adds Prior Sets and the leaderboard Score."}
-    )
-    bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
-    attn_implementation: str = field(default="auto")
-    trust_remote_code: bool = field(default=False)
-    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
 
 
 def score_examples(scorer: pm_utils.PairPreferenceScorer, examples) -> tuple[list[float], list[float]]:
     """(chosen_reward, rejected_reward) per example: P(chosen preferred), both orders averaged, and 1 - it."""
-    probs = scorer.prob_first_preferred([c[:-1] for c in examples["chosen"]],
-                                        [c[-1]["content"] for c in examples["chosen"]],
-                                        [r[-1]["content"] for r in examples["rejected"]], progress=True)["mean"]
+    probs = scorer.score_pairs(examples)["mean"]
     return probs.tolist(), (1.0 - probs).tolist()
 
 

@@ -12,7 +12,6 @@ answer token alone, and scoring reads the logits at the same position, so both s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -70,10 +69,7 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
 def encode_pm_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids up to the answer position: the chat template with its generation prompt, exactly one BOS."""
     conversations = [[{"role": "user", "content": p}] for p in prompts]
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    if bos and rm_utils.tokenizer_adds_bos(tokenizer):
-        texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
+    texts = rm_utils.render_conversations(tokenizer, conversations, add_generation_prompt=True)
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
@@ -234,7 +230,7 @@ class PairPreferenceScorer:
             # Left padding: positions must count from each sequence's first real token, as when unpadded.
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
+                                position_ids=position_ids.to(device), logits_to_keep=1, use_cache=False).logits[:, -1]
             out[chunk] = logits[:, [self.token_a, self.token_b]].float().cpu().numpy()
         return out
 
@@ -258,6 +254,11 @@ class PairPreferenceScorer:
         as_a = probs[:n, 0]  # first shown as A: P(answer A)
         as_b = probs[n:, 1]  # first shown as B: P(answer B)
         return {"first_as_A": as_a, "first_as_B": as_b, "mean": (as_a + as_b) / 2}
+
+    def score_pairs(self, pairs, progress: bool = True) -> dict[str, np.ndarray]:
+        """prob_first_preferred for standard-format pairs (chosen/rejected message lists): P(chosen preferred)."""
+        return self.prob_first_preferred([c[:-1] for c in pairs["chosen"]], [c[-1]["content"] for c in pairs["chosen"]],
+                                         [r[-1]["content"] for r in pairs["rejected"]], progress)
 
     def knockout(self, context: list[dict], responses: list[str]) -> TournamentResult:
         """Best of n responses by a knock-out tournament: n - 1 comparisons (each in both orders), one batch

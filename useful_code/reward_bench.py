@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -241,3 +242,28 @@ def load_examples(path: str, split: Optional[str], flag: str, skip_invalid: bool
     if "id" not in dataset.column_names:
         dataset = dataset.add_column("id", list(range(len(dataset))))
     return rm_utils.standardize_pairs(dataset, skip_invalid, flag.lstrip("-"))
+
+
+@dataclass
+class EvalArguments:
+    """Flags shared by the RewardBench eval scripts: upstream's (data_set_name, record_dir, reward_name_or_path)
+    plus batching, truncation, tie handling, prior sets and the results JSON. Each script subclasses it."""
+
+    data_set_name: Optional[str] = field(
+        default="allenai/reward-bench",
+        metadata={"help": "Hub name or local file/directory (bundled sample: assets/data/reward_bench_sample.jsonl)."},
+    )
+    record_dir: Optional[str] = field(default="./bench_mark_eval.txt", metadata={"help": "Text file appended to."})
+    reward_name_or_path: Optional[str] = field(default=None, metadata={"help": "Hub name or checkpoint directory."})
+    split: str = field(default="filtered", metadata={"help": "Dataset split (a single local file is its own split)."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass (length-sorted)."})
+    max_length: int = field(default=4096, metadata={"help": "Longer inputs are cut from the left (counted)."})
+    results_json: Optional[str] = field(default=None, metadata={"help": "Default: next to record_dir."})
+    tie_credit: float = field(default=0.0, metadata={"help": "Credit for a tie: 0 (reward-bench), 0.5 (upstream RLHFlow)."})
+    prior_sets_path: Optional[str] = field(
+        default=None, metadata={"help": "allenai/preference-test-sets-format data: adds Prior Sets and the leaderboard Score."}
+    )
+    bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
+    attn_implementation: str = field(default="auto")
+    trust_remote_code: bool = field(default=False)
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})

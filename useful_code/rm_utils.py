@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -277,10 +278,10 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
-def render_conversations(tokenizer, conversations: list[list[dict]]) -> list[str]:
+def render_conversations(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
     """Apply the chat template as upstream does: the BOS the template writes is removed when the tokenizer
     adds its own, so every sequence starts with exactly one BOS."""
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=False)
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
     bos = tokenizer.bos_token
     if bos and tokenizer_adds_bos(tokenizer):
         texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
@@ -441,6 +442,20 @@ def load_reward_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_
                       trust_remote_code, num_labels=1)
 
 
+@contextmanager
+def outside_zero3():
+    """Load a model whole on this process while a ZeRO-3 run is active: inside it, from_pretrained would partition
+    the weights with collectives that the other ranks (not loading) never join, and hang."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    zero3_config = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = zero3_config
+
+
 def save_final_checkpoint(trainer, checkpoint_dir: str) -> None:
     """Save weights (gathered from every rank under ZeRO-3), config and tokenizer as safetensors/JSON. The
     pickled training_args.bin the Trainer adds is removed (metrics.json records the arguments): the checkpoint
@@ -464,6 +479,29 @@ def init_distributed_for_cpu(uses_deepspeed: bool) -> bool:
 
         deepspeed.init_distributed(dist_backend="gloo")
     return True
+
+
+def write_run_metrics(output_dir: str, metrics: dict, started: float, train_result, training_args,
+                      dtype: torch.dtype) -> str:
+    """Add what every training run records (losses, steps, timings, world size, dtype, library versions) to the
+    script's own metrics and write <output_dir>/metrics.json; return its path."""
+    import json
+    import time
+
+    metrics = {
+        "train_loss": train_result.training_loss,
+        "train_steps": train_result.global_step,
+        **metrics,
+        "wall_time_s": round(time.time() - started, 1),
+        "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "world_size": training_args.world_size,
+        "dtype": str(dtype),
+        "versions": library_versions(),
+    }
+    path = os.path.join(output_dir, "metrics.json")
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2)
+    return path
 
 
 def library_versions() -> dict[str, str]:
