@@ -20,11 +20,13 @@ DATA_DIR = ASSETS / "data"
 TOY_DIR = DATA_DIR / "toy_preference"
 REWARD_BENCH_FILE = DATA_DIR / "reward_bench_sample.jsonl"
 RANKING_FILE = DATA_DIR / "toy_ranking.jsonl"
+MULTI_OBJECTIVE_FILE = DATA_DIR / "toy_multi_objective" / "train.jsonl"
 
 N_TRAIN, N_TEST = 1600, 200
 # Different seeds for train and test: same distributions, different draws.
 TRAIN_SEED, TEST_SEED = 1234, 5678
 N_RANKING, RANKING_SEED = 20, 9012
+N_MULTI_OBJECTIVE, MULTI_OBJECTIVE_SEED = 600, 3456
 VOCAB_SIZE = 1200
 
 # Llama-3 special tokens. There is deliberately no pad token: the training code must cope with that.
@@ -314,6 +316,59 @@ def make_ranking_prompts(n: int, seed: int, n_candidates: int = 4) -> list[dict]
         responses.insert(best, helpful_answer(rng, steps))
         rows.append({"prompt": rng.choice(PROMPT_TEMPLATES).format(task=task, topic=topic),
                      "responses": responses, "helpful_index": best})
+    return rows
+
+
+# The 19 ArmoRM attributes (one list for the whole project: useful_code/armo_utils.py). Imported lazily so that
+# this file stays runnable on its own.
+def armo_attributes() -> tuple[str, ...]:
+    import sys
+
+    sys.path.insert(0, str(ASSETS.parent))
+    from useful_code.armo_utils import ATTRIBUTES
+
+    return ATTRIBUTES
+
+
+# Response quality behind the toy labels, by kind of answer.
+QUALITY = {"helpful": 0.8, "ramble": 0.35, "refusal": 0.25, "rude": 0.1}
+
+
+def answer_kind(text: str, helpful: bool) -> str:
+    if helpful:
+        return "helpful"
+    if any(r.rstrip(".") in text for r in REFUSALS):
+        return "refusal"
+    if any(r.rstrip(".") in text for r in RUDE_DISMISSALS):
+        return "rude"
+    return "ramble"
+
+
+def make_multi_objective_rows(n: int, seed: int) -> list[dict]:
+    """Rows shaped like RLHFlow/ArmoRM-Multi-Objective-Data-v0.1: a conversation and the 19 attribute columns,
+    each row labelled only by its source's attributes (the others are null), values in [0, 1]."""
+    rng = random.Random(seed)
+    attributes = armo_attributes()
+    sources = sorted({a.split("-")[0] for a in attributes})
+    rows = []
+    for _ in range(n):
+        pair = make_pair(rng)
+        helpful = rng.random() < 0.5
+        messages = pair["chosen"] if helpful else pair["rejected"]
+        text = messages[-1]["content"]
+        quality = QUALITY[answer_kind(text, helpful)]
+        source = rng.choice(sources)
+
+        def noisy(value: float) -> float:
+            return round(min(1.0, max(0.0, value + rng.gauss(0, 0.05))), 3)
+
+        values = {a: noisy(quality) for a in attributes}
+        values["helpsteer-verbosity"] = noisy(len(text.split()) / 50)
+        values["helpsteer-complexity"] = noisy(0.1 + 0.1 * text.count("."))
+        values["beavertails-is_safe"] = 0.0 if answer_kind(text, helpful) == "rude" else 1.0
+        row = {"messages": messages}
+        row.update({a: (values[a] if a.startswith(source + "-") else None) for a in attributes})
+        rows.append(row)
     return rows
 
 
@@ -741,6 +796,7 @@ def main() -> None:
     write_jsonl(TOY_DIR / "test.jsonl", test)
     write_jsonl(REWARD_BENCH_FILE, bench)
     write_jsonl(RANKING_FILE, make_ranking_prompts(N_RANKING, RANKING_SEED))
+    write_jsonl(MULTI_OBJECTIVE_FILE, make_multi_objective_rows(N_MULTI_OBJECTIVE, MULTI_OBJECTIVE_SEED))
 
     tokenizer = build_tokenizer(training_texts(train + test, bench))
     model = build_model(tokenizer)
@@ -752,6 +808,7 @@ def main() -> None:
     print(f"wrote {len(train)} train / {len(test)} test pairs to {TOY_DIR}")
     print(f"wrote {len(bench)} RewardBench rows to {REWARD_BENCH_FILE}")
     print(f"wrote {N_RANKING} ranking prompts to {RANKING_FILE}")
+    print(f"wrote {N_MULTI_OBJECTIVE} multi-objective rows to {MULTI_OBJECTIVE_FILE}")
     print(f"wrote tokenizer (vocab {len(tokenizer)}) and model to {MODEL_DIR}")
 
 
