@@ -55,6 +55,11 @@ def find_gating_positions(input_ids: torch.Tensor, pattern: list[int]) -> torch.
     return last
 
 
+def armo_score(rewards: torch.Tensor, gating_output: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """The ArmoRM score: sum_k gating_output_k * (rewards @ transform)_k (transform removes verbosity)."""
+    return (gating_output * (rewards @ transform.to(rewards.dtype))).sum(-1)
+
+
 @dataclass
 class ArmoRMOutput(ModelOutput):
     """score: [batch]; logits: score as [batch, 1]; rewards and gating_output: [batch, num_objectives]."""
@@ -96,7 +101,6 @@ class ArmoRMForSequenceClassification(PreTrainedModel):
         rewards = self.regression_layer(hidden_state)
         prompt_embedding = hidden[rows, find_gating_positions(input_ids, self.config.gating_pattern)]
         gating_output = self.gating(prompt_embedding)
-        transformed = rewards @ self.reward_transform_matrix.to(rewards.dtype)
-        score = (gating_output * transformed).sum(-1)
+        score = armo_score(rewards, gating_output, self.reward_transform_matrix)
         return ArmoRMOutput(logits=score[:, None], score=score, rewards=rewards, gating_output=gating_output,
                             prompt_embedding=prompt_embedding, hidden_state=hidden_state)

@@ -1,0 +1,171 @@
+"""ArmoRM stage 2, part 2: verbosity debiasing and the mixture-of-experts gating network.
+
+    python armo-rm/stage-2_train.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \
+        --multi_objective_dataset RLHFlow/ArmoRM-Multi-Objective-Data-v0.1 \
+        --preference_dataset RLHFlow/pair_data_v2_80K_wsafety --reference_dataset RLHFlow/UltraFeedback-preference-standard \
+        --eval_reward_bench
+
+1. Verbosity debiasing: on the reference pairs' responses, each attribute's penalty is the smallest value of
+   upstream's grid for which Spearman(r_k - p * r_verbosity, r_verbosity) <= --corr_threshold; the penalties form
+   the reward transform matrix T (r @ T).
+2. The gating network (upstream's MLP) maps the prompt embedding to attribute weights; score =
+   sum_k gate_k * (r @ T)_k, trained with the Bradley-Terry loss on the preference pairs (80/20 split, seeded).
+   Unlike upstream, the softmax runs over the attributes and T is applied in training, as in the exported model.
+3. With --eval_reward_bench, RewardBench is scored from embeddings with the shared scoring module.
+Writes <output_dir>/armo_head.safetensors (regression_layer.weight, reward_transform_matrix, gating.*) and
+armo_head.json (attributes, penalties, gating hyper-parameters, validation accuracy); armo-rm/export.py
+assembles them with the backbone into one model.
+"""
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from useful_code import armo_utils, reward_bench, rm_utils  # noqa: E402
+from useful_code.modeling_armo_rm import GatingNetwork, armo_score  # noqa: E402
+
+
+@dataclass
+class ScriptArguments:
+    """Upstream's flags (same names and defaults where they are hyper-parameters) plus explicit paths."""
+
+    model_path: str = field(default=rm_utils.DEFAULT_MODEL)
+    multi_objective_dataset: str = field(default=armo_utils.DEFAULT_MULTI_OBJECTIVE_DATA)
+    preference_dataset: str = field(default=rm_utils.DEFAULT_PREFERENCE_DATA)
+    preference_split: str = field(default="train")
+    reference_dataset: Optional[str] = field(default=None, metadata={"help": "Default: the preference dataset."})
+    reference_split: Optional[str] = field(default=None, metadata={"help": "Default: --preference_split."})
+    device: int = field(default=0, metadata={"help": "GPU index (the CPU when there is no GPU, or when < 0)."})
+    learning_rate: float = field(default=1e-3)
+    weight_decay: float = field(default=0.0)
+    n_steps: int = field(default=2000)
+    batch_size: int = field(default=1024)
+    verbosity_dim: int = field(default=armo_utils.VERBOSITY_INDEX)
+    corr_threshold: float = field(default=armo_utils.CORRELATION_THRESHOLD)
+    model_family: str = field(default="auto", metadata={"help": "Unused here (kept for upstream's commands)."})
+    eval_reward_bench: bool = field(default=False)
+    reward_bench_dataset: str = field(default="allenai/reward-bench", metadata={"help": "As given to stage-2_prepare."})
+    reward_bench_split: str = field(default="filtered")
+    logit_scale: float = field(default=1.0)
+    temperature: float = field(default=10.0)
+    n_hidden: int = field(default=3)
+    hidden_size: int = field(default=1024)
+    dropout: float = field(default=0.2)
+    embeddings_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
+    regression_weights: Optional[str] = field(default=None, metadata={"help": "Default: stage-1_train.py's output."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/gating_network/<model>."})
+    val_fraction: float = field(default=0.2)
+    seed: int = field(default=0)
+
+
+def load_pair_embeddings(args, dataset: str, split: str) -> tuple[dict, dict]:
+    """Merged stage-2 shards of one dataset split: embeddings, prompt embeddings, embedded mask, metadata."""
+    prefix = armo_utils.embeddings_prefix(args.embeddings_dir, args.model_path, dataset, f"-{split}")
+    tensors, metadata = armo_utils.load_shards(prefix)
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, metadata
+
+
+def pair_scores(gating: GatingNetwork, weight: torch.Tensor, transform: torch.Tensor, prompt: torch.Tensor,
+                responses: torch.Tensor) -> torch.Tensor:
+    """ArmoRM scores [n, 2] of (chosen, rejected) from the prompt embedding [n, D] and response embeddings [n, 2, D]."""
+    gate = gating(prompt)[:, None, :]  # one gate per prompt, shared by both responses
+    return armo_score(responses @ weight.T, gate, transform)
+
+
+def main():
+    from safetensors.torch import load_file, save_file
+
+    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
+    device = armo_utils.resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    model_name = armo_utils.dataset_name(args.model_path)
+    weights_path = args.regression_weights or (f"{armo_utils.DATA_ROOT}/regression_weights/{model_name}_"
+                                               f"{armo_utils.dataset_name(args.multi_objective_dataset)}.safetensors")
+    weight = load_file(weights_path)["weight"].float().to(device)  # [K, D]
+
+    # 1. Verbosity debiasing on the reference responses (chosen and rejected pooled, embedded pairs only).
+    reference, _ = load_pair_embeddings(args, args.reference_dataset or args.preference_dataset,
+                                        args.reference_split or args.preference_split)
+    ref_rewards = (reference["embeddings"][reference["embedded"]].to(device) @ weight.T).reshape(-1, len(weight))
+    debias = armo_utils.verbosity_penalties(ref_rewards.cpu().numpy(), args.verbosity_dim,
+                                            threshold=args.corr_threshold)
+    transform = torch.tensor(armo_utils.transform_matrix(debias["penalty"], args.verbosity_dim),
+                             dtype=torch.float32, device=device)
+    print("Verbosity penalties: " + ", ".join(f"{a} {p:g}" for a, p in zip(armo_utils.ATTRIBUTES, debias["penalty"])))
+    if debias["not_reached"]:
+        print(f"Never under the correlation threshold (penalty 1.0): "
+              f"{[armo_utils.ATTRIBUTES[k] for k in debias['not_reached']]}")
+
+    # 2. Gating network on the preference pairs.
+    pairs, _ = load_pair_embeddings(args, args.preference_dataset, args.preference_split)
+    usable = pairs["embedded"].nonzero().flatten()
+    print(f"{len(usable)} of {len(pairs['embedded'])} preference pairs embedded")
+    from sklearn.model_selection import train_test_split
+
+    train_rows, val_rows = train_test_split(usable.numpy(), test_size=args.val_fraction, random_state=args.seed)
+    prompt = pairs["prompt_embeddings"][:, 0].to(device)
+    responses = pairs["embeddings"].to(device)
+    gating = GatingNetwork(weight.shape[1], len(weight), args.hidden_size, args.n_hidden, args.temperature,
+                           args.logit_scale, args.dropout).to(device)
+    optimizer = torch.optim.AdamW(gating.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.n_steps)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_rows_t = torch.as_tensor(train_rows)
+    gating.train()
+    for step in range(args.n_steps):
+        batch = train_rows_t[torch.randint(len(train_rows_t), (args.batch_size,), generator=generator)].to(device)
+        scores = pair_scores(gating, weight, transform, prompt[batch], responses[batch])
+        loss = rm_utils.bradley_terry_loss(scores[:, 0], scores[:, 1])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if (step + 1) % 100 == 0 or step == 0:
+            print(f"step {step + 1}/{args.n_steps}: loss {loss.item():.4f}")
+    gating.eval()
+    with torch.no_grad():
+        val_scores = pair_scores(gating, weight, transform, prompt[val_rows], responses[val_rows])
+    val_accuracy = float((val_scores[:, 0] > val_scores[:, 1]).float().mean())
+    print(f"Validation accuracy: {val_accuracy:.4f} on {len(val_rows)} pairs")
+
+    output_dir = Path(args.output_dir or f"{armo_utils.DATA_ROOT}/gating_network/{model_name}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    head = {"regression_layer.weight": weight.cpu(), "reward_transform_matrix": transform.cpu(),
+            **{f"gating.{k}": v.detach().cpu() for k, v in gating.state_dict().items()}}
+    save_file(head, str(output_dir / "armo_head.safetensors"))
+    summary = {"attributes": armo_utils.ATTRIBUTES, "verbosity_dim": args.verbosity_dim,
+               "penalty": debias["penalty"].tolist(), "corr": debias["corr"].tolist(),
+               "not_reached": [armo_utils.ATTRIBUTES[k] for k in debias["not_reached"]],
+               "gating_hidden_dim": args.hidden_size, "gating_n_hidden": args.n_hidden,
+               "gating_temperature": args.temperature, "val_accuracy": val_accuracy, "val_pairs": len(val_rows),
+               "regression_weights": weights_path, "arguments": asdict(args)}
+
+    # 3. RewardBench from embeddings (rows that were not embedded count as ties: wrong, and reported).
+    if args.eval_reward_bench:
+        bench, metadata = load_pair_embeddings(args, args.reward_bench_dataset, args.reward_bench_split)
+        if metadata.get("subsets") is None:
+            raise rm_utils.UserError(f"{args.reward_bench_dataset}: its embeddings carry no subsets")
+        with torch.no_grad():
+            scores = pair_scores(gating, weight, transform, bench["prompt_embeddings"][:, 0].to(device),
+                                 bench["embeddings"].to(device)).cpu()
+        scores[~bench["embedded"]] = 0.0
+        ids = metadata["ids"] or list(range(len(scores)))
+        results = reward_bench.score_examples(ids, metadata["subsets"], scores[:, 0].tolist(), scores[:, 1].tolist())
+        results["not_embedded"] = int((~bench["embedded"]).sum())
+        (output_dir / "reward_bench.json").write_text(json.dumps(results, indent=2))
+        print(reward_bench.format_report(results))
+        summary["reward_bench"] = {"sections": results["sections"], "score": results["score"],
+                                   "not_embedded": results["not_embedded"]}
+    (output_dir / "armo_head.json").write_text(json.dumps(summary, indent=2))
+    print(f"ArmoRM head: {output_dir / 'armo_head.safetensors'} (+ armo_head.json)")
+
+
+if __name__ == "__main__":
+    rm_utils.run_cli(main)
