@@ -78,6 +78,10 @@ class ArmoRMForSequenceClassification(PreTrainedModel):
 
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    # Attention is the backbone's: whatever it supports, this wrapper does.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
 
     def __init__(self, config):
         super().__init__(config)

@@ -419,14 +419,25 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
                trust_remote_code: bool = False, **kwargs):
     """from_pretrained through an Auto class, with one clear error if the model cannot be loaded; the embeddings
     grow to fit a pad token the tokenizer added, and the config learns the pad id."""
+    from transformers import AutoConfig
+
+    def cannot_load(err: Exception) -> UserError:
+        return UserError(f"{flag}: could not load model '{name}' ({str(err).splitlines()[0]}); "
+                         f"pass a local model directory with {flag}")
+
     try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        custom = (getattr(config, "auto_map", None) or {}).get(auto_class.__name__)
+        if custom and not trust_remote_code:
+            # Without it transformers would build the backbone's stock class and silently drop the custom head.
+            raise UserError(f"{flag}: '{name}' defines its own {auto_class.__name__} ({custom}); pass "
+                            "--trust_remote_code to run that code")
         model = auto_class.from_pretrained(
             name, dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation),
             trust_remote_code=trust_remote_code, **kwargs,
         )
     except (OSError, ValueError) as err:
-        raise UserError(f"{flag}: could not load model '{name}' ({str(err).splitlines()[0]}); "
-                        f"pass a local model directory with {flag}") from None
+        raise cannot_load(err) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
