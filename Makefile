@@ -8,8 +8,12 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 DEMO_DIR := outputs/demo
 PM_DIR := outputs/demo-pm
+ARMO_DIR := outputs/demo-armo
+# ArmoRM's frozen backbone: the BT demo's trained checkpoint when `make demo` has run, else the tiny default.
+ARMO_BACKBONE := $(if $(wildcard $(DEMO_DIR)/last_checkpoint/model.safetensors),$(DEMO_DIR)/last_checkpoint,assets/tiny-llama)
+ARMO_EMB := $(ARMO_DIR)/embeddings
 
-.PHONY: install demo demo-pm test bench clean
+.PHONY: install demo demo-pm demo-armo test bench clean
 
 install: $(STAMP)
 
@@ -37,6 +41,26 @@ demo-pm: $(STAMP)
 		--record_dir $(PM_DIR)/reward_bench.txt --results_json $(PM_DIR)/reward_bench.json
 	python pair-pm/rank_responses.py --reward_name_or_path $(PM_DIR)/last_checkpoint \
 		--input_path assets/data/toy_ranking.jsonl --output_path $(PM_DIR)/ranked.jsonl
+
+# ArmoRM: the four stages on toy data (19-attribute probes, verbosity debiasing, gating network), export to one
+# model, its RewardBench-format evaluation through the BT eval, and the top attributes of one answer.
+demo-armo: $(STAMP)
+	python armo-rm/stage-1_prepare.py --model_path $(ARMO_BACKBONE) --output_dir $(ARMO_EMB)
+	python armo-rm/stage-1_train.py --model_path $(ARMO_BACKBONE) --embeddings_dir $(ARMO_EMB) \
+		--output_dir $(ARMO_DIR)/regression_weights
+	for split in train test; do python armo-rm/stage-2_prepare.py --model_path $(ARMO_BACKBONE) \
+		--dataset_split $$split --output_dir $(ARMO_EMB) || exit 1; done
+	python armo-rm/stage-2_prepare.py --model_path $(ARMO_BACKBONE) --output_dir $(ARMO_EMB) \
+		--dataset_path assets/data/reward_bench_sample.jsonl
+	python armo-rm/stage-2_train.py --model_path $(ARMO_BACKBONE) --embeddings_dir $(ARMO_EMB) \
+		--regression_weights $(ARMO_DIR)/regression_weights/$(notdir $(ARMO_BACKBONE))_toy_multi_objective.safetensors \
+		--reference_split test --n_steps 500 --batch_size 256 --hidden_size 256 --output_dir $(ARMO_DIR)/head \
+		--eval_reward_bench --reward_bench_dataset assets/data/reward_bench_sample.jsonl --reward_bench_split train
+	python armo-rm/export.py --model_path $(ARMO_BACKBONE) --head_dir $(ARMO_DIR)/head --output_path $(ARMO_DIR)/model
+	python useful_code/eval_reward_bench_bt.py --reward_name_or_path $(ARMO_DIR)/model --trust_remote_code \
+		--data_set_name assets/data/reward_bench_sample.jsonl \
+		--record_dir $(ARMO_DIR)/reward_bench.txt --results_json $(ARMO_DIR)/reward_bench.json
+	python armo-rm/interpret.py --model_path $(ARMO_DIR)/model --trust_remote_code
 
 test: $(STAMP)
 	python -m pytest tests -q

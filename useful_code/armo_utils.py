@@ -203,7 +203,8 @@ def fit_ridge_probes(embeddings: np.ndarray, labels: np.ndarray, alphas=RIDGE_AL
     """Per attribute: ridge regression without intercept on the rows where that label is present, each alpha
     fit on the train split and scored by validation MSE; the best alpha's weights are kept (fit on the train
     split, as upstream). Returns {'weight': [K, D], 'alpha', 'val_mse', 'n_train', 'n_val'} (lists per attribute);
-    an attribute with no labels gets zero weights and alpha None."""
+    an attribute with no labels gets zero weights and alpha None (with no validation labels, val_mse is NaN and the
+    first alpha is kept)."""
     from sklearn.linear_model import Ridge
     from sklearn.metrics import mean_squared_error
     from sklearn.model_selection import train_test_split
@@ -212,8 +213,6 @@ def fit_ridge_probes(embeddings: np.ndarray, labels: np.ndarray, alphas=RIDGE_AL
 
     from scipy.linalg import LinAlgWarning
 
-    # The smallest alphas of the grid are near-singular on low-rank embeddings by design; validation MSE decides.
-    warnings.filterwarnings("ignore", category=LinAlgWarning)
     rows = np.arange(len(embeddings))
     train_rows, val_rows = train_test_split(rows, test_size=val_fraction, random_state=seed)
     n_attr = labels.shape[1]
@@ -227,7 +226,10 @@ def fit_ridge_probes(embeddings: np.ndarray, labels: np.ndarray, alphas=RIDGE_AL
             continue
         best = None
         for alpha in alphas:
-            model = Ridge(alpha=alpha, fit_intercept=False).fit(embeddings[tr], labels[tr, k])
+            with warnings.catch_warnings():
+                # The grid's smallest alphas are near-singular on low-rank embeddings; validation MSE decides.
+                warnings.simplefilter("ignore", LinAlgWarning)
+                model = Ridge(alpha=alpha, fit_intercept=False).fit(embeddings[tr], labels[tr, k])
             mse = mean_squared_error(labels[va, k], model.predict(embeddings[va])) if len(va) else float("nan")
             if best is None or mse < best[1]:
                 best = (alpha, mse, model.coef_)

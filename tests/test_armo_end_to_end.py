@@ -1,0 +1,126 @@
+"""End to end for ArmoRM: the four stages on the bundled toy data with the tiny backbone, sharded prepare,
+unembedded over-long pairs kept aligned, export round trip (exported score == stage-2 score), evaluation of the
+export through the BT eval, interpretation, and the trust_remote_code guard."""
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from useful_code import armo_utils, rm_utils
+
+from helpers import ROOT, check_ok, run
+
+ARMO = ROOT / "armo-rm"
+BENCH = rm_utils.REWARD_BENCH_SAMPLE
+
+
+def stage(name, *flags):
+    return [sys.executable, str(ARMO / name), *map(str, flags)]
+
+
+@pytest.fixture(scope="module")
+def armo(tmp_path_factory):
+    """All stages with small settings; stage-1 prepare in 2 shards, the reference split cut at 120 tokens."""
+    out = tmp_path_factory.mktemp("armo")
+    emb = out / "emb"
+    for shard in (2, 1):  # out of order on purpose
+        check_ok(run(stage("stage-1_prepare.py", "--output_dir", emb, "--n_shards", 2, "--shard_idx", shard)))
+    check_ok(run(stage("stage-1_train.py", "--embeddings_dir", emb, "--output_dir", out / "rw")))
+    check_ok(run(stage("stage-2_prepare.py", "--output_dir", emb)))
+    proc = run(stage("stage-2_prepare.py", "--output_dir", emb, "--dataset_split", "test", "--seq_len", 120))
+    check_ok(proc)
+    out.joinpath("prepare_test.log").write_text(proc.stdout)
+    check_ok(run(stage("stage-2_prepare.py", "--output_dir", emb, "--dataset_path", BENCH)))
+    check_ok(run(stage("stage-2_train.py", "--embeddings_dir", emb,
+                       "--regression_weights", out / "rw" / "tiny-llama_toy_multi_objective.safetensors",
+                       "--reference_split", "test", "--n_steps", 200, "--batch_size", 128, "--hidden_size", 32,
+                       "--output_dir", out / "head", "--eval_reward_bench", "--reward_bench_dataset", BENCH,
+                       "--reward_bench_split", "train")))
+    proc = run(stage("export.py", "--head_dir", out / "head", "--output_path", out / "model"))
+    check_ok(proc)
+    assert "Export verified" in proc.stdout
+    return out
+
+
+def test_stage1_merges_shards_in_row_order_and_fits_19_probes(armo):
+    tensors, metadata = armo_utils.load_shards(str(armo / "emb" / "toy_multi_objective"))
+    assert metadata["n_shards"] == 2 and torch.equal(tensors["row_ids"], torch.arange(600))
+    assert tensors["labels"].shape == (600, 19) and tensors["embeddings"].shape == (600, 64)
+    rows = [json.loads(line) for line in open(ROOT / "assets/data/toy_multi_objective/train.jsonl")]
+    expected = torch.tensor([[float("nan") if r[a] is None else r[a] for a in armo_utils.ATTRIBUTES] for r in rows])
+    assert torch.equal(tensors["labels"].nan_to_num(-7), expected.nan_to_num(-7))  # labels stay with their rows
+    weights = load_file(str(armo / "rw" / "tiny-llama_toy_multi_objective.safetensors"))["weight"]
+    assert weights.shape == (19, 64) and torch.all(weights.abs().sum(1) > 0)
+    summary = json.loads((armo / "rw" / "tiny-llama_toy_multi_objective.json").read_text())
+    assert all(a in armo_utils.RIDGE_ALPHAS for a in summary["alpha"])
+    labelled = (~torch.isnan(tensors["labels"])).sum(0).tolist()
+    assert [t + v for t, v in zip(summary["n_train"], summary["n_val"])] == labelled
+
+
+def test_stage2_keeps_overlong_pairs_aligned_and_reports_them(armo):
+    tensors, metadata = armo_utils.load_shards(str(armo / "emb" / "toy_preference-test"))
+    assert len(tensors["embedded"]) == 200 and metadata["not_embedded"] == int((~tensors["embedded"]).sum()) > 0
+    assert torch.all(tensors["embeddings"][~tensors["embedded"]] == 0)
+    assert f"{metadata['not_embedded']} longer than --seq_len=120" in (armo / "prepare_test.log").read_text()
+    bench, bench_meta = armo_utils.load_shards(str(armo / "emb" / "reward_bench_sample-train"))
+    sample = [json.loads(line) for line in open(BENCH)]
+    assert bench_meta["subsets"] == [r["subset"] for r in sample] and bench_meta["ids"] == [r["id"] for r in sample]
+    # Chosen and rejected share the context, so their gating embeddings are the same (causal attention).
+    assert torch.allclose(bench["prompt_embeddings"][:, 0], bench["prompt_embeddings"][:, 1], atol=1e-5)
+
+
+def test_stage2_head_and_export_agree_with_the_bt_eval(armo, tmp_path):
+    head = json.loads((armo / "head" / "armo_head.json").read_text())
+    assert head["penalty"][armo_utils.VERBOSITY_INDEX] == 1.0 and len(head["penalty"]) == 19
+    assert 0.0 <= head["val_accuracy"] <= 1.0 and head["val_pairs"] == 320
+    config = json.loads((armo / "model" / "config.json").read_text())
+    assert config["attribute_names"] == list(armo_utils.ATTRIBUTES) and config["num_objectives"] == 19
+    assert (armo / "model" / "modeling_armo_rm.py").exists() and not list((armo / "model").glob("*.bin"))
+    # The exported model, scored by the BT eval, gives the sections stage 2 computed from embeddings.
+    results = tmp_path / "rb.json"
+    check_ok(run([sys.executable, str(ROOT / "useful_code/eval_reward_bench_bt.py"), "--trust_remote_code",
+                  "--reward_name_or_path", str(armo / "model"), "--data_set_name", BENCH,
+                  "--record_dir", str(tmp_path / "rb.txt"), "--results_json", str(results)]))
+    from_embeddings = json.loads((armo / "head" / "reward_bench.json").read_text())
+    exported = json.loads(results.read_text())
+    assert exported["sections"] == from_embeddings["sections"]
+    for a, b in zip(exported["per_example"], from_embeddings["per_example"]):
+        assert a["id"] == b["id"] and a["chosen_reward"] == pytest.approx(b["chosen_reward"], abs=1e-4)
+
+
+def test_exported_model_outputs_and_interpretation(armo):
+    from transformers import AutoModelForSequenceClassification
+
+    sys.path.insert(0, str(ARMO))
+    from interpret import explain
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(armo / "model"), trust_remote_code=True).eval()
+    tokenizer = rm_utils.load_tokenizer(str(armo / "model"), "m")
+    messages = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix, rise, bake."}]
+    result = explain(model, tokenizer, messages, top_k=3)
+    ids = torch.tensor(rm_utils.encode_conversations(tokenizer, [messages]))
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    assert out.rewards.shape == (1, 19) and out.gating_output.shape == (1, 19) and out.logits.shape == (1, 1)
+    # score = sum_k rewards_k * coefficient_k (upstream README's identity), and the top-K are the largest |coeff|.
+    assert sum(result["rewards"][a] * result["coefficients"][a] for a in result["rewards"]) == pytest.approx(
+        result["score"], abs=1e-5)
+    coefficients = sorted(result["coefficients"].values(), key=abs, reverse=True)
+    assert [c for _, c, _ in result["top"]] == pytest.approx(coefficients[:3])
+    assert type(model).__name__ == "ArmoRMForSequenceClassification"  # the shipped code, not the stock Llama head
+
+
+def test_custom_code_needs_trust_remote_code(armo, tmp_path):
+    proc = run([sys.executable, str(ROOT / "useful_code/eval_reward_bench_bt.py"), "--reward_name_or_path",
+                str(armo / "model"), "--data_set_name", BENCH, "--record_dir", str(tmp_path / "r.txt")])
+    assert proc.returncode == 2 and "--trust_remote_code" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_shard_is_one_clear_error(tmp_path):
+    emb = tmp_path / "emb"
+    check_ok(run(stage("stage-1_prepare.py", "--output_dir", emb, "--n_shards", 3, "--shard_idx", 1)))
+    proc = run(stage("stage-1_train.py", "--embeddings_dir", emb, "--output_dir", tmp_path / "rw"))
+    assert proc.returncode == 2 and "shards [2, 3] of 3 are missing" in proc.stderr

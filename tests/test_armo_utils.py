@@ -1,0 +1,667 @@
+"""Behavioural tests of the ArmoRM helpers (useful_code/armo_utils.py) and the exported model's building blocks
+(useful_code/modeling_armo_rm.py).
+
+Expected values are written out by hand (token strings of the chat templates, shard ranges, file names, scores of
+small matrices), known analytically (Spearman correlations of exactly proportional or reversed rewards, exact
+linear labels), or computed independently of the code under test (sklearn Ridge fits on a split reproduced here,
+scipy's spearmanr over the grid, the backbone's own hidden states on each unpadded sequence, a plain re-implementation
+of upstream's backwards search for the gating pattern).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from scipy.stats import spearmanr
+from sklearn.linear_model import Ridge
+from sklearn.metrics import mean_squared_error
+from sklearn.model_selection import train_test_split
+
+from useful_code import armo_utils, modeling_armo_rm, rm_utils
+from useful_code.modeling_armo_rm import GatingNetwork, armo_score, find_gating_positions
+
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == "
+                  "'assistant' else message['role']) + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+
+LLAMA3_GATE_TEXT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+GEMMA2_GATE_TEXT = "<end_of_turn>\n<start_of_turn>model\n"
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+# user, assistant, user, assistant: the gating pattern occurs twice (after each user turn); the last one counts.
+FOUR_TURNS = [msg("user", "Hi there"), msg("assistant", "Hello! How can I help?"), msg("user", "Tell me a joke"),
+              msg("assistant", "Final answer")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return rm_utils.load_tokenizer(rm_utils.DEFAULT_MODEL, "m")
+
+
+@pytest.fixture(scope="module")
+def gemma_tok(tok):
+    """The tiny tokenizer with Gemma-2's turn markers as special tokens and Gemma-2's chat template."""
+    gemma = copy.deepcopy(tok)
+    gemma.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+    gemma.chat_template = GEMMA_TEMPLATE
+    return gemma
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    model, tokenizer = armo_utils.load_backbone(rm_utils.DEFAULT_MODEL, "cpu")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def sharp_backbone(backbone):
+    """The tiny backbone with larger random weights (std 0.3, seeded), so hidden states at different positions and
+    of different sequences differ by far more than the tolerances (a row mix-up cannot hide)."""
+    model, tokenizer = backbone
+    sharp = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in sharp.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return sharp.eval(), tokenizer
+
+
+def upstream_gating_position(ids, pattern):
+    """Upstream's find_token_for_gating, re-implemented plainly: scan backwards for the last exact occurrence of
+    the pattern and return its first index."""
+    n = len(pattern)
+    for i in range(len(ids) - n, -1, -1):
+        if list(ids[i:i + n]) == list(pattern):
+            return i
+    raise ValueError("pattern not found")
+
+
+def occurrences(ids, pattern):
+    n = len(pattern)
+    return [i for i in range(len(ids) - n + 1) if list(ids[i:i + n]) == list(pattern)]
+
+
+# ---------------------------------------------------------------------------------- 1. ridge probes
+
+N_ROWS, DIM = 200, 5
+
+
+@pytest.fixture(scope="module")
+def probe_data():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(N_ROWS, DIM))
+    w0 = np.array([1.0, -2.0, 0.5, 3.0, -1.5])
+    w1 = np.array([-0.25, 0.75, 2.0, 0.0, 1.0])
+    # Pure noise, independent of X; on the validation rows its component in X's column space is removed, so the
+    # validation MSE of any linear fit is |y_val|^2 + |X_val w|^2 (no cross term) and shrinking to zero is best.
+    noise = rng.normal(size=N_ROWS)
+    _, val_rows = train_test_split(np.arange(N_ROWS), test_size=0.2, random_state=42)
+    noise[val_rows] -= X[val_rows] @ np.linalg.lstsq(X[val_rows], noise[val_rows], rcond=None)[0]
+    half_nan = X @ np.array([0.3, 0.1, -0.7, 0.2, 0.9]) + 0.5 * rng.normal(size=N_ROWS)
+    nan_rows = rng.permutation(N_ROWS)[:N_ROWS // 2]
+    half_nan[nan_rows] = np.nan
+    all_nan = np.full(N_ROWS, np.nan)
+    labels = np.stack([X @ w0, X @ w1, noise, half_nan, all_nan], axis=1)
+    result = armo_utils.fit_ridge_probes(X, labels)
+    train_rows, val_rows = train_test_split(np.arange(N_ROWS), test_size=0.2, random_state=42)
+    return dict(X=X, labels=labels, w=[w0, w1], result=result, train=train_rows, val=val_rows)
+
+
+def direct_scan(X, y, train_rows, val_rows):
+    """Validation MSE of each grid alpha, fit and scored on the non-NaN rows of the reproduced split."""
+    tr = train_rows[~np.isnan(y[train_rows])]
+    va = val_rows[~np.isnan(y[val_rows])]
+    mses = []
+    for alpha in armo_utils.RIDGE_ALPHAS:
+        model = Ridge(alpha=alpha, fit_intercept=False).fit(X[tr], y[tr])
+        mses.append(mean_squared_error(y[va], model.predict(X[va])))
+    return tr, va, np.array(mses)
+
+
+def test_ridge_grid_is_upstreams():
+    assert armo_utils.RIDGE_ALPHAS == (0.0001, 0.001, 0.01, 0.1, 1, 10, 100, 1000, 10000)
+
+
+def test_ridge_result_shapes(probe_data):
+    result = probe_data["result"]
+    assert result["weight"].shape == (5, DIM)
+    assert result["weight"].dtype == np.float32
+    for key in ("alpha", "val_mse", "n_train", "n_val"):
+        assert len(result[key]) == 5
+
+
+def test_ridge_exact_linear_labels_pick_smallest_alpha(probe_data):
+    result = probe_data["result"]
+    for k in (0, 1):
+        assert result["alpha"][k] == 1e-4
+        np.testing.assert_allclose(result["weight"][k], probe_data["w"][k], atol=1e-3, rtol=0)
+        assert result["val_mse"][k] < 1e-6
+        assert (result["n_train"][k], result["n_val"][k]) == (160, 40)
+
+
+def test_ridge_pure_noise_picks_largest_alpha(probe_data):
+    X, labels, result = probe_data["X"], probe_data["labels"], probe_data["result"]
+    _, _, mses = direct_scan(X, labels[:, 2], probe_data["train"], probe_data["val"])
+    # Precondition on this data: shrinking all the way minimises validation MSE.
+    assert int(np.argmin(mses)) == len(armo_utils.RIDGE_ALPHAS) - 1
+    assert result["alpha"][2] == 1e4
+    assert result["val_mse"][2] == pytest.approx(mses[-1], rel=1e-9)
+    expected = Ridge(alpha=1e4, fit_intercept=False).fit(X[probe_data["train"]], labels[probe_data["train"], 2]).coef_
+    np.testing.assert_allclose(result["weight"][2], expected, atol=1e-6, rtol=1e-5)
+    assert np.abs(result["weight"][2]).max() < 0.05  # heavily shrunk
+
+
+def test_ridge_half_nan_attribute_uses_exactly_its_labelled_rows(probe_data):
+    X, labels, result = probe_data["X"], probe_data["labels"], probe_data["result"]
+    y = labels[:, 3]
+    tr, va, mses = direct_scan(X, y, probe_data["train"], probe_data["val"])
+    assert result["n_train"][3] == len(tr)
+    assert result["n_val"][3] == len(va)
+    assert result["n_train"][3] + result["n_val"][3] == N_ROWS // 2 == int((~np.isnan(y)).sum())
+    best = armo_utils.RIDGE_ALPHAS[int(np.argmin(mses))]
+    assert result["alpha"][3] == best
+    assert result["val_mse"][3] == pytest.approx(mses.min(), rel=1e-9)
+    expected = Ridge(alpha=best, fit_intercept=False).fit(X[tr], y[tr]).coef_  # train split only, as upstream
+    np.testing.assert_allclose(result["weight"][3], expected, atol=1e-6, rtol=1e-5)
+    # A fit on train + validation rows would differ: the weights really come from the train rows alone.
+    merged = Ridge(alpha=best, fit_intercept=False).fit(X[np.concatenate([tr, va])], y[np.concatenate([tr, va])]).coef_
+    assert np.abs(merged - expected).max() > 1e-3
+
+
+def test_ridge_all_nan_attribute_gets_zero_weights_and_no_alpha(probe_data):
+    result = probe_data["result"]
+    assert result["alpha"][4] is None
+    assert result["val_mse"][4] is None
+    assert (result["n_train"][4], result["n_val"][4]) == (0, 0)
+    assert np.all(result["weight"][4] == 0)
+
+
+def test_ridge_has_no_intercept():
+    rng = np.random.default_rng(1)
+    X = rng.normal(loc=1.0, size=(N_ROWS, 3))  # non-zero column means, so an offset leaks into the weights
+    w = np.array([1.0, 2.0, -1.0])
+    y = X @ w + 5.0
+    result = armo_utils.fit_ridge_probes(X, y[:, None])
+    train_rows, val_rows = train_test_split(np.arange(N_ROWS), test_size=0.2, random_state=42)
+    _, _, mses = direct_scan(X, y, train_rows, val_rows)
+    best = armo_utils.RIDGE_ALPHAS[int(np.argmin(mses))]
+    assert result["alpha"][0] == best
+    no_intercept = Ridge(alpha=best, fit_intercept=False).fit(X[train_rows], y[train_rows]).coef_
+    np.testing.assert_allclose(result["weight"][0], no_intercept, atol=1e-5, rtol=1e-5)
+    # With an intercept the weights would be w itself; without one the offset is absorbed and the fit is imperfect.
+    with_intercept = Ridge(alpha=best, fit_intercept=True).fit(X[train_rows], y[train_rows]).coef_
+    np.testing.assert_allclose(with_intercept, w, atol=1e-2)
+    assert np.abs(result["weight"][0] - w).max() > 0.5
+    assert result["val_mse"][0] > 0.1
+
+
+# ---------------------------------------------------------------------------- 2. verbosity penalties
+
+N_REF, V = 400, 4  # verbosity column index used here = upstream's verbosity dim
+
+
+def expected_penalty(r, v, grid=armo_utils.PENALTY_GRID, threshold=0.03):
+    for p in sorted(grid):
+        if spearmanr(r - p * v, v).statistic <= threshold:
+            return p
+    return 1.0
+
+
+@pytest.fixture(scope="module")
+def reference_rewards():
+    rng = np.random.default_rng(3)
+    v = rng.permutation(N_REF).astype(float)  # distinct values: exact ranks
+    independent = rng.permutation(N_REF).astype(float)
+    cols = [
+        v.copy(),                                   # 0: r = v -> rho((1-p) v, v) = 1 for every p < 1: never reached
+        -v,                                         # 1: r = -v -> rho = -1 already at p = 0
+        independent,                                # 2: independent permutation (rho checked <= 0.03) -> 0
+        0.32 * v,                                   # 3: (0.32 - p) v: rho = 1 up to p = 0.3, -1 from p = 0.35
+        None,                                       # 4: verbosity itself
+        0.2 * v + rng.normal(scale=30.0, size=N_REF),   # 5, 6: noisy mixtures, answer by scanning the grid
+        0.6 * v + rng.normal(scale=80.0, size=N_REF),
+    ]
+    cols[V] = v
+    rewards = np.stack(cols, axis=1)
+    return rewards, armo_utils.verbosity_penalties(rewards, verbosity_index=V)
+
+
+def test_verbosity_constants_are_upstreams():
+    assert armo_utils.VERBOSITY_INDEX == 4 and armo_utils.ATTRIBUTES[4] == "helpsteer-verbosity"
+    assert len(armo_utils.ATTRIBUTES) == 19
+    assert armo_utils.CORRELATION_THRESHOLD == 0.03
+    assert armo_utils.PENALTY_GRID == (0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45,
+                                       0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def test_verbosity_analytic_cases(reference_rewards):
+    rewards, out = reference_rewards
+    v = rewards[:, V]
+    assert out["penalty"][0] == 1.0 and out["corr"][0] == pytest.approx(1.0, abs=1e-12)
+    assert out["penalty"][1] == 0 and out["corr"][1] == pytest.approx(-1.0, abs=1e-12)
+    rho_independent = spearmanr(rewards[:, 2], v).statistic
+    assert rho_independent <= 0.03  # precondition on this permutation
+    assert out["penalty"][2] == 0 and out["corr"][2] == pytest.approx(rho_independent, abs=1e-12)
+    assert out["penalty"][3] == 0.35 and out["corr"][3] == pytest.approx(-1.0, abs=1e-12)
+    assert out["penalty"][V] == 1.0
+    assert out["not_reached"] == [0]
+
+
+def test_verbosity_noisy_cases_match_a_grid_scan(reference_rewards):
+    rewards, out = reference_rewards
+    v = rewards[:, V]
+    for k in (5, 6):
+        expected = expected_penalty(rewards[:, k], v)
+        assert out["penalty"][k] == expected
+        assert out["corr"][k] == pytest.approx(spearmanr(rewards[:, k] - expected * v, v).statistic, abs=1e-12)
+        assert out["corr"][k] <= 0.03
+    # The two mixtures need different, non-trivial penalties (so the test tells the grid points apart).
+    assert 0 < out["penalty"][5] < out["penalty"][6] < 0.95
+
+
+def test_transform_matrix_applies_penalties(reference_rewards):
+    _, out = reference_rewards
+    penalty = out["penalty"]
+    T = armo_utils.transform_matrix(penalty, verbosity_index=V)
+    rng = np.random.default_rng(5)
+    r = rng.normal(size=(6, len(penalty)))
+    adjusted = r @ T
+    for k in range(len(penalty)):
+        np.testing.assert_allclose(adjusted[:, k], r[:, k] - penalty[k] * r[:, V], atol=1e-12)
+    np.testing.assert_allclose(adjusted[:, V], 0.0, atol=1e-12)  # r_v * (1 - 1)
+
+
+def test_transform_matrix_by_hand():
+    T = armo_utils.transform_matrix(np.array([0.5, 0.1, 1.0]), verbosity_index=2)
+    np.testing.assert_array_equal(T, [[1, 0, 0], [0, 1, 0], [-0.5, -0.1, 0]])
+    np.testing.assert_allclose(np.array([1.0, 2.0, 3.0]) @ T, [-0.5, 1.7, 0.0], atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ 3. gating pattern
+
+
+def test_gating_pattern_llama3(tok):
+    expected = (tok.convert_tokens_to_ids(["<|eot_id|>", "<|start_header_id|>"])
+                + tok.encode("assistant", add_special_tokens=False)
+                + tok.convert_tokens_to_ids(["<|end_header_id|>"])
+                + tok.encode("\n\n", add_special_tokens=False))
+    pattern = armo_utils.gating_pattern(tok)
+    assert pattern == expected
+    assert tok.decode(pattern) == LLAMA3_GATE_TEXT
+    assert pattern[0] == tok.eos_token_id == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_gating_pattern_gemma2(gemma_tok):
+    pattern = armo_utils.gating_pattern(gemma_tok)
+    assert gemma_tok.decode(pattern) == GEMMA2_GATE_TEXT
+    assert pattern[0] == gemma_tok.convert_tokens_to_ids("<end_of_turn>")
+    expected = (gemma_tok.convert_tokens_to_ids(["<end_of_turn>"]) + gemma_tok.encode("\n", add_special_tokens=False)
+                + gemma_tok.convert_tokens_to_ids(["<start_of_turn>"])
+                + gemma_tok.encode("model\n", add_special_tokens=False))
+    assert pattern == expected
+
+
+@pytest.mark.parametrize("style,end_token,gate_text", [
+    ("llama3", "<|eot_id|>", LLAMA3_GATE_TEXT), ("gemma2", "<end_of_turn>", GEMMA2_GATE_TEXT)])
+def test_gating_position_is_end_of_last_user_turn(tok, gemma_tok, style, end_token, gate_text):
+    t = tok if style == "llama3" else gemma_tok
+    pattern = armo_utils.gating_pattern(t)
+    ids = rm_utils.encode_conversations(t, [FOUR_TURNS])[0]
+    assert len(occurrences(ids, pattern)) == 2  # after each user turn: the search must take the last
+    pos = int(find_gating_positions(torch.tensor([ids]), pattern)[0])
+    assert pos == upstream_gating_position(ids, pattern)
+    assert pos == occurrences(ids, pattern)[-1]
+    assert t.convert_ids_to_tokens(ids[pos]) == end_token
+    assert t.decode(ids[:pos]).endswith("Tell me a joke")  # closes the LAST user turn
+    assert t.decode(ids[pos:]) == gate_text + "Final answer" + end_token + ("\n" if style == "gemma2" else "")
+
+
+@pytest.mark.parametrize("style", ["llama3", "gemma2"])
+def test_gating_positions_batched_with_right_padding(tok, gemma_tok, style):
+    t = tok if style == "llama3" else gemma_tok
+    pattern = armo_utils.gating_pattern(t)
+    convs = [FOUR_TURNS, FOUR_TURNS[2:], [msg("user", "A much longer question " * 5), msg("assistant", "ok")]]
+    seqs = rm_utils.encode_conversations(t, convs)
+    assert len({len(s) for s in seqs}) == 3
+    batch = t.pad({"input_ids": seqs}, padding=True, return_tensors="pt")
+    assert batch["attention_mask"][:, -1].tolist().count(0) == 2  # right padded
+    positions = find_gating_positions(batch["input_ids"], pattern).tolist()
+    assert positions == [upstream_gating_position(s, pattern) for s in seqs]
+    assert len(set(positions)) == 3
+
+
+def test_gating_position_missing_pattern_names_the_row(tok):
+    pattern = armo_utils.gating_pattern(tok)
+    good = rm_utils.encode_conversations(tok, [FOUR_TURNS])[0]
+    bad = rm_utils.encode_conversations(tok, [[msg("user", "Only a question, no answer header")]])[0]
+    batch = tok.pad({"input_ids": [good, bad]}, padding=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="row 1"):
+        find_gating_positions(batch["input_ids"], pattern)
+    with pytest.raises(ValueError):
+        find_gating_positions(torch.tensor([pattern[:3]]), pattern)  # shorter than the pattern
+
+
+def test_find_gating_positions_by_hand():
+    ids = torch.tensor([[9, 1, 2, 3, 8, 1, 2, 3, 7], [1, 2, 3, 0, 0, 0, 0, 0, 0]])
+    assert find_gating_positions(ids, [1, 2, 3]).tolist() == [5, 0]
+
+
+# ------------------------------------------------------------------------------------------- 4. shards
+
+
+def test_shard_rows_cover_each_row_once():
+    shards = [armo_utils.shard_rows(10, 3, k) for k in (1, 2, 3)]
+    assert [list(s) for s in shards] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert sorted(i for s in shards for i in s) == list(range(10))
+    assert list(armo_utils.shard_rows(10, 1, 1)) == list(range(10))
+
+
+@pytest.mark.parametrize("idx", [0, 4])
+def test_shard_rows_rejects_bad_index(idx):
+    with pytest.raises(rm_utils.UserError, match="shard_idx"):
+        armo_utils.shard_rows(10, 3, idx)
+
+
+def test_shard_path_naming():
+    assert str(armo_utils.shard_path("out/emb/data", 2, 3)) == "out/emb/data-00002-of-00003.safetensors"
+
+
+def write_run(prefix, n_rows, n_shards, order, meta=None, reverse_within=False):
+    emb = torch.arange(n_rows * 2, dtype=torch.float32).reshape(n_rows, 2)
+    labels = torch.arange(n_rows, dtype=torch.float32) * 10
+    for k in order:
+        rows = torch.tensor(list(armo_utils.shard_rows(n_rows, n_shards, k)))
+        if reverse_within:
+            rows = rows.flip(0)
+        armo_utils.save_shard(prefix, k, n_shards, {"embeddings": emb[rows], "labels": labels[rows], "row_ids": rows},
+                              meta or {"model": "tiny", "shard": k})
+    return emb, labels
+
+
+def test_shards_round_trip_in_row_order(tmp_path):
+    prefix = str(tmp_path / "emb" / "data")
+    emb, labels = write_run(prefix, 10, 3, order=(2, 3, 1), reverse_within=True)
+    assert (tmp_path / "emb" / "data-00002-of-00003.safetensors").is_file()
+    merged, meta = armo_utils.load_shards(prefix)
+    assert torch.equal(merged["row_ids"], torch.arange(10))
+    assert torch.equal(merged["embeddings"], emb)
+    assert torch.equal(merged["labels"], labels)
+    assert meta == {"model": "tiny", "shard": 1, "n_shards": 3}
+
+
+def test_shards_without_row_ids_concatenate_by_index(tmp_path):
+    prefix = str(tmp_path / "data")
+    for k in (3, 1, 2):
+        armo_utils.save_shard(prefix, k, 3, {"x": torch.tensor([float(k)] * k)}, {})
+    merged, meta = armo_utils.load_shards(prefix)
+    assert merged["x"].tolist() == [1, 2, 2, 3, 3, 3]
+    assert meta["n_shards"] == 3
+
+
+def test_shards_missing_one_is_an_error(tmp_path):
+    prefix = str(tmp_path / "data")
+    write_run(prefix, 10, 3, order=(1, 3))
+    with pytest.raises(rm_utils.UserError, match=r"\[2\]"):
+        armo_utils.load_shards(prefix)
+
+
+def test_shards_of_two_runs_are_an_error(tmp_path):
+    prefix = str(tmp_path / "data")
+    write_run(prefix, 10, 3, order=(1, 2, 3))
+    write_run(prefix, 10, 2, order=(1, 2))
+    with pytest.raises(rm_utils.UserError, match="different runs"):
+        armo_utils.load_shards(prefix)
+
+
+def test_no_shards_is_an_error(tmp_path):
+    with pytest.raises(rm_utils.UserError, match="no embedding shards"):
+        armo_utils.load_shards(str(tmp_path / "data"))
+
+
+def test_shards_of_a_longer_prefix_are_not_picked_up(tmp_path):
+    write_run(str(tmp_path / "data"), 6, 2, order=(1, 2))
+    write_run(str(tmp_path / "data-train"), 4, 1, order=(1,))
+    merged, _ = armo_utils.load_shards(str(tmp_path / "data"))
+    assert merged["row_ids"].tolist() == list(range(6))
+
+
+def test_shards_with_duplicated_rows_are_an_error(tmp_path):
+    prefix = str(tmp_path / "data")
+    for k in (1, 2):
+        armo_utils.save_shard(prefix, k, 2, {"row_ids": torch.tensor([0, 1])}, {})
+    with pytest.raises(rm_utils.UserError, match="exactly once"):
+        armo_utils.load_shards(prefix)
+
+
+# ------------------------------------------------------------------------------------- 5. gating network
+
+
+def manual_gating(net, x):
+    h = x
+    for layer in net.layers[:-1]:
+        h = torch.relu(h @ layer.weight.T + layer.bias)
+    logits = h @ net.layers[-1].weight.T + net.layers[-1].bias
+    return torch.softmax(logits / net.temperature, dim=-1) * net.logit_scale
+
+
+def test_gating_network_layers():
+    net = GatingNetwork(8, 5, hidden_dim=16, n_hidden=2)
+    assert len(net.layers) == 3
+    assert [tuple(layer.weight.shape) for layer in net.layers] == [(16, 8), (16, 16), (5, 16)]
+    assert all(layer.bias is not None for layer in net.layers)
+    default = GatingNetwork(64, 19)
+    assert [tuple(layer.weight.shape) for layer in default.layers] == [(1024, 64), (1024, 1024), (1024, 1024), (19, 1024)]
+    assert default.temperature == 10.0 and default.logit_scale.item() == 1.0
+    assert isinstance(default.logit_scale, torch.nn.Parameter) and default.logit_scale.shape == (1,)
+
+
+def test_gating_network_rows_sum_to_logit_scale_and_match_manual():
+    torch.manual_seed(0)
+    net = GatingNetwork(8, 5, hidden_dim=16, n_hidden=2, temperature=0.7, logit_scale=2.5).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        out = net(x)
+        assert out.shape == (4, 5)
+        torch.testing.assert_close(out.sum(-1), torch.full((4,), 2.5), atol=1e-6, rtol=0)
+        torch.testing.assert_close(out, manual_gating(net, x), atol=1e-6, rtol=1e-5)
+
+
+def test_gating_network_temperature_divides_logits():
+    torch.manual_seed(1)
+    net = GatingNetwork(8, 5, hidden_dim=16, n_hidden=1, temperature=1.0).eval()
+    x = torch.randn(3, 8) * 5
+    with torch.no_grad():
+        h = torch.relu(net.layers[0](x))
+        logits = net.layers[1](h)
+        for temperature in (1.0, 10.0, 0.1):
+            net.temperature = temperature
+            torch.testing.assert_close(net(x), torch.softmax(logits / temperature, -1), atol=1e-6, rtol=1e-5)
+        net.temperature = 1.0
+        sharp = net(x)
+        net.temperature = 10.0
+        flat = net(x)
+    assert (sharp - flat).abs().max() > 1e-2  # temperature matters on these logits
+
+
+def test_gating_network_softmax_over_attributes_for_3d_input():
+    torch.manual_seed(2)
+    net = GatingNetwork(8, 5, hidden_dim=16, n_hidden=2, temperature=1.0, logit_scale=3.0).eval()
+    x = torch.randn(4, 2, 8)
+    with torch.no_grad():
+        out = net(x)
+        assert out.shape == (4, 2, 5)
+        # Each [b, j, :] sums to logit_scale (upstream's dim=1 made [b, :, k] sum to it instead).
+        torch.testing.assert_close(out.sum(-1), torch.full((4, 2), 3.0), atol=1e-5, rtol=0)
+        assert (out.sum(1) - 3.0).abs().max() > 1e-3
+        torch.testing.assert_close(out, net(x.reshape(8, 8)).reshape(4, 2, 5), atol=1e-6, rtol=1e-5)
+
+
+def test_gating_network_dropout_only_in_training():
+    torch.manual_seed(3)
+    net = GatingNetwork(8, 5, hidden_dim=32, n_hidden=2, temperature=1.0, dropout=0.5)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        net.eval()
+        torch.manual_seed(10)
+        a = net(x)
+        torch.manual_seed(11)
+        b = net(x)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, manual_gating(net, x), atol=1e-6, rtol=1e-5)
+        net.train()
+        torch.manual_seed(10)
+        c = net(x)
+        torch.manual_seed(11)
+        d = net(x)
+        assert (c - d).abs().max() > 1e-4
+        assert (c - a).abs().max() > 1e-4
+        torch.testing.assert_close(c.sum(-1), torch.ones(4), atol=1e-6, rtol=0)
+        torch.manual_seed(10)
+        torch.testing.assert_close(net(x), c, atol=0, rtol=0)  # same seed, same mask
+    no_dropout = GatingNetwork(8, 5, hidden_dim=32, n_hidden=2, temperature=1.0, dropout=0.0)
+    no_dropout.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(no_dropout.train()(x), a, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- 6. armo score
+
+
+def test_armo_score_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
+    gating = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]])
+    identity = torch.eye(3)
+    # 0.5*1 + 0.25*2 + 0.25*3 = 1.75;  0.2*0 + 0.3*(-1) + 0.5*4 = 1.7
+    torch.testing.assert_close(armo_score(rewards, gating, identity), torch.tensor([1.75, 1.7]))
+    T = torch.from_numpy(armo_utils.transform_matrix(np.array([0.5, 0.1, 1.0]), verbosity_index=2))  # float64
+    # adjusted rows: [1-1.5, 2-0.3, 0] = [-0.5, 1.7, 0] and [0-2, -1-0.4, 0] = [-2, -1.4, 0]
+    # scores: 0.5*(-0.5) + 0.25*1.7 = 0.175;  0.2*(-2) + 0.3*(-1.4) = -0.82
+    score = armo_score(rewards, gating, T)
+    assert score.dtype == torch.float32
+    torch.testing.assert_close(score, torch.tensor([0.175, -0.82]), atol=1e-6, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------- 7. embed
+
+
+def test_load_backbone_loads_the_checkpoint_weights(backbone):
+    from safetensors.torch import load_file
+
+    model, tokenizer = backbone
+    assert model.dtype == torch.float32 and not model.training
+    assert tokenizer.padding_side == "right"
+    state = load_file(str(rm_utils.ASSETS / "tiny-llama" / "model.safetensors"))
+    key = next(k for k in state if k.endswith("embed_tokens.weight"))
+    torch.testing.assert_close(model.get_input_embeddings().weight[:state[key].shape[0]], state[key], atol=0, rtol=0)
+
+
+SEVEN = [
+    [msg("user", "Hi"), msg("assistant", "Hello")],
+    FOUR_TURNS,
+    [msg("user", "What is two plus two?"), msg("assistant", "Four.")],
+    [msg("user", "Name a colour"), msg("assistant", "Blue, or perhaps a deep shade of green on a sunny day")],
+    [msg("user", "x"), msg("assistant", "y"), msg("user", "z"), msg("assistant", "w")],
+    [msg("user", "Tell me a long story about a dragon and a knight"), msg("assistant", "Once upon a time.")],
+    [msg("user", "ok"), msg("assistant", "sure thing, here it is, all of it")],
+]
+
+
+@pytest.fixture(scope="module")
+def seven_sequences(tok):
+    seqs = rm_utils.encode_conversations(tok, SEVEN)
+    assert len({len(s) for s in seqs}) == 7
+    return seqs
+
+
+def test_embed_batched_equals_one_at_a_time(sharp_backbone, seven_sequences):
+    model, tokenizer = sharp_backbone
+    last, gated = armo_utils.embed(model, tokenizer, seven_sequences, batch_size=3, progress=False)
+    assert gated is None
+    assert last.shape == (7, model.config.hidden_size) and last.dtype == torch.float32
+    with torch.no_grad():
+        expected = torch.stack([model(input_ids=torch.tensor([s])).last_hidden_state[0, -1] for s in seven_sequences])
+    torch.testing.assert_close(last, expected, atol=1e-5, rtol=0)
+    # The rows differ from each other by far more than the tolerance: input order is really checked.
+    assert torch.cdist(expected, expected).add(torch.eye(7) * 1e9).min() > 1e-2
+
+
+def test_embed_gated_at_the_pattern_position(sharp_backbone, seven_sequences):
+    model, tokenizer = sharp_backbone
+    pattern = armo_utils.gating_pattern(tokenizer)
+    last, gated = armo_utils.embed(model, tokenizer, seven_sequences, batch_size=3, gating_pattern_ids=pattern,
+                                   progress=False)
+    expected_last, expected_gated = [], []
+    with torch.no_grad():
+        for s in seven_sequences:
+            hidden = model(input_ids=torch.tensor([s])).last_hidden_state[0]
+            expected_last.append(hidden[-1])
+            expected_gated.append(hidden[upstream_gating_position(s, pattern)])
+    torch.testing.assert_close(last, torch.stack(expected_last), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gated, torch.stack(expected_gated), atol=1e-5, rtol=0)
+    assert (gated - last).abs().max() > 1e-2
+
+
+def test_embed_with_shipped_weights(backbone, seven_sequences):
+    model, tokenizer = backbone
+    last, _ = armo_utils.embed(model, tokenizer, seven_sequences[:4], batch_size=2, progress=False)
+    with torch.no_grad():
+        for i, s in enumerate(seven_sequences[:4]):
+            torch.testing.assert_close(last[i], model(input_ids=torch.tensor([s])).last_hidden_state[0, -1],
+                                       atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ 8. naming
+
+
+@pytest.mark.parametrize("path,name", [
+    ("RLHFlow/ArmoRM-Multi-Objective-Data-v0.1", "ArmoRM-Multi-Objective-Data-v0.1"),
+    ("data/x.jsonl.gz", "x"),
+    ("data/x.json", "x"),
+    ("some/dir/", "dir"),
+    ("/models/tiny-llama", "tiny-llama"),
+])
+def test_dataset_name(path, name):
+    assert armo_utils.dataset_name(path) == name
+
+
+def test_embeddings_prefix():
+    assert (armo_utils.embeddings_prefix(None, "sfairXC/FsfairX-LLaMA3-RM-v0.1", "RLHFlow/ArmoRM-Multi-Objective-Data-v0.1")
+            == "./armo_data/embeddings/FsfairX-LLaMA3-RM-v0.1/ArmoRM-Multi-Objective-Data-v0.1")
+    assert (armo_utils.embeddings_prefix(None, "/a/tiny-llama", "data/x.jsonl.gz", "-train")
+            == "./armo_data/embeddings/tiny-llama/x-train")
+    assert armo_utils.embeddings_prefix("out/emb", "/a/tiny-llama", "data/x.jsonl.gz") == "out/emb/x"
+
+
+# -------------------------------------------------------------------------------- 9. validate conversations
+
+
+def conversations(*rows):
+    return Dataset.from_list([{"messages": m, "id": i} for i, m in enumerate(rows)])
+
+
+def test_validate_conversations_names_the_row():
+    ds = conversations(FOUR_TURNS, FOUR_TURNS[:3], FOUR_TURNS[:2])
+    with pytest.raises(rm_utils.UserError) as err:
+        armo_utils.validate_conversations(ds, False, "mo data")
+    assert "row 1 (last_not_assistant)" in str(err.value)
+    assert "row 0" not in str(err.value) and "row 2" not in str(err.value)
+
+
+def test_validate_conversations_skip_invalid_drops_and_counts():
+    ds = conversations(FOUR_TURNS, FOUR_TURNS[:3], FOUR_TURNS[:2], [msg("user", "q"), msg("assistant", " ")])
+    kept, stats = armo_utils.validate_conversations(ds, True, "mo data")
+    assert kept["id"] == [0, 2]
+    assert "invalid_reason" not in kept.column_names
+    assert stats == {"read": 4, "invalid": {"last_not_assistant": 1, "empty_content": 1}, "used": 2}
+
+
+def test_validate_conversations_needs_messages():
+    with pytest.raises(rm_utils.UserError, match="messages"):
+        armo_utils.validate_conversations(Dataset.from_list([{"chosen": "a"}]), False, "mo data")
