@@ -19,8 +19,10 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import mean_squared_error
 from sklearn.model_selection import train_test_split
 
-from useful_code import armo_utils, modeling_armo_rm, rm_utils
+from useful_code import armo_utils, rm_utils
 from useful_code.modeling_armo_rm import GatingNetwork, armo_score, find_gating_positions
+
+from helpers import sharpened
 
 GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == "
                   "'assistant' else message['role']) + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
@@ -64,13 +66,7 @@ def sharp_backbone(backbone):
     """The tiny backbone with larger random weights (std 0.3, seeded), so hidden states at different positions and
     of different sequences differ by far more than the tolerances (a row mix-up cannot hide)."""
     model, tokenizer = backbone
-    sharp = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in sharp.parameters():
-            if param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return sharp.eval(), tokenizer
+    return sharpened(model), tokenizer
 
 
 def upstream_gating_position(ids, pattern):

@@ -6,7 +6,6 @@ tournament brackets) or computed independently of the code under test (transform
 upstream's template, the model's own logits on one unpadded sequence, torch's cross-entropy).
 """
 
-import copy
 import importlib.util
 import json
 import os
@@ -19,6 +18,8 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from useful_code import pm_utils, rm_utils
+
+from helpers import sharpened
 
 ROOT = rm_utils.REPO_ROOT
 TOY_TRAIN = ROOT / "assets" / "data" / "toy_preference" / "train.jsonl"
@@ -62,13 +63,7 @@ def sharp_model(model):
     """The tiny model with larger random weights (std 0.3, seeded): its answer logits vary by several units with
     the tokens and their positions, so a mistake in padding, position ids or sequence isolation shows up far above
     the tolerances (with the shipped std-0.02 weights every probability is within ~0.05 of 0.5)."""
-    sharp = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in sharp.parameters():
-            if param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return sharp.eval()
+    return sharpened(model)
 
 
 def toy_pairs(n):

@@ -9,7 +9,7 @@ rejected_reward is one minus it, so an example is correct when P(chosen preferre
 """
 
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -54,12 +54,7 @@ def main():
 
     results = reward_bench.score_examples(examples["id"], examples["subset"], chosen, rejected,
                                           tie_credit=args.tie_credit, prior=prior)
-    results["options"] = asdict(args)
-    results["data"] = stats
-    results_json = args.results_json or reward_bench.default_results_json(args.record_dir, args.reward_name_or_path)
-    reward_bench.write_results(results, args.reward_name_or_path, args.record_dir, results_json)
-    print(reward_bench.format_report(results))
-    print(f"Appended to {args.record_dir}; results JSON: {results_json}")
+    reward_bench.save_and_report(results, args, stats)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,19 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def save_and_report(results: dict, args, data_stats: dict) -> None:
+    """An eval script's ending: record its options and data counts, append to record_dir, write the results
+    JSON (args.results_json, else next to record_dir) and print the report."""
+    from dataclasses import asdict
+
+    results["options"] = asdict(args)
+    results["data"] = data_stats
+    results_json = args.results_json or default_results_json(args.record_dir, args.reward_name_or_path)
+    write_results(results, args.reward_name_or_path, args.record_dir, results_json)
+    print(format_report(results))
+    print(f"Appended to {args.record_dir}; results JSON: {results_json}")
+
+
 def default_results_json(record_dir: str, model_name: str) -> str:
     """Path ``<dir of record_dir>/<record_dir stem>_<model slug>.json``."""
     directory = os.path.dirname(record_dir)
