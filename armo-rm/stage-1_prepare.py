@@ -12,7 +12,6 @@ embedded in length-sorted batches. Writes <output_dir>/<dataset>-<shard>-of-<n>.
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -23,21 +22,11 @@ from useful_code import armo_utils, rm_utils  # noqa: E402
 
 
 @dataclass
-class ScriptArguments:
-    """Upstream's flags plus batching, truncation and the output location."""
+class ScriptArguments(armo_utils.PrepareArguments):
+    """The shared prepare flags (armo_utils.PrepareArguments) plus the multi-objective data and truncation."""
 
-    model_path: str = field(default=rm_utils.DEFAULT_MODEL, metadata={"help": "Reward model (its transformer is used)."})
     dataset_path: str = field(default=armo_utils.DEFAULT_MULTI_OBJECTIVE_DATA)
-    n_shards: int = field(default=1)
-    shard_idx: int = field(default=1, metadata={"help": "1-based, as upstream."})
-    device: int = field(default=0, metadata={"help": "GPU index (the CPU when there is no GPU)."})
-    output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
-    batch_size: int = field(default=16)
     max_length: int = field(default=4096, metadata={"help": "Longer conversations keep their last tokens (counted)."})
-    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
-    bf16: bool = field(default=True)
-    attn_implementation: str = field(default="auto")
-    trust_remote_code: bool = field(default=False)
 
 
 def main():
@@ -53,8 +42,7 @@ def main():
 
     model, tokenizer = armo_utils.load_backbone(args.model_path, armo_utils.resolve_device(args.device), args.bf16,
                                                 args.attn_implementation, args.trust_remote_code)
-    sequences, truncated = armo_utils.truncate_left(
-        rm_utils.encode_conversations(tokenizer, list(shard["messages"])), args.max_length)
+    sequences, truncated = armo_utils.encode_truncated(tokenizer, list(shard["messages"]), args.max_length)
     embeddings, _ = armo_utils.embed(model, tokenizer, sequences, args.batch_size)
     labels = np.array([[np.nan if v is None else v for v in shard[a]] for a in armo_utils.ATTRIBUTES],
                       dtype=np.float32).T.reshape(len(shard), len(armo_utils.ATTRIBUTES))

@@ -28,24 +28,14 @@ FAMILY_MODEL_TYPES = {"llama3": "llama", "gemma2": "gemma2"}
 
 
 @dataclass
-class ScriptArguments:
-    """Upstream's flags plus batching and the output location."""
+class ScriptArguments(armo_utils.PrepareArguments):
+    """The shared prepare flags (armo_utils.PrepareArguments) plus the pairs to embed and the length limit."""
 
-    model_path: str = field(default=rm_utils.DEFAULT_MODEL)
     model_family: str = field(default="auto", metadata={"help": "auto (any chat template), llama3 or gemma2."})
     dataset_path: str = field(default=rm_utils.DEFAULT_PREFERENCE_DATA)
     dataset_split: str = field(default="train")
     source: Optional[str] = field(default=None, metadata={"help": "Keep only rows whose 'source' column is this."})
-    n_shards: int = field(default=1)
-    shard_idx: int = field(default=1, metadata={"help": "1-based, as upstream."})
-    device: int = field(default=0, metadata={"help": "GPU index (the CPU when there is no GPU)."})
     seq_len: int = field(default=8192, metadata={"help": "Pairs with a longer side are kept but not embedded."})
-    output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
-    batch_size: int = field(default=16)
-    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
-    bf16: bool = field(default=True)
-    attn_implementation: str = field(default="auto")
-    trust_remote_code: bool = field(default=False)
 
 
 def main():

@@ -197,6 +197,8 @@ def main():
             print(f"Held-out accuracy on {len(held_out)} pairs: {metrics['eval_accuracy']:.4f} (both orders "
                   f"averaged); chosen as A {metrics['eval_accuracy_chosen_as_A']:.4f}, as B "
                   f"{metrics['eval_accuracy_chosen_as_B']:.4f}")
+            if scorer.truncated:
+                print(f"{scorer.truncated} held-out prompts longer than max_length were cut from the left")
         else:
             print("No held-out pairs (PM-format training data): pass --eval_set_path to measure accuracy")
         metrics.update({

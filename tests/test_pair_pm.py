@@ -386,10 +386,10 @@ def test_label_logits_equal_the_models_own(tok, sharp_model):
 
 def test_truncate_left():
     ids = list(range(10))
-    assert pm_utils.truncate_left(ids, 4, keep_first=True) == [0, 7, 8, 9]
-    assert pm_utils.truncate_left(ids, 4, keep_first=False) == [6, 7, 8, 9]
-    assert pm_utils.truncate_left(ids, 10, keep_first=True) == ids
-    assert pm_utils.truncate_left(ids, 11, keep_first=False) == ids
+    assert rm_utils.truncate_left(ids, 4, keep_first=True) == [0, 7, 8, 9]
+    assert rm_utils.truncate_left(ids, 4, keep_first=False) == [6, 7, 8, 9]
+    assert rm_utils.truncate_left(ids, 10, keep_first=True) == ids
+    assert rm_utils.truncate_left(ids, 11, keep_first=False) == ids
 
 
 def test_encode_truncates_and_counts(tok, model):

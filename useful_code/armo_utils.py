@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,6 +43,22 @@ def dataset_name(path: str) -> str:
 DATA_ROOT = "./armo_data"  # upstream hard-codes ~/data/ArmoRM; here every stage takes its paths as flags
 
 
+@dataclass
+class PrepareArguments:
+    """Flags both prepare stages share: upstream's model, sharding and device, plus batching and the output."""
+
+    model_path: str = field(default=rm_utils.DEFAULT_MODEL, metadata={"help": "Reward model (its transformer is used)."})
+    n_shards: int = field(default=1)
+    shard_idx: int = field(default=1, metadata={"help": "1-based, as upstream."})
+    device: int = field(default=0, metadata={"help": "GPU index (the CPU when there is no GPU)."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
+    batch_size: int = field(default=16)
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
+    bf16: bool = field(default=True)
+    attn_implementation: str = field(default="auto")
+    trust_remote_code: bool = field(default=False)
+
+
 def embeddings_prefix(output_dir, model_path: str, dataset_path: str, suffix: str = "") -> str:
     """Where a prepare stage writes (and a train stage reads) embedding shards:
     <output_dir or ./armo_data/embeddings/<model>>/<dataset><suffix>."""
@@ -63,10 +81,13 @@ def validate_conversations(dataset, skip_invalid: bool, name: str):
     return rm_utils.enforce_validity(marked, rm_utils.INVALID_REASONS, skip_invalid, name)
 
 
-def truncate_left(sequences: list[list[int]], max_length: int) -> tuple[list[list[int]], int]:
-    """Keep the last max_length tokens of each sequence (where the embedding is read); return them and the count cut."""
+def encode_truncated(tokenizer, conversations: list[list[dict]], max_length: int) -> tuple[list[list[int]], int]:
+    """Templated token ids cut to their last max_length tokens (where the embedding is read), keeping the BOS;
+    returns them and how many were cut."""
+    keep_first = rm_utils.tokenizer_adds_bos(tokenizer)
+    sequences = rm_utils.encode_conversations(tokenizer, conversations)
     cut = sum(len(s) > max_length for s in sequences)
-    return [s[-max_length:] for s in sequences], cut
+    return [rm_utils.truncate_left(s, max_length, keep_first) for s in sequences], cut
 
 
 # ------------------------------------------------------------------------------------------ embeddings
@@ -95,17 +116,13 @@ def embed(model, tokenizer, sequences: list[list[int]], batch_size: int, gating_
           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Final-layer hidden state at each sequence's last token, and (with gating_pattern_ids) at its gating
     position; batched by length (longest first) with right padding. Returns CPU tensors in the model's dtype."""
-    from tqdm import tqdm
-
     from useful_code.modeling_armo_rm import find_gating_positions
 
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     hidden_size = model.config.hidden_size
     last = torch.zeros(len(sequences), hidden_size, dtype=model.dtype)
     gated = torch.zeros(len(sequences), hidden_size, dtype=model.dtype) if gating_pattern_ids else None
-    for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress):
-        chunk = order[start:start + batch_size]
+    for chunk in rm_utils.length_sorted_batches(sequences, batch_size, "embedding", progress):
         batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")
         input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state

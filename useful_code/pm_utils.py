@@ -154,13 +154,6 @@ def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, n
 # ----------------------------------------------------------------------------------------------- scoring
 
 
-def truncate_left(ids: list[int], max_length: int, keep_first: bool) -> list[int]:
-    """Keep the last max_length tokens (the responses and the answer position), and the BOS if there is one."""
-    if len(ids) <= max_length:
-        return ids
-    return ids[:1] + ids[len(ids) - max_length + 1:] if keep_first else ids[len(ids) - max_length:]
-
-
 @dataclass
 class Match:
     """One knock-out comparison: indices into the candidate list and P(first beats second), both orders averaged."""
@@ -212,14 +205,10 @@ class PairPreferenceScorer:
     @torch.no_grad()
     def label_logits(self, sequences: list[list[int]], progress: bool = False) -> np.ndarray:
         """[n, 2] float32 logits of "A" and "B" at the last position of each token sequence."""
-        from tqdm import tqdm
-
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         out = np.zeros((len(sequences), 2), dtype=np.float32)
-        for start in tqdm(range(0, len(order), self.batch_size), desc="scoring", disable=not progress):
-            chunk = order[start:start + self.batch_size]
+        for chunk in rm_utils.length_sorted_batches(sequences, self.batch_size, progress=progress):
             width = max(len(sequences[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -240,7 +229,7 @@ class PairPreferenceScorer:
         sequences = []
         for ids in encode_pm_prompts(self.tokenizer, prompts):
             self.truncated += len(ids) > self.max_length
-            sequences.append(truncate_left(ids, self.max_length, keep_first))
+            sequences.append(rm_utils.truncate_left(ids, self.max_length, keep_first))
         return sequences
 
     def prob_first_preferred(self, contexts: list[list[dict]], first: list[str], second: list[str],

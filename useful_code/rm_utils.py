@@ -355,16 +355,29 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 @torch.no_grad()
-def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: int, progress: bool = False) -> list[float]:
-    """Scalar reward of each token sequence, batched by length (longest first) to waste little padding."""
+def length_sorted_batches(sequences: list[list[int]], batch_size: int, desc: str = "scoring",
+                          progress: bool = False):
+    """Index lists of up to batch_size sequences, longest first, so each batch wastes little padding."""
     from tqdm import tqdm
 
-    device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        yield order[start : start + batch_size]
+
+
+def truncate_left(ids: list[int], max_length: int, keep_first: bool) -> list[int]:
+    """Keep the last max_length tokens (where a reward, embedding or answer is read), and with keep_first the
+    first token (the BOS) too."""
+    if len(ids) <= max_length:
+        return ids
+    return ids[:1] + ids[len(ids) - max_length + 1:] if keep_first else ids[len(ids) - max_length:]
+
+
+def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: int, progress: bool = False) -> list[float]:
+    """Scalar reward of each token sequence, batched by length (longest first) to waste little padding."""
+    device = next(model.parameters()).device
     rewards = [0.0] * len(sequences)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="scoring", disable=not progress):
-        chunk = order[start : start + batch_size]
+    for chunk in length_sorted_batches(sequences, batch_size, progress=progress):
         batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         for i, reward in zip(chunk, logits[:, 0].float().cpu().tolist()):
