@@ -13,13 +13,15 @@ ARMO_DIR := outputs/demo-armo
 ARMO_BACKBONE := $(if $(wildcard $(DEMO_DIR)/last_checkpoint/model.safetensors),$(DEMO_DIR)/last_checkpoint,assets/tiny-llama)
 ARMO_EMB := $(ARMO_DIR)/embeddings
 
-.PHONY: install demo demo-pm demo-armo test bench clean
+.PHONY: install demo demo-pm demo-armo test test-fast test-e2e bench clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+# The pinned libraries, then this project as an editable package (useful_code/, importable from every script).
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -42,7 +44,7 @@ demo-pm: $(STAMP)
 	python pair-pm/rank_responses.py --reward_name_or_path $(PM_DIR)/last_checkpoint \
 		--input_path assets/data/toy_ranking.jsonl --output_path $(PM_DIR)/ranked.jsonl
 
-# ArmoRM: the four stages on toy data (19-attribute probes, verbosity debiasing, gating network), export to one
+# ArmoRM: the four stages on toy data (armo-rm/configs/tiny.yaml, each script's default) (19-attribute probes, verbosity debiasing, gating network), export to one
 # model, its RewardBench-format evaluation through the BT eval, and the top attributes of one answer.
 demo-armo: $(STAMP)
 	python armo-rm/stage-1_prepare.py --model_path $(ARMO_BACKBONE) --output_dir $(ARMO_EMB)
@@ -54,16 +56,22 @@ demo-armo: $(STAMP)
 		--dataset_path assets/data/reward_bench_sample.jsonl
 	python armo-rm/stage-2_train.py --model_path $(ARMO_BACKBONE) --embeddings_dir $(ARMO_EMB) \
 		--regression_weights $(ARMO_DIR)/regression_weights/$(notdir $(ARMO_BACKBONE))_toy_multi_objective.safetensors \
-		--reference_split test --n_steps 500 --batch_size 256 --hidden_size 256 --output_dir $(ARMO_DIR)/head \
-		--eval_reward_bench --reward_bench_dataset assets/data/reward_bench_sample.jsonl --reward_bench_split train
+		--output_dir $(ARMO_DIR)/head --eval_reward_bench --reward_bench_dataset assets/data/reward_bench_sample.jsonl --reward_bench_split train
 	python armo-rm/export.py --model_path $(ARMO_BACKBONE) --head_dir $(ARMO_DIR)/head --output_path $(ARMO_DIR)/model
 	python useful_code/eval_reward_bench_bt.py --reward_name_or_path $(ARMO_DIR)/model --trust_remote_code \
 		--data_set_name assets/data/reward_bench_sample.jsonl \
 		--record_dir $(ARMO_DIR)/reward_bench.txt --results_json $(ARMO_DIR)/reward_bench.json
 	python armo-rm/interpret.py --model_path $(ARMO_DIR)/model --trust_remote_code
 
+# Both tiers: fast in-process unit tests, then end-to-end tests (subprocesses, DeepSpeed ranks; marked e2e).
 test: $(STAMP)
 	python -m pytest tests -q
+
+test-fast: $(STAMP)
+	python -m pytest tests -q -m "not e2e"
+
+test-e2e: $(STAMP)
+	python -m pytest tests -q -m e2e
 
 # Speed of batched RewardBench scoring (BT, and PM in both orders) vs one sequence per forward, on real HH-RLHF
 # pairs (needs ../shared).

@@ -12,24 +12,36 @@ exported model's score on a few preference pairs must equal stage 2's score from
 
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, HfArgumentParser
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import armo_utils, modeling_armo_rm, rm_utils  # noqa: E402
+from useful_code import modeling_armo_rm
+from useful_code.armo_data import HEAD_SUMMARY, HEAD_WEIGHTS, gating_head_dir
+from useful_code.armo_embeddings import embed, gating_pattern
+from useful_code.checkpoints import verify_reload
+from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.data import load_split
+from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
+from useful_code.modeling import load_backbone, load_model
+from useful_code.scoring import score_sequences
+from useful_code.templates import encode_conversations, load_tokenizer
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 
 
 @dataclass
 class ScriptArguments:
     """The backbone (the stage-1/2 model), stage 2's head directory and where the model goes."""
 
-    model_path: str = field(default=rm_utils.DEFAULT_MODEL)
-    head_dir: str = field(default=f"{armo_utils.DATA_ROOT}/gating_network/tiny-llama",
-                          metadata={"help": "Directory with stage-2_train.py's armo_head.safetensors/.json."})
+    model_path: str = field(default=DEFAULT_MODEL)
+    head_dir: Optional[str] = field(default=None, metadata={
+        "help": f"stage-2_train.py's output ({HEAD_WEIGHTS}, {HEAD_SUMMARY}). Default: ./armo_data/gating_network/<model>."})
     output_path: str = field(default="./models/ArmoRM")
     check_pairs: int = field(default=8, metadata={"help": "Toy pairs scored to check the export."})
     bf16: bool = field(default=False, metadata={"help": "Save the weights in bf16 (as the published 8B model)."})
@@ -53,23 +65,20 @@ def build_config(model_path: str, summary: dict, pattern: list[int], trust_remot
 
 
 def main():
-    from safetensors.torch import load_file
-
-    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
-    head_dir = Path(args.head_dir)
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    head_dir = gating_head_dir(args.head_dir, args.model_path)
     try:
-        head = load_file(str(head_dir / "armo_head.safetensors"))
-        summary = json.loads((head_dir / "armo_head.json").read_text())
+        head = load_file(str(head_dir / HEAD_WEIGHTS))
+        summary = json.loads((head_dir / HEAD_SUMMARY).read_text())
     except OSError as err:
-        raise rm_utils.UserError(f"--head_dir: {err}; run armo-rm/stage-2_train.py first") from None
-    tokenizer = rm_utils.load_tokenizer(args.model_path, "--model_path", args.trust_remote_code)
-    pattern = armo_utils.gating_pattern(tokenizer)
+        raise UserError(f"--head_dir: {err}; run armo-rm/stage-2_train.py first") from None
+    tokenizer = load_tokenizer(args.model_path, "--model_path", args.trust_remote_code)
+    pattern = gating_pattern(tokenizer)
     config = build_config(args.model_path, summary, pattern, args.trust_remote_code)
     config.pad_token_id = tokenizer.pad_token_id
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    backbone = rm_utils.load_model(AutoModel, args.model_path, "--model_path", tokenizer, dtype, "sdpa",
-                                   args.trust_remote_code)
+    backbone = load_model(AutoModel, args.model_path, "--model_path", tokenizer, dtype, "sdpa", args.trust_remote_code)
     model = modeling_armo_rm.ArmoRMForSequenceClassification(config).to(dtype)
     state = {f"model.{k}": v for k, v in backbone.state_dict().items()}
     state.update({k: v.to(dtype) for k, v in head.items()})
@@ -82,40 +91,31 @@ def main():
     shutil.copy(modeling_armo_rm.__file__, out / "modeling_armo_rm.py")
     print(f"Exported ArmoRM ({config.num_objectives} attributes, hidden {config.hidden_size}) to {out}")
 
-    max_diff = check_export(out, args.model_path, head, args.check_pairs, tolerance=5e-2 if args.bf16 else 1e-4)
-    print(f"Export verified: scores equal stage 2's from embeddings (max |diff| {max_diff:.2e} on "
-          f"{args.check_pairs} pairs)")
+    check_export(out, args.model_path, head, args.check_pairs, tolerance=5e-2 if args.bf16 else 1e-4)
 
 
 def check_export(path: Path, backbone_path: str, head: dict, n_pairs: int, tolerance: float) -> float:
-    """Score toy pairs with the exported model as a user loads it, and with stage 2's embedding route
-    (backbone embeddings, then the head's tensors); they must agree."""
-    import numpy as np
-    from datasets import load_dataset
-
+    """Score toy pairs with the exported model as a user loads it, and with stage 2's embedding route (backbone
+    embeddings, then the head's tensors); they must agree. Returns the largest difference."""
     exported = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True,
                                                                   dtype=torch.float32).eval()
-    tokenizer = rm_utils.load_tokenizer(str(path), "checkpoint")
-    rows = load_dataset("json", data_files=f"{rm_utils.DEFAULT_PREFERENCE_DATA}/test.jsonl", split="train")
-    rows = rows.select(range(n_pairs))
-    conversations = list(rows["chosen"]) + list(rows["rejected"])
-    sequences = rm_utils.encode_conversations(tokenizer, conversations)
-    direct = np.array(rm_utils.score_sequences(exported, tokenizer, sequences, batch_size=4))
+    tokenizer = load_tokenizer(str(path), "checkpoint")
+    rows = load_split(DEFAULT_PREFERENCE_DATA, "test", "toy pairs").select(range(n_pairs))
+    sequences = encode_conversations(tokenizer, list(rows["chosen"]) + list(rows["rejected"]))
+    direct = score_sequences(exported, tokenizer, sequences, batch_size=4)
 
-    backbone, _ = armo_utils.load_backbone(backbone_path, "cpu")
-    last, gated = armo_utils.embed(backbone, tokenizer, sequences, 4, exported.config.gating_pattern, progress=False)
+    backbone, _ = load_backbone(backbone_path, "cpu")
+    last, gated = embed(backbone, tokenizer, sequences, 4, exported.config.gating_pattern, progress=False)
     gating = modeling_armo_rm.GatingNetwork(
         last.shape[1], exported.config.num_objectives, exported.config.gating_hidden_dim,
         exported.config.gating_n_hidden, exported.config.gating_temperature).eval()
     gating.load_state_dict({k.removeprefix("gating."): v for k, v in head.items() if k.startswith("gating.")})
-    with torch.no_grad():
+    with torch.inference_mode():
         via_embeddings = modeling_armo_rm.armo_score(last @ head["regression_layer.weight"].T, gating(gated),
                                                      head["reward_transform_matrix"]).numpy()
-    max_diff = float(np.max(np.abs(direct - via_embeddings)))
-    if not max_diff <= tolerance * max(1.0, float(np.max(np.abs(direct)))):
-        raise RuntimeError(f"exported model scores differ from stage 2's by up to {max_diff:.3g}")
-    return max_diff
+    return verify_reload(via_embeddings, np.array(direct), torch.float32, str(path), "scores", tolerance,
+                         reference="stage 2's scores from embeddings", hint="")
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

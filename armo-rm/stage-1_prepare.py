@@ -3,55 +3,62 @@
     python armo-rm/stage-1_prepare.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \
         --dataset_path RLHFlow/ArmoRM-Multi-Objective-Data-v0.1 --n_shards 8 --shard_idx 1 --device 0
 
-Each row is a conversation ('messages') with the 19 attribute columns (useful_code/armo_utils.ATTRIBUTES; null
+Each row is a conversation ('messages') with the 19 attribute columns (useful_code/ATTRIBUTES; null
 labels become NaN). Rows are validated, split into contiguous shards (1-based --shard_idx, as upstream) and
 embedded in length-sorted batches. Writes <output_dir>/<dataset>-<shard>-of-<n>.safetensors with `embeddings`
 [n, hidden], `labels` [n, 19] and `row_ids` (stage-1_train.py merges the shards back in row order).
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import armo_utils, rm_utils  # noqa: E402
+from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, save_shard, shard_rows
+from useful_code.armo_embeddings import PrepareArguments, embed
+from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.data import load_split
+from useful_code.defaults import DEFAULT_MULTI_OBJECTIVE_DATA
+from useful_code.formats import validate_conversations
+from useful_code.hardware import default_device
+from useful_code.modeling import load_backbone
+from useful_code.templates import encode_conversations, truncate_all
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 
 
 @dataclass
-class ScriptArguments(armo_utils.PrepareArguments):
-    """The shared prepare flags (armo_utils.PrepareArguments) plus the multi-objective data and truncation."""
+class ScriptArguments(PrepareArguments):
+    """The shared prepare flags (PrepareArguments) plus the multi-objective data and truncation."""
 
-    dataset_path: str = field(default=armo_utils.DEFAULT_MULTI_OBJECTIVE_DATA)
+    dataset_path: str = field(default=DEFAULT_MULTI_OBJECTIVE_DATA)
     max_length: int = field(default=4096, metadata={"help": "Longer conversations keep their last tokens (counted)."})
 
 
 def main():
-    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
-    data = rm_utils.pick_split(rm_utils.load_dataset_dict(args.dataset_path, "--dataset_path"), "train",
-                               "--dataset_path")
-    missing = [a for a in armo_utils.ATTRIBUTES if a not in data.column_names]
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    data = load_split(args.dataset_path, "train", "--dataset_path")
+    missing = [a for a in ATTRIBUTES if a not in data.column_names]
     if missing:
-        raise rm_utils.UserError(f"--dataset_path lacks attribute columns {missing}")
-    data, stats = armo_utils.validate_conversations(data, args.skip_invalid, "--dataset_path")
-    rows = armo_utils.shard_rows(len(data), args.n_shards, args.shard_idx)
+        raise UserError(f"--dataset_path lacks attribute columns {missing}")
+    data, stats = validate_conversations(data, args.skip_invalid, "--dataset_path")
+    rows = shard_rows(len(data), args.n_shards, args.shard_idx)
     shard = data.select(rows)
 
-    model, tokenizer = armo_utils.load_backbone(args.model_path, armo_utils.resolve_device(args.device), args.bf16,
+    model, tokenizer = load_backbone(args.model_path, default_device(args.device), args.bf16,
                                                 args.attn_implementation, args.trust_remote_code)
-    sequences, truncated = armo_utils.encode_truncated(tokenizer, list(shard["messages"]), args.max_length)
-    embeddings, _ = armo_utils.embed(model, tokenizer, sequences, args.batch_size)
-    labels = np.array([[np.nan if v is None else v for v in shard[a]] for a in armo_utils.ATTRIBUTES],
-                      dtype=np.float32).T.reshape(len(shard), len(armo_utils.ATTRIBUTES))
+    sequences, truncated = truncate_all(tokenizer, encode_conversations(tokenizer, list(shard["messages"])),
+                                       args.max_length)
+    embeddings, _ = embed(model, tokenizer, sequences, args.batch_size)
+    labels = np.array([[np.nan if v is None else v for v in shard[a]] for a in ATTRIBUTES],
+                      dtype=np.float32).T.reshape(len(shard), len(ATTRIBUTES))
 
-    prefix = armo_utils.embeddings_prefix(args.output_dir, args.model_path, args.dataset_path)
-    path = armo_utils.save_shard(prefix, args.shard_idx, args.n_shards, {
+    prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path)
+    path = save_shard(prefix, args.shard_idx, args.n_shards, {
         "embeddings": embeddings, "labels": torch.from_numpy(labels),
         "row_ids": torch.tensor(list(rows), dtype=torch.int64),
-    }, {"model_path": args.model_path, "dataset_path": args.dataset_path, "attributes": armo_utils.ATTRIBUTES,
+    }, {"model_path": args.model_path, "dataset_path": args.dataset_path, "attributes": ATTRIBUTES,
         "rows": stats, "truncated": truncated})
     print(f"Shard {args.shard_idx}/{args.n_shards}: {len(shard)} rows embedded ({stats['read']} read, "
           f"{sum(stats['invalid'].values())} invalid, {truncated} cut to {args.max_length} tokens); "
@@ -60,4 +67,4 @@ def main():
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

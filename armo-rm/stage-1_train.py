@@ -10,24 +10,27 @@ regression layer), and the chosen alphas, validation MSEs and row counts in its 
 """
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import HfArgumentParser
+from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import armo_utils, rm_utils  # noqa: E402
+from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, load_shards, regression_weights_path
+from useful_code.armo_fit import fit_ridge_probes
+from useful_code.cli import parse_args, run_cli
+from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 
 
 @dataclass
 class ScriptArguments:
     """Upstream's flags (model and dataset name the files; the directories default under ./armo_data)."""
 
-    model_path: str = field(default=rm_utils.DEFAULT_MODEL)
-    dataset_path: str = field(default=armo_utils.DEFAULT_MULTI_OBJECTIVE_DATA)
+    model_path: str = field(default=DEFAULT_MODEL)
+    dataset_path: str = field(default=DEFAULT_MULTI_OBJECTIVE_DATA)
     embeddings_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/regression_weights."})
     val_fraction: float = field(default=0.2)
@@ -35,25 +38,22 @@ class ScriptArguments:
 
 
 def main():
-    from safetensors.torch import save_file
-
-    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
-    prefix = armo_utils.embeddings_prefix(args.embeddings_dir, args.model_path, args.dataset_path)
-    tensors, metadata = armo_utils.load_shards(prefix)
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    prefix = embeddings_prefix(args.embeddings_dir, args.model_path, args.dataset_path)
+    tensors, metadata = load_shards(prefix)
     embeddings = tensors["embeddings"].float().numpy()
     labels = tensors["labels"].float().numpy()
     print(f"{len(embeddings)} rows from {metadata['n_shards']} shard(s), hidden size {embeddings.shape[1]}")
 
-    probes = armo_utils.fit_ridge_probes(embeddings, labels, val_fraction=args.val_fraction, seed=args.seed)
-    for name, alpha, mse, n_train, n_val in zip(armo_utils.ATTRIBUTES, probes["alpha"], probes["val_mse"],
+    probes = fit_ridge_probes(embeddings, labels, val_fraction=args.val_fraction, seed=args.seed)
+    for name, alpha, mse, n_train, n_val in zip(ATTRIBUTES, probes["alpha"], probes["val_mse"],
                                                 probes["n_train"], probes["n_val"]):
         shown = "no labels: zero weights" if alpha is None else f"alpha {alpha:g}, validation MSE {mse:.4f}"
         print(f"  {name:40s} {n_train:6d} train / {n_val:5d} val rows  {shown}")
 
-    output_dir = Path(args.output_dir or f"{armo_utils.DATA_ROOT}/regression_weights")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"{armo_utils.dataset_name(args.model_path)}_{armo_utils.dataset_name(args.dataset_path)}.safetensors"
-    summary = {"attributes": armo_utils.ATTRIBUTES, **{k: probes[k] for k in ("alpha", "val_mse", "n_train", "n_val")},
+    path = regression_weights_path(args.output_dir, args.model_path, args.dataset_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"attributes": ATTRIBUTES, **{k: probes[k] for k in ("alpha", "val_mse", "n_train", "n_val")},
                "embeddings": prefix, "rows": len(embeddings)}
     save_file({"weight": torch.from_numpy(probes["weight"])}, str(path), metadata={"json": json.dumps(summary)})
     path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
@@ -61,4 +61,4 @@ def main():
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

@@ -18,26 +18,40 @@ assembles them with the backbone into one model.
 """
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import armo_utils, reward_bench, rm_utils  # noqa: E402
-from useful_code.modeling_armo_rm import GatingNetwork, armo_score  # noqa: E402
+from useful_code.armo_data import (
+    ATTRIBUTES,
+    HEAD_SUMMARY,
+    HEAD_WEIGHTS,
+    VERBOSITY_INDEX,
+    embeddings_prefix,
+    gating_head_dir,
+    load_shards,
+    regression_weights_path,
+)
+from useful_code.armo_fit import CORRELATION_THRESHOLD, transform_matrix, verbosity_penalties
+from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, DEFAULT_PREFERENCE_DATA
+from useful_code.hardware import default_device
+from useful_code.losses import bradley_terry_loss
+from useful_code.modeling_armo_rm import GatingNetwork, armo_score
+from useful_code.reward_bench import format_report, score_examples
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 
 
 @dataclass
 class ScriptArguments:
     """Upstream's flags (same names and defaults where they are hyper-parameters) plus explicit paths."""
 
-    model_path: str = field(default=rm_utils.DEFAULT_MODEL)
-    multi_objective_dataset: str = field(default=armo_utils.DEFAULT_MULTI_OBJECTIVE_DATA)
-    preference_dataset: str = field(default=rm_utils.DEFAULT_PREFERENCE_DATA)
+    model_path: str = field(default=DEFAULT_MODEL)
+    multi_objective_dataset: str = field(default=DEFAULT_MULTI_OBJECTIVE_DATA)
+    preference_dataset: str = field(default=DEFAULT_PREFERENCE_DATA)
     preference_split: str = field(default="train")
     reference_dataset: Optional[str] = field(default=None, metadata={"help": "Default: the preference dataset."})
     reference_split: Optional[str] = field(default=None, metadata={"help": "Default: --preference_split."})
@@ -46,8 +60,8 @@ class ScriptArguments:
     weight_decay: float = field(default=0.0)
     n_steps: int = field(default=2000)
     batch_size: int = field(default=1024)
-    verbosity_dim: int = field(default=armo_utils.VERBOSITY_INDEX)
-    corr_threshold: float = field(default=armo_utils.CORRELATION_THRESHOLD)
+    verbosity_dim: int = field(default=VERBOSITY_INDEX)
+    corr_threshold: float = field(default=CORRELATION_THRESHOLD)
     model_family: str = field(default="auto", metadata={"help": "Unused here (kept for upstream's commands)."})
     eval_reward_bench: bool = field(default=False)
     reward_bench_dataset: str = field(default="allenai/reward-bench", metadata={"help": "As given to stage-2_prepare."})
@@ -66,8 +80,8 @@ class ScriptArguments:
 
 def load_pair_embeddings(args, dataset: str, split: str) -> tuple[dict, dict]:
     """Merged stage-2 shards of one dataset split: embeddings, prompt embeddings, embedded mask, metadata."""
-    prefix = armo_utils.embeddings_prefix(args.embeddings_dir, args.model_path, dataset, f"-{split}")
-    tensors, metadata = armo_utils.load_shards(prefix)
+    prefix = embeddings_prefix(args.embeddings_dir, args.model_path, dataset, split)
+    tensors, metadata = load_shards(prefix)
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, metadata
 
 
@@ -81,26 +95,25 @@ def pair_scores(gating: GatingNetwork, weight: torch.Tensor, transform: torch.Te
 def main():
     from safetensors.torch import load_file, save_file
 
-    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
-    device = armo_utils.resolve_device(args.device)
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    device = default_device(args.device)
     torch.manual_seed(args.seed)
-    model_name = armo_utils.dataset_name(args.model_path)
-    weights_path = args.regression_weights or (f"{armo_utils.DATA_ROOT}/regression_weights/{model_name}_"
-                                               f"{armo_utils.dataset_name(args.multi_objective_dataset)}.safetensors")
+    weights_path = str(args.regression_weights or regression_weights_path(None, args.model_path,
+                                                                          args.multi_objective_dataset))
     weight = load_file(weights_path)["weight"].float().to(device)  # [K, D]
 
     # 1. Verbosity debiasing on the reference responses (chosen and rejected pooled, embedded pairs only).
     reference, _ = load_pair_embeddings(args, args.reference_dataset or args.preference_dataset,
                                         args.reference_split or args.preference_split)
     ref_rewards = (reference["embeddings"][reference["embedded"]].to(device) @ weight.T).reshape(-1, len(weight))
-    debias = armo_utils.verbosity_penalties(ref_rewards.cpu().numpy(), args.verbosity_dim,
+    debias = verbosity_penalties(ref_rewards.cpu().numpy(), args.verbosity_dim,
                                             threshold=args.corr_threshold)
-    transform = torch.tensor(armo_utils.transform_matrix(debias["penalty"], args.verbosity_dim),
+    transform = torch.tensor(transform_matrix(debias["penalty"], args.verbosity_dim),
                              dtype=torch.float32, device=device)
-    print("Verbosity penalties: " + ", ".join(f"{a} {p:g}" for a, p in zip(armo_utils.ATTRIBUTES, debias["penalty"])))
+    print("Verbosity penalties: " + ", ".join(f"{a} {p:g}" for a, p in zip(ATTRIBUTES, debias["penalty"])))
     if debias["not_reached"]:
         print(f"Never under the correlation threshold (penalty 1.0): "
-              f"{[armo_utils.ATTRIBUTES[k] for k in debias['not_reached']]}")
+              f"{[ATTRIBUTES[k] for k in debias['not_reached']]}")
 
     # 2. Gating network on the preference pairs.
     pairs, _ = load_pair_embeddings(args, args.preference_dataset, args.preference_split)
@@ -121,7 +134,7 @@ def main():
     for step in range(args.n_steps):
         batch = train_rows_t[torch.randint(len(train_rows_t), (args.batch_size,), generator=generator)].to(device)
         scores = pair_scores(gating, weight, transform, prompt[batch], responses[batch])
-        loss = rm_utils.bradley_terry_loss(scores[:, 0], scores[:, 1])
+        loss = bradley_terry_loss(scores[:, 0], scores[:, 1])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -134,14 +147,14 @@ def main():
     val_accuracy = float((val_scores[:, 0] > val_scores[:, 1]).float().mean())
     print(f"Validation accuracy: {val_accuracy:.4f} on {len(val_rows)} pairs")
 
-    output_dir = Path(args.output_dir or f"{armo_utils.DATA_ROOT}/gating_network/{model_name}")
+    output_dir = gating_head_dir(args.output_dir, args.model_path)
     output_dir.mkdir(parents=True, exist_ok=True)
     head = {"regression_layer.weight": weight.cpu(), "reward_transform_matrix": transform.cpu(),
             **{f"gating.{k}": v.detach().cpu() for k, v in gating.state_dict().items()}}
-    save_file(head, str(output_dir / "armo_head.safetensors"))
-    summary = {"attributes": armo_utils.ATTRIBUTES, "verbosity_dim": args.verbosity_dim,
+    save_file(head, str(output_dir / HEAD_WEIGHTS))
+    summary = {"attributes": ATTRIBUTES, "verbosity_dim": args.verbosity_dim,
                "penalty": debias["penalty"].tolist(), "corr": debias["corr"].tolist(),
-               "not_reached": [armo_utils.ATTRIBUTES[k] for k in debias["not_reached"]],
+               "not_reached": [ATTRIBUTES[k] for k in debias["not_reached"]],
                "gating_hidden_dim": args.hidden_size, "gating_n_hidden": args.n_hidden,
                "gating_temperature": args.temperature, "val_accuracy": val_accuracy, "val_pairs": len(val_rows),
                "regression_weights": weights_path, "arguments": asdict(args)}
@@ -150,21 +163,21 @@ def main():
     if args.eval_reward_bench:
         bench, metadata = load_pair_embeddings(args, args.reward_bench_dataset, args.reward_bench_split)
         if metadata.get("subsets") is None:
-            raise rm_utils.UserError(f"{args.reward_bench_dataset}: its embeddings carry no subsets")
+            raise UserError(f"{args.reward_bench_dataset}: its embeddings carry no subsets")
         with torch.no_grad():
             scores = pair_scores(gating, weight, transform, bench["prompt_embeddings"][:, 0].to(device),
                                  bench["embeddings"].to(device)).cpu()
         scores[~bench["embedded"]] = 0.0
         ids = metadata["ids"] or list(range(len(scores)))
-        results = reward_bench.score_examples(ids, metadata["subsets"], scores[:, 0].tolist(), scores[:, 1].tolist())
+        results = score_examples(ids, metadata["subsets"], scores[:, 0].tolist(), scores[:, 1].tolist())
         results["not_embedded"] = int((~bench["embedded"]).sum())
         (output_dir / "reward_bench.json").write_text(json.dumps(results, indent=2))
-        print(reward_bench.format_report(results))
+        print(format_report(results))
         summary["reward_bench"] = {"sections": results["sections"], "score": results["score"],
                                    "not_embedded": results["not_embedded"]}
-    (output_dir / "armo_head.json").write_text(json.dumps(summary, indent=2))
-    print(f"ArmoRM head: {output_dir / 'armo_head.safetensors'} (+ armo_head.json)")
+    (output_dir / HEAD_SUMMARY).write_text(json.dumps(summary, indent=2))
+    print(f"ArmoRM head: {output_dir / HEAD_WEIGHTS} (+ {HEAD_SUMMARY})")
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

@@ -5,44 +5,46 @@ and the largest reward difference between the two (they must agree).
     python benchmarks/bench_eval_batching.py [--data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz]
 """
 
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, HfArgumentParser
+from transformers import AutoModelForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import rm_utils  # noqa: E402
+from useful_code.cli import parse_args, run_cli
+from useful_code.data import load_split
+from useful_code.defaults import DEFAULT_MODEL, HH_RLHF_HARMLESS_TEST
+from useful_code.formats import standardize_pairs
+from useful_code.scoring import score_sequences
+from useful_code.templates import load_tokenizer, tokenize_pairs
 
 
 @dataclass
 class BenchArguments:
-    data: str = field(default=str(rm_utils.REPO_ROOT.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"))
-    model: str = field(default=rm_utils.DEFAULT_MODEL)
+    data: str = field(default=HH_RLHF_HARMLESS_TEST)
+    model: str = field(default=DEFAULT_MODEL)
     pairs: int = field(default=300, metadata={"help": "Pairs scored by each method."})
     batch_size: int = field(default=16)
     max_length: int = field(default=1024)
 
 
 def main():
-    args = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()[0]
-    tokenizer = rm_utils.load_tokenizer(args.model, "--model")
+    args = parse_args((BenchArguments,))[0]
+    tokenizer = load_tokenizer(args.model, "--model")
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1).eval()
     model.config.pad_token_id = tokenizer.pad_token_id
-    data = rm_utils.pick_split(rm_utils.load_dataset_dict(args.data, "--data"), "train", "--data")
-    pairs, _ = rm_utils.standardize_pairs(data, skip_invalid=True, name="bench data")
-    pairs, _ = rm_utils.tokenize_pairs(pairs.select(range(args.pairs)), tokenizer, args.max_length, "truncate", "bench")
+    data = load_split(args.data, "train", "--data")
+    pairs, _ = standardize_pairs(data, skip_invalid=True, name="bench data")
+    pairs, _ = tokenize_pairs(pairs.select(range(args.pairs)), tokenizer, args.max_length, "truncate", "bench")
     sequences = list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"])
 
     start = time.perf_counter()
-    batched = rm_utils.score_sequences(model, tokenizer, sequences, args.batch_size)
+    batched = score_sequences(model, tokenizer, sequences, args.batch_size)
     batched_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.inference_mode():
         single = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in sequences]
     single_s = time.perf_counter() - start
 
@@ -55,4 +57,4 @@ def main():
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

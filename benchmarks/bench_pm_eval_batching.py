@@ -5,23 +5,24 @@ pairs/s for both, the speed ratio, and the largest difference in P(chosen prefer
     python benchmarks/bench_pm_eval_batching.py [--data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz]
 """
 
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import pm_utils, rm_utils  # noqa: E402
+from useful_code.cli import parse_args, run_cli
+from useful_code.data import load_split
+from useful_code.defaults import DEFAULT_MODEL, HH_RLHF_HARMLESS_TEST
+from useful_code.formats import standardize_pairs
+from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
+from useful_code.pm_scoring import PairPreferenceScorer
 
 
 @dataclass
 class BenchArguments:
-    data: str = field(default=str(rm_utils.REPO_ROOT.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"))
-    model: str = field(default=rm_utils.DEFAULT_MODEL)
+    data: str = field(default=HH_RLHF_HARMLESS_TEST)
+    model: str = field(default=DEFAULT_MODEL)
     pairs: int = field(default=200, metadata={"help": "Pairs scored by each method (each in both orders)."})
     batch_size: int = field(default=16)
     bf16: bool = field(default=True, metadata={"help": "bf16 on a GPU that has it (fp32 on CPU)."})
@@ -29,13 +30,13 @@ class BenchArguments:
 
 def upstream_loop(model, tokenizer, contexts, chosen, rejected) -> np.ndarray:
     """upstream's eval_reward_bench_pm.py loop: each order of each pair in its own forward pass."""
-    id_a, id_b = pm_utils.label_token_ids(tokenizer)
+    id_a, id_b = label_token_ids(tokenizer)
     device = next(model.parameters()).device
     out = []
     for context, good, bad in zip(contexts, chosen, rejected):
         probs = []
         for position, (a, b) in enumerate(((good, bad), (bad, good))):
-            ids = pm_utils.encode_pm_prompts(tokenizer, [pm_utils.build_pm_prompt(context, a, b)])[0]
+            ids = encode_pm_prompts(tokenizer, [build_pm_prompt(context, a, b)])[0]
             logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1, [id_a, id_b]].float()
             probs.append(torch.softmax(logits, -1)[position].item())
         out.append(np.mean(probs))
@@ -43,18 +44,18 @@ def upstream_loop(model, tokenizer, contexts, chosen, rejected) -> np.ndarray:
 
 
 def main():
-    args = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()[0]
-    scorer = pm_utils.PairPreferenceScorer.from_pretrained(args.model, "--model", bf16=args.bf16,
+    args = parse_args((BenchArguments,))[0]
+    scorer = PairPreferenceScorer.from_pretrained(args.model, "--model", bf16=args.bf16,
                                                            batch_size=args.batch_size)
-    data = rm_utils.pick_split(rm_utils.load_dataset_dict(args.data, "--data"), "train", "--data")
-    pairs, _ = rm_utils.standardize_pairs(data, skip_invalid=True, name="bench data")
+    data = load_split(args.data, "train", "--data")
+    pairs, _ = standardize_pairs(data, skip_invalid=True, name="bench data")
     pairs = pairs.select(range(args.pairs))
     contexts = [c[:-1] for c in pairs["chosen"]]
     chosen = [c[-1]["content"] for c in pairs["chosen"]]
     rejected = [r[-1]["content"] for r in pairs["rejected"]]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
-    with torch.no_grad():
+    with torch.inference_mode():
         scorer.prob_first_preferred(contexts[:8], chosen[:8], rejected[:8])  # warm-up (kernels, allocator)
         sync()
         start = time.perf_counter()
@@ -66,8 +67,8 @@ def main():
         sync()
         single_s = time.perf_counter() - start
 
-    lengths = [len(s) for s in pm_utils.encode_pm_prompts(scorer.tokenizer, [
-        pm_utils.build_pm_prompt(c, a, b) for c, a, b in zip(contexts, chosen, rejected)])]
+    lengths = [len(s) for s in encode_pm_prompts(scorer.tokenizer, [
+        build_pm_prompt(c, a, b) for c, a, b in zip(contexts, chosen, rejected)])]
     device = next(scorer.model.parameters()).device
     print(f"{args.pairs} HH-RLHF pairs x 2 orders, mean {np.mean(lengths):.0f} tokens per PM prompt, "
           f"{scorer.model.dtype} on {device}" + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
@@ -77,4 +78,4 @@ def main():
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

@@ -8,21 +8,19 @@ Upstream pads with EOS. Here the pad token is a reserved special token where the
 matrix grown to fit: a pad equal to EOS makes every padded position look like the end of a turn.
 """
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from transformers import HfArgumentParser
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import pm_utils, rm_utils  # noqa: E402
+from useful_code.cli import parse_args, run_cli
+from useful_code.defaults import DEFAULT_MODEL
+from useful_code.modeling import load_preference_model
+from useful_code.templates import load_tokenizer
 
 
 @dataclass
 class ScriptArguments:
     """Source model and where the prepared copy goes."""
 
-    model_name: str = field(default=rm_utils.DEFAULT_MODEL, metadata={"help": "Hub name or local directory."})
+    model_name: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub name or local directory."})
     output_path: str = field(default="./models/model_with_padding_token")
     bf16: bool = field(default=True, metadata={"help": "Save in bf16 (upstream's dtype); False keeps fp32."})
     trust_remote_code: bool = field(default=False)
@@ -31,11 +29,11 @@ class ScriptArguments:
 def main():
     import torch
 
-    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
-    tokenizer = rm_utils.load_tokenizer(args.model_name, "--model_name", args.trust_remote_code)
+    args = parse_args((ScriptArguments,))[0]
+    tokenizer = load_tokenizer(args.model_name, "--model_name", args.trust_remote_code)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     # Loaded on CPU whatever the machine: this only edits and re-saves the weights.
-    model = pm_utils.load_preference_model(args.model_name, "--model_name", tokenizer, dtype, "sdpa",
+    model = load_preference_model(args.model_name, "--model_name", tokenizer, dtype, "sdpa",
                                            args.trust_remote_code)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(args.output_path)
@@ -45,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

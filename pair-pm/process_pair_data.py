@@ -10,23 +10,23 @@ shuffled (upstream's seed 42). Invalid rows stop the run with the row and the ru
 dropped and counted per reason.
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from transformers import HfArgumentParser
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import pm_utils, rm_utils  # noqa: E402
+from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.data import load_split
+from useful_code.defaults import DEFAULT_PREFERENCE_DATA
+from useful_code.formats import standardize_pairs
+from useful_code.pm_data import pairs_to_pm
 
 
 @dataclass
 class ScriptArguments:
-    """Inputs, output and the seeds; input datasets may be in any format rm_utils reads."""
+    """Inputs, output and the seeds; input datasets may be in any format useful_code.data reads."""
 
     dataset_path: list[str] = field(
-        default_factory=lambda: [rm_utils.DEFAULT_PREFERENCE_DATA],
+        default_factory=lambda: [DEFAULT_PREFERENCE_DATA],
         metadata={"help": "One or more hub names, dataset directories or .json/.jsonl/.parquet files."},
     )
     output_path: str = field(
@@ -56,20 +56,19 @@ def save(dataset, output_path: str) -> None:
 def main():
     from datasets import concatenate_datasets
 
-    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
+    args = parse_args((ScriptArguments,))[0]
     parts = []
     for k, path in enumerate(args.dataset_path):
-        splits = rm_utils.load_dataset_dict(path, "--dataset_path")
-        pairs = rm_utils.pick_split(splits, args.split, "--dataset_path")
-        pairs, stats = rm_utils.standardize_pairs(pairs, args.skip_invalid, path)
-        converted = pm_utils.pairs_to_pm(pairs, args.seed + k)
+        pairs = load_split(path, args.split, "--dataset_path")
+        pairs, stats = standardize_pairs(pairs, args.skip_invalid, path)
+        converted = pairs_to_pm(pairs, args.seed + k)
         n_a = sum(m[1]["content"] == "A" for m in converted["messages"])
         print(f"{path}: {stats['read']} read, {sum(stats['invalid'].values())} invalid, {len(converted)} converted "
               f"(chosen as A: {n_a}, as B: {len(converted) - n_a})")
         parts.append(converted)
     combined = concatenate_datasets(parts).shuffle(seed=args.seed).flatten_indices()
     if len(combined) == 0:
-        raise rm_utils.UserError("no valid pairs to write")
+        raise UserError("no valid pairs to write")
     save(combined, args.output_path)
     print(f"Wrote {len(combined)} PM examples to {args.output_path}")
     if args.push_to_hub:
@@ -80,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

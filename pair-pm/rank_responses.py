@@ -8,18 +8,15 @@ recommendation for n > 2: linear in n, where ranking every pair is quadratic). T
 all prompts, share batched forward passes. Each output line is the input plus "best_index", "best_response"
 and "matches" ([first, second, P(first preferred)] per comparison).
 
-From Python: pm_utils.PairPreferenceScorer.from_pretrained(DIR).knockout(context_messages, responses).
+From Python: PairPreferenceScorer.from_pretrained(DIR).knockout(context_messages, responses).
 """
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import pm_utils, rm_utils  # noqa: E402
+from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.pm_scoring import PairPreferenceScorer
 
 
 @dataclass
@@ -42,19 +39,19 @@ def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dic
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise rm_utils.UserError(f"--input_path: cannot read {path}: {err.strerror}") from None
+        raise UserError(f"--input_path: cannot read {path}: {err.strerror}") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise rm_utils.UserError(f"--input_path line {number}: not JSON ({err.msg})") from None
+            raise UserError(f"--input_path line {number}: not JSON ({err.msg})") from None
         context = row.get("context") or ([{"role": "user", "content": row["prompt"]}] if row.get("prompt") else None)
         responses = row.get("responses")
         if not context or not isinstance(responses, list) or not responses \
                 or not all(isinstance(r, str) and r.strip() for r in responses):
-            raise rm_utils.UserError(f"--input_path line {number}: needs 'prompt' or 'context' and a non-empty "
+            raise UserError(f"--input_path line {number}: needs 'prompt' or 'context' and a non-empty "
                                      "'responses' list of non-empty strings")
         contexts.append(context)
         candidates.append(responses)
@@ -63,9 +60,9 @@ def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dic
 
 
 def main():
-    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
+    args = parse_args((ScriptArguments,))[0]
     contexts, candidates, rows = read_prompts(args.input_path)
-    scorer = pm_utils.PairPreferenceScorer.from_pretrained(
+    scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, max_length=args.max_length)
     results = scorer.knockout_many(contexts, candidates)
@@ -82,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

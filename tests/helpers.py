@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from useful_code import rm_utils
+from useful_code.defaults import REPO_ROOT
 
-ROOT = rm_utils.REPO_ROOT
+ROOT = REPO_ROOT
 BIN = Path(sys.executable).parent
 
 

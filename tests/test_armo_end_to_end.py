@@ -9,12 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from useful_code import armo_utils, rm_utils
-
 from helpers import ROOT, check_ok, run
+from useful_code.armo_data import ATTRIBUTES, VERBOSITY_INDEX, load_shards
+from useful_code.armo_fit import RIDGE_ALPHAS
+from useful_code.defaults import REWARD_BENCH_SAMPLE
+from useful_code.templates import encode_conversations, load_tokenizer
+
+pytestmark = pytest.mark.e2e  # subprocesses and DeepSpeed ranks: `make test-fast` skips this file
 
 ARMO = ROOT / "armo-rm"
-BENCH = rm_utils.REWARD_BENCH_SAMPLE
+BENCH = REWARD_BENCH_SAMPLE
 
 
 def stage(name, *flags):
@@ -41,31 +45,31 @@ def armo(tmp_path_factory):
                        "--reward_bench_split", "train")))
     proc = run(stage("export.py", "--head_dir", out / "head", "--output_path", out / "model"))
     check_ok(proc)
-    assert "Export verified" in proc.stdout
+    assert "Checkpoint verified: the reloaded scores match stage 2's scores from embeddings" in proc.stdout
     return out
 
 
 def test_stage1_merges_shards_in_row_order_and_fits_19_probes(armo):
-    tensors, metadata = armo_utils.load_shards(str(armo / "emb" / "toy_multi_objective"))
+    tensors, metadata = load_shards(str(armo / "emb" / "toy_multi_objective"))
     assert metadata["n_shards"] == 2 and torch.equal(tensors["row_ids"], torch.arange(600))
     assert tensors["labels"].shape == (600, 19) and tensors["embeddings"].shape == (600, 64)
     rows = [json.loads(line) for line in open(ROOT / "assets/data/toy_multi_objective/train.jsonl")]
-    expected = torch.tensor([[float("nan") if r[a] is None else r[a] for a in armo_utils.ATTRIBUTES] for r in rows])
+    expected = torch.tensor([[float("nan") if r[a] is None else r[a] for a in ATTRIBUTES] for r in rows])
     assert torch.equal(tensors["labels"].nan_to_num(-7), expected.nan_to_num(-7))  # labels stay with their rows
     weights = load_file(str(armo / "rw" / "tiny-llama_toy_multi_objective.safetensors"))["weight"]
     assert weights.shape == (19, 64) and torch.all(weights.abs().sum(1) > 0)
     summary = json.loads((armo / "rw" / "tiny-llama_toy_multi_objective.json").read_text())
-    assert all(a in armo_utils.RIDGE_ALPHAS for a in summary["alpha"])
+    assert all(a in RIDGE_ALPHAS for a in summary["alpha"])
     labelled = (~torch.isnan(tensors["labels"])).sum(0).tolist()
     assert [t + v for t, v in zip(summary["n_train"], summary["n_val"])] == labelled
 
 
 def test_stage2_keeps_overlong_pairs_aligned_and_reports_them(armo):
-    tensors, metadata = armo_utils.load_shards(str(armo / "emb" / "toy_preference-test"))
+    tensors, metadata = load_shards(str(armo / "emb" / "toy_preference-test"))
     assert len(tensors["embedded"]) == 200 and metadata["not_embedded"] == int((~tensors["embedded"]).sum()) > 0
     assert torch.all(tensors["embeddings"][~tensors["embedded"]] == 0)
     assert f"{metadata['not_embedded']} longer than --seq_len=120" in (armo / "prepare_test.log").read_text()
-    bench, bench_meta = armo_utils.load_shards(str(armo / "emb" / "reward_bench_sample-train"))
+    bench, bench_meta = load_shards(str(armo / "emb" / "reward_bench_sample-train"))
     sample = [json.loads(line) for line in open(BENCH)]
     assert bench_meta["subsets"] == [r["subset"] for r in sample] and bench_meta["ids"] == [r["id"] for r in sample]
     # Chosen and rejected share the context, so their gating embeddings are the same (causal attention).
@@ -74,10 +78,10 @@ def test_stage2_keeps_overlong_pairs_aligned_and_reports_them(armo):
 
 def test_stage2_head_and_export_agree_with_the_bt_eval(armo, tmp_path):
     head = json.loads((armo / "head" / "armo_head.json").read_text())
-    assert head["penalty"][armo_utils.VERBOSITY_INDEX] == 1.0 and len(head["penalty"]) == 19
+    assert head["penalty"][VERBOSITY_INDEX] == 1.0 and len(head["penalty"]) == 19
     assert 0.0 <= head["val_accuracy"] <= 1.0 and head["val_pairs"] == 320
     config = json.loads((armo / "model" / "config.json").read_text())
-    assert config["attribute_names"] == list(armo_utils.ATTRIBUTES) and config["num_objectives"] == 19
+    assert config["attribute_names"] == list(ATTRIBUTES) and config["num_objectives"] == 19
     assert (armo / "model" / "modeling_armo_rm.py").exists() and not list((armo / "model").glob("*.bin"))
     # The exported model, scored by the BT eval, gives the sections stage 2 computed from embeddings.
     results = tmp_path / "rb.json"
@@ -94,14 +98,11 @@ def test_stage2_head_and_export_agree_with_the_bt_eval(armo, tmp_path):
 def test_exported_model_outputs_and_interpretation(armo):
     from transformers import AutoModelForSequenceClassification
 
-    sys.path.insert(0, str(ARMO))
-    from interpret import explain
-
     model = AutoModelForSequenceClassification.from_pretrained(str(armo / "model"), trust_remote_code=True).eval()
-    tokenizer = rm_utils.load_tokenizer(str(armo / "model"), "m")
+    tokenizer = load_tokenizer(str(armo / "model"), "m")
     messages = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix, rise, bake."}]
-    result = explain(model, tokenizer, messages, top_k=3)
-    ids = torch.tensor(rm_utils.encode_conversations(tokenizer, [messages]))
+    ids = torch.tensor(encode_conversations(tokenizer, [messages]))
+    result = model.explain(ids, top_k=3)
     with torch.no_grad():
         out = model(input_ids=ids)
     assert out.rewards.shape == (1, 19) and out.gating_output.shape == (1, 19) and out.logits.shape == (1, 1)

@@ -19,10 +19,34 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import mean_squared_error
 from sklearn.model_selection import train_test_split
 
-from useful_code import armo_utils, rm_utils
-from useful_code.modeling_armo_rm import GatingNetwork, armo_score, find_gating_positions
-
 from helpers import sharpened
+from useful_code.armo_data import (
+    ATTRIBUTES,
+    VERBOSITY_INDEX,
+    dataset_name,
+    embeddings_prefix,
+    gating_head_dir,
+    load_shards,
+    regression_weights_path,
+    save_shard,
+    shard_path,
+    shard_rows,
+)
+from useful_code.armo_embeddings import embed, gating_pattern
+from useful_code.armo_fit import (
+    CORRELATION_THRESHOLD,
+    PENALTY_GRID,
+    RIDGE_ALPHAS,
+    fit_ridge_probes,
+    transform_matrix,
+    verbosity_penalties,
+)
+from useful_code.cli import UserError
+from useful_code.defaults import ASSETS, DEFAULT_MODEL
+from useful_code.formats import validate_conversations
+from useful_code.modeling import load_backbone
+from useful_code.modeling_armo_rm import GatingNetwork, armo_score, find_gating_positions
+from useful_code.templates import encode_conversations, load_tokenizer
 
 GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == "
                   "'assistant' else message['role']) + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
@@ -43,7 +67,7 @@ FOUR_TURNS = [msg("user", "Hi there"), msg("assistant", "Hello! How can I help?"
 
 @pytest.fixture(scope="module")
 def tok():
-    return rm_utils.load_tokenizer(rm_utils.DEFAULT_MODEL, "m")
+    return load_tokenizer(DEFAULT_MODEL, "m")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +81,7 @@ def gemma_tok(tok):
 
 @pytest.fixture(scope="module")
 def backbone():
-    model, tokenizer = armo_utils.load_backbone(rm_utils.DEFAULT_MODEL, "cpu")
+    model, tokenizer = load_backbone(DEFAULT_MODEL, "cpu")
     return model, tokenizer
 
 
@@ -105,7 +129,7 @@ def probe_data():
     half_nan[nan_rows] = np.nan
     all_nan = np.full(N_ROWS, np.nan)
     labels = np.stack([X @ w0, X @ w1, noise, half_nan, all_nan], axis=1)
-    result = armo_utils.fit_ridge_probes(X, labels)
+    result = fit_ridge_probes(X, labels)
     train_rows, val_rows = train_test_split(np.arange(N_ROWS), test_size=0.2, random_state=42)
     return dict(X=X, labels=labels, w=[w0, w1], result=result, train=train_rows, val=val_rows)
 
@@ -115,14 +139,14 @@ def direct_scan(X, y, train_rows, val_rows):
     tr = train_rows[~np.isnan(y[train_rows])]
     va = val_rows[~np.isnan(y[val_rows])]
     mses = []
-    for alpha in armo_utils.RIDGE_ALPHAS:
+    for alpha in RIDGE_ALPHAS:
         model = Ridge(alpha=alpha, fit_intercept=False).fit(X[tr], y[tr])
         mses.append(mean_squared_error(y[va], model.predict(X[va])))
     return tr, va, np.array(mses)
 
 
 def test_ridge_grid_is_upstreams():
-    assert armo_utils.RIDGE_ALPHAS == (0.0001, 0.001, 0.01, 0.1, 1, 10, 100, 1000, 10000)
+    assert RIDGE_ALPHAS == (0.0001, 0.001, 0.01, 0.1, 1, 10, 100, 1000, 10000)
 
 
 def test_ridge_result_shapes(probe_data):
@@ -146,7 +170,7 @@ def test_ridge_pure_noise_picks_largest_alpha(probe_data):
     X, labels, result = probe_data["X"], probe_data["labels"], probe_data["result"]
     _, _, mses = direct_scan(X, labels[:, 2], probe_data["train"], probe_data["val"])
     # Precondition on this data: shrinking all the way minimises validation MSE.
-    assert int(np.argmin(mses)) == len(armo_utils.RIDGE_ALPHAS) - 1
+    assert int(np.argmin(mses)) == len(RIDGE_ALPHAS) - 1
     assert result["alpha"][2] == 1e4
     assert result["val_mse"][2] == pytest.approx(mses[-1], rel=1e-9)
     expected = Ridge(alpha=1e4, fit_intercept=False).fit(X[probe_data["train"]], labels[probe_data["train"], 2]).coef_
@@ -161,7 +185,7 @@ def test_ridge_half_nan_attribute_uses_exactly_its_labelled_rows(probe_data):
     assert result["n_train"][3] == len(tr)
     assert result["n_val"][3] == len(va)
     assert result["n_train"][3] + result["n_val"][3] == N_ROWS // 2 == int((~np.isnan(y)).sum())
-    best = armo_utils.RIDGE_ALPHAS[int(np.argmin(mses))]
+    best = RIDGE_ALPHAS[int(np.argmin(mses))]
     assert result["alpha"][3] == best
     assert result["val_mse"][3] == pytest.approx(mses.min(), rel=1e-9)
     expected = Ridge(alpha=best, fit_intercept=False).fit(X[tr], y[tr]).coef_  # train split only, as upstream
@@ -184,10 +208,10 @@ def test_ridge_has_no_intercept():
     X = rng.normal(loc=1.0, size=(N_ROWS, 3))  # non-zero column means, so an offset leaks into the weights
     w = np.array([1.0, 2.0, -1.0])
     y = X @ w + 5.0
-    result = armo_utils.fit_ridge_probes(X, y[:, None])
+    result = fit_ridge_probes(X, y[:, None])
     train_rows, val_rows = train_test_split(np.arange(N_ROWS), test_size=0.2, random_state=42)
     _, _, mses = direct_scan(X, y, train_rows, val_rows)
-    best = armo_utils.RIDGE_ALPHAS[int(np.argmin(mses))]
+    best = RIDGE_ALPHAS[int(np.argmin(mses))]
     assert result["alpha"][0] == best
     no_intercept = Ridge(alpha=best, fit_intercept=False).fit(X[train_rows], y[train_rows]).coef_
     np.testing.assert_allclose(result["weight"][0], no_intercept, atol=1e-5, rtol=1e-5)
@@ -203,7 +227,7 @@ def test_ridge_has_no_intercept():
 N_REF, V = 400, 4  # verbosity column index used here = upstream's verbosity dim
 
 
-def expected_penalty(r, v, grid=armo_utils.PENALTY_GRID, threshold=0.03):
+def expected_penalty(r, v, grid=PENALTY_GRID, threshold=0.03):
     for p in sorted(grid):
         if spearmanr(r - p * v, v).statistic <= threshold:
             return p
@@ -226,14 +250,14 @@ def reference_rewards():
     ]
     cols[V] = v
     rewards = np.stack(cols, axis=1)
-    return rewards, armo_utils.verbosity_penalties(rewards, verbosity_index=V)
+    return rewards, verbosity_penalties(rewards, verbosity_index=V)
 
 
 def test_verbosity_constants_are_upstreams():
-    assert armo_utils.VERBOSITY_INDEX == 4 and armo_utils.ATTRIBUTES[4] == "helpsteer-verbosity"
-    assert len(armo_utils.ATTRIBUTES) == 19
-    assert armo_utils.CORRELATION_THRESHOLD == 0.03
-    assert armo_utils.PENALTY_GRID == (0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45,
+    assert VERBOSITY_INDEX == 4 and ATTRIBUTES[4] == "helpsteer-verbosity"
+    assert len(ATTRIBUTES) == 19
+    assert CORRELATION_THRESHOLD == 0.03
+    assert PENALTY_GRID == (0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45,
                                        0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
@@ -265,7 +289,7 @@ def test_verbosity_noisy_cases_match_a_grid_scan(reference_rewards):
 def test_transform_matrix_applies_penalties(reference_rewards):
     _, out = reference_rewards
     penalty = out["penalty"]
-    T = armo_utils.transform_matrix(penalty, verbosity_index=V)
+    T = transform_matrix(penalty, verbosity_index=V)
     rng = np.random.default_rng(5)
     r = rng.normal(size=(6, len(penalty)))
     adjusted = r @ T
@@ -275,7 +299,7 @@ def test_transform_matrix_applies_penalties(reference_rewards):
 
 
 def test_transform_matrix_by_hand():
-    T = armo_utils.transform_matrix(np.array([0.5, 0.1, 1.0]), verbosity_index=2)
+    T = transform_matrix(np.array([0.5, 0.1, 1.0]), verbosity_index=2)
     np.testing.assert_array_equal(T, [[1, 0, 0], [0, 1, 0], [-0.5, -0.1, 0]])
     np.testing.assert_allclose(np.array([1.0, 2.0, 3.0]) @ T, [-0.5, 1.7, 0.0], atol=1e-12)
 
@@ -288,14 +312,14 @@ def test_gating_pattern_llama3(tok):
                 + tok.encode("assistant", add_special_tokens=False)
                 + tok.convert_tokens_to_ids(["<|end_header_id|>"])
                 + tok.encode("\n\n", add_special_tokens=False))
-    pattern = armo_utils.gating_pattern(tok)
+    pattern = gating_pattern(tok)
     assert pattern == expected
     assert tok.decode(pattern) == LLAMA3_GATE_TEXT
     assert pattern[0] == tok.eos_token_id == tok.convert_tokens_to_ids("<|eot_id|>")
 
 
 def test_gating_pattern_gemma2(gemma_tok):
-    pattern = armo_utils.gating_pattern(gemma_tok)
+    pattern = gating_pattern(gemma_tok)
     assert gemma_tok.decode(pattern) == GEMMA2_GATE_TEXT
     assert pattern[0] == gemma_tok.convert_tokens_to_ids("<end_of_turn>")
     expected = (gemma_tok.convert_tokens_to_ids(["<end_of_turn>"]) + gemma_tok.encode("\n", add_special_tokens=False)
@@ -308,8 +332,8 @@ def test_gating_pattern_gemma2(gemma_tok):
     ("llama3", "<|eot_id|>", LLAMA3_GATE_TEXT), ("gemma2", "<end_of_turn>", GEMMA2_GATE_TEXT)])
 def test_gating_position_is_end_of_last_user_turn(tok, gemma_tok, style, end_token, gate_text):
     t = tok if style == "llama3" else gemma_tok
-    pattern = armo_utils.gating_pattern(t)
-    ids = rm_utils.encode_conversations(t, [FOUR_TURNS])[0]
+    pattern = gating_pattern(t)
+    ids = encode_conversations(t, [FOUR_TURNS])[0]
     assert len(occurrences(ids, pattern)) == 2  # after each user turn: the search must take the last
     pos = int(find_gating_positions(torch.tensor([ids]), pattern)[0])
     assert pos == upstream_gating_position(ids, pattern)
@@ -322,9 +346,9 @@ def test_gating_position_is_end_of_last_user_turn(tok, gemma_tok, style, end_tok
 @pytest.mark.parametrize("style", ["llama3", "gemma2"])
 def test_gating_positions_batched_with_right_padding(tok, gemma_tok, style):
     t = tok if style == "llama3" else gemma_tok
-    pattern = armo_utils.gating_pattern(t)
+    pattern = gating_pattern(t)
     convs = [FOUR_TURNS, FOUR_TURNS[2:], [msg("user", "A much longer question " * 5), msg("assistant", "ok")]]
-    seqs = rm_utils.encode_conversations(t, convs)
+    seqs = encode_conversations(t, convs)
     assert len({len(s) for s in seqs}) == 3
     batch = t.pad({"input_ids": seqs}, padding=True, return_tensors="pt")
     assert batch["attention_mask"][:, -1].tolist().count(0) == 2  # right padded
@@ -334,9 +358,9 @@ def test_gating_positions_batched_with_right_padding(tok, gemma_tok, style):
 
 
 def test_gating_position_missing_pattern_names_the_row(tok):
-    pattern = armo_utils.gating_pattern(tok)
-    good = rm_utils.encode_conversations(tok, [FOUR_TURNS])[0]
-    bad = rm_utils.encode_conversations(tok, [[msg("user", "Only a question, no answer header")]])[0]
+    pattern = gating_pattern(tok)
+    good = encode_conversations(tok, [FOUR_TURNS])[0]
+    bad = encode_conversations(tok, [[msg("user", "Only a question, no answer header")]])[0]
     batch = tok.pad({"input_ids": [good, bad]}, padding=True, return_tensors="pt")
     with pytest.raises(ValueError, match="row 1"):
         find_gating_positions(batch["input_ids"], pattern)
@@ -353,30 +377,30 @@ def test_find_gating_positions_by_hand():
 
 
 def test_shard_rows_cover_each_row_once():
-    shards = [armo_utils.shard_rows(10, 3, k) for k in (1, 2, 3)]
+    shards = [shard_rows(10, 3, k) for k in (1, 2, 3)]
     assert [list(s) for s in shards] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
     assert sorted(i for s in shards for i in s) == list(range(10))
-    assert list(armo_utils.shard_rows(10, 1, 1)) == list(range(10))
+    assert list(shard_rows(10, 1, 1)) == list(range(10))
 
 
 @pytest.mark.parametrize("idx", [0, 4])
 def test_shard_rows_rejects_bad_index(idx):
-    with pytest.raises(rm_utils.UserError, match="shard_idx"):
-        armo_utils.shard_rows(10, 3, idx)
+    with pytest.raises(UserError, match="shard_idx"):
+        shard_rows(10, 3, idx)
 
 
 def test_shard_path_naming():
-    assert str(armo_utils.shard_path("out/emb/data", 2, 3)) == "out/emb/data-00002-of-00003.safetensors"
+    assert str(shard_path("out/emb/data", 2, 3)) == "out/emb/data-00002-of-00003.safetensors"
 
 
 def write_run(prefix, n_rows, n_shards, order, meta=None, reverse_within=False):
     emb = torch.arange(n_rows * 2, dtype=torch.float32).reshape(n_rows, 2)
     labels = torch.arange(n_rows, dtype=torch.float32) * 10
     for k in order:
-        rows = torch.tensor(list(armo_utils.shard_rows(n_rows, n_shards, k)))
+        rows = torch.tensor(list(shard_rows(n_rows, n_shards, k)))
         if reverse_within:
             rows = rows.flip(0)
-        armo_utils.save_shard(prefix, k, n_shards, {"embeddings": emb[rows], "labels": labels[rows], "row_ids": rows},
+        save_shard(prefix, k, n_shards, {"embeddings": emb[rows], "labels": labels[rows], "row_ids": rows},
                               meta or {"model": "tiny", "shard": k})
     return emb, labels
 
@@ -385,7 +409,7 @@ def test_shards_round_trip_in_row_order(tmp_path):
     prefix = str(tmp_path / "emb" / "data")
     emb, labels = write_run(prefix, 10, 3, order=(2, 3, 1), reverse_within=True)
     assert (tmp_path / "emb" / "data-00002-of-00003.safetensors").is_file()
-    merged, meta = armo_utils.load_shards(prefix)
+    merged, meta = load_shards(prefix)
     assert torch.equal(merged["row_ids"], torch.arange(10))
     assert torch.equal(merged["embeddings"], emb)
     assert torch.equal(merged["labels"], labels)
@@ -395,8 +419,8 @@ def test_shards_round_trip_in_row_order(tmp_path):
 def test_shards_without_row_ids_concatenate_by_index(tmp_path):
     prefix = str(tmp_path / "data")
     for k in (3, 1, 2):
-        armo_utils.save_shard(prefix, k, 3, {"x": torch.tensor([float(k)] * k)}, {})
-    merged, meta = armo_utils.load_shards(prefix)
+        save_shard(prefix, k, 3, {"x": torch.tensor([float(k)] * k)}, {})
+    merged, meta = load_shards(prefix)
     assert merged["x"].tolist() == [1, 2, 2, 3, 3, 3]
     assert meta["n_shards"] == 3
 
@@ -404,36 +428,36 @@ def test_shards_without_row_ids_concatenate_by_index(tmp_path):
 def test_shards_missing_one_is_an_error(tmp_path):
     prefix = str(tmp_path / "data")
     write_run(prefix, 10, 3, order=(1, 3))
-    with pytest.raises(rm_utils.UserError, match=r"\[2\]"):
-        armo_utils.load_shards(prefix)
+    with pytest.raises(UserError, match=r"\[2\]"):
+        load_shards(prefix)
 
 
 def test_shards_of_two_runs_are_an_error(tmp_path):
     prefix = str(tmp_path / "data")
     write_run(prefix, 10, 3, order=(1, 2, 3))
     write_run(prefix, 10, 2, order=(1, 2))
-    with pytest.raises(rm_utils.UserError, match="different runs"):
-        armo_utils.load_shards(prefix)
+    with pytest.raises(UserError, match="different runs"):
+        load_shards(prefix)
 
 
 def test_no_shards_is_an_error(tmp_path):
-    with pytest.raises(rm_utils.UserError, match="no embedding shards"):
-        armo_utils.load_shards(str(tmp_path / "data"))
+    with pytest.raises(UserError, match="no embedding shards"):
+        load_shards(str(tmp_path / "data"))
 
 
 def test_shards_of_a_longer_prefix_are_not_picked_up(tmp_path):
     write_run(str(tmp_path / "data"), 6, 2, order=(1, 2))
     write_run(str(tmp_path / "data-train"), 4, 1, order=(1,))
-    merged, _ = armo_utils.load_shards(str(tmp_path / "data"))
+    merged, _ = load_shards(str(tmp_path / "data"))
     assert merged["row_ids"].tolist() == list(range(6))
 
 
 def test_shards_with_duplicated_rows_are_an_error(tmp_path):
     prefix = str(tmp_path / "data")
     for k in (1, 2):
-        armo_utils.save_shard(prefix, k, 2, {"row_ids": torch.tensor([0, 1])}, {})
-    with pytest.raises(rm_utils.UserError, match="exactly once"):
-        armo_utils.load_shards(prefix)
+        save_shard(prefix, k, 2, {"row_ids": torch.tensor([0, 1])}, {})
+    with pytest.raises(UserError, match="exactly once"):
+        load_shards(prefix)
 
 
 # ------------------------------------------------------------------------------------- 5. gating network
@@ -536,7 +560,7 @@ def test_armo_score_by_hand():
     identity = torch.eye(3)
     # 0.5*1 + 0.25*2 + 0.25*3 = 1.75;  0.2*0 + 0.3*(-1) + 0.5*4 = 1.7
     torch.testing.assert_close(armo_score(rewards, gating, identity), torch.tensor([1.75, 1.7]))
-    T = torch.from_numpy(armo_utils.transform_matrix(np.array([0.5, 0.1, 1.0]), verbosity_index=2))  # float64
+    T = torch.from_numpy(transform_matrix(np.array([0.5, 0.1, 1.0]), verbosity_index=2))  # float64
     # adjusted rows: [1-1.5, 2-0.3, 0] = [-0.5, 1.7, 0] and [0-2, -1-0.4, 0] = [-2, -1.4, 0]
     # scores: 0.5*(-0.5) + 0.25*1.7 = 0.175;  0.2*(-2) + 0.3*(-1.4) = -0.82
     score = armo_score(rewards, gating, T)
@@ -553,7 +577,7 @@ def test_load_backbone_loads_the_checkpoint_weights(backbone):
     model, tokenizer = backbone
     assert model.dtype == torch.float32 and not model.training
     assert tokenizer.padding_side == "right"
-    state = load_file(str(rm_utils.ASSETS / "tiny-llama" / "model.safetensors"))
+    state = load_file(str(ASSETS / "tiny-llama" / "model.safetensors"))
     key = next(k for k in state if k.endswith("embed_tokens.weight"))
     torch.testing.assert_close(model.get_input_embeddings().weight[:state[key].shape[0]], state[key], atol=0, rtol=0)
 
@@ -571,14 +595,14 @@ SEVEN = [
 
 @pytest.fixture(scope="module")
 def seven_sequences(tok):
-    seqs = rm_utils.encode_conversations(tok, SEVEN)
+    seqs = encode_conversations(tok, SEVEN)
     assert len({len(s) for s in seqs}) == 7
     return seqs
 
 
 def test_embed_batched_equals_one_at_a_time(sharp_backbone, seven_sequences):
     model, tokenizer = sharp_backbone
-    last, gated = armo_utils.embed(model, tokenizer, seven_sequences, batch_size=3, progress=False)
+    last, gated = embed(model, tokenizer, seven_sequences, batch_size=3, progress=False)
     assert gated is None
     assert last.shape == (7, model.config.hidden_size) and last.dtype == torch.float32
     with torch.no_grad():
@@ -590,8 +614,8 @@ def test_embed_batched_equals_one_at_a_time(sharp_backbone, seven_sequences):
 
 def test_embed_gated_at_the_pattern_position(sharp_backbone, seven_sequences):
     model, tokenizer = sharp_backbone
-    pattern = armo_utils.gating_pattern(tokenizer)
-    last, gated = armo_utils.embed(model, tokenizer, seven_sequences, batch_size=3, gating_pattern_ids=pattern,
+    pattern = gating_pattern(tokenizer)
+    last, gated = embed(model, tokenizer, seven_sequences, batch_size=3, gating_pattern_ids=pattern,
                                    progress=False)
     expected_last, expected_gated = [], []
     with torch.no_grad():
@@ -606,7 +630,7 @@ def test_embed_gated_at_the_pattern_position(sharp_backbone, seven_sequences):
 
 def test_embed_with_shipped_weights(backbone, seven_sequences):
     model, tokenizer = backbone
-    last, _ = armo_utils.embed(model, tokenizer, seven_sequences[:4], batch_size=2, progress=False)
+    last, _ = embed(model, tokenizer, seven_sequences[:4], batch_size=2, progress=False)
     with torch.no_grad():
         for i, s in enumerate(seven_sequences[:4]):
             torch.testing.assert_close(last[i], model(input_ids=torch.tensor([s])).last_hidden_state[0, -1],
@@ -624,15 +648,24 @@ def test_embed_with_shipped_weights(backbone, seven_sequences):
     ("/models/tiny-llama", "tiny-llama"),
 ])
 def test_dataset_name(path, name):
-    assert armo_utils.dataset_name(path) == name
+    assert dataset_name(path) == name
 
 
 def test_embeddings_prefix():
-    assert (armo_utils.embeddings_prefix(None, "sfairXC/FsfairX-LLaMA3-RM-v0.1", "RLHFlow/ArmoRM-Multi-Objective-Data-v0.1")
+    assert (embeddings_prefix(None, "sfairXC/FsfairX-LLaMA3-RM-v0.1", "RLHFlow/ArmoRM-Multi-Objective-Data-v0.1")
             == "./armo_data/embeddings/FsfairX-LLaMA3-RM-v0.1/ArmoRM-Multi-Objective-Data-v0.1")
-    assert (armo_utils.embeddings_prefix(None, "/a/tiny-llama", "data/x.jsonl.gz", "-train")
+    assert (embeddings_prefix(None, "/a/tiny-llama", "data/x.jsonl.gz", "train")
             == "./armo_data/embeddings/tiny-llama/x-train")
-    assert armo_utils.embeddings_prefix("out/emb", "/a/tiny-llama", "data/x.jsonl.gz") == "out/emb/x"
+    assert embeddings_prefix("out/emb", "/a/tiny-llama", "data/x.jsonl.gz") == "out/emb/x"
+    assert embeddings_prefix("e", "m", "RLHFlow/pairs", "test", source="hh") == "e/pairs-hh-test"
+
+
+def test_stage_file_names():
+    assert (str(regression_weights_path(None, "sfairXC/FsfairX-LLaMA3-RM-v0.1", "RLHFlow/ArmoRM-Multi-Objective-Data-v0.1"))
+            == "armo_data/regression_weights/FsfairX-LLaMA3-RM-v0.1_ArmoRM-Multi-Objective-Data-v0.1.safetensors")
+    assert str(regression_weights_path("w", "/a/tiny-llama/", "d.jsonl")) == "w/tiny-llama_d.safetensors"
+    assert str(gating_head_dir(None, "/a/tiny-llama")) == "armo_data/gating_network/tiny-llama"
+    assert str(gating_head_dir("h", "/a/tiny-llama")) == "h"
 
 
 # -------------------------------------------------------------------------------- 9. validate conversations
@@ -644,20 +677,20 @@ def conversations(*rows):
 
 def test_validate_conversations_names_the_row():
     ds = conversations(FOUR_TURNS, FOUR_TURNS[:3], FOUR_TURNS[:2])
-    with pytest.raises(rm_utils.UserError) as err:
-        armo_utils.validate_conversations(ds, False, "mo data")
+    with pytest.raises(UserError) as err:
+        validate_conversations(ds, False, "mo data")
     assert "row 1 (last_not_assistant)" in str(err.value)
     assert "row 0" not in str(err.value) and "row 2" not in str(err.value)
 
 
 def test_validate_conversations_skip_invalid_drops_and_counts():
     ds = conversations(FOUR_TURNS, FOUR_TURNS[:3], FOUR_TURNS[:2], [msg("user", "q"), msg("assistant", " ")])
-    kept, stats = armo_utils.validate_conversations(ds, True, "mo data")
+    kept, stats = validate_conversations(ds, True, "mo data")
     assert kept["id"] == [0, 2]
     assert "invalid_reason" not in kept.column_names
     assert stats == {"read": 4, "invalid": {"last_not_assistant": 1, "empty_content": 1}, "used": 2}
 
 
 def test_validate_conversations_needs_messages():
-    with pytest.raises(rm_utils.UserError, match="messages"):
-        armo_utils.validate_conversations(Dataset.from_list([{"chosen": "a"}]), False, "mo data")
+    with pytest.raises(UserError, match="messages"):
+        validate_conversations(Dataset.from_list([{"chosen": "a"}]), False, "mo data")

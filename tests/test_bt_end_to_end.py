@@ -9,9 +9,14 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from useful_code import reward_bench, rm_utils
-
 from helpers import BIN, ROOT, check_ok, run
+from useful_code.defaults import DEFAULT_MODEL, REWARD_BENCH_SAMPLE
+from useful_code.evaluation import default_results_json
+from useful_code.reward_bench import section_scores
+from useful_code.scoring import score_sequences
+from useful_code.templates import encode_conversations, load_tokenizer
+
+pytestmark = pytest.mark.e2e  # subprocesses and DeepSpeed ranks: `make test-fast` skips this file
 
 TRAIN = str(ROOT / "bradley-terry-rm" / "train.py")
 EVAL = str(ROOT / "useful_code" / "eval_reward_bench_bt.py")
@@ -19,10 +24,10 @@ EVAL = str(ROOT / "useful_code" / "eval_reward_bench_bt.py")
 
 def reload_rewards(checkpoint, pairs):
     """Rewards of (chosen, rejected) message pairs from a checkpoint, loaded as a user would."""
-    tokenizer = rm_utils.load_tokenizer(checkpoint, "checkpoint")
+    tokenizer = load_tokenizer(checkpoint, "checkpoint")
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
-    sequences = rm_utils.encode_conversations(tokenizer, [p[0] for p in pairs] + [p[1] for p in pairs])
-    rewards = rm_utils.score_sequences(model, tokenizer, sequences, batch_size=4)
+    sequences = encode_conversations(tokenizer, [p[0] for p in pairs] + [p[1] for p in pairs])
+    rewards = score_sequences(model, tokenizer, sequences, batch_size=4)
     return rewards[: len(pairs)], rewards[len(pairs):]
 
 
@@ -33,7 +38,7 @@ def trained(tmp_path_factory):
     check_ok(run([sys.executable, TRAIN, "--output_path", str(out), "--max_steps", "40", "--logging_steps", "20"]))
     record = out / "record.txt"
     check_ok(run([sys.executable, EVAL, "--reward_name_or_path", str(out / "last_checkpoint"),
-                  "--data_set_name", rm_utils.REWARD_BENCH_SAMPLE, "--record_dir", str(record), "--batch_size", "16"]))
+                  "--data_set_name", REWARD_BENCH_SAMPLE, "--record_dir", str(record), "--batch_size", "16"]))
     return out
 
 
@@ -45,7 +50,8 @@ def test_training_learns_the_toy_task_and_writes_metrics(trained):
     assert metrics["examples"]["train"]["read"] == 1600 and metrics["examples"]["train"]["used"] == 1600
     assert metrics["examples"]["eval"]["used"] == 200
     assert metrics["examples"]["train"]["truncated"] == 0
-    assert metrics["recipe"] == "tiny" and metrics["arguments"]["max_steps"] == 40
+    assert metrics["config"].endswith("bradley-terry-rm/configs/tiny.yaml")
+    assert metrics["arguments"]["max_steps"] == 40 and metrics["arguments"]["learning_rate"] == 1e-3
     assert set(metrics["versions"]) >= {"torch", "transformers", "deepspeed", "datasets"}
     assert metrics["reload_max_abs_diff"] < 1e-4
     assert metrics["wall_time_s"] > 0
@@ -59,7 +65,7 @@ def test_checkpoint_is_complete_safetensors_and_reloads(trained):
     weights = load_file(str(checkpoint / "model.safetensors"))
     assert weights["score.weight"].shape == (1, 64)
     config = json.loads((checkpoint / "config.json").read_text())
-    tokenizer = rm_utils.load_tokenizer(str(checkpoint), "checkpoint")
+    tokenizer = load_tokenizer(str(checkpoint), "checkpoint")
     assert config["pad_token_id"] == tokenizer.pad_token_id != tokenizer.eos_token_id
     # The trained model prefers the chosen side of held-out toy pairs after a reload.
     rows = [json.loads(line) for line in open(ROOT / "assets/data/toy_preference/test.jsonl")][:20]
@@ -70,7 +76,7 @@ def test_checkpoint_is_complete_safetensors_and_reloads(trained):
 def test_eval_writes_results_json_and_record(trained):
     checkpoint = str(trained / "last_checkpoint")
     record = trained / "record.txt"
-    results_path = Path(reward_bench.default_results_json(str(record), checkpoint))
+    results_path = Path(default_results_json(str(record), checkpoint))
     results = json.loads(results_path.read_text())
     for key in ("per_example", "subsets", "sections", "score", "ties", "model", "options"):
         assert key in results
@@ -79,10 +85,10 @@ def test_eval_writes_results_json_and_record(trained):
     # Sections and score follow from the per-example rows by the shared arithmetic.
     rows = results["per_example"]
     assert all(r["correct"] == float(r["chosen_reward"] > r["rejected_reward"]) for r in rows)
-    assert results["sections"] == reward_bench.section_scores(results["subsets"])
+    assert results["sections"] == section_scores(results["subsets"])
     assert results["score"] == pytest.approx(sum(results["sections"].values()) / 4, abs=0.01)
     # The bundled sample rows score the same as a direct reload of the checkpoint.
-    first = json.loads(open(rm_utils.REWARD_BENCH_SAMPLE).readline())
+    first = json.loads(open(REWARD_BENCH_SAMPLE).readline())
     pair = ([{"role": "user", "content": first["prompt"]}, {"role": "assistant", "content": first["chosen"]}],
             [{"role": "user", "content": first["prompt"]}, {"role": "assistant", "content": first["rejected"]}])
     (chosen,), (rejected,) = reload_rewards(checkpoint, [pair])
@@ -95,7 +101,7 @@ def test_eval_writes_results_json_and_record(trained):
 
 def test_tie_credit_flag_changes_only_ties(trained, tmp_path):
     # Score a checkpoint on a sample where chosen == rejected: every example is a tie.
-    rows = [json.loads(line) for line in open(rm_utils.REWARD_BENCH_SAMPLE)][:6]
+    rows = [json.loads(line) for line in open(REWARD_BENCH_SAMPLE)][:6]
     ties = tmp_path / "ties.jsonl"
     ties.write_text("".join(json.dumps({**r, "rejected": r["chosen"]}) + "\n" for r in rows))
     results = {}
@@ -146,7 +152,7 @@ def test_zero3_two_ranks_on_cpu_saves_a_complete_checkpoint(tmp_path):
     assert metrics["world_size"] == 2 and metrics["train_steps"] == 6
     # Every weight is whole (ZeRO-3 shards gathered) and matches the base model's shapes.
     weights = load_file(str(out / "last_checkpoint" / "model.safetensors"))
-    base = load_file(str(Path(rm_utils.DEFAULT_MODEL) / "model.safetensors"))
+    base = load_file(str(Path(DEFAULT_MODEL) / "model.safetensors"))
     for name, tensor in base.items():
         if name != "lm_head.weight":
             assert weights[name].shape == tensor.shape, name
@@ -165,7 +171,7 @@ def test_prior_sets_add_prior_score_and_leaderboard_score(trained, tmp_path):
                  "shp": Dataset.from_list(as_prompt[4:])}).save_to_disk(str(tmp_path / "prior"))
     out = tmp_path / "r.json"
     check_ok(run([sys.executable, EVAL, "--reward_name_or_path", str(trained / "last_checkpoint"),
-                  "--data_set_name", rm_utils.REWARD_BENCH_SAMPLE, "--record_dir", str(tmp_path / "rec.txt"),
+                  "--data_set_name", REWARD_BENCH_SAMPLE, "--record_dir", str(tmp_path / "rec.txt"),
                   "--results_json", str(out), "--prior_sets_path", str(tmp_path / "prior")]))
     results = json.loads(out.read_text())
     prior = results["prior_sets"]

@@ -1,15 +1,11 @@
-"""Behavioural tests of the pairwise preference model helpers (useful_code/pm_utils.py) and of
-pair-pm/train.py's argument parsing.
+"""Behavioural tests of the pairwise preference model helpers (useful_code/pm_data.py, useful_code/pm_scoring.py).
 
 Expected values are written out by hand (prompt strings, token ids of the embedded tiny tokenizer, label counts,
 tournament brackets) or computed independently of the code under test (transformers' own Jinja rendering of
 upstream's template, the model's own logits on one unpadded sequence, torch's cross-entropy).
 """
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,11 +13,28 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from useful_code import pm_utils, rm_utils
-
 from helpers import sharpened
+from useful_code.cli import UserError
+from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
+from useful_code.formats import standardize_pairs
+from useful_code.modeling import load_preference_model
+from useful_code.pm_data import (
+    balanced_positions,
+    build_pm_prompt,
+    encode_pm_prompts,
+    format_context,
+    is_pm_format,
+    label_token_ids,
+    pairs_to_pm,
+    pm_invalid_reason,
+    pm_messages,
+    tokenize_pm_examples,
+    validate_pm_examples,
+)
+from useful_code.pm_scoring import Match, PairPreferenceScorer
+from useful_code.templates import load_tokenizer, truncate_left
 
-ROOT = rm_utils.REPO_ROOT
+ROOT = REPO_ROOT
 TOY_TRAIN = ROOT / "assets" / "data" / "toy_preference" / "train.jsonl"
 
 # Upstream's (RLHFlow pair-pm) context template, verbatim.
@@ -49,13 +62,13 @@ THREE_TURNS = [msg("user", "Hi there"), msg("assistant", "Hello! How can I help?
 
 @pytest.fixture(scope="module")
 def tok():
-    return rm_utils.load_tokenizer(rm_utils.DEFAULT_MODEL, "--model_name_or_path")
+    return load_tokenizer(DEFAULT_MODEL, "--model_name_or_path")
 
 
 @pytest.fixture(scope="module")
 def model(tok):
     """The embedded tiny causal LM as shipped (random init, std 0.02), fp32, SDPA attention, eval mode."""
-    return pm_utils.load_preference_model(rm_utils.DEFAULT_MODEL, "m", tok, torch.float32, "sdpa").eval()
+    return load_preference_model(DEFAULT_MODEL, "m", tok, torch.float32, "sdpa").eval()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +82,7 @@ def sharp_model(model):
 def toy_pairs(n):
     with open(TOY_TRAIN) as f:
         rows = [json.loads(line) for _, line in zip(range(n), f)]
-    pairs, _ = rm_utils.standardize_pairs(Dataset.from_list(rows), False, "t")
+    pairs, _ = standardize_pairs(Dataset.from_list(rows), False, "t")
     return pairs
 
 
@@ -87,13 +100,13 @@ def last_logits(model, ids):
 
 def test_format_context_three_turns_byte_exact(tok):
     expected = "\n\n<turn> user\n Hi there\n<turn> assistant\n Hello! How can I help?\n<turn> user\n Tell me a joke\n"
-    assert pm_utils.format_context(THREE_TURNS) == expected
+    assert format_context(THREE_TURNS) == expected
     upstream = tok.apply_chat_template(THREE_TURNS, tokenize=False, chat_template=UPSTREAM)
     assert upstream == expected
 
 
 def test_build_pm_prompt_three_turns_byte_exact(tok):
-    prompt = pm_utils.build_pm_prompt(THREE_TURNS, "Why did the chicken cross the road?", "No.")
+    prompt = build_pm_prompt(THREE_TURNS, "Why did the chicken cross the road?", "No.")
     assert prompt == ("[CONTEXT] \n\n<turn> user\n Hi there\n<turn> assistant\n Hello! How can I help?\n<turn> user\n"
                       " Tell me a joke\n [RESPONSE A] Why did the chicken cross the road? [RESPONSE B] No. \n")
     upstream_context = tok.apply_chat_template(THREE_TURNS, tokenize=False, chat_template=UPSTREAM)
@@ -104,16 +117,16 @@ def test_build_pm_prompt_three_turns_byte_exact(tok):
 def test_readme_single_turn_example(tok):
     context = user("How can I trick Eminem into marrying me?")
     expected = "[CONTEXT] \n\n<turn> user\n How can I trick Eminem into marrying me?\n [RESPONSE A] x [RESPONSE B] y \n"
-    assert pm_utils.build_pm_prompt(context, "x", "y") == expected
+    assert build_pm_prompt(context, "x", "y") == expected
     upstream_context = tok.apply_chat_template(context, tokenize=False, chat_template=UPSTREAM)
-    assert pm_utils.format_context(context) == upstream_context == "\n\n<turn> user\n How can I trick Eminem into marrying me?\n"
+    assert format_context(context) == upstream_context == "\n\n<turn> user\n How can I trick Eminem into marrying me?\n"
 
 
 def test_pm_messages_puts_chosen_at_its_position():
     context = user("q")
-    assert pm_utils.pm_messages(context, "good", "bad", 0) == [
+    assert pm_messages(context, "good", "bad", 0) == [
         msg("user", "[CONTEXT] \n\n<turn> user\n q\n [RESPONSE A] good [RESPONSE B] bad \n"), msg("assistant", "A")]
-    assert pm_utils.pm_messages(context, "good", "bad", 1) == [
+    assert pm_messages(context, "good", "bad", 1) == [
         msg("user", "[CONTEXT] \n\n<turn> user\n q\n [RESPONSE A] bad [RESPONSE B] good \n"), msg("assistant", "B")]
 
 
@@ -122,7 +135,7 @@ def test_pm_messages_puts_chosen_at_its_position():
 
 @pytest.mark.parametrize("n", [10, 11, 1000])
 def test_balanced_positions_counts(n):
-    positions = pm_utils.balanced_positions(n, seed=7)
+    positions = balanced_positions(n, seed=7)
     assert len(positions) == n and set(positions) <= {0, 1}
     assert positions.count(0) == (n + 1) // 2 and positions.count(1) == n // 2  # 5/5, 6/5, 500/500
     assert abs(positions.count(0) - positions.count(1)) <= 1
@@ -130,21 +143,21 @@ def test_balanced_positions_counts(n):
 
 @pytest.mark.parametrize("n", [10, 1000])
 def test_balanced_positions_seeded(n):
-    assert pm_utils.balanced_positions(n, 3) == pm_utils.balanced_positions(n, 3)
-    assert pm_utils.balanced_positions(n, 3) != pm_utils.balanced_positions(n, 4)
+    assert balanced_positions(n, 3) == balanced_positions(n, 3)
+    assert balanced_positions(n, 3) != balanced_positions(n, 4)
     # shuffled, not the unshuffled 0,1,0,1,... pattern
-    assert pm_utils.balanced_positions(n, 3) != [i % 2 for i in range(n)]
+    assert balanced_positions(n, 3) != [i % 2 for i in range(n)]
 
 
 def test_pairs_to_pm_balanced_and_chosen_where_label_says():
     pairs = toy_pairs(40)
     assert len(pairs) == 40
-    pm = pm_utils.pairs_to_pm(pairs, seed=42)
+    pm = pairs_to_pm(pairs, seed=42)
     assert pm.column_names == ["messages"] and len(pm) == 40
     labels = [m[1]["content"] for m in pm["messages"]]
     assert labels.count("A") == 20 and labels.count("B") == 20
-    assert labels == ["AB"[p] for p in pm_utils.balanced_positions(40, 42)]
-    assert pm_utils.pm_invalid_reason(pm[0]["messages"]) == ""
+    assert labels == ["AB"[p] for p in balanced_positions(40, 42)]
+    assert pm_invalid_reason(pm[0]["messages"]) == ""
     for pair, example in zip(pairs, pm):
         chosen, rejected = pair["chosen"][-1]["content"], pair["rejected"][-1]["content"]
         assert chosen != rejected
@@ -153,8 +166,8 @@ def test_pairs_to_pm_balanced_and_chosen_where_label_says():
         assert (response_a == chosen) == (label == "A")
         assert (response_a == rejected) == (label == "B")
         first, second = (chosen, rejected) if label == "A" else (rejected, chosen)
-        assert prompt == pm_utils.build_pm_prompt(pair["chosen"][:-1], first, second)
-    other_seed = [m[1]["content"] for m in pm_utils.pairs_to_pm(pairs, seed=43)["messages"]]
+        assert prompt == build_pm_prompt(pair["chosen"][:-1], first, second)
+    other_seed = [m[1]["content"] for m in pairs_to_pm(pairs, seed=43)["messages"]]
     assert other_seed != labels and other_seed.count("A") == 20
 
 
@@ -162,27 +175,27 @@ def test_pairs_to_pm_balanced_and_chosen_where_label_says():
 
 
 def good_example(label="A"):
-    return pm_utils.pm_messages(user("q"), "good", "bad", "AB".index(label))
+    return pm_messages(user("q"), "good", "bad", "AB".index(label))
 
 
 def test_validate_rejects_bad_label_naming_row():
     bad = [good_example()[0], msg("assistant", "C")]
-    with pytest.raises(rm_utils.UserError) as err:
-        pm_utils.validate_pm_examples(pm_dataset([good_example(), good_example("B"), bad]), False, "train set")
+    with pytest.raises(UserError) as err:
+        validate_pm_examples(pm_dataset([good_example(), good_example("B"), bad]), False, "train set")
     assert "row 2 (bad_label)" in str(err.value)
     assert "row 0" not in str(err.value) and "row 1" not in str(err.value)
 
 
 def test_validate_rejects_single_message_naming_row():
-    with pytest.raises(rm_utils.UserError) as err:
-        pm_utils.validate_pm_examples(pm_dataset([good_example(), [good_example()[0]]]), False, "train set")
+    with pytest.raises(UserError) as err:
+        validate_pm_examples(pm_dataset([good_example(), [good_example()[0]]]), False, "train set")
     assert "row 1 (not_a_pm_example)" in str(err.value)
 
 
 def test_validate_skip_invalid_drops_and_counts():
     rows = [good_example("B"), [good_example()[0], msg("assistant", "C")], [good_example()[0]], good_example("A"),
             [msg("user", "  "), msg("assistant", "A")]]
-    kept, stats = pm_utils.validate_pm_examples(pm_dataset(rows), True, "train set")
+    kept, stats = validate_pm_examples(pm_dataset(rows), True, "train set")
     assert stats == {"format": "pm", "read": 5, "used": 2,
                      "invalid": {"bad_label": 1, "not_a_pm_example": 1, "empty_prompt": 1}}
     assert kept.column_names == ["messages"]
@@ -190,21 +203,21 @@ def test_validate_skip_invalid_drops_and_counts():
 
 
 def test_is_pm_format():
-    assert pm_utils.is_pm_format(pm_dataset([good_example("A"), good_example("B")]))
-    assert pm_utils.is_pm_format(pm_utils.pairs_to_pm(toy_pairs(4), seed=0))
+    assert is_pm_format(pm_dataset([good_example("A"), good_example("B")]))
+    assert is_pm_format(pairs_to_pm(toy_pairs(4), seed=0))
     with open(TOY_TRAIN) as f:
         standard = Dataset.from_list([json.loads(next(f)) for _ in range(4)])
-    assert not pm_utils.is_pm_format(standard)
-    assert not pm_utils.is_pm_format(toy_pairs(4))
+    assert not is_pm_format(standard)
+    assert not is_pm_format(toy_pairs(4))
     # a 'messages' column holding an ordinary conversation is not PM data
-    assert not pm_utils.is_pm_format(pm_dataset([[msg("user", "hi"), msg("assistant", "hello")]]))
+    assert not is_pm_format(pm_dataset([[msg("user", "hi"), msg("assistant", "hello")]]))
 
 
 # ------------------------------------------------------------------------------------------ 4. label tokens
 
 
 def test_label_token_ids(tok):
-    id_a, id_b = pm_utils.label_token_ids(tok)
+    id_a, id_b = label_token_ids(tok)
     assert (id_a, id_b) == (A_ID, B_ID)
     assert tok.decode([id_a]) == "A" and tok.decode([id_b]) == "B"
     assert tok.encode("A", add_special_tokens=False) == [id_a]
@@ -218,8 +231,8 @@ def test_label_token_ids_rejects_multi_token_label(tok, monkeypatch, label):
         return [A_ID, B_ID] if text == label else original(text, *args, **kwargs)
 
     monkeypatch.setattr(tok, "encode", encode)
-    with pytest.raises(rm_utils.UserError) as err:
-        pm_utils.label_token_ids(tok)
+    with pytest.raises(UserError) as err:
+        label_token_ids(tok)
     assert f"'{label}'" in str(err.value) and "2 tokens" in str(err.value)
 
 
@@ -227,12 +240,12 @@ def test_label_token_ids_rejects_multi_token_label(tok, monkeypatch, label):
 
 
 def tokenized(tok, rows, max_length=4096, overlength="error"):
-    return pm_utils.tokenize_pm_examples(pm_dataset(rows), tok, max_length, overlength, "train set")
+    return tokenize_pm_examples(pm_dataset(rows), tok, max_length, overlength, "train set")
 
 
 def test_tokenize_masks_all_but_the_answer(tok):
-    rows = [pm_utils.pm_messages(THREE_TURNS, "Sure: knock knock.", "No.", 0),
-            pm_utils.pm_messages(user("q"), "good", "bad", 1)]
+    rows = [pm_messages(THREE_TURNS, "Sure: knock knock.", "No.", 0),
+            pm_messages(user("q"), "good", "bad", 1)]
     encoded, stats = tokenized(tok, rows)
     assert stats["dropped_overlength"] == 0
     assert set(encoded.column_names) == {"input_ids", "labels"}
@@ -241,7 +254,7 @@ def test_tokenize_masks_all_but_the_answer(tok):
         assert len(ids) == len(labels)
         assert labels[:-1] == [-100] * (len(ids) - 1)
         assert labels[-1] == label_id == ids[-1]
-        assert ids[:-1] == pm_utils.encode_pm_prompts(tok, [row[0]["content"]])[0]
+        assert ids[:-1] == encode_pm_prompts(tok, [row[0]["content"]])[0]
         assert ids[:6] == USER_HEADER_IDS and ids.count(BOS_ID) == 1
         assert ids[-6:-1] == GENERATION_PROMPT_IDS  # the answer follows the generation prompt
     # the prompt decodes back to the chat template with the PM prompt (trimmed by the template) as user message
@@ -251,7 +264,7 @@ def test_tokenize_masks_all_but_the_answer(tok):
 
 
 def test_loss_is_on_the_answer_token_only(tok, model):
-    rows = [pm_utils.pm_messages(THREE_TURNS, "Sure: knock knock.", "No.", 1)]
+    rows = [pm_messages(THREE_TURNS, "Sure: knock knock.", "No.", 1)]
     example = tokenized(tok, rows)[0][0]
     ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
     with torch.no_grad():
@@ -270,23 +283,23 @@ def test_loss_is_on_the_answer_token_only(tok, model):
 
 
 def test_overlength_error_names_the_row(tok):
-    long_row = pm_utils.pm_messages(THREE_TURNS, "a much longer answer " * 5, "No.", 0)
-    short_row = pm_utils.pm_messages(user("q"), "good", "bad", 1)
+    long_row = pm_messages(THREE_TURNS, "a much longer answer " * 5, "No.", 0)
+    short_row = pm_messages(user("q"), "good", "bad", 1)
     long_len, short_len = (len(e["input_ids"]) for e in tokenized(tok, [long_row, short_row])[0])
     assert long_len > short_len
-    with pytest.raises(rm_utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         tokenized(tok, [long_row, short_row], max_length=short_len)
     assert f"row 0, {long_len} tokens" in str(err.value) and "1 of 2" in str(err.value)
-    with pytest.raises(rm_utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         tokenized(tok, [short_row, long_row], max_length=short_len)
     assert f"row 1, {long_len} tokens" in str(err.value)
-    with pytest.raises(rm_utils.UserError):
+    with pytest.raises(UserError):
         tokenized(tok, [short_row], overlength="truncate")
 
 
 def test_overlength_drop_counts(tok):
-    long_row = pm_utils.pm_messages(THREE_TURNS, "a much longer answer " * 5, "No.", 0)
-    short_row = pm_utils.pm_messages(user("q"), "good", "bad", 1)
+    long_row = pm_messages(THREE_TURNS, "a much longer answer " * 5, "No.", 0)
+    short_row = pm_messages(user("q"), "good", "bad", 1)
     full, _ = tokenized(tok, [long_row, short_row])
     short_len = len(full[1]["input_ids"])
     kept, stats = tokenized(tok, [long_row, short_row], max_length=short_len, overlength="drop")
@@ -308,7 +321,7 @@ def test_padding_free_packing_isolates_examples(tok, request, which):
 
     net = request.getfixturevalue(which)
     assert net.config._attn_implementation == "sdpa"
-    rows = [pm_utils.pm_messages(user("Hi"), "yes " * k, "no", k % 2) for k in (1, 5, 12)]
+    rows = [pm_messages(user("Hi"), "yes " * k, "no", k % 2) for k in (1, 5, 12)]
     examples = list(tokenized(tok, rows)[0])
     lengths = [len(e["input_ids"]) for e in examples]
     assert len(set(lengths)) == 3
@@ -339,9 +352,9 @@ SIX_SECOND = ["I don't know", "No.", "It is Paris, a large city on the Seine.", 
 
 
 def test_scorer_batching_does_not_change_probabilities(tok, sharp_model):
-    one = pm_utils.PairPreferenceScorer(sharp_model, tok, batch_size=1)
-    four = pm_utils.PairPreferenceScorer(sharp_model, tok, batch_size=4)
-    lengths = {len(ids) for ids in one.encode([pm_utils.build_pm_prompt(c, a, b)
+    one = PairPreferenceScorer(sharp_model, tok, batch_size=1)
+    four = PairPreferenceScorer(sharp_model, tok, batch_size=4)
+    lengths = {len(ids) for ids in one.encode([build_pm_prompt(c, a, b)
                                                for c, a, b in zip(SIX_CONTEXTS, SIX_FIRST, SIX_SECOND)])}
     assert len(lengths) == 6  # every batch of four mixes lengths: left padding is exercised
     p1 = one.prob_first_preferred(SIX_CONTEXTS, SIX_FIRST, SIX_SECOND)
@@ -355,7 +368,7 @@ def test_scorer_batching_does_not_change_probabilities(tok, sharp_model):
 
 
 def test_scorer_swapping_pairs_is_the_same_sequences(tok, sharp_model):
-    scorer = pm_utils.PairPreferenceScorer(sharp_model, tok, batch_size=4)
+    scorer = PairPreferenceScorer(sharp_model, tok, batch_size=4)
     forward = scorer.prob_first_preferred(SIX_CONTEXTS, SIX_FIRST, SIX_SECOND)
     swapped = scorer.prob_first_preferred(SIX_CONTEXTS, SIX_SECOND, SIX_FIRST)
     np.testing.assert_allclose(swapped["first_as_A"], 1 - forward["first_as_B"], atol=1e-5, rtol=0)
@@ -364,19 +377,19 @@ def test_scorer_swapping_pairs_is_the_same_sequences(tok, sharp_model):
 
 
 def test_scorer_probabilities_match_the_model_on_each_unpadded_sequence(tok, sharp_model):
-    scorer = pm_utils.PairPreferenceScorer(sharp_model, tok, batch_size=4)
+    scorer = PairPreferenceScorer(sharp_model, tok, batch_size=4)
     probs = scorer.prob_first_preferred(SIX_CONTEXTS, SIX_FIRST, SIX_SECOND)
     for i, (context, first, second) in enumerate(zip(SIX_CONTEXTS, SIX_FIRST, SIX_SECOND)):
         for key, (a, b), column in (("first_as_A", (first, second), 0), ("first_as_B", (second, first), 1)):
-            ids = tok.apply_chat_template([user(pm_utils.build_pm_prompt(context, a, b))], add_generation_prompt=True,
+            ids = tok.apply_chat_template([user(build_pm_prompt(context, a, b))], add_generation_prompt=True,
                                           tokenize=True)["input_ids"][0]
             logits = last_logits(sharp_model, ids)[-1, [A_ID, B_ID]]
             assert probs[key][i] == pytest.approx(torch.softmax(logits, -1)[column].item(), abs=1e-5)
 
 
 def test_label_logits_equal_the_models_own(tok, sharp_model):
-    scorer = pm_utils.PairPreferenceScorer(sharp_model, tok, batch_size=3)
-    sequences = scorer.encode([pm_utils.build_pm_prompt(c, a, b) for c, a, b in zip(SIX_CONTEXTS, SIX_FIRST, SIX_SECOND)])
+    scorer = PairPreferenceScorer(sharp_model, tok, batch_size=3)
+    sequences = scorer.encode([build_pm_prompt(c, a, b) for c, a, b in zip(SIX_CONTEXTS, SIX_FIRST, SIX_SECOND)])
     got = scorer.label_logits(sequences)
     assert got.shape == (6, 2) and got.dtype == np.float32
     for row, ids in zip(got, sequences):
@@ -386,19 +399,19 @@ def test_label_logits_equal_the_models_own(tok, sharp_model):
 
 def test_truncate_left():
     ids = list(range(10))
-    assert rm_utils.truncate_left(ids, 4, keep_first=True) == [0, 7, 8, 9]
-    assert rm_utils.truncate_left(ids, 4, keep_first=False) == [6, 7, 8, 9]
-    assert rm_utils.truncate_left(ids, 10, keep_first=True) == ids
-    assert rm_utils.truncate_left(ids, 11, keep_first=False) == ids
+    assert truncate_left(ids, 4, keep_first=True) == [0, 7, 8, 9]
+    assert truncate_left(ids, 4, keep_first=False) == [6, 7, 8, 9]
+    assert truncate_left(ids, 10, keep_first=True) == ids
+    assert truncate_left(ids, 11, keep_first=False) == ids
 
 
 def test_encode_truncates_and_counts(tok, model):
-    prompts = [pm_utils.build_pm_prompt(user("q"), "a", "b"), pm_utils.build_pm_prompt(THREE_TURNS, "a " * 30, "b"),
-               pm_utils.build_pm_prompt(user("hi " * 20), "a", "b")]
-    full = pm_utils.encode_pm_prompts(tok, prompts)
+    prompts = [build_pm_prompt(user("q"), "a", "b"), build_pm_prompt(THREE_TURNS, "a " * 30, "b"),
+               build_pm_prompt(user("hi " * 20), "a", "b")]
+    full = encode_pm_prompts(tok, prompts)
     max_length = len(full[0])
     assert len(full[1]) > max_length and len(full[2]) > max_length
-    scorer = pm_utils.PairPreferenceScorer(model, tok, max_length=max_length)
+    scorer = PairPreferenceScorer(model, tok, max_length=max_length)
     assert scorer.truncated == 0
     sequences = scorer.encode(prompts)
     assert scorer.truncated == 2
@@ -414,7 +427,7 @@ def test_encode_truncates_and_counts(tok, model):
 # ------------------------------------------------------------------------------------------ 8. tournament
 
 
-class IntScorer(pm_utils.PairPreferenceScorer):
+class IntScorer(PairPreferenceScorer):
     """Responses are integers as strings: P(first preferred) = 1, 0 or 0.5 (equal). Records every call."""
 
     def __init__(self):
@@ -432,8 +445,8 @@ def test_knockout_five_responses():
     result = scorer.knockout(context, ["3", "9", "1", "7", "5"])
     assert result.winner == 1 and result.rounds == 3
     # round 1: 3 v 9, 1 v 7 (5 has a bye); round 2: 9 v 7 (5 has a bye); round 3: 9 v 5
-    assert result.matches == [pm_utils.Match(0, 1, 0.0), pm_utils.Match(2, 3, 0.0), pm_utils.Match(1, 3, 1.0),
-                              pm_utils.Match(1, 4, 1.0)]
+    assert result.matches == [Match(0, 1, 0.0), Match(2, 3, 0.0), Match(1, 3, 1.0),
+                              Match(1, 4, 1.0)]
     assert len(result.matches) == 4
     assert [(f, s) for _, f, s in scorer.calls] == [(["3", "1"], ["9", "7"]), (["9"], ["7"]), (["9"], ["5"])]
     assert len(scorer.calls) == result.rounds
@@ -448,7 +461,7 @@ def test_knockout_single_response():
 
 
 def test_knockout_without_candidates_is_an_error():
-    with pytest.raises(rm_utils.UserError):
+    with pytest.raises(UserError):
         IntScorer().knockout_many([user("q"), user("r")], [["1"], []])
 
 
@@ -459,7 +472,7 @@ def test_knockout_many_shares_rounds():
     assert [r.winner for r in results] == [1, 1, 0]
     assert [r.rounds for r in results] == [3, 2, 0]
     assert [len(r.matches) for r in results] == [4, 2, 0]
-    assert results[1].matches == [pm_utils.Match(0, 1, 0.0), pm_utils.Match(1, 2, 1.0)]
+    assert results[1].matches == [Match(0, 1, 0.0), Match(1, 2, 1.0)]
     # one call per round, holding that round's matches of every prompt
     assert scorer.calls == [
         ([c1, c1, c2], ["3", "1", "2"], ["9", "7", "8"]),
@@ -471,79 +484,9 @@ def test_knockout_many_shares_rounds():
 def test_knockout_tie_goes_to_the_earlier_candidate():
     scorer = IntScorer()
     result = scorer.knockout(user("q"), ["4", "4"])
-    assert result.winner == 0 and result.matches == [pm_utils.Match(0, 1, 0.5)]
+    assert result.winner == 0 and result.matches == [Match(0, 1, 0.5)]
     result = scorer.knockout(user("q"), ["1", "5", "5"])
-    assert result.winner == 1 and result.matches[-1] == pm_utils.Match(1, 2, 0.5)
-    assert pm_utils.Match(3, 7, 0.5).winner == 3
-    assert pm_utils.Match(3, 7, 0.4999).winner == 7
-    assert pm_utils.Match(3, 7, 0.5001).winner == 3
-
-
-# ------------------------------------------------------------------------------------------ 9. train.py arguments
-
-
-@pytest.fixture(scope="module")
-def train_module():
-    spec = importlib.util.spec_from_file_location("pair_pm_train_under_test", ROOT / "pair-pm" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-
-
-@pytest.fixture
-def at_root(monkeypatch):
-    """Run from the repo root (tiny.yaml has relative paths); leave the environment as it was."""
-    monkeypatch.chdir(ROOT)
-    saved = dict(os.environ)
-    assert "LOCAL_RANK" not in saved
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def test_parse_arguments_yaml_then_cli_override(train_module, at_root, tmp_path):
-    script, training = train_module.parse_arguments(
-        ["pair-pm/tiny.yaml", "--learning_rate", "0.5", "--output_dir", str(tmp_path)])
-    assert training.learning_rate == 0.5  # CLI wins over the YAML's 1.0e-3
-    assert training.output_dir == str(tmp_path)
-    assert training.per_device_train_batch_size == 16 and training.per_device_eval_batch_size == 32
-    assert training.max_length == 512 and training.num_train_epochs == 3 and training.seed == 42
-    assert training.packing is False
-    assert script.model_name_or_path == "assets/tiny-llama"
-    assert script.dataset_path == "assets/data/toy_preference"
-    assert script.overlength == "error" and script.skip_invalid is False  # ScriptArguments defaults
-    assert isinstance(script, train_module.ScriptArguments)
-
-
-def test_parse_arguments_local_rank_before_yaml(train_module, at_root, tmp_path):
-    script, training = train_module.parse_arguments(
-        ["--local_rank=0", "pair-pm/tiny.yaml", "--output_dir", str(tmp_path)])
-    assert training.per_device_train_batch_size == 16 and training.learning_rate == 1e-3
-    assert script.model_name_or_path == "assets/tiny-llama"
-    assert "LOCAL_RANK" not in os.environ
-
-
-def test_parse_arguments_default_config_is_tiny_yaml(train_module, at_root, tmp_path):
-    assert train_module.DEFAULT_CONFIG == str(ROOT / "pair-pm" / "tiny.yaml")
-    script, training = train_module.parse_arguments(["--output_dir", str(tmp_path), "--num_train_epochs", "1"])
-    assert training.per_device_train_batch_size == 16 and training.learning_rate == 1e-3
-    assert training.num_train_epochs == 1
-    assert script.model_name_or_path == "assets/tiny-llama"
-
-
-def test_parse_arguments_unknown_yaml_key(train_module, at_root, tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text("learning_rate: 1.0e-3\nno_such_setting: 3\n")
-    with pytest.raises(rm_utils.UserError) as err:
-        train_module.parse_arguments([str(config), "--output_dir", str(tmp_path)])
-    assert str(config) in str(err.value) and "no_such_setting" in str(err.value)
-
-
-def test_parse_arguments_missing_yaml(train_module, at_root, tmp_path):
-    with pytest.raises(rm_utils.UserError) as err:
-        train_module.parse_arguments([str(tmp_path / "missing.yaml")])
-    assert "missing.yaml" in str(err.value)
+    assert result.winner == 1 and result.matches[-1] == Match(1, 2, 0.5)
+    assert Match(3, 7, 0.5).winner == 3
+    assert Match(3, 7, 0.4999).winner == 7
+    assert Match(3, 7, 0.5001).winner == 3

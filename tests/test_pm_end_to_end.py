@@ -11,9 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from useful_code import pm_utils, reward_bench, rm_utils
-
 from helpers import BIN, ROOT, check_ok, run
+from useful_code.defaults import REPO_ROOT, REWARD_BENCH_SAMPLE
+from useful_code.pm_data import build_pm_prompt
+from useful_code.reward_bench import section_scores
+from useful_code.templates import load_tokenizer
+
+pytestmark = pytest.mark.e2e  # subprocesses and DeepSpeed ranks: `make test-fast` skips this file
 
 PROCESS = str(ROOT / "pair-pm" / "process_pair_data.py")
 TRAIN = str(ROOT / "pair-pm" / "train.py")
@@ -29,7 +33,7 @@ def upstream_style_prob_chosen(model, tokenizer, context, chosen, rejected):
     probs = []
     for chosen_position in (0, 1):
         a, b = (chosen, rejected) if chosen_position == 0 else (rejected, chosen)
-        prompt = pm_utils.build_pm_prompt(context, a, b)
+        prompt = build_pm_prompt(context, a, b)
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True, return_tensors="pt")["input_ids"]
         with torch.no_grad():
@@ -46,7 +50,7 @@ def pm_run(tmp_path_factory):
     check_ok(run([sys.executable, TRAIN, "pair-pm/tiny.yaml", "--dataset_path", str(out / "pm.jsonl"),
                   "--eval_set_path", TOY, "--output_dir", str(out), "--max_steps", "120", "--learning_rate", "2e-3"]))
     check_ok(run([sys.executable, EVAL, "--reward_name_or_path", str(out / "last_checkpoint"),
-                  "--data_set_name", rm_utils.REWARD_BENCH_SAMPLE, "--record_dir", str(out / "record.txt"),
+                  "--data_set_name", REWARD_BENCH_SAMPLE, "--record_dir", str(out / "record.txt"),
                   "--results_json", str(out / "rb.json"), "--batch_size", "16"]))
     return out
 
@@ -76,7 +80,7 @@ def test_training_learns_both_orders_and_checkpoint_reloads(pm_run):
                                             "dropped_overlength": 0}
     checkpoint = pm_run / "last_checkpoint"
     assert (checkpoint / "model.safetensors").exists() and not list(checkpoint.glob("*.bin"))
-    tokenizer = rm_utils.load_tokenizer(str(checkpoint), "checkpoint")
+    tokenizer = load_tokenizer(str(checkpoint), "checkpoint")
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["pad_token_id"] == tokenizer.pad_token_id != tokenizer.eos_token_id
 
@@ -87,11 +91,11 @@ def test_rewardbench_eval_matches_an_unbatched_upstream_style_computation(pm_run
     assert len(rows) == 69 and len(results["subsets"]) == 23 and not results["missing_subsets"]
     assert all(r["chosen_reward"] + r["rejected_reward"] == pytest.approx(1.0) for r in rows)
     assert all(r["correct"] == float(r["chosen_reward"] > 0.5) for r in rows)
-    assert results["sections"] == reward_bench.section_scores(results["subsets"])
+    assert results["sections"] == section_scores(results["subsets"])
     checkpoint = str(pm_run / "last_checkpoint")
-    tokenizer = rm_utils.load_tokenizer(checkpoint, "checkpoint")
+    tokenizer = load_tokenizer(checkpoint, "checkpoint")
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    sample = [json.loads(line) for line in open(rm_utils.REWARD_BENCH_SAMPLE)][:5]
+    sample = [json.loads(line) for line in open(REWARD_BENCH_SAMPLE)][:5]
     for example in sample:
         expected = upstream_style_prob_chosen(model, tokenizer, [{"role": "user", "content": example["prompt"]}],
                                               example["chosen"], example["rejected"])
@@ -151,7 +155,7 @@ def test_zero3_two_ranks_on_cpu_saves_a_complete_checkpoint(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["train_steps"] == 6
     weights = load_file(str(tmp_path / "last_checkpoint" / "model.safetensors"))
-    base = load_file(str(rm_utils.REPO_ROOT / "assets" / "tiny-llama" / "model.safetensors"))
+    base = load_file(str(REPO_ROOT / "assets" / "tiny-llama" / "model.safetensors"))
     assert set(weights) >= set(base) - {"lm_head.weight"}
     for name, tensor in base.items():
         if name in weights:

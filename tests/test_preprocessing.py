@@ -12,7 +12,27 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from useful_code import rm_utils as u
+from useful_code.cli import UserError
+from useful_code.data import load_dataset_dict, pick_split
+from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
+from useful_code.formats import (
+    INVALID_REASONS,
+    detect_format,
+    parse_hh_conversation,
+    standardize_pairs,
+    to_standard_pair,
+    validate_pair,
+)
+from useful_code.losses import PairwiseCollator, bradley_terry_loss, split_pair_rewards
+from useful_code.scoring import score_pairs, score_sequences
+from useful_code.templates import (
+    encode_conversations,
+    ensure_pad_token,
+    load_tokenizer,
+    render_conversations,
+    tokenize_pairs,
+    tokenizer_adds_bos,
+)
 
 BOS_ID, EOS_ID, RESERVED0_ID = 0, 6, 2  # <|begin_of_text|>, <|eot_id|>, <|reserved_special_token_0|>
 # "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
@@ -32,7 +52,7 @@ def conv(*turns):
 
 @pytest.fixture(scope="module")
 def tok():
-    return u.load_tokenizer(u.DEFAULT_MODEL, "--model_name")
+    return load_tokenizer(DEFAULT_MODEL, "--model_name")
 
 
 def tiny_classifier(vocab_size, pad_token_id, seed=0):
@@ -61,7 +81,7 @@ def reward_alone(model, ids):
 
 
 def test_invalid_reasons_keys():
-    assert set(u.INVALID_REASONS) == {
+    assert set(INVALID_REASONS) == {
         "not_a_message_list", "unknown_role", "empty_content", "roles_not_alternating", "last_not_assistant",
         "context_mismatch", "unparseable_hh",
     }
@@ -70,21 +90,21 @@ def test_invalid_reasons_keys():
 def test_valid_pair_with_leading_system_message():
     chosen = conv("s", "be nice", "u", "hi", "a", "hello")
     rejected = conv("s", "be nice", "u", "hi", "a", "go away")
-    assert u.validate_pair(chosen, rejected) == ""
-    assert u.validate_pair(conv("u", "hi", "a", "x", "u", "more", "a", "y"), conv("u", "hi", "a", "x", "u", "more", "a", "z")) == ""
+    assert validate_pair(chosen, rejected) == ""
+    assert validate_pair(conv("u", "hi", "a", "x", "u", "more", "a", "y"), conv("u", "hi", "a", "x", "u", "more", "a", "z")) == ""
 
 
 def test_unknown_role():
     chosen = [msg("user", "hi"), msg("bot", "hello")]
-    assert u.validate_pair(chosen, conv("u", "hi", "a", "x")) == "unknown_role"
+    assert validate_pair(chosen, conv("u", "hi", "a", "x")) == "unknown_role"
     # in rejected only
-    assert u.validate_pair(conv("u", "hi", "a", "x"), [msg("human", "hi"), msg("assistant", "x")]) == "unknown_role"
+    assert validate_pair(conv("u", "hi", "a", "x"), [msg("human", "hi"), msg("assistant", "x")]) == "unknown_role"
 
 
 @pytest.mark.parametrize("content", ["", "   ", "\n\t "])
 def test_empty_content_including_whitespace(content):
-    assert u.validate_pair(conv("u", "hi", "a", content), conv("u", "hi", "a", "fine")) == "empty_content"
-    assert u.validate_pair(conv("u", content, "a", "x"), conv("u", content, "a", "y")) == "empty_content"
+    assert validate_pair(conv("u", "hi", "a", content), conv("u", "hi", "a", "fine")) == "empty_content"
+    assert validate_pair(conv("u", content, "a", "x"), conv("u", content, "a", "y")) == "empty_content"
 
 
 @pytest.mark.parametrize(
@@ -100,22 +120,22 @@ def test_empty_content_including_whitespace(content):
 )
 def test_roles_not_alternating(chosen):
     rejected = conv("u", "hi", "a", "other")
-    assert u.validate_pair(chosen, rejected) == "roles_not_alternating"
-    assert u.validate_pair(rejected, chosen) == "roles_not_alternating"
+    assert validate_pair(chosen, rejected) == "roles_not_alternating"
+    assert validate_pair(rejected, chosen) == "roles_not_alternating"
 
 
 def test_last_not_assistant():
-    assert u.validate_pair(conv("u", "hi"), conv("u", "hi")) == "last_not_assistant"
-    assert u.validate_pair(conv("u", "hi", "a", "x", "u", "y"), conv("u", "hi", "a", "x", "u", "z")) == "last_not_assistant"
-    assert u.validate_pair(conv("s", "sys", "u", "hi"), conv("u", "hi", "a", "x")) == "last_not_assistant"
+    assert validate_pair(conv("u", "hi"), conv("u", "hi")) == "last_not_assistant"
+    assert validate_pair(conv("u", "hi", "a", "x", "u", "y"), conv("u", "hi", "a", "x", "u", "z")) == "last_not_assistant"
+    assert validate_pair(conv("s", "sys", "u", "hi"), conv("u", "hi", "a", "x")) == "last_not_assistant"
 
 
 def test_context_mismatch():
-    assert u.validate_pair(conv("u", "hi", "a", "x"), conv("u", "ho", "a", "y")) == "context_mismatch"
+    assert validate_pair(conv("u", "hi", "a", "x"), conv("u", "ho", "a", "y")) == "context_mismatch"
     # different number of turns
-    assert u.validate_pair(conv("u", "hi", "a", "x"), conv("u", "hi", "a", "x", "u", "q", "a", "y")) == "context_mismatch"
+    assert validate_pair(conv("u", "hi", "a", "x"), conv("u", "hi", "a", "x", "u", "q", "a", "y")) == "context_mismatch"
     # system message only on one side
-    assert u.validate_pair(conv("s", "sys", "u", "hi", "a", "x"), conv("u", "hi", "a", "y")) == "context_mismatch"
+    assert validate_pair(conv("s", "sys", "u", "hi", "a", "x"), conv("u", "hi", "a", "y")) == "context_mismatch"
 
 
 @pytest.mark.parametrize(
@@ -131,12 +151,12 @@ def test_context_mismatch():
 )
 def test_not_a_message_list(chosen):
     row = {"chosen": chosen, "rejected": conv("u", "hi", "a", "x")}
-    assert u.to_standard_pair(row, "messages") == ([], [], "not_a_message_list")
+    assert to_standard_pair(row, "messages") == ([], [], "not_a_message_list")
 
 
 def test_not_a_message_list_prompt_format():
-    assert u.to_standard_pair({"prompt": "q", "chosen": ["a"], "rejected": "b"}, "prompt")[2] == "not_a_message_list"
-    assert u.to_standard_pair({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "prompt")[2] == "not_a_message_list"
+    assert to_standard_pair({"prompt": "q", "chosen": ["a"], "rejected": "b"}, "prompt")[2] == "not_a_message_list"
+    assert to_standard_pair({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "prompt")[2] == "not_a_message_list"
 
 
 @pytest.mark.parametrize(
@@ -150,13 +170,13 @@ def test_not_a_message_list_prompt_format():
 )
 def test_unparseable_hh(text):
     good = "\n\nHuman: hi\n\nAssistant: hello"
-    assert u.to_standard_pair({"chosen": text, "rejected": good}, "hh") == ([], [], "unparseable_hh")
-    assert u.to_standard_pair({"chosen": good, "rejected": text}, "hh") == ([], [], "unparseable_hh")
+    assert to_standard_pair({"chosen": text, "rejected": good}, "hh") == ([], [], "unparseable_hh")
+    assert to_standard_pair({"chosen": good, "rejected": text}, "hh") == ([], [], "unparseable_hh")
 
 
 def test_to_standard_pair_messages_valid_and_extra_keys_dropped():
     row = {"chosen": [{"role": "user", "content": "hi", "name": "x"}, msg("assistant", "a")], "rejected": conv("u", "hi", "a", "b")}
-    assert u.to_standard_pair(row, "messages") == (conv("u", "hi", "a", "a"), conv("u", "hi", "a", "b"), "")
+    assert to_standard_pair(row, "messages") == (conv("u", "hi", "a", "a"), conv("u", "hi", "a", "b"), "")
 
 
 # --------------------------------------------------------------------------------- 2. standardize_pairs
@@ -173,8 +193,8 @@ def five_rows():
 
 
 def test_standardize_invalid_row_raises_with_index_and_rule():
-    with pytest.raises(u.UserError) as err:
-        u.standardize_pairs(five_rows(), skip_invalid=False, name="train")
+    with pytest.raises(UserError) as err:
+        standardize_pairs(five_rows(), skip_invalid=False, name="train")
     text = str(err.value)
     assert "row 1 (empty_content)" in text
     assert "row 3 (context_mismatch)" in text
@@ -184,7 +204,7 @@ def test_standardize_invalid_row_raises_with_index_and_rule():
 
 
 def test_standardize_skip_invalid_counts(capsys):
-    data, stats = u.standardize_pairs(five_rows(), skip_invalid=True, name="train")
+    data, stats = standardize_pairs(five_rows(), skip_invalid=True, name="train")
     assert stats == {"format": "messages", "read": 5, "invalid": {"empty_content": 1, "context_mismatch": 1}, "used": 3}
     assert len(data) == 3
     assert [row[0]["content"] for row in data["chosen"]] == ["q0", "q2", "q4"]
@@ -196,7 +216,7 @@ def test_standardize_skip_invalid_counts(capsys):
 
 def test_standardize_all_valid_prints_nothing(capsys):
     rows = [{"chosen": conv("u", "q", "a", "x"), "rejected": conv("u", "q", "a", "y")}] * 2
-    data, stats = u.standardize_pairs(Dataset.from_list(rows), skip_invalid=False, name="eval")
+    data, stats = standardize_pairs(Dataset.from_list(rows), skip_invalid=False, name="eval")
     assert stats == {"format": "messages", "read": 2, "invalid": {}, "used": 2}
     assert "dropped" not in capsys.readouterr().out
 
@@ -205,11 +225,11 @@ def test_standardize_all_valid_prints_nothing(capsys):
 
 
 def test_detect_format():
-    assert u.detect_format(["chosen", "rejected"], {"chosen": conv("u", "q", "a", "x")}) == "messages"
-    assert u.detect_format(["prompt", "chosen", "rejected", "id"], {"chosen": "x"}) == "prompt"
-    assert u.detect_format(["chosen", "rejected"], {"chosen": "\n\nHuman: q\n\nAssistant: x"}) == "hh"
-    with pytest.raises(u.UserError, match="rejected"):
-        u.detect_format(["prompt", "chosen"], {"chosen": "x"})
+    assert detect_format(["chosen", "rejected"], {"chosen": conv("u", "q", "a", "x")}) == "messages"
+    assert detect_format(["prompt", "chosen", "rejected", "id"], {"chosen": "x"}) == "prompt"
+    assert detect_format(["chosen", "rejected"], {"chosen": "\n\nHuman: q\n\nAssistant: x"}) == "hh"
+    with pytest.raises(UserError, match="rejected"):
+        detect_format(["prompt", "chosen"], {"chosen": "x"})
 
 
 def test_prompt_format_keeps_extra_columns():
@@ -217,7 +237,7 @@ def test_prompt_format_keeps_extra_columns():
         {"id": 7, "subset": "alpacaeval-easy", "prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
         {"id": 9, "subset": "xstest", "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away"},
     ])
-    data, stats = u.standardize_pairs(ds, skip_invalid=False, name="rb")
+    data, stats = standardize_pairs(ds, skip_invalid=False, name="rb")
     assert stats["format"] == "prompt" and stats["used"] == 2
     assert sorted(data.column_names) == ["chosen", "id", "rejected", "subset"]
     assert data["id"] == [7, 9] and data["subset"] == ["alpacaeval-easy", "xstest"]
@@ -228,21 +248,21 @@ def test_prompt_format_keeps_extra_columns():
 
 def test_prompt_format_with_message_list_prompt():
     row = {"prompt": conv("s", "sys", "u", "q"), "chosen": "a", "rejected": "b"}
-    assert u.to_standard_pair(row, "prompt") == (conv("s", "sys", "u", "q", "a", "a"), conv("s", "sys", "u", "q", "a", "b"), "")
+    assert to_standard_pair(row, "prompt") == (conv("s", "sys", "u", "q", "a", "a"), conv("s", "sys", "u", "q", "a", "b"), "")
 
 
 def test_parse_hh_single_turn():
-    assert u.parse_hh_conversation("\n\nHuman: hi\n\nAssistant: hello") == conv("u", "hi", "a", "hello")
+    assert parse_hh_conversation("\n\nHuman: hi\n\nAssistant: hello") == conv("u", "hi", "a", "hello")
 
 
 def test_parse_hh_multi_turn_strips_content():
     text = "\n\nHuman:  what is up? \n\nAssistant: not much\n\n\n\nHuman: ok\nthen\n\nAssistant:   bye  "
-    assert u.parse_hh_conversation(text) == conv("u", "what is up?", "a", "not much", "u", "ok\nthen", "a", "bye")
+    assert parse_hh_conversation(text) == conv("u", "what is up?", "a", "not much", "u", "ok\nthen", "a", "bye")
 
 
 @pytest.mark.parametrize("text", ["Human: hi\n\nAssistant: hello", "hello\n\nHuman: hi", "", "plain", None, 5])
 def test_parse_hh_none_without_leading_marker(text):
-    assert u.parse_hh_conversation(text) is None
+    assert parse_hh_conversation(text) is None
 
 
 def test_hh_format_standardize():
@@ -252,7 +272,7 @@ def test_hh_format_standardize():
          "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: e"},
         {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", "rejected": "\n\nHuman: a\n\nAssistant: b"},
     ])
-    data, stats = u.standardize_pairs(ds, skip_invalid=True, name="hh")
+    data, stats = standardize_pairs(ds, skip_invalid=True, name="hh")
     assert stats == {"format": "hh", "read": 3, "invalid": {"empty_content": 1}, "used": 2}
     assert data[0]["chosen"] == conv("u", "hi", "a", "hello")
     assert data[0]["rejected"] == conv("u", "hi", "a", "go away")
@@ -281,7 +301,7 @@ def _write_jsonl(path, rows):
 def test_load_jsonl(tmp_path):
     path = tmp_path / "pairs.jsonl"
     _write_jsonl(path, ROWS)
-    dd = u.load_dataset_dict(str(path), "--dataset_path")
+    dd = load_dataset_dict(str(path), "--dataset_path")
     assert list(dd) == ["train"]
     _check_rows(dd["train"])
 
@@ -289,7 +309,7 @@ def test_load_jsonl(tmp_path):
 def test_load_json_array(tmp_path):
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps(ROWS))
-    dd = u.load_dataset_dict(str(path), "--dataset_path")
+    dd = load_dataset_dict(str(path), "--dataset_path")
     assert list(dd) == ["train"]
     _check_rows(dd["train"])
 
@@ -297,7 +317,7 @@ def test_load_json_array(tmp_path):
 def test_load_parquet(tmp_path):
     path = tmp_path / "pairs.parquet"
     Dataset.from_list(ROWS).to_parquet(str(path))
-    dd = u.load_dataset_dict(str(path), "--dataset_path")
+    dd = load_dataset_dict(str(path), "--dataset_path")
     assert list(dd) == ["train"]
     _check_rows(dd["train"])
 
@@ -306,21 +326,21 @@ def test_load_jsonl_gz(tmp_path):
     path = tmp_path / "pairs.jsonl.gz"
     with gzip.open(path, "wt") as fh:
         fh.write("".join(json.dumps(r) + "\n" for r in ROWS))
-    dd = u.load_dataset_dict(str(path), "--dataset_path")
+    dd = load_dataset_dict(str(path), "--dataset_path")
     assert list(dd) == ["train"]
     _check_rows(dd["train"])
 
 
 def test_load_saved_dataset(tmp_path):
     Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
-    dd = u.load_dataset_dict(str(tmp_path / "ds"), "--dataset_path")
+    dd = load_dataset_dict(str(tmp_path / "ds"), "--dataset_path")
     assert isinstance(dd, DatasetDict) and list(dd) == ["train"]
     _check_rows(dd["train"])
 
 
 def test_load_saved_dataset_dict(tmp_path):
     DatasetDict(train=Dataset.from_list(ROWS), test=Dataset.from_list(ROWS[:1])).save_to_disk(str(tmp_path / "dd"))
-    dd = u.load_dataset_dict(str(tmp_path / "dd"), "--dataset_path")
+    dd = load_dataset_dict(str(tmp_path / "dd"), "--dataset_path")
     assert sorted(dd) == ["test", "train"]
     _check_rows(dd["train"])
     assert len(dd["test"]) == 1
@@ -331,64 +351,64 @@ def test_load_data_dir_with_splits(tmp_path):
     data_dir.mkdir()
     _write_jsonl(data_dir / "train.jsonl", ROWS)
     _write_jsonl(data_dir / "test.jsonl", ROWS[:1])
-    dd = u.load_dataset_dict(str(data_dir), "--dataset_path")
+    dd = load_dataset_dict(str(data_dir), "--dataset_path")
     assert sorted(dd) == ["test", "train"]
     _check_rows(dd["train"])
     assert len(dd["test"]) == 1 and dd["test"][0]["chosen"] == ROWS[0]["chosen"]
 
 
 def test_load_missing_local_path(tmp_path):
-    with pytest.raises(u.UserError, match="--train_set_path") as err:
-        u.load_dataset_dict(str(tmp_path / "missing.jsonl"), "--train_set_path")
+    with pytest.raises(UserError, match="--train_set_path") as err:
+        load_dataset_dict(str(tmp_path / "missing.jsonl"), "--train_set_path")
     assert "no such file" in str(err.value)
-    with pytest.raises(u.UserError, match="--eval_set_path"):
-        u.load_dataset_dict("./definitely/not/here", "--eval_set_path")
+    with pytest.raises(UserError, match="--eval_set_path"):
+        load_dataset_dict("./definitely/not/here", "--eval_set_path")
     # a relative file name with a data extension is a missing file, not a hub name
-    with pytest.raises(u.UserError, match="--eval_set_path.*no such file"):
-        u.load_dataset_dict("not_here_either.jsonl", "--eval_set_path")
+    with pytest.raises(UserError, match="--eval_set_path.*no such file"):
+        load_dataset_dict("not_here_either.jsonl", "--eval_set_path")
 
 
 def test_load_unsupported_extension(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text("chosen,rejected\na,b\n")
-    with pytest.raises(u.UserError, match="--dataset_path") as err:
-        u.load_dataset_dict(str(path), "--dataset_path")
+    with pytest.raises(UserError, match="--dataset_path") as err:
+        load_dataset_dict(str(path), "--dataset_path")
     assert "unsupported file type 'pairs.csv'" in str(err.value)
 
 
 def test_pick_split():
     one = DatasetDict(train=Dataset.from_list(ROWS))
-    assert u.pick_split(one, "test", "--eval_set_path") is one["train"]
+    assert pick_split(one, "test", "--eval_set_path") is one["train"]
     two = DatasetDict(train=Dataset.from_list(ROWS), test=Dataset.from_list(ROWS[:1]))
-    assert u.pick_split(two, "test", "--eval_set_path") is two["test"]
-    with pytest.raises(u.UserError) as err:
-        u.pick_split(two, "validation", "--eval_set_path")
+    assert pick_split(two, "test", "--eval_set_path") is two["test"]
+    with pytest.raises(UserError) as err:
+        pick_split(two, "validation", "--eval_set_path")
     assert "--eval_set_path" in str(err.value) and "'validation'" in str(err.value)
     assert "available: train, test" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------ 5. real data
 
-HH_HARMLESS_TEST = u.REPO_ROOT.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
+HH_HARMLESS_TEST = REPO_ROOT.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def test_real_hh_harmless_every_row_accounted_for(capsys):
     if not HH_HARMLESS_TEST.exists():
         pytest.skip(f"{HH_HARMLESS_TEST} not present")
-    split = u.pick_split(u.load_dataset_dict(str(HH_HARMLESS_TEST), "--dataset_path"), "test", "--dataset_path")
-    data, stats = u.standardize_pairs(split, skip_invalid=True, name="hh-harmless")
+    split = pick_split(load_dataset_dict(str(HH_HARMLESS_TEST), "--dataset_path"), "test", "--dataset_path")
+    data, stats = standardize_pairs(split, skip_invalid=True, name="hh-harmless")
     n_invalid = sum(stats["invalid"].values())
     assert stats["format"] == "hh"
     assert stats["read"] == 2312
     assert stats["used"] + n_invalid == stats["read"] == len(split)
     assert stats["used"] == len(data)
     assert n_invalid > 0
-    assert set(stats["invalid"]) <= set(u.INVALID_REASONS)
+    assert set(stats["invalid"]) <= set(INVALID_REASONS)
     assert f"dropped {n_invalid} of 2312" in capsys.readouterr().out
     # every kept row is valid by the same rules
-    assert all(u.validate_pair(c, r) == "" for c, r in zip(data["chosen"][:200], data["rejected"][:200]))
-    with pytest.raises(u.UserError, match=f"{n_invalid} of 2312 rows are invalid"):
-        u.standardize_pairs(split, skip_invalid=False, name="hh-harmless")
+    assert all(validate_pair(c, r) == "" for c, r in zip(data["chosen"][:200], data["rejected"][:200]))
+    with pytest.raises(UserError, match=f"{n_invalid} of 2312 rows are invalid"):
+        standardize_pairs(split, skip_invalid=False, name="hh-harmless")
 
 
 # ----------------------------------------------------------------------------- 6. template and truncation
@@ -404,7 +424,7 @@ def _apply_template_ids(tokenizer, messages):
 def test_encode_conversations_single_bos_matches_chat_template(tok):
     conversations = [conv("u", "hi", "a", "hello"), conv("s", "be brief", "u", "a question", "a", "an answer"),
                      conv("u", "q", "a", "x", "u", "q2", "a", "y")]
-    encoded = u.encode_conversations(tok, conversations)
+    encoded = encode_conversations(tok, conversations)
     assert encoded[0] == HI_HELLO_IDS
     for messages, ids in zip(conversations, encoded):
         assert ids[0] == BOS_ID
@@ -414,8 +434,8 @@ def test_encode_conversations_single_bos_matches_chat_template(tok):
 
 
 def test_render_conversations_strips_template_bos(tok):
-    (text,) = u.render_conversations(tok, [conv("u", "hi", "a", "hello")])
-    assert u.tokenizer_adds_bos(tok)
+    (text,) = render_conversations(tok, [conv("u", "hi", "a", "hello")])
+    assert tokenizer_adds_bos(tok)
     assert not text.startswith("<|begin_of_text|>")
     assert text == "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>"
 
@@ -429,14 +449,14 @@ def pairs_for_truncation():
 
 
 def test_tokenize_pairs_no_truncation_when_it_fits(tok):
-    data, stats = u.tokenize_pairs(pairs_for_truncation(), tok, max_length=64, overlength="truncate", name="t")
+    data, stats = tokenize_pairs(pairs_for_truncation(), tok, max_length=64, overlength="truncate", name="t")
     assert stats == {"overlength": 0, "truncated": 0, "dropped_overlength": 0}
     assert data[0]["chosen_input_ids"] == HI_HELLO_IDS
     assert data["length"] == [18, 18, 17]
 
 
 def test_tokenize_pairs_truncates_from_left(tok, capsys):
-    data, stats = u.tokenize_pairs(pairs_for_truncation(), tok, max_length=17, overlength="truncate", name="t")
+    data, stats = tokenize_pairs(pairs_for_truncation(), tok, max_length=17, overlength="truncate", name="t")
     assert stats == {"overlength": 2, "truncated": 2, "dropped_overlength": 0}
     assert "truncated 2 pairs" in capsys.readouterr().out
     assert len(data) == 3
@@ -446,7 +466,7 @@ def test_tokenize_pairs_truncates_from_left(tok, capsys):
     assert data[0]["rejected_input_ids"] == [0, 4, 291, 5, 205, 205, 78, 79, 6, 4, 290, 5, 205, 205, 85, 81, 6]
     assert data["length"] == [17, 17, 17]
 
-    data, stats = u.tokenize_pairs(pairs_for_truncation(), tok, max_length=12, overlength="truncate", name="t")
+    data, stats = tokenize_pairs(pairs_for_truncation(), tok, max_length=12, overlength="truncate", name="t")
     assert stats["truncated"] == 3
     assert data[0]["chosen_input_ids"] == [78, 79, 6, 4, 290, 5, 205, 205, 271, 299, 85, 6]
     assert data[0]["chosen_input_ids"][-1] == EOS_ID
@@ -457,7 +477,7 @@ def test_tokenize_pairs_truncates_from_left(tok, capsys):
 
 
 def test_tokenize_pairs_drop(tok, capsys):
-    data, stats = u.tokenize_pairs(pairs_for_truncation(), tok, max_length=17, overlength="drop", name="t")
+    data, stats = tokenize_pairs(pairs_for_truncation(), tok, max_length=17, overlength="drop", name="t")
     assert stats == {"overlength": 2, "truncated": 0, "dropped_overlength": 2}
     assert "dropped 2 pairs" in capsys.readouterr().out
     assert len(data) == 1
@@ -467,8 +487,8 @@ def test_tokenize_pairs_drop(tok, capsys):
 
 
 def test_tokenize_pairs_invalid_overlength(tok):
-    with pytest.raises(u.UserError, match="--overlength"):
-        u.tokenize_pairs(pairs_for_truncation(), tok, max_length=17, overlength="cut", name="t")
+    with pytest.raises(UserError, match="--overlength"):
+        tokenize_pairs(pairs_for_truncation(), tok, max_length=17, overlength="cut", name="t")
 
 
 # ------------------------------------------------------------------------------------------ 7. pad token
@@ -486,16 +506,16 @@ def test_load_tokenizer_pad_is_reserved_token(tok):
 def test_ensure_pad_token_replaces_eos_pad():
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(u.DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     tokenizer.pad_token = tokenizer.eos_token
     assert tokenizer.pad_token_id == EOS_ID
     size = len(tokenizer)
-    assert u.ensure_pad_token(tokenizer) is False
+    assert ensure_pad_token(tokenizer) is False
     assert tokenizer.pad_token == "<|reserved_special_token_0|>"
     assert tokenizer.pad_token_id == RESERVED0_ID
     assert len(tokenizer) == size
     # already distinct from EOS: left alone
-    assert u.ensure_pad_token(tokenizer) is False
+    assert ensure_pad_token(tokenizer) is False
     assert tokenizer.pad_token_id == RESERVED0_ID
 
 
@@ -516,7 +536,7 @@ def test_ensure_pad_token_adds_pad_when_no_candidate():
     tokenizer = _minimal_tokenizer()
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == 1
     assert len(tokenizer) == 5
-    assert u.ensure_pad_token(tokenizer) is True
+    assert ensure_pad_token(tokenizer) is True
     assert tokenizer.pad_token == "[PAD]"
     assert tokenizer.pad_token_id == 5
     assert len(tokenizer) == 6
@@ -525,15 +545,15 @@ def test_ensure_pad_token_adds_pad_when_no_candidate():
 
 def test_load_tokenizer_without_chat_template(tmp_path):
     _minimal_tokenizer().save_pretrained(str(tmp_path / "tok"))
-    with pytest.raises(u.UserError, match="--model_name.*no chat template"):
-        u.load_tokenizer(str(tmp_path / "tok"), "--model_name")
+    with pytest.raises(UserError, match="--model_name.*no chat template"):
+        load_tokenizer(str(tmp_path / "tok"), "--model_name")
 
 
 # ------------------------------------------------------------------------------ 8. pad == EOS regression
 
 
 def test_reward_independent_of_padding(tok, model):
-    short, long = u.encode_conversations(tok, [conv("u", "hi", "a", "hello"), conv("u", "a longer question", "a", "and a longer answer too")])
+    short, long = encode_conversations(tok, [conv("u", "hi", "a", "hello"), conv("u", "a longer question", "a", "and a longer answer too")])
     assert short[-1] == EOS_ID and len(long) > len(short)
     batch = tok.pad({"input_ids": [short, long]}, padding=True, return_tensors="pt")
     assert batch["input_ids"][0, len(short):].tolist() == [RESERVED0_ID] * (len(long) - len(short))
@@ -547,7 +567,7 @@ def test_pad_equal_eos_reads_wrong_token(tok):
     """The upstream Llama-3 bug: with pad_token_id == eos_token_id the classifier takes the last non-EOS token,
     i.e. the token before the final <|eot_id|>, instead of the <|eot_id|> that ends the conversation."""
     model = tiny_classifier(len(tok), tok.pad_token_id)
-    short, long = u.encode_conversations(tok, [conv("u", "hi", "a", "hello"), conv("u", "a longer question", "a", "and a longer answer too")])
+    short, long = encode_conversations(tok, [conv("u", "hi", "a", "hello"), conv("u", "a longer question", "a", "and a longer answer too")])
     correct = reward_alone(model, short)
     at_token_before_eos = reward_alone(model, short[:-1])  # causal model: same as reading position len-2
     assert abs(correct - at_token_before_eos) > 1e-4
@@ -570,7 +590,7 @@ def test_pairwise_collator(tok):
         {"chosen_input_ids": [0, 10, 6], "rejected_input_ids": [0, 11, 12, 13, 6]},
         {"chosen_input_ids": [0, 14, 15, 6], "rejected_input_ids": [0, 6]},
     ]
-    batch = u.PairwiseCollator(tok)(features)
+    batch = PairwiseCollator(tok)(features)
     assert set(batch) == {"input_ids", "attention_mask"}
     assert batch["input_ids"].tolist() == [
         [0, 10, 6, 2, 2],
@@ -584,44 +604,44 @@ def test_pairwise_collator(tok):
         [1, 1, 1, 1, 1],
         [1, 1, 0, 0, 0],
     ]
-    batch8 = u.PairwiseCollator(tok, pad_to_multiple_of=8)(features)
+    batch8 = PairwiseCollator(tok, pad_to_multiple_of=8)(features)
     assert batch8["input_ids"].shape == (4, 8)
     assert batch8["input_ids"][3].tolist() == [0, 6, 2, 2, 2, 2, 2, 2]
     assert batch8["attention_mask"][2].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
 
 
 def test_split_pair_rewards():
-    chosen, rejected = u.split_pair_rewards(torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]]))
+    chosen, rejected = split_pair_rewards(torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]]))
     assert chosen.tolist() == [1.0, 2.0, 3.0]
     assert rejected.tolist() == [4.0, 5.0, 6.0]
 
 
 def test_bradley_terry_loss_hand_values():
-    loss = u.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    loss = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
     assert loss.item() == pytest.approx((0.31326169 + 0.69314718) / 2, abs=1e-6)
-    assert u.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2), abs=1e-6)
     # -log sigmoid(-2) = log(1 + e^2)
-    assert u.bradley_terry_loss(torch.tensor([1.0]), torch.tensor([3.0])).item() == pytest.approx(math.log1p(math.e ** 2), abs=1e-5)
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([3.0])).item() == pytest.approx(math.log1p(math.e ** 2), abs=1e-5)
 
 
 def test_bradley_terry_loss_matches_logsigmoid_and_is_float():
     torch.manual_seed(0)
     chosen, rejected = torch.randn(16), torch.randn(16)
     expected = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
-    assert u.bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected.item(), abs=1e-6)
-    half = u.bradley_terry_loss(chosen.half(), rejected.half())
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected.item(), abs=1e-6)
+    half = bradley_terry_loss(chosen.half(), rejected.half())
     assert half.dtype == torch.float32
 
 
 def test_bradley_terry_gradient_sign():
     chosen = torch.tensor([0.5, -1.0], requires_grad=True)
     rejected = torch.tensor([0.0, 0.3], requires_grad=True)
-    u.bradley_terry_loss(chosen, rejected).backward()
+    bradley_terry_loss(chosen, rejected).backward()
     assert (chosen.grad < 0).all()  # raising a chosen reward lowers the loss
     assert (rejected.grad > 0).all()
     assert torch.allclose(chosen.grad, -rejected.grad)
-    wider = u.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0]))
-    narrower = u.bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]))
+    wider = bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0]))
+    narrower = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]))
     assert wider < narrower
 
 
@@ -636,7 +656,7 @@ def test_score_sequences_input_order(tok, model):
         [0, 19, 20, 21, 22, 23, 24, 25, 26, 6],
         [0, 6],
     ]
-    rewards = u.score_sequences(model, tok, sequences, batch_size=2)
+    rewards = score_sequences(model, tok, sequences, batch_size=2)
     expected = [reward_alone(model, s) for s in sequences]
     assert len(rewards) == 5
     assert rewards == pytest.approx(expected, abs=1e-5)
@@ -649,6 +669,6 @@ def test_score_pairs_splits_chosen_and_rejected(tok, model):
         {"chosen_input_ids": [0, 10, 6], "rejected_input_ids": [0, 11, 12, 6]},
         {"chosen_input_ids": [0, 13, 14, 15, 16, 6], "rejected_input_ids": [0, 6]},
     ])
-    chosen, rejected = u.score_pairs(model, tok, pairs, batch_size=3)
+    chosen, rejected = score_pairs(model, tok, pairs, batch_size=3)
     assert chosen == pytest.approx([reward_alone(model, [0, 10, 6]), reward_alone(model, [0, 13, 14, 15, 16, 6])], abs=1e-5)
     assert rejected == pytest.approx([reward_alone(model, [0, 11, 12, 6]), reward_alone(model, [0, 6])], abs=1e-5)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from useful_code import evaluation
 from useful_code import reward_bench as rb
 
 
@@ -161,8 +162,8 @@ def test_write_results_appends_and_writes_json(tmp_path):
     res = rb.score_examples(ids, subsets, chosen, rejected)
     record = tmp_path / "nested" / "record.txt"
     out_json = tmp_path / "other" / "res.json"
-    rb.write_results(res, "model-a", str(record), str(out_json))
-    rb.write_results(res, "model-b", str(record), str(out_json))
+    evaluation.write_results(res, "model-a", str(record), str(out_json))
+    evaluation.write_results(res, "model-b", str(record), str(out_json))
     lines = record.read_text().splitlines()
     block = ["Chat\t50.0", "Chat Hard\t0.0", "Safety\t0.0", "Reasoning\t0.0", "Score\t12.5"]
     assert lines == ["model-a", *block, "model-b", *block]
@@ -176,7 +177,7 @@ def test_write_results_prior_sets_line(tmp_path):
     prior = (["p0"], ["shp"], [1.0], [0.0])
     res = rb.score_examples(ids, subsets, chosen, rejected, prior=prior)
     record = tmp_path / "record.txt"
-    rb.write_results(res, "m", str(record), str(tmp_path / "r.json"))
+    evaluation.write_results(res, "m", str(record), str(tmp_path / "r.json"))
     lines = record.read_text().splitlines()
     assert lines[-2:] == ["Prior Sets\t100.0", "Score\t12.5"]
 
@@ -190,6 +191,6 @@ def test_format_report_mentions_everything():
 
 
 def test_default_results_json():
-    path = rb.default_results_json("results/bench_record.txt", "RLHFlow/ArmoRM Llama3-8B_v0.1")
+    path = evaluation.default_results_json("results/bench_record.txt", "RLHFlow/ArmoRM Llama3-8B_v0.1")
     assert path == "results/bench_record_RLHFlow_ArmoRM_Llama3-8B_v0.1.json"
-    assert rb.default_results_json("rec.txt", "/models/x/") == "rec_models_x.json"
+    assert evaluation.default_results_json("rec.txt", "/models/x/") == "rec_models_x.json"

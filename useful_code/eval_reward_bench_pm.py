@@ -8,20 +8,18 @@ RewardBench arithmetic (useful_code/reward_bench.py), chosen_reward is that aver
 rejected_reward is one minus it, so an example is correct when P(chosen preferred) > 0.5.
 """
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
-from transformers import HfArgumentParser
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from useful_code import pm_utils, reward_bench, rm_utils  # noqa: E402
+from useful_code.cli import parse_args, run_cli
+from useful_code.evaluation import EvalArguments, load_examples, save_and_report
+from useful_code.pm_scoring import PairPreferenceScorer
+from useful_code.reward_bench import score_examples
 
 
 @dataclass
-class ScriptArguments(reward_bench.EvalArguments):
-    """The shared RewardBench eval flags (reward_bench.EvalArguments) plus the softmax temperature."""
+class ScriptArguments(EvalArguments):
+    """The shared RewardBench eval flags (EvalArguments) plus the softmax temperature."""
 
     reward_name_or_path: Optional[str] = field(
         default="RLHFlow/pair-preference-model-LLaMA3-8B", metadata={"help": "PM: hub name or checkpoint directory."}
@@ -29,33 +27,33 @@ class ScriptArguments(reward_bench.EvalArguments):
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature on the A/B logits."})
 
 
-def score_examples(scorer: pm_utils.PairPreferenceScorer, examples) -> tuple[list[float], list[float]]:
+def pair_rewards(scorer: PairPreferenceScorer, examples) -> tuple[list[float], list[float]]:
     """(chosen_reward, rejected_reward) per example: P(chosen preferred), both orders averaged, and 1 - it."""
     probs = scorer.score_pairs(examples)["mean"]
     return probs.tolist(), (1.0 - probs).tolist()
 
 
 def main():
-    args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]
-    scorer = pm_utils.PairPreferenceScorer.from_pretrained(
+    args = parse_args((ScriptArguments,))[0]
+    scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, max_length=args.max_length,
         temperature=args.temperature)
-    examples, stats = reward_bench.load_examples(args.data_set_name, args.split, "--data_set_name", args.skip_invalid)
-    chosen, rejected = score_examples(scorer, examples)
+    examples, stats = load_examples(args.data_set_name, args.split, "--data_set_name", args.skip_invalid)
+    chosen, rejected = pair_rewards(scorer, examples)
     stats["truncated"] = scorer.truncated
     prior = None
     if args.prior_sets_path:
-        prior_examples, stats["prior_sets"] = reward_bench.load_examples(args.prior_sets_path, None, "--prior_sets_path",
-                                                                args.skip_invalid)
-        prior = (prior_examples["id"], prior_examples["subset"], *score_examples(scorer, prior_examples))
+        prior_examples, stats["prior_sets"] = load_examples(args.prior_sets_path, None, "--prior_sets_path",
+                                                            args.skip_invalid)
+        prior = (prior_examples["id"], prior_examples["subset"], *pair_rewards(scorer, prior_examples))
     if scorer.truncated:
         print(f"{scorer.truncated} sequences longer than max_length={args.max_length} were cut from the left")
 
-    results = reward_bench.score_examples(examples["id"], examples["subset"], chosen, rejected,
-                                          tie_credit=args.tie_credit, prior=prior)
-    reward_bench.save_and_report(results, args, stats)
+    results = score_examples(examples["id"], examples["subset"], chosen, rejected, tie_credit=args.tie_credit,
+                             prior=prior)
+    save_and_report(results, args, stats)
 
 
 if __name__ == "__main__":
-    rm_utils.run_cli(main)
+    run_cli(main)

@@ -108,3 +108,17 @@ class ArmoRMForSequenceClassification(PreTrainedModel):
         score = armo_score(rewards, gating_output, self.reward_transform_matrix)
         return ArmoRMOutput(logits=score[:, None], score=score, rewards=rewards, gating_output=gating_output,
                             prompt_embedding=prompt_embedding, hidden_state=hidden_state)
+
+    @torch.inference_mode()
+    def explain(self, input_ids: torch.Tensor, top_k: int = 3) -> dict:
+        """Which attributes drive the score of one sequence ([1, length] token ids): the score, per-attribute rewards
+        and coefficients (gating_output @ T^T, so score = sum_k rewards_k * coefficient_k), and the top_k attributes by
+        |coefficient| as (name, coefficient, reward) triples."""
+        out = self(input_ids=input_ids)
+        coefficients = (out.gating_output @ self.reward_transform_matrix.T.to(out.gating_output.dtype))[0]
+        rewards = out.rewards[0]
+        names = self.config.attribute_names
+        top = torch.argsort(coefficients.abs(), descending=True)[:top_k].tolist()
+        return {"score": float(out.score[0]), "rewards": dict(zip(names, rewards.tolist())),
+                "coefficients": dict(zip(names, coefficients.tolist())),
+                "top": [(names[k], float(coefficients[k]), float(rewards[k])) for k in top]}

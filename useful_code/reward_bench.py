@@ -3,16 +3,12 @@
 Follows allenai/reward-bench (``rewardbench/constants.py`` and
 ``calculate_scores_per_section``) and the leaderboard's Prior Sets / weighted
 score from allenai/preference-test-sets.
+Pure functions, no I/O: the eval scripts' loading and writing live in useful_code/evaluation.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 EXAMPLE_COUNTS = {
@@ -169,22 +165,6 @@ def score_examples(ids, subsets, chosen_rewards, rejected_rewards, tie_credit: f
     return results
 
 
-def write_results(results: dict, model_name: str, record_dir: str, results_json: str) -> None:
-    """Append the RLHFlow-style record block to ``record_dir`` and dump ``results_json``."""
-    for path in (record_dir, results_json):
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-    with open(record_dir, "a") as f:
-        f.write(model_name + "\n")
-        for section in SECTIONS:
-            f.write(f"{section}\t{results['sections'][section]}\n")
-        if "prior_sets" in results:
-            f.write(f"Prior Sets\t{results['prior_sets']['score']}\n")
-        f.write(f"Score\t{results['score']}\n")
-    with open(results_json, "w") as f:
-        json.dump({**results, "model": model_name}, f, indent=2)
-
-
 def format_report(results: dict) -> str:
     """Compact human-readable table of subset accuracies, sections and overall scores."""
     counts: dict[str, int] = {}
@@ -210,73 +190,3 @@ def format_report(results: dict) -> str:
     if results.get("unknown_subsets"):
         lines.append(f"unknown subsets: {', '.join(results['unknown_subsets'])}")
     return "\n".join(lines)
-
-
-def save_and_report(results: dict, args, data_stats: dict) -> None:
-    """An eval script's ending: record its options and data counts, append to record_dir, write the results
-    JSON (args.results_json, else next to record_dir) and print the report."""
-    from dataclasses import asdict
-
-    results["options"] = asdict(args)
-    results["data"] = data_stats
-    results_json = args.results_json or default_results_json(args.record_dir, args.reward_name_or_path)
-    write_results(results, args.reward_name_or_path, args.record_dir, results_json)
-    print(format_report(results))
-    print(f"Appended to {args.record_dir}; results JSON: {results_json}")
-
-
-def default_results_json(record_dir: str, model_name: str) -> str:
-    """Path ``<dir of record_dir>/<record_dir stem>_<model slug>.json``."""
-    directory = os.path.dirname(record_dir)
-    stem = os.path.splitext(os.path.basename(record_dir))[0]
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", model_name).strip("_.")
-    return os.path.join(directory, f"{stem}_{slug}.json")
-
-
-def load_examples(path: str, split: Optional[str], flag: str, skip_invalid: bool):
-    """Load and validate prompt/chosen/rejected examples with their id and subset, from one split, or from every
-    split when split is None (preference-test-sets keeps one set per split: the split name becomes the subset).
-    Returns (standard-format dataset with 'id' and 'subset', stats)."""
-    from datasets import concatenate_datasets
-
-    from useful_code import rm_utils  # imported here: the scoring arithmetic above needs no ML libraries
-
-    is_local = Path(path).expanduser().exists()
-    splits = rm_utils.load_dataset_dict(path, flag, split=None if is_local else split)
-    if split is not None:
-        dataset = rm_utils.pick_split(splits, split, flag)
-    else:
-        dataset = concatenate_datasets([
-            ds if "subset" in ds.column_names else ds.add_column("subset", [name] * len(ds))
-            for name, ds in splits.items()
-        ])
-    if "subset" not in dataset.column_names:
-        raise rm_utils.UserError(f"{flag}: '{path}' has no 'subset' column")
-    if "id" not in dataset.column_names:
-        dataset = dataset.add_column("id", list(range(len(dataset))))
-    return rm_utils.standardize_pairs(dataset, skip_invalid, flag.lstrip("-"))
-
-
-@dataclass
-class EvalArguments:
-    """Flags shared by the RewardBench eval scripts: upstream's (data_set_name, record_dir, reward_name_or_path)
-    plus batching, truncation, tie handling, prior sets and the results JSON. Each script subclasses it."""
-
-    data_set_name: Optional[str] = field(
-        default="allenai/reward-bench",
-        metadata={"help": "Hub name or local file/directory (bundled sample: assets/data/reward_bench_sample.jsonl)."},
-    )
-    record_dir: Optional[str] = field(default="./bench_mark_eval.txt", metadata={"help": "Text file appended to."})
-    reward_name_or_path: Optional[str] = field(default=None, metadata={"help": "Hub name or checkpoint directory."})
-    split: str = field(default="filtered", metadata={"help": "Dataset split (a single local file is its own split)."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass (length-sorted)."})
-    max_length: int = field(default=4096, metadata={"help": "Longer inputs are cut from the left (counted)."})
-    results_json: Optional[str] = field(default=None, metadata={"help": "Default: next to record_dir."})
-    tie_credit: float = field(default=0.0, metadata={"help": "Credit for a tie: 0 (reward-bench), 0.5 (upstream RLHFlow)."})
-    prior_sets_path: Optional[str] = field(
-        default=None, metadata={"help": "allenai/preference-test-sets-format data: adds Prior Sets and the leaderboard Score."}
-    )
-    bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
-    attn_implementation: str = field(default="auto")
-    trust_remote_code: bool = field(default=False)
-    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})

@@ -1,0 +1,126 @@
+"""The one config mechanism (useful_code/cli.py): YAML recipe first, flags over it, one-line errors. Tested with the
+real recipes and the libraries' own argument classes (TRL's SFTConfig), as the training scripts use them."""
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+from trl import SFTConfig
+
+from useful_code.cli import UserError, parse_args, read_config, split_config_path
+from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
+from useful_code.distributed import HardwareAwareArguments
+
+PM_TINY = str(REPO_ROOT / "pair-pm" / "tiny.yaml")
+ARMO_RECIPE = str(REPO_ROOT / "armo-rm" / "configs" / "llama3-8b.yaml")
+
+
+@dataclass
+class Script:
+    model_name_or_path: str = DEFAULT_MODEL
+    overlength: str = "error"
+    skip_invalid: bool = False
+
+
+@dataclass
+class Config(HardwareAwareArguments, SFTConfig):
+    pass
+
+
+@dataclass
+class Aliased:
+    output_dir: Optional[str] = field(default="out", metadata={"aliases": ["--output_path"]})
+    steps: int = 1
+
+
+@pytest.fixture(autouse=True)
+def same_environment():
+    """Parsing training arguments may set up process state: leave the environment as it was."""
+    saved = dict(os.environ)
+    assert "LOCAL_RANK" not in saved
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize("argv,config,rest", [
+    (["a.yaml", "--x", "1"], "a.yaml", ["--x", "1"]),
+    (["--local_rank=0", "a.yml", "--x", "1"], "a.yml", ["--local_rank=0", "--x", "1"]),
+    (["--x", "1", "--config", "a.yaml"], "a.yaml", ["--x", "1"]),
+    (["--config=a.yaml", "--x", "1"], "a.yaml", ["--x", "1"]),
+    (["--chat_template", "t.yaml", "--x", "1"], None, ["--chat_template", "t.yaml", "--x", "1"]),  # a flag's value
+    (["--x", "1"], None, ["--x", "1"]),
+])
+def test_split_config_path(argv, config, rest):
+    assert split_config_path(argv) == (config, rest)
+
+
+def test_yaml_then_cli_override(tmp_path):
+    script, training, config = parse_args((Script, Config), None,
+                                          argv=[PM_TINY, "--learning_rate", "0.5", "--output_dir", str(tmp_path)])
+    assert config == PM_TINY
+    assert training.learning_rate == 0.5  # CLI wins over the YAML's 1.0e-3
+    assert training.output_dir == str(tmp_path)
+    assert training.per_device_train_batch_size == 16 and training.per_device_eval_batch_size == 32
+    assert training.max_length == 512 and training.num_train_epochs == 3 and training.seed == 42
+    assert training.packing is False and training.use_cpu is True and training.bf16 is False  # CPU-only machine
+    assert script.model_name_or_path == DEFAULT_MODEL  # not in tiny.yaml: the dataclass default
+    assert script.overlength == "error" and script.skip_invalid is False
+
+
+def test_local_rank_before_yaml(tmp_path):
+    _, training, _ = parse_args((Script, Config), None, argv=["--local_rank=0", PM_TINY, "--output_dir", str(tmp_path)])
+    assert training.per_device_train_batch_size == 16 and training.learning_rate == 1e-3
+    assert "LOCAL_RANK" not in os.environ
+
+
+def test_default_config_applies_without_one(tmp_path):
+    _, training, config = parse_args((Script, Config), PM_TINY, argv=["--output_dir", str(tmp_path),
+                                                                      "--num_train_epochs", "1"])
+    assert config == PM_TINY
+    assert training.per_device_train_batch_size == 16 and training.learning_rate == 1e-3
+    assert training.num_train_epochs == 1
+
+
+def test_config_keys_may_be_flag_aliases(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_path: somewhere\nsteps: 3\n")
+    args, _ = parse_args((Aliased,), None, argv=[str(recipe)])
+    assert args.output_dir == "somewhere" and args.steps == 3
+    args, _ = parse_args((Aliased,), None, argv=[str(recipe), "--output_path", "else"])
+    assert args.output_dir == "else"
+
+
+def test_unknown_yaml_key_names_file_and_key(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("learning_rate: 1.0e-3\nno_such_setting: 3\n")
+    with pytest.raises(UserError) as err:
+        parse_args((Script, Config), None, argv=[str(recipe), "--output_dir", str(tmp_path)])
+    assert str(recipe) in str(err.value) and "no_such_setting" in str(err.value)
+
+
+def test_unknown_flag_is_a_user_error():
+    with pytest.raises(UserError) as err:
+        parse_args((Aliased,), None, argv=["--stepz", "3"])
+    assert "--stepz" in str(err.value)
+
+
+@pytest.mark.parametrize("content,message", [(None, "cannot read config"), ("[1, 2]", "must be a YAML mapping"),
+                                             ("a: [1,", "not valid YAML")])
+def test_unreadable_configs(tmp_path, content, message):
+    recipe = tmp_path / "c.yaml"
+    if content is not None:
+        recipe.write_text(content)
+    with pytest.raises(UserError) as err:
+        parse_args((Aliased,), None, argv=[str(recipe)])
+    assert message in str(err.value) and "c.yaml" in str(err.value)
+
+
+def test_sections_take_shared_values_through_anchors():
+    prepare = read_config(ARMO_RECIPE, "stage-1_prepare")
+    train = read_config(ARMO_RECIPE, "stage-2_train")
+    assert prepare["model_path"] == train["model_path"] == "sfairXC/FsfairX-LLaMA3-RM-v0.1"
+    assert prepare["dataset_path"] == "RLHFlow/ArmoRM-Multi-Objective-Data-v0.1"
+    assert train["n_steps"] == 2000 and train["batch_size"] == 1024 and "dataset_path" not in train
+    assert read_config(ARMO_RECIPE, "interpret") == {}  # a script without a section keeps its defaults

@@ -1,0 +1,116 @@
+"""ArmoRM's data: the 19 attributes, and every file the four stages and the export exchange (embedding shards,
+regression weights, the gating head), named in this one place.
+
+Upstream hard-codes ~/data/ArmoRM; here every location is a flag, defaulting under ./armo_data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from useful_code.cli import UserError
+
+# Head order everywhere (RLHFlow/ArmoRM-Multi-Objective-Data-v0.1 columns).
+ATTRIBUTES = (
+    "helpsteer-helpfulness", "helpsteer-correctness", "helpsteer-coherence", "helpsteer-complexity",
+    "helpsteer-verbosity", "ultrafeedback-overall_score", "ultrafeedback-instruction_following",
+    "ultrafeedback-truthfulness", "ultrafeedback-honesty", "ultrafeedback-helpfulness", "beavertails-is_safe",
+    "prometheus-score", "argilla-overall_quality", "argilla-judge_lm", "code-complexity", "code-style",
+    "code-explanation", "code-instruction-following", "code-readability",
+)
+VERBOSITY_INDEX = ATTRIBUTES.index("helpsteer-verbosity")
+DATA_ROOT = "./armo_data"
+HEAD_WEIGHTS = "armo_head.safetensors"  # stage-2_train.py writes, export.py reads: regression, transform, gating
+HEAD_SUMMARY = "armo_head.json"  # attributes, penalties, gating hyper-parameters, validation accuracy
+
+
+def dataset_name(path: str) -> str:
+    """A file-name-safe name for a dataset given as a hub name or a path (its last component, no extension)."""
+    name = Path(path.rstrip("/")).name
+    for suffix in (".gz", ".jsonl", ".json", ".parquet"):
+        name = name.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def embeddings_prefix(embeddings_dir: Optional[str], model_path: str, dataset_path: str, split: Optional[str] = None,
+                      source: Optional[str] = None) -> str:
+    """Where a prepare stage writes (and a train stage reads) embedding shards:
+    <embeddings_dir or ./armo_data/embeddings/<model>>/<dataset>[-<source>][-<split>] (stage 1 has no split)."""
+    directory = embeddings_dir or f"{DATA_ROOT}/embeddings/{dataset_name(model_path)}"
+    suffix = (f"-{source}" if source else "") + (f"-{split}" if split else "")
+    return f"{directory}/{dataset_name(dataset_path)}{suffix}"
+
+
+def regression_weights_path(weights_dir: Optional[str], model_path: str, dataset_path: str) -> Path:
+    """Stage 1's probes: <weights_dir or ./armo_data/regression_weights>/<model>_<dataset>.safetensors (.json beside)."""
+    directory = Path(weights_dir or f"{DATA_ROOT}/regression_weights")
+    return directory / f"{dataset_name(model_path)}_{dataset_name(dataset_path)}.safetensors"
+
+
+def gating_head_dir(head_dir: Optional[str], model_path: str) -> Path:
+    """Stage 2's output directory (HEAD_WEIGHTS, HEAD_SUMMARY, reward_bench.json):
+    <head_dir or ./armo_data/gating_network/<model>>."""
+    return Path(head_dir or f"{DATA_ROOT}/gating_network/{dataset_name(model_path)}")
+
+
+def shard_rows(n_rows: int, n_shards: int, shard_idx: int) -> range:
+    """Rows of shard shard_idx (1-based, as upstream) of n_shards: contiguous, so shards merge back in order."""
+    if not 1 <= shard_idx <= n_shards:
+        raise UserError(f"--shard_idx must be between 1 and --n_shards={n_shards}, got {shard_idx}")
+    bounds = np.linspace(0, n_rows, n_shards + 1).astype(int)
+    return range(bounds[shard_idx - 1], bounds[shard_idx])
+
+
+def shard_path(prefix: str, shard_idx: int, n_shards: int) -> Path:
+    """<prefix>-00001-of-00004.safetensors"""
+    return Path(f"{prefix}-{shard_idx:05d}-of-{n_shards:05d}.safetensors")
+
+
+def save_shard(prefix: str, shard_idx: int, n_shards: int, tensors: dict, metadata: dict) -> Path:
+    """Write one shard's tensors (safetensors) with JSON metadata (what produced it, row ids' source)."""
+    path = shard_path(prefix, shard_idx, n_shards)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"json": json.dumps(metadata)})
+    return path
+
+
+def load_shards(prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Merge every shard of a prefix back into one set of tensors in row order. All shards of one run
+    (same n_shards) must be present; a missing, duplicated or foreign shard is an error."""
+    files = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}-*-of-*.safetensors"))
+    pattern = re.compile(re.escape(Path(prefix).name) + r"-(\d{5})-of-(\d{5})\.safetensors$")
+    found = {}
+    for f in files:
+        match = pattern.match(f.name)
+        if match:
+            found.setdefault(int(match.group(2)), {})[int(match.group(1))] = f
+    if not found:
+        raise UserError(f"no embedding shards found at {prefix}-*-of-*.safetensors; run the prepare stage")
+    if len(found) > 1:
+        raise UserError(f"shards of different runs at {prefix} (n_shards {sorted(found)}); remove the stale ones")
+    n_shards, shards = next(iter(found.items()))
+    missing = sorted(set(range(1, n_shards + 1)) - set(shards))
+    if missing:
+        raise UserError(f"{prefix}: shards {missing} of {n_shards} are missing")
+    parts, metadata = [], None
+    for idx in range(1, n_shards + 1):
+        with safe_open(str(shards[idx]), framework="pt") as f:
+            parts.append({k: f.get_tensor(k) for k in f.keys()})
+            metadata = metadata or json.loads(f.metadata()["json"])
+    merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if "row_ids" in merged:
+        order = torch.argsort(merged["row_ids"])
+        merged = {k: v[order] for k, v in merged.items()}
+        expected = torch.arange(len(order))
+        if not torch.equal(merged["row_ids"], expected):
+            raise UserError(f"{prefix}: shards do not cover rows 0..{len(order) - 1} exactly once")
+    return merged, {**metadata, "n_shards": n_shards}

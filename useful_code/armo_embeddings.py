@@ -1,0 +1,69 @@
+"""ArmoRM's embeddings: the frozen reward model's final hidden state at each conversation's last token and at its
+gating position (the end of the last user turn), batched, without autograd; and the prepare stages' shared flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from useful_code.cli import UserError
+from useful_code.defaults import DEFAULT_MODEL
+from useful_code.modeling_armo_rm import find_gating_positions
+from useful_code.scoring import length_sorted_batches, model_device
+from useful_code.templates import encode_conversations
+
+
+@dataclass
+class PrepareArguments:
+    """Flags both prepare stages share: upstream's model, sharding and device, plus batching and the output."""
+
+    model_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Reward model (its transformer is used)."})
+    n_shards: int = field(default=1)
+    shard_idx: int = field(default=1, metadata={"help": "1-based, as upstream."})
+    device: int = field(default=0, metadata={"help": "GPU index (the CPU when there is no GPU)."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
+    batch_size: int = field(default=16)
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
+    bf16: bool = field(default=True)
+    attn_implementation: str = field(default="auto")
+    trust_remote_code: bool = field(default=False)
+
+
+def gating_pattern(tokenizer) -> list[int]:
+    """Token ids that end a user turn and open the assistant's, read off the chat template: from the last
+    non-whitespace token of a rendered context to the end of the generation prompt. For Llama-3 this is
+    <|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n and for Gemma-2 <end_of_turn>\\n<start_of_turn>model\\n,
+    upstream's hard-coded patterns; its first token is where the prompt embedding is read."""
+    probe = [[{"role": "user", "content": "Hello"}]]
+    context = encode_conversations(tokenizer, probe)[0]
+    with_header = encode_conversations(tokenizer, probe, add_generation_prompt=True)[0]
+    if with_header[:len(context)] != context or len(with_header) == len(context):
+        raise UserError("the chat template's generation prompt does not extend the rendered context, so the "
+                                 "start of the assistant turn cannot be located")
+    gate = len(context) - 1
+    while gate > 0 and not tokenizer.decode([context[gate]]).strip():
+        gate -= 1
+    return context[gate:] + with_header[len(context):]
+
+
+@torch.inference_mode()
+def embed(model, tokenizer, sequences: list[list[int]], batch_size: int, gating_pattern_ids=None,
+          progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Final-layer hidden state at each sequence's last token, and (with gating_pattern_ids) at its gating
+    position; batched by length (longest first) with right padding. Returns CPU tensors in the model's dtype."""
+    device = model_device(model)
+    hidden_size = model.config.hidden_size
+    last = torch.zeros(len(sequences), hidden_size, dtype=model.dtype)
+    gated = torch.zeros(len(sequences), hidden_size, dtype=model.dtype) if gating_pattern_ids else None
+    for chunk in length_sorted_batches(sequences, batch_size, "embedding", progress):
+        batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")
+        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        rows = torch.arange(len(chunk), device=device)
+        last[chunk] = hidden[rows, mask.sum(-1) - 1].cpu()
+        if gated is not None:
+            gated[chunk] = hidden[rows, find_gating_positions(input_ids, gating_pattern_ids)].cpu()
+    return last, gated

@@ -1,0 +1,88 @@
+"""Checkpoints: the final save, the one reload verification every trainer and the ArmoRM export use, and the
+metrics every training run records."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+# Training arguments recorded in metrics.json (the full set is hundreds of fields).
+RECORDED_TRAINING_ARGS = ("output_dir", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                          "gradient_accumulation_steps", "num_train_epochs", "max_steps", "max_length", "packing",
+                          "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "activation_checkpointing",
+                          "bf16", "seed", "deepspeed")
+ZERO3_HINT = "With ZeRO-3, the DeepSpeed config needs stage3_gather_16bit_weights_on_model_save: true."
+
+
+def save_final_checkpoint(trainer, checkpoint_dir: str) -> None:
+    """Save weights (gathered from every rank under ZeRO-3), config and tokenizer as safetensors/JSON. The
+    pickled training_args.bin the Trainer adds is removed (metrics.json records the arguments): the checkpoint
+    holds nothing that needs pickle to read."""
+    trainer.save_model(checkpoint_dir)
+    if trainer.args.process_index == 0:
+        Path(checkpoint_dir, "training_args.bin").unlink(missing_ok=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def verify_reload(expected: np.ndarray, reloaded: np.ndarray, dtype: torch.dtype, checkpoint: str, what: str,
+                  tolerance: Optional[float] = None, reference: str = "the trained model",
+                  hint: str = ZERO3_HINT) -> float:
+    """Compare the outputs of a saved checkpoint, reloaded, with the reference's (the in-memory model's) on the same
+    inputs and return the largest difference. A difference above tolerance (default 1e-3 in fp32, 5e-2 in bf16;
+    relative to the outputs' scale when it exceeds 1) means the checkpoint lost something (its head, its ZeRO-3
+    shards): an error, not a warning."""
+    expected, reloaded = np.asarray(expected, dtype=np.float64), np.asarray(reloaded, dtype=np.float64)
+    if expected.shape != reloaded.shape:
+        raise RuntimeError(f"{checkpoint}: reloaded {what} have shape {reloaded.shape}, expected {expected.shape}")
+    if tolerance is None:
+        tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    max_diff = float(np.max(np.abs(reloaded - expected))) if expected.size else 0.0
+    limit = tolerance * max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+    if not max_diff <= limit:  # also catches NaN
+        raise RuntimeError(f"saved checkpoint {checkpoint} does not reproduce {reference}: {what} differ by up to "
+                           f"{max_diff:.4g} on {len(expected)} inputs (tolerance {limit:.3g}). {hint}".rstrip())
+    print(f"Checkpoint verified: the reloaded {what} match {reference} (max |diff| {max_diff:.2e} on "
+          f"{len(expected)} inputs)")
+    return max_diff
+
+
+def write_run_metrics(output_dir: str, metrics: dict, started: float, train_result, script_args, training_args,
+                      dtype: torch.dtype) -> str:
+    """Add what every training run records (losses, steps, timings, world size, dtype, the arguments, library
+    versions) to the script's own metrics and write <output_dir>/metrics.json; return its path."""
+    training = training_args.to_dict()
+    metrics = {
+        "train_loss": train_result.training_loss,
+        "train_steps": train_result.global_step,
+        **metrics,
+        "wall_time_s": round(time.time() - started, 1),
+        "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "world_size": training_args.world_size,
+        "dtype": str(dtype),
+        "arguments": {**asdict(script_args), **{k: training[k] for k in RECORDED_TRAINING_ARGS if k in training}},
+        "versions": library_versions(),
+    }
+    path = os.path.join(output_dir, "metrics.json")
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2)
+    return path
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide a result, recorded with every run."""
+    versions = {"python": sys.version.split()[0]}
+    for package in ("torch", "transformers", "deepspeed", "datasets", "accelerate", "trl"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

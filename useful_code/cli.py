@@ -1,0 +1,88 @@
+"""The command line every script shares: user errors as one line, and flags over a YAML config.
+
+One config mechanism for every model family: a YAML recipe (the first argument, or --config PATH, else the
+script's default) sets any field of the script's argument classes (its own dataclasses, TrainingArguments, TRL's
+SFTConfig), and every flag overrides it. `--help` shows the values the config gives.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import yaml
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+class UserError(Exception):
+    """A mistake in the user's input or flags: reported as one line, without a traceback."""
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def split_config_path(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """Find the config in argv: `--config PATH`, `--config=PATH`, or a positional .yaml/.yml path (launchers such
+    as deepspeed put `--local_rank=N` before it). Returns (path or None, the other arguments)."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    for i, arg in enumerate(argv):
+        is_flag_value = i > 0 and argv[i - 1].startswith("--") and "=" not in argv[i - 1]
+        if arg.endswith(CONFIG_SUFFIXES) and not is_flag_value:
+            return arg, argv[:i] + argv[i + 1:]
+    return None, argv
+
+
+def read_config(path: str, section: Optional[str] = None) -> dict:
+    """The YAML mapping at path; with section, only that top-level key's mapping (configs shared by several
+    scripts keep one section per script, and may share values through YAML anchors)."""
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise UserError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"config {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"config {path} must be a YAML mapping of field: value")
+    if section is not None:
+        config = config.get(section) or {}
+        if not isinstance(config, dict):
+            raise UserError(f"config {path}: section '{section}' must be a mapping of field: value")
+    return config
+
+
+def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = None,
+               section: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> tuple:
+    """Parse flags over a YAML config into one instance of each dataclass type.
+
+    The config is argv's (see split_config_path), else default_config, else none. Returns the instances followed by
+    the config path used. An unknown field, an unknown flag or a value the dataclass rejects is a UserError."""
+    from trl import TrlParser
+
+    config_path, argv = split_config_path(sys.argv[1:] if argv is None else argv)
+    config_path = config_path or default_config
+    parser = TrlParser(dataclass_types)
+    if config_path:
+        # A config may use a flag's alias (upstream's --output_path for output_dir) as its key, like the command line.
+        dests = {opt.lstrip("-"): action.dest for action in parser._actions for opt in action.option_strings}
+        config = {dests.get(key, key): value for key, value in read_config(config_path, section).items()}
+        unknown = parser.set_defaults_with_config(**config)
+        if unknown:
+            raise UserError(f"config {config_path}: unknown field(s) {', '.join(unknown[::2])}")
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # unknown flags, and values a dataclass's __post_init__ rejects
+        raise UserError(f"{config_path + ': ' if config_path else ''}{str(err).splitlines()[0]}") from None
+    return (*parsed, config_path)

@@ -1,0 +1,53 @@
+"""Distributed training set-up: DeepSpeed on CPU-only machines and loading models while ZeRO-3 is active."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from useful_code.hardware import bf16_available, has_accelerator
+
+
+def init_distributed_for_cpu(uses_deepspeed: bool) -> bool:
+    """On a machine without an accelerator, start DeepSpeed's gloo process group before TrainingArguments.
+
+    Accelerate sets up no distributed state without CUDA, so the Trainer would count world size 1 while
+    DeepSpeed counts the launcher's ranks; initialising DeepSpeed's comm layer first makes both agree.
+    Returns True when this machine has no accelerator (so TrainingArguments need use_cpu=True)."""
+    if has_accelerator():
+        return False
+    if uses_deepspeed and "LOCAL_RANK" in os.environ:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    return True
+
+
+class HardwareAwareArguments:
+    """Mixin for TrainingArguments subclasses (ours, TRL's configs): the same config trains on a GPU or a CPU-only
+    machine. Before the arguments fix the world size it starts DeepSpeed's CPU process group where needed, trains
+    on the CPU without an accelerator, and uses bf16 only where the GPU has it (with a printed note otherwise)."""
+
+    def __post_init__(self):
+        if init_distributed_for_cpu(self.deepspeed is not None):
+            self.use_cpu = True
+        if self.bf16 and not bf16_available():
+            print("bf16 requested but this machine has no bf16-capable GPU: using fp32")
+            self.bf16 = False
+        elif self.bf16 is None:
+            self.bf16 = bf16_available()
+        super().__post_init__()
+
+
+@contextmanager
+def outside_zero3():
+    """Load a model whole on this process while a ZeRO-3 run is active: inside it, from_pretrained would partition
+    the weights with collectives that the other ranks (not loading) never join, and hang."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    zero3_config = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = zero3_config

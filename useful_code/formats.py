@@ -1,0 +1,177 @@
+"""Preference-data formats and the rules every row must follow.
+
+Three input formats become one standard format (chosen/rejected message lists): standard messages, RewardBench's
+prompt/chosen/rejected strings and raw Anthropic HH-RLHF text. Every row is validated; an invalid row is an error
+naming its index and rule, or with skip_invalid a counted and printed drop.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any, Iterable, Optional
+
+from useful_code.cli import UserError
+
+ROLES = ("system", "user", "assistant")
+
+# Rules of one conversation (ArmoRM's multi-objective rows, and each side of a pair).
+CONVERSATION_RULES = {
+    "not_a_message_list": "a conversation must be a non-empty list of {role, content} messages",
+    "unknown_role": "every role must be 'system', 'user' or 'assistant'",
+    "empty_content": "no message may have empty content",
+    "roles_not_alternating": "roles must alternate user/assistant, starting with user (one leading system message allowed)",
+    "last_not_assistant": "the last message must be the assistant's",
+}
+INVALID_REASONS = {
+    **CONVERSATION_RULES,
+    "not_a_message_list": "chosen/rejected must be non-empty lists of {role, content} messages",
+    "context_mismatch": "chosen and rejected must share the same context (every message but the last)",
+    "unparseable_hh": "HH-RLHF text must be a sequence of '\\n\\nHuman: ...' / '\\n\\nAssistant: ...' turns",
+}
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_hh_conversation(text: str) -> Optional[list[dict]]:
+    """Parse an Anthropic HH-RLHF string ("\\n\\nHuman: ...\\n\\nAssistant: ...") into messages; None if the
+    text does not start with a turn marker."""
+    if not isinstance(text, str):
+        return None
+    pieces = _HH_TURN.split(text)
+    # split() yields [prefix, speaker, content, speaker, content, ...]; a valid text has no prefix.
+    if len(pieces) < 3 or pieces[0].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[speaker], "content": content.strip()} for speaker, content in zip(pieces[1::2], pieces[2::2])]
+
+
+def detect_format(column_names: Iterable[str], example: dict) -> str:
+    """Name the input format: 'messages' (standard), 'prompt' (RewardBench style) or 'hh' (raw HH-RLHF)."""
+    columns = set(column_names)
+    if not {"chosen", "rejected"} <= columns:
+        raise UserError(f"preference data needs 'chosen' and 'rejected' columns (found: {', '.join(sorted(columns))})")
+    if isinstance(example["chosen"], list):
+        return "messages"
+    if "prompt" in columns:
+        return "prompt"
+    return "hh"
+
+
+def clean_messages(messages: Any) -> Optional[list[dict]]:
+    """The messages as plain {role, content} dicts (extra keys dropped), or None if they are not a non-empty list
+    of messages with string role and content."""
+    if not isinstance(messages, list) or not messages:
+        return None
+    cleaned = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return None
+        content = message.get("content")
+        if not isinstance(content, str):
+            return None
+        cleaned.append({"role": message["role"], "content": content})
+    return cleaned
+
+
+def to_standard_pair(row: dict, fmt: str) -> tuple[list[dict], list[dict], str]:
+    """Convert one row to (chosen messages, rejected messages, invalid reason or '')."""
+    if fmt == "hh":
+        chosen, rejected = parse_hh_conversation(row["chosen"]), parse_hh_conversation(row["rejected"])
+        if chosen is None or rejected is None:
+            return [], [], "unparseable_hh"
+    elif fmt == "prompt":
+        prompt = row["prompt"]
+        context = clean_messages(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if context is None or not all(isinstance(row[k], str) for k in ("chosen", "rejected")):
+            return [], [], "not_a_message_list"
+        chosen = context + [{"role": "assistant", "content": row["chosen"]}]
+        rejected = context + [{"role": "assistant", "content": row["rejected"]}]
+    else:
+        chosen, rejected = clean_messages(row["chosen"]), clean_messages(row["rejected"])
+        if chosen is None or rejected is None:
+            return [], [], "not_a_message_list"
+    return chosen, rejected, validate_pair(chosen, rejected)
+
+
+def validate_conversation(messages: list[dict]) -> str:
+    """'' for a valid conversation of clean messages, else the first broken rule's key in CONVERSATION_RULES."""
+    if any(m["role"] not in ROLES for m in messages):
+        return "unknown_role"
+    if any(not m["content"].strip() for m in messages):
+        return "empty_content"
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    if not turns or not all(m["role"] == ("user", "assistant")[i % 2] for i, m in enumerate(turns)):
+        return "roles_not_alternating"
+    if turns[-1]["role"] != "assistant":
+        return "last_not_assistant"
+    return ""
+
+
+def validate_pair(chosen: list[dict], rejected: list[dict]) -> str:
+    """Return '' for a valid pair, else the first broken rule's key in INVALID_REASONS."""
+    # Rules are checked in order over both sides, so a pair reports the same rule whichever side breaks it first.
+    reasons = {validate_conversation(chosen), validate_conversation(rejected)} - {""}
+    for reason in CONVERSATION_RULES:
+        if reason in reasons:
+            return reason
+    if chosen[:-1] != rejected[:-1]:
+        return "context_mismatch"
+    return ""
+
+
+def standardize_pairs(dataset, skip_invalid: bool, name: str):
+    """Convert a preference dataset to the standard format (chosen/rejected message lists) and validate
+    every row. An invalid row is an error naming its index and rule, unless skip_invalid, in which case it
+    is dropped and counted. Returns (dataset, stats) with stats = {'format', 'read', 'invalid': {reason: n}, 'used'}."""
+    fmt = detect_format(dataset.column_names, dataset[0]) if len(dataset) else "messages"
+    source_columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+
+    def convert(row):
+        chosen, rejected, reason = to_standard_pair(row, fmt)
+        return {"chosen": chosen, "rejected": rejected, "invalid_reason": reason}
+
+    converted = dataset.map(convert, remove_columns=source_columns, desc=f"validating {name}")
+    converted, stats = enforce_validity(converted, INVALID_REASONS, skip_invalid, name)
+    return converted, {"format": fmt, **stats}
+
+
+def validate_conversations(dataset, skip_invalid: bool, name: str):
+    """Check every 'messages' conversation against CONVERSATION_RULES: an invalid row is an error naming it, or with
+    skip_invalid is dropped and counted. Returns (dataset, stats)."""
+    if "messages" not in dataset.column_names:
+        raise UserError(f"{name}: needs a 'messages' column (a conversation ending with the assistant's turn)")
+
+    def reason(messages) -> dict:
+        cleaned = clean_messages(messages)
+        return {"invalid_reason": validate_conversation(cleaned) if cleaned else "not_a_message_list"}
+
+    marked = dataset.map(reason, input_columns="messages", desc=f"validating {name}")
+    return enforce_validity(marked, CONVERSATION_RULES, skip_invalid, name)
+
+
+def enforce_validity(dataset, rules: dict[str, str], skip_invalid: bool, name: str):
+    """Act on an 'invalid_reason' column ('' = valid, else a key of rules): fail naming the first invalid rows
+    and their rules, or, with skip_invalid, drop them and print the count per reason. The column is removed.
+    Returns (dataset, stats) with stats = {'read', 'invalid': {reason: n}, 'used'}."""
+    reasons = dataset["invalid_reason"]
+    invalid = Counter(r for r in reasons if r)
+    stats = {"read": len(dataset), "invalid": dict(invalid)}
+    if invalid and not skip_invalid:
+        first = [(i, r) for i, r in enumerate(reasons) if r][:5]
+        examples = ", ".join(f"row {i} ({r})" for i, r in first)
+        broken = "; ".join(f"{r}: {rules[r]}" for r in invalid)
+        raise UserError(
+            f"{name}: {sum(invalid.values())} of {len(dataset)} rows are invalid ({_summary(invalid)}); "
+            f"first: {examples} (0-based). Rules: {broken}. "
+            f"Fix the data, or pass --skip_invalid to drop them with a count."
+        )
+    if invalid:
+        dataset = dataset.filter(lambda reason: not reason, input_columns="invalid_reason")
+        print(f"[{name}] dropped {sum(invalid.values())} of {len(reasons)} invalid rows (--skip_invalid): {_summary(invalid)}")
+    stats["used"] = len(dataset)
+    return dataset.remove_columns("invalid_reason"), stats
+
+
+def _summary(counter: Counter) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in counter.most_common())

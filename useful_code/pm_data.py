@@ -1,0 +1,147 @@
+"""Pairwise preference models (pair-pm): the prompt format, label tokens, PM-format validation, conversion of
+standard pairs and tokenization, shared by pair-pm/process_pair_data.py, pair-pm/train.py and pm_scoring.py.
+
+A preference model is a causal LM. It reads one user message,
+    "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \\n",
+rendered with the model's own chat template and its generation prompt, and answers with one token, "A" or "B".
+P(A preferred) is the softmax of the "A" and "B" logits at the answer position. Training puts the loss on that
+answer token alone, and scoring reads the logits at the same position, so both see the same token sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from useful_code.cli import UserError
+from useful_code.formats import enforce_validity
+from useful_code.templates import encode_conversations
+
+PM_PROMPT_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \n"
+LABELS = ("A", "B")
+
+
+def format_context(messages: list[dict]) -> str:
+    """Render a conversation's context with upstream's plain "<turn> user / <turn> assistant" template.
+
+    Byte-identical to what transformers' Jinja renderer (trim_blocks, no kept trailing newline) makes of
+    upstream's template for a user/assistant conversation; a leading system message renders as "<turn> system"."""
+    turns = "".join(f"\n<turn> {m['role']}\n {m['content']}" for m in messages)
+    return f"\n{turns}\n"
+
+
+def build_pm_prompt(context: list[dict], response_a: str, response_b: str) -> str:
+    """The user message a preference model reads: context and the two responses in the order A, B."""
+    return PM_PROMPT_TEMPLATE.format(context=format_context(context), response_A=response_a, response_B=response_b)
+
+
+def pm_messages(context: list[dict], chosen: str, rejected: str, chosen_position: int) -> list[dict]:
+    """One training example in upstream's layout: the prompt as a user message and the label as the answer."""
+    responses = (chosen, rejected) if chosen_position == 0 else (rejected, chosen)
+    return [
+        {"role": "user", "content": build_pm_prompt(context, *responses)},
+        {"role": "assistant", "content": LABELS[chosen_position]},
+    ]
+
+
+def balanced_positions(n: int, seed: int) -> list[int]:
+    """Where chosen goes (0 = A, 1 = B) for n examples: a seeded shuffle of equal halves, so the labels are
+    balanced to within one (upstream draws each independently, which leaves the balance to chance)."""
+    positions = np.array([i % 2 for i in range(n)])
+    np.random.default_rng(seed).shuffle(positions)
+    return positions.tolist()
+
+
+def label_token_ids(tokenizer) -> tuple[int, int]:
+    """Token ids of "A" and "B"; both must be single tokens for P(A) to be read off one position."""
+    ids = []
+    for label in LABELS:
+        encoded = tokenizer.encode(label, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise UserError(
+                f"the tokenizer encodes the label '{label}' as {len(encoded)} tokens {encoded}; a preference model "
+                "needs 'A' and 'B' to be single tokens")
+        ids.append(encoded[0])
+    return ids[0], ids[1]
+
+
+def encode_pm_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids up to the answer position: the chat template with its generation prompt, exactly one BOS."""
+    return encode_conversations(tokenizer, [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True)
+
+
+PM_INVALID_REASONS = {
+    "not_a_pm_example": "a PM example is two messages, user (the prompt) then assistant (the label)",
+    "bad_label": "the assistant's answer must be 'A' or 'B'",
+    "empty_prompt": "the prompt must not be empty",
+}
+
+
+def pm_invalid_reason(messages) -> str:
+    """'' for a valid PM-format example, else the broken rule's key in PM_INVALID_REASONS."""
+    if not (isinstance(messages, list) and len(messages) == 2 and all(isinstance(m, dict) for m in messages)
+            and [m.get("role") for m in messages] == ["user", "assistant"]):
+        return "not_a_pm_example"
+    if messages[1].get("content") not in LABELS:
+        return "bad_label"
+    if not (messages[0].get("content") or "").strip():
+        return "empty_prompt"
+    return ""
+
+
+def is_pm_format(dataset) -> bool:
+    """Whether a dataset is already in PM format: a 'messages' column whose first row ends in an "A"/"B" answer
+    (anything else is read as standard-format preference pairs)."""
+    if "messages" not in dataset.column_names or len(dataset) == 0:
+        return False
+    first = dataset[0]["messages"]
+    return isinstance(first, list) and bool(first) and first[-1].get("content") in LABELS
+
+
+def validate_pm_examples(dataset, skip_invalid: bool, name: str):
+    """Check every PM-format row; fail naming the row and rule, or drop and count with skip_invalid."""
+    marked = dataset.map(lambda messages: {"invalid_reason": pm_invalid_reason(messages)},
+                         input_columns="messages", desc=f"validating {name}")
+    marked, stats = enforce_validity(marked, PM_INVALID_REASONS, skip_invalid, name)
+    return marked, {"format": "pm", **stats}
+
+
+def pairs_to_pm(pairs, seed: int):
+    """Validated standard-format pairs -> PM examples ('messages' only), chosen's position balanced and seeded."""
+    positions = balanced_positions(len(pairs), seed)
+
+    def to_pm(row, index):
+        return {"messages": pm_messages(row["chosen"][:-1], row["chosen"][-1]["content"],
+                                        row["rejected"][-1]["content"], positions[index])}
+
+    return pairs.map(to_pm, with_indices=True, remove_columns=pairs.column_names, desc="formatting PM examples")
+
+
+def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, name: str):
+    """input_ids = prompt up to the answer position + the label token; labels = -100 except on the label token,
+    so the loss is on the answer alone (upstream's train_on_inputs: false). An example longer than max_length
+    is an error naming the row, or dropped and counted with overlength == 'drop' (cutting it would lose either
+    the context's start or the answer). Returns (dataset, stats)."""
+    if overlength not in ("error", "drop"):
+        raise UserError(f"--overlength must be 'error' or 'drop' for a PM, not '{overlength}'")
+    label_ids = label_token_ids(tokenizer)
+
+    def encode(batch):
+        prompts = encode_pm_prompts(tokenizer, [m[0]["content"] for m in batch["messages"]])
+        labels = [label_ids[LABELS.index(m[1]["content"])] for m in batch["messages"]]
+        return {"input_ids": [p + [label] for p, label in zip(prompts, labels)],
+                "labels": [[-100] * len(p) + [label] for p, label in zip(prompts, labels)]}
+
+    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {name}")
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long and overlength == "error":
+        raise UserError(
+            f"{name}: {len(too_long)} of {len(lengths)} examples are longer than max_length={max_length} tokens "
+            f"(first: row {too_long[0]}, {lengths[too_long[0]]} tokens); raise --max_length, or pass "
+            "--overlength drop to drop them with a count")
+    if too_long:
+        keep = sorted(set(range(len(lengths))) - set(too_long))
+        encoded = encoded.select(keep)
+        print(f"[{name}] dropped {len(too_long)} examples longer than max_length={max_length} tokens "
+              "(--overlength drop)")
+    return encoded, {"dropped_overlength": len(too_long)}

@@ -1,0 +1,141 @@
+"""Scoring with a pairwise preference model: P(first response preferred) in both orders, batched, and the
+knock-out tournament that picks the best of n responses (pair-pm/rank_responses.py, eval_reward_bench_pm.py).
+
+P(A preferred) is the softmax of the "A" and "B" logits at the answer position, read where training put the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from useful_code.cli import UserError
+from useful_code.modeling import load_for_scoring, load_preference_model
+from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
+from useful_code.scoring import length_sorted_batches, model_device
+from useful_code.templates import truncate_all
+
+
+@dataclass
+class Match:
+    """One knock-out comparison: indices into the candidate list and P(first beats second), both orders averaged."""
+
+    first: int
+    second: int
+    prob_first: float
+
+    @property
+    def winner(self) -> int:
+        """The index that goes through; an exact tie goes to the earlier candidate."""
+        return self.first if self.prob_first >= 0.5 else self.second
+
+
+@dataclass
+class TournamentResult:
+    """Outcome of a knock-out tournament over n candidates (n - 1 matches)."""
+
+    winner: int
+    matches: list[Match] = field(default_factory=list)
+    rounds: int = 0
+
+
+class PairPreferenceScorer:
+    """Scores pairs with a preference model: P(first response preferred), each pair in both orders, batched.
+
+    All sequences of a call (both orders of every pair) are sorted by length and padded on the left, so one
+    forward pass serves many pairs and only the last position's logits are computed (logits_to_keep=1)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 4096, temperature: float = 1.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.temperature = temperature
+        self.token_a, self.token_b = label_token_ids(tokenizer)
+        self.truncated = 0  # sequences cut to max_length so far (counted, reported by the caller)
+
+    @classmethod
+    def from_pretrained(cls, path: str, flag: str = "--reward_name_or_path", bf16: bool = True,
+                        attn_implementation: str = "auto", trust_remote_code: bool = False, **kwargs):
+        """Load a PM checkpoint (or hub name) onto the GPU if there is one."""
+        model, tokenizer = load_for_scoring(load_preference_model, path, flag, bf16, attn_implementation,
+                                            trust_remote_code)
+        return cls(model, tokenizer, **kwargs)
+
+    @torch.inference_mode()
+    def label_logits(self, sequences: list[list[int]], progress: bool = False) -> np.ndarray:
+        """[n, 2] float32 logits of "A" and "B" at the last position of each token sequence."""
+        device = model_device(self.model)
+        pad_id = self.tokenizer.pad_token_id
+        out = np.zeros((len(sequences), 2), dtype=np.float32)
+        for chunk in length_sorted_batches(sequences, self.batch_size, progress=progress):
+            width = max(len(sequences[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                seq = sequences[i]
+                input_ids[row, width - len(seq):] = torch.tensor(seq)
+                attention_mask[row, width - len(seq):] = 1
+            # Left padding: positions must count from each sequence's first real token, as when unpadded.
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                position_ids=position_ids.to(device), logits_to_keep=1, use_cache=False).logits[:, -1]
+            out[chunk] = logits[:, [self.token_a, self.token_b]].float().cpu().numpy()
+        return out
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of PM prompts, cut from the left to max_length (counted in self.truncated)."""
+        sequences, cut = truncate_all(self.tokenizer, encode_pm_prompts(self.tokenizer, prompts), self.max_length)
+        self.truncated += cut
+        return sequences
+
+    def prob_first_preferred(self, contexts: list[list[dict]], first: list[str], second: list[str],
+                             progress: bool = False) -> dict[str, np.ndarray]:
+        """P(first preferred over second) for each pair: as response A, as response B, and their mean."""
+        n = len(contexts)
+        prompts = [build_pm_prompt(c, a, b) for c, a, b in zip(contexts, first, second)]
+        prompts += [build_pm_prompt(c, b, a) for c, a, b in zip(contexts, first, second)]
+        logits = self.label_logits(self.encode(prompts), progress) / self.temperature
+        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        as_a = probs[:n, 0]  # first shown as A: P(answer A)
+        as_b = probs[n:, 1]  # first shown as B: P(answer B)
+        return {"first_as_A": as_a, "first_as_B": as_b, "mean": (as_a + as_b) / 2}
+
+    def score_pairs(self, pairs, progress: bool = True) -> dict[str, np.ndarray]:
+        """prob_first_preferred for standard-format pairs (chosen/rejected message lists): P(chosen preferred)."""
+        return self.prob_first_preferred([c[:-1] for c in pairs["chosen"]], [c[-1]["content"] for c in pairs["chosen"]],
+                                         [r[-1]["content"] for r in pairs["rejected"]], progress)
+
+    def knockout(self, context: list[dict], responses: list[str]) -> TournamentResult:
+        """Best of n responses by a knock-out tournament: n - 1 comparisons (each in both orders), one batch
+        per round. With an odd number left, the last candidate passes the round unplayed."""
+        return self.knockout_many([context], [responses])[0]
+
+    def knockout_many(self, contexts: list[list[dict]], candidates: list[list[str]]) -> list[TournamentResult]:
+        """Run one tournament per prompt; the matches of a round across all prompts share forward passes."""
+        if any(len(c) == 0 for c in candidates):
+            raise UserError("a tournament needs at least one candidate response per prompt")
+        alive = [list(range(len(c))) for c in candidates]
+        results = [TournamentResult(winner=-1) for _ in candidates]
+        while any(len(a) > 1 for a in alive):
+            pairings = [(p, alive[p][k], alive[p][k + 1]) for p in range(len(alive))
+                        for k in range(0, len(alive[p]) - 1, 2)]
+            probs = self.prob_first_preferred([contexts[p] for p, _, _ in pairings],
+                                              [candidates[p][i] for p, i, _ in pairings],
+                                              [candidates[p][j] for p, _, j in pairings])["mean"]
+            survivors = [[] for _ in alive]
+            for (p, i, j), prob in zip(pairings, probs):
+                match = Match(i, j, float(prob))
+                results[p].matches.append(match)
+                survivors[p].append(match.winner)
+            for p, a in enumerate(alive):
+                if len(a) > 1:
+                    results[p].rounds += 1
+                if len(a) % 2:
+                    survivors[p].append(a[-1])  # the bye
+            alive = survivors
+        for result, a in zip(results, alive):
+            result.winner = a[0]
+        return results
