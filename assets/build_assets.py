@@ -14,6 +14,8 @@ import random
 import shutil
 from pathlib import Path
 
+from useful_code.armo_data import ATTRIBUTES
+
 ASSETS = Path(__file__).resolve().parent
 MODEL_DIR = ASSETS / "tiny-llama"
 DATA_DIR = ASSETS / "data"
@@ -319,17 +321,6 @@ def make_ranking_prompts(n: int, seed: int, n_candidates: int = 4) -> list[dict]
     return rows
 
 
-# The 19 ArmoRM attributes (one list for the whole project: useful_code/armo_utils.py). Imported lazily so that
-# this file stays runnable on its own.
-def armo_attributes() -> tuple[str, ...]:
-    import sys
-
-    sys.path.insert(0, str(ASSETS.parent))
-    from useful_code.armo_utils import ATTRIBUTES
-
-    return ATTRIBUTES
-
-
 # Response quality behind the toy labels, by kind of answer.
 QUALITY = {"helpful": 0.8, "ramble": 0.35, "refusal": 0.25, "rude": 0.1}
 
@@ -348,7 +339,7 @@ def make_multi_objective_rows(n: int, seed: int) -> list[dict]:
     """Rows shaped like RLHFlow/ArmoRM-Multi-Objective-Data-v0.1: a conversation and the 19 attribute columns,
     each row labelled only by its source's attributes (the others are null), values in [0, 1]."""
     rng = random.Random(seed)
-    attributes = armo_attributes()
+    attributes = ATTRIBUTES  # the one list of the 19 attributes (useful_code/armo_data.py)
     sources = sorted({a.split("-")[0] for a in attributes})
     rows = []
     for _ in range(n):

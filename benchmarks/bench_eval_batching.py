@@ -12,20 +12,14 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from hh_pairs import HHBenchArguments, load_hh_pairs
 from useful_code.cli import parse_args, run_cli
-from useful_code.data import load_split
-from useful_code.defaults import DEFAULT_MODEL, HH_RLHF_HARMLESS_TEST
-from useful_code.formats import standardize_pairs
 from useful_code.scoring import score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
 
 
 @dataclass
-class BenchArguments:
-    data: str = field(default=HH_RLHF_HARMLESS_TEST)
-    model: str = field(default=DEFAULT_MODEL)
-    pairs: int = field(default=300, metadata={"help": "Pairs scored by each method."})
-    batch_size: int = field(default=16)
+class BenchArguments(HHBenchArguments):
     max_length: int = field(default=1024)
 
 
@@ -34,9 +28,7 @@ def main():
     tokenizer = load_tokenizer(args.model, "--model")
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1).eval()
     model.config.pad_token_id = tokenizer.pad_token_id
-    data = load_split(args.data, "train", "--data")
-    pairs, _ = standardize_pairs(data, skip_invalid=True, name="bench data")
-    pairs, _ = tokenize_pairs(pairs.select(range(args.pairs)), tokenizer, args.max_length, "truncate", "bench")
+    pairs, _ = tokenize_pairs(load_hh_pairs(args), tokenizer, args.max_length, "truncate", "bench")
     sequences = list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"])
 
     start = time.perf_counter()

@@ -11,20 +11,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from hh_pairs import HHBenchArguments, load_hh_pairs
 from useful_code.cli import parse_args, run_cli
-from useful_code.data import load_split
-from useful_code.defaults import DEFAULT_MODEL, HH_RLHF_HARMLESS_TEST
-from useful_code.formats import standardize_pairs
 from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
 from useful_code.pm_scoring import PairPreferenceScorer
 
 
 @dataclass
-class BenchArguments:
-    data: str = field(default=HH_RLHF_HARMLESS_TEST)
-    model: str = field(default=DEFAULT_MODEL)
+class BenchArguments(HHBenchArguments):
     pairs: int = field(default=200, metadata={"help": "Pairs scored by each method (each in both orders)."})
-    batch_size: int = field(default=16)
     bf16: bool = field(default=True, metadata={"help": "bf16 on a GPU that has it (fp32 on CPU)."})
 
 
@@ -47,9 +42,7 @@ def main():
     args = parse_args((BenchArguments,))[0]
     scorer = PairPreferenceScorer.from_pretrained(args.model, "--model", bf16=args.bf16,
                                                            batch_size=args.batch_size)
-    data = load_split(args.data, "train", "--data")
-    pairs, _ = standardize_pairs(data, skip_invalid=True, name="bench data")
-    pairs = pairs.select(range(args.pairs))
+    pairs = load_hh_pairs(args)
     contexts = [c[:-1] for c in pairs["chosen"]]
     chosen = [c[-1]["content"] for c in pairs["chosen"]]
     rejected = [r[-1]["content"] for r in pairs["rejected"]]

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from useful_code.checkpoints import save_final_checkpoint, verify_reload, write_run_metrics
 from useful_code.cli import UserError, parse_args, run_cli
-from useful_code.data import held_out_pairs, load_dataset_dict, pick_split
+from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
 from useful_code.distributed import HardwareAwareArguments, outside_zero3
 from useful_code.formats import standardize_pairs
@@ -37,7 +37,7 @@ NEVER = 999999  # upstream's "no periodic save/eval" value
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(HeldOutArguments):
     """What to train on and how to check it (upstream's names); the hyper-parameters are RewardTrainingArguments."""
 
     model_name: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub name or local directory of the base model."})
@@ -45,17 +45,8 @@ class ScriptArguments:
         default=DEFAULT_PREFERENCE_DATA,
         metadata={"help": "Hub name, saved dataset directory, data directory or .json/.jsonl/.parquet file."},
     )
-    eval_set_path: Optional[str] = field(
-        default=None,
-        metadata={"help": "Held-out pairs. Default: the train set's 'test' split, else --eval_holdout_size "
-                          "pairs held out of the train set (never overlapping the training pairs)."},
-    )
-    eval_holdout_size: int = field(default=500, metadata={"help": "Pairs held out of the train set when no eval set."})
-    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
     overlength: str = field(default="truncate", metadata={"help": "'truncate' (from the left, as upstream) or 'drop'."})
-    attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, flash_attention_2 or eager."})
     trust_remote_code: bool = field(default=False)
-    reload_check_pairs: int = field(default=16, metadata={"help": "Held-out pairs scored to verify the saved checkpoint."})
 
 
 @dataclass

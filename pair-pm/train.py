@@ -16,7 +16,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from trl import SFTConfig, SFTTrainer
 
 from useful_code.checkpoints import save_final_checkpoint, verify_reload, write_run_metrics
 from useful_code.cli import UserError, parse_args, run_cli
-from useful_code.data import held_out_pairs, load_dataset_dict, pick_split
+from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
 from useful_code.distributed import HardwareAwareArguments, outside_zero3
 from useful_code.formats import standardize_pairs
@@ -45,8 +44,9 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "tiny.yaml")
 
 
 @dataclass
-class ScriptArguments:
-    """What to train on and how to check it; the training hyper-parameters are SFTConfig's fields."""
+class ScriptArguments(HeldOutArguments):
+    """What to train on and how to check it; the training hyper-parameters are SFTConfig's fields. Held-out pairs
+    are standard-format pairs, scored in both orders."""
 
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub name or local directory."})
     dataset_path: str = field(
@@ -54,14 +54,8 @@ class ScriptArguments:
         metadata={"help": "PM-format data or standard-format pairs: hub name, directory or .json/.jsonl/.parquet."},
     )
     dataset_split: str = field(default="train")
-    eval_set_path: Optional[str] = field(
-        default=None, metadata={"help": "Standard-format held-out pairs ('test' split), scored in both orders."})
-    eval_holdout_size: int = field(
-        default=200, metadata={"help": "Pairs held out of standard-format train data that has no 'test' split."})
-    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
+    eval_holdout_size: int = field(default=200, metadata={"help": "Pairs held out of standard-format train data."})
     overlength: str = field(default="error", metadata={"help": "Examples over max_length: 'error' or 'drop'."})
-    attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, flash_attention_2 or eager."})
-    reload_check_pairs: int = field(default=16, metadata={"help": "Held-out pairs scored to verify the checkpoint."})
 
 
 @dataclass

@@ -57,6 +57,33 @@ def test_training_learns_the_toy_task_and_writes_metrics(trained):
     assert metrics["wall_time_s"] > 0
 
 
+def test_a_copy_of_the_tiny_model_trains_with_the_same_hyper_parameters(trained, tmp_path):
+    copy = tmp_path / "my-model"
+    shutil.copytree(DEFAULT_MODEL, copy)
+    proc = run([sys.executable, TRAIN, "--model_name", str(copy), "--output_path", str(tmp_path / "out"),
+                "--max_steps", "2"])
+    check_ok(proc)
+    assert "note: these hyper-parameters are the tiny model's" in proc.stdout  # said, not silent
+    ours = json.loads((tmp_path / "out" / "metrics.json").read_text())["arguments"]
+    default = json.loads((trained / "metrics.json").read_text())["arguments"]
+    keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+            "max_length", "warmup_steps", "weight_decay", "lr_scheduler_type", "activation_checkpointing")
+    assert {k: ours[k] for k in keys} == {k: default[k] for k in keys}
+    assert (ours["learning_rate"], ours["per_device_train_batch_size"], ours["gradient_accumulation_steps"]) == (
+        1e-3, 16, 1)
+
+
+def test_help_shows_the_recipes_values():
+    proc = run([sys.executable, TRAIN, "--help"])
+    check_ok(proc)
+    text = " ".join(proc.stdout.split())
+    assert "--output_path" in text and "--warmup_ratio" in text and "--save_every_steps" in text
+    assert "(default: 0.001)" in text and "(default: 16)" in text and "(default: 512)" in text  # tiny.yaml
+    proc = run([sys.executable, TRAIN, "bradley-terry-rm/configs/llama3-8b-it.yaml", "--help"])
+    text = " ".join(proc.stdout.split())
+    assert "(default: 2e-06)" in text and "(default: 64)" in text and "(default: 4096)" in text
+
+
 def test_checkpoint_is_complete_safetensors_and_reloads(trained):
     checkpoint = trained / "last_checkpoint"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):

@@ -3,6 +3,7 @@ split every trainer uses."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -61,6 +62,22 @@ def pick_split(dataset_dict, split: str, flag: str):
 def load_split(path: str, split: str, flag: str):
     """One split of a dataset (a single local file is its own split)."""
     return pick_split(load_dataset_dict(path, flag), split, flag)
+
+
+@dataclass
+class HeldOutArguments:
+    """The flags every trainer shares about its data checks: where held-out pairs come from, what an invalid row
+    does, and how many held-out pairs verify the saved checkpoint."""
+
+    eval_set_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Held-out standard-format pairs ('test' split). Default: the train data's 'test' split, "
+                          "else --eval_holdout_size pairs held out of it (never overlapping the training pairs)."},
+    )
+    eval_holdout_size: int = field(default=500, metadata={"help": "Pairs held out of train data with no 'test' split."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
+    reload_check_pairs: int = field(default=16, metadata={"help": "Held-out pairs scored to verify the checkpoint."})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, flash_attention_2 or eager."})
 
 
 def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_size: int, seed: int,

@@ -1,0 +1,85 @@
+"""The one held-out split (data.held_out_pairs) and the one reload verification (checkpoints.verify_reload) that
+every trainer and the ArmoRM export use."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+
+from useful_code.checkpoints import verify_reload
+from useful_code.cli import UserError
+from useful_code.data import held_out_pairs
+from useful_code.formats import standardize_pairs
+
+
+def pairs(n, tag="t"):
+    rows = [{"prompt": f"{tag} question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def prompts(dataset):
+    return [c[0]["content"] for c in dataset["chosen"]]
+
+
+def test_holds_out_disjoint_seeded_pairs():
+    train, _ = standardize_pairs(pairs(20), False, "train")
+    kept, held, stats = held_out_pairs(train, {"train": pairs(20)}, None, 5, seed=3, skip_invalid=False,
+                                       train_flag="--train_set_path")
+    assert len(kept) == 15 and len(held) == 5 and stats == {"read": 5, "source": "held out of --train_set_path"}
+    assert not set(prompts(kept)) & set(prompts(held))
+    assert set(prompts(kept)) | set(prompts(held)) == {f"t question {i}" for i in range(20)}
+    _, again, _ = held_out_pairs(train, {}, None, 5, seed=3, skip_invalid=False, train_flag="x")
+    assert prompts(again) == prompts(held)  # seeded
+
+
+def test_too_few_pairs_to_hold_out_is_one_error():
+    train, _ = standardize_pairs(pairs(9), False, "train")
+    with pytest.raises(UserError, match="9 valid pairs and no 'test' split: too few to hold out --eval_holdout_size=5"):
+        held_out_pairs(train, {}, None, 5, seed=0, skip_invalid=False, train_flag="--train_set_path")
+
+
+def test_test_split_comes_before_holding_out():
+    train, _ = standardize_pairs(pairs(20), False, "train")
+    kept, held, stats = held_out_pairs(train, DatasetDict(train=pairs(20), test=pairs(4, "x")), None, 5, 0, False,
+                                       "--dataset_path")
+    assert len(kept) == 20 and prompts(held) == [f"x question {i}" for i in range(4)]
+    assert stats["source"] == "test split of --dataset_path" and stats["used"] == 4 and stats["format"] == "prompt"
+
+
+def test_eval_set_path_comes_first(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs(3, "e")))
+    train, _ = standardize_pairs(pairs(20), False, "train")
+    kept, held, stats = held_out_pairs(train, DatasetDict(train=pairs(20), test=pairs(4, "x")), str(path), 5, 0,
+                                       False, "--dataset_path")
+    assert len(kept) == 20 and prompts(held) == ["e question 0", "e question 1", "e question 2"]
+    assert stats["source"] == str(path)
+
+
+def test_reload_within_tolerance_returns_the_largest_difference(capsys):
+    expected = np.array([[1.0, -2.0], [0.5, 3.0]])
+    assert verify_reload(expected, expected + [[0, 4e-4], [0, 0]], torch.float32, "ckpt", "rewards") == \
+        pytest.approx(4e-4)
+    assert "Checkpoint verified: the reloaded rewards match the trained model (max |diff| 4.00e-04 on 2 inputs)" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype,diff,ok", [(torch.float32, 2.9e-3, True), (torch.float32, 3.1e-3, False),
+                                           (torch.bfloat16, 0.14, True), (torch.bfloat16, 0.16, False)])
+def test_reload_tolerance_scales_with_outputs_and_dtype(dtype, diff, ok):
+    expected = np.array([3.0, -1.0, 0.0])  # scale 3: fp32 tolerance 3e-3, bf16 0.15
+    reloaded = expected + [0.0, diff, 0.0]
+    if ok:
+        assert verify_reload(expected, reloaded, dtype, "ckpt", "rewards") == pytest.approx(diff)
+    else:
+        with pytest.raises(RuntimeError, match="ckpt does not reproduce the trained model: rewards differ"):
+            verify_reload(expected, reloaded, dtype, "ckpt", "rewards")
+
+
+def test_reload_nan_or_shape_mismatch_is_an_error():
+    with pytest.raises(RuntimeError, match="differ by up to nan"):
+        verify_reload(np.array([1.0, 2.0]), np.array([1.0, np.nan]), torch.float32, "c", "scores")
+    with pytest.raises(RuntimeError, match="shape"):
+        verify_reload(np.zeros((2, 2)), np.zeros(4), torch.float32, "c", "scores")
