@@ -154,7 +154,7 @@ def main():
     is_main = training_args.process_index == 0
     set_seed(training_args.seed)
     if is_main:
-        print(f"Config {config}: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
+        print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
               f"{training_args.gradient_accumulation_steps} epochs={training_args.num_train_epochs} "
               f"max_length={training_args.max_length} dtype={dtype} world_size={training_args.world_size}")
         if config == DEFAULT_CONFIG and args.model_name != DEFAULT_MODEL:

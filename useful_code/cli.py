@@ -72,6 +72,8 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
     from trl import TrlParser
 
     config_path, argv = split_config_path(sys.argv[1:] if argv is None else argv)
+    if config_path is None and default_config and "--help" not in argv and "-h" not in argv:
+        print(f"Recipe: {default_config} (the default; give a recipe first, or --config PATH, to change it)")
     config_path = config_path or default_config
     parser = TrlParser(dataclass_types)
     if config_path:
