@@ -10,6 +10,7 @@ as in upstream's README. From Python: model.explain(input_ids, top_k) on the loa
 from dataclasses import dataclass, field
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.modeling import load_model
@@ -28,12 +29,10 @@ class ScriptArguments:
 
 
 def main():
-    from transformers import AutoModelForSequenceClassification
-
     args = parse_args((ScriptArguments,))[0]
     tokenizer = load_tokenizer(args.model_path, "--model_path")
     model = load_model(AutoModelForSequenceClassification, args.model_path, "--model_path", tokenizer,
-                                torch.float32, trust_remote_code=args.trust_remote_code).eval()
+                       torch.float32, trust_remote_code=args.trust_remote_code).eval()
     if not hasattr(model.config, "attribute_names"):
         raise UserError(f"--model_path: {args.model_path} is not an ArmoRM export (no attribute_names)")
     messages = [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": args.response}]

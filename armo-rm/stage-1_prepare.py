@@ -47,9 +47,9 @@ def main():
     shard = data.select(rows)
 
     model, tokenizer = load_backbone(args.model_path, default_device(args.device), args.bf16,
-                                                args.attn_implementation, args.trust_remote_code)
+                                     args.attn_implementation, args.trust_remote_code)
     sequences, truncated = truncate_all(tokenizer, encode_conversations(tokenizer, list(shard["messages"])),
-                                       args.max_length)
+                                        args.max_length)
     embeddings, _ = embed(model, tokenizer, sequences, args.batch_size)
     labels = np.array([[np.nan if v is None else v for v in shard[a]] for a in ATTRIBUTES],
                       dtype=np.float32).T.reshape(len(shard), len(ATTRIBUTES))

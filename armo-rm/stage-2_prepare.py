@@ -58,12 +58,12 @@ def main():
     shard = pairs.select(rows)
 
     model, tokenizer = load_backbone(args.model_path, default_device(args.device), args.bf16,
-                                                args.attn_implementation, args.trust_remote_code)
+                                     args.attn_implementation, args.trust_remote_code)
     if args.model_family != "auto":
         expected = FAMILY_MODEL_TYPES.get(args.model_family)
         if expected is None or model.config.model_type != expected:
             raise UserError(f"--model_family {args.model_family}: model type is '{model.config.model_type}' "
-                                     f"(llama3 needs 'llama', gemma2 'gemma2'; 'auto' works for any chat model)")
+                            f"(llama3 needs 'llama', gemma2 'gemma2'; 'auto' works for any chat model)")
     pattern = gating_pattern(tokenizer)
     print(f"Gating token: first of {pattern} ({tokenizer.decode(pattern)!r})")
 
@@ -72,7 +72,7 @@ def main():
     embedded = torch.tensor([max(len(c), len(r)) <= args.seq_len for c, r in zip(chosen, rejected)])
     keep = embedded.nonzero().flatten().tolist()
     last, gated = embed(model, tokenizer, [chosen[i] for i in keep] + [rejected[i] for i in keep],
-                                   args.batch_size, gating_pattern_ids=pattern)
+                        args.batch_size, gating_pattern_ids=pattern)
     hidden = model.config.hidden_size
     embeddings = torch.zeros(len(shard), 2, hidden, dtype=last.dtype)
     prompt_embeddings = torch.zeros(len(shard), 2, hidden, dtype=last.dtype)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
+from sklearn.model_selection import train_test_split
 
 from useful_code.armo_data import (
     ATTRIBUTES,
@@ -93,8 +95,6 @@ def pair_scores(gating: GatingNetwork, weight: torch.Tensor, transform: torch.Te
 
 
 def main():
-    from safetensors.torch import load_file, save_file
-
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
     device = default_device(args.device)
     torch.manual_seed(args.seed)
@@ -107,7 +107,7 @@ def main():
                                         args.reference_split or args.preference_split)
     ref_rewards = (reference["embeddings"][reference["embedded"]].to(device) @ weight.T).reshape(-1, len(weight))
     debias = verbosity_penalties(ref_rewards.cpu().numpy(), args.verbosity_dim,
-                                            threshold=args.corr_threshold)
+                                 threshold=args.corr_threshold)
     transform = torch.tensor(transform_matrix(debias["penalty"], args.verbosity_dim),
                              dtype=torch.float32, device=device)
     print("Verbosity penalties: " + ", ".join(f"{a} {p:g}" for a, p in zip(ATTRIBUTES, debias["penalty"])))
@@ -119,8 +119,6 @@ def main():
     pairs, _ = load_pair_embeddings(args, args.preference_dataset, args.preference_split)
     usable = pairs["embedded"].nonzero().flatten()
     print(f"{len(usable)} of {len(pairs['embedded'])} preference pairs embedded")
-    from sklearn.model_selection import train_test_split
-
     train_rows, val_rows = train_test_split(usable.numpy(), test_size=args.val_fraction, random_state=args.seed)
     prompt = pairs["prompt_embeddings"][:, 0].to(device)
     responses = pairs["embeddings"].to(device)

@@ -41,7 +41,7 @@ def upstream_loop(model, tokenizer, contexts, chosen, rejected) -> np.ndarray:
 def main():
     args = parse_args((BenchArguments,))[0]
     scorer = PairPreferenceScorer.from_pretrained(args.model, "--model", bf16=args.bf16,
-                                                           batch_size=args.batch_size)
+                                                  batch_size=args.batch_size)
     pairs = load_hh_pairs(args)
     contexts = [c[:-1] for c in pairs["chosen"]]
     chosen = [c[-1]["content"] for c in pairs["chosen"]]

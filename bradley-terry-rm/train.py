@@ -56,7 +56,7 @@ class RewardTrainingArguments(HardwareAwareArguments, TrainingArguments):
     output_dir: Optional[str] = field(default="./bt_models/reward_model",
                                       metadata={"aliases": ["--output_path"], "help": "Output directory."})
     max_length: int = field(default=4096, metadata={"help": "Max tokens per conversation."})
-    save_every_steps: int = field(default=NEVER, metadata={"help": "Save a checkpoint every x steps (upstream's flag)."})
+    save_every_steps: int = field(default=NEVER, metadata={"help": "Save a checkpoint every x steps (upstream)."})
     eval_every_steps: int = field(default=NEVER, metadata={"help": "Evaluate every x steps (upstream's flag)."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch pairs of similar length (less padding)."})
     warmup_steps: float = field(default=0.03, metadata={"aliases": ["--warmup_ratio"],
@@ -126,7 +126,8 @@ class BradleyTerryTrainer(Trainer):
 def compute_metrics(eval_pred) -> dict:
     """Pair accuracy: chosen strictly above rejected (ties count as wrong, as in RewardBench)."""
     rewards = np.asarray(eval_pred.predictions).reshape(-1, 2)
-    return {"accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1])), "ties": int(np.sum(rewards[:, 0] == rewards[:, 1]))}
+    return {"accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1])),
+            "ties": int(np.sum(rewards[:, 0] == rewards[:, 1]))}
 
 
 def verify_checkpoint(trainer, checkpoint_dir: str, pairs, dtype: torch.dtype) -> float:

@@ -10,6 +10,8 @@ matrix grown to fit: a pad equal to EOS makes every padded position look like th
 
 from dataclasses import dataclass, field
 
+import torch
+
 from useful_code.cli import parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling import load_preference_model
@@ -27,14 +29,12 @@ class ScriptArguments:
 
 
 def main():
-    import torch
-
     args = parse_args((ScriptArguments,))[0]
     tokenizer = load_tokenizer(args.model_name, "--model_name", args.trust_remote_code)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     # Loaded on CPU whatever the machine: this only edits and re-saves the weights.
     model = load_preference_model(args.model_name, "--model_name", tokenizer, dtype, "sdpa",
-                                           args.trust_remote_code)
+                                  args.trust_remote_code)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(args.output_path)
     tokenizer.save_pretrained(args.output_path)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from datasets import DatasetDict, concatenate_datasets
+
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA
@@ -41,8 +43,6 @@ class ScriptArguments:
 
 def save(dataset, output_path: str) -> None:
     """Write by the output's extension: JSON lines, parquet, or a DatasetDict directory."""
-    from datasets import DatasetDict
-
     suffix = Path(output_path).suffix
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".json", ".jsonl"):
@@ -54,8 +54,6 @@ def save(dataset, output_path: str) -> None:
 
 
 def main():
-    from datasets import concatenate_datasets
-
     args = parse_args((ScriptArguments,))[0]
     parts = []
     for k, path in enumerate(args.dataset_path):
@@ -72,8 +70,6 @@ def main():
     save(combined, args.output_path)
     print(f"Wrote {len(combined)} PM examples to {args.output_path}")
     if args.push_to_hub:
-        from datasets import DatasetDict
-
         DatasetDict({"train": combined}).push_to_hub(args.push_to_hub)
         print(f"Pushed to the hub: {args.push_to_hub}")
 

@@ -52,7 +52,7 @@ def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dic
         if not context or not isinstance(responses, list) or not responses \
                 or not all(isinstance(r, str) and r.strip() for r in responses):
             raise UserError(f"--input_path line {number}: needs 'prompt' or 'context' and a non-empty "
-                                     "'responses' list of non-empty strings")
+                            "'responses' list of non-empty strings")
         contexts.append(context)
         candidates.append(responses)
         rows.append(row)

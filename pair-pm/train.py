@@ -100,11 +100,11 @@ def main():
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(script_args.model_name_or_path, "--model_name_or_path",
-                                        training_args.trust_remote_code)
+                               training_args.trust_remote_code)
     with training_args.main_process_first():
         train, held_out, data_stats = load_examples(script_args, training_args.seed)
         train, token_stats = tokenize_pm_examples(train, tokenizer, training_args.max_length,
-                                                           script_args.overlength, "train set")
+                                                  script_args.overlength, "train set")
     data_stats["train"].update(token_stats, used=len(train))
     if len(train) == 0:
         raise UserError("no examples left to train on after validation and length filtering")
@@ -118,7 +118,7 @@ def main():
 
     # Built after SFTConfig so that ZeRO-3 partitions the weights as they load.
     model = load_preference_model(script_args.model_name_or_path, "--model_name_or_path", tokenizer, dtype,
-                                           script_args.attn_implementation, training_args.trust_remote_code)
+                                  script_args.attn_implementation, training_args.trust_remote_code)
     model.config.use_cache = False
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
     train_result = trainer.train()

@@ -50,7 +50,7 @@ def embeddings_prefix(embeddings_dir: Optional[str], model_path: str, dataset_pa
 
 
 def regression_weights_path(weights_dir: Optional[str], model_path: str, dataset_path: str) -> Path:
-    """Stage 1's probes: <weights_dir or ./armo_data/regression_weights>/<model>_<dataset>.safetensors (.json beside)."""
+    """Stage 1's probes, a .json beside: <weights_dir or ./armo_data/regression_weights>/<model>_<dataset>.safetensors."""
     directory = Path(weights_dir or f"{DATA_ROOT}/regression_weights")
     return directory / f"{dataset_name(model_path)}_{dataset_name(dataset_path)}.safetensors"
 

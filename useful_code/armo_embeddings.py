@@ -42,7 +42,7 @@ def gating_pattern(tokenizer) -> list[int]:
     with_header = encode_conversations(tokenizer, probe, add_generation_prompt=True)[0]
     if with_header[:len(context)] != context or len(with_header) == len(context):
         raise UserError("the chat template's generation prompt does not extend the rendered context, so the "
-                                 "start of the assistant turn cannot be located")
+                        "start of the assistant turn cannot be located")
     gate = len(context) - 1
     while gate > 0 and not tokenizer.decode([context[gate]]).strip():
         gate -= 1

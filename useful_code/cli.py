@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 import yaml
+from trl import TrlParser
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -69,8 +70,6 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
 
     The config is argv's (see split_config_path), else default_config, else none. Returns the instances followed by
     the config path used. An unknown field, an unknown flag or a value the dataclass rejects is a UserError."""
-    from trl import TrlParser
-
     config_path, argv = split_config_path(sys.argv[1:] if argv is None else argv)
     if config_path is None and default_config and "--help" not in argv and "-h" not in argv:
         print(f"Recipe: {default_config} (the default; give a recipe first, or --config PATH, to change it)")

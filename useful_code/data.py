@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
 from useful_code.cli import UserError
 from useful_code.formats import standardize_pairs
 
@@ -24,8 +26,6 @@ def _file_builder(path: Path) -> Optional[str]:
 def load_dataset_dict(path: str, flag: str, split: Optional[str] = None):
     """Load a dataset from a hub name, a directory saved by `datasets`, a data directory, or a
     .json/.jsonl/.parquet file (optionally compressed). Returns a DatasetDict; a single file is split 'train'."""
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
     local = Path(path).expanduser()
     if local.is_file():
         builder = _file_builder(local)
@@ -72,7 +72,7 @@ class HeldOutArguments:
     eval_set_path: Optional[str] = field(
         default=None,
         metadata={"help": "Held-out standard-format pairs ('test' split). Default: the train data's 'test' split, "
-                          "else --eval_holdout_size pairs held out of it (never overlapping the training pairs)."},
+                  "else --eval_holdout_size pairs held out of it (never overlapping the training pairs)."},
     )
     eval_holdout_size: int = field(default=500, metadata={"help": "Pairs held out of train data with no 'test' split."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})

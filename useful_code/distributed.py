@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from transformers.integrations import deepspeed as hf_deepspeed
+
 from useful_code.hardware import bf16_available, has_accelerator
 
 
@@ -43,8 +45,6 @@ class HardwareAwareArguments:
 def outside_zero3():
     """Load a model whole on this process while a ZeRO-3 run is active: inside it, from_pretrained would partition
     the weights with collectives that the other ranks (not loading) never join, and hang."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     zero3_config = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed.unset_hf_deepspeed_config()
     try:

@@ -20,13 +20,15 @@ def model_device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: int, progress: bool = False) -> list[float]:
+def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: int,
+                    progress: bool = False) -> list[float]:
     """Scalar reward of each token sequence (logit 0), batched by length (longest first) to waste little padding."""
     device = model_device(model)
     rewards = [0.0] * len(sequences)
     for chunk in length_sorted_batches(sequences, batch_size, progress=progress):
         batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
         for i, reward in zip(chunk, logits[:, 0].float().cpu().tolist()):
             rewards[i] = reward
     return rewards

@@ -3,13 +3,13 @@ tokenized pairs every BT script trains and scores on."""
 
 from __future__ import annotations
 
+from transformers import AutoTokenizer
+
 from useful_code.cli import UserError
 
 
 def load_tokenizer(name: str, flag: str, trust_remote_code: bool = False):
     """Load a tokenizer, pad on the right, and make sure it has a pad token distinct from EOS."""
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -61,7 +61,8 @@ def render_conversations(tokenizer, conversations: list[list[dict]], add_generat
     return texts
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[list[int]]:
+def encode_conversations(tokenizer, conversations: list[list[dict]],
+                         add_generation_prompt: bool = False) -> list[list[int]]:
     """Token ids of each conversation, templated, untruncated."""
     texts = render_conversations(tokenizer, conversations, add_generation_prompt)
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
