@@ -55,7 +55,7 @@ demo-armo: $(STAMP)
 	python armo-rm/stage-2_prepare.py --model_path $(ARMO_BACKBONE) --output_dir $(ARMO_EMB) \
 		--dataset_path assets/data/reward_bench_sample.jsonl
 	python armo-rm/stage-2_train.py --model_path $(ARMO_BACKBONE) --embeddings_dir $(ARMO_EMB) \
-		--regression_weights $(ARMO_DIR)/regression_weights/$(notdir $(ARMO_BACKBONE))_toy_multi_objective.safetensors \
+		--regression_weights $(ARMO_DIR)/regression_weights \
 		--output_dir $(ARMO_DIR)/head --eval_reward_bench --reward_bench_dataset assets/data/reward_bench_sample.jsonl --reward_bench_split train
 	python armo-rm/export.py --model_path $(ARMO_BACKBONE) --head_dir $(ARMO_DIR)/head --output_path $(ARMO_DIR)/model
 	python useful_code/eval_reward_bench_bt.py --reward_name_or_path $(ARMO_DIR)/model --trust_remote_code \

@@ -74,7 +74,9 @@ class ScriptArguments:
     hidden_size: int = field(default=1024)
     dropout: float = field(default=0.2)
     embeddings_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
-    regression_weights: Optional[str] = field(default=None, metadata={"help": "Default: stage-1_train.py's output."})
+    regression_weights: Optional[str] = field(default=None, metadata={
+        "help": "stage-1_train.py's weights file, or the directory it wrote to (its --output_dir). Default: its "
+                "default output for --model_path and --multi_objective_dataset."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/gating_network/<model>."})
     val_fraction: float = field(default=0.2)
     seed: int = field(default=0)
@@ -98,8 +100,9 @@ def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
     device = default_device(args.device)
     torch.manual_seed(args.seed)
-    weights_path = str(args.regression_weights or regression_weights_path(None, args.model_path,
-                                                                          args.multi_objective_dataset))
+    weights_path = args.regression_weights
+    if weights_path is None or Path(weights_path).is_dir():
+        weights_path = str(regression_weights_path(weights_path, args.model_path, args.multi_objective_dataset))
     weight = load_file(weights_path)["weight"].float().to(device)  # [K, D]
 
     # 1. Verbosity debiasing on the reference responses (chosen and rejected pooled, embedded pairs only).

@@ -681,6 +681,12 @@ def test_validate_conversations_names_the_row():
         validate_conversations(ds, False, "mo data")
     assert "row 1 (last_not_assistant)" in str(err.value)
     assert "row 0" not in str(err.value) and "row 2" not in str(err.value)
+    # A conversation's own rules, not a pair's: nothing about chosen/rejected.
+    assert "last_not_assistant: the last message must be the assistant's" in str(err.value)
+    assert "chosen" not in str(err.value) and "rejected" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        validate_conversations(conversations("not a list"), False, "mo data")
+    assert "not_a_message_list: a conversation must be a non-empty list of {role, content} messages" in str(err.value)
 
 
 def test_validate_conversations_skip_invalid_drops_and_counts():

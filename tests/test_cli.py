@@ -69,6 +69,14 @@ def test_yaml_then_cli_override(tmp_path):
     assert script.overlength == "error" and script.skip_invalid is False
 
 
+@pytest.mark.parametrize("flag,value", [("--gradient_checkpointing", True), ("--activation_checkpointing", True)])
+def test_upstreams_gradient_checkpointing_flag_overrides_the_recipe(tmp_path, flag, value):
+    _, training, _ = parse_args((Script, Config), None, argv=[PM_TINY, flag, "true", "--output_dir", str(tmp_path)])
+    assert training.activation_checkpointing is value and training.gradient_checkpointing is value
+    _, training, _ = parse_args((Script, Config), None, argv=[PM_TINY, "--output_dir", str(tmp_path)])
+    assert training.activation_checkpointing is False  # tiny.yaml's gradient_checkpointing: false
+
+
 def test_local_rank_before_yaml(tmp_path):
     _, training, _ = parse_args((Script, Config), None, argv=["--local_rank=0", PM_TINY, "--output_dir", str(tmp_path)])
     assert training.per_device_train_batch_size == 16 and training.learning_rate == 1e-3

@@ -74,7 +74,7 @@ def test_library_scoring_runs_without_grad(guard, tok):
 def test_scripts_score_without_grad(tmp_path):
     """Each script in turn in one interpreter (runpy, as `python script.py` runs it), under the guard."""
     bt, pm, emb, armo = tmp_path / "bt", tmp_path / "pm", tmp_path / "emb", tmp_path / "armo"
-    rw = armo / "rw" / "tiny-llama_toy_multi_objective.safetensors"
+    rw = armo / "rw"  # stage-2 takes stage 1's output directory and finds the weights file in it
     eval_flags = ["--data_set_name", REWARD_BENCH_SAMPLE, "--record_dir", str(tmp_path / "rec.txt")]
     commands = [
         ["bradley-terry-rm/train.py", "--max_steps", "3", "--output_path", str(bt), "--reload_check_pairs", "4"],
@@ -84,7 +84,7 @@ def test_scripts_score_without_grad(tmp_path):
         ["pair-pm/rank_responses.py", "--reward_name_or_path", str(pm / "last_checkpoint"), "--input_path",
          "assets/data/toy_ranking.jsonl", "--output_path", str(tmp_path / "ranked.jsonl")],
         ["armo-rm/stage-1_prepare.py", "--output_dir", str(emb)],
-        ["armo-rm/stage-1_train.py", "--embeddings_dir", str(emb), "--output_dir", str(rw.parent)],
+        ["armo-rm/stage-1_train.py", "--embeddings_dir", str(emb), "--output_dir", str(rw)],
         ["armo-rm/stage-2_prepare.py", "--output_dir", str(emb)],
         ["armo-rm/stage-2_prepare.py", "--output_dir", str(emb), "--dataset_split", "test"],
         ["armo-rm/stage-2_train.py", "--embeddings_dir", str(emb), "--regression_weights", str(rw), "--n_steps", "5",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 
 from transformers.integrations import deepspeed as hf_deepspeed
@@ -38,7 +39,11 @@ class HardwareAwareArguments:
             self.bf16 = False
         elif self.bf16 is None:
             self.bf16 = bf16_available()
-        super().__post_init__()
+        with warnings.catch_warnings():
+            # Recipes and upstream's commands use gradient_checkpointing, which transformers 5 keeps as an alias of
+            # activation_checkpointing and warns about on every run.
+            warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+            super().__post_init__()
 
 
 @contextmanager
