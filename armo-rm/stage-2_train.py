@@ -143,7 +143,7 @@ def main():
         if (step + 1) % 100 == 0 or step == 0:
             print(f"step {step + 1}/{args.n_steps}: loss {loss.item():.4f}")
     gating.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         val_scores = pair_scores(gating, weight, transform, prompt[val_rows], responses[val_rows])
     val_accuracy = float((val_scores[:, 0] > val_scores[:, 1]).float().mean())
     print(f"Validation accuracy: {val_accuracy:.4f} on {len(val_rows)} pairs")
@@ -165,7 +165,7 @@ def main():
         bench, metadata = load_pair_embeddings(args, args.reward_bench_dataset, args.reward_bench_split)
         if metadata.get("subsets") is None:
             raise UserError(f"{args.reward_bench_dataset}: its embeddings carry no subsets")
-        with torch.no_grad():
+        with torch.inference_mode():
             scores = pair_scores(gating, weight, transform, bench["prompt_embeddings"][:, 0].to(device),
                                  bench["embeddings"].to(device)).cpu()
         scores[~bench["embedded"]] = 0.0

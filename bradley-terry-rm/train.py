@@ -114,6 +114,8 @@ class BradleyTerryTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        # no_grad, not inference_mode: evaluation may run between training steps, and under ZeRO-3 the parameters
+        # it gathers must stay usable by autograd afterwards.
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:

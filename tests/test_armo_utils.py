@@ -1,4 +1,5 @@
-"""Behavioural tests of the ArmoRM helpers (useful_code/armo_utils.py) and the exported model's building blocks
+"""Behavioural tests of the ArmoRM helpers (useful_code/armo_data.py, armo_embeddings.py, armo_fit.py) and the
+exported model's building blocks
 (useful_code/modeling_armo_rm.py).
 
 Expected values are written out by hand (token strings of the chat templates, shard ranges, file names, scores of

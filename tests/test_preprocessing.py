@@ -1,4 +1,5 @@
-"""Behavioural tests of the shared preprocessing module (useful_code/rm_utils.py).
+"""Behavioural tests of the shared preprocessing (useful_code/formats.py, data.py, templates.py, losses.py,
+scoring.py).
 
 Every expected value below is written out by hand (token ids of the embedded tiny tokenizer, message lists,
 counts, loss values), so a change of behaviour makes a test fail.
