@@ -43,7 +43,7 @@ class ScriptArguments:
     head_dir: Optional[str] = field(default=None, metadata={
         "help": f"stage-2_train.py's output ({HEAD_WEIGHTS}, {HEAD_SUMMARY}). Default: ./armo_data/gating_network/<model>."})
     output_path: str = field(default="./models/ArmoRM")
-    check_pairs: int = field(default=8, metadata={"help": "Toy pairs scored to check the export."})
+    check_pairs: int = field(default=8, metadata={"min": 1, "help": "Toy pairs scored to check the export."})
     bf16: bool = field(default=False, metadata={"help": "Save the weights in bf16 (as the published 8B model)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "For the backbone only."})
 

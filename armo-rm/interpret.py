@@ -24,7 +24,7 @@ class ScriptArguments:
     model_path: str = field(default="./models/ArmoRM")
     prompt: str = field(default="What are some synonyms for the word 'beautiful'?")
     response: str = field(default="Nicely, Beautifully, Handsome, Stunning, Wonderful, Gorgeous, Pretty, Stunning, Elegant")
-    top_k: int = field(default=3)
+    top_k: int = field(default=3, metadata={"min": 1})
     trust_remote_code: bool = field(default=False, metadata={"help": "Required: the export ships its modeling code."})
 
 

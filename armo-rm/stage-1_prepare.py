@@ -33,7 +33,8 @@ class ScriptArguments(PrepareArguments):
     """The shared prepare flags (PrepareArguments) plus the multi-objective data and truncation."""
 
     dataset_path: str = field(default=DEFAULT_MULTI_OBJECTIVE_DATA)
-    max_length: int = field(default=4096, metadata={"help": "Longer conversations keep their last tokens (counted)."})
+    max_length: int = field(default=4096,
+                            metadata={"min": 1, "help": "Longer conversations keep their last tokens (counted)."})
 
 
 def main():

@@ -43,7 +43,8 @@ class ScriptArguments(PrepareArguments):
     dataset_path: str = field(default=DEFAULT_PREFERENCE_DATA)
     dataset_split: str = field(default="train")
     source: Optional[str] = field(default=None, metadata={"help": "Keep only rows whose 'source' column is this."})
-    seq_len: int = field(default=8192, metadata={"help": "Pairs with a longer side are kept but not embedded."})
+    seq_len: int = field(default=8192,
+                         metadata={"min": 1, "help": "Pairs with a longer side are kept but not embedded."})
 
 
 def main():

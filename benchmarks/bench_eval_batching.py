@@ -20,7 +20,7 @@ from useful_code.templates import load_tokenizer, tokenize_pairs
 
 @dataclass
 class BenchArguments(HHBenchArguments):
-    max_length: int = field(default=1024)
+    max_length: int = field(default=1024, metadata={"min": 1})
 
 
 def main():

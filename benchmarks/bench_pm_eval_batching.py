@@ -19,7 +19,7 @@ from useful_code.pm_scoring import PairPreferenceScorer
 
 @dataclass
 class BenchArguments(HHBenchArguments):
-    pairs: int = field(default=200, metadata={"help": "Pairs scored by each method (each in both orders)."})
+    pairs: int = field(default=200, metadata={"min": 1, "help": "Pairs scored by each method (each in both orders)."})
     bf16: bool = field(default=True, metadata={"help": "bf16 on a GPU that has it (fp32 on CPU)."})
 
 

@@ -14,8 +14,8 @@ class HHBenchArguments:
 
     data: str = field(default=HH_RLHF_HARMLESS_TEST, metadata={"help": "HH-RLHF pairs (any format the project reads)."})
     model: str = field(default=DEFAULT_MODEL)
-    pairs: int = field(default=300, metadata={"help": "Pairs scored by each method."})
-    batch_size: int = field(default=16)
+    pairs: int = field(default=300, metadata={"min": 1, "help": "Pairs scored by each method."})
+    batch_size: int = field(default=16, metadata={"min": 1})
 
 
 def load_hh_pairs(args: HHBenchArguments):

@@ -45,7 +45,9 @@ class ScriptArguments(HeldOutArguments):
         default=DEFAULT_PREFERENCE_DATA,
         metadata={"help": "Hub name, saved dataset directory, data directory or .json/.jsonl/.parquet file."},
     )
-    overlength: str = field(default="truncate", metadata={"help": "'truncate' (from the left, as upstream) or 'drop'."})
+    overlength: str = field(default="truncate",
+                            metadata={"choices": ("truncate", "drop"),
+                                      "help": "Over-long training pairs: cut from the left (as upstream) or dropped."})
     trust_remote_code: bool = field(default=False)
 
 
@@ -55,7 +57,7 @@ class RewardTrainingArguments(HardwareAwareArguments, TrainingArguments):
 
     output_dir: Optional[str] = field(default="./bt_models/reward_model",
                                       metadata={"aliases": ["--output_path"], "help": "Output directory."})
-    max_length: int = field(default=4096, metadata={"help": "Max tokens per conversation."})
+    max_length: int = field(default=4096, metadata={"min": 1, "help": "Max tokens per conversation."})
     save_every_steps: int = field(default=NEVER, metadata={"help": "Save a checkpoint every x steps (upstream)."})
     eval_every_steps: int = field(default=NEVER, metadata={"help": "Evaluate every x steps (upstream's flag)."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch pairs of similar length (less padding)."})
@@ -168,7 +170,8 @@ def main():
     with training_args.main_process_first():
         train, held_out, data_stats = load_pairs(args, training_args.seed)
         train, train_tok = tokenize_pairs(train, tokenizer, training_args.max_length, args.overlength, "train set")
-        held_out, eval_tok = tokenize_pairs(held_out, tokenizer, training_args.max_length, args.overlength, "eval set")
+        # Held-out pairs are truncated as in evaluation, never dropped: the accuracy is on the set the user chose.
+        held_out, eval_tok = tokenize_pairs(held_out, tokenizer, training_args.max_length, "truncate", "eval set")
     data_stats["train"].update(train_tok, used=len(train))
     data_stats["eval"].update(eval_tok, used=len(held_out))
     if len(train) == 0 or len(held_out) == 0:

@@ -26,8 +26,9 @@ class ScriptArguments:
     reward_name_or_path: str = field(metadata={"help": "Preference model: hub name or checkpoint directory."})
     input_path: str = field(metadata={"help": "JSON lines: {'prompt' or 'context', 'responses': [...]} per line."})
     output_path: str = field(default="./ranked.jsonl")
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
-    max_length: int = field(default=4096, metadata={"help": "Longer prompts are cut from the left (counted)."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per forward pass."})
+    max_length: int = field(default=4096,
+                            metadata={"min": 1, "help": "Longer prompts are cut from the left (counted)."})
     bf16: bool = field(default=True)
     attn_implementation: str = field(default="auto")
     trust_remote_code: bool = field(default=False)

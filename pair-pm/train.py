@@ -54,8 +54,10 @@ class ScriptArguments(HeldOutArguments):
         metadata={"help": "PM-format data or standard-format pairs: hub name, directory or .json/.jsonl/.parquet."},
     )
     dataset_split: str = field(default="train")
-    eval_holdout_size: int = field(default=200, metadata={"help": "Pairs held out of standard-format train data."})
-    overlength: str = field(default="error", metadata={"help": "Examples over max_length: 'error' or 'drop'."})
+    eval_holdout_size: int = field(default=200,
+                                   metadata={"min": 1, "help": "Pairs held out of standard-format train data."})
+    overlength: str = field(default="error",
+                            metadata={"choices": ("error", "drop"), "help": "Examples over max_length."})
 
 
 @dataclass

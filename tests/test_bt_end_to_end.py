@@ -207,3 +207,25 @@ def test_prior_sets_add_prior_score_and_leaderboard_score(trained, tmp_path):
     expected = (2 * sum(results["sections"].values()) + prior["score"]) / 9
     assert results["leaderboard_score"] == pytest.approx(expected, abs=0.01)
     assert "Prior Sets" in (tmp_path / "rec.txt").read_text()
+
+
+def test_held_out_pairs_are_truncated_never_dropped(tmp_path):
+    """--overlength drop applies to training pairs only: the accuracy is on every held-out pair the user chose."""
+    out = tmp_path / "out"
+    check_ok(run([sys.executable, TRAIN, "--output_path", str(out), "--max_steps", "2", "--max_length", "48",
+                  "--overlength", "drop"]))
+    examples = json.loads((out / "metrics.json").read_text())["examples"]
+    assert examples["train"]["dropped_overlength"] > 0 and examples["train"]["used"] < 1600
+    assert examples["eval"]["dropped_overlength"] == 0 and examples["eval"]["used"] == 200
+    assert examples["eval"]["truncated"] == examples["eval"]["overlength"] > 0
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    (EVAL, ["--batch_size", "0"], "error: --batch_size must be at least 1, got 0"),
+    (TRAIN, ["--gradient_accumulation_steps", "0"], "error: --gradient_accumulation_steps must be at least 1, got 0"),
+])
+def test_flag_out_of_range_is_one_line_before_any_work(tmp_path, script, flags, message):
+    proc = run([sys.executable, script, *flags, "--record_dir" if script == EVAL else "--output_path",
+                str(tmp_path / "out")])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()

@@ -132,3 +132,48 @@ def test_sections_take_shared_values_through_anchors():
     assert prepare["dataset_path"] == "RLHFlow/ArmoRM-Multi-Objective-Data-v0.1"
     assert train["n_steps"] == 2000 and train["batch_size"] == 1024 and "dataset_path" not in train
     assert read_config(ARMO_RECIPE, "interpret") == {}  # a script without a section keeps its defaults
+
+
+@dataclass
+class Limited:
+    batch_size: int = field(default=8, metadata={"min": 1})
+    share: float = field(default=0.5, metadata={"min": 0, "max": 1})
+    mode: str = field(default="a", metadata={"choices": ("a", "b")})
+    optional: Optional[int] = field(default=None, metadata={"min": 1})
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--batch_size", "-1"], "--batch_size must be at least 1, got -1"),
+    (["--share", "7"], "--share must be at most 1, got 7.0"),
+    (["--share", "-0.5"], "--share must be at least 0, got -0.5"),
+    (["--mode", "c"], "--mode must be one of a, b, got 'c'"),
+])
+def test_values_outside_their_limits_are_one_line(flags, message):
+    with pytest.raises(UserError) as err:
+        parse_args((Limited,), None, argv=flags)
+    assert str(err.value) == message
+
+
+def test_values_at_their_limits_pass():
+    args, _ = parse_args((Limited,), None, argv=["--batch_size", "1", "--share", "1", "--mode", "b"])
+    assert (args.batch_size, args.share, args.mode, args.optional) == (1, 1.0, "b", None)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    (["--learning_rate=-1e-5"], "--learning_rate must be at least 0, got -1e-05"),
+    (["--max_length", "0"], "--max_length must be at least 1, got 0"),
+    (["--num_train_epochs", "0"], "--num_train_epochs must be above 0 (or --max_steps set), got 0.0"),
+])
+def test_training_argument_limits(tmp_path, flags, message):
+    with pytest.raises(UserError) as err:
+        parse_args((Script, Config), None, argv=[PM_TINY, "--output_dir", str(tmp_path), *flags])
+    assert str(err.value).startswith(message)
+
+
+def test_zero_epochs_with_max_steps_is_allowed(tmp_path):
+    _, training, _ = parse_args((Script, Config), None, argv=[PM_TINY, "--output_dir", str(tmp_path),
+                                                              "--num_train_epochs", "0", "--max_steps", "5"])
+    assert training.max_steps == 5

@@ -1,12 +1,14 @@
 """Hand-computed checks of the RewardBench scoring arithmetic."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from useful_code import evaluation
 from useful_code import reward_bench as rb
+from useful_code.cli import UserError
 
 
 def test_constants_match_reward_bench():
@@ -38,10 +40,10 @@ def test_chat_section_weighted_by_counts():
     sections = rb.section_scores({"alpacaeval-easy": 1.0, "alpacaeval-length": 0.5})
     expected = round((1.0 * 100 + 0.5 * 95) / (100 + 95) * 100, 2)  # 75.64
     assert sections["Chat"] == expected == 75.64
-    # Sections with no subset present score 0.
-    assert sections["Chat Hard"] == 0
-    assert sections["Safety"] == 0
-    assert sections["Reasoning"] == 0
+    # Sections with no subset present are absent (None), not 0.
+    assert sections["Chat Hard"] is None
+    assert sections["Safety"] is None
+    assert sections["Reasoning"] is None
 
 
 def test_xstest_weights_not_swapped():
@@ -104,7 +106,7 @@ def test_score_examples_ties_default_and_half_credit():
     assert res["subsets"]["alpacaeval-easy"] == 0.5
     assert res["subsets"]["alpacaeval-length"] == 0.5
     assert res["sections"]["Chat"] == 50.0
-    assert res["score"] == round((50.0 + 0 + 0 + 0) / 4, 2) == 12.5
+    assert res["score"] == 50.0 and res["score_sections"] == ["Chat"]  # absent sections are not averaged as 0
     assert res["unknown_subsets"] == ["mystery"]
     assert "alpacaeval-easy" not in res["missing_subsets"]
     assert "alpacaeval-hard" in res["missing_subsets"]
@@ -123,7 +125,7 @@ def test_score_examples_keys_and_json_serializable():
     res = rb.score_examples(np.arange(5), subsets, chosen, rejected)
     assert set(res) == {
         "per_example", "subsets", "sections", "score", "ties",
-        "num_examples", "tie_credit", "missing_subsets", "unknown_subsets",
+        "num_examples", "tie_credit", "missing_subsets", "unknown_subsets", "score_sections",
     }
     assert set(res["sections"]) == set(rb.SECTIONS)
     assert set(res["per_example"][0]) == {"id", "subset", "chosen_reward", "rejected_reward", "correct"}
@@ -144,7 +146,7 @@ def test_score_examples_with_prior_sets():
     assert set(res["prior_sets"]) == {"subsets", "score", "per_example"}
     assert res["prior_sets"]["subsets"] == {"anthropic_helpful": 0.5, "shp": 1.0}
     assert res["prior_sets"]["score"] == pytest.approx(75.0)
-    assert res["leaderboard_score"] == round((2 * 50.0 + 0 + 0 + 0 + 1 * 75.0) / 9, 2) == 19.44
+    assert res["leaderboard_score"] == round((2 * 50.0 + 1 * 75.0) / 3, 2) == 58.33  # Chat and Prior Sets only
     json.dumps(res)
 
 
@@ -165,7 +167,8 @@ def test_write_results_appends_and_writes_json(tmp_path):
     evaluation.write_results(res, "model-a", str(record), str(out_json))
     evaluation.write_results(res, "model-b", str(record), str(out_json))
     lines = record.read_text().splitlines()
-    block = ["Chat\t50.0", "Chat Hard\t0.0", "Safety\t0.0", "Reasoning\t0.0", "Score\t12.5"]
+    block = ["Chat\t50.0", "Chat Hard\tabsent", "Safety\tabsent", "Reasoning\tabsent", "Score\t50.0",
+             "Score averages\tChat"]
     assert lines == ["model-a", *block, "model-b", *block]
     data = json.loads(out_json.read_text())
     assert data["model"] == "model-b"
@@ -179,7 +182,40 @@ def test_write_results_prior_sets_line(tmp_path):
     record = tmp_path / "record.txt"
     evaluation.write_results(res, "m", str(record), str(tmp_path / "r.json"))
     lines = record.read_text().splitlines()
-    assert lines[-2:] == ["Prior Sets\t100.0", "Score\t12.5"]
+    assert lines[-3:] == ["Prior Sets\t100.0", "Score\t50.0", "Score averages\tChat"]
+
+
+def test_all_four_sections_present_record_has_no_averages_line(tmp_path):
+    subsets = ["alpacaeval-easy", "mt-bench-hard", "donotanswer", "math-prm"]
+    res = rb.score_examples([0, 1, 2, 3], subsets, [1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0])
+    assert res["sections"] == {"Chat": 100.0, "Chat Hard": 0.0, "Safety": 100.0, "Reasoning": 100.0}
+    assert res["score"] == 75.0 and res["score_sections"] == list(rb.SECTIONS)
+    record = tmp_path / "record.txt"
+    evaluation.write_results(res, "m", str(record), str(tmp_path / "r.json"))
+    assert record.read_text().splitlines()[-1] == "Score\t75.0"
+
+
+def test_only_unknown_subsets_give_no_score():
+    res = rb.score_examples([0], ["mystery"], [1.0], [0.0])
+    assert res["score"] is None and res["score_sections"] == []
+    assert re.search(r"^Score +absent  \(mean of nothing\)$", rb.format_report(res), re.M)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rewards_are_an_error_naming_the_ids(bad):
+    with pytest.raises(UserError, match=r"NaN or infinite rewards for 2 examples \(ids: b, d\)"):
+        rb.score_examples(["a", "b", "c", "d"], ["shp"] * 4, [1.0, bad, 0.0, 1.0], [0.0, 0.0, 1.0, bad])
+
+
+def test_duplicate_ids_are_an_error():
+    with pytest.raises(UserError, match="2 example ids occur more than once .first: 3, 7."):
+        rb.score_examples([3, 7, 3, 7, 1], ["shp"] * 5, [1.0] * 5, [0.0] * 5)
+
+
+@pytest.mark.parametrize("credit", [-0.1, 1.5, 7])
+def test_tie_credit_outside_0_1_is_an_error(credit):
+    with pytest.raises(UserError, match="--tie_credit must be between 0 and 1"):
+        rb.score_examples([0], ["shp"], [1.0], [1.0], tie_credit=credit)
 
 
 def test_format_report_mentions_everything():

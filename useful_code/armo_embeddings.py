@@ -21,11 +21,11 @@ class PrepareArguments:
     """Flags both prepare stages share: upstream's model, sharding and device, plus batching and the output."""
 
     model_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Reward model (its transformer is used)."})
-    n_shards: int = field(default=1)
-    shard_idx: int = field(default=1, metadata={"help": "1-based, as upstream."})
+    n_shards: int = field(default=1, metadata={"min": 1})
+    shard_idx: int = field(default=1, metadata={"min": 1, "help": "1-based, as upstream."})
     device: int = field(default=0, metadata={"help": "GPU index (the CPU when there is no GPU)."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
-    batch_size: int = field(default=16)
+    batch_size: int = field(default=16, metadata={"min": 1})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
     bf16: bool = field(default=True)
     attn_implementation: str = field(default="auto")

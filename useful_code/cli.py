@@ -7,11 +7,12 @@ SFTConfig), and every flag overrides it. `--help` shows the values the config gi
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 from typing import Any, Callable, Optional, Sequence
 
 import yaml
-from trl import TrlParser
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -74,7 +75,7 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
     if config_path is None and default_config and "--help" not in argv and "-h" not in argv:
         print(f"Recipe: {default_config} (the default; give a recipe first, or --config PATH, to change it)")
     config_path = config_path or default_config
-    parser = TrlParser(dataclass_types)
+    parser = _limits_aware_parser(dataclass_types)
     if config_path:
         # A config may use a flag's alias (upstream's --output_path for output_dir) as its key, like the command line.
         dests = {opt.lstrip("-"): action.dest for action in parser._actions for opt in action.option_strings}
@@ -86,4 +87,50 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # unknown flags, and values a dataclass's __post_init__ rejects
         raise UserError(f"{config_path + ': ' if config_path else ''}{str(err).splitlines()[0]}") from None
+    for arguments in parsed:
+        check_limits(arguments)
     return (*parsed, config_path)
+
+
+LIMIT_KEYS = ("min", "max", "choices")
+
+
+def _limits_aware_parser(dataclass_types):
+    """TRL's parser (YAML defaults) that leaves our limit metadata to check_limits: argparse would reject the keys
+    (and its own `choices` check never sees values from a config)."""
+    from trl import TrlParser  # here, not at the top: reward_bench.py's pure arithmetic imports UserError only
+
+    class Parser(TrlParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            if any(key in field.metadata for key in LIMIT_KEYS):
+                field = copy.copy(field)
+                field.metadata = {k: v for k, v in field.metadata.items() if k not in LIMIT_KEYS}
+            TrlParser._parse_dataclass_field(parser, field)
+
+    return Parser(dataclass_types)
+
+
+# Limits of the library classes' fields (TrainingArguments and TRL's configs), which cannot carry our metadata.
+INHERITED_LIMITS = {"per_device_train_batch_size": {"min": 1}, "per_device_eval_batch_size": {"min": 1},
+                    "gradient_accumulation_steps": {"min": 1}, "learning_rate": {"min": 0},
+                    "max_length": {"min": 1}}
+
+
+def check_limits(arguments) -> None:
+    """Check each field against its limits (field metadata "min", "max", "choices", or INHERITED_LIMITS) before any
+    work starts: a value outside them is a UserError naming the flag and what it allows."""
+    for f in dataclasses.fields(arguments):
+        limits = {**INHERITED_LIMITS.get(f.name, {}), **{k: f.metadata[k] for k in LIMIT_KEYS if k in f.metadata}}
+        value = getattr(arguments, f.name)
+        if value is None or not limits:
+            continue
+        if "choices" in limits and value not in limits["choices"]:
+            raise UserError(f"--{f.name} must be one of {', '.join(map(str, limits['choices']))}, got {value!r}")
+        if "min" in limits and value < limits["min"]:
+            raise UserError(f"--{f.name} must be at least {limits['min']}, got {value}")
+        if "max" in limits and value > limits["max"]:
+            raise UserError(f"--{f.name} must be at most {limits['max']}, got {value}")
+    epochs, steps = getattr(arguments, "num_train_epochs", None), getattr(arguments, "max_steps", None)
+    if epochs is not None and steps is not None and epochs <= 0 and steps <= 0:
+        raise UserError(f"--num_train_epochs must be above 0 (or --max_steps set), got {epochs}: nothing would train")

@@ -74,9 +74,11 @@ class HeldOutArguments:
         metadata={"help": "Held-out standard-format pairs ('test' split). Default: the train data's 'test' split, "
                   "else --eval_holdout_size pairs held out of it (never overlapping the training pairs)."},
     )
-    eval_holdout_size: int = field(default=500, metadata={"help": "Pairs held out of train data with no 'test' split."})
+    eval_holdout_size: int = field(default=500,
+                                   metadata={"min": 1, "help": "Pairs held out of train data with no 'test' split."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
-    reload_check_pairs: int = field(default=16, metadata={"help": "Held-out pairs scored to verify the checkpoint."})
+    reload_check_pairs: int = field(default=16,
+                                    metadata={"min": 1, "help": "Held-out pairs scored to verify the checkpoint."})
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, flash_attention_2 or eager."})
 
 

@@ -30,10 +30,12 @@ class EvalArguments:
     record_dir: Optional[str] = field(default="./bench_mark_eval.txt", metadata={"help": "Text file appended to."})
     reward_name_or_path: Optional[str] = field(default=None, metadata={"help": "Hub name or checkpoint directory."})
     split: str = field(default="filtered", metadata={"help": "Dataset split (a single local file is its own split)."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass (length-sorted)."})
-    max_length: int = field(default=4096, metadata={"help": "Longer inputs are cut from the left (counted)."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per forward pass (length-sorted)."})
+    max_length: int = field(default=4096, metadata={"min": 1, "help": "Longer inputs are cut from the left (counted)."})
     results_json: Optional[str] = field(default=None, metadata={"help": "Default: next to record_dir."})
-    tie_credit: float = field(default=0.0, metadata={"help": "Credit for a tie: 0 (reward-bench), 0.5 (upstream RLHFlow)."})
+    tie_credit: float = field(default=0.0,
+                              metadata={"min": 0, "max": 1,
+                                        "help": "Credit for a tie: 0 (reward-bench), 0.5 (upstream RLHFlow)."})
     prior_sets_path: Optional[str] = field(
         default=None, metadata={"help": "allenai/preference-test-sets-format data: adds Prior Sets and the leaderboard Score."}
     )
@@ -71,12 +73,18 @@ def write_results(results: dict, model_name: str, record_dir: str, results_json:
     with open(record_dir, "a") as f:
         f.write(model_name + "\n")
         for section in SECTIONS:
-            f.write(f"{section}\t{results['sections'][section]}\n")
+            f.write(f"{section}\t{_recorded(results['sections'][section])}\n")
         if "prior_sets" in results:
-            f.write(f"Prior Sets\t{results['prior_sets']['score']}\n")
-        f.write(f"Score\t{results['score']}\n")
+            f.write(f"Prior Sets\t{_recorded(results['prior_sets']['score'])}\n")
+        f.write(f"Score\t{_recorded(results['score'])}\n")
+        if len(results["score_sections"]) < len(SECTIONS):
+            f.write(f"Score averages\t{', '.join(results['score_sections'])}\n")
     with open(results_json, "w") as f:
-        json.dump({**results, "model": model_name}, f, indent=2)
+        json.dump({**results, "model": model_name}, f, indent=2, allow_nan=False)  # strict JSON: no bare NaN
+
+
+def _recorded(value) -> str:
+    return "absent" if value is None else str(value)
 
 
 def save_and_report(results: dict, args, data_stats: dict) -> None:

@@ -9,7 +9,10 @@ Pure functions, no I/O: the eval scripts' loading and writing live in useful_cod
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Optional, Sequence
+
+from useful_code.cli import UserError
 
 EXAMPLE_COUNTS = {
     "alpacaeval-easy": 100,
@@ -91,14 +94,15 @@ def subset_accuracies(subsets: Sequence[str], correct: Sequence[float]) -> dict[
     return {s: sum(totals[s]) / len(totals[s]) for s in sorted(totals, key=_subset_sort_key)}
 
 
-def section_scores(subset_acc: dict) -> dict[str, float]:
-    """Example-count-weighted section scores (0-100, 2 decimals), as reward-bench computes them."""
+def section_scores(subset_acc: dict) -> dict[str, Optional[float]]:
+    """Example-count-weighted section scores (0-100, 2 decimals), as reward-bench computes them; None for a section
+    none of whose subsets was scored (absent, not 0)."""
     scores = {}
     for section in SECTIONS:
         present = [s for s in SUBSET_MAPPING[section] if s in subset_acc]
         total = sum(EXAMPLE_COUNTS[s] for s in present)
         if total == 0:
-            scores[section] = 0.0
+            scores[section] = None
             continue
         weighted = sum(float(subset_acc[s]) * EXAMPLE_COUNTS[s] for s in present)
         scores[section] = round(100 * weighted / total, 2)
@@ -114,11 +118,19 @@ def prior_sets_score(prior_subset_acc: dict) -> Optional[float]:
     return 100 * sum(values) / len(values)
 
 
-def overall_score(sections: dict, prior_sets: Optional[float] = None) -> float:
-    """Mean of the four sections, or the 2,2,2,2,1 leaderboard average when prior sets are given."""
-    items = [(float(sections[s]), LEADERBOARD_WEIGHTS[s]) for s in SECTIONS]
+def scored_sections(sections: dict) -> list[str]:
+    """The sections present (not None), in SECTIONS order: what the Score averages."""
+    return [s for s in SECTIONS if sections.get(s) is not None]
+
+
+def overall_score(sections: dict, prior_sets: Optional[float] = None) -> Optional[float]:
+    """Mean of the present sections, or the 2,2,2,2,1 leaderboard average when prior sets are given; an absent
+    section (None) is left out, never counted as 0. None when nothing is present."""
+    items = [(float(sections[s]), LEADERBOARD_WEIGHTS[s]) for s in scored_sections(sections)]
     if prior_sets is not None and not math.isnan(prior_sets):
         items.append((float(prior_sets), LEADERBOARD_WEIGHTS["Prior Sets"]))
+    if not items:
+        return None
     # Without prior sets the weights are all equal, so this is the plain mean.
     return round(sum(v * w for v, w in items) / sum(w for _, w in items), 2)
 
@@ -131,10 +143,21 @@ def _check_lengths(**seqs) -> None:
 
 def _rows(ids, subsets, chosen_rewards, rejected_rewards, tie_credit):
     _check_lengths(ids=ids, subsets=subsets, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    if not 0.0 <= float(tie_credit) <= 1.0:
+        raise UserError(f"--tie_credit must be between 0 and 1 (0: reward-bench, 0.5: upstream RLHFlow), got {tie_credit}")
+    plain_ids = [i.item() if hasattr(i, "item") else i for i in ids]
+    duplicated = [str(i) for i, n in Counter(plain_ids).items() if n > 1]
+    if duplicated:
+        raise UserError(f"{len(duplicated)} example ids occur more than once (first: {', '.join(duplicated[:5])}); "
+                        "each example must be scored once")
+    not_finite = [str(i) for i, c, r in zip(plain_ids, chosen_rewards, rejected_rewards)
+                  if not (math.isfinite(float(c)) and math.isfinite(float(r)))]
+    if not_finite:
+        raise UserError(f"the model gave NaN or infinite rewards for {len(not_finite)} examples (ids: "
+                        f"{', '.join(not_finite[:10])}); no score is reported from them")
     rows = []
-    for i, s, c, r in zip(ids, subsets, chosen_rewards, rejected_rewards):
+    for i, s, c, r in zip(plain_ids, subsets, chosen_rewards, rejected_rewards):
         c, r = float(c), float(r)  # plain floats so json.dump accepts numpy/torch scalars
-        i = i.item() if hasattr(i, "item") else i
         rows.append({"id": i, "subset": str(s), "chosen_reward": c, "rejected_reward": r,
                      "correct": example_correct(c, r, tie_credit)})
     return rows
@@ -150,6 +173,7 @@ def score_examples(ids, subsets, chosen_rewards, rejected_rewards, tie_credit: f
         "subsets": acc,
         "sections": sections,
         "score": overall_score(sections),
+        "score_sections": scored_sections(sections),
         "ties": sum(r["chosen_reward"] == r["rejected_reward"] for r in rows),
         "num_examples": len(rows),
         "tie_credit": float(tie_credit),
@@ -175,18 +199,24 @@ def format_report(results: dict) -> str:
         lines.append(f"{subset:<24}{counts.get(subset, 0):>6}{100 * acc:>8.2f}%")
     lines.append("-" * 39)
     for section in SECTIONS:
-        lines.append(f"{section:<30}{results['sections'][section]:>9.2f}")
-    lines.append(f"{'Score':<30}{results['score']:>9.2f}")
+        lines.append(f"{section:<30}{_shown(results['sections'][section]):>9}")
+    averaged = results["score_sections"]
+    lines.append(f"{'Score':<30}{_shown(results['score']):>9}"
+                 + ("" if len(averaged) == len(SECTIONS) else f"  (mean of {', '.join(averaged) or 'nothing'})"))
     if "prior_sets" in results:
         prior = results["prior_sets"]
         for subset, acc in prior["subsets"].items():
             lines.append(f"  {subset:<28}{100 * acc:>8.2f}%")
         ps = prior["score"]
-        lines.append(f"{'Prior Sets':<30}{'n/a' if ps is None else format(ps, '.2f'):>9}")
-        lines.append(f"{'Leaderboard Score':<30}{results['leaderboard_score']:>9.2f}")
+        lines.append(f"{'Prior Sets':<30}{_shown(ps):>9}")
+        lines.append(f"{'Leaderboard Score':<30}{_shown(results['leaderboard_score']):>9}")
     lines.append(f"ties: {results['ties']} / {results['num_examples']} (tie_credit={results['tie_credit']})")
     if results.get("missing_subsets"):
         lines.append(f"missing subsets: {', '.join(results['missing_subsets'])}")
     if results.get("unknown_subsets"):
         lines.append(f"unknown subsets: {', '.join(results['unknown_subsets'])}")
     return "\n".join(lines)
+
+
+def _shown(value: Optional[float]) -> str:
+    return "absent" if value is None else f"{value:.2f}"
