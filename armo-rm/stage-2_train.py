@@ -168,7 +168,7 @@ def main():
         with torch.inference_mode():
             scores = pair_scores(gating, weight, transform, bench["prompt_embeddings"][:, 0].to(device),
                                  bench["embeddings"].to(device)).cpu()
-        scores[~bench["embedded"]] = 0.0
+            scores[~bench["embedded"]] = 0.0  # not embedded: a tie, counted wrong (and reported below)
         ids = metadata["ids"] or list(range(len(scores)))
         results = score_examples(ids, metadata["subsets"], scores[:, 0].tolist(), scores[:, 1].tolist())
         results["not_embedded"] = int((~bench["embedded"]).sum())
