@@ -26,7 +26,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: $(STAMP)
 	$(DEMO_ENV) deepspeed --num_gpus 2 bradley-terry-rm/train.py \
-		--deepspeed deepspeed_configs/deepspeed_3.json --output_path $(DEMO_DIR)
+		--deepspeed deepspeed_configs/deepspeed_3.json --output_path $(DEMO_DIR) --overwrite_output_dir
 	python useful_code/eval_reward_bench_bt.py --reward_name_or_path $(DEMO_DIR)/last_checkpoint \
 		--data_set_name assets/data/reward_bench_sample.jsonl \
 		--record_dir $(DEMO_DIR)/reward_bench.txt --results_json $(DEMO_DIR)/reward_bench.json
@@ -37,7 +37,7 @@ demo-pm: $(STAMP)
 	python pair-pm/process_pair_data.py --dataset_path assets/data/toy_preference --output_path $(PM_DIR)/pm_data
 	$(DEMO_ENV) deepspeed --num_gpus 2 pair-pm/train.py pair-pm/tiny.yaml \
 		--deepspeed deepspeed_configs/deepspeed_3.json --dataset_path $(PM_DIR)/pm_data \
-		--eval_set_path assets/data/toy_preference --output_dir $(PM_DIR)
+		--eval_set_path assets/data/toy_preference --output_dir $(PM_DIR) --overwrite_output_dir
 	python useful_code/eval_reward_bench_pm.py --reward_name_or_path $(PM_DIR)/last_checkpoint \
 		--data_set_name assets/data/reward_bench_sample.jsonl \
 		--record_dir $(PM_DIR)/reward_bench.txt --results_json $(PM_DIR)/reward_bench.json

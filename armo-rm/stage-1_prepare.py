@@ -23,7 +23,7 @@ from useful_code.defaults import DEFAULT_MULTI_OBJECTIVE_DATA
 from useful_code.formats import validate_conversations
 from useful_code.hardware import default_device
 from useful_code.modeling import load_backbone
-from useful_code.templates import encode_conversations, truncate_all
+from useful_code.templates import encode_conversations, reject_special_tokens, truncate_all
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 
@@ -39,16 +39,19 @@ class ScriptArguments(PrepareArguments):
 
 def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
-    data = load_split(args.dataset_path, "train", "--dataset_path")
+    data = load_split(args.dataset_path, "train", "--dataset_path", args.skip_invalid)
     missing = [a for a in ATTRIBUTES if a not in data.column_names]
     if missing:
         raise UserError(f"--dataset_path lacks attribute columns {missing}")
     data, stats = validate_conversations(data, args.skip_invalid, "--dataset_path")
+    model, tokenizer = load_backbone(args.model_path, default_device(args.device), args.bf16,
+                                     args.attn_implementation, args.trust_remote_code)
+    # Checked on every row before sharding, so that all shards agree on the rows they split.
+    data, stats["special_token_in_content"] = reject_special_tokens(data, tokenizer, ("messages",), args.skip_invalid,
+                                                                    "--dataset_path")
     rows = shard_rows(len(data), args.n_shards, args.shard_idx)
     shard = data.select(rows)
 
-    model, tokenizer = load_backbone(args.model_path, default_device(args.device), args.bf16,
-                                     args.attn_implementation, args.trust_remote_code)
     sequences, truncated = truncate_all(tokenizer, encode_conversations(tokenizer, list(shard["messages"])),
                                         args.max_length)
     embeddings, _ = embed(model, tokenizer, sequences, args.batch_size)

@@ -27,7 +27,7 @@ from useful_code.defaults import DEFAULT_PREFERENCE_DATA
 from useful_code.formats import standardize_pairs
 from useful_code.hardware import default_device
 from useful_code.modeling import load_backbone
-from useful_code.templates import encode_conversations
+from useful_code.templates import encode_conversations, reject_special_tokens
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 
@@ -49,17 +49,19 @@ class ScriptArguments(PrepareArguments):
 
 def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
-    pairs = load_split(args.dataset_path, args.dataset_split, "--dataset_path")
+    pairs = load_split(args.dataset_path, args.dataset_split, "--dataset_path", args.skip_invalid)
     if args.source is not None:
         if "source" not in pairs.column_names:
             raise UserError("--source given but --dataset_path has no 'source' column")
         pairs = pairs.filter(lambda s: s == args.source, input_columns="source")
     pairs, stats = standardize_pairs(pairs, args.skip_invalid, "--dataset_path")
-    rows = shard_rows(len(pairs), args.n_shards, args.shard_idx)
-    shard = pairs.select(rows)
-
     model, tokenizer = load_backbone(args.model_path, default_device(args.device), args.bf16,
                                      args.attn_implementation, args.trust_remote_code)
+    # Checked on every row before sharding, so that all shards agree on the rows they split.
+    pairs, stats["special_token_in_content"] = reject_special_tokens(pairs, tokenizer, ("chosen", "rejected"),
+                                                                     args.skip_invalid, "--dataset_path")
+    rows = shard_rows(len(pairs), args.n_shards, args.shard_idx)
+    shard = pairs.select(rows)
     if args.model_family != "auto":
         expected = FAMILY_MODEL_TYPES.get(args.model_family)
         if expected is None or model.config.model_type != expected:

@@ -28,7 +28,7 @@ def main():
     tokenizer = load_tokenizer(args.model, "--model")
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1).eval()
     model.config.pad_token_id = tokenizer.pad_token_id
-    pairs, _ = tokenize_pairs(load_hh_pairs(args), tokenizer, args.max_length, "truncate", "bench")
+    pairs, _ = tokenize_pairs(load_hh_pairs(args), tokenizer, args.max_length, "truncate", "bench", skip_invalid=True)
     sequences = list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"])
 
     start = time.perf_counter()

@@ -20,7 +20,8 @@ class HHBenchArguments:
 
 def load_hh_pairs(args: HHBenchArguments):
     """The first args.pairs valid pairs in the standard format (invalid rows are skipped and counted)."""
-    pairs, _ = standardize_pairs(load_split(args.data, "train", "--data"), skip_invalid=True, name="bench data")
+    data = load_split(args.data, "train", "--data", skip_invalid=True)
+    pairs, _ = standardize_pairs(data, skip_invalid=True, name="bench data")
     if len(pairs) < args.pairs:
         raise UserError(f"--data has {len(pairs)} valid pairs, fewer than --pairs={args.pairs}")
     return pairs.select(range(args.pairs))

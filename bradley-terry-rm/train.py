@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from useful_code.checkpoints import save_final_checkpoint, verify_reload, write_run_metrics
+from useful_code.checkpoints import (
+    OutputDirArguments,
+    claim_output_dir,
+    publish_run,
+    save_final_checkpoint,
+    staging_dir,
+    verify_reload,
+    write_run_metrics,
+)
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
@@ -52,7 +60,7 @@ class ScriptArguments(HeldOutArguments):
 
 
 @dataclass
-class RewardTrainingArguments(HardwareAwareArguments, TrainingArguments):
+class RewardTrainingArguments(HardwareAwareArguments, OutputDirArguments, TrainingArguments):
     """transformers' TrainingArguments with upstream's flag names and defaults (gemma_2B_rm.py) where they differ."""
 
     output_dir: Optional[str] = field(default="./bt_models/reward_model",
@@ -86,7 +94,7 @@ class RewardTrainingArguments(HardwareAwareArguments, TrainingArguments):
 def load_pairs(args: ScriptArguments, seed: int):
     """Load the train and held-out pairs in the standard format, with counts of what was read and used.
     Rows are validated before any hold-out split, so an error names the row's index in the file."""
-    train_splits = load_dataset_dict(args.train_set_path, "--train_set_path")
+    train_splits = load_dataset_dict(args.train_set_path, "--train_set_path", skip_invalid=args.skip_invalid)
     train = pick_split(train_splits, "train", "--train_set_path")
     train, train_stats = standardize_pairs(train, args.skip_invalid, "train set")
     train, held_out, eval_stats = held_out_pairs(train, train_splits, args.eval_set_path, args.eval_holdout_size, seed,
@@ -157,6 +165,9 @@ def main():
     args, training_args, config = parse_args((ScriptArguments, RewardTrainingArguments), DEFAULT_CONFIG)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     is_main = training_args.process_index == 0
+    if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
+        claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
+                         inputs=(args.model_name, args.train_set_path, args.eval_set_path))
     set_seed(training_args.seed)
     if is_main:
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
@@ -169,9 +180,11 @@ def main():
     tokenizer = load_tokenizer(args.model_name, "--model_name", args.trust_remote_code)
     with training_args.main_process_first():
         train, held_out, data_stats = load_pairs(args, training_args.seed)
-        train, train_tok = tokenize_pairs(train, tokenizer, training_args.max_length, args.overlength, "train set")
+        train, train_tok = tokenize_pairs(train, tokenizer, training_args.max_length, args.overlength, "train set",
+                                          args.skip_invalid)
         # Held-out pairs are truncated as in evaluation, never dropped: the accuracy is on the set the user chose.
-        held_out, eval_tok = tokenize_pairs(held_out, tokenizer, training_args.max_length, "truncate", "eval set")
+        held_out, eval_tok = tokenize_pairs(held_out, tokenizer, training_args.max_length, "truncate", "eval set",
+                                            args.skip_invalid)
     data_stats["train"].update(train_tok, used=len(train))
     data_stats["eval"].update(eval_tok, used=len(held_out))
     if len(train) == 0 or len(held_out) == 0:
@@ -194,7 +207,9 @@ def main():
     train_result = trainer.train()
     eval_metrics = trainer.evaluate()
 
-    checkpoint_dir = os.path.join(training_args.output_dir, "last_checkpoint")
+    # Written and verified in a staging directory, then moved into place: a killed save never looks complete.
+    staging = staging_dir(training_args.output_dir)
+    checkpoint_dir = os.path.join(staging, "last_checkpoint")
     save_final_checkpoint(trainer, checkpoint_dir)
     check_pairs = held_out.select(range(min(args.reload_check_pairs, len(held_out))))
     reload_diff = verify_checkpoint(trainer, checkpoint_dir, check_pairs, dtype)
@@ -208,11 +223,12 @@ def main():
             "reload_max_abs_diff": reload_diff,
             "config": config,
         }
-        metrics_path = write_run_metrics(training_args.output_dir, metrics, started, train_result, args,
-                                         training_args, dtype)
+        write_run_metrics(staging, metrics, started, train_result, args,
+                          training_args, dtype)
         print(f"Held-out pair accuracy {metrics['eval_accuracy']:.4f}, loss {metrics['eval_loss']:.4f} "
               f"on {len(held_out)} pairs; wall time {time.time() - started:.1f} s")
-        print(f"Checkpoint: {checkpoint_dir}\nMetrics: {metrics_path}")
+        final = publish_run(training_args.output_dir)
+        print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
 
 
 if __name__ == "__main__":

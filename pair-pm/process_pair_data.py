@@ -57,7 +57,7 @@ def main():
     args = parse_args((ScriptArguments,))[0]
     parts = []
     for k, path in enumerate(args.dataset_path):
-        pairs = load_split(path, args.split, "--dataset_path")
+        pairs = load_split(path, args.split, "--dataset_path", args.skip_invalid)
         pairs, stats = standardize_pairs(pairs, args.skip_invalid, path)
         converted = pairs_to_pm(pairs, args.seed + k)
         n_a = sum(m[1]["content"] == "A" for m in converted["messages"])

@@ -22,7 +22,15 @@ import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from useful_code.checkpoints import save_final_checkpoint, verify_reload, write_run_metrics
+from useful_code.checkpoints import (
+    OutputDirArguments,
+    claim_output_dir,
+    publish_run,
+    save_final_checkpoint,
+    staging_dir,
+    verify_reload,
+    write_run_metrics,
+)
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
@@ -38,7 +46,7 @@ from useful_code.pm_data import (
     validate_pm_examples,
 )
 from useful_code.pm_scoring import PairPreferenceScorer
-from useful_code.templates import load_tokenizer
+from useful_code.templates import load_tokenizer, reject_special_tokens
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "tiny.yaml")
 
@@ -61,14 +69,14 @@ class ScriptArguments(HeldOutArguments):
 
 
 @dataclass
-class PreferenceModelConfig(HardwareAwareArguments, SFTConfig):
+class PreferenceModelConfig(HardwareAwareArguments, OutputDirArguments, SFTConfig):
     """TRL's SFTConfig, usable unchanged on a GPU or a CPU-only machine (bf16 where the GPU has it, as upstream's
     "bf16: auto"); padding is ours (a non-EOS pad token, see useful_code/templates.py)."""
 
 
 def load_examples(args: ScriptArguments, seed: int):
     """Training examples in PM format and held-out standard-format pairs (or None), with their counts."""
-    splits = load_dataset_dict(args.dataset_path, "--dataset_path")
+    splits = load_dataset_dict(args.dataset_path, "--dataset_path", skip_invalid=args.skip_invalid)
     train = pick_split(splits, args.dataset_split, "--dataset_path")
     if is_pm_format(train):
         # PM examples cannot be turned back into pairs to hold out: only --eval_set_path gives held-out pairs.
@@ -98,6 +106,10 @@ def main():
     # Building the training arguments starts DeepSpeed's CPU process group where needed (HardwareAwareArguments).
     script_args, training_args, config = parse_args((ScriptArguments, PreferenceModelConfig), DEFAULT_CONFIG)
     is_main = training_args.process_index == 0
+    if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
+        claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
+                         inputs=(script_args.model_name_or_path, script_args.dataset_path,
+                                 script_args.eval_set_path))
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     set_seed(training_args.seed)
 
@@ -105,6 +117,11 @@ def main():
                                training_args.trust_remote_code)
     with training_args.main_process_first():
         train, held_out, data_stats = load_examples(script_args, training_args.seed)
+        train, data_stats["train"]["special_token_in_content"] = reject_special_tokens(
+            train, tokenizer, ("messages",), script_args.skip_invalid, "train set")
+        if held_out is not None:
+            held_out, data_stats["eval"]["special_token_in_content"] = reject_special_tokens(
+                held_out, tokenizer, ("chosen", "rejected"), script_args.skip_invalid, "eval set")
         train, token_stats = tokenize_pm_examples(train, tokenizer, training_args.max_length,
                                                   script_args.overlength, "train set")
     data_stats["train"].update(token_stats, used=len(train))
@@ -125,7 +142,9 @@ def main():
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
     train_result = trainer.train()
 
-    checkpoint_dir = os.path.join(training_args.output_dir, "last_checkpoint")
+    # Written and verified in a staging directory, then moved into place: a killed save never looks complete.
+    staging = staging_dir(training_args.output_dir)
+    checkpoint_dir = os.path.join(staging, "last_checkpoint")
     save_final_checkpoint(trainer, checkpoint_dir)
 
     # The in-memory model's answer logits on a few held-out prompts, on every rank (ZeRO-3 gathers the weights
@@ -171,9 +190,10 @@ def main():
             "reload_max_abs_diff": reload_diff,
             "config": config,
         })
-        metrics_path = write_run_metrics(training_args.output_dir, metrics, started, train_result, script_args,
-                                         training_args, dtype)
-        print(f"Checkpoint: {checkpoint_dir}\nMetrics: {metrics_path}")
+        write_run_metrics(staging, metrics, started, train_result, script_args,
+                          training_args, dtype)
+        final = publish_run(training_args.output_dir)
+        print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
     trainer.accelerator.wait_for_everyone()
 
 

@@ -127,10 +127,11 @@ def test_eval_writes_results_json_and_record(trained):
 
 
 def test_tie_credit_flag_changes_only_ties(trained, tmp_path):
-    # Score a checkpoint on a sample where chosen == rejected: every example is a tie.
+    # Rejected differs from chosen only by trailing spaces, which the chat template trims: the model reads the same
+    # tokens, so every example is a tie (identical texts are an invalid pair).
     rows = [json.loads(line) for line in open(REWARD_BENCH_SAMPLE)][:6]
     ties = tmp_path / "ties.jsonl"
-    ties.write_text("".join(json.dumps({**r, "rejected": r["chosen"]}) + "\n" for r in rows))
+    ties.write_text("".join(json.dumps({**r, "rejected": r["chosen"] + "  "}) + "\n" for r in rows))
     results = {}
     for credit in ("0", "0.5"):
         out = tmp_path / f"r{credit}.json"
@@ -229,3 +230,10 @@ def test_flag_out_of_range_is_one_line_before_any_work(tmp_path, script, flags, 
                 str(tmp_path / "out")])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == message
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_is_not_overwritten(trained):
+    before = (trained / "metrics.json").read_text()
+    proc = run([sys.executable, TRAIN, "--output_path", str(trained), "--max_steps", "2"])
+    assert proc.returncode == 2 and "holds a finished run" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert (trained / "metrics.json").read_text() == before and not (trained / ".staging").exists()

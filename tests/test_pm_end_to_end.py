@@ -77,7 +77,7 @@ def test_training_learns_both_orders_and_checkpoint_reloads(pm_run):
     assert metrics["eval_accuracy"] >= 0.9
     assert metrics["reload_max_abs_diff"] < 1e-4
     assert metrics["examples"]["train"] == {"format": "pm", "read": 1600, "invalid": {}, "used": 1600,
-                                            "dropped_overlength": 0}
+                                            "dropped_overlength": 0, "special_token_in_content": 0}
     checkpoint = pm_run / "last_checkpoint"
     assert (checkpoint / "model.safetensors").exists() and not list(checkpoint.glob("*.bin"))
     tokenizer = load_tokenizer(str(checkpoint), "checkpoint")

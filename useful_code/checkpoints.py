@@ -3,17 +3,21 @@ metrics every training run records."""
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import json
 import os
+import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from useful_code.cli import UserError
 
 # Training arguments recorded in metrics.json (the full set is hundreds of fields).
 RECORDED_TRAINING_ARGS = ("output_dir", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -21,6 +25,83 @@ RECORDED_TRAINING_ARGS = ("output_dir", "learning_rate", "per_device_train_batch
                           "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "activation_checkpointing",
                           "bf16", "seed", "deepspeed")
 ZERO3_HINT = "With ZeRO-3, the DeepSpeed config needs stage3_gather_16bit_weights_on_model_save: true."
+
+
+@dataclass
+class OutputDirArguments:
+    """The output directory policy every trainer shares (see claim_output_dir)."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace a finished run (last_checkpoint/ and metrics.json) in the output directory."})
+
+
+STAGING = ".staging"  # beside the final checkpoint: where it is written and verified before it is moved into place
+LOCK = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> Path:
+    """Before any work: check that output_dir can take this run and lock it (call on the main process only).
+
+    It must be a creatable, writable directory that is none of the inputs; a finished run there (metrics.json) is
+    kept unless overwrite; a run in progress there (a lock whose PID is alive) stops this one, and a stale lock is
+    taken over. The lock is released when this process exits. Returns the directory."""
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir: {out} is a file, not a directory")
+    if any(Path(p).expanduser().resolve() == out.resolve() for p in inputs if p):
+        raise UserError(f"--output_dir: {out} is also an input of this run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--output_dir: cannot write to {out} ({err.strerror})") from None
+    lock = out / LOCK
+    if lock.exists():
+        holder = lock.read_text().strip()
+        if holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder)):
+            raise UserError(f"--output_dir: {out} is in use by another run (PID {holder}); wait for it or choose "
+                            "another --output_dir")
+        print(f"Taking over the stale lock of {out} (PID {holder or '?'} is gone)")
+    if (out / "metrics.json").exists() and not overwrite:
+        raise UserError(f"--output_dir: {out} holds a finished run (metrics.json, last_checkpoint/); pass "
+                        "--overwrite_output_dir to replace it, or choose another --output_dir")
+    lock.write_text(str(os.getpid()))
+    atexit.register(lambda: lock.unlink(missing_ok=True) if lock.exists() and lock.read_text() == str(os.getpid())
+                    else None)
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed run left half-written
+    return out
+
+
+def staging_dir(output_dir: str) -> str:
+    """Where the final checkpoint and metrics.json are written and verified before publish_run moves them."""
+    return os.path.join(output_dir, STAGING)
+
+
+def publish_run(output_dir: str) -> str:
+    """Move the verified staging checkpoint and metrics.json into place (main process only): the old metrics.json
+    goes first and the new one comes last, so a directory with metrics.json always holds that run's complete,
+    verified checkpoint. Returns the final checkpoint's path."""
+    out, staged = Path(output_dir), Path(staging_dir(output_dir))
+    (out / "metrics.json").unlink(missing_ok=True)
+    final = out / "last_checkpoint"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged / "last_checkpoint", final)
+    os.replace(staged / "metrics.json", out / "metrics.json")
+    staged.rmdir()
+    return str(final)
 
 
 def save_final_checkpoint(trainer, checkpoint_dir: str) -> None:

@@ -3,9 +3,15 @@ split every trainer uses."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import json
+import lzma
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
@@ -14,6 +20,16 @@ from useful_code.formats import standardize_pairs
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+# Rules of one line of a JSON-lines file (a .json file holding an array is read as a whole).
+LINE_RULES = {
+    "invalid_utf8": "the file must be UTF-8 text",
+    "not_json": "each line must be one complete JSON value",
+    "not_an_object": "each record must be a JSON object ({...}), not an array or a scalar",
+    "lone_surrogate": "text must be valid Unicode (no lone surrogate escapes such as \\ud800)",
+    "mixed_types": "a field must have the same JSON type (string, list, ...) in every record",
+}
 
 
 def _file_builder(path: Path) -> Optional[str]:
@@ -23,20 +39,142 @@ def _file_builder(path: Path) -> Optional[str]:
     return _FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def load_dataset_dict(path: str, flag: str, split: Optional[str] = None):
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def _record_rule(value: Any) -> str:
+    """'' for a JSON object of valid Unicode, else its rule in LINE_RULES."""
+    if not isinstance(value, dict):
+        return "not_an_object"
+    return "lone_surrogate" if _has_lone_surrogate(value) else ""
+
+
+def read_json_records(path: Path, flag: str) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The records of a .json/.jsonl file (optionally compressed), read without Arrow, and the (0-based line, or
+    array index for a file holding one JSON array; rule in LINE_RULES) of every entry that is not a record. Used
+    when `datasets` cannot load the file, to say why."""
+    opener = _OPENERS.get(path.suffix.lower(), open)
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as err:
+        raise UserError(f"{flag}: {path}: cannot be read as a {path.suffix} file ({err})") from None
+    try:
+        whole = json.loads(raw.decode("utf-8"))
+        entries = whole if isinstance(whole, list) else [whole]
+        checked = [(i, entry, _record_rule(entry)) for i, entry in enumerate(entries)]
+    except (UnicodeDecodeError, json.JSONDecodeError):  # JSON lines
+        checked = []
+        for number, line in enumerate(raw.split(b"\n")):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                checked.append((number, None, "invalid_utf8"))
+                continue
+            except json.JSONDecodeError:
+                checked.append((number, None, "not_json"))
+                continue
+            checked.append((number, entry, _record_rule(entry)))
+    return _drop_mixed_types(checked)
+
+
+def _kind(value: Any) -> Optional[str]:
+    """A JSON value's type as Arrow sees it (null fits any column; ints and floats share one)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return type(value).__name__
+
+
+def _drop_mixed_types(checked: list) -> tuple[list[dict], list[tuple[int, str]]]:
+    """Records and bad entries, where a record whose field has another JSON type than that field has in most records
+    is bad too: Arrow gives each column one type, so such a record would make the whole file unreadable."""
+    kinds: dict[str, Counter] = {}
+    for _, entry, rule in checked:
+        for key, value in (entry.items() if not rule else ()):
+            if _kind(value) is not None:
+                kinds.setdefault(key, Counter())[_kind(value)] += 1
+    usual = {key: counts.most_common(1)[0][0] for key, counts in kinds.items()}
+    records, bad = [], []
+    for i, entry, rule in checked:
+        if not rule and any(_kind(v) not in (None, usual[k]) for k, v in entry.items()):
+            rule = "mixed_types"
+        if rule:
+            bad.append((i, rule))
+        else:
+            records.append(entry)
+    return records, bad
+
+
+def _load_json_file(local: Path, flag: str, skip_invalid: bool, load_error: Exception):
+    """What `datasets` could not load, read line by line: bad lines are one error naming them and their rule, or
+    with skip_invalid are dropped and counted; the records left become the 'train' split."""
+    records, bad = read_json_records(local, flag)
+    if bad and not skip_invalid:
+        reasons = Counter(reason for _, reason in bad)
+        first = ", ".join(f"line {i} ({reason})" for i, reason in bad[:5])
+        raise UserError(f"{flag}: {local}: {len(bad)} lines are not records (first: {first}; 0-based). Rules: "
+                        + "; ".join(f"{r}: {LINE_RULES[r]}" for r in reasons)
+                        + ". Fix the file, or pass --skip_invalid to drop them with a count.")
+    if bad:
+        counts = ", ".join(f"{r}: {n}" for r, n in Counter(reason for _, reason in bad).most_common())
+        print(f"[{flag.lstrip('-')}] dropped {len(bad)} lines of {local} that are not records (--skip_invalid): {counts}")
+    if not records:
+        raise UserError(f"{flag}: {local} holds no records")
+    try:
+        return DatasetDict(train=Dataset.from_list(records))
+    except Exception as err:  # Arrow: the records do not share one schema
+        raise UserError(f"{flag}: {local}: the records do not share one schema ({_first_line(err)}; "
+                        f"loading failed with: {_first_line(load_error)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def load_dataset_dict(path: str, flag: str, split: Optional[str] = None, skip_invalid: bool = False):
     """Load a dataset from a hub name, a directory saved by `datasets`, a data directory, or a
-    .json/.jsonl/.parquet file (optionally compressed). Returns a DatasetDict; a single file is split 'train'."""
+    .json/.jsonl/.parquet file (optionally compressed). Returns a DatasetDict; a single file is split 'train'.
+    A file that cannot be loaded is one error naming it and, for JSON, its bad lines and their rules (dropped and
+    counted with skip_invalid); an empty file or directory is an error too."""
     local = Path(path).expanduser()
     if local.is_file():
         builder = _file_builder(local)
         if builder is None:
             raise UserError(f"{flag}: unsupported file type '{local.name}' (use .json, .jsonl or .parquet, optionally .gz)")
-        return load_dataset(builder, data_files={"train": str(local)})
+        try:
+            loaded = load_dataset(builder, data_files={"train": str(local)})
+        except Exception as err:  # datasets raises many types here; each ends as one line for the user
+            if builder != "json":
+                raise UserError(f"{flag}: {local} cannot be read as {builder} ({_first_line(err)})") from None
+            return _load_json_file(local, flag, skip_invalid, err)
+        if len(loaded["train"]) == 0:
+            raise UserError(f"{flag}: {local} holds no records")
+        return loaded
     if local.is_dir():
-        if any((local / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
-            loaded = load_from_disk(str(local))
-            return DatasetDict(train=loaded) if isinstance(loaded, Dataset) else loaded
-        return load_dataset(str(local))
+        try:
+            if any((local / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
+                loaded = load_from_disk(str(local))
+                return DatasetDict(train=loaded) if isinstance(loaded, Dataset) else loaded
+            return load_dataset(str(local))
+        except Exception as err:
+            raise UserError(f"{flag}: {local}: no loadable dataset in this directory (a save_to_disk directory, or "
+                            f".json/.jsonl/.parquet data files; {_first_line(err)})") from None
     if path.startswith((".", "/", "~")) or _file_builder(local) is not None:
         raise UserError(f"{flag}: no such file or directory '{path}'")
     try:
@@ -59,9 +197,9 @@ def pick_split(dataset_dict, split: str, flag: str):
     raise UserError(f"{flag}: no split '{split}' (available: {', '.join(dataset_dict)})")
 
 
-def load_split(path: str, split: str, flag: str):
+def load_split(path: str, split: str, flag: str, skip_invalid: bool = False):
     """One split of a dataset (a single local file is its own split)."""
-    return pick_split(load_dataset_dict(path, flag), split, flag)
+    return pick_split(load_dataset_dict(path, flag, skip_invalid=skip_invalid), split, flag)
 
 
 @dataclass
@@ -88,7 +226,7 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
     train data's 'test' split, else holdout_size pairs held out of the (validated) train pairs, seeded.
     Returns (train, held-out standard-format pairs, stats of the held-out pairs)."""
     if eval_set_path:
-        raw, source = load_split(eval_set_path, "test", "--eval_set_path"), eval_set_path
+        raw, source = load_split(eval_set_path, "test", "--eval_set_path", skip_invalid), eval_set_path
     elif "test" in train_splits:
         raw, source = train_splits["test"], f"test split of {train_flag}"
     else:

@@ -15,6 +15,7 @@ from useful_code.cli import parse_args, run_cli
 from useful_code.evaluation import EvalArguments, load_examples, save_and_report
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.reward_bench import score_examples
+from useful_code.templates import reject_special_tokens
 
 
 @dataclass
@@ -25,6 +26,14 @@ class ScriptArguments(EvalArguments):
         default="RLHFlow/pair-preference-model-LLaMA3-8B", metadata={"help": "PM: hub name or checkpoint directory."}
     )
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature on the A/B logits."})
+
+
+def load_checked_examples(path: str, split, flag: str, args, tokenizer):
+    """Load and validate RewardBench-format examples; text holding a special token is an error (or a counted drop)."""
+    dataset, stats = load_examples(path, split, flag, args.skip_invalid)
+    dataset, stats["special_token_in_content"] = reject_special_tokens(dataset, tokenizer, ("chosen", "rejected"),
+                                                                       args.skip_invalid, flag.lstrip("-"))
+    return dataset, stats
 
 
 def pair_rewards(scorer: PairPreferenceScorer, examples) -> tuple[list[float], list[float]]:
@@ -39,13 +48,13 @@ def main():
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, max_length=args.max_length,
         temperature=args.temperature)
-    examples, stats = load_examples(args.data_set_name, args.split, "--data_set_name", args.skip_invalid)
+    examples, stats = load_checked_examples(args.data_set_name, args.split, "--data_set_name", args, scorer.tokenizer)
     chosen, rejected = pair_rewards(scorer, examples)
     stats["truncated"] = scorer.truncated
     prior = None
     if args.prior_sets_path:
-        prior_examples, stats["prior_sets"] = load_examples(args.prior_sets_path, None, "--prior_sets_path",
-                                                            args.skip_invalid)
+        prior_examples, stats["prior_sets"] = load_checked_examples(args.prior_sets_path, None, "--prior_sets_path",
+                                                                    args, scorer.tokenizer)
         prior = (prior_examples["id"], prior_examples["subset"], *pair_rewards(scorer, prior_examples))
     if scorer.truncated:
         print(f"{scorer.truncated} sequences longer than max_length={args.max_length} were cut from the left")

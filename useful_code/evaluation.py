@@ -50,7 +50,7 @@ def load_examples(path: str, split: Optional[str], flag: str, skip_invalid: bool
     split when split is None (preference-test-sets keeps one set per split: the split name becomes the subset).
     Returns (standard-format dataset with 'id' and 'subset', stats)."""
     is_local = Path(path).expanduser().exists()
-    splits = load_dataset_dict(path, flag, split=None if is_local else split)
+    splits = load_dataset_dict(path, flag, split=None if is_local else split, skip_invalid=skip_invalid)
     if split is not None:
         dataset = pick_split(splits, split, flag)
     else:

@@ -27,6 +27,8 @@ INVALID_REASONS = {
     **CONVERSATION_RULES,
     "not_a_message_list": "chosen/rejected must be non-empty lists of {role, content} messages",
     "context_mismatch": "chosen and rejected must share the same context (every message but the last)",
+    "identical_responses": "chosen and rejected must differ (their last messages are the same)",
+    "bad_prompt": "prompt must be a non-empty string or a list of {role, content} messages",
     "unparseable_hh": "HH-RLHF text must be a sequence of '\\n\\nHuman: ...' / '\\n\\nAssistant: ...' turns",
 }
 
@@ -46,14 +48,19 @@ def parse_hh_conversation(text: str) -> Optional[list[dict]]:
     return [{"role": roles[speaker], "content": content.strip()} for speaker, content in zip(pieces[1::2], pieces[2::2])]
 
 
-def detect_format(column_names: Iterable[str], example: dict) -> str:
-    """Name the input format: 'messages' (standard), 'prompt' (RewardBench style) or 'hh' (raw HH-RLHF)."""
+def check_pair_columns(column_names: Iterable[str]) -> None:
+    """Preference data must have 'chosen' and 'rejected' columns."""
     columns = set(column_names)
     if not {"chosen", "rejected"} <= columns:
         raise UserError(f"preference data needs 'chosen' and 'rejected' columns (found: {', '.join(sorted(columns))})")
-    if isinstance(example["chosen"], list):
+
+
+def detect_format(row: dict) -> str:
+    """Name one row's format: 'messages' (standard), 'prompt' (RewardBench style) or 'hh' (raw HH-RLHF). Decided per
+    row, so a malformed row is that row's error and never changes how the others are read."""
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
         return "messages"
-    if "prompt" in columns:
+    if "prompt" in row:
         return "prompt"
     return "hh"
 
@@ -82,7 +89,12 @@ def to_standard_pair(row: dict, fmt: str) -> tuple[list[dict], list[dict], str]:
             return [], [], "unparseable_hh"
     elif fmt == "prompt":
         prompt = row["prompt"]
-        context = clean_messages(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list):
+            context = clean_messages(prompt)
+        elif isinstance(prompt, str) and prompt.strip():
+            context = [{"role": "user", "content": prompt}]
+        else:
+            return [], [], "bad_prompt"
         if context is None or not all(isinstance(row[k], str) for k in ("chosen", "rejected")):
             return [], [], "not_a_message_list"
         chosen = context + [{"role": "assistant", "content": row["chosen"]}]
@@ -117,6 +129,8 @@ def validate_pair(chosen: list[dict], rejected: list[dict]) -> str:
             return reason
     if chosen[:-1] != rejected[:-1]:
         return "context_mismatch"
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        return "identical_responses"
     return ""
 
 
@@ -124,15 +138,19 @@ def standardize_pairs(dataset, skip_invalid: bool, name: str):
     """Convert a preference dataset to the standard format (chosen/rejected message lists) and validate
     every row. An invalid row is an error naming its index and rule, unless skip_invalid, in which case it
     is dropped and counted. Returns (dataset, stats) with stats = {'format', 'read', 'invalid': {reason: n}, 'used'}."""
-    fmt = detect_format(dataset.column_names, dataset[0]) if len(dataset) else "messages"
+    check_pair_columns(dataset.column_names)
     source_columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
 
     def convert(row):
+        fmt = detect_format(row)
         chosen, rejected, reason = to_standard_pair(row, fmt)
-        return {"chosen": chosen, "rejected": rejected, "invalid_reason": reason}
+        return {"chosen": chosen, "rejected": rejected, "invalid_reason": reason, "source_format": fmt}
 
     converted = dataset.map(convert, remove_columns=source_columns, desc=f"validating {name}")
-    converted, stats = enforce_validity(converted, INVALID_REASONS, skip_invalid, name)
+    formats = Counter(converted["source_format"])
+    converted, stats = enforce_validity(converted.remove_columns("source_format"), INVALID_REASONS, skip_invalid, name)
+    # One name for uniform data (the usual case), else every format seen with its count.
+    fmt = ", ".join(f"{f}: {n}" for f, n in formats.most_common()) if len(formats) > 1 else next(iter(formats), "messages")
     return converted, {"format": fmt, **stats}
 
 

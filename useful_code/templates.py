@@ -3,9 +3,17 @@ tokenized pairs every BT script trains and scores on."""
 
 from __future__ import annotations
 
+import re
+
 from transformers import AutoTokenizer
 
 from useful_code.cli import UserError
+from useful_code.formats import enforce_validity
+
+SPECIAL_TOKEN_RULES = {
+    "special_token_in_content": "no message may contain one of the tokenizer's special tokens as text (it would "
+                                "become a real control token, such as a forged turn break)",
+}
 
 
 def load_tokenizer(name: str, flag: str, trust_remote_code: bool = False):
@@ -43,6 +51,27 @@ def ensure_pad_token(tokenizer) -> bool:
             return False
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     return True
+
+
+def special_token_pattern(tokenizer) -> re.Pattern:
+    """A regex matching any of the tokenizer's special tokens (BOS, EOS, pad, turn markers, reserved tokens)."""
+    specials = set(tokenizer.all_special_tokens)
+    specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True) if t))
+
+
+def reject_special_tokens(dataset, tokenizer, columns: tuple[str, ...], skip_invalid: bool, name: str):
+    """Check that no message in the given message-list columns contains a special token as text: such a row is an
+    error naming it, or with skip_invalid is dropped and counted. Returns (dataset, number dropped)."""
+    pattern = special_token_pattern(tokenizer)
+
+    def reason(row) -> dict:
+        forged = any(pattern.search(m["content"]) for column in columns for m in row[column])
+        return {"invalid_reason": "special_token_in_content" if forged else ""}
+
+    marked = dataset.map(reason, desc=f"checking {name} for special tokens")
+    checked, stats = enforce_validity(marked, SPECIAL_TOKEN_RULES, skip_invalid, name)
+    return checked, stats["read"] - stats["used"]
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -84,12 +113,14 @@ def truncate_all(tokenizer, sequences: list[list[int]], max_length: int) -> tupl
     return [truncate_left(s, max_length, keep_first) for s in sequences], cut
 
 
-def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: str):
-    """Add chosen_input_ids / rejected_input_ids / length columns. Over-long sequences are truncated from
-    the left (upstream's rule: the response end, where the reward is read, is kept) or dropped when
-    overlength == 'drop'; either way the count is printed. Returns (dataset, stats)."""
+def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: str, skip_invalid: bool = False):
+    """Add chosen_input_ids / rejected_input_ids / length columns. A pair whose text holds a special token is an error,
+    or dropped and counted with skip_invalid. Over-long sequences are truncated from the left (upstream's rule: the
+    response end, where the reward is read, is kept) or dropped when overlength == 'drop'; either way the count is
+    printed. Returns (dataset, stats)."""
     if overlength not in ("truncate", "drop"):
         raise UserError(f"--overlength must be 'truncate' or 'drop', not '{overlength}'")
+    dataset, forged = reject_special_tokens(dataset, tokenizer, ("chosen", "rejected"), skip_invalid, name)
 
     def encode(batch):
         chosen = encode_conversations(tokenizer, batch["chosen"])
@@ -104,7 +135,7 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: s
 
     encoded = dataset.map(encode, batched=True, desc=f"tokenizing {name}")
     n_over = sum(encoded["overlength"])
-    stats = {"overlength": n_over, "truncated": 0, "dropped_overlength": 0}
+    stats = {"overlength": n_over, "truncated": 0, "dropped_overlength": 0, "special_token_in_content": forged}
     if n_over and overlength == "drop":
         encoded = encoded.filter(lambda over: not over, input_columns="overlength")
         stats["dropped_overlength"] = n_over

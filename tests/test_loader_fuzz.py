@@ -1,0 +1,208 @@
+"""Loader fuzz: seeded, thousands of valid and malformed rows and lines in every input format, through every loader.
+Asserted: no traceback (only one-line UserErrors), every valid row kept with its content, every invalid row or line
+named with its rule and counted."""
+
+import gzip
+import json
+import random
+import zlib
+from collections import Counter
+
+import pytest
+from datasets import Dataset
+
+from useful_code.cli import UserError
+from useful_code.data import load_dataset_dict
+from useful_code.evaluation import load_examples
+from useful_code.formats import standardize_pairs, validate_conversations
+from useful_code.pm_data import validate_pm_examples
+
+ROWS_PER_FORMAT = 1200
+
+
+def m(role, content):
+    return {"role": role, "content": content}
+
+
+def messages_row(rng, i):
+    """(row, expected rule or '') of the standard format; every row's chosen answer is unique ('answer i')."""
+    context = ([m("system", "Be kind.")] if rng.random() < 0.3 else []) + [m("user", f"question {i}")]
+    for t in range(rng.randrange(2)):
+        context += [m("assistant", f"reply {i}.{t}"), m("user", f"follow-up {i}.{t}")]
+    chosen, rejected = context + [m("assistant", f"answer {i}")], context + [m("assistant", f"other {i}")]
+    kind = rng.choice(["valid"] * 6 + ["empty_content", "unknown_role", "roles_not_alternating",
+                                       "last_not_assistant", "context_mismatch", "identical_responses",
+                                       "not_a_message_list"])
+    if kind == "empty_content":
+        chosen[-1] = m("assistant", rng.choice(["", "  ", "\n"]))
+    elif kind == "unknown_role":
+        rejected[-1] = m("bot", "beep")
+    elif kind == "roles_not_alternating":
+        chosen, rejected = [m("user", "a")] + chosen, [m("user", "a")] + rejected
+    elif kind == "last_not_assistant":
+        chosen, rejected = chosen[:-1], rejected[:-1]
+    elif kind == "context_mismatch":
+        rejected[-2] = m("user", "something else")
+    elif kind == "identical_responses":
+        rejected = chosen
+    elif kind == "not_a_message_list":
+        chosen = None
+    return {"chosen": chosen, "rejected": rejected}, "" if kind == "valid" else kind
+
+
+def prompt_row(rng, i):
+    row = {"id": i, "subset": rng.choice(["shp", "alpacaeval-easy"]), "prompt": f"question {i}",
+           "chosen": f"answer {i}", "rejected": f"other {i}"}
+    kind = rng.choice(["valid"] * 6 + ["bad_prompt", "empty_content", "identical_responses", "not_a_message_list"])
+    if kind == "bad_prompt":
+        row["prompt"] = rng.choice([None, "", " "])
+    elif kind == "empty_content":
+        row["rejected"] = ""
+    elif kind == "identical_responses":
+        row["rejected"] = row["chosen"]
+    elif kind == "not_a_message_list":
+        row["chosen"] = None
+    return row, "" if kind == "valid" else kind
+
+
+def hh_row(rng, i):
+    def text(*turns):
+        return "".join(f"\n\n{speaker}: {content}" for speaker, content in turns)
+
+    context = [("Human", f"question {i}")]
+    chosen, rejected = text(*context, ("Assistant", f"answer {i}")), text(*context, ("Assistant", f"other {i}"))
+    kind = rng.choice(["valid"] * 6 + ["unparseable_hh", "empty_content", "roles_not_alternating",
+                                       "context_mismatch", "identical_responses"])
+    if kind == "unparseable_hh":
+        chosen = f"answer {i} with no turn markers"
+    elif kind == "empty_content":
+        chosen = text(*context, ("Assistant", ""))
+    elif kind == "roles_not_alternating":
+        chosen = text(("Human", "hi"), *context, ("Assistant", f"answer {i}"))
+        rejected = text(("Human", "hi"), *context, ("Assistant", f"other {i}"))
+    elif kind == "context_mismatch":
+        rejected = text(("Human", "different"), ("Assistant", f"other {i}"))
+    elif kind == "identical_responses":
+        rejected = chosen
+    return {"chosen": chosen, "rejected": rejected}, "" if kind == "valid" else kind
+
+
+BAD_LINES = {  # line-level corruption -> its rule
+    "not_json": lambda line: line[: len(line) // 2],
+    "not_an_object": lambda line: b"[" + line + b"]",
+    "invalid_utf8": lambda line: line.replace(b"{", b'{"note": "caf\xe9", ', 1),  # Latin-1, not UTF-8
+    "lone_surrogate": lambda line: line.replace(b"{", b'{"note": "\\ud800", ', 1),
+    "mixed_types": lambda line: json.dumps({"chosen": 5, "rejected": 6}).encode(),
+}
+
+
+def write_file(path, make_row, seed, line_errors: bool):
+    """Write ROWS_PER_FORMAT lines; return (expected row rules per kept line, expected line rules, valid answers)."""
+    rng = random.Random(seed)
+    lines, row_rules, line_rules, valid = [], Counter(), Counter(), []
+    for i in range(ROWS_PER_FORMAT):
+        row, rule = make_row(rng, i)
+        line = json.dumps(row).encode()
+        if line_errors and rng.random() < 0.05:
+            corruption = rng.choice(sorted(BAD_LINES))
+            lines.append(BAD_LINES[corruption](line))
+            line_rules[corruption] += 1
+            continue
+        lines.append(line)
+        row_rules[rule] += 1
+        if not rule:
+            valid.append(f"answer {i}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return row_rules, line_rules, valid
+
+
+def answers(pairs):
+    return [c[-1]["content"] for c in pairs["chosen"]]
+
+
+@pytest.mark.parametrize("make_row,suffix", [(messages_row, ".jsonl"), (prompt_row, ".jsonl"), (hh_row, ".jsonl.gz"),
+                                             (messages_row, ".jsonl.gz")])
+@pytest.mark.parametrize("line_errors", [False, True])
+def test_pairs_every_valid_row_kept_every_invalid_named(tmp_path, capsys, make_row, suffix, line_errors):
+    path = tmp_path / f"data{suffix}"
+    row_rules, line_rules, valid = write_file(path, make_row, seed=zlib.crc32(f"{make_row.__name__}{suffix}".encode()),
+                                              line_errors=line_errors)
+    loaded = load_dataset_dict(str(path), "--train_set_path", skip_invalid=True)["train"]
+    kept, stats = standardize_pairs(loaded, True, "fuzz")
+    assert answers(kept) == valid  # every valid row, in order, with its content
+    assert stats["invalid"] == {r: n for r, n in row_rules.items() if r}
+    assert stats["read"] == sum(row_rules.values()) and stats["used"] == len(valid)
+    out = capsys.readouterr().out
+    if line_rules:
+        assert f"dropped {sum(line_rules.values())} lines of {path} that are not records" in out
+        for rule, n in line_rules.items():
+            assert f"{rule}: {n}" in out
+
+    # Without --skip_invalid: one UserError naming the first bad line (or row) and its rule, never a traceback.
+    with pytest.raises(UserError) as err:
+        standardize_pairs(load_dataset_dict(str(path), "--train_set_path")["train"], False, "fuzz")
+    message = str(err.value)
+    assert "\n" not in message and "0-based" in message and "--skip_invalid" in message
+    assert any(rule in message for rule in (line_rules if line_rules else row_rules) if rule)
+
+
+def test_rewardbench_loader_keeps_ids_and_subsets(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    row_rules, _, valid = write_file(path, prompt_row, seed=7, line_errors=True)
+    kept, stats = load_examples(str(path), "filtered", "--data_set_name", skip_invalid=True)
+    assert answers(kept) == valid
+    assert [f"answer {i}" for i in kept["id"]] == valid and set(kept["subset"]) <= {"shp", "alpacaeval-easy"}
+    assert stats["invalid"] == {r: n for r, n in row_rules.items() if r}
+
+
+def test_pm_and_conversation_loaders(tmp_path):
+    rng = random.Random(3)
+    pm_rows, pm_rules, conv_rows, conv_rules = [], Counter(), [], Counter()
+    for i in range(ROWS_PER_FORMAT):
+        kind = rng.choice(["valid"] * 5 + ["bad_label", "not_a_pm_example", "empty_prompt"])
+        label = {"bad_label": "C"}.get(kind, rng.choice("AB"))
+        messages = [m("user", "" if kind == "empty_prompt" else f"[CONTEXT] {i}"), m("assistant", label)]
+        pm_rows.append({"messages": messages[:1] if kind == "not_a_pm_example" else messages})
+        pm_rules[kind] += 1
+        row, rule = messages_row(rng, i)
+        conversation = row["chosen"] or [m("user", "q")]  # a conversation of its own; a pair's rules do not apply
+        # rules about rejected or about the pair do not touch chosen; a lone user turn lacks the assistant's
+        rule = {"context_mismatch": "", "identical_responses": "", "unknown_role": "",
+                "not_a_message_list": "last_not_assistant"}.get(rule, rule)
+        conv_rows.append({"messages": conversation})
+        conv_rules[rule] += 1
+    _, stats = validate_pm_examples(Dataset.from_list(pm_rows), True, "pm")
+    assert stats["invalid"] == {r: n for r, n in pm_rules.items() if r != "valid"}
+    assert stats["used"] == pm_rules["valid"]
+    kept, stats = validate_conversations(Dataset.from_list(conv_rows), True, "mo")
+    assert stats["invalid"] == {r: n for r, n in conv_rules.items() if r}
+    assert len(kept) == conv_rules[""]
+
+
+@pytest.mark.parametrize("content,rule", [(b"", "holds no records"), (b"\n\n", "holds no records"),
+                                          (b"just text", "not_json"), (b'{"a": 1', "not_json")])
+def test_whole_file_problems_are_one_line(tmp_path, content, rule):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        load_dataset_dict(str(path), "--data")
+    assert rule in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_json_array_of_scalars_names_the_missing_columns(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_bytes(b"[1, 2]")  # datasets reads it as a 'text' column
+    with pytest.raises(UserError, match=r"needs 'chosen' and 'rejected' columns \(found: text\)"):
+        standardize_pairs(load_dataset_dict(str(path), "--data")["train"], False, "d")
+
+
+def test_bad_gzip_and_empty_directory_are_one_line(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="cannot be read as a .gz file"):
+        load_dataset_dict(str(path), "--data")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no loadable dataset in this directory"):
+        load_dataset_dict(str(tmp_path / "empty"), "--data")
