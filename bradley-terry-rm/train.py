@@ -21,15 +21,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from useful_code.checkpoints import (
-    OutputDirArguments,
-    claim_output_dir,
-    publish_run,
-    save_final_checkpoint,
-    staging_dir,
-    verify_reload,
-    write_run_metrics,
-)
+from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
@@ -60,7 +52,7 @@ class ScriptArguments(HeldOutArguments):
 
 
 @dataclass
-class RewardTrainingArguments(HardwareAwareArguments, OutputDirArguments, TrainingArguments):
+class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments, TrainingArguments):
     """transformers' TrainingArguments with upstream's flag names and defaults (gemma_2B_rm.py) where they differ."""
 
     output_dir: Optional[str] = field(default="./bt_models/reward_model",
@@ -154,7 +146,7 @@ def verify_checkpoint(trainer, checkpoint_dir: str, pairs, dtype: torch.dtype) -
         rewards = score_sequences(model, tokenizer, list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"]),
                                   batch_size=8)
         reloaded = np.stack([rewards[: len(pairs)], rewards[len(pairs):]], axis=1)
-        max_diff = verify_reload(in_memory, reloaded, dtype, checkpoint_dir, "rewards")
+        max_diff = checkpoints.verify_reload(in_memory, reloaded, dtype, checkpoint_dir, "rewards")
     trainer.accelerator.wait_for_everyone()
     return max_diff
 
@@ -166,8 +158,8 @@ def main():
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     is_main = training_args.process_index == 0
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
-        claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
-                         inputs=(args.model_name, args.train_set_path, args.eval_set_path))
+        checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
+                                     inputs=(args.model_name, args.train_set_path, args.eval_set_path))
     set_seed(training_args.seed)
     if is_main:
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
@@ -208,9 +200,9 @@ def main():
     eval_metrics = trainer.evaluate()
 
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.
-    staging = staging_dir(training_args.output_dir)
+    staging = checkpoints.staging_dir(training_args.output_dir)
     checkpoint_dir = os.path.join(staging, "last_checkpoint")
-    save_final_checkpoint(trainer, checkpoint_dir)
+    checkpoints.save_final_checkpoint(trainer, checkpoint_dir)
     check_pairs = held_out.select(range(min(args.reload_check_pairs, len(held_out))))
     reload_diff = verify_checkpoint(trainer, checkpoint_dir, check_pairs, dtype)
 
@@ -223,11 +215,11 @@ def main():
             "reload_max_abs_diff": reload_diff,
             "config": config,
         }
-        write_run_metrics(staging, metrics, started, train_result, args,
-                          training_args, dtype)
+        checkpoints.write_run_metrics(staging, metrics, started, train_result, args,
+                                      training_args, dtype)
         print(f"Held-out pair accuracy {metrics['eval_accuracy']:.4f}, loss {metrics['eval_loss']:.4f} "
               f"on {len(held_out)} pairs; wall time {time.time() - started:.1f} s")
-        final = publish_run(training_args.output_dir)
+        final = checkpoints.publish_run(training_args.output_dir)
         print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
 
 

@@ -22,15 +22,7 @@ import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from useful_code.checkpoints import (
-    OutputDirArguments,
-    claim_output_dir,
-    publish_run,
-    save_final_checkpoint,
-    staging_dir,
-    verify_reload,
-    write_run_metrics,
-)
+from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
@@ -69,7 +61,7 @@ class ScriptArguments(HeldOutArguments):
 
 
 @dataclass
-class PreferenceModelConfig(HardwareAwareArguments, OutputDirArguments, SFTConfig):
+class PreferenceModelConfig(HardwareAwareArguments, checkpoints.OutputDirArguments, SFTConfig):
     """TRL's SFTConfig, usable unchanged on a GPU or a CPU-only machine (bf16 where the GPU has it, as upstream's
     "bf16: auto"); padding is ours (a non-EOS pad token, see useful_code/templates.py)."""
 
@@ -107,8 +99,8 @@ def main():
     script_args, training_args, config = parse_args((ScriptArguments, PreferenceModelConfig), DEFAULT_CONFIG)
     is_main = training_args.process_index == 0
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
-        claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
-                         inputs=(script_args.model_name_or_path, script_args.dataset_path,
+        checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
+                                     inputs=(script_args.model_name_or_path, script_args.dataset_path,
                                  script_args.eval_set_path))
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     set_seed(training_args.seed)
@@ -143,9 +135,9 @@ def main():
     train_result = trainer.train()
 
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.
-    staging = staging_dir(training_args.output_dir)
+    staging = checkpoints.staging_dir(training_args.output_dir)
     checkpoint_dir = os.path.join(staging, "last_checkpoint")
-    save_final_checkpoint(trainer, checkpoint_dir)
+    checkpoints.save_final_checkpoint(trainer, checkpoint_dir)
 
     # The in-memory model's answer logits on a few held-out prompts, on every rank (ZeRO-3 gathers the weights
     # with collectives); rank 0 then reloads the checkpoint and must reproduce them.
@@ -163,8 +155,8 @@ def main():
 
     if is_main:
         scorer = reload_checkpoint(checkpoint_dir, dtype, training_args.device)
-        reload_diff = verify_reload(in_memory, scorer.label_logits(check_sequences), dtype, checkpoint_dir,
-                                    "answer logits")
+        reload_diff = checkpoints.verify_reload(in_memory, scorer.label_logits(check_sequences), dtype, checkpoint_dir,
+                                                "answer logits")
         metrics = {}
         if held_out is not None:
             scorer.batch_size = training_args.per_device_eval_batch_size
@@ -190,9 +182,9 @@ def main():
             "reload_max_abs_diff": reload_diff,
             "config": config,
         })
-        write_run_metrics(staging, metrics, started, train_result, script_args,
-                          training_args, dtype)
-        final = publish_run(training_args.output_dir)
+        checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args,
+                                      training_args, dtype)
+        final = checkpoints.publish_run(training_args.output_dir)
         print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
     trainer.accelerator.wait_for_everyone()
 

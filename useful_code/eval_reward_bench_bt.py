@@ -31,7 +31,7 @@ def load_tokenized_examples(path: str, split: Optional[str], flag: str, args, to
     """Load and validate RewardBench-format examples, then tokenize them (cut from the left, counted)."""
     dataset, stats = load_examples(path, split, flag, args.skip_invalid)
     dataset, token_stats = tokenize_pairs(dataset, tokenizer, args.max_length, "truncate", flag.lstrip("-"),
-                                         args.skip_invalid)
+                                          args.skip_invalid)
     return dataset, {**stats, **token_stats}
 
 
