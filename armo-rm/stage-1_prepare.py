@@ -45,7 +45,8 @@ def main():
         raise UserError(f"--dataset_path lacks attribute columns {missing}")
     data, stats = validate_conversations(data, args.skip_invalid, "--dataset_path")
     model, tokenizer = load_backbone(args.model_path, default_device(args.device), args.bf16,
-                                     args.attn_implementation, args.trust_remote_code)
+                                     args.attn_implementation, args.trust_remote_code,
+                                     pickled_weights=args.load_pickled_weights)
     # Checked on every row before sharding, so that all shards agree on the rows they split.
     data, stats["special_token_in_content"] = reject_special_tokens(data, tokenizer, ("messages",), args.skip_invalid,
                                                                     "--dataset_path")

@@ -56,7 +56,8 @@ def main():
         pairs = pairs.filter(lambda s: s == args.source, input_columns="source")
     pairs, stats = standardize_pairs(pairs, args.skip_invalid, "--dataset_path")
     model, tokenizer = load_backbone(args.model_path, default_device(args.device), args.bf16,
-                                     args.attn_implementation, args.trust_remote_code)
+                                     args.attn_implementation, args.trust_remote_code,
+                                     pickled_weights=args.load_pickled_weights)
     # Checked on every row before sharding, so that all shards agree on the rows they split.
     pairs, stats["special_token_in_content"] = reject_special_tokens(pairs, tokenizer, ("chosen", "rejected"),
                                                                      args.skip_invalid, "--dataset_path")

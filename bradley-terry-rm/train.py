@@ -184,7 +184,8 @@ def main():
 
     # Built after the training arguments so that ZeRO-3 partitions the weights as they load.
     model = load_reward_model(args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation,
-                              args.trust_remote_code)
+                              args.trust_remote_code, new_weights=("score.",),  # a base LM gets a new score head
+                              pickled_weights=args.load_pickled_weights)
     model.config.use_cache = False
 
     trainer = BradleyTerryTrainer(

@@ -32,6 +32,8 @@ class ScriptArguments:
     bf16: bool = field(default=True)
     attn_implementation: str = field(default="auto")
     trust_remote_code: bool = field(default=False)
+    load_pickled_weights: bool = field(default=False, metadata={
+        "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
 
 
 def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dict]]:
@@ -65,7 +67,8 @@ def main():
     contexts, candidates, rows = read_prompts(args.input_path)
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
-        trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, max_length=args.max_length)
+        trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights,
+        batch_size=args.batch_size, max_length=args.max_length)
     results = scorer.knockout_many(contexts, candidates)
     Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output_path, "w", encoding="utf-8") as f:

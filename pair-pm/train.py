@@ -129,7 +129,8 @@ def main():
 
     # Built after SFTConfig so that ZeRO-3 partitions the weights as they load.
     model = load_preference_model(script_args.model_name_or_path, "--model_name_or_path", tokenizer, dtype,
-                                  script_args.attn_implementation, training_args.trust_remote_code)
+                                  script_args.attn_implementation, training_args.trust_remote_code,
+                                  pickled_weights=script_args.load_pickled_weights)
     model.config.use_cache = False
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
     train_result = trainer.train()

@@ -30,6 +30,8 @@ class PrepareArguments:
     bf16: bool = field(default=True)
     attn_implementation: str = field(default="auto")
     trust_remote_code: bool = field(default=False)
+    load_pickled_weights: bool = field(default=False, metadata={
+        "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
 
 
 def gating_pattern(tokenizer) -> list[int]:

@@ -218,6 +218,8 @@ class HeldOutArguments:
     reload_check_pairs: int = field(default=16,
                                     metadata={"min": 1, "help": "Held-out pairs scored to verify the checkpoint."})
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, flash_attention_2 or eager."})
+    load_pickled_weights: bool = field(default=False, metadata={
+        "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
 
 
 def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_size: int, seed: int,

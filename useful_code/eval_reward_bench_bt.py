@@ -38,7 +38,8 @@ def load_tokenized_examples(path: str, split: Optional[str], flag: str, args, to
 def main():
     args = parse_args((ScriptArguments,))[0]
     model, tokenizer = load_for_scoring(load_reward_model, args.reward_name_or_path, "--reward_name_or_path",
-                                        args.bf16, args.attn_implementation, args.trust_remote_code)
+                                        args.bf16, args.attn_implementation, args.trust_remote_code,
+                                        pickled_weights=args.load_pickled_weights)
     examples, stats = load_tokenized_examples(args.data_set_name, args.split, "--data_set_name", args, tokenizer)
     prior = None
     if args.prior_sets_path:

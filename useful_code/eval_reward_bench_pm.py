@@ -46,8 +46,8 @@ def main():
     args = parse_args((ScriptArguments,))[0]
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
-        trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, max_length=args.max_length,
-        temperature=args.temperature)
+        trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights,
+        batch_size=args.batch_size, max_length=args.max_length, temperature=args.temperature)
     examples, stats = load_checked_examples(args.data_set_name, args.split, "--data_set_name", args, scorer.tokenizer)
     chosen, rejected = pair_rewards(scorer, examples)
     stats["truncated"] = scorer.truncated

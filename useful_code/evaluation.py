@@ -42,6 +42,8 @@ class EvalArguments:
     bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
     attn_implementation: str = field(default="auto")
     trust_remote_code: bool = field(default=False)
+    load_pickled_weights: bool = field(default=False, metadata={
+        "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
 
 

@@ -3,6 +3,8 @@ trusted, with one clear error when a model cannot be loaded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -11,24 +13,56 @@ from useful_code.hardware import default_device, resolve_attn_implementation, re
 from useful_code.templates import load_tokenizer
 
 
+def _task_suffix(class_name: str) -> str:
+    """'ForSequenceClassification' of 'AutoModelForSequenceClassification' or 'LlamaForSequenceClassification'."""
+    return class_name[class_name.find("For"):] if "For" in class_name else ""
+
+
 def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
-               trust_remote_code: bool = False, **kwargs):
-    """from_pretrained through an Auto class, with one clear error if the model cannot be loaded; the embeddings
-    grow to fit a pad token the tokenizer added, and the config learns the pad id."""
+               trust_remote_code: bool = False, *, new_weights: tuple[str, ...] = (), pickled_weights: bool = False,
+               **kwargs):
+    """from_pretrained through an Auto class, checked: one clear error if the model cannot be loaded, if it was saved
+    for another task (a BT checkpoint given to a PM script), if a weight the model needs is missing or of another
+    shape (it would be random), or if it has only pickled weights and pickled_weights is off. new_weights are the
+    name prefixes of a head the caller adds and trains (a score head on a base LM). The embeddings grow to fit a pad
+    token the tokenizer added, and the config learns the pad id."""
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-        custom = (getattr(config, "auto_map", None) or {}).get(auto_class.__name__)
-        if custom and not trust_remote_code:
-            # Without it transformers would build the backbone's stock class and silently drop the custom head.
-            raise UserError(f"{flag}: '{name}' defines its own {auto_class.__name__} ({custom}); pass "
-                            "--trust_remote_code to run that code")
-        model = auto_class.from_pretrained(
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag}: could not load model '{name}' ({str(err).splitlines()[0]}); "
+                        f"pass a local model directory with {flag}") from None
+    custom = (getattr(config, "auto_map", None) or {}).get(auto_class.__name__)
+    if custom and not trust_remote_code:
+        # Without it transformers would build the backbone's stock class and silently drop the custom head.
+        raise UserError(f"{flag}: '{name}' defines its own {auto_class.__name__} ({custom}); pass "
+                        "--trust_remote_code to run that code")
+    wanted, saved = _task_suffix(auto_class.__name__), [_task_suffix(a) for a in config.architectures or []]
+    if wanted and not new_weights and saved and wanted not in saved:
+        raise UserError(f"{flag}: '{name}' was saved as {', '.join(config.architectures)}, not a model{wanted}; "
+                        "this script needs the other kind of checkpoint (a BT reward model is a sequence classifier, "
+                        "a pairwise preference model a causal LM)")
+    local = Path(name).expanduser()
+    if not pickled_weights and local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
+        raise UserError(f"{flag}: '{name}' holds only pickled weights ({', '.join(p.name for p in local.glob('*.bin'))}"
+                        "); pass --load_pickled_weights to read them with torch's weights-only loader, or convert "
+                        "them to safetensors")
+    try:
+        model, info = auto_class.from_pretrained(
             name, dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation),
-            trust_remote_code=trust_remote_code, **kwargs,
+            trust_remote_code=trust_remote_code, use_safetensors=None if pickled_weights else True,
+            output_loading_info=True, **kwargs,
         )
     except (OSError, ValueError) as err:
         raise UserError(f"{flag}: could not load model '{name}' ({str(err).splitlines()[0]}); "
                         f"pass a local model directory with {flag}") from None
+    except RuntimeError as err:  # transformers: weights of another shape (num_labels, vocabulary, architecture)
+        raise UserError(f"{flag}: '{name}' has weights of another shape than the model expects "
+                        f"({str(err).splitlines()[0]}); check num_labels and the architecture") from None
+    missing = [k for k in info["missing_keys"] if not any(k.startswith(prefix) for prefix in new_weights)]
+    if missing or info["mismatched_keys"]:
+        problems = missing + [str(k) for k in info["mismatched_keys"]]
+        raise UserError(f"{flag}: '{name}' lacks {len(problems)} weights the model needs, which would be random: "
+                        f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -36,31 +70,33 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
 
 
 def load_reward_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
-                      trust_remote_code: bool = False):
-    """A sequence classifier with one output (the reward), aligned with the tokenizer's pad token."""
+                      trust_remote_code: bool = False, **options):
+    """A sequence classifier with one output (the reward), aligned with the tokenizer's pad token; options as
+    load_model's (new_weights=("score.",) to train a new head on a base LM)."""
     return load_model(AutoModelForSequenceClassification, name, flag, tokenizer, dtype, attn_implementation,
-                      trust_remote_code, num_labels=1)
+                      trust_remote_code, num_labels=1, **options)
 
 
 def load_preference_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
-                          trust_remote_code: bool = False):
+                          trust_remote_code: bool = False, **options):
     """A causal LM as a pairwise preference model, aligned with the tokenizer's vocabulary and pad token."""
-    return load_model(AutoModelForCausalLM, name, flag, tokenizer, dtype, attn_implementation, trust_remote_code)
+    return load_model(AutoModelForCausalLM, name, flag, tokenizer, dtype, attn_implementation, trust_remote_code,
+                      **options)
 
 
 def load_backbone(path: str, device: str, bf16: bool = True, attn_implementation: str = "auto",
-                  trust_remote_code: bool = False, flag: str = "--model_path"):
+                  trust_remote_code: bool = False, flag: str = "--model_path", **options):
     """A reward model's transformer without its head (AutoModel), in eval mode on device, and its tokenizer."""
     tokenizer = load_tokenizer(path, flag, trust_remote_code)
     dtype = resolve_dtype(bf16) if device != "cpu" else torch.float32
-    model = load_model(AutoModel, path, flag, tokenizer, dtype, attn_implementation, trust_remote_code)
+    model = load_model(AutoModel, path, flag, tokenizer, dtype, attn_implementation, trust_remote_code, **options)
     return model.to(device).eval(), tokenizer
 
 
 def load_for_scoring(loader, name: str, flag: str, bf16: bool = True, attn_implementation: str = "auto",
-                     trust_remote_code: bool = False):
+                     trust_remote_code: bool = False, **options):
     """(model in eval mode on the GPU if there is one, tokenizer) for an eval script; loader is load_reward_model or
-    load_preference_model."""
+    load_preference_model; options as load_model's."""
     tokenizer = load_tokenizer(name, flag, trust_remote_code)
-    model = loader(name, flag, tokenizer, resolve_dtype(bf16), attn_implementation, trust_remote_code)
+    model = loader(name, flag, tokenizer, resolve_dtype(bf16), attn_implementation, trust_remote_code, **options)
     return model.to(default_device()).eval(), tokenizer

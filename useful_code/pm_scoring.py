@@ -58,10 +58,11 @@ class PairPreferenceScorer:
 
     @classmethod
     def from_pretrained(cls, path: str, flag: str = "--reward_name_or_path", bf16: bool = True,
-                        attn_implementation: str = "auto", trust_remote_code: bool = False, **kwargs):
+                        attn_implementation: str = "auto", trust_remote_code: bool = False,
+                        pickled_weights: bool = False, **kwargs):
         """Load a PM checkpoint (or hub name) onto the GPU if there is one."""
         model, tokenizer = load_for_scoring(load_preference_model, path, flag, bf16, attn_implementation,
-                                            trust_remote_code)
+                                            trust_remote_code, pickled_weights=pickled_weights)
         return cls(model, tokenizer, **kwargs)
 
     @torch.inference_mode()

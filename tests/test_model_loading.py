@@ -1,0 +1,69 @@
+"""Models are checked on load (modeling.load_model): the kind of checkpoint, every weight the model needs, the
+head's shape, and safetensors unless pickled weights are asked for."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from useful_code.cli import UserError
+from useful_code.defaults import DEFAULT_MODEL
+from useful_code.modeling import load_model, load_preference_model, load_reward_model
+from useful_code.templates import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(DEFAULT_MODEL, "m")
+
+
+@pytest.fixture(scope="module")
+def bt_checkpoint(tmp_path_factory, tok):
+    path = tmp_path_factory.mktemp("bt")
+    model = AutoModelForSequenceClassification.from_pretrained(DEFAULT_MODEL, num_labels=1)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_reward_model_from_a_base_lm_only_when_training_a_new_head(tok):
+    with pytest.raises(UserError, match="saved as LlamaForCausalLM, not a modelForSequenceClassification"):
+        load_reward_model(DEFAULT_MODEL, "--reward_name_or_path", tok, torch.float32)
+    model = load_reward_model(DEFAULT_MODEL, "--model_name", tok, torch.float32, new_weights=("score.",))
+    assert model.score.weight.shape == (1, model.config.hidden_size)
+
+
+def test_a_bt_checkpoint_is_not_a_preference_model(tok, bt_checkpoint):
+    with pytest.raises(UserError, match="saved as LlamaForSequenceClassification, not a modelForCausalLM"):
+        load_preference_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32)
+    assert load_reward_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32).num_labels == 1
+
+
+def test_a_checkpoint_without_its_score_head_is_refused(tok, bt_checkpoint, tmp_path):
+    for f in bt_checkpoint.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["score.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="lacks 1 weights the model needs, which would be random: score.weight"):
+        load_reward_model(str(tmp_path), "--reward_name_or_path", tok, torch.float32)
+
+
+def test_a_head_of_another_shape_is_refused(tok, tmp_path):
+    AutoModelForSequenceClassification.from_pretrained(DEFAULT_MODEL, num_labels=3).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="weights of another shape"):
+        load_reward_model(str(tmp_path), "--reward_name_or_path", tok, torch.float32)
+
+
+def test_pickled_weights_only_with_the_flag(tok, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # an old-style pickled checkpoint
+    assert not list(tmp_path.glob("*.safetensors")) and list(tmp_path.glob("*.bin"))
+    with pytest.raises(UserError, match="holds only pickled weights .*pass --load_pickled_weights"):
+        load_preference_model(str(tmp_path), "--reward_name_or_path", tok, torch.float32)
+    model = load_model(AutoModelForCausalLM, str(tmp_path), "--reward_name_or_path", tok, torch.float32,
+                       pickled_weights=True)
+    reference = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
+    assert torch.equal(model.model.embed_tokens.weight, reference.model.embed_tokens.weight)
