@@ -160,6 +160,7 @@ def main():
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
                                      inputs=(args.model_name, args.train_set_path, args.eval_set_path))
+    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     set_seed(training_args.seed)
     if is_main:
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
@@ -196,8 +197,9 @@ def main():
         processing_class=tokenizer,
         data_collator=PairwiseCollator(tokenizer),
         compute_metrics=compute_metrics,
+        callbacks=[checkpoints.DropPickledArguments()],
     )
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate()
 
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.

@@ -101,7 +101,8 @@ def main():
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
                                      inputs=(script_args.model_name_or_path, script_args.dataset_path,
-                                 script_args.eval_set_path))
+                                             script_args.eval_set_path))
+    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     set_seed(training_args.seed)
 
@@ -132,8 +133,9 @@ def main():
                                   script_args.attn_implementation, training_args.trust_remote_code,
                                   pickled_weights=script_args.load_pickled_weights)
     model.config.use_cache = False
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
-    train_result = trainer.train()
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+                         callbacks=[checkpoints.DropPickledArguments()])
+    train_result = trainer.train(resume_from_checkpoint=resume)
 
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.
     staging = checkpoints.staging_dir(training_args.output_dir)

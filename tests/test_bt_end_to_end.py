@@ -1,11 +1,15 @@
 """End to end: train the embedded tiny reward model, save, reload, evaluate on the RewardBench sample."""
 
 import json
+import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -237,3 +241,33 @@ def test_a_finished_run_is_not_overwritten(trained):
     proc = run([sys.executable, TRAIN, "--output_path", str(trained), "--max_steps", "2"])
     assert proc.returncode == 2 and "holds a finished run" in proc.stderr and "--overwrite_output_dir" in proc.stderr
     assert (trained / "metrics.json").read_text() == before and not (trained / ".staging").exists()
+
+
+def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
+    """kill -9 mid-training, then --resume_from_checkpoint latest: the final weights equal an uninterrupted run's,
+    exactly (CPU, fp32). Periodic checkpoints hold no pickled training arguments."""
+    flags = ["--max_steps", "120", "--save_every_steps", "20", "--logging_steps", "200"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, TRAIN, "--output_path", str(killed), *flags], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-40" / "trainer_state.json").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert not (killed / "metrics.json").exists() and not (killed / "last_checkpoint").exists(), "killed too late"
+    assert not list(killed.glob("checkpoint-*/training_args.bin"))
+    proc = run([sys.executable, TRAIN, "--output_path", str(killed), *flags, "--resume_from_checkpoint", "latest"])
+    check_ok(proc)
+    assert "Taking over the stale lock" in proc.stdout and "Resuming from" in proc.stdout
+    check_ok(run([sys.executable, TRAIN, "--output_path", str(tmp_path / "whole"), *flags]))
+    resumed = load_file(killed / "last_checkpoint" / "model.safetensors")
+    whole = load_file(tmp_path / "whole" / "last_checkpoint" / "model.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path):
+    proc = run([sys.executable, TRAIN, "--output_path", str(tmp_path / "o"), "--resume_from_checkpoint", "/nope"])
+    assert proc.returncode == 2 and "--resume_from_checkpoint: /nope is not a periodic checkpoint" in proc.stderr

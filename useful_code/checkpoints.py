@@ -17,6 +17,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
 from useful_code.cli import UserError
 
 # Training arguments recorded in metrics.json (the full set is hundreds of fields).
@@ -82,6 +85,32 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
                     else None)
     shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed run left half-written
     return out
+
+
+def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
+    """--resume_from_checkpoint: None, 'latest' (the newest checkpoint-N of output_dir) or a checkpoint directory;
+    a path that does not exist, or 'latest' with no checkpoint to resume, is an error."""
+    if not value:
+        return None
+    if value == "latest":
+        latest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if latest is None:
+            raise UserError(f"--resume_from_checkpoint latest: {output_dir} has no checkpoint-N directory to resume")
+        print(f"Resuming from {latest}")
+        return latest
+    if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise UserError(f"--resume_from_checkpoint: {value} is not a periodic checkpoint directory (checkpoint-N with "
+                        "trainer_state.json)")
+    return value
+
+
+class DropPickledArguments(TrainerCallback):
+    """Periodic checkpoints keep weights (safetensors) and training state (read back with torch's weights-only
+    loader), not the pickled training_args.bin the Trainer adds: resuming never reads it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            Path(args.output_dir, f"checkpoint-{state.global_step}", "training_args.bin").unlink(missing_ok=True)
 
 
 def staging_dir(output_dir: str) -> str:
