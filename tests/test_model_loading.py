@@ -67,3 +67,20 @@ def test_pickled_weights_only_with_the_flag(tok, tmp_path):
                        pickled_weights=True)
     reference = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
     assert torch.equal(model.model.embed_tokens.weight, reference.model.embed_tokens.weight)
+
+
+def test_a_truncated_weights_file_is_one_line(tok, bt_checkpoint, tmp_path):
+    for f in bt_checkpoint.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match="cannot be read .*truncated or damaged"):
+        load_reward_model(str(tmp_path), "--reward_name_or_path", tok, torch.float32)
+
+
+def test_an_empty_chat_template_is_refused(bt_checkpoint, tmp_path):
+    for f in bt_checkpoint.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "chat_template.jinja").write_text("")  # what a save killed mid-write left
+    with pytest.raises(UserError, match="has no chat template"):
+        load_tokenizer(str(tmp_path), "--reward_name_or_path")

@@ -230,3 +230,20 @@ def test_default_results_json():
     path = evaluation.default_results_json("results/bench_record.txt", "RLHFlow/ArmoRM Llama3-8B_v0.1")
     assert path == "results/bench_record_RLHFlow_ArmoRM_Llama3-8B_v0.1.json"
     assert evaluation.default_results_json("rec.txt", "/models/x/") == "rec_models_x.json"
+
+
+def test_eval_outputs_are_checked_before_scoring(tmp_path):
+    args = evaluation.EvalArguments(data_set_name=str(tmp_path / "data.jsonl"), reward_name_or_path="m",
+                                    record_dir=str(tmp_path / "rec" / "r.txt"))
+    evaluation.check_outputs(args)
+    assert (tmp_path / "rec").is_dir() and not (tmp_path / "rec" / "r.txt").exists()  # nothing written yet
+    args.results_json = str(tmp_path)
+    with pytest.raises(UserError, match="--results_json: .* is a directory"):
+        evaluation.check_outputs(args)
+    args.results_json, args.record_dir = None, args.data_set_name
+    with pytest.raises(UserError, match="--record_dir: .* is the evaluated data"):
+        evaluation.check_outputs(args)
+    (tmp_path / "file").write_text("")
+    args.record_dir = str(tmp_path / "file" / "r.txt")
+    with pytest.raises(UserError, match="--record_dir: cannot create"):
+        evaluation.check_outputs(args)

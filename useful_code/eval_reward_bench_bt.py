@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from useful_code.cli import parse_args, run_cli
-from useful_code.evaluation import EvalArguments, load_examples, save_and_report
+from useful_code.evaluation import EvalArguments, check_outputs, load_examples, save_and_report
 from useful_code.modeling import load_for_scoring, load_reward_model
 from useful_code.reward_bench import score_examples
 from useful_code.scoring import score_pairs
@@ -37,6 +37,7 @@ def load_tokenized_examples(path: str, split: Optional[str], flag: str, args, to
 
 def main():
     args = parse_args((ScriptArguments,))[0]
+    check_outputs(args)  # before any scoring, not after it
     model, tokenizer = load_for_scoring(load_reward_model, args.reward_name_or_path, "--reward_name_or_path",
                                         args.bf16, args.attn_implementation, args.trust_remote_code,
                                         pickled_weights=args.load_pickled_weights)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from useful_code.cli import parse_args, run_cli
-from useful_code.evaluation import EvalArguments, load_examples, save_and_report
+from useful_code.evaluation import EvalArguments, check_outputs, load_examples, save_and_report
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.reward_bench import score_examples
 from useful_code.templates import reject_special_tokens
@@ -44,6 +44,7 @@ def pair_rewards(scorer: PairPreferenceScorer, examples) -> tuple[list[float], l
 
 def main():
     args = parse_args((ScriptArguments,))[0]
+    check_outputs(args)  # before any scoring, not after it
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights,

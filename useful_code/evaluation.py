@@ -67,6 +67,28 @@ def load_examples(path: str, split: Optional[str], flag: str, skip_invalid: bool
     return standardize_pairs(dataset, skip_invalid, flag.lstrip("-"))
 
 
+def check_outputs(args) -> None:
+    """Before any scoring: the record file and the results JSON must be writable files (creatable, not directories,
+    not the evaluated data)."""
+    for flag, path in (("--record_dir", args.record_dir), ("--results_json", results_json_path(args))):
+        target = Path(path).expanduser()
+        if target.is_dir():
+            raise UserError(f"{flag}: {target} is a directory; give a file path")
+        if args.data_set_name and target.resolve() == Path(args.data_set_name).expanduser().resolve():
+            raise UserError(f"{flag}: {target} is the evaluated data (--data_set_name)")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"{flag}: cannot create {target.parent} ({err.strerror})") from None
+        if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise UserError(f"{flag}: {target} is not writable")
+
+
+def results_json_path(args) -> str:
+    """--results_json, else next to --record_dir."""
+    return args.results_json or default_results_json(args.record_dir, args.reward_name_or_path)
+
+
 def write_results(results: dict, model_name: str, record_dir: str, results_json: str) -> None:
     """Append the RLHFlow-style record block to ``record_dir`` and dump ``results_json``."""
     for path in (record_dir, results_json):
@@ -94,7 +116,7 @@ def save_and_report(results: dict, args, data_stats: dict) -> None:
     JSON (args.results_json, else next to record_dir) and print the report."""
     results["options"] = asdict(args)
     results["data"] = data_stats
-    results_json = args.results_json or default_results_json(args.record_dir, args.reward_name_or_path)
+    results_json = results_json_path(args)
     write_results(results, args.reward_name_or_path, args.record_dir, results_json)
     print(format_report(results))
     print(f"Appended to {args.record_dir}; results JSON: {results_json}")

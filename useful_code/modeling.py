@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from useful_code.cli import UserError
@@ -55,6 +56,9 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
     except (OSError, ValueError) as err:
         raise UserError(f"{flag}: could not load model '{name}' ({str(err).splitlines()[0]}); "
                         f"pass a local model directory with {flag}") from None
+    except SafetensorError as err:
+        raise UserError(f"{flag}: the weights of '{name}' cannot be read ({str(err).splitlines()[0]}); the file is "
+                        "truncated or damaged") from None
     except RuntimeError as err:  # transformers: weights of another shape (num_labels, vocabulary, architecture)
         raise UserError(f"{flag}: '{name}' has weights of another shape than the model expects "
                         f"({str(err).splitlines()[0]}); check num_labels and the architecture") from None

@@ -23,7 +23,7 @@ def load_tokenizer(name: str, flag: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as err:
         raise UserError(f"{flag}: could not load tokenizer '{name}' ({str(err).splitlines()[0]}); "
                         f"pass a local model directory with {flag}") from None
-    if tokenizer.chat_template is None:
+    if not (tokenizer.chat_template or "").strip():  # none, or an empty file left by a killed save
         raise UserError(f"{flag}: tokenizer of '{name}' has no chat template; use an instruct/chat model or set one")
     # Right padding keeps position ids identical to the unpadded sequence, so a reward does not depend on
     # what it was batched with; the classifier reads the last non-pad token either way.
