@@ -16,7 +16,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
