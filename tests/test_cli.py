@@ -177,3 +177,9 @@ def test_zero_epochs_with_max_steps_is_allowed(tmp_path):
     _, training, _ = parse_args((Script, Config), None, argv=[PM_TINY, "--output_dir", str(tmp_path),
                                                               "--num_train_epochs", "0", "--max_steps", "5"])
     assert training.max_steps == 5
+
+
+def test_a_wrong_type_is_one_line_without_usage():
+    with pytest.raises(UserError) as err:
+        parse_args((Limited,), None, argv=["--batch_size", "abc"])
+    assert str(err.value) == "argument --batch_size/--batch-size: invalid int value: 'abc'"

@@ -86,7 +86,7 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # unknown flags, and values a dataclass's __post_init__ rejects
-        raise UserError(f"{config_path + ': ' if config_path else ''}{str(err).splitlines()[0]}") from None
+        raise UserError(str(err).splitlines()[0] + (f" (recipe: {config_path})" if config_path else "")) from None
     for arguments in parsed:
         check_limits(arguments)
     return (*parsed, config_path)
@@ -101,6 +101,9 @@ def _limits_aware_parser(dataclass_types):
     from trl import TrlParser  # here, not at the top: reward_bench.py's pure arithmetic imports UserError only
 
     class Parser(TrlParser):
+        def error(self, message):  # argparse's own errors (a wrong type, a missing value): one line, no usage dump
+            raise UserError(message)
+
         @staticmethod
         def _parse_dataclass_field(parser, field):
             if any(key in field.metadata for key in LIMIT_KEYS):
