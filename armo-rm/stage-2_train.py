@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.model_selection import train_test_split
 
+from useful_code import checkpoints
 from useful_code.armo_data import (
     ATTRIBUTES,
     HEAD_SUMMARY,
@@ -79,6 +80,10 @@ class ScriptArguments:
                 "default output for --model_path and --multi_objective_dataset."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/gating_network/<model>."})
     val_fraction: float = field(default=0.2)
+    save_every_steps: int = field(default=0, metadata={"min": 0, "help": "Save the training state every x steps (0: "
+                                                                          "never), for --resume_from_checkpoint."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "'latest' (the newest checkpoint-N of the output directory) or a checkpoint-N path."})
     seed: int = field(default=0)
 
 
@@ -131,8 +136,21 @@ def main():
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.n_steps)
     generator = torch.Generator().manual_seed(args.seed)
     train_rows_t = torch.as_tensor(train_rows)
+    output_dir = gating_head_dir(args.output_dir, args.model_path)
+    start = 0
+    resume = checkpoints.resolve_resume(args.resume_from_checkpoint, str(output_dir), checkpoints.LOOP_STATE)
+    if resume:  # everything the remaining steps depend on, so they are the ones an uninterrupted run takes
+        state = checkpoints.load_loop_state(resume)
+        gating.load_state_dict(state["gating"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["batch_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and "cuda_rng" in state:  # dropout draws from the GPU's generator there
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start = state["step"]
     gating.train()
-    for step in range(args.n_steps):
+    for step in range(start, args.n_steps):
         batch = train_rows_t[torch.randint(len(train_rows_t), (args.batch_size,), generator=generator)].to(device)
         scores = pair_scores(gating, weight, transform, prompt[batch], responses[batch])
         loss = bradley_terry_loss(scores[:, 0], scores[:, 1])
@@ -142,13 +160,17 @@ def main():
         scheduler.step()
         if (step + 1) % 100 == 0 or step == 0:
             print(f"step {step + 1}/{args.n_steps}: loss {loss.item():.4f}")
+        if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
+            checkpoints.save_loop_state(str(output_dir), step + 1, {
+                "gating": gating.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "batch_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
     gating.eval()
     with torch.inference_mode():
         val_scores = pair_scores(gating, weight, transform, prompt[val_rows], responses[val_rows])
     val_accuracy = float((val_scores[:, 0] > val_scores[:, 1]).float().mean())
     print(f"Validation accuracy: {val_accuracy:.4f} on {len(val_rows)} pairs")
 
-    output_dir = gating_head_dir(args.output_dir, args.model_path)
     output_dir.mkdir(parents=True, exist_ok=True)
     head = {"regression_layer.weight": weight.cpu(), "reward_transform_matrix": transform.cpu(),
             **{f"gating.{k}": v.detach().cpu() for k, v in gating.state_dict().items()}}

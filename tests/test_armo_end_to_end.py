@@ -125,3 +125,18 @@ def test_missing_shard_is_one_clear_error(tmp_path):
     check_ok(run(stage("stage-1_prepare.py", "--output_dir", emb, "--n_shards", 3, "--shard_idx", 1)))
     proc = run(stage("stage-1_train.py", "--embeddings_dir", emb, "--output_dir", tmp_path / "rw"))
     assert proc.returncode == 2 and "shards [2, 3] of 3 are missing" in proc.stderr
+
+
+def test_stage2_resume_gives_the_uninterrupted_head(armo, tmp_path):
+    common = ["--embeddings_dir", armo / "emb", "--regression_weights", armo / "rw", "--reference_split", "test",
+              "--n_steps", 30, "--batch_size", 64, "--hidden_size", 32, "--save_every_steps", 10]
+    check_ok(run(stage("stage-2_train.py", *common, "--output_dir", tmp_path / "whole")))
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "whole" / "checkpoint-10").rename(tmp_path / "resumed" / "checkpoint-10")  # a run stopped at 10
+    proc = run(stage("stage-2_train.py", *common, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
+                     "latest"))
+    check_ok(proc)
+    assert f"Resuming from {tmp_path / 'resumed' / 'checkpoint-10'}" in proc.stdout
+    whole = load_file(tmp_path / "whole" / "armo_head.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "armo_head.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -86,9 +86,9 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
     return out
 
 
-def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
-    """--resume_from_checkpoint: None, 'latest' (the newest checkpoint-N of output_dir) or a checkpoint directory;
-    a path that does not exist, or 'latest' with no checkpoint to resume, is an error."""
+def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer_state.json") -> Optional[str]:
+    """--resume_from_checkpoint: None, 'latest' (the newest checkpoint-N of output_dir) or a checkpoint directory
+    holding marker (the Trainer's trainer_state.json, or LOOP_STATE); anything else is an error."""
     if not value:
         return None
     if value == "latest":
@@ -97,10 +97,31 @@ def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
             raise UserError(f"--resume_from_checkpoint latest: {output_dir} has no checkpoint-N directory to resume")
         print(f"Resuming from {latest}")
         return latest
-    if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, "trainer_state.json")):
+    if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, marker)):
         raise UserError(f"--resume_from_checkpoint: {value} is not a periodic checkpoint directory (checkpoint-N with "
-                        "trainer_state.json)")
+                        f"{marker})")
     return value
+
+
+LOOP_STATE = "loop_state.pt"
+
+
+def save_loop_state(output_dir: str, step: int, state: dict) -> str:
+    """A hand-written training loop's periodic checkpoint, <output_dir>/checkpoint-<step>/LOOP_STATE: tensors, numbers
+    and state dicts only (torch.load reads it back with weights_only=True), written beside and moved into place."""
+    final = Path(output_dir, f"checkpoint-{step}")
+    staged = Path(output_dir, f".checkpoint-{step}.tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    torch.save({"step": step, **state}, staged / LOOP_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staged, final)
+    return str(final)
+
+
+def load_loop_state(checkpoint: str) -> dict:
+    """What save_loop_state wrote, read with torch's weights-only loader (no arbitrary pickle)."""
+    return torch.load(Path(checkpoint, LOOP_STATE), map_location="cpu", weights_only=True)
 
 
 class DropPickledArguments(TrainerCallback):
