@@ -204,8 +204,8 @@ def load_split(path: str, split: str, flag: str, skip_invalid: bool = False):
 
 @dataclass
 class HeldOutArguments:
-    """The flags every trainer shares about its data checks: where held-out pairs come from, what an invalid row
-    does, and how many held-out pairs verify the saved checkpoint."""
+    """The flags every trainer shares besides its data and model: where held-out pairs come from, what an invalid row
+    does, how many held-out pairs verify the saved checkpoint, and how the model is loaded."""
 
     eval_set_path: Optional[str] = field(
         default=None,
