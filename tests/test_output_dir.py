@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from useful_code.checkpoints import LOCK, STAGING, claim_output_dir, publish_run, staging_dir
+from useful_code.checkpoints import LOCK, STAGING, claim_output_dir, publish_run, resolve_resume, staging_dir
 from useful_code.cli import UserError
 
 
@@ -71,3 +71,18 @@ def test_publish_moves_the_verified_run_into_place(tmp_path):
     assert (tmp_path / "metrics.json").read_text() == "new"
     assert not staged.exists() and sorted(p.name for p in (tmp_path / "last_checkpoint").iterdir()) == [
         "model.safetensors"]
+
+
+def test_resume_targets_are_checked(tmp_path, capsys):
+    assert resolve_resume(None, str(tmp_path)) is None
+    with pytest.raises(UserError, match="--resume_from_checkpoint: /nope is not a periodic checkpoint directory"):
+        resolve_resume("/nope", str(tmp_path))
+    with pytest.raises(UserError, match="latest: .* has no checkpoint-N directory to resume"):
+        resolve_resume("latest", str(tmp_path))
+    for step in (5, 40, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert resolve_resume("latest", str(tmp_path)) == str(tmp_path / "checkpoint-40")
+    assert resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path)) == str(tmp_path / "checkpoint-5")
+    with pytest.raises(UserError, match="checkpoint-N with loop_state.pt"):
+        resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path), marker="loop_state.pt")
