@@ -21,10 +21,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from useful_code import modeling_armo_rm
+from useful_code import checkpoints, modeling_armo_rm
 from useful_code.armo_data import HEAD_SUMMARY, HEAD_WEIGHTS, gating_head_dir
 from useful_code.armo_embeddings import embed, gating_pattern
-from useful_code.checkpoints import verify_reload
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
@@ -85,13 +84,16 @@ def main():
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"export: weights missing {missing} / unexpected {unexpected}")
+    # Written and checked beside the target, then moved into place: a failed or killed export leaves no model.
     out = Path(args.output_path)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    shutil.copy(modeling_armo_rm.__file__, out / "modeling_armo_rm.py")
+    staged = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    shutil.copy(modeling_armo_rm.__file__, staged / "modeling_armo_rm.py")
+    check_export(staged, args.model_path, head, args.check_pairs, tolerance=5e-2 if args.bf16 else 1e-4)
+    checkpoints.publish_dir(staged, out)
     print(f"Exported ArmoRM ({config.num_objectives} attributes, hidden {config.hidden_size}) to {out}")
-
-    check_export(out, args.model_path, head, args.check_pairs, tolerance=5e-2 if args.bf16 else 1e-4)
 
 
 def check_export(path: Path, backbone_path: str, head: dict, n_pairs: int, tolerance: float) -> float:
@@ -113,7 +115,7 @@ def check_export(path: Path, backbone_path: str, head: dict, n_pairs: int, toler
     with torch.inference_mode():
         via_embeddings = modeling_armo_rm.armo_score(last @ head["regression_layer.weight"].T, gating(gated),
                                                      head["reward_transform_matrix"]).numpy()
-    return verify_reload(via_embeddings, np.array(direct), torch.float32, str(path), "scores", tolerance,
+    return checkpoints.verify_reload(via_embeddings, np.array(direct), torch.float32, str(path), "scores", tolerance,
                          reference="stage 2's scores from embeddings", hint="")
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 
 from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, load_shards, regression_weights_path
 from useful_code.armo_fit import fit_ridge_probes
+from useful_code.checkpoints import atomic_save_file, atomic_write_text
 from useful_code.cli import parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA
 
@@ -55,8 +55,8 @@ def main():
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {"attributes": ATTRIBUTES, **{k: probes[k] for k in ("alpha", "val_mse", "n_train", "n_val")},
                "embeddings": prefix, "rows": len(embeddings)}
-    save_file({"weight": torch.from_numpy(probes["weight"])}, str(path), metadata={"json": json.dumps(summary)})
-    path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    atomic_save_file({"weight": torch.from_numpy(probes["weight"])}, path, metadata={"json": json.dumps(summary)})
+    atomic_write_text(path.with_suffix(".json"), json.dumps(summary, indent=2))
     print(f"Regression weights: {path}")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sklearn.model_selection import train_test_split
 
 from useful_code import checkpoints
@@ -174,7 +174,7 @@ def main():
     output_dir.mkdir(parents=True, exist_ok=True)
     head = {"regression_layer.weight": weight.cpu(), "reward_transform_matrix": transform.cpu(),
             **{f"gating.{k}": v.detach().cpu() for k, v in gating.state_dict().items()}}
-    save_file(head, str(output_dir / HEAD_WEIGHTS))
+    checkpoints.atomic_save_file(head, output_dir / HEAD_WEIGHTS)
     summary = {"attributes": ATTRIBUTES, "verbosity_dim": args.verbosity_dim,
                "penalty": debias["penalty"].tolist(), "corr": debias["corr"].tolist(),
                "not_reached": [ATTRIBUTES[k] for k in debias["not_reached"]],
@@ -194,11 +194,11 @@ def main():
         ids = metadata["ids"] or list(range(len(scores)))
         results = score_examples(ids, metadata["subsets"], scores[:, 0].tolist(), scores[:, 1].tolist())
         results["not_embedded"] = int((~bench["embedded"]).sum())
-        (output_dir / "reward_bench.json").write_text(json.dumps(results, indent=2))
+        checkpoints.atomic_write_text(output_dir / "reward_bench.json", json.dumps(results, indent=2))
         print(format_report(results))
         summary["reward_bench"] = {"sections": results["sections"], "score": results["score"],
                                    "not_embedded": results["not_embedded"]}
-    (output_dir / HEAD_SUMMARY).write_text(json.dumps(summary, indent=2))
+    checkpoints.atomic_write_text(output_dir / HEAD_SUMMARY, json.dumps(summary, indent=2))
     print(f"ArmoRM head: {output_dir / HEAD_WEIGHTS} (+ {HEAD_SUMMARY})")
 
 

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from useful_code.checkpoints import check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.pm_scoring import PairPreferenceScorer
 
@@ -64,6 +65,7 @@ def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dic
 
 def main():
     args = parse_args((ScriptArguments,))[0]
+    check_output_file(args.output_path, "--output_path", inputs=(args.input_path,))
     contexts, candidates, rows = read_prompts(args.input_path)
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,

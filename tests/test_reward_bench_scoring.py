@@ -241,7 +241,7 @@ def test_eval_outputs_are_checked_before_scoring(tmp_path):
     with pytest.raises(UserError, match="--results_json: .* is a directory"):
         evaluation.check_outputs(args)
     args.results_json, args.record_dir = None, args.data_set_name
-    with pytest.raises(UserError, match="--record_dir: .* is the evaluated data"):
+    with pytest.raises(UserError, match="--record_dir: .* is an input of this run"):
         evaluation.check_outputs(args)
     (tmp_path / "file").write_text("")
     args.record_dir = str(tmp_path / "file" / "r.txt")

@@ -14,8 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from useful_code.checkpoints import atomic_save_file
 from useful_code.cli import UserError
 
 # Head order everywhere (RLHFlow/ArmoRM-Multi-Objective-Data-v0.1 columns).
@@ -78,8 +78,7 @@ def save_shard(prefix: str, shard_idx: int, n_shards: int, tensors: dict, metada
     """Write one shard's tensors (safetensors) with JSON metadata (what produced it, row ids' source)."""
     path = shard_path(prefix, shard_idx, n_shards)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"json": json.dumps(metadata)})
+    atomic_save_file(tensors, path, metadata={"json": json.dumps(metadata)})
     return path
 
 

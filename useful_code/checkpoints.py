@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -49,6 +50,22 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by another user
         return True
     return True
+
+
+def check_output_file(path: str, flag: str, inputs: tuple = ()) -> None:
+    """Before any work: an output file's path must not be a directory or one of the inputs, and its directory must
+    be creatable and writable."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UserError(f"{flag}: {target} is a directory; give a file path")
+    if any(target.resolve() == Path(p).expanduser().resolve() for p in inputs if p):
+        raise UserError(f"{flag}: {target} is an input of this run")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag}: cannot create {target.parent} ({err.strerror})") from None
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UserError(f"{flag}: {target} is not writable")
 
 
 def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> Path:
@@ -103,6 +120,30 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
     return value
 
 
+def atomic_save_file(tensors: dict, path, metadata: Optional[dict] = None) -> None:
+    """safetensors' save_file, written beside and renamed into place: a killed write never leaves a truncated file
+    under the real name."""
+    path = Path(path)
+    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(staged), metadata=metadata)
+    os.replace(staged, path)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """write_text, written beside and renamed into place."""
+    path = Path(path)
+    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
+def publish_dir(staged, final) -> None:
+    """Replace the directory final with the verified directory staged."""
+    if Path(final).exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
+
+
 LOOP_STATE = "loop_state.pt"
 
 
@@ -114,8 +155,7 @@ def save_loop_state(output_dir: str, step: int, state: dict) -> str:
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     torch.save({"step": step, **state}, staged / LOOP_STATE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staged, final)
+    publish_dir(staged, final)
     return str(final)
 
 
@@ -145,9 +185,7 @@ def publish_run(output_dir: str) -> str:
     out, staged = Path(output_dir), Path(staging_dir(output_dir))
     (out / "metrics.json").unlink(missing_ok=True)
     final = out / "last_checkpoint"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staged / "last_checkpoint", final)
+    publish_dir(staged / "last_checkpoint", final)
     os.replace(staged / "metrics.json", out / "metrics.json")
     staged.rmdir()
     return str(final)

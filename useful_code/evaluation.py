@@ -12,6 +12,7 @@ from typing import Optional
 
 from datasets import concatenate_datasets
 
+from useful_code.checkpoints import check_output_file
 from useful_code.cli import UserError
 from useful_code.data import load_dataset_dict, pick_split
 from useful_code.formats import standardize_pairs
@@ -71,17 +72,7 @@ def check_outputs(args) -> None:
     """Before any scoring: the record file and the results JSON must be writable files (creatable, not directories,
     not the evaluated data)."""
     for flag, path in (("--record_dir", args.record_dir), ("--results_json", results_json_path(args))):
-        target = Path(path).expanduser()
-        if target.is_dir():
-            raise UserError(f"{flag}: {target} is a directory; give a file path")
-        if args.data_set_name and target.resolve() == Path(args.data_set_name).expanduser().resolve():
-            raise UserError(f"{flag}: {target} is the evaluated data (--data_set_name)")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"{flag}: cannot create {target.parent} ({err.strerror})") from None
-        if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-            raise UserError(f"{flag}: {target} is not writable")
+        check_output_file(path, flag, inputs=(args.data_set_name, args.prior_sets_path))
 
 
 def results_json_path(args) -> str:
