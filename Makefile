@@ -44,7 +44,8 @@ demo-pm: $(STAMP)
 	python pair-pm/rank_responses.py --reward_name_or_path $(PM_DIR)/last_checkpoint \
 		--input_path assets/data/toy_ranking.jsonl --output_path $(PM_DIR)/ranked.jsonl
 
-# ArmoRM: the four stages on toy data (armo-rm/configs/tiny.yaml, each script's default) (19-attribute probes, verbosity debiasing, gating network), export to one
+# ArmoRM: the four stages on toy data with armo-rm/configs/tiny.yaml, each script's default (19-attribute probes,
+# verbosity debiasing, gating network), export to one
 # model, its RewardBench-format evaluation through the BT eval, and the top attributes of one answer.
 demo-armo: $(STAMP)
 	python armo-rm/stage-1_prepare.py --model_path $(ARMO_BACKBONE) --output_dir $(ARMO_EMB)
@@ -63,7 +64,7 @@ demo-armo: $(STAMP)
 		--record_dir $(ARMO_DIR)/reward_bench.txt --results_json $(ARMO_DIR)/reward_bench.json
 	python armo-rm/interpret.py --model_path $(ARMO_DIR)/model --trust_remote_code
 
-# Both tiers: fast in-process unit tests, then end-to-end tests (subprocesses, DeepSpeed ranks; marked e2e).
+# Both tiers: fast in-process unit tests and end-to-end tests (subprocesses, DeepSpeed ranks; marked e2e).
 test: $(STAMP)
 	python -m pytest tests -q
 
