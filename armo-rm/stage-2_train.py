@@ -49,7 +49,7 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(checkpoints.OutputDirArguments):
     """Upstream's flags (same names and defaults where they are hyper-parameters) plus explicit paths."""
 
     model_path: str = field(default=DEFAULT_MODEL)
@@ -104,6 +104,10 @@ def pair_scores(gating: GatingNetwork, weight: torch.Tensor, transform: torch.Te
 def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
     device = default_device(args.device)
+    output_dir = checkpoints.claim_output_dir(str(gating_head_dir(args.output_dir, args.model_path)),
+                                              args.overwrite_output_dir, finished=HEAD_SUMMARY)
+    # The summary is written last: without it the directory never passes for a finished run.
+    (output_dir / HEAD_SUMMARY).unlink(missing_ok=True)
     torch.manual_seed(args.seed)
     weights_path = args.regression_weights
     if weights_path is None or Path(weights_path).is_dir():
@@ -136,7 +140,6 @@ def main():
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.n_steps)
     generator = torch.Generator().manual_seed(args.seed)
     train_rows_t = torch.as_tensor(train_rows)
-    output_dir = gating_head_dir(args.output_dir, args.model_path)
     start = 0
     resume = checkpoints.resolve_resume(args.resume_from_checkpoint, str(output_dir), checkpoints.LOOP_STATE)
     if resume:  # everything the remaining steps depend on, so they are the ones an uninterrupted run takes
@@ -171,7 +174,6 @@ def main():
     val_accuracy = float((val_scores[:, 0] > val_scores[:, 1]).float().mean())
     print(f"Validation accuracy: {val_accuracy:.4f} on {len(val_rows)} pairs")
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     head = {"regression_layer.weight": weight.cpu(), "reward_transform_matrix": transform.cpu(),
             **{f"gating.{k}": v.detach().cpu() for k, v in gating.state_dict().items()}}
     checkpoints.atomic_save_file(head, output_dir / HEAD_WEIGHTS)

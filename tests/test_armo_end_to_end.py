@@ -131,6 +131,8 @@ def test_stage2_resume_gives_the_uninterrupted_head(armo, tmp_path):
     common = ["--embeddings_dir", armo / "emb", "--regression_weights", armo / "rw", "--reference_split", "test",
               "--n_steps", 30, "--batch_size", 64, "--hidden_size", 32, "--save_every_steps", 10]
     check_ok(run(stage("stage-2_train.py", *common, "--output_dir", tmp_path / "whole")))
+    proc = run(stage("stage-2_train.py", *common, "--output_dir", tmp_path / "whole"))  # a finished run is kept
+    assert proc.returncode == 2 and "holds a finished run (armo_head.json)" in proc.stderr
     (tmp_path / "resumed").mkdir()
     (tmp_path / "whole" / "checkpoint-10").rename(tmp_path / "resumed" / "checkpoint-10")  # a run stopped at 10
     proc = run(stage("stage-2_train.py", *common, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",

@@ -93,6 +93,8 @@ BAD_LINES = {  # line-level corruption -> its rule
     "invalid_utf8": lambda line: line.replace(b"{", b'{"note": "caf\xe9", ', 1),  # Latin-1, not UTF-8
     "lone_surrogate": lambda line: line.replace(b"{", b'{"note": "\\ud800", ', 1),
     "mixed_types": lambda line: json.dumps({"chosen": 5, "rejected": 6}).encode(),
+    # list of lists where the others hold a list of messages or a string: a conflict below the top level
+    "mixed_types_nested": lambda line: json.dumps({"chosen": [[1, 2]], "rejected": [["x"]]}).encode(),
 }
 
 
@@ -106,7 +108,7 @@ def write_file(path, make_row, seed, line_errors: bool):
         if line_errors and rng.random() < 0.05:
             corruption = rng.choice(sorted(BAD_LINES))
             lines.append(BAD_LINES[corruption](line))
-            line_rules[corruption] += 1
+            line_rules[corruption.removesuffix("_nested")] += 1
             continue
         lines.append(line)
         row_rules[rule] += 1
@@ -189,6 +191,21 @@ def test_whole_file_problems_are_one_line(tmp_path, content, rule):
     with pytest.raises(UserError) as err:
         load_dataset_dict(str(path), "--data")
     assert rule in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_nested_type_conflict_is_its_rows_rule_whatever_the_first_row(tmp_path):
+    row = {"chosen": [m("user", "q"), m("assistant", "a")], "rejected": [m("user", "q"), m("assistant", "b")]}
+    odd = {"chosen": [[1, 2]], "rejected": row["rejected"]}  # a list of lists where the others hold messages
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([json.dumps(odd), json.dumps(row), json.dumps({**row, "note": None}), "{broken"]))
+    # a line that is not JSON sends the file to the line-by-line reader, which names the nested conflict too
+    with pytest.raises(UserError, match=r"line 0 \(mixed_types\), line 3 \(not_json\)"):
+        load_dataset_dict(str(path), "--data")
+    assert load_dataset_dict(str(path), "--data", skip_invalid=True)["train"]["chosen"] == [row["chosen"]] * 2
+    # alone, `datasets` reads the conflict as a JSON-typed column and the row is the pair rules' to name
+    path.write_text("\n".join([json.dumps(odd), json.dumps(row)]))
+    _, stats = standardize_pairs(load_dataset_dict(str(path), "--data")["train"], True, "d")
+    assert stats["invalid"] == {"not_a_message_list": 1} and stats["used"] == 1
 
 
 def test_a_json_array_of_scalars_names_the_missing_columns(tmp_path):

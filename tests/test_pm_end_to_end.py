@@ -160,3 +160,19 @@ def test_zero3_two_ranks_on_cpu_saves_a_complete_checkpoint(tmp_path):
     for name, tensor in base.items():
         if name in weights:
             assert weights[name].shape == tensor.shape, name
+
+
+def test_resume_gives_the_uninterrupted_weights(pm_run, tmp_path):
+    """A run stopped after its step-6 checkpoint, resumed with 'latest', ends with the uninterrupted run's weights
+    (CPU, fp32: exactly). The kill itself is the BT trainer's test; both resume through the Trainer."""
+    flags = ["pair-pm/tiny.yaml", "--dataset_path", str(pm_run / "pm.jsonl"), "--eval_set_path", TOY,
+             "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "6"]
+    check_ok(run([sys.executable, TRAIN, *flags, "--output_dir", str(tmp_path / "whole")]))
+    shutil.copytree(tmp_path / "whole" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    proc = run([sys.executable, TRAIN, *flags, "--output_dir", str(tmp_path / "resumed"),
+                "--resume_from_checkpoint", "latest"])
+    check_ok(proc)
+    assert f"Resuming from {tmp_path / 'resumed' / 'checkpoint-6'}" in proc.stdout
+    whole = load_file(tmp_path / "whole" / "last_checkpoint" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "last_checkpoint" / "model.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)

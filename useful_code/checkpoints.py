@@ -68,12 +68,14 @@ def check_output_file(path: str, flag: str, inputs: tuple = ()) -> None:
         raise UserError(f"{flag}: {target} is not writable")
 
 
-def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> Path:
+def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = (),
+                     finished: str = "metrics.json") -> Path:
     """Before any work: check that output_dir can take this run and lock it (call on the main process only).
 
-    It must be a creatable, writable directory that is none of the inputs; a finished run there (metrics.json) is
-    kept unless overwrite; a run in progress there (a lock whose PID is alive) stops this one, and a stale lock is
-    taken over. The lock is released when this process exits. Returns the directory."""
+    It must be a creatable, writable directory that is none of the inputs; a finished run there (the file named
+    finished, which a run writes last) is kept unless overwrite; a run in progress there (a lock whose PID is
+    alive) stops this one, and a stale lock is taken over. The lock is released when this process exits. Returns
+    the directory."""
     out = Path(output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir: {out} is a file, not a directory")
@@ -93,8 +95,8 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
             raise UserError(f"--output_dir: {out} is in use by another run (PID {holder}); wait for it or choose "
                             "another --output_dir")
         print(f"Taking over the stale lock of {out} (PID {holder or '?'} is gone)")
-    if (out / "metrics.json").exists() and not overwrite:
-        raise UserError(f"--output_dir: {out} holds a finished run (metrics.json, last_checkpoint/); pass "
+    if (out / finished).exists() and not overwrite:
+        raise UserError(f"--output_dir: {out} holds a finished run ({finished}); pass "
                         "--overwrite_output_dir to replace it, or choose another --output_dir")
     lock.write_text(str(os.getpid()))
     atexit.register(lambda: lock.unlink(missing_ok=True) if lock.exists() and lock.read_text() == str(os.getpid())

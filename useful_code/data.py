@@ -28,7 +28,7 @@ LINE_RULES = {
     "not_json": "each line must be one complete JSON value",
     "not_an_object": "each record must be a JSON object ({...}), not an array or a scalar",
     "lone_surrogate": "text must be valid Unicode (no lone surrogate escapes such as \\ud800)",
-    "mixed_types": "a field must have the same JSON type (string, list, ...) in every record",
+    "mixed_types": "a field must have the same JSON type (string, list, ...) in every record, at every depth",
 }
 
 
@@ -91,27 +91,67 @@ def read_json_records(path: Path, flag: str) -> tuple[list[dict], list[tuple[int
     return _drop_mixed_types(checked)
 
 
-def _kind(value: Any) -> Optional[str]:
-    """A JSON value's type as Arrow sees it (null fits any column; ints and floats share one)."""
+_CONFLICT = "conflict"
+
+
+def _json_type(value: Any):
+    """A JSON value's type as Arrow sees it, nested: None (null fits any type), 'number' (ints and floats share one),
+    'str', 'bool', ('list', element type) or ('dict', ((key, type), ...)); _CONFLICT for a list whose elements
+    have no common type."""
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
         return "number"
+    if isinstance(value, list):
+        element = None
+        for item in value:
+            element = _unify(element, _json_type(item))
+        return _CONFLICT if element == _CONFLICT else ("list", element)
+    if isinstance(value, dict):
+        fields = tuple(sorted((k, _json_type(v)) for k, v in value.items()))
+        return _CONFLICT if any(t == _CONFLICT for _, t in fields) else ("dict", fields)
     return type(value).__name__
 
 
+def _unify(a, b):
+    """The type both a and b fit (a missing dict key or a null fits anything), or _CONFLICT."""
+    if a is None or a == b:
+        return b
+    if b is None:
+        return a
+    if a == _CONFLICT or b == _CONFLICT or not (isinstance(a, tuple) and isinstance(b, tuple)) or a[0] != b[0]:
+        return _CONFLICT
+    if a[0] == "list":
+        element = _unify(a[1], b[1])
+        return _CONFLICT if element == _CONFLICT else ("list", element)
+    fields = dict(a[1])
+    for key, kind in b[1]:
+        fields[key] = _unify(fields.get(key), kind)
+        if fields[key] == _CONFLICT:
+            return _CONFLICT
+    return ("dict", tuple(sorted(fields.items())))
+
+
 def _drop_mixed_types(checked: list) -> tuple[list[dict], list[tuple[int, str]]]:
-    """Records and bad entries, where a record whose field has another JSON type than that field has in most records
-    is bad too: Arrow gives each column one type, so such a record would make the whole file unreadable."""
-    kinds: dict[str, Counter] = {}
+    """Records and bad entries, where a record is bad too when one of its fields, at any depth, has a type that the
+    same field of most records does not fit: Arrow gives each column one type, so such a record would make the
+    whole file unreadable. Per field, the types are merged from the most common down, so a bad first row never
+    decides."""
+    per_field: dict[str, Counter] = {}
     for _, entry, rule in checked:
         for key, value in (entry.items() if not rule else ()):
-            if _kind(value) is not None:
-                kinds.setdefault(key, Counter())[_kind(value)] += 1
-    usual = {key: counts.most_common(1)[0][0] for key, counts in kinds.items()}
+            per_field.setdefault(key, Counter())[_json_type(value)] += 1
+    schema = {}
+    for key, counts in per_field.items():
+        merged = None
+        for kind, _ in counts.most_common():
+            merged = _unify(merged, kind) if _unify(merged, kind) != _CONFLICT else merged
+        schema[key] = merged
     records, bad = [], []
     for i, entry, rule in checked:
-        if not rule and any(_kind(v) not in (None, usual[k]) for k, v in entry.items()):
+        if not rule and any(_unify(schema[k], _json_type(v)) != schema[k] for k, v in entry.items()):
             rule = "mixed_types"
         if rule:
             bad.append((i, rule))
