@@ -24,15 +24,19 @@ $(STAMP): requirements.txt pyproject.toml
 	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Bradley-Terry: ZeRO-3 training on 2 CPU ranks, RewardBench 1 evaluation, then RewardBench 2 data-parallel on 2 ranks.
 demo: $(STAMP)
 	$(DEMO_ENV) deepspeed --num_gpus 2 bradley-terry-rm/train.py \
 		--deepspeed deepspeed_configs/deepspeed_3.json --output_path $(DEMO_DIR) --overwrite_output_dir
 	python useful_code/eval_reward_bench_bt.py --reward_name_or_path $(DEMO_DIR)/last_checkpoint \
 		--data_set_name assets/data/reward_bench_sample.jsonl \
 		--record_dir $(DEMO_DIR)/reward_bench.txt --results_json $(DEMO_DIR)/reward_bench.json
+	$(DEMO_ENV) torchrun --nproc_per_node 2 useful_code/eval_reward_bench_bt.py --benchmark 2 \
+		--reward_name_or_path $(DEMO_DIR)/last_checkpoint --data_set_name assets/data/reward_bench_2_sample.jsonl \
+		--record_dir $(DEMO_DIR)/reward_bench.txt --results_json $(DEMO_DIR)/reward_bench_2.json
 
 # Pairwise preference model: standard pairs -> PM data, ZeRO-3 training on 2 CPU ranks (held-out accuracy in both
-# orders), RewardBench-format evaluation, and best-of-4 ranking by knock-out tournament.
+# orders), RewardBench 1 and 2 evaluation (v2 data-parallel on 2 ranks), and best-of-4 ranking by knock-out tournament.
 demo-pm: $(STAMP)
 	python pair-pm/process_pair_data.py --dataset_path assets/data/toy_preference --output_path $(PM_DIR)/pm_data
 	$(DEMO_ENV) deepspeed --num_gpus 2 pair-pm/train.py pair-pm/tiny.yaml \
@@ -41,6 +45,9 @@ demo-pm: $(STAMP)
 	python useful_code/eval_reward_bench_pm.py --reward_name_or_path $(PM_DIR)/last_checkpoint \
 		--data_set_name assets/data/reward_bench_sample.jsonl \
 		--record_dir $(PM_DIR)/reward_bench.txt --results_json $(PM_DIR)/reward_bench.json
+	$(DEMO_ENV) torchrun --nproc_per_node 2 useful_code/eval_reward_bench_pm.py --benchmark 2 \
+		--reward_name_or_path $(PM_DIR)/last_checkpoint --data_set_name assets/data/reward_bench_2_sample.jsonl \
+		--record_dir $(PM_DIR)/reward_bench.txt --results_json $(PM_DIR)/reward_bench_2.json
 	python pair-pm/rank_responses.py --reward_name_or_path $(PM_DIR)/last_checkpoint \
 		--input_path assets/data/toy_ranking.jsonl --output_path $(PM_DIR)/ranked.jsonl
 
@@ -62,6 +69,9 @@ demo-armo: $(STAMP)
 	python useful_code/eval_reward_bench_bt.py --reward_name_or_path $(ARMO_DIR)/model --trust_remote_code \
 		--data_set_name assets/data/reward_bench_sample.jsonl \
 		--record_dir $(ARMO_DIR)/reward_bench.txt --results_json $(ARMO_DIR)/reward_bench.json
+	python useful_code/eval_reward_bench_bt.py --reward_name_or_path $(ARMO_DIR)/model --trust_remote_code \
+		--benchmark 2 --data_set_name assets/data/reward_bench_2_sample.jsonl \
+		--record_dir $(ARMO_DIR)/reward_bench.txt --results_json $(ARMO_DIR)/reward_bench_2.json
 	python armo-rm/interpret.py --model_path $(ARMO_DIR)/model --trust_remote_code
 
 # Both tiers: fast in-process unit tests and end-to-end tests (subprocesses, DeepSpeed ranks; marked e2e).

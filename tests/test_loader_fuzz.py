@@ -184,7 +184,9 @@ def test_pm_and_conversation_loaders(tmp_path):
 
 
 @pytest.mark.parametrize("content,rule", [(b"", "holds no records"), (b"\n\n", "holds no records"),
-                                          (b"just text", "not_json"), (b'{"a": 1', "not_json")])
+                                          (b"just text", "not_json"), (b'{"a": 1', "not_json"),
+                                          # Arrow reads these bytes without complaint; the row would fail when read
+                                          (b'{"a": "x"}\n{"a": "caf\xe9"}', "line 1 (invalid_utf8)")])
 def test_whole_file_problems_are_one_line(tmp_path, content, rule):
     path = tmp_path / "d.jsonl"
     path.write_bytes(content)

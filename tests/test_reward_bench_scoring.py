@@ -2,6 +2,7 @@
 
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -124,7 +125,7 @@ def test_score_examples_keys_and_json_serializable():
     ids, subsets, chosen, rejected = _small_bench()
     res = rb.score_examples(np.arange(5), subsets, chosen, rejected)
     assert set(res) == {
-        "per_example", "subsets", "sections", "score", "ties",
+        "benchmark", "per_example", "subsets", "sections", "score", "ties",
         "num_examples", "tie_credit", "missing_subsets", "unknown_subsets", "score_sections",
     }
     assert set(res["sections"]) == set(rb.SECTIONS)
@@ -235,15 +236,20 @@ def test_default_results_json():
 def test_eval_outputs_are_checked_before_scoring(tmp_path):
     args = evaluation.EvalArguments(data_set_name=str(tmp_path / "data.jsonl"), reward_name_or_path="m",
                                     record_dir=str(tmp_path / "rec" / "r.txt"))
-    evaluation.check_outputs(args)
+    one_process = SimpleNamespace(num_processes=1)
+    evaluation.check_eval_arguments(args, one_process)
     assert (tmp_path / "rec").is_dir() and not (tmp_path / "rec" / "r.txt").exists()  # nothing written yet
     args.results_json = str(tmp_path)
     with pytest.raises(UserError, match="--results_json: .* is a directory"):
-        evaluation.check_outputs(args)
+        evaluation.check_eval_arguments(args, one_process)
     args.results_json, args.record_dir = None, args.data_set_name
     with pytest.raises(UserError, match="--record_dir: .* is an input of this run"):
-        evaluation.check_outputs(args)
+        evaluation.check_eval_arguments(args, one_process)
     (tmp_path / "file").write_text("")
     args.record_dir = str(tmp_path / "file" / "r.txt")
     with pytest.raises(UserError, match="--record_dir: cannot create"):
-        evaluation.check_outputs(args)
+        evaluation.check_eval_arguments(args, one_process)
+    args.record_dir, args.device_map = str(tmp_path / "rec" / "r.txt"), "auto"
+    evaluation.check_eval_arguments(args, one_process)
+    with pytest.raises(UserError, match="--device_map auto spreads one model .* without a launcher"):
+        evaluation.check_eval_arguments(args, SimpleNamespace(num_processes=2))

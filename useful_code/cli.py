@@ -75,7 +75,7 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
     if config_path is None and default_config and "--help" not in argv and "-h" not in argv:
         print(f"Recipe: {default_config} (the default; give a recipe first, or --config PATH, to change it)")
     config_path = config_path or default_config
-    parser = _limits_aware_parser(dataclass_types)
+    parser = limits_aware_parser(dataclass_types)
     if config_path:
         # A config may use a flag's alias (upstream's --output_path for output_dir) as its key, like the command line.
         dests = {opt.lstrip("-"): action.dest for action in parser._actions for opt in action.option_strings}
@@ -95,7 +95,7 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
 LIMIT_KEYS = ("min", "max", "choices")
 
 
-def _limits_aware_parser(dataclass_types):
+def limits_aware_parser(dataclass_types):
     """TRL's parser (YAML defaults) that leaves our limit metadata to check_limits: argparse would reject the keys
     (and its own `choices` check never sees values from a config)."""
     from trl import TrlParser  # here, not at the top: reward_bench.py's pure arithmetic imports UserError only

@@ -199,6 +199,9 @@ def load_dataset_dict(path: str, flag: str, split: Optional[str] = None, skip_in
             raise UserError(f"{flag}: unsupported file type '{local.name}' (use .json, .jsonl or .parquet, optionally .gz)")
         try:
             loaded = load_dataset(builder, data_files={"train": str(local)})
+            # Arrow's JSON reader keeps invalid UTF-8 bytes in strings, which fail only when a row is read:
+            # a full validation finds them now, and the line reader below names their lines.
+            loaded["train"].data.table.validate(full=True)
         except Exception as err:  # datasets raises many types here; each ends as one line for the user
             if builder != "json":
                 raise UserError(f"{flag}: {local} cannot be read as {builder} ({_first_line(err)})") from None

@@ -1,21 +1,32 @@
-"""Score a pairwise preference model (pair-pm) on RewardBench.
+"""Score a pairwise preference model (pair-pm) on RewardBench 1 or 2.
 
-    python useful_code/eval_reward_bench_pm.py --reward_name_or_path DIR --record_dir FILE
+    python useful_code/eval_reward_bench_pm.py --reward_name_or_path DIR --record_dir FILE [--benchmark 2]
+    torchrun --nproc_per_node N useful_code/eval_reward_bench_pm.py ...   # data-parallel: one slice per rank
 
-Each example is scored in both orders (chosen as A, then as B) and the two P(chosen preferred) averaged, as
-upstream does, but batched: both orders of many examples share length-sorted forward passes. For the shared
-RewardBench arithmetic (useful_code/reward_bench.py), chosen_reward is that averaged probability and
-rejected_reward is one minus it, so an example is correct when P(chosen preferred) > 0.5.
+Each comparison is made in both orders (first response as A, then as B) and the two probabilities averaged, as
+upstream does, but batched: both orders of many comparisons share length-sorted forward passes. v1: P(chosen
+preferred) is the chosen reward and one minus it the rejected one, so an example is correct when P > 0.5. v2: a PM
+only compares, so every pair of a prompt's completions is compared and a completion's score is its mean
+probability of being preferred over the others (its expected win rate); the v2 arithmetic then applies unchanged.
 """
 
 from dataclasses import dataclass, field
 from typing import Optional
 
 from useful_code.cli import parse_args, run_cli
-from useful_code.evaluation import EvalArguments, check_outputs, load_examples, save_and_report
+from useful_code.data_parallel import finish, process_state
+from useful_code.evaluation import (
+    EvalArguments,
+    check_eval_arguments,
+    load_benchmark,
+    load_examples,
+    prepare_examples,
+    prepare_examples_v2,
+    save_and_report,
+)
 from useful_code.pm_scoring import PairPreferenceScorer
-from useful_code.reward_bench import score_examples
-from useful_code.templates import reject_special_tokens
+from useful_code.reward_bench import score_examples, score_examples_v2
+from useful_code.templates import reject_special_tokens, special_token_pattern
 
 
 @dataclass
@@ -28,9 +39,9 @@ class ScriptArguments(EvalArguments):
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature on the A/B logits."})
 
 
-def load_checked_examples(path: str, split, flag: str, args, tokenizer):
-    """Load and validate RewardBench-format examples; text holding a special token is an error (or a counted drop)."""
-    dataset, stats = load_examples(path, split, flag, args.skip_invalid)
+def checked_pairs(examples, flag: str, args, tokenizer):
+    """Validated v1 examples; text holding a special token is an error (or a counted drop)."""
+    dataset, stats = examples
     dataset, stats["special_token_in_content"] = reject_special_tokens(dataset, tokenizer, ("chosen", "rejected"),
                                                                        args.skip_invalid, flag.lstrip("-"))
     return dataset, stats
@@ -44,25 +55,44 @@ def pair_rewards(scorer: PairPreferenceScorer, examples) -> tuple[list[float], l
 
 def main():
     args = parse_args((ScriptArguments,))[0]
-    check_outputs(args)  # before any scoring, not after it
+    state = process_state()
+    check_eval_arguments(args, state)  # output paths and flag combinations, before any scoring
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
-        trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights,
-        batch_size=args.batch_size, max_length=args.max_length, temperature=args.temperature)
-    examples, stats = load_checked_examples(args.data_set_name, args.split, "--data_set_name", args, scorer.tokenizer)
-    chosen, rejected = pair_rewards(scorer, examples)
-    stats["truncated"] = scorer.truncated
-    prior = None
-    if args.prior_sets_path:
-        prior_examples, stats["prior_sets"] = load_checked_examples(args.prior_sets_path, None, "--prior_sets_path",
-                                                                    args, scorer.tokenizer)
-        prior = (prior_examples["id"], prior_examples["subset"], *pair_rewards(scorer, prior_examples))
-    if scorer.truncated:
-        print(f"{scorer.truncated} sequences longer than max_length={args.max_length} were cut from the left")
+        trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights, device=state.device,
+        device_map=args.device_map, batch_size=args.batch_size, max_length=args.max_length,
+        temperature=args.temperature, state=state)
+    with state.main_process_first():  # one rank fills the datasets cache, the others then read it
+        benchmark, raw = load_benchmark(args)
+        if benchmark == 2:
+            examples, stats = prepare_examples_v2(raw, "--data_set_name", args.skip_invalid,
+                                                  special_token_pattern(scorer.tokenizer))
+        else:
+            examples, stats = checked_pairs(prepare_examples(raw, args.data_set_name, "--data_set_name",
+                                                             args.skip_invalid), "--data_set_name", args,
+                                            scorer.tokenizer)
+            prior_examples = None
+            if args.prior_sets_path:
+                prior_examples, stats["prior_sets"] = checked_pairs(
+                    load_examples(args.prior_sets_path, None, "--prior_sets_path", args.skip_invalid),
+                    "--prior_sets_path", args, scorer.tokenizer)
 
-    results = score_examples(examples["id"], examples["subset"], chosen, rejected, tie_credit=args.tie_credit,
-                             prior=prior)
-    save_and_report(results, args, stats)
+    if benchmark == 2:
+        scores = scorer.response_scores(examples["context"], examples["responses"], progress=state.is_main_process)
+        results = score_examples_v2(examples["id"], examples["subset"], scores, examples["num_correct"])
+    else:
+        chosen, rejected = pair_rewards(scorer, examples)
+        prior = None
+        if prior_examples is not None:
+            prior = (prior_examples["id"], prior_examples["subset"], *pair_rewards(scorer, prior_examples))
+        results = score_examples(examples["id"], examples["subset"], chosen, rejected, tie_credit=args.tie_credit,
+                                 prior=prior)
+    stats["truncated"] = scorer.truncated
+    if scorer.truncated and state.is_main_process:
+        print(f"{scorer.truncated} sequences longer than max_length={args.max_length} were cut from the left")
+    if state.is_main_process:
+        save_and_report(results, args, {**stats, "processes": state.num_processes})
+    finish(state)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""What the RewardBench eval scripts share around the arithmetic of reward_bench.py: their flags, loading the
-examples, and writing the record file and results JSON."""
+"""What the RewardBench eval scripts share around the arithmetic of reward_bench.py: their flags, which benchmark
+(v1 or v2) and data, loading and validating the examples, and writing the record file and results JSON."""
 
 from __future__ import annotations
 
@@ -12,11 +12,25 @@ from typing import Optional
 
 from datasets import concatenate_datasets
 
-from useful_code.checkpoints import check_output_file
+from useful_code.checkpoints import atomic_write_text, check_output_file
 from useful_code.cli import UserError
 from useful_code.data import load_dataset_dict, pick_split
-from useful_code.formats import standardize_pairs
-from useful_code.reward_bench import SECTIONS, format_report
+from useful_code.formats import clean_messages, enforce_validity, standardize_pairs
+from useful_code.reward_bench import SECTIONS, TIES_SUBSET, V2_SUBSETS, format_report, format_report_v2
+
+# Each benchmark's default data and split (the hub names reward-bench's own scripts use).
+BENCHMARK_DATA = {1: ("allenai/reward-bench", "filtered"), 2: ("allenai/reward-bench-2", "test")}
+V2_COLUMNS = ("prompt", "chosen", "rejected", "subset")
+
+# Rules of a RewardBench 2 row (one prompt, its correct completions in 'chosen', the incorrect ones in 'rejected').
+V2_RULES = {
+    "bad_prompt": "prompt must be a non-empty string or a list of {role, content} messages",
+    "not_a_completion_list": "chosen and rejected must be non-empty lists of non-empty strings",
+    "counts_mismatch": "num_correct, num_incorrect and total_completions must equal the lengths of chosen, rejected "
+                       "and both",
+    "bad_ties_id": "a Ties id must be 'ref:<n>' (one correct completion) or 'tied:<n>' (several)",
+    "special_token_in_content": "text must not contain the tokenizer's special tokens (they would forge turns)",
+}
 
 
 @dataclass
@@ -24,13 +38,16 @@ class EvalArguments:
     """Flags shared by the RewardBench eval scripts: upstream's (data_set_name, record_dir, reward_name_or_path)
     plus batching, truncation, tie handling, prior sets and the results JSON. Each script subclasses it."""
 
-    data_set_name: Optional[str] = field(
-        default="allenai/reward-bench",
-        metadata={"help": "Hub name or local file/directory (bundled sample: assets/data/reward_bench_sample.jsonl)."},
-    )
+    benchmark: Optional[int] = field(default=None, metadata={
+        "choices": [1, 2], "help": "1 (RewardBench) or 2 (RewardBench 2). Default: 2 when --data_set_name has "
+                                   "RewardBench 2's columns (chosen and rejected as lists of responses), else 1."})
+    data_set_name: Optional[str] = field(default=None, metadata={
+        "help": "Hub name or local file/directory. Default: allenai/reward-bench (v1) or allenai/reward-bench-2 "
+                "(v2). Bundled samples: assets/data/reward_bench_sample.jsonl, reward_bench_2_sample.jsonl."})
     record_dir: Optional[str] = field(default="./bench_mark_eval.txt", metadata={"help": "Text file appended to."})
     reward_name_or_path: Optional[str] = field(default=None, metadata={"help": "Hub name or checkpoint directory."})
-    split: str = field(default="filtered", metadata={"help": "Dataset split (a single local file is its own split)."})
+    split: Optional[str] = field(default=None, metadata={
+        "help": "Dataset split (a single local file is its own split). Default: filtered (v1), test (v2)."})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per forward pass (length-sorted)."})
     max_length: int = field(default=4096, metadata={"min": 1, "help": "Longer inputs are cut from the left (counted)."})
     results_json: Optional[str] = field(default=None, metadata={"help": "Default: next to record_dir."})
@@ -46,6 +63,100 @@ class EvalArguments:
     load_pickled_weights: bool = field(default=False, metadata={
         "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
+    device_map: Optional[str] = field(default=None, metadata={
+        "help": "'auto': spread a model too large for one GPU over all of them (one process; not with torchrun)."})
+
+
+def load_benchmark(args):
+    """Resolve --benchmark, --data_set_name and --split (filling in their defaults) and load that split. Returns
+    (benchmark, raw dataset)."""
+    if args.benchmark is None and args.data_set_name is None:
+        args.benchmark = 1
+    if args.data_set_name is None:
+        args.data_set_name = BENCHMARK_DATA[args.benchmark][0]
+    known = args.split or (BENCHMARK_DATA[args.benchmark][1] if args.benchmark else None)
+    is_local = Path(args.data_set_name).expanduser().exists()
+    splits = load_dataset_dict(args.data_set_name, "--data_set_name", split=None if is_local else known,
+                               skip_invalid=args.skip_invalid)
+    args.split = known or next((s for s in ("filtered", "test") if s in splits), next(iter(splits)))
+    dataset = pick_split(splits, args.split, "--data_set_name")
+    detected = 2 if has_v2_columns(dataset) else 1
+    if args.benchmark is None:
+        args.benchmark = detected
+        if detected == 2:
+            print(f"{args.data_set_name}: RewardBench 2 columns, scored as RewardBench 2")
+    elif args.benchmark != detected:
+        raise UserError(f"--data_set_name: {args.data_set_name} has RewardBench {detected}'s columns, not those of "
+                        f"--benchmark {args.benchmark}")
+    if args.benchmark == 2 and args.prior_sets_path:
+        raise UserError("--prior_sets_path belongs to RewardBench 1's leaderboard score; RewardBench 2 has none")
+    if args.benchmark == 2 and args.tie_credit:
+        raise UserError("--tie_credit applies to RewardBench 1; RewardBench 2 credits a tie at the maximum 1/k")
+    return args.benchmark, dataset
+
+
+def has_v2_columns(dataset) -> bool:
+    """RewardBench 2 rows count their correct completions and hold lists of responses in chosen (v1: one response,
+    or a message list)."""
+    if "num_correct" in dataset.column_names:
+        return True
+    if "chosen" not in dataset.column_names or len(dataset) == 0:
+        return False
+    first = dataset[0]["chosen"]
+    return isinstance(first, list) and bool(first) and all(isinstance(c, str) for c in first)
+
+
+def _v2_invalid_reason(row: dict, special_tokens) -> str:
+    prompt = row["prompt"]
+    if isinstance(prompt, str) and prompt.strip():
+        context = [{"role": "user", "content": prompt}]
+    else:
+        context = clean_messages(prompt) if isinstance(prompt, list) else None
+        if not context:
+            return "bad_prompt"
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not all(isinstance(side, list) and side and all(isinstance(c, str) and c.strip() for c in side)
+               for side in (chosen, rejected)):
+        return "not_a_completion_list"
+    counts = {"num_correct": len(chosen), "num_incorrect": len(rejected),
+              "total_completions": len(chosen) + len(rejected)}
+    if any(row.get(k) is not None and row[k] != n for k, n in counts.items()):
+        return "counts_mismatch"
+    kind, _, number = str(row["id"]).partition(":")
+    if row["subset"] == TIES_SUBSET and not (kind in ("ref", "tied") and number):
+        return "bad_ties_id"
+    texts = [m["content"] for m in context] + chosen + rejected
+    if special_tokens is not None and any(special_tokens.search(t) for t in texts):
+        return "special_token_in_content"
+    return ""
+
+
+def prepare_examples_v2(dataset, flag: str, skip_invalid: bool, special_tokens=None):
+    """Validate RewardBench 2 rows (V2_RULES; special_tokens: a compiled pattern of the tokenizer's special tokens)
+    and give each prompt its 'context' (messages) and 'responses' (its completions, the correct ones first) and
+    'num_correct'. Returns (dataset with id, subset, context, responses, num_correct; stats)."""
+    missing = [c for c in V2_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise UserError(f"{flag}: RewardBench 2 data needs columns {', '.join(V2_COLUMNS)} (missing: "
+                        f"{', '.join(missing)}; found: {', '.join(dataset.column_names)})")
+    if "id" not in dataset.column_names:
+        dataset = dataset.add_column("id", [str(i) for i in range(len(dataset))])
+
+    def convert(row):
+        reason = _v2_invalid_reason(row, special_tokens)
+        context = ([{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str)
+                   else clean_messages(row["prompt"]) or []) if not reason else []
+        responses = list(row["chosen"]) + list(row["rejected"]) if not reason else []
+        return {"id": str(row["id"]), "context": context, "responses": responses,
+                "num_correct": len(row["chosen"]) if not reason else 0, "invalid_reason": reason}
+
+    converted = dataset.map(convert, remove_columns=[c for c in dataset.column_names if c not in ("id", "subset")],
+                            desc=f"validating {flag.lstrip('-')}")
+    checked, stats = enforce_validity(converted, V2_RULES, skip_invalid, flag.lstrip("-"))
+    unknown = sorted(set(checked["subset"]) - set(V2_SUBSETS))
+    if unknown:
+        print(f"{flag}: subsets outside RewardBench 2's six are scored but not averaged: {', '.join(unknown)}")
+    return checked, stats
 
 
 def load_examples(path: str, split: Optional[str], flag: str, skip_invalid: bool):
@@ -61,6 +172,11 @@ def load_examples(path: str, split: Optional[str], flag: str, skip_invalid: bool
             ds if "subset" in ds.column_names else ds.add_column("subset", [name] * len(ds))
             for name, ds in splits.items()
         ])
+    return prepare_examples(dataset, path, flag, skip_invalid)
+
+
+def prepare_examples(dataset, path: str, flag: str, skip_invalid: bool):
+    """Validate RewardBench (v1) examples: standard-format pairs with their id and subset. Returns (dataset, stats)."""
     if "subset" not in dataset.column_names:
         raise UserError(f"{flag}: '{path}' has no 'subset' column")
     if "id" not in dataset.column_names:
@@ -68,11 +184,14 @@ def load_examples(path: str, split: Optional[str], flag: str, skip_invalid: bool
     return standardize_pairs(dataset, skip_invalid, flag.lstrip("-"))
 
 
-def check_outputs(args) -> None:
+def check_eval_arguments(args, state) -> None:
     """Before any scoring: the record file and the results JSON must be writable files (creatable, not directories,
-    not the evaluated data)."""
+    not the evaluated data), and --device_map runs in one process."""
     for flag, path in (("--record_dir", args.record_dir), ("--results_json", results_json_path(args))):
         check_output_file(path, flag, inputs=(args.data_set_name, args.prior_sets_path))
+    if args.device_map and state.num_processes > 1:
+        raise UserError(f"--device_map {args.device_map} spreads one model over the GPUs of one process; run it "
+                        f"without a launcher ({state.num_processes} processes here)")
 
 
 def results_json_path(args) -> str:
@@ -81,21 +200,24 @@ def results_json_path(args) -> str:
 
 
 def write_results(results: dict, model_name: str, record_dir: str, results_json: str) -> None:
-    """Append the RLHFlow-style record block to ``record_dir`` and dump ``results_json``."""
+    """Append the RLHFlow-style record block (the model, then each section (v1) or subset (v2) and the Score) to
+    ``record_dir`` and write ``results_json``."""
+    v2 = results.get("benchmark") == 2
+    names, values, averaged = ((V2_SUBSETS, results["subsets"], results["score_subsets"]) if v2
+                               else (SECTIONS, results["sections"], results["score_sections"]))
     for path in (record_dir, results_json):
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(record_dir, "a") as f:
-        f.write(model_name + "\n")
-        for section in SECTIONS:
-            f.write(f"{section}\t{_recorded(results['sections'][section])}\n")
+        f.write(model_name + (" (RewardBench 2)" if v2 else "") + "\n")
+        for name in names:
+            f.write(f"{name}\t{_recorded(values[name])}\n")
         if "prior_sets" in results:
             f.write(f"Prior Sets\t{_recorded(results['prior_sets']['score'])}\n")
         f.write(f"Score\t{_recorded(results['score'])}\n")
-        if len(results["score_sections"]) < len(SECTIONS):
-            f.write(f"Score averages\t{', '.join(results['score_sections'])}\n")
-    with open(results_json, "w") as f:
-        json.dump({**results, "model": model_name}, f, indent=2, allow_nan=False)  # strict JSON: no bare NaN
+        if len(averaged) < len(names):
+            f.write(f"Score averages\t{', '.join(averaged)}\n")
+    # strict JSON (no bare NaN), written beside and moved into place
+    atomic_write_text(results_json, json.dumps({**results, "model": model_name}, indent=2, allow_nan=False))
 
 
 def _recorded(value) -> str:
@@ -103,13 +225,13 @@ def _recorded(value) -> str:
 
 
 def save_and_report(results: dict, args, data_stats: dict) -> None:
-    """An eval script's ending: record its options and data counts, append to record_dir, write the results
-    JSON (args.results_json, else next to record_dir) and print the report."""
+    """An eval script's ending, on the main process: record its options and data counts, append to record_dir,
+    write the results JSON (args.results_json, else next to record_dir) and print the report."""
     results["options"] = asdict(args)
     results["data"] = data_stats
     results_json = results_json_path(args)
     write_results(results, args.reward_name_or_path, args.record_dir, results_json)
-    print(format_report(results))
+    print(format_report_v2(results) if results.get("benchmark") == 2 else format_report(results))
     print(f"Appended to {args.record_dir}; results JSON: {results_json}")
 
 

@@ -4,6 +4,7 @@ trusted, with one clear error when a model cannot be loaded."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -98,9 +99,13 @@ def load_backbone(path: str, device: str, bf16: bool = True, attn_implementation
 
 
 def load_for_scoring(loader, name: str, flag: str, bf16: bool = True, attn_implementation: str = "auto",
-                     trust_remote_code: bool = False, **options):
-    """(model in eval mode on the GPU if there is one, tokenizer) for an eval script; loader is load_reward_model or
-    load_preference_model; options as load_model's."""
+                     trust_remote_code: bool = False, device: Optional[str] = None, device_map: Optional[str] = None,
+                     **options):
+    """(model in eval mode, tokenizer) for an eval script; loader is load_reward_model or load_preference_model;
+    options as load_model's. The model goes to device (default: the GPU if there is one), or with device_map
+    ('auto') is spread over the GPUs by Accelerate, for a model too large for one."""
     tokenizer = load_tokenizer(name, flag, trust_remote_code)
+    if device_map:
+        options["device_map"] = device_map
     model = loader(name, flag, tokenizer, resolve_dtype(bf16), attn_implementation, trust_remote_code, **options)
-    return model.to(default_device()).eval(), tokenizer
+    return (model if device_map else model.to(device or default_device())).eval(), tokenizer

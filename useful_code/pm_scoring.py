@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from useful_code.cli import UserError
+from useful_code.data_parallel import map_across_ranks
 from useful_code.modeling import load_for_scoring, load_preference_model
 from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
 from useful_code.scoring import length_sorted_batches, model_device
@@ -47,7 +48,8 @@ class PairPreferenceScorer:
     All sequences of a call (both orders of every pair) are sorted by length and padded on the left, so one
     forward pass serves many pairs and only the last position's logits are computed (logits_to_keep=1)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 4096, temperature: float = 1.0):
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 4096, temperature: float = 1.0,
+                 state=None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -55,14 +57,17 @@ class PairPreferenceScorer:
         self.temperature = temperature
         self.token_a, self.token_b = label_token_ids(tokenizer)
         self.truncated = 0  # sequences cut to max_length so far (counted, reported by the caller)
+        self.state = state  # a data_parallel.process_state(): the sequences of each call are split across its ranks
 
     @classmethod
     def from_pretrained(cls, path: str, flag: str = "--reward_name_or_path", bf16: bool = True,
                         attn_implementation: str = "auto", trust_remote_code: bool = False,
-                        pickled_weights: bool = False, **kwargs):
-        """Load a PM checkpoint (or hub name) onto the GPU if there is one."""
+                        pickled_weights: bool = False, device=None, device_map=None, **kwargs):
+        """Load a PM checkpoint (or hub name) onto device (default: the GPU if there is one), or spread over the
+        GPUs with device_map='auto'."""
         model, tokenizer = load_for_scoring(load_preference_model, path, flag, bf16, attn_implementation,
-                                            trust_remote_code, pickled_weights=pickled_weights)
+                                            trust_remote_code, device=device, device_map=device_map,
+                                            pickled_weights=pickled_weights)
         return cls(model, tokenizer, **kwargs)
 
     @torch.inference_mode()
@@ -98,7 +103,9 @@ class PairPreferenceScorer:
         n = len(contexts)
         prompts = [build_pm_prompt(c, a, b) for c, a, b in zip(contexts, first, second)]
         prompts += [build_pm_prompt(c, b, a) for c, a, b in zip(contexts, first, second)]
-        logits = self.label_logits(self.encode(prompts), progress) / self.temperature
+        logits = map_across_ranks(self.state, lambda part: self.label_logits(part, progress).tolist(),
+                                  self.encode(prompts))
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1, 2) / self.temperature
         probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
         as_a = probs[:n, 0]  # first shown as A: P(answer A)
         as_b = probs[n:, 1]  # first shown as B: P(answer B)
@@ -108,6 +115,21 @@ class PairPreferenceScorer:
         """prob_first_preferred for standard-format pairs (chosen/rejected message lists): P(chosen preferred)."""
         return self.prob_first_preferred([c[:-1] for c in pairs["chosen"]], [c[-1]["content"] for c in pairs["chosen"]],
                                          [r[-1]["content"] for r in pairs["rejected"]], progress)
+
+    def response_scores(self, contexts: list[list[dict]], responses: list[list[str]],
+                        progress: bool = True) -> list[list[float]]:
+        """Each response's mean probability of being preferred over each other response to its prompt. A PM only
+        compares, so this win rate is its score of a response (with two responses, P(first preferred) and its
+        complement); every unordered pair is played once in both orders, all prompts' pairs in shared batches."""
+        pairings = [(p, i, j) for p, rs in enumerate(responses) for i in range(len(rs)) for j in range(i + 1, len(rs))]
+        probs = self.prob_first_preferred([contexts[p] for p, _, _ in pairings],
+                                          [responses[p][i] for p, i, _ in pairings],
+                                          [responses[p][j] for p, _, j in pairings], progress)["mean"]
+        wins = [np.zeros(len(rs)) for rs in responses]
+        for (p, i, j), prob in zip(pairings, probs):
+            wins[p][i] += prob
+            wins[p][j] += 1.0 - prob
+        return [(w / max(len(w) - 1, 1)).tolist() for w in wins]
 
     def knockout(self, context: list[dict], responses: list[str]) -> TournamentResult:
         """Best of n responses by a knock-out tournament: n - 1 comparisons (each in both orders), one batch

@@ -3,8 +3,13 @@ embeddings, reload and export checks, benchmarks) runs through these helpers or 
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from tqdm import tqdm
+
+from useful_code.data_parallel import map_across_ranks
 
 
 def length_sorted_batches(sequences: list[list[int]], batch_size: int, desc: str = "scoring", progress: bool = False):
@@ -19,23 +24,40 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def reward_logit(outputs) -> torch.Tensor:
+    """The reward of a sequence classifier's outputs: logit 0, one per sequence."""
+    return outputs.logits[:, 0]
+
+
 @torch.inference_mode()
-def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: int,
-                    progress: bool = False) -> list[float]:
-    """Scalar reward of each token sequence (logit 0), batched by length (longest first) to waste little padding."""
+def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: int, progress: bool = False,
+                    read: Callable = reward_logit) -> list:
+    """read(outputs) of each token sequence (default: its scalar reward, logit 0; an ArmoRM's attribute rewards
+    with another read), batched by length (longest first) to waste little padding."""
     device = model_device(model)
-    rewards = [0.0] * len(sequences)
+    results = [None] * len(sequences)
     for chunk in length_sorted_batches(sequences, batch_size, progress=progress):
         batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        for i, reward in zip(chunk, logits[:, 0].float().cpu().tolist()):
-            rewards[i] = reward
-    return rewards
+        outputs = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        for i, value in zip(chunk, read(outputs).float().cpu().tolist()):
+            results[i] = value
+    return results
 
 
-def score_pairs(model, tokenizer, pairs, batch_size: int, progress: bool = True) -> tuple[list[float], list[float]]:
-    """Rewards of the chosen and rejected sequences of a tokenize_pairs() dataset, both sides batched together."""
+def score_pairs(model, tokenizer, pairs, batch_size: int, progress: bool = True,
+                state=None) -> tuple[list[float], list[float]]:
+    """Rewards of the chosen and rejected sequences of a tokenize_pairs() dataset, both sides batched together (split
+    across the ranks of state, a data_parallel.process_state(), when given)."""
     chosen, rejected = list(pairs["chosen_input_ids"]), list(pairs["rejected_input_ids"])
-    rewards = score_sequences(model, tokenizer, chosen + rejected, batch_size, progress=progress)
+    score = partial(score_sequences, model, tokenizer, batch_size=batch_size, progress=progress)
+    rewards = map_across_ranks(state, score, chosen + rejected)
     return rewards[: len(chosen)], rewards[len(chosen):]
+
+
+def split_by_sizes(flat: list, sizes: list[int]) -> list[list]:
+    """flat cut into consecutive groups of the given sizes (the completions of each prompt)."""
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(flat[start : start + size])
+        start += size
+    return groups

@@ -1,0 +1,71 @@
+"""Data-parallel evaluation: two CPU ranks under torchrun give the one-process run's per-example scores (to float
+tolerance) and identical decisions, for RewardBench 1 and 2, BT and PM. The models are the tiny one with sharpened
+random weights, so scores vary by units and a slice or order mix-up would show."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import BIN, ROOT, check_ok, run, sharpened
+from useful_code.defaults import DEFAULT_MODEL, REWARD_BENCH_SAMPLE
+from useful_code.modeling import load_preference_model, load_reward_model
+from useful_code.templates import load_tokenizer
+
+pytestmark = pytest.mark.e2e  # subprocesses and torchrun ranks: `make test-fast` skips this file
+
+V2_SAMPLE = str(ROOT / "assets" / "data" / "reward_bench_2_sample.jsonl")
+SCRIPTS = {"bt": str(ROOT / "useful_code" / "eval_reward_bench_bt.py"),
+           "pm": str(ROOT / "useful_code" / "eval_reward_bench_pm.py")}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A BT and a PM checkpoint: the tiny model with sharpened random weights, saved as the trainers save."""
+    out = tmp_path_factory.mktemp("ranks")
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
+    bt = load_reward_model(DEFAULT_MODEL, "--model", tokenizer, torch.float32, new_weights=("score.",))
+    pm = load_preference_model(DEFAULT_MODEL, "--model", tokenizer, torch.float32)
+    for name, model in (("bt", bt), ("pm", pm)):
+        sharpened(model, std=0.3, seed=1).save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+    return out
+
+
+def evaluate(models, kind: str, data: str, ranks: int, tmp_path) -> dict:
+    results = tmp_path / f"{kind}-{ranks}-{'v2' if data == V2_SAMPLE else 'v1'}.json"
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks)] if ranks > 1 else [sys.executable]
+    proc = run([*launcher, SCRIPTS[kind], "--reward_name_or_path", str(models / kind), "--data_set_name", data,
+                "--record_dir", str(tmp_path / "record.txt"), "--results_json", str(results), "--batch_size", "4"],
+               env_extra={"OMP_NUM_THREADS": "1"})
+    check_ok(proc)
+    saved = json.loads(results.read_text())
+    assert saved["data"]["processes"] == ranks
+    return saved
+
+
+def assert_same_scores(one: dict, two: dict, score_keys) -> None:
+    assert [e["id"] for e in one["per_example"]] == [e["id"] for e in two["per_example"]]
+    for key in score_keys:
+        a = np.concatenate([np.ravel(e[key]) for e in one["per_example"]])
+        b = np.concatenate([np.ravel(e[key]) for e in two["per_example"]])
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+        assert np.ptp(a) > 0.05  # scores vary: a slice or order mix-up would show
+
+
+@pytest.mark.parametrize("kind", ["bt", "pm"])
+def test_two_ranks_match_one_process_on_rewardbench_2(models, tmp_path, kind):
+    one, two = (evaluate(models, kind, V2_SAMPLE, ranks, tmp_path) for ranks in (1, 2))
+    assert one["benchmark"] == two["benchmark"] == 2
+    assert_same_scores(one, two, ["scores"])
+    assert [e["credit"] for e in one["per_example"]] == [e["credit"] for e in two["per_example"]]  # decisions
+    assert one["subsets"] == pytest.approx(two["subsets"], abs=1e-6)
+
+
+def test_two_ranks_match_one_process_on_rewardbench_1(models, tmp_path):
+    one, two = (evaluate(models, "bt", str(REWARD_BENCH_SAMPLE), ranks, tmp_path) for ranks in (1, 2))
+    assert_same_scores(one, two, ["chosen_reward", "rejected_reward"])
+    assert [e["correct"] for e in one["per_example"]] == [e["correct"] for e in two["per_example"]]
+    assert one["sections"] == two["sections"] and one["score"] == two["score"]

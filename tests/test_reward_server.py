@@ -1,0 +1,204 @@
+"""The reward server on a free loopback port: every endpoint's shape and values against the eval path, dynamic
+batching under concurrent clients, authentication, bounds and bad requests; and the clients."""
+
+import json
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+
+from helpers import ROOT, run, sharpened
+from useful_code.defaults import DEFAULT_MODEL
+from useful_code.modeling import load_preference_model, load_reward_model
+from useful_code.pm_scoring import PairPreferenceScorer
+from useful_code.reward_client import RewardClient, RewardServerError, trl_reward_function
+from useful_code.reward_scorer import RewardScorer, checkpoint_kind
+from useful_code.scoring import score_sequences
+from useful_code.serve_reward_model import ServerArguments, build_app, is_loopback
+from useful_code.templates import encode_conversations, load_tokenizer, render_conversations, truncate_left
+
+QUESTION = {"role": "user", "content": "How do I bake bread at home?"}
+ANSWERS = ["Mix flour, water, yeast and salt, knead it for ten minutes, let it rise, then bake it at 220 C.",
+           "Figure it out yourself.", "Bread is nice. I like the weather today, and trains.", "Buy some."]
+CONVERSATIONS = [[QUESTION, {"role": "assistant", "content": a}] for a in ANSWERS]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A BT and a PM checkpoint: the tiny model with sharpened random weights, so rewards differ by units."""
+    out = tmp_path_factory.mktemp("serve")
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
+    models = {"bt": load_reward_model(DEFAULT_MODEL, "--m", tokenizer, torch.float32, new_weights=("score.",)),
+              "pm": load_preference_model(DEFAULT_MODEL, "--m", tokenizer, torch.float32)}
+    for kind, model in models.items():
+        sharpened(model, std=0.3, seed=2).save_pretrained(out / kind)
+        tokenizer.save_pretrained(out / kind)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The app served by uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, checkpoint, **flags):
+        self.args = replace(ServerArguments(reward_name_or_path=str(checkpoint), port=free_port()), **flags)
+        self.scorer = RewardScorer.from_pretrained(str(checkpoint), max_length=self.args.max_length,
+                                                   batch_size=self.args.batch_size)
+        config = uvicorn.Config(build_app(self.scorer, self.args, str(checkpoint)), host="127.0.0.1",
+                                port=self.args.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.args.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def raw_post(url: str, body: bytes, headers=None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def eval_path_rewards(checkpoint, conversations, max_length=4096) -> list[float]:
+    """Rewards as the eval script computes them: template, left truncation, batched scoring."""
+    model = load_reward_model(str(checkpoint), "--m", load_tokenizer(str(checkpoint), "--m"), torch.float32).eval()
+    tokenizer = load_tokenizer(str(checkpoint), "--m")
+    sequences = [truncate_left(s, max_length, keep_first=True) for s in encode_conversations(tokenizer, conversations)]
+    return score_sequences(model, tokenizer, sequences, batch_size=1)
+
+
+def test_kind_is_read_from_the_config(checkpoints):
+    assert checkpoint_kind(str(checkpoints / "bt")) == "bt" and checkpoint_kind(str(checkpoints / "pm")) == "pm"
+
+
+def test_score_and_get_reward_equal_the_eval_path(checkpoints):
+    expected = eval_path_rewards(checkpoints / "bt", CONVERSATIONS)
+    assert np.ptp(expected) > 0.1
+    with Server(checkpoints / "bt") as server:
+        client = RewardClient(server.url)
+        assert client.health() == {"status": "ok"}
+        info = client.info()
+        assert info["kind"] == "bt" and info["dtype"] == "float32" and info["max_length"] == 4096 and info["version"]
+        scored = client.score(CONVERSATIONS)
+        np.testing.assert_allclose(scored["rewards"], expected, rtol=1e-5, atol=1e-5)
+        assert scored["extra_logs"]["truncated"] == 0
+        # OpenRLHF sends the templated text, BOS included: it must not get a second one
+        texts = render_conversations(server.scorer.tokenizer, CONVERSATIONS)
+        bos = server.scorer.tokenizer.bos_token
+        with_bos = [t if t.startswith(bos) else bos + t for t in texts]
+        got = client.get_reward(with_bos, prompts=["p"] * 4, labels=[None] * 4)
+        np.testing.assert_allclose(got["rewards"], expected, rtol=1e-5, atol=1e-5)
+        assert got["scores"] == got["rewards"]
+        tokens = sum(map(len, encode_conversations(server.scorer.tokenizer, CONVERSATIONS)))
+        assert got["extra_logs"] == {"truncated": 0, "tokens": tokens}
+
+
+def test_over_long_inputs_are_cut_from_the_left_and_counted(checkpoints):
+    with Server(checkpoints / "bt", max_length=12) as server:
+        scored = RewardClient(server.url).score(CONVERSATIONS)
+    assert scored["extra_logs"]["truncated"] == 4
+    np.testing.assert_allclose(scored["rewards"], eval_path_rewards(checkpoints / "bt", CONVERSATIONS, 12),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_requests_are_batched_with_identical_rewards(checkpoints):
+    conversations = [[QUESTION, {"role": "assistant", "content": f"{ANSWERS[i % 4]} ({i})"}] for i in range(24)]
+    with Server(checkpoints / "bt", batch_wait_ms=50) as server:
+        client = RewardClient(server.url)
+        one_by_one = [client.score([c])["rewards"][0] for c in conversations]
+        batches_before = client.info()["batches_run"]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda c: client.score([c])["rewards"][0], conversations))
+        batches = client.info()["batches_run"] - batches_before
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-5, atol=1e-5)  # nobody gets another request's reward
+    assert batches < len(conversations)  # concurrent requests shared forward passes
+
+
+def test_auth_bounds_and_bad_requests(checkpoints):
+    with Server(checkpoints / "bt", api_key="s3cret", max_items=3, max_body_bytes=2000) as server:
+        url = server.url
+        with pytest.raises(RewardServerError, match="401"):
+            RewardClient(url).score(CONVERSATIONS[:1])
+        with pytest.raises(RewardServerError, match="401"):
+            RewardClient(url, api_key="wrong").score(CONVERSATIONS[:1])
+        assert RewardClient(url).health() == {"status": "ok"}  # health needs no token
+        client = RewardClient(url, api_key="s3cret")
+        assert len(client.score(CONVERSATIONS[:3])["rewards"]) == 3
+        auth = {"Authorization": "Bearer s3cret"}
+        cases = [
+            (b"{not json", 422, "not valid JSON"),
+            (b'{"conversations": "x"}', 422, "conversations: Input should be a valid list"),
+            (b'{"conversations": []}', 422, "conversations"),
+            (b'{"conversations": [[{"role": "user", "content": 5}]]}', 422, "content"),
+            (json.dumps({"conversations": CONVERSATIONS}).encode(), 413, "over --max_items=3"),
+            (json.dumps({"conversations": [CONVERSATIONS[0]] * 2, "pad": "x" * 3000}).encode(), 413,
+             "over --max_body_bytes=2000"),
+        ]
+        for body, status, message in cases:
+            code, answer = raw_post(url + "/score", body, auth)
+            assert code == status and message in answer["error"] and "\n" not in answer["error"], (body[:40], answer)
+        code, answer = raw_post(url + "/compare", json.dumps({"context": [QUESTION], "responses": ANSWERS[:2]}).encode(),
+                                auth)
+        assert code == 400 and "use /score" in answer["error"]
+        code, answer = raw_post(url + "/get_reward", json.dumps({"query": ["a", "b"], "labels": [1]}).encode(), auth)
+        assert code == 400 and "labels: 1 items for 2 queries" in answer["error"]
+        assert len(client.score(CONVERSATIONS[:2])["rewards"]) == 2  # still serving after the bad requests
+
+
+def test_preference_model_compares_both_orders(checkpoints):
+    with Server(checkpoints / "pm") as server:
+        client = RewardClient(server.url)
+        result = client.compare([QUESTION], ANSWERS)
+        with pytest.raises(RewardServerError, match="400.*use /compare"):
+            client.score(CONVERSATIONS)
+    probs = np.array(result["probabilities"])
+    assert probs.shape == (4, 4) and np.allclose(probs + probs.T, 1.0)
+    pm = PairPreferenceScorer(load_preference_model(str(checkpoints / "pm"), "--m", server.scorer.tokenizer,
+                                                    torch.float32).eval(), server.scorer.tokenizer)
+    direct = pm.prob_first_preferred([[QUESTION]], [ANSWERS[0]], [ANSWERS[2]])["mean"][0]
+    assert probs[0, 2] == pytest.approx(direct, abs=1e-5)
+    assert result["winner"] == pm.knockout([QUESTION], ANSWERS).winner
+
+
+def test_trl_reward_function_returns_the_servers_rewards(checkpoints):
+    with Server(checkpoints / "bt") as server:
+        reward = trl_reward_function(server.url)
+        plain = reward(prompts=[QUESTION["content"]] * 2, completions=ANSWERS[:2], completion_ids=None)
+        conversational = reward(prompts=[[QUESTION]] * 2,
+                                completions=[[{"role": "assistant", "content": a}] for a in ANSWERS[:2]])
+        expected = RewardClient(server.url).score(CONVERSATIONS[:2])["rewards"]
+    assert plain == pytest.approx(expected) and conversational == pytest.approx(expected)
+
+
+def test_loopback_only_unless_an_api_key_is_given():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+    proc = run([sys.executable, str(ROOT / "useful_code" / "serve_reward_model.py"), "--host", "0.0.0.0"])
+    assert proc.returncode == 2 and "pass --api_key" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,126 @@
+"""One scoring interface over the three kinds of checkpoint this project makes: a Bradley-Terry sequence classifier,
+an exported ArmoRM model and a pairwise preference model (the kind is read from the checkpoint's config). The reward
+server and dataset scoring use it; its rewards are the eval scripts' (same templating, truncation and scoring)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import AutoConfig
+
+from useful_code.cli import UserError
+from useful_code.modeling import load_for_scoring, load_reward_model
+from useful_code.pm_scoring import PairPreferenceScorer
+from useful_code.scoring import score_sequences, split_by_sizes
+from useful_code.templates import encode_conversations, truncate_all
+
+KINDS = {"bt": "Bradley-Terry reward model", "armo": "ArmoRM (multi-objective) reward model",
+         "pm": "pairwise preference model"}
+
+
+def checkpoint_kind(path: str, flag: str = "--reward_name_or_path") -> str:
+    """'armo', 'bt' or 'pm', from the architecture the checkpoint's config names."""
+    try:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag}: could not load model '{path}' ({str(err).splitlines()[0]})") from None
+    if any(a.startswith("ArmoRM") for a in architectures):
+        return "armo"
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "bt"
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return "pm"
+    raise UserError(f"{flag}: '{path}' is a {', '.join(architectures) or 'model of no named architecture'}; a reward "
+                    "model is a sequence classifier (BT, ArmoRM) or a causal LM (preference model)")
+
+
+def _armo_outputs(outputs) -> torch.Tensor:
+    """An ArmoRM forward's score, attribute rewards and gating weights, one row per sequence."""
+    return torch.cat([outputs.score[:, None], outputs.rewards, outputs.gating_output], dim=-1)
+
+
+class RewardScorer:
+    """A loaded reward model of any kind: conversations (or already templated texts) in, rewards out; a preference
+    model compares responses instead."""
+
+    def __init__(self, kind: str, model, tokenizer, max_length: int, batch_size: int,
+                 preference: Optional[PairPreferenceScorer] = None):
+        self.kind, self.model, self.tokenizer = kind, model, tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+        self.preference = preference
+        self.attributes = list(getattr(model.config, "attribute_names", [])) if kind == "armo" else []
+
+    @classmethod
+    def from_pretrained(cls, path: str, flag: str = "--reward_name_or_path", max_length: int = 4096,
+                        batch_size: int = 8, bf16: bool = True, attn_implementation: str = "auto",
+                        trust_remote_code: bool = False, pickled_weights: bool = False, device=None, state=None):
+        """Load a checkpoint of any kind (see checkpoint_kind) for scoring; state splits PM comparisons across
+        ranks (data_parallel.process_state())."""
+        kind = checkpoint_kind(path, flag)
+        if kind == "pm":
+            preference = PairPreferenceScorer.from_pretrained(
+                path, flag, bf16, attn_implementation, trust_remote_code, pickled_weights, device=device,
+                batch_size=batch_size, max_length=max_length, state=state)
+            return cls(kind, preference.model, preference.tokenizer, max_length, batch_size, preference)
+        model, tokenizer = load_for_scoring(load_reward_model, path, flag, bf16, attn_implementation,
+                                            trust_remote_code, device=device, pickled_weights=pickled_weights)
+        return cls(kind, model, tokenizer, max_length, batch_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in."""
+        return next(self.model.parameters()).dtype
+
+    def encode_conversations(self, conversations: list[list[dict]]) -> tuple[list[list[int]], int]:
+        """Token ids of conversations templated with the checkpoint's tokenizer, cut from the left to max_length
+        (as in training and evaluation); and how many were cut."""
+        return truncate_all(self.tokenizer, encode_conversations(self.tokenizer, conversations), self.max_length)
+
+    def encode_texts(self, texts: list[str]) -> tuple[list[list[int]], int]:
+        """Token ids of already templated texts (a prompt and its response, as OpenRLHF sends them), cut from the
+        left to max_length; a text that starts with the BOS token is not given a second one."""
+        bos = self.tokenizer.bos_token
+        sequences = [self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+                     for text in texts]
+        return truncate_all(self.tokenizer, sequences, self.max_length)
+
+    def score(self, sequences: list[list[int]]) -> dict:
+        """Rewards of token sequences (BT, ArmoRM); for ArmoRM also each sequence's attribute rewards and gating
+        weights."""
+        if self.kind == "pm":
+            raise UserError("a pairwise preference model compares responses; it gives no reward to one sequence")
+        if self.kind == "bt":
+            return {"rewards": score_sequences(self.model, self.tokenizer, sequences, self.batch_size)}
+        rows = score_sequences(self.model, self.tokenizer, sequences, self.batch_size, read=_armo_outputs)
+        k = len(self.attributes)
+        return {"rewards": [r[0] for r in rows], "attribute_rewards": [r[1:1 + k] for r in rows],
+                "gating_weights": [r[1 + k:] for r in rows]}
+
+    def compare(self, contexts: list[list[dict]], candidates: list[list[str]]) -> list[dict]:
+        """PM: for each context, P(response i preferred over response j) for every pair (both orders averaged, all
+        comparisons in shared batches) and the knock-out tournament's winner."""
+        if self.kind != "pm":
+            raise UserError(f"comparing responses needs a pairwise preference model; this is a {KINDS[self.kind]}")
+        pairs = [(c, i, j) for c, rs in enumerate(candidates) for i in range(len(rs)) for j in range(i + 1, len(rs))]
+        probs = self.preference.prob_first_preferred([contexts[c] for c, _, _ in pairs],
+                                                     [candidates[c][i] for c, i, _ in pairs],
+                                                     [candidates[c][j] for c, _, j in pairs])["mean"]
+        matrices = [[[0.5] * len(rs) for _ in rs] for rs in candidates]
+        for (c, i, j), p in zip(pairs, probs):
+            matrices[c][i][j], matrices[c][j][i] = float(p), 1.0 - float(p)
+        winners = self.preference.knockout_many(contexts, candidates)
+        return [{"probabilities": m, "winner": w.winner} for m, w in zip(matrices, winners)]
+
+    def response_scores(self, contexts: list[list[dict]], candidates: list[list[str]]) -> tuple[list[list[float]], int]:
+        """A score for every candidate response of every context, and how many sequences were cut: BT and ArmoRM
+        score each (context + response) once, in shared batches; a PM scores a response by its mean probability of
+        being preferred over the other candidates (as its RewardBench 2 evaluation does)."""
+        if self.kind == "pm":
+            cut_before = self.preference.truncated
+            scores = self.preference.response_scores(contexts, candidates, progress=False)
+            return scores, self.preference.truncated - cut_before
+        conversations = [context + [{"role": "assistant", "content": response}]
+                         for context, responses in zip(contexts, candidates) for response in responses]
+        sequences, cut = self.encode_conversations(conversations)
+        return split_by_sizes(self.score(sequences)["rewards"], [len(c) for c in candidates]), cut
