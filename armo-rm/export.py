@@ -66,6 +66,9 @@ def build_config(model_path: str, summary: dict, pattern: list[int], trust_remot
 def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
     head_dir = gating_head_dir(args.head_dir, args.model_path)
+    if Path(args.output_path).is_file():
+        raise UserError(f"--output_path: {args.output_path} is a file; the export is a model directory")
+    checkpoints.check_output_dir(Path(args.output_path).expanduser().resolve().parent, "--output_path")
     try:
         head = load_file(str(head_dir / HEAD_WEIGHTS))
         summary = json.loads((head_dir / HEAD_SUMMARY).read_text())

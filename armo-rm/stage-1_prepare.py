@@ -17,6 +17,7 @@ import torch
 
 from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, save_shard, shard_rows
 from useful_code.armo_embeddings import PrepareArguments, embed
+from useful_code.checkpoints import check_output_dir
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_MULTI_OBJECTIVE_DATA
@@ -39,6 +40,8 @@ class ScriptArguments(PrepareArguments):
 
 def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path)
+    check_output_dir(Path(prefix).parent, "--output_dir")  # before any embedding
     data = load_split(args.dataset_path, "train", "--dataset_path", args.skip_invalid)
     missing = [a for a in ATTRIBUTES if a not in data.column_names]
     if missing:
@@ -59,7 +62,6 @@ def main():
     labels = np.array([[np.nan if v is None else v for v in shard[a]] for a in ATTRIBUTES],
                       dtype=np.float32).T.reshape(len(shard), len(ATTRIBUTES))
 
-    prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path)
     path = save_shard(prefix, args.shard_idx, args.n_shards, {
         "embeddings": embeddings, "labels": torch.from_numpy(labels),
         "row_ids": torch.tensor(list(rows), dtype=torch.int64),

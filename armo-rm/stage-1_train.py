@@ -18,7 +18,7 @@ import torch
 
 from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, load_shards, regression_weights_path
 from useful_code.armo_fit import fit_ridge_probes
-from useful_code.checkpoints import atomic_save_file, atomic_write_text
+from useful_code.checkpoints import atomic_save_file, atomic_write_text, check_output_dir
 from useful_code.cli import parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA
 
@@ -39,6 +39,8 @@ class ScriptArguments:
 
 def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    path = regression_weights_path(args.output_dir, args.model_path, args.dataset_path)
+    check_output_dir(path.parent, "--output_dir")  # before any fitting
     prefix = embeddings_prefix(args.embeddings_dir, args.model_path, args.dataset_path)
     tensors, metadata = load_shards(prefix)
     embeddings = tensors["embeddings"].float().numpy()
@@ -51,8 +53,6 @@ def main():
         shown = "no labels: zero weights" if alpha is None else f"alpha {alpha:g}, validation MSE {mse:.4f}"
         print(f"  {name:40s} {n_train:6d} train / {n_val:5d} val rows  {shown}")
 
-    path = regression_weights_path(args.output_dir, args.model_path, args.dataset_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     summary = {"attributes": ATTRIBUTES, **{k: probes[k] for k in ("alpha", "val_mse", "n_train", "n_val")},
                "embeddings": prefix, "rows": len(embeddings)}
     atomic_save_file({"weight": torch.from_numpy(probes["weight"])}, path, metadata={"json": json.dumps(summary)})

@@ -21,6 +21,7 @@ import torch
 
 from useful_code.armo_data import embeddings_prefix, save_shard, shard_rows
 from useful_code.armo_embeddings import PrepareArguments, embed, gating_pattern
+from useful_code.checkpoints import check_output_dir
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA
@@ -49,6 +50,8 @@ class ScriptArguments(PrepareArguments):
 
 def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path, args.dataset_split, args.source)
+    check_output_dir(Path(prefix).parent, "--output_dir")  # before any embedding
     pairs = load_split(args.dataset_path, args.dataset_split, "--dataset_path", args.skip_invalid)
     if args.source is not None:
         if "source" not in pairs.column_names:
@@ -83,7 +86,6 @@ def main():
     embeddings[keep, 0], embeddings[keep, 1] = last[:len(keep)], last[len(keep):]
     prompt_embeddings[keep, 0], prompt_embeddings[keep, 1] = gated[:len(keep)], gated[len(keep):]
 
-    prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path, args.dataset_split, args.source)
     metadata = {"model_path": args.model_path, "dataset_path": args.dataset_path, "split": args.dataset_split,
                 "gating_pattern": pattern, "rows": stats, "not_embedded": len(shard) - len(keep),
                 "ids": list(shard["id"]) if "id" in shard.column_names else None,

@@ -1053,7 +1053,8 @@ def write_toy_generations(n: int = 24, seed: int = 2468, n_responses: int = 4) -
         responses += [unhelpful_answer(rng, task, topic, steps) for _ in range(n_responses - n_helpful)]
         rng.shuffle(responses)
         assert len(set(responses)) == n_responses, i
-        assert not any(token in text for text in responses + [m["content"] for m in context] for token in SPECIAL_TOKENS)
+        texts = responses + [m["content"] for m in context]
+        assert not any(token in text for text in texts for token in SPECIAL_TOKENS), i
         prompt = {"context_messages": context} if messages_format else {"prompt": context[0]["content"]}
         rows.append({"id": f"gen-{i}", **prompt, "responses": responses})
     write_jsonl(DATA_DIR / "toy_generations.jsonl", rows)

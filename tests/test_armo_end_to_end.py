@@ -142,3 +142,13 @@ def test_stage2_resume_gives_the_uninterrupted_head(armo, tmp_path):
     whole = load_file(tmp_path / "whole" / "armo_head.safetensors")
     resumed = load_file(tmp_path / "resumed" / "armo_head.safetensors")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    for script in ("stage-1_prepare.py", "stage-2_prepare.py", "stage-1_train.py"):
+        proc = run(stage(script, "--output_dir", tmp_path / "file" / "sub"))
+        assert proc.returncode == 2 and "--output_dir: cannot write to" in proc.stderr, script
+        assert "Traceback" not in proc.stderr
+    proc = run(stage("export.py", "--output_path", tmp_path / "file"))
+    assert proc.returncode == 2 and "the export is a model directory" in proc.stderr

@@ -68,6 +68,24 @@ def check_output_file(path: str, flag: str, inputs: tuple = ()) -> None:
         raise UserError(f"{flag}: {target} is not writable")
 
 
+def check_output_dir(path, flag: str, inputs: tuple = ()) -> Path:
+    """Before any work: an output directory must not be a file or one of the inputs, and must be creatable and
+    writable (it is created). Returns it."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag}: {out} is a file, not a directory")
+    if any(Path(p).expanduser().resolve() == out.resolve() for p in inputs if p):
+        raise UserError(f"{flag}: {out} is also an input of this run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{flag}: cannot write to {out} ({err.strerror})") from None
+    return out
+
+
 def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = (),
                      finished: str = "metrics.json") -> Path:
     """Before any work: check that output_dir can take this run and lock it (call on the main process only).
@@ -76,18 +94,7 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
     finished, which a run writes last) is kept unless overwrite; a run in progress there (a lock whose PID is
     alive) stops this one, and a stale lock is taken over. The lock is released when this process exits. Returns
     the directory."""
-    out = Path(output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir: {out} is a file, not a directory")
-    if any(Path(p).expanduser().resolve() == out.resolve() for p in inputs if p):
-        raise UserError(f"--output_dir: {out} is also an input of this run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"--output_dir: cannot write to {out} ({err.strerror})") from None
+    out = check_output_dir(output_dir, "--output_dir", inputs)
     lock = out / LOCK
     if lock.exists():
         holder = lock.read_text().strip()
