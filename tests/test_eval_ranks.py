@@ -34,9 +34,13 @@ def models(tmp_path_factory):
     return out
 
 
-def evaluate(models, kind: str, data: str, ranks: int, tmp_path) -> dict:
+LAUNCHERS = {"torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "2"],
+             "deepspeed": [str(BIN / "deepspeed"), "--num_gpus", "2"]}  # deepspeed adds --local_rank to the flags
+
+
+def evaluate(models, kind: str, data: str, ranks: int, tmp_path, launcher: str = "torchrun") -> dict:
     results = tmp_path / f"{kind}-{ranks}-{'v2' if data == V2_SAMPLE else 'v1'}.json"
-    launcher = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks)] if ranks > 1 else [sys.executable]
+    launcher = LAUNCHERS[launcher] if ranks > 1 else [sys.executable]
     proc = run([*launcher, SCRIPTS[kind], "--reward_name_or_path", str(models / kind), "--data_set_name", data,
                 "--record_dir", str(tmp_path / "record.txt"), "--results_json", str(results), "--batch_size", "4"],
                env_extra={"OMP_NUM_THREADS": "1"})
@@ -65,7 +69,7 @@ def test_two_ranks_match_one_process_on_rewardbench_2(models, tmp_path, kind):
 
 
 def test_two_ranks_match_one_process_on_rewardbench_1(models, tmp_path):
-    one, two = (evaluate(models, "bt", str(REWARD_BENCH_SAMPLE), ranks, tmp_path) for ranks in (1, 2))
+    one, two = (evaluate(models, "bt", str(REWARD_BENCH_SAMPLE), ranks, tmp_path, "deepspeed") for ranks in (1, 2))
     assert_same_scores(one, two, ["chosen_reward", "rejected_reward"])
     assert [e["correct"] for e in one["per_example"]] == [e["correct"] for e in two["per_example"]]
     assert one["sections"] == two["sections"] and one["score"] == two["score"]

@@ -63,6 +63,7 @@ class EvalArguments:
     load_pickled_weights: bool = field(default=False, metadata={
         "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
+    local_rank: int = field(default=-1, metadata={"help": "Passed by the deepspeed launcher; the rank comes from it."})
     device_map: Optional[str] = field(default=None, metadata={
         "help": "'auto': spread a model too large for one GPU over all of them (one process; not with torchrun)."})
 
