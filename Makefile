@@ -13,7 +13,7 @@ ARMO_DIR := outputs/demo-armo
 ARMO_BACKBONE := $(if $(wildcard $(DEMO_DIR)/last_checkpoint/model.safetensors),$(DEMO_DIR)/last_checkpoint,assets/tiny-llama)
 ARMO_EMB := $(ARMO_DIR)/embeddings
 
-.PHONY: install demo demo-pm demo-armo test test-fast test-e2e bench clean
+.PHONY: install demo demo-pm demo-armo serve test test-fast test-e2e bench clean
 
 install: $(STAMP)
 
@@ -74,6 +74,10 @@ demo-armo: $(STAMP)
 		--record_dir $(ARMO_DIR)/reward_bench.txt --results_json $(ARMO_DIR)/reward_bench_2.json
 	python armo-rm/interpret.py --model_path $(ARMO_DIR)/model --trust_remote_code
 
+# The reward server on 127.0.0.1:5000 with make demo's checkpoint (see the README's "Serving" section).
+serve: $(STAMP)
+	python useful_code/serve_reward_model.py
+
 # Both tiers: fast in-process unit tests and end-to-end tests (subprocesses, DeepSpeed ranks; marked e2e).
 test: $(STAMP)
 	python -m pytest tests -q
@@ -89,6 +93,7 @@ test-e2e: $(STAMP)
 bench: $(STAMP)
 	python benchmarks/bench_eval_batching.py
 	python benchmarks/bench_pm_eval_batching.py
+	python benchmarks/bench_reward_server.py
 
 clean:
 	rm -rf outputs

@@ -1,8 +1,12 @@
 """Running the project's scripts from tests, as a user would from the repo root."""
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from useful_code.defaults import REPO_ROOT
@@ -38,3 +42,41 @@ def sharpened(model, std: float = 0.3, seed: int = 0):
             if param.dim() == 2:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     return sharp.eval()
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The app served by uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, checkpoint, trust_remote_code: bool = False, **flags):
+        import uvicorn
+
+        from useful_code.reward_scorer import RewardScorer
+        from useful_code.serve_reward_model import ServerArguments, build_app
+
+        self.args = replace(ServerArguments(reward_name_or_path=str(checkpoint), port=free_port()), **flags)
+        self.scorer = RewardScorer.from_pretrained(str(checkpoint), max_length=self.args.max_length,
+                                                   batch_size=self.args.batch_size, trust_remote_code=trust_remote_code)
+        config = uvicorn.Config(build_app(self.scorer, self.args, str(checkpoint)), host="127.0.0.1",
+                                port=self.args.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.args.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, check_ok, run
+from helpers import ROOT, Server, check_ok, run
 from useful_code.armo_data import ATTRIBUTES, VERBOSITY_INDEX, load_shards
 from useful_code.armo_fit import RIDGE_ALPHAS
 from useful_code.defaults import REWARD_BENCH_SAMPLE
+from useful_code.reward_client import RewardClient
+from useful_code.scoring import score_sequences
 from useful_code.templates import encode_conversations, load_tokenizer
 
 pytestmark = pytest.mark.e2e  # subprocesses and DeepSpeed ranks: `make test-fast` skips this file
@@ -152,3 +154,19 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         assert "Traceback" not in proc.stderr
     proc = run(stage("export.py", "--output_path", tmp_path / "file"))
     assert proc.returncode == 2 and "the export is a model directory" in proc.stderr
+
+
+def test_served_armo_model_gives_the_eval_rewards_and_its_attributes(armo):
+    conversations = [[{"role": "user", "content": "How do I grow tomatoes?"},
+                      {"role": "assistant", "content": answer}]
+                     for answer in ("Pick a sunny spot and plant them in rich soil.", "No idea, go away.")]
+    with Server(armo / "model", trust_remote_code=True) as server:
+        scored = RewardClient(server.url).score(conversations)
+        assert RewardClient(server.url).info()["attributes"] == list(ATTRIBUTES)
+        tokenizer, model = server.scorer.tokenizer, server.scorer.model
+        expected = score_sequences(model, tokenizer, encode_conversations(tokenizer, conversations), batch_size=1)
+        direct = model(input_ids=torch.tensor([encode_conversations(tokenizer, conversations[:1])[0]]))
+    assert scored["rewards"] == pytest.approx(expected, abs=1e-5)
+    assert len(scored["attribute_rewards"][0]) == len(scored["gating_weights"][0]) == len(ATTRIBUTES) == 19
+    assert scored["attribute_rewards"][0] == pytest.approx(direct.rewards[0].tolist(), abs=1e-5)
+    assert scored["gating_weights"][0] == pytest.approx(direct.gating_output[0].tolist(), abs=1e-5)

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from helpers import BIN, ROOT, check_ok, run, sharpened
-from useful_code.defaults import DEFAULT_MODEL, REWARD_BENCH_SAMPLE
+from useful_code.defaults import DEFAULT_MODEL, REWARD_BENCH_2_SAMPLE, REWARD_BENCH_SAMPLE
 from useful_code.modeling import load_preference_model, load_reward_model
 from useful_code.templates import load_tokenizer
 
 pytestmark = pytest.mark.e2e  # subprocesses and torchrun ranks: `make test-fast` skips this file
 
-V2_SAMPLE = str(ROOT / "assets" / "data" / "reward_bench_2_sample.jsonl")
+V2_SAMPLE = REWARD_BENCH_2_SAMPLE
 SCRIPTS = {"bt": str(ROOT / "useful_code" / "eval_reward_bench_bt.py"),
            "pm": str(ROOT / "useful_code" / "eval_reward_bench_pm.py")}
 

@@ -14,11 +14,11 @@ from useful_code import evaluation
 from useful_code import reward_bench as rb
 from useful_code.cli import UserError
 from useful_code.data_parallel import map_across_ranks
-from useful_code.defaults import REPO_ROOT
+from useful_code.defaults import REPO_ROOT, REWARD_BENCH_2_SAMPLE
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.scoring import split_by_sizes
 
-SAMPLE = REPO_ROOT / "assets" / "data" / "reward_bench_2_sample.jsonl"
+SAMPLE = REWARD_BENCH_2_SAMPLE
 
 
 def test_best_of_n_credit_shares_a_tie_at_the_maximum():

@@ -2,27 +2,22 @@
 batching under concurrent clients, authentication, bounds and bad requests; and the clients."""
 
 import json
-import socket
 import sys
-import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-import uvicorn
 
-from helpers import ROOT, run, sharpened
+from helpers import ROOT, Server, run, sharpened
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling import load_preference_model, load_reward_model
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.reward_client import RewardClient, RewardServerError, trl_reward_function
-from useful_code.reward_scorer import RewardScorer, checkpoint_kind
+from useful_code.reward_scorer import checkpoint_kind
 from useful_code.scoring import score_sequences
-from useful_code.serve_reward_model import ServerArguments, build_app, is_loopback
+from useful_code.serve_reward_model import is_loopback
 from useful_code.templates import encode_conversations, load_tokenizer, render_conversations, truncate_left
 
 QUESTION = {"role": "user", "content": "How do I bake bread at home?"}
@@ -42,38 +37,6 @@ def checkpoints(tmp_path_factory):
         sharpened(model, std=0.3, seed=2).save_pretrained(out / kind)
         tokenizer.save_pretrained(out / kind)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """The app served by uvicorn on a free loopback port, in a thread of this process."""
-
-    def __init__(self, checkpoint, **flags):
-        self.args = replace(ServerArguments(reward_name_or_path=str(checkpoint), port=free_port()), **flags)
-        self.scorer = RewardScorer.from_pretrained(str(checkpoint), max_length=self.args.max_length,
-                                                   batch_size=self.args.batch_size)
-        config = uvicorn.Config(build_app(self.scorer, self.args, str(checkpoint)), host="127.0.0.1",
-                                port=self.args.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.args.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def raw_post(url: str, body: bytes, headers=None) -> tuple[int, dict]:

@@ -4,6 +4,8 @@ the tiny one with sharpened random weights, so rewards differ by units and a row
 
 import json
 import sys
+from contextlib import redirect_stdout
+from io import StringIO
 
 import numpy as np
 import pytest
@@ -12,13 +14,13 @@ import torch
 from helpers import BIN, ROOT, check_ok, run, sharpened
 from useful_code import score_dataset
 from useful_code.cli import UserError
-from useful_code.defaults import DEFAULT_MODEL
+from useful_code.defaults import DEFAULT_MODEL, TOY_GENERATIONS
 from useful_code.modeling import load_preference_model, load_reward_model
 from useful_code.reward_scorer import RewardScorer
 from useful_code.scoring import score_sequences
 from useful_code.templates import encode_conversations, load_tokenizer, truncate_all
 
-TOY = score_dataset.TOY_GENERATIONS
+TOY = TOY_GENERATIONS
 SCRIPT = str(ROOT / "useful_code" / "score_dataset.py")
 QUESTION = "How do I bake bread at home?"
 GOOD = "Mix flour, water, yeast and salt, knead it, let it rise, then bake it."
@@ -61,13 +63,11 @@ def toy_run(checkpoints, tmp_path_factory):
 
 def score(checkpoint, data, out, *flags) -> str:
     """main() in this process; returns what it printed."""
-    from io import StringIO
-    from contextlib import redirect_stdout
-
     printed = StringIO()
     with redirect_stdout(printed):
         score_dataset.main(["--reward_name_or_path", str(checkpoint), "--dataset_path", str(data), "--output_path",
-                            str(out / "scored.jsonl"), "--batch_size", "3", "--prompts_per_chunk", "5", *flags])
+                            str(out / "scored.jsonl"), "--batch_size", "3", "--prompts_per_chunk", "5",
+                            "--bf16", "False", *flags])
     return printed.getvalue()
 
 
@@ -97,8 +97,7 @@ def test_rewards_are_the_scorers_and_the_eval_paths(checkpoints, toy_run):
     rewards = np.array([r["rewards"] for r in scored])
     assert np.ptp(rewards) > 1.0  # sharpened weights: a mix-up of rows or responses would show
 
-    scorer = RewardScorer.from_pretrained(str(checkpoints / "bt"), max_length=4096, batch_size=8, bf16=False,
-                                          device="cpu")
+    scorer = RewardScorer.from_pretrained(str(checkpoints / "bt"), max_length=4096, batch_size=8, bf16=False)
     direct, cut = scorer.response_scores(contexts_of(inputs), [r["responses"] for r in inputs])
     np.testing.assert_allclose(rewards, np.array(direct), rtol=1e-5, atol=1e-5)
     conversations = [c + [{"role": "assistant", "content": resp}] for c, row in zip(contexts_of(inputs), inputs)
@@ -125,6 +124,24 @@ def test_best_of_n_is_the_argmax_and_pairs_are_best_vs_worst(toy_run):
         assert pair["margin"] == pytest.approx(rewards[hi] - rewards[lo]) and pair["margin"] > 0
 
 
+def test_pairs_by_hand(tmp_path):
+    rows = [{"prompt": "Q1", "responses": ["a", "b", "c"], "rewards": [0.5, 2.0, 1.0]},  # margin 1.5
+            {"prompt": "Q2", "responses": ["d", "e"], "rewards": [1.0, 1.0]},  # equal rewards
+            {"context_messages": [{"role": "user", "content": "Q3"}], "responses": ["f"], "rewards": [3.0]}]
+    write_jsonl(tmp_path / "scored.jsonl", rows)
+    best, pairs, counts = score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 3, 0.0)
+    assert [b["messages"][-1]["content"] for b in best] == ["b", "d", "f"] and [b["reward"] for b in best] == [2, 1, 3]
+    assert pairs == [{"chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "b"}],
+                      "rejected": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "a"}],
+                      "chosen_reward": 2.0, "rejected_reward": 0.5, "margin": 1.5}]
+    assert counts == {"below_margin": 1, "one_response": 1}
+    assert len(score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 3, 1.4)[1]) == 1
+    assert score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 3, 1.5)[1:] == ([], {"below_margin": 2,
+                                                                                        "one_response": 1})
+    with pytest.raises(RuntimeError, match="holds 3 scored rows, expected 4"):
+        score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 4, 0.0)
+
+
 def test_margin_threshold_filters_pairs(checkpoints, toy_run, tmp_path):
     out, _ = toy_run
     margins = sorted(p["margin"] for p in read_jsonl(out / "pairs.jsonl"))
@@ -145,14 +162,14 @@ def test_invalid_rows_are_named_or_dropped_and_counted(checkpoints, tmp_path):
     message = str(err.value)
     assert "3 of 7 rows are invalid" in message
     assert "row 2 (special_token_in_content), row 4 (roles_not_alternating), row 6 (not_a_response_list)" in message
-    assert not (tmp_path / "scored.jsonl").exists() or not (tmp_path / "scored.jsonl").read_text()
+    assert not (tmp_path / "scored.jsonl").exists()  # the data is checked before anything is written
 
     printed = score(checkpoints / "bt", data, tmp_path, "--skip_invalid", "--pairs_path", str(tmp_path / "p.jsonl"),
                     "--best_of_n_path", str(tmp_path / "b.jsonl"))
     scored = read_jsonl(tmp_path / "scored.jsonl")
     assert [r["id"] for r in scored] == VALID_IDS and [len(r["rewards"]) for r in scored] == [2, 3, 1, 2]
     assert "prompts read: 7, dropped: 3 (" in printed and "not_a_response_list: 1" in printed
-    assert scored[3]["rewards"][0] == scored[3]["rewards"][1]  # equal responses, equal rewards: no pair
+    assert scored[3]["rewards"][0] == pytest.approx(scored[3]["rewards"][1], abs=1e-5)  # one text: no pair
     assert "one response only: 1" in printed and "below the margin (0.0): 1" in printed
     assert len(read_jsonl(tmp_path / "b.jsonl")) == 4 and len(read_jsonl(tmp_path / "p.jsonl")) == 2
     assert contexts_of(scored)[1][0] == {"role": "system", "content": "Be brief."}
@@ -163,12 +180,19 @@ def test_pm_scores_are_its_win_rates(checkpoints, tmp_path):
     write_jsonl(data, [MIXED[i] for i in VALID_IDS])
     score(checkpoints / "pm", data, tmp_path)
     scored = read_jsonl(tmp_path / "scored.jsonl")
-    scorer = RewardScorer.from_pretrained(str(checkpoints / "pm"), bf16=False, device="cpu")
+    scorer = RewardScorer.from_pretrained(str(checkpoints / "pm"), bf16=False)
     direct, _ = scorer.response_scores(contexts_of(scored), [r["responses"] for r in scored])
     for row, expected in zip(scored, direct):
         assert row["rewards"] == pytest.approx(expected, abs=1e-5)
     assert scored[0]["rewards"][0] + scored[0]["rewards"][1] == pytest.approx(1.0)
     assert abs(scored[0]["rewards"][0] - 0.5) > 0.01  # the sharpened PM prefers one of the two
+
+
+def test_truncated_sequences_are_counted(checkpoints, tmp_path):
+    data = tmp_path / "valid.jsonl"
+    write_jsonl(data, [MIXED[i] for i in VALID_IDS])  # 8 responses, each over 16 tokens with its context
+    assert "truncated sequences: 8" in score(checkpoints / "bt", data, tmp_path, "--max_length", "16")
+    assert "truncated sequences: 0" in score(checkpoints / "bt", data, tmp_path, "--max_length", "512", "--overwrite")
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_output(checkpoints, tmp_path):
@@ -216,7 +240,9 @@ def test_output_paths_are_checked_before_any_work(checkpoints, tmp_path):
 def test_command_line_error_is_one_line(checkpoints):
     proc = run([sys.executable, SCRIPT, "--reward_name_or_path", str(checkpoints / "bt"), "--margin_threshold", "-1"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == "error: --margin_threshold must be at least 0, got -1.0"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --margin_threshold must be at least 0, got -1.0"]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
 
 
 @pytest.mark.e2e
@@ -224,7 +250,7 @@ def test_two_ranks_write_the_one_process_output(checkpoints, toy_run, tmp_path):
     out, _ = toy_run
     proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", SCRIPT, "--reward_name_or_path",
                 str(checkpoints / "bt"), "--output_path", str(tmp_path / "scored.jsonl"), "--batch_size", "3",
-                "--prompts_per_chunk", "5", "--pairs_path", str(tmp_path / "pairs.jsonl")],
+                "--prompts_per_chunk", "5", "--bf16", "False", "--pairs_path", str(tmp_path / "pairs.jsonl")],
                env_extra={"OMP_NUM_THREADS": "1"})
     check_ok(proc)
     assert "(2 processes)" in proc.stdout

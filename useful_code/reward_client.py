@@ -6,14 +6,15 @@ with TRL's `reward_funcs` signature for GRPOTrainer / RLOOTrainer.
                                                   {"role": "assistant", "content": "Hello!"}]])["rewards"]
     GRPOTrainer(..., reward_funcs=[trl_reward_function("http://127.0.0.1:5000")])
 
-Standard library only (urllib), so an RLHF job needs nothing more to call the server.
+Standard library only (http.client), so an RLHF job needs nothing more to call the server.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
-import urllib.request
+import threading
+import urllib.parse
 from typing import Callable, Optional
 
 
@@ -26,30 +27,47 @@ class RewardServerError(RuntimeError):
 
 
 class RewardClient:
-    """Calls one reward server; every method returns the server's JSON answer as a dict."""
+    """Calls one reward server over a kept-alive connection per thread (an RLHF loop calls it every step); every
+    method returns the server's JSON answer as a dict. Safe to share between threads."""
 
     def __init__(self, url: str = "http://127.0.0.1:5000", api_key: Optional[str] = None, timeout: float = 300.0):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"reward server URL must be http(s)://host[:port], got {url!r}")
         self.url, self.api_key, self.timeout = url.rstrip("/"), api_key, timeout
+        self._connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._address = (parts.hostname, parts.port)
+        self._base_path = parts.path.rstrip("/")
+        self._local = threading.local()
+
+    def _connection(self, fresh: bool = False):
+        if fresh or getattr(self._local, "connection", None) is None:
+            self._local.connection = self._connection_class(*self._address, timeout=self.timeout)
+        return self._local.connection
 
     def _request(self, endpoint: str, payload: Optional[dict] = None) -> dict:
-        data = None if payload is None else json.dumps(payload).encode()
+        body = None if payload is None else json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url + endpoint, data=data, headers=headers,
-                                         method="GET" if payload is None else "POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            body = err.read().decode(errors="replace")
+        for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile is opened again, once
+            connection = self._connection(fresh=attempt == 1)
             try:
-                message = json.loads(body).get("error", body)
+                connection.request("GET" if body is None else "POST", self._base_path + endpoint, body, headers)
+                response = connection.getresponse()
+                status, data = response.status, response.read()
+                break
+            except (ConnectionError, http.client.HTTPException, OSError) as err:
+                connection.close()
+                if attempt == 1:
+                    raise RewardServerError(f"cannot reach {self.url} ({err})") from None
+        if status >= 400:
+            try:
+                message = json.loads(data).get("error", data.decode(errors="replace"))
             except ValueError:
-                message = body
-            raise RewardServerError(message, err.code) from None
-        except urllib.error.URLError as err:
-            raise RewardServerError(f"cannot reach {self.url} ({err.reason})") from None
+                message = data.decode(errors="replace")
+            raise RewardServerError(message, status)
+        return json.loads(data)
 
     def health(self) -> dict:
         """{"status": "ok"} when the server is up."""

@@ -34,12 +34,11 @@ from useful_code.checkpoints import atomic_write_text, check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.data_parallel import finish, map_across_ranks, process_state
-from useful_code.defaults import ASSETS
+from useful_code.defaults import TOY_GENERATIONS
 from useful_code.formats import CONVERSATION_RULES, clean_messages, enforce_validity, validate_conversation
 from useful_code.reward_scorer import KINDS, RewardScorer
 from useful_code.templates import SPECIAL_TOKEN_RULES, special_token_pattern
 
-TOY_GENERATIONS = str(ASSETS / "data" / "toy_generations.jsonl")
 FORMAT_COLUMNS = ("context_messages", "prompt")
 ROW_RULES = {
     "bad_prompt": "prompt must be a non-empty string or a list of {role, content} messages, or context_messages "
@@ -61,11 +60,8 @@ class ScriptArguments:
     split: str = field(default="train", metadata={"help": "Dataset split (a single local file is its own split)."})
     output_path: Optional[str] = field(default=None, metadata={
         "help": "Every row with its 'rewards' (.jsonl). Default: outputs/scored/<dataset name>.jsonl"})
-    best_of_n_path: Optional[str] = field(default=None, metadata={
-        "help": "Write each prompt's best response as {'messages', 'reward'} (.jsonl)."})
-    pairs_path: Optional[str] = field(default=None, metadata={
-        "help": "Write best-vs-worst pairs as {'chosen', 'rejected', 'chosen_reward', 'rejected_reward', "
-                "'margin'} (.jsonl)."})
+    best_of_n_path: Optional[str] = field(default=None, metadata={"help": "Each prompt's best response (.jsonl)."})
+    pairs_path: Optional[str] = field(default=None, metadata={"help": "Best-vs-worst response pairs (.jsonl)."})
     margin_threshold: float = field(default=0.0, metadata={
         "min": 0, "help": "A pair is written only when best - worst reward is above this (equal rewards never)."})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per forward pass (length-sorted)."})
@@ -76,9 +72,9 @@ class ScriptArguments:
     bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
     attn_implementation: str = field(default="auto")
     trust_remote_code: bool = field(default=False)
-    load_pickled_weights: bool = field(default=False, metadata={
-        "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
+    load_pickled_weights: bool = field(default=False, metadata={"help": "Read pickled (.bin) weights, weights-only."})
     overwrite: bool = field(default=False, metadata={"help": "Score everything again instead of resuming."})
+    local_rank: int = field(default=-1, metadata={"help": "Passed by the deepspeed launcher; the rank comes from it."})
 
 
 def output_paths(args) -> dict[str, Path]:
@@ -137,10 +133,6 @@ def scored_row(row: dict, rewards: Optional[list[float]] = None) -> dict:
     return kept if rewards is None else {**kept, "rewards": rewards}
 
 
-def without_rewards(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != "rewards"}
-
-
 def resume_point(path: Path, overwrite: bool, rows) -> int:
     """How many rows a previous run scored into path (complete lines; a line cut by a kill is truncated away); 0 with
     overwrite, which empties the file. The last of them must be the same input row, or the file is of other data."""
@@ -158,11 +150,10 @@ def resume_point(path: Path, overwrite: bool, rows) -> int:
     mismatch = done > len(rows)
     if done and not mismatch:
         try:
-            scored = json.loads(last)
-        except json.JSONDecodeError:
+            scored = {**json.loads(last), "rewards": None}
+        except (ValueError, TypeError):  # not a JSON object: not a line this script wrote
             scored = None
-        mismatch = not isinstance(scored, dict) or without_rewards(scored) != without_rewards(
-            json.loads(json.dumps(scored_row(rows[done - 1]))))
+        mismatch = scored != {**json.loads(json.dumps(scored_row(rows[done - 1]))), "rewards": None}
     if mismatch:
         raise UserError(f"--output_path: {path} holds {done} scored rows that are not the first of --dataset_path's "
                         f"{len(rows)} valid rows (other data or other --skip_invalid); pass --overwrite or choose "
@@ -200,7 +191,9 @@ def best_and_pairs(path: Path, expected: int, threshold: float) -> tuple[list[di
             margin = rewards[best] - rewards[worst]
             if len(rewards) == 1:
                 counts["one_response"] += 1
-            elif margin > threshold:  # threshold >= 0, so equal rewards never make a pair
+            # threshold >= 0, so equal rewards never make a pair; nor does one text twice (its rewards may differ
+            # by batching noise, and such a pair teaches nothing).
+            elif margin > threshold and responses[best] != responses[worst]:
                 pairs.append({"chosen": chosen, "rejected": context + [{"role": "assistant",
                               "content": responses[worst]}], "chosen_reward": rewards[best],
                               "rejected_reward": rewards[worst], "margin": margin})
@@ -209,10 +202,6 @@ def best_and_pairs(path: Path, expected: int, threshold: float) -> tuple[list[di
     if len(best_rows) != expected:
         raise RuntimeError(f"{path} holds {len(best_rows)} scored rows, expected {expected}")
     return best_rows, pairs, counts
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def main(argv: Optional[list[str]] = None):
@@ -260,17 +249,16 @@ def main(argv: Optional[list[str]] = None):
         best_rows, pairs, counts = best_and_pairs(output, len(rows), args.margin_threshold)
         for flag, derived in (("--best_of_n_path", best_rows), ("--pairs_path", pairs)):
             if flag in paths:
-                write_jsonl(paths[flag], derived)
+                atomic_write_text(paths[flag], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in derived))
         dropped = ", ".join(f"{r}: {n}" for r, n in stats["invalid"].items()) or "none"
-        print(f"Scored {args.dataset_path} with {KINDS[scorer.kind]} {args.reward_name_or_path}"
-              f" ({state.num_processes} process{'es' if state.num_processes > 1 else ''})\n"
+        where = {flag: paths.get(flag, f"not written (no {flag})") for flag in ("--best_of_n_path", "--pairs_path")}
+        print(f"Scored {args.dataset_path} with {KINDS[scorer.kind]} {args.reward_name_or_path} "
+              f"({state.num_processes} process{'es' if state.num_processes > 1 else ''})\n"
               f"  prompts read: {stats['read']}, dropped: {stats['read'] - stats['used']} ({dropped}), "
               f"scored now: {scored}, resumed: {resumed}, truncated sequences: {truncated}\n"
-              f"  scored rows: {output}\n"
-              f"  best-of-n rows: {len(best_rows)} -> {paths.get('--best_of_n_path', 'not written (--best_of_n_path)')}\n"
-              f"  pairs: {len(pairs)} -> {paths.get('--pairs_path', 'not written (--pairs_path)')}; "
-              f"below the margin ({args.margin_threshold}): {counts['below_margin']}, "
-              f"one response only: {counts['one_response']}\n"
+              f"  scored rows: {output}\n  best-of-n rows: {len(best_rows)} -> {where['--best_of_n_path']}\n"
+              f"  pairs: {len(pairs)} -> {where['--pairs_path']}; below the margin ({args.margin_threshold}): "
+              f"{counts['below_margin']}, one response only: {counts['one_response']}\n"
               f"  wall time: {time.time() - started:.1f}s")
     finish(state)
 
