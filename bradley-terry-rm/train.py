@@ -13,7 +13,7 @@ Writes <output_path>/last_checkpoint/ (model, config, tokenizer) and <output_pat
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +26,9 @@ from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
 from useful_code.distributed import HardwareAwareArguments, outside_zero3
-from useful_code.formats import standardize_pairs
-from useful_code.losses import PairwiseCollator, bradley_terry_loss, split_pair_rewards
+from useful_code.formats import standardize_pairs, validate_pair_values
+from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
+from useful_code.losses import PAIR_COLUMNS, PairwiseCollator, pairwise_loss, required_columns, split_pair_rewards
 from useful_code.modeling import load_reward_model
 from useful_code.scoring import score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
@@ -49,6 +50,12 @@ class ScriptArguments(HeldOutArguments):
                             metadata={"choices": ("truncate", "drop"),
                                       "help": "Over-long training pairs: cut from the left (as upstream) or dropped."})
     trust_remote_code: bool = field(default=False)
+    loss_type: str = field(default="bt", metadata={
+        "choices": ("bt", "margin", "scaled"),
+        "help": "bt; margin (TRL's: -log sigmoid(r_c - r_r - margin), a 'margin' column); scaled (each pair's loss "
+                "times its 'weight' column)."})
+    center_rewards_coefficient: float = field(default=0.0, metadata={
+        "min": 0, "help": "TRL's reward centering: adds coefficient * mean((r_c + r_r)^2)."})
 
 
 @dataclass
@@ -84,27 +91,46 @@ class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArgum
 
 
 def load_pairs(args: ScriptArguments, seed: int):
-    """Load the train and held-out pairs in the standard format, with counts of what was read and used.
-    Rows are validated before any hold-out split, so an error names the row's index in the file."""
+    """Load the train and held-out pairs in the standard format, with counts of what was read and used, and the
+    per-pair column the training loss reads (margin, weight) checked; other such columns are dropped. Rows are validated
+    before any hold-out split, so an error names the row's index in the file."""
     train_splits = load_dataset_dict(args.train_set_path, "--train_set_path", skip_invalid=args.skip_invalid)
     train = pick_split(train_splits, "train", "--train_set_path")
     train, train_stats = standardize_pairs(train, args.skip_invalid, "train set")
+    for column in required_columns(args.loss_type):
+        train, train_stats[column] = validate_pair_values(train, column, args.skip_invalid, "train set")
+    unused = [c for c in PAIR_COLUMNS if c in train.column_names and c not in required_columns(args.loss_type)]
+    train = train.remove_columns(unused)
     train, held_out, eval_stats = held_out_pairs(train, train_splits, args.eval_set_path, args.eval_holdout_size, seed,
                                                  args.skip_invalid, "--train_set_path")
+    # The held-out loss is plain BT whatever the training loss: comparable across variants, like the accuracy.
+    held_out = held_out.remove_columns([c for c in PAIR_COLUMNS if c in held_out.column_names])
     if eval_stats["source"].startswith("held out"):
         train_stats["held_out_for_eval"] = len(held_out)
     return train, held_out, {"train": train_stats, "eval": eval_stats}
 
 
 class BradleyTerryTrainer(Trainer):
-    """Trainer whose loss is the Bradley-Terry loss over (chosen, rejected) batches from PairwiseCollator."""
+    """Trainer whose loss is the Bradley-Terry loss (or a variant: margin, per-pair weight, centering) over
+    (chosen, rejected) batches from PairwiseCollator."""
 
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let the Trainer scale it for accumulation
+
+    def __init__(self, *args, center_rewards_coefficient: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.center_rewards_coefficient = center_rewards_coefficient
+
+    def _prepare_inputs(self, inputs):
+        # The Trainer casts every float input to DeepSpeed's bf16: margins and weights keep their float32 values.
+        pair_values = {k: inputs.pop(k) for k in PAIR_COLUMNS if k in inputs}
+        prepared = super()._prepare_inputs(inputs)
+        return {**prepared, **{k: v.to(self.args.device) for k, v in pair_values.items()}}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         chosen, rejected = split_pair_rewards(rewards)
-        loss = bradley_terry_loss(chosen, rejected)
+        loss = pairwise_loss(chosen, rejected, margin=inputs.get("margin"), weight=inputs.get("weight"),
+                             center_rewards_coefficient=self.center_rewards_coefficient)
         return (loss, {"rewards": torch.stack([chosen, rejected], dim=1)}) if return_outputs else loss
 
     def _get_eval_sampler(self, eval_dataset):
@@ -154,13 +180,15 @@ def verify_checkpoint(trainer, checkpoint_dir: str, pairs, dtype: torch.dtype) -
 def main():
     started = time.time()
     # Building the training arguments starts DeepSpeed's CPU process group where needed (HardwareAwareArguments).
-    args, training_args, config = parse_args((ScriptArguments, RewardTrainingArguments), DEFAULT_CONFIG)
+    args, training_args, lora_args, config = parse_args((ScriptArguments, RewardTrainingArguments, LoraArguments),
+                                                        DEFAULT_CONFIG)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     is_main = training_args.process_index == 0
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
                                      inputs=(args.model_name, args.train_set_path, args.eval_set_path))
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    quantization = quantization_options(lora_args, dtype)  # 4/8-bit needs a GPU and bitsandbytes: said now
     set_seed(training_args.seed)
     if is_main:
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
@@ -186,8 +214,10 @@ def main():
     # Built after the training arguments so that ZeRO-3 partitions the weights as they load.
     model = load_reward_model(args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation,
                               args.trust_remote_code, new_weights=("score.",),  # a base LM gets a new score head
-                              pickled_weights=args.load_pickled_weights)
+                              pickled_weights=args.load_pickled_weights, **quantization)
     model.config.use_cache = False
+    if lora_args.use_peft:
+        model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args.gradient_checkpointing)
 
     trainer = BradleyTerryTrainer(
         model=model,
@@ -198,6 +228,7 @@ def main():
         data_collator=PairwiseCollator(tokenizer),
         compute_metrics=compute_metrics,
         callbacks=[checkpoints.DropPickledArguments()],
+        center_rewards_coefficient=args.center_rewards_coefficient,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate()
@@ -205,7 +236,10 @@ def main():
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.
     staging = checkpoints.staging_dir(training_args.output_dir)
     checkpoint_dir = os.path.join(staging, "last_checkpoint")
-    checkpoints.save_final_checkpoint(trainer, checkpoint_dir)
+    # With LoRA, the adapter goes beside it and last_checkpoint/ gets the base model with the adapter merged.
+    save_final_model(trainer, checkpoint_dir, lora_args.use_peft, lambda: load_reward_model(
+        args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation, args.trust_remote_code,
+        new_weights=("score.",), pickled_weights=args.load_pickled_weights), tokenizer)
     check_pairs = held_out.select(range(min(args.reload_check_pairs, len(held_out))))
     reload_diff = verify_checkpoint(trainer, checkpoint_dir, check_pairs, dtype)
 
@@ -217,6 +251,7 @@ def main():
             "examples": data_stats,
             "reload_max_abs_diff": reload_diff,
             "config": config,
+            **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         }
         checkpoints.write_run_metrics(staging, metrics, started, train_result, args,
                                       training_args, dtype)

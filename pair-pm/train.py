@@ -14,7 +14,7 @@ them) are scored in both orders after training. Writes <output_dir>/last_checkpo
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
 from useful_code.distributed import HardwareAwareArguments, outside_zero3
 from useful_code.formats import standardize_pairs
+from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.modeling import load_preference_model
 from useful_code.pm_data import (
     build_pm_prompt,
@@ -96,7 +97,8 @@ def reload_checkpoint(checkpoint_dir: str, dtype: torch.dtype, device) -> PairPr
 def main():
     started = time.time()
     # Building the training arguments starts DeepSpeed's CPU process group where needed (HardwareAwareArguments).
-    script_args, training_args, config = parse_args((ScriptArguments, PreferenceModelConfig), DEFAULT_CONFIG)
+    script_args, training_args, lora_args, config = parse_args((ScriptArguments, PreferenceModelConfig, LoraArguments),
+                                                               DEFAULT_CONFIG)
     is_main = training_args.process_index == 0
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
@@ -104,6 +106,7 @@ def main():
                                              script_args.eval_set_path))
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    quantization = quantization_options(lora_args, dtype)  # 4/8-bit needs a GPU and bitsandbytes: said now
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(script_args.model_name_or_path, "--model_name_or_path",
@@ -131,8 +134,10 @@ def main():
     # Built after SFTConfig so that ZeRO-3 partitions the weights as they load.
     model = load_preference_model(script_args.model_name_or_path, "--model_name_or_path", tokenizer, dtype,
                                   script_args.attn_implementation, training_args.trust_remote_code,
-                                  pickled_weights=script_args.load_pickled_weights)
+                                  pickled_weights=script_args.load_pickled_weights, **quantization)
     model.config.use_cache = False
+    if lora_args.use_peft:
+        model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          callbacks=[checkpoints.DropPickledArguments()])
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -140,7 +145,10 @@ def main():
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.
     staging = checkpoints.staging_dir(training_args.output_dir)
     checkpoint_dir = os.path.join(staging, "last_checkpoint")
-    checkpoints.save_final_checkpoint(trainer, checkpoint_dir)
+    # With LoRA, the adapter goes beside it and last_checkpoint/ gets the base model with the adapter merged.
+    save_final_model(trainer, checkpoint_dir, lora_args.use_peft, lambda: load_preference_model(
+        script_args.model_name_or_path, "--model_name_or_path", tokenizer, dtype, script_args.attn_implementation,
+        training_args.trust_remote_code, pickled_weights=script_args.load_pickled_weights), tokenizer)
 
     # The in-memory model's answer logits on a few held-out prompts, on every rank (ZeRO-3 gathers the weights
     # with collectives); rank 0 then reloads the checkpoint and must reproduce them.
@@ -184,6 +192,7 @@ def main():
             "examples": data_stats,
             "reload_max_abs_diff": reload_diff,
             "config": config,
+            **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         })
         checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args,
                                       training_args, dtype)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -264,3 +265,61 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
     whole = load_file(tmp_path / "whole" / "last_checkpoint" / "model.safetensors")
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
+
+
+def test_lora_run_saves_a_merged_plain_checkpoint_equal_to_the_adapter_model(tmp_path):
+    """--use_peft: last_checkpoint/ is a plain sequence classifier (the adapter merged, the trained score head in
+    place) whose rewards equal the base model with the saved adapter; 4-bit loading on a CPU is one line."""
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    proc = run([sys.executable, TRAIN, "--use_peft", "--lora_r", "8", "--output_path", str(out), "--max_steps", "30",
+                "--learning_rate", "5e-3"])
+    check_ok(proc)
+    assert "LoRA r=8 alpha=32" in proc.stdout and "Checkpoint verified" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lora"]["lora_r"] == 8 and metrics["eval_accuracy"] > 0.8
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert not list((out / "last_checkpoint").glob("adapter*"))  # plain: no peft files in the checkpoint
+
+    tokenizer = load_tokenizer(str(out / "last_checkpoint"), "m")
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "last_checkpoint").eval()
+    base = AutoModelForSequenceClassification.from_pretrained(DEFAULT_MODEL, num_labels=1)
+    base.resize_token_embeddings(len(tokenizer))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    conversations = [[{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": text}]
+                     for text in ("Mix flour, water and yeast, knead, let it rise and bake it.", "No. Go away.")]
+    sequences = encode_conversations(tokenizer, conversations)
+    merged_rewards = score_sequences(merged, tokenizer, sequences, batch_size=2)
+    adapter_rewards = score_sequences(adapted, tokenizer, sequences, batch_size=2)
+    assert merged_rewards == pytest.approx(adapter_rewards, abs=1e-4)
+    assert merged_rewards[0] > merged_rewards[1]  # it learned the toy cue
+
+    proc = run([sys.executable, TRAIN, "--use_peft", "--load_in_4bit", "--output_path", str(tmp_path / "q")])
+    assert proc.returncode == 2 and "--load_in_4bit needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_margin_loss_widens_the_reward_gap_and_bad_values_are_named(tmp_path):
+    """--loss_type margin with a margin of 4 on every pair trains a wider held-out reward gap than plain BT from the
+    same seed (BT's gradient fades once a pair is separated; the margin's does not until the gap passes 4); the loss
+    type is recorded; a row whose margin is not a number is one line naming it."""
+    toy = ROOT / "assets" / "data" / "toy_preference"
+    rows = [json.loads(line) for line in open(toy / "train.jsonl")]
+    held_out = [json.loads(line) for line in open(toy / "test.jsonl")][:50]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({**row, "margin": 4.0}) for row in rows))
+    gaps = {}
+    for loss in ("bt", "margin"):
+        out = tmp_path / loss
+        check_ok(run([sys.executable, TRAIN, "--train_set_path", str(data), "--eval_set_path", str(toy),
+                      "--loss_type", loss, "--output_path", str(out)]))
+        assert json.loads((out / "metrics.json").read_text())["arguments"]["loss_type"] == loss
+        chosen, rejected = reload_rewards(out / "last_checkpoint", [(r["chosen"], r["rejected"]) for r in held_out])
+        gaps[loss] = float(np.mean(chosen) - np.mean(rejected))
+    assert gaps["margin"] > gaps["bt"] + 1.0, gaps  # measured: 9.7 against 7.2
+
+    data.write_text("\n".join(json.dumps({**row, "margin": None if i == 3 else 2.0}) for i, row in enumerate(rows)))
+    proc = run([sys.executable, TRAIN, "--train_set_path", str(data), "--loss_type", "margin", "--output_path",
+                str(tmp_path / "bad")])
+    assert proc.returncode == 2 and "row 3 (bad_margin)" in proc.stderr and "Traceback" not in proc.stderr

@@ -187,17 +187,27 @@ def staging_dir(output_dir: str) -> str:
     return os.path.join(output_dir, STAGING)
 
 
+RUN_OUTPUTS = ("last_checkpoint", "adapter", "curves.png", "rewards.png")  # what a run publishes beside metrics.json
+
+
 def publish_run(output_dir: str) -> str:
-    """Move the verified staging checkpoint and metrics.json into place (main process only): the old metrics.json
-    goes first and the new one comes last, so a directory with metrics.json always holds that run's complete,
-    verified checkpoint. Returns the final checkpoint's path."""
+    """Move the verified staging outputs (RUN_OUTPUTS that the run made) and metrics.json into place (main process
+    only): the old metrics.json goes first, then every old output (a previous run's adapter is not left beside a
+    new full fine-tune), and the new metrics.json comes last, so a directory with metrics.json always holds that
+    run's complete, verified outputs. Returns the final checkpoint's path."""
     out, staged = Path(output_dir), Path(staging_dir(output_dir))
     (out / "metrics.json").unlink(missing_ok=True)
-    final = out / "last_checkpoint"
-    publish_dir(staged / "last_checkpoint", final)
+    for name in RUN_OUTPUTS:
+        old, new = out / name, staged / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+        if new.exists():
+            os.replace(new, old)
     os.replace(staged / "metrics.json", out / "metrics.json")
     staged.rmdir()
-    return str(final)
+    return str(out / "last_checkpoint")
 
 
 def save_final_checkpoint(trainer, checkpoint_dir: str) -> None:

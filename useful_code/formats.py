@@ -7,6 +7,7 @@ naming its index and rule, or with skip_invalid a counted and printed drop.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from typing import Any, Iterable, Optional
@@ -132,6 +133,27 @@ def validate_pair(chosen: list[dict], rejected: list[dict]) -> str:
     if chosen[-1]["content"] == rejected[-1]["content"]:
         return "identical_responses"
     return ""
+
+
+PAIR_VALUE_RULES = {
+    "bad_margin": "margin must be a finite number (the reward gap the pair asks for)",
+    "bad_weight": "weight must be a finite number >= 0 (the pair's share of the loss)",
+}
+
+
+def validate_pair_values(dataset, column: str, skip_invalid: bool, name: str):
+    """Check a per-pair number column a loss reads (margin, weight): missing is an error; a row whose value breaks
+    PAIR_VALUE_RULES is an error naming it, or with skip_invalid is dropped and counted. Returns (dataset, stats)."""
+    if column not in dataset.column_names:
+        raise UserError(f"{name}: this loss needs a '{column}' column (found: {', '.join(dataset.column_names)})")
+
+    def reason(value) -> dict:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = number and (column != "weight" or value >= 0)
+        return {"invalid_reason": "" if ok else f"bad_{column}"}
+
+    marked = dataset.map(reason, input_columns=column, desc=f"checking {name}'s {column}")
+    return enforce_validity(marked, PAIR_VALUE_RULES, skip_invalid, name)
 
 
 def standardize_pairs(dataset, skip_invalid: bool, name: str):

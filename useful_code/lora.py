@@ -1,0 +1,88 @@
+"""LoRA and QLoRA through peft, with TRL's flag names: wrapping a model for training (the reward or answer head
+trained in full), and merging a trained adapter into a plain checkpoint that loads with the Auto classes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training  # noqa: F401
+
+from useful_code.checkpoints import save_final_checkpoint
+from useful_code.cli import UserError
+from useful_code.distributed import outside_zero3
+from useful_code.hardware import has_accelerator
+
+ADAPTER_DIR = "adapter"  # beside last_checkpoint/: the trained adapter (and head), for peft users
+
+
+@dataclass
+class LoraArguments:
+    """trl.ModelConfig's LoRA/QLoRA flags (same names and defaults), for models too large to fine-tune in full."""
+
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (and the head in full)."})
+    lora_r: int = field(default=16, metadata={"min": 1, "help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"min": 1, "help": "LoRA scaling numerator (alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"min": 0, "max": 1})
+    lora_target_modules: Optional[list[str]] = field(default=None, metadata={
+        "help": "Module names to adapt. Default: every linear layer but the head ('all-linear')."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base weights (bitsandbytes, GPU)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (bitsandbytes, GPU)."})
+
+
+def quantization_options(args: LoraArguments, dtype: torch.dtype) -> dict:
+    """from_pretrained options for 4- or 8-bit base weights; {} without them. One clear error where bitsandbytes
+    or a GPU is missing, or without --use_peft (quantized weights cannot be trained in full)."""
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return {}
+    flag = "--load_in_4bit" if args.load_in_4bit else "--load_in_8bit"
+    if args.load_in_4bit and args.load_in_8bit:
+        raise UserError("--load_in_4bit and --load_in_8bit exclude each other")
+    if not args.use_peft:
+        raise UserError(f"{flag} trains adapters on frozen quantized weights: pass --use_peft too")
+    if not has_accelerator():
+        raise UserError(f"{flag} needs a CUDA GPU (bitsandbytes); this machine has none: drop the flag")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UserError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from None
+    if args.load_in_4bit:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                    bnb_4bit_use_double_quant=True)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config}
+
+
+def wrap_with_lora(model, args: LoraArguments, task_type: TaskType, gradient_checkpointing: bool = False):
+    """The model with LoRA adapters on its linear layers; for a sequence classifier peft also trains and saves the
+    score head in full (SEQ_CLS puts 'score'/'classifier' in modules_to_save). Prints the trainable share."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=args.lora_target_modules or "all-linear")
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"LoRA r={args.lora_r} alpha={args.lora_alpha}: {trainable:,} of {total:,} parameters trainable "
+          f"({100 * trainable / total:.2f}%)")
+    return model
+
+
+def save_final_model(trainer, checkpoint_dir: str, use_peft: bool, load_base: Callable, tokenizer) -> None:
+    """The trained model as a plain checkpoint at checkpoint_dir. With LoRA: the adapter (and head) as trained goes
+    to ADAPTER_DIR beside it, then the main process merges it into the base model, loaded afresh by load_base()
+    (unquantized, outside ZeRO-3), so evaluation and serving load it with the Auto classes."""
+    if not use_peft:
+        save_final_checkpoint(trainer, checkpoint_dir)
+        return
+    adapter_dir = os.path.join(os.path.dirname(checkpoint_dir), ADAPTER_DIR)
+    save_final_checkpoint(trainer, adapter_dir)
+    if trainer.args.process_index == 0:
+        with outside_zero3():
+            merged = PeftModel.from_pretrained(load_base(), adapter_dir).merge_and_unload()
+        merged.save_pretrained(checkpoint_dir)
+        tokenizer.save_pretrained(checkpoint_dir)
+    trainer.accelerator.wait_for_everyone()
