@@ -11,6 +11,7 @@ configs/ carries upstream's values, and any flag overrides it. Runs under `deeps
 Writes <output_path>/last_checkpoint/ (model, config, tokenizer) and <output_path>/metrics.json.
 """
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,9 +30,11 @@ from useful_code.distributed import HardwareAwareArguments, outside_zero3
 from useful_code.formats import standardize_pairs, validate_pair_values
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.losses import PAIR_COLUMNS, PairwiseCollator, pairwise_loss, required_columns, split_pair_rewards
+from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import load_reward_model
 from useful_code.scoring import score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
+from useful_code.training_plots import plot_curves, plot_rewards
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 NEVER = 999999  # upstream's "no periodic save/eval" value
@@ -119,6 +122,13 @@ class BradleyTerryTrainer(Trainer):
     def __init__(self, *args, center_rewards_coefficient: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
+        self.batch_metrics: dict[str, list[float]] = {}  # training batches since the last log, as TRL keeps them
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self.model.training and self.batch_metrics:  # TRL's reward metrics, averaged over the logging window
+            logs.update({k: sum(v) / len(v) for k, v in self.batch_metrics.items()})
+            self.batch_metrics = {}
+        super().log(logs, *args, **kwargs)
 
     def _prepare_inputs(self, inputs):
         # The Trainer casts every float input to DeepSpeed's bf16: margins and weights keep their float32 values.
@@ -131,6 +141,14 @@ class BradleyTerryTrainer(Trainer):
         chosen, rejected = split_pair_rewards(rewards)
         loss = pairwise_loss(chosen, rejected, margin=inputs.get("margin"), weight=inputs.get("weight"),
                              center_rewards_coefficient=self.center_rewards_coefficient)
+        if model.training:
+            with torch.no_grad():
+                gap, both = (chosen - rejected).float(), torch.cat([chosen, rejected]).float()
+                values = {"accuracy": (gap > 0).float().mean(), "margin": gap.mean(), "rewards/mean": both.mean(),
+                          "rewards/min": both.min(), "rewards/max": both.max(),
+                          "num_tokens": inputs["attention_mask"].sum().float()}
+            for key, value in values.items():
+                self.batch_metrics.setdefault(key, []).append(value.item())
         return (loss, {"rewards": torch.stack([chosen, rejected], dim=1)}) if return_outputs else loss
 
     def _get_eval_sampler(self, eval_dataset):
@@ -160,10 +178,9 @@ def compute_metrics(eval_pred) -> dict:
             "ties": int(np.sum(rewards[:, 0] == rewards[:, 1]))}
 
 
-def verify_checkpoint(trainer, checkpoint_dir: str, pairs, dtype: torch.dtype) -> float:
+def verify_checkpoint(trainer, checkpoint_dir: str, pairs, in_memory: np.ndarray, dtype: torch.dtype) -> float:
     """Reload the saved checkpoint as a user would (whole, on one process) and check that it reproduces the trained
-    model's rewards on held-out pairs. The in-memory predictions run on every rank (ZeRO-3 needs all of them)."""
-    in_memory = trainer.predict(pairs).predictions.reshape(-1, 2)
+    model's rewards (in_memory, [n, 2]) on these held-out pairs."""
     max_diff = 0.0
     if trainer.args.process_index == 0:
         tokenizer = load_tokenizer(checkpoint_dir, "checkpoint")
@@ -231,7 +248,10 @@ def main():
         center_rewards_coefficient=args.center_rewards_coefficient,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
-    eval_metrics = trainer.evaluate()
+    # The held-out pairs are scored once: their accuracy and loss, the pictures, and the reload check's reference.
+    prediction = trainer.predict(held_out, metric_key_prefix="eval")
+    trainer.log(prediction.metrics)
+    eval_metrics, held_out_rewards = prediction.metrics, prediction.predictions.reshape(-1, 2)
 
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.
     staging = checkpoints.staging_dir(training_args.output_dir)
@@ -240,8 +260,9 @@ def main():
     save_final_model(trainer, checkpoint_dir, lora_args.use_peft, lambda: load_reward_model(
         args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation, args.trust_remote_code,
         new_weights=("score.",), pickled_weights=args.load_pickled_weights), tokenizer)
-    check_pairs = held_out.select(range(min(args.reload_check_pairs, len(held_out))))
-    reload_diff = verify_checkpoint(trainer, checkpoint_dir, check_pairs, dtype)
+    n_check = min(args.reload_check_pairs, len(held_out))
+    reload_diff = verify_checkpoint(trainer, checkpoint_dir, held_out.select(range(n_check)),
+                                    held_out_rewards[:n_check], dtype)
 
     if is_main:
         metrics = {
@@ -253,8 +274,12 @@ def main():
             "config": config,
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         }
-        checkpoints.write_run_metrics(staging, metrics, started, train_result, args,
-                                      training_args, dtype)
+        metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, args, training_args,
+                                                     dtype)
+        plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
+        plot_rewards(held_out_rewards[:, 0], held_out_rewards[:, 1], os.path.join(staging, "rewards.png"))
+        write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()), base_model=args.model_name,
+                         kind="bt", command=launch_command())
         print(f"Held-out pair accuracy {metrics['eval_accuracy']:.4f}, loss {metrics['eval_loss']:.4f} "
               f"on {len(held_out)} pairs; wall time {time.time() - started:.1f} s")
         final = checkpoints.publish_run(training_args.output_dir)

@@ -12,6 +12,7 @@ with --seed. Held-out standard-format pairs (--eval_set_path, the train pairs' '
 them) are scored in both orders after training. Writes <output_dir>/last_checkpoint/ and <output_dir>/metrics.json.
 """
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
 from useful_code.distributed import HardwareAwareArguments, outside_zero3
 from useful_code.formats import standardize_pairs
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
+from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import load_preference_model
 from useful_code.pm_data import (
     build_pm_prompt,
@@ -40,6 +42,7 @@ from useful_code.pm_data import (
 )
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.templates import load_tokenizer, reject_special_tokens
+from useful_code.training_plots import plot_curves
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "tiny.yaml")
 
@@ -194,8 +197,11 @@ def main():
             "config": config,
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         })
-        checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args,
-                                      training_args, dtype)
+        metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args,
+                                                     training_args, dtype)
+        plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
+        write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()),
+                         base_model=script_args.model_name_or_path, kind="pm", command=launch_command())
         final = checkpoints.publish_run(training_args.output_dir)
         print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
     trainer.accelerator.wait_for_everyone()

@@ -62,6 +62,16 @@ def test_training_learns_the_toy_task_and_writes_metrics(trained):
     assert metrics["wall_time_s"] > 0
 
 
+def test_training_leaves_curves_reward_histograms_and_a_model_card(trained):
+    for picture in ("curves.png", "rewards.png"):
+        assert (trained / picture).read_bytes().startswith(b"\x89PNG")
+    card = (trained / "last_checkpoint" / "README.md").read_text()
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert card.startswith("---\nlibrary_name: transformers") and "pipeline_tag: text-classification" in card
+    assert f"| held-out accuracy | {metrics['eval_accuracy']:g} |" in card and "| read | 1600 | 200 |" in card
+    assert "python bradley-terry-rm/train.py --output_path" in card.replace(str(ROOT) + "/", "")
+
+
 def test_a_copy_of_the_tiny_model_trains_with_the_same_hyper_parameters(trained, tmp_path):
     copy = tmp_path / "my-model"
     shutil.copytree(DEFAULT_MODEL, copy)

@@ -176,3 +176,9 @@ def test_resume_gives_the_uninterrupted_weights(pm_run, tmp_path):
     whole = load_file(tmp_path / "whole" / "last_checkpoint" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "last_checkpoint" / "model.safetensors")
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_training_leaves_curves_and_a_model_card(pm_run):
+    assert (pm_run / "curves.png").read_bytes().startswith(b"\x89PNG")
+    card = (pm_run / "last_checkpoint" / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card

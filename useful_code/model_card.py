@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -136,3 +137,9 @@ def write_model_card(checkpoint_dir, metrics: dict, *, base_model: str, kind: st
     atomic_write_text(path, model_card(metrics, base_model=base_model, kind=kind, command=command,
                                        load_snippet=load_snippet))
     return str(path)
+
+
+def launch_command() -> list[str]:
+    """How this process was started, as a user would type it: python and the script's arguments, less the
+    --local_rank a launcher adds (the launcher itself is not visible from inside)."""
+    return ["python", *[a for a in sys.argv if not a.startswith("--local_rank")]]
