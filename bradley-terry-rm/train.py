@@ -31,7 +31,7 @@ from useful_code.formats import standardize_pairs, validate_pair_values
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.losses import PAIR_COLUMNS, PairwiseCollator, pairwise_loss, required_columns, split_pair_rewards
 from useful_code.model_card import launch_command, write_model_card
-from useful_code.modeling import load_reward_model
+from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
 from useful_code.scoring import score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
 from useful_code.training_plots import plot_curves, plot_rewards
@@ -215,7 +215,7 @@ def main():
             print(f"note: these hyper-parameters are the tiny model's ({config}); pass a model's recipe first, e.g. "
                   "bradley-terry-rm/configs/gemma-2b-it.yaml, for upstream's values")
 
-    tokenizer = load_tokenizer(args.model_name, "--model_name", args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model_name, "--model_name", args.trust_remote_code, args.chat_template)
     with training_args.main_process_first():
         train, held_out, data_stats = load_pairs(args, training_args.seed)
         train, train_tok = tokenize_pairs(train, tokenizer, training_args.max_length, args.overlength, "train set",
@@ -230,7 +230,7 @@ def main():
 
     # Built after the training arguments so that ZeRO-3 partitions the weights as they load.
     model = load_reward_model(args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation,
-                              args.trust_remote_code, new_weights=("score.",),  # a base LM gets a new score head
+                              args.trust_remote_code, new_weights=REWARD_HEAD_WEIGHTS,  # a base model gets a new head
                               pickled_weights=args.load_pickled_weights, **quantization)
     model.config.use_cache = False
     if lora_args.use_peft:
@@ -259,7 +259,7 @@ def main():
     # With LoRA, the adapter goes beside it and last_checkpoint/ gets the base model with the adapter merged.
     save_final_model(trainer, checkpoint_dir, lora_args.use_peft, lambda: load_reward_model(
         args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation, args.trust_remote_code,
-        new_weights=("score.",), pickled_weights=args.load_pickled_weights), tokenizer)
+        new_weights=REWARD_HEAD_WEIGHTS, pickled_weights=args.load_pickled_weights), tokenizer)
     n_check = min(args.reload_check_pairs, len(held_out))
     reload_diff = verify_checkpoint(trainer, checkpoint_dir, held_out.select(range(n_check)),
                                     held_out_rewards[:n_check], dtype)

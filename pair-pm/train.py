@@ -113,7 +113,7 @@ def main():
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(script_args.model_name_or_path, "--model_name_or_path",
-                               training_args.trust_remote_code)
+                               training_args.trust_remote_code, script_args.chat_template)
     with training_args.main_process_first():
         train, held_out, data_stats = load_examples(script_args, training_args.seed)
         train, data_stats["train"]["special_token_in_content"] = reject_special_tokens(

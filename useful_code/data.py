@@ -263,6 +263,9 @@ class HeldOutArguments:
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, flash_attention_2 or eager."})
     load_pickled_weights: bool = field(default=False, metadata={
         "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "For a model without one (a base decoder, a BERT-style encoder): a Jinja file, or chatml, llama3 or "
+                "plain. Saved with the checkpoint's tokenizer."})
 
 
 def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_size: int, seed: int,

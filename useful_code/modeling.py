@@ -14,6 +14,10 @@ from useful_code.cli import UserError
 from useful_code.hardware import default_device, resolve_attn_implementation, resolve_dtype
 from useful_code.templates import load_tokenizer
 
+# The modules a sequence-classification head adds to a base model: a decoder's score layer, an encoder's pooler and
+# classifier (BERT, DeBERTa). Training a reward model from a base model initialises them.
+REWARD_HEAD_WEIGHTS = ("score.", "classifier.", "pooler.")
+
 
 def _task_suffix(class_name: str) -> str:
     """'ForSequenceClassification' of 'AutoModelForSequenceClassification' or 'LlamaForSequenceClassification'."""
@@ -63,7 +67,8 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
     except RuntimeError as err:  # transformers: weights of another shape (num_labels, vocabulary, architecture)
         raise UserError(f"{flag}: '{name}' has weights of another shape than the model expects "
                         f"({str(err).splitlines()[0]}); check num_labels and the architecture") from None
-    missing = [k for k in info["missing_keys"] if not any(k.startswith(prefix) for prefix in new_weights)]
+    # A prefix names a module at any depth: "pooler." matches "bert.pooler.dense.weight".
+    missing = [k for k in info["missing_keys"] if not any(f".{prefix}" in f".{k}" for prefix in new_weights)]
     if missing or info["mismatched_keys"]:
         problems = missing + [str(k) for k in info["mismatched_keys"]]
         raise UserError(f"{flag}: '{name}' lacks {len(problems)} weights the model needs, which would be random: "
@@ -77,7 +82,7 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
 def load_reward_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
                       trust_remote_code: bool = False, **options):
     """A sequence classifier with one output (the reward), aligned with the tokenizer's pad token; options as
-    load_model's (new_weights=("score.",) to train a new head on a base LM)."""
+    load_model's (new_weights=REWARD_HEAD_WEIGHTS to train a new head on a base model)."""
     return load_model(AutoModelForSequenceClassification, name, flag, tokenizer, dtype, attn_implementation,
                       trust_remote_code, num_labels=1, **options)
 

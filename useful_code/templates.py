@@ -4,6 +4,8 @@ tokenized pairs every BT script trains and scores on."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Optional
 
 from transformers import AutoTokenizer
 
@@ -16,15 +18,46 @@ SPECIAL_TOKEN_RULES = {
 }
 
 
-def load_tokenizer(name: str, flag: str, trust_remote_code: bool = False):
-    """Load a tokenizer, pad on the right, and make sure it has a pad token distinct from EOS."""
+# Chat templates for models that have none (a base decoder, a BERT-style encoder), by name for --chat_template.
+BUILTIN_CHAT_TEMPLATES = {
+    "chatml": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "llama3": "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+              "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+    # Plain text turns: what an encoder that never saw chat markup reads best.
+    "plain": "{% for message in messages %}{{ message['role'] | capitalize + ': ' + message['content'] + '\\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}",
+}
+
+
+def resolve_chat_template(value: str, flag: str = "--chat_template") -> str:
+    """A Jinja chat template from a file path or the name of a BUILTIN_CHAT_TEMPLATES entry."""
+    if value in BUILTIN_CHAT_TEMPLATES:
+        return BUILTIN_CHAT_TEMPLATES[value]
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"{flag}: '{value}' is neither a file nor one of {', '.join(BUILTIN_CHAT_TEMPLATES)}")
+    template = path.read_text()
+    if not template.strip():
+        raise UserError(f"{flag}: {path} is empty")
+    return template
+
+
+def load_tokenizer(name: str, flag: str, trust_remote_code: bool = False, chat_template: Optional[str] = None):
+    """Load a tokenizer, pad on the right, and make sure it has a pad token distinct from EOS. chat_template (a file
+    or a built-in name) replaces the model's own; it is saved with the tokenizer, so evaluation and serving format
+    conversations the same way."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{flag}: could not load tokenizer '{name}' ({str(err).splitlines()[0]}); "
                         f"pass a local model directory with {flag}") from None
+    if chat_template:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
     if not (tokenizer.chat_template or "").strip():  # none, or an empty file left by a killed save
-        raise UserError(f"{flag}: tokenizer of '{name}' has no chat template; use an instruct/chat model or set one")
+        raise UserError(f"{flag}: tokenizer of '{name}' has no chat template; use an instruct/chat model or give one "
+                        f"with --chat_template (a Jinja file, or {', '.join(BUILTIN_CHAT_TEMPLATES)})")
     # Right padding keeps position ids identical to the unpadded sequence, so a reward does not depend on
     # what it was batched with; the classifier reads the last non-pad token either way.
     tokenizer.padding_side = "right"
@@ -75,9 +108,11 @@ def reject_special_tokens(dataset, tokenizer, columns: tuple[str, ...], skip_inv
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether calling the tokenizer on text prepends BOS by itself."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+    """Whether calling the tokenizer on text prepends a start token by itself (a decoder's BOS, an encoder's [CLS]):
+    the token left truncation must keep."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    marked = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(marked) > len(plain) and marked[0] in tokenizer.all_special_ids and marked[1:1 + len(plain)] == plain
 
 
 def render_conversations(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
