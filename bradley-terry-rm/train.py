@@ -29,7 +29,14 @@ from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
 from useful_code.distributed import HardwareAwareArguments, outside_zero3
 from useful_code.formats import standardize_pairs, validate_pair_values
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
-from useful_code.losses import PAIR_COLUMNS, PairwiseCollator, pairwise_loss, required_columns, split_pair_rewards
+from useful_code.losses import (
+    PAIR_COLUMNS,
+    PairwiseCollator,
+    odin_loss,
+    pairwise_loss,
+    required_columns,
+    split_pair_rewards,
+)
 from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
 from useful_code.scoring import score_sequences
@@ -54,9 +61,12 @@ class ScriptArguments(HeldOutArguments):
                                       "help": "Over-long training pairs: cut from the left (as upstream) or dropped."})
     trust_remote_code: bool = field(default=False)
     loss_type: str = field(default="bt", metadata={
-        "choices": ("bt", "margin", "scaled"),
+        "choices": ("bt", "margin", "scaled", "odin"),
         "help": "bt; margin (TRL's: -log sigmoid(r_c - r_r - margin), a 'margin' column); scaled (each pair's loss "
-                "times its 'weight' column)."})
+                "times its 'weight' column); odin (a length head and a quality head; last_checkpoint/ is the quality "
+                "head alone)."})
+    odin_length_coefficient: float = field(default=1.0, metadata={"min": 0, "help": "ODIN's length-correlation term."})
+    odin_ortho_coefficient: float = field(default=1.0, metadata={"min": 0, "help": "ODIN's head-orthogonality term."})
     center_rewards_coefficient: float = field(default=0.0, metadata={
         "min": 0, "help": "TRL's reward centering: adds coefficient * mean((r_c + r_r)^2)."})
 
@@ -119,9 +129,11 @@ class BradleyTerryTrainer(Trainer):
 
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let the Trainer scale it for accumulation
 
-    def __init__(self, *args, center_rewards_coefficient: float = 0.0, **kwargs):
+    def __init__(self, *args, center_rewards_coefficient: float = 0.0, odin: Optional[tuple[float, float]] = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
+        self.odin = odin  # (length, orthogonality) coefficients when training ODIN's two heads
         self.batch_metrics: dict[str, list[float]] = {}  # training batches since the last log, as TRL keeps them
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -138,10 +150,19 @@ class BradleyTerryTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        chosen, rejected = split_pair_rewards(rewards)
-        loss = pairwise_loss(chosen, rejected, margin=inputs.get("margin"), weight=inputs.get("weight"),
-                             center_rewards_coefficient=self.center_rewards_coefficient)
+        parts = {}
+        if self.odin is None:
+            chosen, rejected = split_pair_rewards(rewards)
+            loss = pairwise_loss(chosen, rejected, margin=inputs.get("margin"), weight=inputs.get("weight"),
+                                 center_rewards_coefficient=self.center_rewards_coefficient)
+        else:  # the quality head is the reward (accuracy, evaluation, export); the length head soaks up length
+            chosen, rejected = split_pair_rewards(rewards[:, ODIN_QUALITY])
+            length_c, length_r = split_pair_rewards(rewards[:, ODIN_LENGTH])
+            loss, parts = odin_loss(chosen, rejected, length_c, length_r, inputs["chosen_length"],
+                                    inputs["rejected_length"], odin_head_weight(model), *self.odin)
         if model.training:
+            for key, value in parts.items():
+                self.batch_metrics.setdefault(f"odin/{key}", []).append(value)
             with torch.no_grad():
                 gap, both = (chosen - rejected).float(), torch.cat([chosen, rejected]).float()
                 values = {"accuracy": (gap > 0).float().mean(), "margin": gap.mean(), "rewards/mean": both.mean(),
@@ -169,6 +190,41 @@ class BradleyTerryTrainer(Trainer):
         rewards = outputs["rewards"].detach().float()
         # Pairs carry no labels (chosen is always preferred); a placeholder lets the Trainer call compute_metrics.
         return loss.detach(), rewards, torch.zeros(rewards.shape[0], device=rewards.device)
+
+
+ODIN_LENGTH, ODIN_QUALITY = 0, 1  # upstream odin/'s column order
+
+
+def response_lengths(batch, tokenizer) -> dict:
+    """Each final response's length in tokens (its text alone): what ODIN's length head is to carry."""
+    return {f"{side}_length": [len(ids) for ids in tokenizer([c[-1]["content"] for c in batch[side]],
+                                                             add_special_tokens=False)["input_ids"]]
+            for side in ("chosen", "rejected")}
+
+
+def odin_head_weight(model) -> Optional[torch.Tensor]:
+    """The [2, hidden] head weight for ODIN's orthogonality term; None where ZeRO-3 holds only a shard of it."""
+    module = model.module if hasattr(model, "module") else model
+    head = getattr(module, "score", None) or getattr(module, "classifier", None)
+    weight = getattr(head, "weight", None)
+    return weight if weight is not None and weight.dim() == 2 and weight.shape[1] > 0 else None
+
+
+def export_quality_head(two_heads_dir: str, checkpoint_dir: str, tokenizer, dtype: torch.dtype) -> None:
+    """ODIN's quality head alone as a plain one-output reward model (what evaluation and serving load)."""
+    with outside_zero3():
+        model = load_reward_model(two_heads_dir, "checkpoint", tokenizer, dtype, num_labels=2)
+    name = "score" if hasattr(model, "score") else "classifier"
+    two = getattr(model, name)
+    one = torch.nn.Linear(two.in_features, 1, bias=two.bias is not None, dtype=two.weight.dtype)
+    with torch.no_grad():
+        one.weight.copy_(two.weight[ODIN_QUALITY:ODIN_QUALITY + 1])
+        if two.bias is not None:
+            one.bias.copy_(two.bias[ODIN_QUALITY:ODIN_QUALITY + 1])
+    setattr(model, name, one)
+    model.num_labels = model.config.num_labels = 1
+    model.save_pretrained(checkpoint_dir)
+    tokenizer.save_pretrained(checkpoint_dir)
 
 
 def compute_metrics(eval_pred) -> dict:
@@ -223,6 +279,11 @@ def main():
         # Held-out pairs are truncated as in evaluation, never dropped: the accuracy is on the set the user chose.
         held_out, eval_tok = tokenize_pairs(held_out, tokenizer, training_args.max_length, "truncate", "eval set",
                                             args.skip_invalid)
+    if args.loss_type == "odin":
+        if lora_args.use_peft:
+            raise UserError("--loss_type odin with --use_peft is not supported yet: train ODIN's heads in full")
+        train, held_out = (pairs.map(response_lengths, batched=True, fn_kwargs={"tokenizer": tokenizer},
+                                     desc="response lengths") for pairs in (train, held_out))
     data_stats["train"].update(train_tok, used=len(train))
     data_stats["eval"].update(eval_tok, used=len(held_out))
     if len(train) == 0 or len(held_out) == 0:
@@ -230,7 +291,8 @@ def main():
 
     # Built after the training arguments so that ZeRO-3 partitions the weights as they load.
     model = load_reward_model(args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation,
-                              args.trust_remote_code, new_weights=REWARD_HEAD_WEIGHTS,  # a base model gets a new head
+                              args.trust_remote_code, num_labels=2 if args.loss_type == "odin" else 1,
+                              new_weights=REWARD_HEAD_WEIGHTS,  # a base model gets a new head
                               pickled_weights=args.load_pickled_weights, **quantization)
     model.config.use_cache = False
     if lora_args.use_peft:
@@ -246,6 +308,7 @@ def main():
         compute_metrics=compute_metrics,
         callbacks=[checkpoints.DropPickledArguments()],
         center_rewards_coefficient=args.center_rewards_coefficient,
+        odin=(args.odin_length_coefficient, args.odin_ortho_coefficient) if args.loss_type == "odin" else None,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     # The held-out pairs are scored once: their accuracy and loss, the pictures, and the reload check's reference.
@@ -256,10 +319,16 @@ def main():
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.
     staging = checkpoints.staging_dir(training_args.output_dir)
     checkpoint_dir = os.path.join(staging, "last_checkpoint")
-    # With LoRA, the adapter goes beside it and last_checkpoint/ gets the base model with the adapter merged.
-    save_final_model(trainer, checkpoint_dir, lora_args.use_peft, lambda: load_reward_model(
-        args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation, args.trust_remote_code,
-        new_weights=REWARD_HEAD_WEIGHTS, pickled_weights=args.load_pickled_weights), tokenizer)
+    if args.loss_type == "odin":  # both heads beside it; last_checkpoint/ is the quality head alone
+        two_heads = os.path.join(staging, "two_heads")
+        checkpoints.save_final_checkpoint(trainer, two_heads)
+        if is_main:
+            export_quality_head(two_heads, checkpoint_dir, tokenizer, dtype)
+        trainer.accelerator.wait_for_everyone()
+    else:  # with LoRA, the adapter goes beside it and last_checkpoint/ gets the base model with the adapter merged
+        save_final_model(trainer, checkpoint_dir, lora_args.use_peft, lambda: load_reward_model(
+            args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation, args.trust_remote_code,
+            new_weights=REWARD_HEAD_WEIGHTS, pickled_weights=args.load_pickled_weights), tokenizer)
     n_check = min(args.reload_check_pairs, len(held_out))
     reload_diff = verify_checkpoint(trainer, checkpoint_dir, held_out.select(range(n_check)),
                                     held_out_rewards[:n_check], dtype)

@@ -333,3 +333,23 @@ def test_margin_loss_widens_the_reward_gap_and_bad_values_are_named(tmp_path):
     proc = run([sys.executable, TRAIN, "--train_set_path", str(data), "--loss_type", "margin", "--output_path",
                 str(tmp_path / "bad")])
     assert proc.returncode == 2 and "row 3 (bad_margin)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_odin_quality_head_is_decorrelated_from_length(trained, tmp_path):
+    """On the toy pairs the chosen answers are longer (43 tokens against 28): a plain BT reward correlates with
+    response length; ODIN's quality head, exported alone as last_checkpoint/, does not (measured: 0.54 vs -0.02)."""
+    out = tmp_path / "odin"
+    check_ok(run([sys.executable, TRAIN, "--loss_type", "odin", "--output_path", str(out)]))
+    assert (out / "two_heads" / "model.safetensors").exists()
+    config = json.loads((out / "last_checkpoint" / "config.json").read_text())
+    assert len(config["id2label"]) == 1  # one output: the quality head
+    held_out = [json.loads(line) for line in open(ROOT / "assets" / "data" / "toy_preference" / "test.jsonl")]
+    pairs = [(h["chosen"], h["rejected"]) for h in held_out]
+    tokenizer = load_tokenizer(str(out / "last_checkpoint"), "m")
+    lengths = [len(tokenizer(p[side][-1]["content"], add_special_tokens=False)["input_ids"])
+               for side in (0, 1) for p in pairs]
+    correlation = {}
+    for name, checkpoint in (("bt", trained / "last_checkpoint"), ("odin", out / "last_checkpoint")):
+        chosen, rejected = reload_rewards(checkpoint, pairs)
+        correlation[name] = float(np.corrcoef(chosen + rejected, lengths)[0, 1])
+    assert correlation["bt"] > 0.3 and abs(correlation["odin"]) < correlation["bt"] - 0.2, correlation

@@ -187,7 +187,7 @@ def staging_dir(output_dir: str) -> str:
     return os.path.join(output_dir, STAGING)
 
 
-RUN_OUTPUTS = ("last_checkpoint", "adapter", "curves.png", "rewards.png")  # what a run publishes beside metrics.json
+RUN_OUTPUTS = ("last_checkpoint", "adapter", "two_heads", "curves.png", "rewards.png")  # what a run publishes beside metrics.json
 
 
 def publish_run(output_dir: str) -> str:

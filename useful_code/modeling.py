@@ -80,11 +80,11 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
 
 
 def load_reward_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
-                      trust_remote_code: bool = False, **options):
-    """A sequence classifier with one output (the reward), aligned with the tokenizer's pad token; options as
-    load_model's (new_weights=REWARD_HEAD_WEIGHTS to train a new head on a base model)."""
+                      trust_remote_code: bool = False, num_labels: int = 1, **options):
+    """A sequence classifier with one output (the reward; ODIN trains two), aligned with the tokenizer's pad token;
+    options as load_model's (new_weights=REWARD_HEAD_WEIGHTS to train a new head on a base model)."""
     return load_model(AutoModelForSequenceClassification, name, flag, tokenizer, dtype, attn_implementation,
-                      trust_remote_code, num_labels=1, **options)
+                      trust_remote_code, num_labels=num_labels, **options)
 
 
 def load_preference_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
