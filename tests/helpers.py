@@ -44,6 +44,23 @@ def sharpened(model, std: float = 0.3, seed: int = 0):
     return sharp.eval()
 
 
+def save_sharp_checkpoints(out, seed: int = 1) -> None:
+    """A BT and a PM checkpoint in out/bt and out/pm: the tiny model with sharpened random weights (rewards differ
+    by units), saved as the trainers save them."""
+    import torch
+
+    from useful_code.defaults import DEFAULT_MODEL
+    from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_preference_model, load_reward_model
+    from useful_code.templates import load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
+    models = {"bt": load_reward_model(DEFAULT_MODEL, "--m", tokenizer, torch.float32, new_weights=REWARD_HEAD_WEIGHTS),
+              "pm": load_preference_model(DEFAULT_MODEL, "--m", tokenizer, torch.float32)}
+    for kind, model in models.items():
+        sharpened(model, std=0.3, seed=seed).save_pretrained(Path(out) / kind)
+        tokenizer.save_pretrained(Path(out) / kind)
+
+
 def free_port() -> int:
     """A free TCP port on the loopback address."""
     with socket.socket() as s:

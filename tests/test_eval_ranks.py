@@ -7,12 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import BIN, ROOT, check_ok, run, sharpened
-from useful_code.defaults import DEFAULT_MODEL, REWARD_BENCH_2_SAMPLE, REWARD_BENCH_SAMPLE
-from useful_code.modeling import load_preference_model, load_reward_model
-from useful_code.templates import load_tokenizer
+from helpers import BIN, ROOT, check_ok, run, save_sharp_checkpoints
+from useful_code.defaults import REWARD_BENCH_2_SAMPLE, REWARD_BENCH_SAMPLE
 
 pytestmark = pytest.mark.e2e  # subprocesses and torchrun ranks: `make test-fast` skips this file
 
@@ -23,14 +20,9 @@ SCRIPTS = {"bt": str(ROOT / "useful_code" / "eval_reward_bench_bt.py"),
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A BT and a PM checkpoint: the tiny model with sharpened random weights, saved as the trainers save."""
+    """A BT and a PM checkpoint: the tiny model with sharpened random weights (helpers.save_sharp_checkpoints)."""
     out = tmp_path_factory.mktemp("ranks")
-    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
-    bt = load_reward_model(DEFAULT_MODEL, "--model", tokenizer, torch.float32, new_weights=("score.",))
-    pm = load_preference_model(DEFAULT_MODEL, "--model", tokenizer, torch.float32)
-    for name, model in (("bt", bt), ("pm", pm)):
-        sharpened(model, std=0.3, seed=1).save_pretrained(out / name)
-        tokenizer.save_pretrained(out / name)
+    save_sharp_checkpoints(out, seed=1)
     return out
 
 

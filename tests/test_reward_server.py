@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, Server, run, sharpened
-from useful_code.defaults import DEFAULT_MODEL
+from helpers import ROOT, Server, run, save_sharp_checkpoints
 from useful_code.modeling import load_preference_model, load_reward_model
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.reward_client import RewardClient, RewardServerError, trl_reward_function
@@ -28,14 +27,9 @@ CONVERSATIONS = [[QUESTION, {"role": "assistant", "content": a}] for a in ANSWER
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A BT and a PM checkpoint: the tiny model with sharpened random weights, so rewards differ by units."""
+    """A BT and a PM checkpoint: the tiny model with sharpened random weights (helpers.save_sharp_checkpoints)."""
     out = tmp_path_factory.mktemp("serve")
-    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
-    models = {"bt": load_reward_model(DEFAULT_MODEL, "--m", tokenizer, torch.float32, new_weights=("score.",)),
-              "pm": load_preference_model(DEFAULT_MODEL, "--m", tokenizer, torch.float32)}
-    for kind, model in models.items():
-        sharpened(model, std=0.3, seed=2).save_pretrained(out / kind)
-        tokenizer.save_pretrained(out / kind)
+    save_sharp_checkpoints(out, seed=2)
     return out
 
 

@@ -9,16 +9,14 @@ from io import StringIO
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import BIN, ROOT, check_ok, run, sharpened
+from helpers import BIN, ROOT, check_ok, run, save_sharp_checkpoints
 from useful_code import score_dataset
 from useful_code.cli import UserError
-from useful_code.defaults import DEFAULT_MODEL, TOY_GENERATIONS
-from useful_code.modeling import load_preference_model, load_reward_model
+from useful_code.defaults import TOY_GENERATIONS
 from useful_code.reward_scorer import RewardScorer
 from useful_code.scoring import score_sequences
-from useful_code.templates import encode_conversations, load_tokenizer, truncate_all
+from useful_code.templates import encode_conversations, truncate_all
 
 TOY = TOY_GENERATIONS
 SCRIPT = str(ROOT / "useful_code" / "score_dataset.py")
@@ -42,14 +40,9 @@ VALID_IDS = [0, 1, 3, 5]
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A BT and a PM checkpoint: the tiny model with sharpened random weights, saved as the trainers save."""
+    """A BT and a PM checkpoint: the tiny model with sharpened random weights (helpers.save_sharp_checkpoints)."""
     out = tmp_path_factory.mktemp("score")
-    tokenizer = load_tokenizer(DEFAULT_MODEL, "--m")
-    models = {"bt": load_reward_model(DEFAULT_MODEL, "--m", tokenizer, torch.float32, new_weights=("score.",)),
-              "pm": load_preference_model(DEFAULT_MODEL, "--m", tokenizer, torch.float32)}
-    for kind, model in models.items():
-        sharpened(model, std=0.3, seed=1).save_pretrained(out / kind)
-        tokenizer.save_pretrained(out / kind)
+    save_sharp_checkpoints(out, seed=1)
     return out
 
 

@@ -9,7 +9,6 @@ or no key in older files) or v2 ("benchmark": 2), never both at once. Every numb
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -151,10 +150,9 @@ def format_differences(first: dict, second: dict, names: list[str], max_examples
 def write_plot(runs: list[dict], names: list[str], path: str) -> None:
     """Grouped bar chart: sections (v1) or subsets (v2) along x, one bar per file, 0-100. Saved beside path
     first and moved into place, so an interrupted run leaves no truncated image."""
-    import matplotlib
+    from useful_code.training_plots import pyplot, save_figure
 
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     key = "sections" if runs[0]["benchmark"] == 1 else "subsets"
     groups = _union(run.get(key) for run in runs)
@@ -172,14 +170,7 @@ def write_plot(runs: list[dict], names: list[str], path: str) -> None:
     ax.set_ylabel("score (0-100)")
     # Below the axes: inside, it would hide bars near 100.
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(runs), 3))
-    target = Path(path).expanduser()
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, target)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)
 
 
 def check_plot(path: str, files: list[str]) -> None:

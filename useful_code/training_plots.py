@@ -14,7 +14,8 @@ import numpy as np
 TRAIN_ACCURACY_KEYS = ("accuracy", "rewards/accuracies")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (imported on first use: matplotlib is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: training runs on servers without a display
@@ -23,15 +24,15 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> str:
-    """Save as PNG beside path, then move into place: an interrupted run never leaves a truncated image."""
+def save_figure(fig, path) -> str:
+    """Save a matplotlib figure as PNG beside path, then move into place: an interrupted run never leaves a truncated image."""
     target = Path(path).expanduser()
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         os.replace(tmp, target)
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
         tmp.unlink(missing_ok=True)
     return str(target)
 
@@ -56,7 +57,7 @@ def plot_curves(log_history: list[dict], path) -> Optional[str]:
             panels.append((label, lines))
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (label, lines) in zip(axes[0], panels):
         for name, steps, values in lines:
@@ -68,7 +69,7 @@ def plot_curves(log_history: list[dict], path) -> Optional[str]:
         ax.legend(fontsize="small")
     steps = max(e["step"] for e in log_history if isinstance(e.get("step"), (int, float)))
     fig.suptitle(f"Training curves ({steps:g} steps)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rewards(chosen, rejected, path) -> str:
@@ -83,7 +84,7 @@ def plot_rewards(chosen, rejected, path) -> str:
     if bad:
         raise ValueError(f"{bad} of the {2 * len(chosen)} rewards are NaN or infinite: the model diverged")
     margins = chosen - rejected
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_r, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     lo, hi = min(chosen.min(), rejected.min()), max(chosen.max(), rejected.max())
     if lo == hi:  # all equal: give the single bin a width
@@ -101,4 +102,4 @@ def plot_rewards(chosen, rejected, path) -> str:
     ax_m.set_xlabel("margin (chosen - rejected)")
     ax_m.set_ylabel("pairs")
     ax_m.set_title(f"Margins: {np.mean(margins > 0):.1%} > 0 (accuracy) on {len(margins)} pairs")
-    return _save(fig, path)
+    return save_figure(fig, path)
