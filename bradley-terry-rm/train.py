@@ -320,7 +320,7 @@ def main():
     staging = checkpoints.staging_dir(training_args.output_dir)
     checkpoint_dir = os.path.join(staging, "last_checkpoint")
     if args.loss_type == "odin":  # both heads beside it; last_checkpoint/ is the quality head alone
-        two_heads = os.path.join(staging, "two_heads")
+        two_heads = os.path.join(staging, checkpoints.TWO_HEADS_DIR)
         checkpoints.save_final_checkpoint(trainer, two_heads)
         if is_main:
             export_quality_head(two_heads, checkpoint_dir, tokenizer, dtype)

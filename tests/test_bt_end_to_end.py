@@ -353,3 +353,18 @@ def test_odin_quality_head_is_decorrelated_from_length(trained, tmp_path):
         chosen, rejected = reload_rewards(checkpoint, pairs)
         correlation[name] = float(np.corrcoef(chosen + rejected, lengths)[0, 1])
     assert correlation["bt"] > 0.3 and abs(correlation["odin"]) < correlation["bt"] - 0.2, correlation
+
+
+def test_scaled_loss_applies_each_pairs_weight(tmp_path):
+    """--loss_type scaled: with every weight 0 nothing is learned (held-out accuracy stays where the untrained head
+    puts it), with weight 1 it learns as plain BT does."""
+    rows = [json.loads(line) for line in open(ROOT / "assets" / "data" / "toy_preference" / "train.jsonl")][:400]
+    accuracy = {}
+    for weight in (0.0, 1.0):
+        data = tmp_path / f"w{weight}.jsonl"
+        data.write_text("\n".join(json.dumps({**row, "weight": weight}) for row in rows))
+        out = tmp_path / f"run{weight}"
+        check_ok(run([sys.executable, TRAIN, "--train_set_path", str(data), "--eval_holdout_size", "100",
+                      "--loss_type", "scaled", "--output_path", str(out), "--max_steps", "30"]))
+        accuracy[weight] = json.loads((out / "metrics.json").read_text())["eval_accuracy"]
+    assert accuracy[1.0] > 0.9 and accuracy[0.0] < 0.75, accuracy

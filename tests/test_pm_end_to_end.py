@@ -182,3 +182,23 @@ def test_training_leaves_curves_and_a_model_card(pm_run):
     assert (pm_run / "curves.png").read_bytes().startswith(b"\x89PNG")
     card = (pm_run / "last_checkpoint" / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card
+
+
+def test_lora_merged_checkpoint_is_a_plain_causal_lm_equal_to_the_adapter_model(pm_run, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    check_ok(run([sys.executable, TRAIN, "pair-pm/tiny.yaml", "--dataset_path", str(pm_run / "pm.jsonl"),
+                  "--eval_set_path", TOY, "--output_dir", str(out), "--max_steps", "12", "--use_peft",
+                  "--learning_rate", "5e-3"]))
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    tokenizer = load_tokenizer(str(out / "last_checkpoint"), "m")
+    merged = AutoModelForCausalLM.from_pretrained(out / "last_checkpoint").eval()
+    base = AutoModelForCausalLM.from_pretrained(ROOT / "assets" / "tiny-llama")
+    base.resize_token_embeddings(len(tokenizer))
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": build_pm_prompt(
+        [{"role": "user", "content": "Hi"}], "Hello! How can I help?", "Go away.")}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-4)

@@ -187,7 +187,9 @@ def staging_dir(output_dir: str) -> str:
     return os.path.join(output_dir, STAGING)
 
 
-RUN_OUTPUTS = ("last_checkpoint", "adapter", "two_heads", "curves.png", "rewards.png")  # what a run publishes beside metrics.json
+ADAPTER_DIR = "adapter"  # with LoRA: the trained adapter (and head), beside the merged last_checkpoint/
+TWO_HEADS_DIR = "two_heads"  # with ODIN: both heads, beside last_checkpoint/ (the quality head alone)
+RUN_OUTPUTS = ("last_checkpoint", ADAPTER_DIR, TWO_HEADS_DIR, "curves.png", "rewards.png")  # beside metrics.json
 
 
 def publish_run(output_dir: str) -> str:

@@ -10,12 +10,10 @@ from typing import Callable, Optional
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training  # noqa: F401
 
-from useful_code.checkpoints import save_final_checkpoint
+from useful_code.checkpoints import ADAPTER_DIR, save_final_checkpoint
 from useful_code.cli import UserError
 from useful_code.distributed import outside_zero3
 from useful_code.hardware import has_accelerator
-
-ADAPTER_DIR = "adapter"  # beside last_checkpoint/: the trained adapter (and head), for peft users
 
 
 @dataclass
