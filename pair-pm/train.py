@@ -15,6 +15,7 @@ them) are scored in both orders after training. Writes <output_dir>/last_checkpo
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -127,8 +128,10 @@ def main():
     if len(train) == 0:
         raise UserError("no examples left to train on after validation and length filtering")
     if is_main:
-        n_a = sum(label[-1] == label_token_ids(tokenizer)[0] for label in train["labels"])
-        print(f"{len(train)} training examples (answer A: {n_a}, B: {len(train) - n_a}); lr="
+        token_a, token_b = label_token_ids(tokenizer)
+        answers = Counter({token_a: "A", token_b: "B"}.get(label[-1], "Same") for label in train["labels"])
+        print(f"{len(train)} training examples (answer A: {answers['A']}, B: {answers['B']}, "
+              f"Same: {answers['Same']}); lr="
               f"{training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
               f"{training_args.gradient_accumulation_steps} epochs={training_args.num_train_epochs} "
               f"max_length={training_args.max_length} packing={training_args.packing} dtype={dtype} "

@@ -243,6 +243,16 @@ def tokenized(tok, rows, max_length=4096, overlength="error"):
     return tokenize_pm_examples(pm_dataset(rows), tok, max_length, overlength, "train set")
 
 
+def test_an_rrm_tie_is_valid_and_trained_on_all_of_its_answer_tokens(tok):
+    tie = [pm_messages(user("q"), "good", "fine", 0)[0], msg("assistant", "Same")]
+    assert is_pm_format(pm_dataset([tie, good_example()]))
+    validate_pm_examples(pm_dataset([tie]), False, "train set")  # no error
+    encoded, _ = tokenized(tok, [tie])
+    same = tok.encode("Same", add_special_tokens=False)
+    ids, labels = encoded[0]["input_ids"], encoded[0]["labels"]
+    assert ids[-len(same):] == same == labels[-len(same):] and set(labels[:-len(same)]) == {-100}
+
+
 def test_tokenize_masks_all_but_the_answer(tok):
     rows = [pm_messages(THREE_TURNS, "Sure: knock knock.", "No.", 0),
             pm_messages(user("q"), "good", "bad", 1)]

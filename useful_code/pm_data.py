@@ -18,6 +18,8 @@ from useful_code.templates import encode_conversations
 
 PM_PROMPT_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \n"
 LABELS = ("A", "B")
+TIE_LABEL = "Same"  # RRM's augmented ties (pair-pm/RRM): trained on, never scored (scoring compares A with B)
+ANSWERS = (*LABELS, TIE_LABEL)
 
 
 def format_context(messages: list[dict]) -> str:
@@ -71,7 +73,7 @@ def encode_pm_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 PM_INVALID_REASONS = {
     "not_a_pm_example": "a PM example is two messages, user (the prompt) then assistant (the label)",
-    "bad_label": "the assistant's answer must be 'A' or 'B'",
+    "bad_label": "the assistant's answer must be 'A', 'B' or 'Same' (an RRM tie)",
     "empty_prompt": "the prompt must not be empty",
 }
 
@@ -81,7 +83,7 @@ def pm_invalid_reason(messages) -> str:
     if not (isinstance(messages, list) and len(messages) == 2 and all(isinstance(m, dict) for m in messages)
             and [m.get("role") for m in messages] == ["user", "assistant"]):
         return "not_a_pm_example"
-    if messages[1].get("content") not in LABELS:
+    if messages[1].get("content") not in ANSWERS:
         return "bad_label"
     if not (messages[0].get("content") or "").strip():
         return "empty_prompt"
@@ -94,7 +96,7 @@ def is_pm_format(dataset) -> bool:
     if "messages" not in dataset.column_names or len(dataset) == 0:
         return False
     first = dataset[0]["messages"]
-    return isinstance(first, list) and bool(first) and first[-1].get("content") in LABELS
+    return isinstance(first, list) and bool(first) and first[-1].get("content") in ANSWERS
 
 
 def validate_pm_examples(dataset, skip_invalid: bool, name: str):
@@ -117,19 +119,21 @@ def pairs_to_pm(pairs, seed: int):
 
 
 def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, name: str):
-    """input_ids = prompt up to the answer position + the label token; labels = -100 except on the label token,
-    so the loss is on the answer alone (upstream's train_on_inputs: false). An example longer than max_length
+    """input_ids = prompt up to the answer position + the answer's tokens (one for A/B, those of 'Same' for an RRM
+    tie); labels = -100 except on them, so the loss is on the answer alone (upstream's train_on_inputs: false). An example longer than max_length
     is an error naming the row, or dropped and counted with overlength == 'drop' (cutting it would lose either
     the context's start or the answer). Returns (dataset, stats)."""
     if overlength not in ("error", "drop"):
         raise UserError(f"--overlength must be 'error' or 'drop' for a PM, not '{overlength}'")
     label_ids = label_token_ids(tokenizer)
+    answer_ids = {**{label: [i] for label, i in zip(LABELS, label_ids)},
+                  TIE_LABEL: tokenizer.encode(TIE_LABEL, add_special_tokens=False)}
 
     def encode(batch):
         prompts = encode_pm_prompts(tokenizer, [m[0]["content"] for m in batch["messages"]])
-        labels = [label_ids[LABELS.index(m[1]["content"])] for m in batch["messages"]]
-        return {"input_ids": [p + [label] for p, label in zip(prompts, labels)],
-                "labels": [[-100] * len(p) + [label] for p, label in zip(prompts, labels)]}
+        answers = [answer_ids[m[1]["content"]] for m in batch["messages"]]
+        return {"input_ids": [p + a for p, a in zip(prompts, answers)],
+                "labels": [[-100] * len(p) + a for p, a in zip(prompts, answers)]}
 
     encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {name}")
     lengths = [len(ids) for ids in encoded["input_ids"]]

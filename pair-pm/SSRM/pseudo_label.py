@@ -1,0 +1,153 @@
+"""Semi-supervised reward modeling (SSRM, arXiv 2409.06903), step 1: pseudo-label unlabelled pairs with a trained PM.
+
+    python pair-pm/SSRM/pseudo_label.py --reward_name_or_path PM_DIR --dataset_path UNLABELLED [--data_name NAME]
+    torchrun --nproc_per_node N pair-pm/SSRM/pseudo_label.py ...   # data-parallel: each rank scores a slice
+    python pair-pm/SSRM/conf_threshold.py [--data_name NAME] --conf_threshold 0.8   # step 2 reads this output
+
+Input: unlabelled pairs, where which response is "chosen" means nothing: standard-format pairs in any format the
+project reads (useful_code/formats.py), or rows of "prompt" (a string or messages) or "context_messages" with
+"responses", a list of exactly two strings. Each pair is scored in both orders and the two probabilities averaged:
+p = P(first response preferred). The induced label puts the first response as chosen when p > 0.5 (p = 0.5, no
+evidence, keeps the input's order), else the second.
+
+Output (--output_path, default outputs/ssrm/<data_name>-pred-probs.jsonl, the default input of conf_threshold.py):
+one JSON line per pair with the induced "chosen" and "rejected", "chosen_prob" (P(chosen preferred) = max(p, 1 - p))
+and "swapped" (whether chosen is the input's second response), plus any other columns of the input.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from useful_code.checkpoints import atomic_write_text, check_output_file
+from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.data import load_split
+from useful_code.data_parallel import finish, process_state
+from useful_code.defaults import DEFAULT_PREFERENCE_DATA
+from useful_code.formats import enforce_validity, standardize_pairs
+from useful_code.pm_scoring import PairPreferenceScorer
+from useful_code.reward_scorer import checkpoint_kind
+from useful_code.score_dataset import ROW_RULES, parse_row
+from useful_code.templates import reject_special_tokens
+
+PROB_COLUMN = "chosen_prob"  # upstream's column name; here P(the written chosen preferred), at least 0.5
+SWAPPED_COLUMN = "swapped"
+RESPONSE_ROW_RULES = {**ROW_RULES, "not_two_responses": "responses must hold exactly two responses to compare"}
+
+
+def pred_probs_path(data_name: str) -> str:
+    """The pseudo-label file of a data name: this script's default output and conf_threshold.py's default input
+    (upstream's two scripts named it differently)."""
+    return str(Path("outputs", "ssrm", f"{data_name}-pred-probs.jsonl"))
+
+
+@dataclass
+class ScriptArguments:
+    """The preference model, the unlabelled pairs and where their pseudo-labels go."""
+
+    reward_name_or_path: str = field(metadata={"help": "Pairwise preference model: checkpoint directory or hub name."})
+    dataset_path: str = field(default=DEFAULT_PREFERENCE_DATA, metadata={
+        "help": "Unlabelled pairs: standard-format pairs (the chosen/rejected order is ignored) or rows of 'prompt' or "
+                "'context_messages' with two 'responses'; a .json/.jsonl/.parquet file, a dataset directory or a hub "
+                "name."})
+    split: str = field(default="train", metadata={"help": "Dataset split (a single local file is its own split)."})
+    data_name: str = field(default="ssrm", metadata={
+        "help": "Names the default output, outputs/ssrm/<data_name>-pred-probs.jsonl (conf_threshold.py's default "
+                "input for the same --data_name)."})
+    output_path: Optional[str] = field(default=None, metadata={"help": "The pseudo-labelled pairs (.jsonl)."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per forward pass (length-sorted)."})
+    max_length: int = field(default=4096, metadata={"min": 1, "help": "Longer inputs are cut from the left (counted)."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
+    attn_implementation: str = field(default="auto")
+    trust_remote_code: bool = field(default=False)
+    load_pickled_weights: bool = field(default=False, metadata={
+        "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
+
+
+def output_path(args) -> str:
+    """--output_path (default from --data_name), checked before any work: a writable .jsonl file, not the input."""
+    path = args.output_path or pred_probs_path(args.data_name)
+    if Path(path).suffix != ".jsonl":
+        raise UserError(f"--output_path: {path} must be a .jsonl file")
+    check_output_file(path, "--output_path", inputs=(args.dataset_path,))
+    return path
+
+
+def responses_to_pairs(dataset, skip_invalid: bool):
+    """Rows of a prompt and two responses as chosen/rejected message lists (first response first)."""
+
+    def convert(row):
+        context, responses, reason = parse_row(row)
+        if not reason and len(responses) != 2:
+            reason = "not_two_responses"
+        if reason:
+            return {"chosen": None, "rejected": None, "invalid_reason": reason}
+        return {"chosen": context + [{"role": "assistant", "content": responses[0]}],
+                "rejected": context + [{"role": "assistant", "content": responses[1]}], "invalid_reason": ""}
+
+    source = [c for c in ("prompt", "context_messages", "responses") if c in dataset.column_names]
+    marked = dataset.map(convert, remove_columns=source, desc="reading responses")
+    return enforce_validity(marked, RESPONSE_ROW_RULES, skip_invalid, "dataset_path")[0]
+
+
+def load_pairs(args):
+    """The unlabelled pairs as standard-format chosen/rejected (input order), validated, with counts."""
+    raw = load_split(args.dataset_path, args.split, "--dataset_path", args.skip_invalid)
+    read = len(raw)
+    if "responses" in raw.column_names and not {"chosen", "rejected"} & set(raw.column_names):
+        raw = responses_to_pairs(raw, args.skip_invalid)
+    pairs, _ = standardize_pairs(raw, args.skip_invalid, "dataset_path")
+    return pairs, read
+
+
+def pseudo_labelled(row: dict, p: float) -> dict:
+    """An output line: the pair in the order the PM prefers, with P(its chosen preferred)."""
+    swapped = bool(p < 0.5)
+    chosen, rejected = (row["rejected"], row["chosen"]) if swapped else (row["chosen"], row["rejected"])
+    return {**row, "chosen": chosen, "rejected": rejected, PROB_COLUMN: float(1.0 - p if swapped else p),
+            SWAPPED_COLUMN: swapped}
+
+
+def main(argv: Optional[list[str]] = None):
+    started = time.time()
+    args = parse_args((ScriptArguments,), argv=argv)[0]
+    path = output_path(args)
+    if checkpoint_kind(args.reward_name_or_path) != "pm":
+        raise UserError(f"--reward_name_or_path: {args.reward_name_or_path} is not a pairwise preference model "
+                        "(a causal LM trained by pair-pm/train.py)")
+    state = process_state()
+    with state.main_process_first():  # one rank fills the datasets cache, the others then read it
+        pairs, read = load_pairs(args)
+
+    scorer = PairPreferenceScorer.from_pretrained(
+        args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
+        trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights, device=state.device,
+        batch_size=args.batch_size, max_length=args.max_length, state=state)
+    with state.main_process_first():
+        pairs, forged = reject_special_tokens(pairs, scorer.tokenizer, ("chosen", "rejected"), args.skip_invalid,
+                                              "dataset_path")
+    if len(pairs) == 0:
+        raise UserError("--dataset_path: no valid pairs to label")
+
+    # Every rank scores its slice of the sequences and gets all the probabilities back.
+    probs = scorer.score_pairs(pairs, progress=state.is_main_process)["mean"]
+
+    if state.is_main_process:
+        rows = [pseudo_labelled(row, float(p)) for row, p in zip(pairs.to_list(), probs)]
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        swapped = sum(r[SWAPPED_COLUMN] for r in rows)
+        print(f"Pseudo-labelled {args.dataset_path} with {args.reward_name_or_path} ({state.num_processes} "
+              f"process{'es' if state.num_processes > 1 else ''})\n"
+              f"  pairs read: {read}, invalid dropped: {read - len(pairs)} (of which special tokens: {forged}), "
+              f"labelled: {len(rows)}; the PM prefers the input's first response in {len(rows) - swapped}, the "
+              f"second in {swapped}; truncated sequences: {scorer.truncated}\n"
+              f"  wrote {path} in {time.time() - started:.1f}s; next: python pair-pm/SSRM/conf_threshold.py "
+              f"--input_path {path}")
+    finish(state)
+
+
+if __name__ == "__main__":
+    run_cli(main)
