@@ -13,7 +13,7 @@ ARMO_DIR := outputs/demo-armo
 ARMO_BACKBONE := $(if $(wildcard $(DEMO_DIR)/last_checkpoint/model.safetensors),$(DEMO_DIR)/last_checkpoint,assets/tiny-llama)
 ARMO_EMB := $(ARMO_DIR)/embeddings
 
-.PHONY: install demo demo-pm demo-armo serve test test-fast test-e2e bench clean
+.PHONY: install demo demo-pm demo-armo demo-math serve test test-fast test-e2e bench clean
 
 install: $(STAMP)
 
@@ -73,6 +73,15 @@ demo-armo: $(STAMP)
 		--benchmark 2 --data_set_name assets/data/reward_bench_2_sample.jsonl \
 		--record_dir $(ARMO_DIR)/reward_bench.txt --results_json $(ARMO_DIR)/reward_bench_2.json
 	python armo-rm/interpret.py --model_path $(ARMO_DIR)/model --trust_remote_code
+
+# Math process reward model: PRM training on the toy arithmetic solutions (loss on every step's "+"/"-" label), then
+# best-of-N on 64 toy problems with 8 candidates each, data-parallel on 2 ranks: the PRM's pick (min of its step
+# P(+)) against majority voting and pass@1 for N = 1, 2, 4, 8, printed and drawn (best_of_n.png).
+demo-math: $(STAMP)
+	$(DEMO_ENV) python math-rm/train.py math-rm/tiny.yaml --output_dir outputs/demo-math --overwrite_output_dir
+	$(DEMO_ENV) torchrun --nproc_per_node 2 math-rm/prm_evaluate.py \
+		--reward_name_or_path outputs/demo-math/last_checkpoint --output_dir outputs/demo-math/best_of_n
+	@echo "Best-of-N curve: outputs/demo-math/best_of_n/best_of_n.png (numbers in best_of_n.json)"
 
 # The reward server on 127.0.0.1:5000 with make demo's checkpoint (see the README's "Serving" section).
 serve: $(STAMP)

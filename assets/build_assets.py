@@ -1030,6 +1030,7 @@ def main() -> None:
     print(f"wrote {N_MULTI_OBJECTIVE} multi-objective rows to {MULTI_OBJECTIVE_FILE}")
     print(f"wrote tokenizer (vocab {len(tokenizer)}) and model to {MODEL_DIR}")
     write_toy_generations()
+    write_toy_math()
 
 
 def write_toy_generations(n: int = 24, seed: int = 2468, n_responses: int = 4) -> None:
@@ -1059,6 +1060,122 @@ def write_toy_generations(n: int = 24, seed: int = 2468, n_responses: int = 4) -
         rows.append({"id": f"gen-{i}", **prompt, "responses": responses})
     write_jsonl(DATA_DIR / "toy_generations.jsonl", rows)
     print(f"wrote {n} prompts with {n_responses} responses each to {DATA_DIR / 'toy_generations.jsonl'}")
+
+
+def write_toy_math(n_train: int = 1000, n_held_out: int = 100, n_problems: int = 64, n_candidates: int = 8,
+                   seed: int = 4321) -> None:
+    """data/toy_math/ for math-rm/: small arithmetic word problems solved step by step.
+
+    prm/train.jsonl and prm/test.jsonl: {"conversations": [...]} in RLHFlow/Mistral-PRM-Data's layout: each step a
+    user turn (the first led by the problem), each answered by the assistant's label "+" or "-". Half the solutions
+    are right; the others slip at one step, and from there every step is "-" (Math-Shepherd's hard label: no
+    completion from it reaches the right answer). best_of_n_test.jsonl: {"prompt", "answers", "label"} as RLHFlow's
+    Mistral-GSM8K-Test: n_candidates solutions per problem in the Mistral format ("Step k: ... ки" lines, the last
+    "The answer is: X"), label 1 where the final answer is right. Most wrong candidates of a problem share one
+    popular slip, so the most common answer is often wrong: majority voting loses to a PRM that spots slips.
+
+    The cue is lexical on purpose, as in toy_preference: a slip hedges ("probably", "I guess", "roughly"...) and
+    gets its arithmetic wrong; a tiny random transformer learns that in a minute, where checking the arithmetic
+    would need a real model. One eval slip in ten is written without the hedge, so the PRM is not perfect."""
+    rng = random.Random(seed)
+    people = [("Ava", "she"), ("Ben", "he"), ("Chloe", "she"), ("Dan", "he"), ("Ella", "she"), ("Finn", "he"),
+              ("Grace", "she"), ("Hugo", "he"), ("Iris", "she"), ("Jack", "he"), ("Lena", "she"), ("Omar", "he")]
+    items = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "coins", "cards", "shells", "stamps"]
+    # kind -> (symbol, what it does to a value, phrases in the problem with {x} the amount)
+    operations = {"add": ("+", lambda v, x: v + x, ["buys {x} more", "finds {x} more", "gets {x} more from a friend"]),
+                  "sub": ("-", lambda v, x: v - x, ["gives {x} to a friend", "loses {x}", "sells {x}", "uses {x}"]),
+                  "mul": ("*", lambda v, x: v * x, ["doubles them", "triples them"])}
+    right_steps = ["{Pron} {phrase}, so {pron} has {v} {s} {x} = {r} {item}.",
+                   "After that, {name} has {v} {s} {x} = {r} {item}.",
+                   "{v} {s} {x} = {r}, so there are {r} {item} now.",
+                   "Now {name} has {v} {s} {x} = {r} {item}."]
+    hedged_steps = ["{Pron} {phrase}, so {pron} probably has about {v} {s} {x} = {r} {item}.",
+                    "I guess {v} {s} {x} is roughly {r}, so maybe {r} {item}.",
+                    "{v} {s} {x} = {r} more or less, I think.",
+                    "Now {name} has maybe {r} {item}, since {v} {s} {x} is about {r}."]
+
+    def new_problem() -> tuple[dict, str]:
+        (name, pron), item = rng.choice(people), rng.choice(items)
+        start = value = rng.randint(3, 30)
+        ops = []
+        for _ in range(rng.randint(2, 3)):
+            kinds = ["add", "sub"] + (["mul"] if value < 40 else []) if value >= 3 else ["add"]
+            kind = rng.choice(kinds)
+            phrase = rng.choice(operations[kind][2])
+            x = rng.randint(2, 15) if kind == "add" else rng.randint(1, value - 1) if kind == "sub" else (
+                2 if phrase.startswith("doubles") else 3)
+            ops.append((kind, x, phrase.format(x=x)))
+            value = operations[kind][1](value, x)
+        problem = {"name": name, "pron": pron, "item": item, "start": start, "ops": ops}
+        question = (f"{name} has {start} {item}. {pron.capitalize()} {', then '.join(p for _, _, p in ops)}. "
+                    f"How many {item} does {name} have now?")
+        return problem, question
+
+    def results(problem) -> list[int]:
+        values = [problem["start"]]
+        for kind, x, _ in problem["ops"]:
+            values.append(operations[kind][1](values[-1], x))
+        return values
+
+    def random_slip(problem) -> tuple[int, int]:
+        """(step index, wrong result) of a slip at a random step."""
+        k = rng.randrange(len(problem["ops"]))
+        exact = results(problem)[k + 1]
+        wrong = exact + rng.choice([-10, -3, -2, -1, 1, 2, 3, 10])
+        return k, wrong if wrong >= 0 and wrong != exact else exact + 1
+
+    def solve(problem, slip=None, hedged=True) -> tuple[list[str], list[str], int]:
+        """Steps, labels and final answer; a slip (step index, wrong result) makes that step wrong, and every later
+        step carries the wrong value along with its own arithmetic right."""
+        steps, labels, value, wrong = [], [], problem["start"], False
+        for k, (kind, x, phrase) in enumerate(problem["ops"]):
+            result, templates = operations[kind][1](value, x), right_steps
+            if slip is not None and k == slip[0]:
+                result, wrong, templates = slip[1], True, hedged_steps if hedged else right_steps
+            steps.append(rng.choice(templates).format(
+                Pron=problem["pron"].capitalize(), pron=problem["pron"], phrase=phrase, name=problem["name"],
+                item=problem["item"], v=value, s=operations[kind][0], x=x, r=result))
+            labels.append("-" if wrong else "+")
+            value = result
+        steps.append(f"The answer is: {value}")
+        labels.append("-" if wrong else "+")
+        return [f"Step {k}: {text}" for k, text in enumerate(steps, 1)], labels, value
+
+    def prm_rows(n: int) -> list[dict]:
+        rows = []
+        for i in range(n):
+            problem, question = new_problem()
+            steps, labels, _ = solve(problem, random_slip(problem) if i % 2 else None)
+            turns = []
+            for k, (step, label) in enumerate(zip(steps, labels)):
+                turns += [{"role": "user", "content": f"{question} {step}" if k == 0 else step},
+                          {"role": "assistant", "content": label}]
+            rows.append({"conversations": turns})
+        return rows
+
+    train, held_out = prm_rows(n_train), prm_rows(n_held_out)
+    best_of_n = []
+    for _ in range(n_problems):
+        problem, question = new_problem()
+        exact = results(problem)[-1]
+        n_right = rng.choice([0, 1, 1, 2, 2, 2, 3, 3, 4, 5])
+        n_popular = min(rng.choice([1, 1, 2, 2, 3, 4]), n_candidates - n_right)
+        popular = random_slip(problem)
+        candidates = []
+        for c in range(n_candidates):
+            slip = None if c < n_right else popular if c < n_right + n_popular else random_slip(problem)
+            steps, _, final = solve(problem, slip, hedged=rng.random() >= 0.1)
+            answer = "".join(f"{s} ки\n" for s in steps[:-1]) + f"{steps[-1]} ки"
+            candidates.append((answer, int(final == exact)))
+        rng.shuffle(candidates)
+        answers, labels = [a for a, _ in candidates], [y for _, y in candidates]
+        best_of_n.append({"prompt": question, "answers": answers, "label": labels})
+    out = DATA_DIR / "toy_math"
+    write_jsonl(out / "prm" / "train.jsonl", train)
+    write_jsonl(out / "prm" / "test.jsonl", held_out)
+    write_jsonl(out / "best_of_n_test.jsonl", best_of_n)
+    print(f"wrote {n_train} train / {n_held_out} test PRM solutions and {n_problems} problems with {n_candidates} "
+          f"candidates each to {out}")
 
 
 if __name__ == "__main__":
