@@ -17,15 +17,15 @@ import torch
 from useful_code.cli import parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
-from useful_code.math_rm import (
+from useful_code.math_data import (
     TOY_BEST_OF_N,
-    StepScorer,
     encode_labeled,
     label_token_ids,
     prm_conversation,
     split_steps,
     validate_eval_rows,
 )
+from useful_code.math_scoring import StepScorer
 from useful_code.templates import encode_conversations
 
 DEMO_CHECKPOINT = REPO_ROOT / "outputs" / "demo-math" / "last_checkpoint"

@@ -15,19 +15,18 @@ scores.jsonl.
 import time
 from dataclasses import dataclass, field
 
-from useful_code.checkpoints import check_output_dir
-from useful_code.cli import parse_args, run_cli
-from useful_code.data_parallel import finish, process_state
-from useful_code.math_rm import (
+from useful_code.best_of_n import (
     BestOfNArguments,
     best_of_n_curve,
-    extract_final_answer,
     format_curve,
     load_best_of_n_inputs,
     n_values,
-    orm_conversation,
     write_results,
 )
+from useful_code.checkpoints import check_output_dir
+from useful_code.cli import parse_args, run_cli
+from useful_code.data_parallel import finish, process_state
+from useful_code.math_data import extract_final_answer, orm_conversation
 from useful_code.scoring import split_by_sizes
 
 

@@ -15,22 +15,20 @@ best_of_n.png and scores.jsonl (every candidate's step scores).
 import time
 from dataclasses import dataclass, field
 
-from useful_code.checkpoints import check_output_dir
-from useful_code.cli import parse_args, run_cli
-from useful_code.data_parallel import finish, process_state
-from useful_code.math_rm import (
+from useful_code.best_of_n import (
     AGGREGATIONS,
     BestOfNArguments,
     aggregate,
     best_of_n_curve,
-    extract_final_answer,
     format_curve,
     load_best_of_n_inputs,
     n_values,
-    prm_conversation,
-    split_steps,
     write_results,
 )
+from useful_code.checkpoints import check_output_dir
+from useful_code.cli import parse_args, run_cli
+from useful_code.data_parallel import finish, process_state
+from useful_code.math_data import extract_final_answer, prm_conversation, split_steps
 from useful_code.scoring import split_by_sizes
 
 

@@ -33,16 +33,16 @@ from useful_code.data import load_dataset_dict, load_split, pick_split
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.distributed import HardwareAwareArguments, outside_zero3
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
-from useful_code.math_rm import (
+from useful_code.math_data import (
     LABELS,
     TOY_PRM,
-    StepScorer,
     encode_labeled,
     label_count,
     to_outcome,
     tokenize_examples,
     validate_training_rows,
 )
+from useful_code.math_scoring import StepScorer
 from useful_code.modeling import load_preference_model
 from useful_code.templates import load_tokenizer
 from useful_code.training_plots import plot_curves

@@ -1,6 +1,6 @@
-"""Math reward models (useful_code/math_rm.py, math-rm/): data rules, label positions and the loss mask, one-forward
-step scores against upstream's per-step loop, aggregation and best-of-N arithmetic by hand, the toy set, user errors,
-and one end-to-end run (tiny PRM training, then best-of-N evaluation).
+"""Math reward models (useful_code/math_data.py, math_scoring.py, best_of_n.py; math-rm/): data rules, label
+positions and the loss mask, one-forward step scores against upstream's per-step loop, aggregation and best-of-N
+arithmetic by hand, the toy set, user errors, and one end-to-end run (tiny PRM training, then best-of-N evaluation).
 
 Expected values are written out by hand or computed independently of the code under test (the tokens between the
 assistant header and <|eot_id|>, one unpadded forward per step as upstream ran it, torch's cross-entropy).
@@ -17,20 +17,15 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from helpers import BIN, ROOT, check_ok, run, sharpened
+from useful_code.best_of_n import aggregate, best_of_n_curve, best_pick, majority_pick, n_values
 from useful_code.cli import UserError, run_cli
 from useful_code.defaults import DEFAULT_MODEL
-from useful_code.math_rm import (
+from useful_code.math_data import (
     TOY_BEST_OF_N,
     TOY_PRM,
-    StepScorer,
-    aggregate,
-    best_of_n_curve,
-    best_pick,
     encode_labeled,
     extract_final_answer,
     label_token_ids,
-    majority_pick,
-    n_values,
     orm_conversation,
     prm_conversation,
     split_steps,
@@ -40,6 +35,7 @@ from useful_code.math_rm import (
     validate_eval_rows,
     validate_training_rows,
 )
+from useful_code.math_scoring import StepScorer
 from useful_code.modeling import load_preference_model
 from useful_code.templates import encode_conversations, load_tokenizer
 
