@@ -508,3 +508,39 @@ def test_train_then_best_of_n_beats_majority_and_pass_at_1(tmp_path):
     assert [s["prompt"] for s in alone] == [s["prompt"] for s in scores]
     for a, b in zip(alone, scores):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+
+
+@pytest.mark.e2e
+def test_scalar_orm_learns_which_solutions_are_right_and_reloads(tmp_path):
+    """math-rm/scalar_orm_train.py (BCE on the reward logit): on the toy solutions it separates right from wrong
+    ones; a row without 'Step 1' is one line naming it."""
+    out = tmp_path / "orm"
+    proc = run([sys.executable, str(ROOT / "math-rm" / "scalar_orm_train.py"), "--output_dir", str(out)])
+    check_ok(proc)
+    assert "Checkpoint verified" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] > 0.9 and metrics["examples"]["eval"]["right"] == 50
+    from transformers import AutoModelForSequenceClassification
+    assert AutoModelForSequenceClassification.from_pretrained(out / "last_checkpoint").config.num_labels == 1
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"role": "user", "content": "2 + 2 = 4"},
+                                                 {"role": "assistant", "content": "+"}]}) + "\n")
+    proc = run([sys.executable, str(ROOT / "math-rm" / "scalar_orm_train.py"), "--train_set_path", str(bad),
+                "--eval_set_path", str(bad), "--output_dir", str(tmp_path / "bad")])
+    assert proc.returncode == 2 and "row 0 (no_step_1)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_scalar_orm_loss_is_binary_cross_entropy_on_the_reward_logit():
+    spec = importlib.util.spec_from_file_location("scalar_orm_train", ROOT / "math-rm" / "scalar_orm_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": torch.tensor([[2.0], [-1.0]])})()
+
+    trainer = module.ScalarORMTrainer.__new__(module.ScalarORMTrainer)
+    loss = trainer.compute_loss(Model(), {"input_ids": None, "attention_mask": None, "label": torch.tensor([1.0, 1.0])})
+    expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)

@@ -1,0 +1,173 @@
+"""Scalar outcome reward model (upstream's math-rm/scalar_orm_train.py): a sequence classifier with one output,
+trained with a binary cross-entropy loss on whether a solution is right.
+
+    python math-rm/scalar_orm_train.py                     # the tiny model on the toy math solutions
+    deepspeed math-rm/scalar_orm_train.py --model_name meta-llama/Llama-3.1-8B-Instruct \
+        --train_set_path RLHFlow/Mistral-ORM-Data --deepspeed deepspeed_configs/deepspeed_3.json --bf16
+
+Data as upstream: PRM/ORM rows (a chat of steps and '+'/'-' labels, validated by math-rm's rules); the solution is
+right when its last label is '+'. As upstream, the problem is the text before "Step 1" and the solution the rest,
+read as one user turn and one assistant answer; a row without "Step 1" is an error naming it (rule no_step_1).
+The model, tokenizer and checkpoint handling are the BT reward model's (a reward head on the last token, one BOS,
+left truncation, staging, reload check); the reward is the logit of P(right). Writes
+<output_dir>/last_checkpoint/ (loads with AutoModelForSequenceClassification) and <output_dir>/metrics.json.
+Fixed from upstream: its eval_set_path was undefined (the script failed before training) and its held-out rows
+were 500 of the training rows; here they come from the data's test split or --eval_set_path.
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from useful_code import checkpoints
+from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.data import load_dataset_dict, load_split, pick_split
+from useful_code.defaults import DEFAULT_MODEL
+from useful_code.distributed import HardwareAwareArguments, outside_zero3
+from useful_code.formats import enforce_validity
+from useful_code.math_data import TOY_PRM, to_outcome, validate_training_rows
+from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
+from useful_code.scoring import score_sequences
+from useful_code.templates import encode_conversations, load_tokenizer, truncate_all
+
+STEP_1 = "Step 1"  # where upstream cuts a row into the problem and its solution
+SOLUTION_RULES = {"no_step_1": f"the solution must start at '{STEP_1}' (upstream's problem/solution boundary)"}
+
+
+@dataclass
+class ScriptArguments:
+    """Upstream's flags: the base model, the data and the held-out rows."""
+
+    model_name: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub name or local directory of the base model."})
+    train_set_path: str = field(default=TOY_PRM, metadata={"help": "PRM/ORM rows ('conversations' or 'messages')."})
+    eval_set_path: Optional[str] = field(default=None, metadata={"help": "Default: the data's 'test' split."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
+    reload_check_rows: int = field(default=16, metadata={"min": 1, "help": "Held-out rows that verify the save."})
+
+
+@dataclass
+class ScalarORMTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments, TrainingArguments):
+    """transformers' TrainingArguments with upstream's names where they differ, and values that train the tiny model."""
+
+    output_dir: Optional[str] = field(default="./models/scalar_orm", metadata={"aliases": ["--output_path"]})
+    max_length: int = field(default=512, metadata={"min": 1, "help": "Longer solutions are cut from the left."})
+    learning_rate: float = field(default=1e-3)
+    per_device_train_batch_size: int = field(default=16)
+    num_train_epochs: float = field(default=1.0)
+    logging_steps: float = field(default=10)
+    bf16: Optional[bool] = field(default=False)
+    report_to: Optional[str] = field(default="none")
+
+    def __post_init__(self):
+        self.remove_unused_columns = False  # the collator reads input_ids and label
+        self.label_names = ["label"]
+        super().__post_init__()
+
+
+def solution_rows(dataset, tokenizer, max_length: int, skip_invalid: bool, name: str):
+    """Validated rows as (input_ids, label): the problem as the user's turn, the solution as the assistant's, cut from
+    the left to max_length (counted); label 1.0 when the last step is labelled '+'. Returns (dataset, stats)."""
+    rows, stats = validate_training_rows(dataset, tokenizer, skip_invalid, name)
+
+    def convert(messages) -> dict:
+        outcome = to_outcome(messages)
+        text = outcome[-2]["content"]
+        if STEP_1 not in text:
+            return {"conversation": [], "label": 0.0, "invalid_reason": "no_step_1"}
+        problem, solution = text.split(STEP_1, 1)
+        conversation = [*outcome[:-2], {"role": "user", "content": problem.strip() or text},
+                        {"role": "assistant", "content": STEP_1 + solution}]
+        return {"conversation": conversation, "label": float(outcome[-1]["content"] == "+"), "invalid_reason": ""}
+
+    converted = rows.map(convert, input_columns="messages", remove_columns=rows.column_names)
+    converted, rule_stats = enforce_validity(converted, SOLUTION_RULES, skip_invalid, name)
+    sequences, cut = truncate_all(tokenizer, encode_conversations(tokenizer, list(converted["conversation"])),
+                                  max_length)
+    tokenized = converted.remove_columns("conversation").add_column("input_ids", sequences)
+    return tokenized, {**stats, "no_step_1": rule_stats["read"] - rule_stats["used"], "truncated": cut,
+                       "used": len(tokenized), "right": int(sum(tokenized["label"]))}
+
+
+class ScalarORMTrainer(Trainer):
+    """Binary cross-entropy on the reward logit: P(the solution is right) = sigmoid(reward)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0]
+        loss = F.binary_cross_entropy_with_logits(logits.float(), inputs["label"].float())
+        return (loss, {"logits": logits.detach()}) if return_outputs else loss
+
+
+def collate(tokenizer):
+    """Right-padded input ids and attention mask, and the float labels."""
+    def collator(features):
+        batch = tokenizer.pad({"input_ids": [f["input_ids"] for f in features]}, padding=True, return_tensors="pt")
+        return {**batch, "label": torch.tensor([f["label"] for f in features], dtype=torch.float32)}
+    return collator
+
+
+def compute_metrics(eval_pred) -> dict:
+    """Accuracy of sigmoid(reward) > 0.5 against the labels."""
+    logits, labels = np.asarray(eval_pred.predictions).reshape(-1), np.asarray(eval_pred.label_ids).reshape(-1)
+    return {"accuracy": float(np.mean((logits > 0) == (labels > 0.5)))}
+
+
+def main():
+    started = time.time()
+    args, training_args, config = parse_args((ScriptArguments, ScalarORMTrainingArguments))
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    is_main = training_args.process_index == 0
+    if is_main:
+        checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
+                                     inputs=(args.model_name, args.train_set_path, args.eval_set_path))
+
+    # Data: train rows and held-out rows (the test split, or --eval_set_path), both checked by math-rm's rules.
+    tokenizer = load_tokenizer(args.model_name, "--model_name")
+    with training_args.main_process_first():
+        splits = load_dataset_dict(args.train_set_path, "--train_set_path", skip_invalid=args.skip_invalid)
+        if not args.eval_set_path and "test" not in splits:
+            raise UserError("--train_set_path has no 'test' split: pass --eval_set_path for the held-out rows")
+        held_out_raw = (load_split(args.eval_set_path, "test", "--eval_set_path", args.skip_invalid)
+                        if args.eval_set_path else splits["test"])
+        train, train_stats = solution_rows(pick_split(splits, "train", "--train_set_path"), tokenizer,
+                                           training_args.max_length, args.skip_invalid, "train set")
+        held_out, eval_stats = solution_rows(held_out_raw, tokenizer, training_args.max_length, args.skip_invalid,
+                                             "eval set")
+
+    # Model: the BT reward model's loader, a new one-output head on the base model.
+    model = load_reward_model(args.model_name, "--model_name", tokenizer, dtype, new_weights=REWARD_HEAD_WEIGHTS)
+    trainer = ScalarORMTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out,
+                               processing_class=tokenizer, data_collator=collate(tokenizer),
+                               compute_metrics=compute_metrics, callbacks=[checkpoints.DropPickledArguments()])
+    train_result = trainer.train()
+    prediction = trainer.predict(held_out, metric_key_prefix="eval")
+
+    # Save through staging, verify the reload on held-out rows, then publish.
+    staging = checkpoints.staging_dir(training_args.output_dir)
+    checkpoint_dir = os.path.join(staging, "last_checkpoint")
+    checkpoints.save_final_checkpoint(trainer, checkpoint_dir)
+    if is_main:
+        n = min(args.reload_check_rows, len(held_out))
+        with outside_zero3():
+            reloaded = load_reward_model(checkpoint_dir, "checkpoint", load_tokenizer(checkpoint_dir, "checkpoint"),
+                                         dtype).to(training_args.device).eval()
+        rewards = score_sequences(reloaded, tokenizer, list(held_out["input_ids"][:n]), batch_size=8)
+        reload_diff = checkpoints.verify_reload(np.asarray(prediction.predictions).reshape(-1)[:n], rewards, dtype,
+                                                checkpoint_dir, "rewards")
+        metrics = {"eval_accuracy": prediction.metrics["eval_accuracy"], "eval_loss": prediction.metrics["eval_loss"],
+                   "examples": {"train": train_stats, "eval": eval_stats}, "reload_max_abs_diff": reload_diff,
+                   "config": config}
+        checkpoints.write_run_metrics(staging, metrics, started, train_result, args, training_args, dtype)
+        print(f"Held-out accuracy {metrics['eval_accuracy']:.4f} (P(right) > 0.5), loss {metrics['eval_loss']:.4f} "
+              f"on {len(held_out)} solutions ({eval_stats['right']} right)")
+        print(f"Checkpoint: {checkpoints.publish_run(training_args.output_dir)}")
+    trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    run_cli(main)
