@@ -13,7 +13,7 @@ from typing import Optional
 from useful_code.cli import UserError
 from useful_code.defaults import ASSETS
 from useful_code.formats import enforce_validity
-from useful_code.templates import render_conversations, special_token_pattern
+from useful_code.templates import enforce_max_length, render_conversations, special_token_pattern
 
 LABELS = ("+", "-")
 TOY_MATH = ASSETS / "data" / "toy_math"
@@ -170,18 +170,8 @@ def tokenize_examples(dataset, tokenizer, max_length: int, overlength: str, name
 
     encoded = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
                           desc=f"tokenizing {name}")
-    lengths = [len(ids) for ids in encoded["input_ids"]]
-    too_long = [i for i, n in enumerate(lengths) if n > max_length]
-    if too_long and overlength == "error":
-        raise UserError(
-            f"{name}: {len(too_long)} of {len(lengths)} examples are longer than max_length={max_length} tokens "
-            f"(first: row {too_long[0]}, {lengths[too_long[0]]} tokens); raise --max_length, or pass "
-            "--overlength drop to drop them with a count")
-    if too_long:
-        encoded = encoded.select(sorted(set(range(len(lengths))) - set(too_long)))
-        print(f"[{name}] dropped {len(too_long)} examples longer than max_length={max_length} tokens "
-              "(--overlength drop)")
-    return encoded, {"dropped_overlength": len(too_long)}
+    encoded, dropped = enforce_max_length(encoded, max_length, overlength, name)
+    return encoded, {"dropped_overlength": dropped}
 
 
 # ============================================================================ evaluation rows

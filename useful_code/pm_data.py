@@ -14,7 +14,7 @@ import numpy as np
 
 from useful_code.cli import UserError
 from useful_code.formats import enforce_validity
-from useful_code.templates import encode_conversations
+from useful_code.templates import encode_conversations, enforce_max_length
 
 PM_PROMPT_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \n"
 LABELS = ("A", "B")
@@ -68,7 +68,8 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
 
 def encode_pm_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids up to the answer position: the chat template with its generation prompt, exactly one BOS."""
-    return encode_conversations(tokenizer, [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True)
+    return encode_conversations(tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                                add_generation_prompt=True)
 
 
 PM_INVALID_REASONS = {
@@ -120,9 +121,9 @@ def pairs_to_pm(pairs, seed: int):
 
 def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, name: str):
     """input_ids = prompt up to the answer position + the answer's tokens (one for A/B, those of 'Same' for an RRM
-    tie); labels = -100 except on them, so the loss is on the answer alone (upstream's train_on_inputs: false). An example longer than max_length
-    is an error naming the row, or dropped and counted with overlength == 'drop' (cutting it would lose either
-    the context's start or the answer). Returns (dataset, stats)."""
+    tie); labels = -100 except on them, so the loss is on the answer alone (upstream's train_on_inputs: false). An
+    example longer than max_length is an error naming the row, or dropped and counted with overlength == 'drop'
+    (cutting it would lose either the context's start or the answer). Returns (dataset, stats)."""
     if overlength not in ("error", "drop"):
         raise UserError(f"--overlength must be 'error' or 'drop' for a PM, not '{overlength}'")
     label_ids = label_token_ids(tokenizer)
@@ -136,16 +137,5 @@ def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, n
                 "labels": [[-100] * len(p) + a for p, a in zip(prompts, answers)]}
 
     encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {name}")
-    lengths = [len(ids) for ids in encoded["input_ids"]]
-    too_long = [i for i, n in enumerate(lengths) if n > max_length]
-    if too_long and overlength == "error":
-        raise UserError(
-            f"{name}: {len(too_long)} of {len(lengths)} examples are longer than max_length={max_length} tokens "
-            f"(first: row {too_long[0]}, {lengths[too_long[0]]} tokens); raise --max_length, or pass "
-            "--overlength drop to drop them with a count")
-    if too_long:
-        keep = sorted(set(range(len(lengths))) - set(too_long))
-        encoded = encoded.select(keep)
-        print(f"[{name}] dropped {len(too_long)} examples longer than max_length={max_length} tokens "
-              "(--overlength drop)")
-    return encoded, {"dropped_overlength": len(too_long)}
+    encoded, dropped = enforce_max_length(encoded, max_length, overlength, name)
+    return encoded, {"dropped_overlength": dropped}

@@ -179,3 +179,21 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: s
         stats["truncated"] = n_over
         print(f"[{name}] truncated {n_over} pairs longer than max_length={max_length} tokens from the left")
     return encoded.remove_columns("overlength"), stats
+
+
+def enforce_max_length(encoded, max_length: int, overlength: str, name: str):
+    """For examples that cannot be cut (a PM prompt, a math solution: either end holds what is learned): an example
+    whose input_ids are longer than max_length is an error naming its row, or with overlength == 'drop' is dropped
+    and counted. Returns (dataset, number dropped)."""
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long and overlength == "error":
+        raise UserError(
+            f"{name}: {len(too_long)} of {len(lengths)} examples are longer than max_length={max_length} tokens "
+            f"(first: row {too_long[0]}, {lengths[too_long[0]]} tokens); raise --max_length, or pass "
+            "--overlength drop to drop them with a count")
+    if too_long:
+        encoded = encoded.select(sorted(set(range(len(lengths))) - set(too_long)))
+        print(f"[{name}] dropped {len(too_long)} examples longer than max_length={max_length} tokens "
+              "(--overlength drop)")
+    return encoded, len(too_long)
