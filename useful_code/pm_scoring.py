@@ -116,20 +116,26 @@ class PairPreferenceScorer:
         return self.prob_first_preferred([c[:-1] for c in pairs["chosen"]], [c[-1]["content"] for c in pairs["chosen"]],
                                          [r[-1]["content"] for r in pairs["rejected"]], progress)
 
-    def response_scores(self, contexts: list[list[dict]], responses: list[list[str]],
-                        progress: bool = True) -> list[list[float]]:
-        """Each response's mean probability of being preferred over each other response to its prompt. A PM only
-        compares, so this win rate is its score of a response (with two responses, P(first preferred) and its
-        complement); every unordered pair is played once in both orders, all prompts' pairs in shared batches."""
+    def preference_matrices(self, contexts: list[list[dict]], responses: list[list[str]],
+                            progress: bool = False) -> list[np.ndarray]:
+        """For each prompt, P[i, j] = P(response i preferred over response j), both orders averaged (diagonal 0.5):
+        every unordered pair is played once in both orders, all prompts' pairs in shared batches."""
         pairings = [(p, i, j) for p, rs in enumerate(responses) for i in range(len(rs)) for j in range(i + 1, len(rs))]
         probs = self.prob_first_preferred([contexts[p] for p, _, _ in pairings],
                                           [responses[p][i] for p, i, _ in pairings],
                                           [responses[p][j] for p, _, j in pairings], progress)["mean"]
-        wins = [np.zeros(len(rs)) for rs in responses]
+        matrices = [np.full((len(rs), len(rs)), 0.5) for rs in responses]
         for (p, i, j), prob in zip(pairings, probs):
-            wins[p][i] += prob
-            wins[p][j] += 1.0 - prob
-        return [(w / max(len(w) - 1, 1)).tolist() for w in wins]
+            matrices[p][i, j], matrices[p][j, i] = prob, 1.0 - prob
+        return matrices
+
+    def response_scores(self, contexts: list[list[dict]], responses: list[list[str]],
+                        progress: bool = True) -> list[list[float]]:
+        """Each response's mean probability of being preferred over each other response to its prompt. A PM only
+        compares, so this win rate is its score of a response (with two responses, P(first preferred) and its
+        complement)."""
+        return [((m.sum(axis=1) - 0.5) / max(len(m) - 1, 1)).tolist()
+                for m in self.preference_matrices(contexts, responses, progress)]
 
     def knockout(self, context: list[dict], responses: list[str]) -> TournamentResult:
         """Best of n responses by a knock-out tournament: n - 1 comparisons (each in both orders), one batch

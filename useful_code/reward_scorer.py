@@ -102,13 +102,7 @@ class RewardScorer:
         comparisons in shared batches) and the knock-out tournament's winner."""
         if self.kind != "pm":
             raise UserError(f"comparing responses needs a pairwise preference model; this is a {KINDS[self.kind]}")
-        pairs = [(c, i, j) for c, rs in enumerate(candidates) for i in range(len(rs)) for j in range(i + 1, len(rs))]
-        probs = self.preference.prob_first_preferred([contexts[c] for c, _, _ in pairs],
-                                                     [candidates[c][i] for c, i, _ in pairs],
-                                                     [candidates[c][j] for c, _, j in pairs])["mean"]
-        matrices = [[[0.5] * len(rs) for _ in rs] for rs in candidates]
-        for (c, i, j), p in zip(pairs, probs):
-            matrices[c][i][j], matrices[c][j][i] = float(p), 1.0 - float(p)
+        matrices = [m.tolist() for m in self.preference.preference_matrices(contexts, candidates)]
         winners = self.preference.knockout_many(contexts, candidates)
         return [{"probabilities": m, "winner": w.winner} for m, w in zip(matrices, winners)]
 
