@@ -103,6 +103,7 @@ bench: $(STAMP)
 	python benchmarks/bench_eval_batching.py
 	python benchmarks/bench_pm_eval_batching.py
 	python benchmarks/bench_reward_server.py
+	python benchmarks/bench_bt_training.py
 
 clean:
 	rm -rf outputs

@@ -58,7 +58,8 @@ def main():
 
     sequences, truncated = truncate_all(tokenizer, encode_conversations(tokenizer, list(shard["messages"])),
                                         args.max_length)
-    embeddings, _ = embed(model, tokenizer, sequences, args.batch_size)
+    embeddings, _ = embed(model, tokenizer, sequences, args.batch_size,
+                          max_tokens_per_batch=args.max_tokens_per_batch)
     labels = np.array([[np.nan if v is None else v for v in shard[a]] for a in ATTRIBUTES],
                       dtype=np.float32).T.reshape(len(shard), len(ATTRIBUTES))
 

@@ -79,7 +79,8 @@ def main():
     embedded = torch.tensor([max(len(c), len(r)) <= args.seq_len for c, r in zip(chosen, rejected)])
     keep = embedded.nonzero().flatten().tolist()
     last, gated = embed(model, tokenizer, [chosen[i] for i in keep] + [rejected[i] for i in keep],
-                        args.batch_size, gating_pattern_ids=pattern)
+                        args.batch_size, gating_pattern_ids=pattern,
+                        max_tokens_per_batch=args.max_tokens_per_batch)
     hidden = model.config.hidden_size
     embeddings = torch.zeros(len(shard), 2, hidden, dtype=last.dtype)
     prompt_embeddings = torch.zeros(len(shard), 2, hidden, dtype=last.dtype)

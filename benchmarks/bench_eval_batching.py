@@ -1,51 +1,97 @@
-"""Benchmark: RewardBench-style scoring, length-sorted batches (ours) vs one sequence per forward (upstream's
-pipeline with batch_size=1), on real HH-RLHF pairs, in the same run. Prints pairs/s for both, the speed ratio,
-and the largest reward difference between the two (they must agree).
+"""Benchmark: RewardBench-style scoring of real HH-RLHF pairs three ways, on the same checkpoint and token ids:
+one sequence per forward (upstream's pipeline with batch_size=1, the reference), length-sorted padded batches, and
+token-budget padding-free rows (the default of every scoring path here). Prints pairs/s, peak memory and the ratios
+to the reference, and checks that every method makes the same decisions (chosen above rejected).
 
-    python benchmarks/bench_eval_batching.py [--data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz]
+    python benchmarks/bench_eval_batching.py [--model tiny|30m] [--pairs 300] [--max_length 1024]
+
+Each method runs in its own process with one thread, one after the other, so that its peak RSS (os.wait4) is its
+own; the parent compares their rewards.
 """
 
+import json
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification
 
-from hh_pairs import HHBenchArguments, load_hh_pairs
-from useful_code.cli import parse_args, run_cli
-from useful_code.scoring import score_sequences
+from hh_pairs import HHBenchArguments, build_bench_model, load_hh_pairs, run_child
+from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.defaults import DEFAULT_MODEL
+from useful_code.modeling import load_reward_model
+from useful_code.packing import enable_padding_free
+from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
+
+METHODS = {"single": "one sequence per forward", "padded": "padded batches", "packed": "padding-free token budget"}
 
 
 @dataclass
 class BenchArguments(HHBenchArguments):
+    model: str = field(default="tiny", metadata={"choices": ("tiny", "30m")})
     max_length: int = field(default=1024, metadata={"min": 1})
+    max_tokens_per_batch: int = field(default=DEFAULT_SCORING_TOKENS, metadata={"min": 1})
+    method: Optional[str] = field(default=None, metadata={
+        "choices": tuple(METHODS), "help": "Run one method in this process, on --model_dir, into --results."})
+    model_dir: Optional[str] = field(default=None, metadata={"help": "With --method: the checkpoint to score with."})
+    results: Optional[str] = field(default=None, metadata={"help": "With --method: where its rewards go (.json)."})
+
+
+def score_with(method: str, args: BenchArguments) -> None:
+    """One method, in this process: score the pairs, write the rewards and the scoring time."""
+    tokenizer = load_tokenizer(args.model_dir, "--model_dir")
+    model = load_reward_model(args.model_dir, "--model_dir", tokenizer, torch.float32).eval()
+    pairs, _ = tokenize_pairs(load_hh_pairs(args), tokenizer, args.max_length, "truncate", "bench", skip_invalid=True)
+    sequences = list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"])
+    start = time.perf_counter()
+    if method == "single":
+        with torch.inference_mode():
+            rewards = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in sequences]
+    else:
+        if method == "packed":
+            assert enable_padding_free(model)
+        rewards = score_sequences(model, tokenizer, sequences, args.batch_size,
+                                  max_tokens_per_batch=args.max_tokens_per_batch if method == "packed" else 0)
+    seconds = time.perf_counter() - start
+    mean_tokens = float(np.mean([len(s) for s in sequences]))
+    Path(args.results).write_text(json.dumps({"seconds": seconds, "rewards": rewards, "mean_tokens": mean_tokens}))
 
 
 def main():
     args = parse_args((BenchArguments,))[0]
-    tokenizer = load_tokenizer(args.model, "--model")
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1).eval()
-    model.config.pad_token_id = tokenizer.pad_token_id
-    pairs, _ = tokenize_pairs(load_hh_pairs(args), tokenizer, args.max_length, "truncate", "bench", skip_invalid=True)
-    sequences = list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"])
-
-    start = time.perf_counter()
-    batched = score_sequences(model, tokenizer, sequences, args.batch_size)
-    batched_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    with torch.inference_mode():
-        single = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in sequences]
-    single_s = time.perf_counter() - start
-
-    max_diff = float(np.max(np.abs(np.array(batched) - np.array(single))))
-    print(f"{args.pairs} HH-RLHF pairs ({len(sequences)} sequences, mean {np.mean([len(s) for s in sequences]):.0f} tokens), "
-          f"{torch.get_num_threads()} threads")
-    print(f"one sequence per forward : {args.pairs / single_s:8.1f} pairs/s")
-    print(f"length-sorted batches of {args.batch_size}: {args.pairs / batched_s:8.1f} pairs/s")
-    print(f"speed-up: {single_s / batched_s:.2f}x   max |reward difference|: {max_diff:.2e}")
+    if args.method:
+        return score_with(args.method, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
+        build_bench_model(args.model, tokenizer, work / "model", seed=0, max_length=args.max_length)
+        results = {}
+        for method in METHODS:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--method", method, "--model_dir", str(work / "model"),
+                   "--results", str(work / f"{method}.json")]
+            run = run_child(cmd, work / f"{method}.log", timeout=3600)
+            if run["exit_code"] != 0:
+                raise UserError(f"{method} failed: {(work / f'{method}.log').read_text()[-2000:]}")
+            results[method] = {**run, **json.loads((work / f"{method}.json").read_text())}
+    reference = results["single"]
+    rewards = {m: np.asarray(r["rewards"]).reshape(2, -1) for m, r in results.items()}
+    decisions = {m: r[0] > r[1] for m, r in rewards.items()}
+    print(f"{args.pairs} HH-RLHF pairs ({2 * args.pairs} sequences, mean {reference['mean_tokens']:.0f} tokens, "
+          f"max_length {args.max_length}), model {args.model}, one thread per process")
+    print(f"{'method':34s} {'pairs/s':>9s} {'speed-up':>9s} {'peak MiB':>9s} {'memory':>7s} {'max |diff|':>11s}")
+    for method, label in METHODS.items():
+        r = results[method]
+        diff = float(np.max(np.abs(rewards[method] - rewards["single"])))
+        if not np.array_equal(decisions[method], decisions["single"]):
+            raise UserError(f"{label} changes {int((decisions[method] != decisions['single']).sum())} decisions")
+        print(f"{label:34s} {args.pairs / r['seconds']:9.1f} {reference['seconds'] / r['seconds']:8.2f}x "
+              f"{r['peak_rss_mib']:9.0f} {r['peak_rss_mib'] / reference['peak_rss_mib']:6.2f}x {diff:11.2e}")
+    print("decisions: identical across methods")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,21 @@
-"""What the benchmarks share: their flags and the real HH-RLHF pairs they score (../shared beside the checkout)."""
+"""What the benchmarks share: their flags, the real HH-RLHF pairs they score (../shared beside the checkout), the
+model every contestant starts from, and running a contestant as its own measured process."""
 
+import os
+import signal
+import subprocess
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from useful_code.cli import UserError
 from useful_code.data import load_split
-from useful_code.defaults import DEFAULT_MODEL, HH_RLHF_HARMLESS_TEST
+from useful_code.defaults import DEFAULT_MODEL, HH_RLHF_HARMLESS_TEST, REPO_ROOT
 from useful_code.formats import standardize_pairs
+from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
 
 
 @dataclass
@@ -25,3 +35,51 @@ def load_hh_pairs(args: HHBenchArguments):
     if len(pairs) < args.pairs:
         raise UserError(f"--data has {len(pairs)} valid pairs, fewer than --pairs={args.pairs}")
     return pairs.select(range(args.pairs))
+
+
+def build_bench_model(kind: str, tokenizer, path: Path, seed: int, max_length: int) -> int:
+    """Save the contestants' common starting point (a one-output sequence classifier and its tokenizer) to path, the
+    new weights drawn from a fixed seed: 'tiny' is the embedded model with a new score head, '30m' a random-init
+    Llama (hidden 512, 8 layers, 8 heads, intermediate 1376; 25.9M parameters with the tiny tokenizer's vocabulary).
+    Returns its parameter count."""
+    torch.manual_seed(seed)
+    if kind == "tiny":
+        model = load_reward_model(DEFAULT_MODEL, "--model", tokenizer, torch.float32, new_weights=REWARD_HEAD_WEIGHTS)
+    else:
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                             num_key_value_heads=8, intermediate_size=1376,
+                             max_position_embeddings=max(2048, max_length), num_labels=1,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+        model = LlamaForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_child(cmd: list[str], log_path: Path, timeout: float) -> dict:
+    """Run cmd as its own process group with one thread, its output to log_path; kill the group after timeout.
+    Returns its exit code, wall time and peak RSS: os.wait4's rusage is this child's own (RUSAGE_CHILDREN would be
+    the largest of every child so far)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start, timed_out = time.perf_counter(), False
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - start > timeout:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+    except BaseException:  # Ctrl-C: take the child's process group down too
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return {"exit_code": proc.returncode, "timed_out": timed_out, "wall_s": time.perf_counter() - start,
+            "peak_rss_mib": usage.ru_maxrss / 1024}  # Linux: KiB

@@ -39,6 +39,14 @@ from useful_code.losses import (
 )
 from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
+from useful_code.packing import (
+    TokenBudgetBatches,
+    enable_padding_free,
+    packed_rewards,
+    padding_free_unsupported,
+    pair_cost,
+    supports_prefix_sharing,
+)
 from useful_code.scoring import score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
 from useful_code.training_plots import plot_curves, plot_rewards
@@ -69,6 +77,16 @@ class ScriptArguments(HeldOutArguments):
     odin_ortho_coefficient: float = field(default=1.0, metadata={"min": 0, "help": "ODIN's head-orthogonality term."})
     center_rewards_coefficient: float = field(default=0.0, metadata={
         "min": 0, "help": "TRL's reward centering: adds coefficient * mean((r_c + r_r)^2)."})
+    padding_free: bool = field(default=True, metadata={
+        "help": "Pack each batch's sequences end to end in one row, no padding computed, attention kept inside each "
+                "sequence (where the model and attention implementation allow it; else padded, said once)."})
+    max_tokens_per_batch: int = field(default=0, metadata={
+        "min": 0, "help": "With --padding_free: batches of as many pairs as fit in this many packed tokens (replaces "
+                          "--per_device_train_batch_size; bounds the activations of a step). 0: batches of "
+                          "--per_device_train_batch_size pairs."})
+    prefix_sharing: bool = field(default=True, metadata={
+        "help": "With --padding_free: compute each pair's shared context once, both responses attending to it "
+                "(sdpa/eager; flash attention falls back to plain padding-free, said once)."})
 
 
 @dataclass
@@ -130,11 +148,13 @@ class BradleyTerryTrainer(Trainer):
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let the Trainer scale it for accumulation
 
     def __init__(self, *args, center_rewards_coefficient: float = 0.0, odin: Optional[tuple[float, float]] = None,
-                 **kwargs):
+                 batch_sampler: Optional[torch.utils.data.Sampler] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.batch_sampler = batch_sampler  # token-budget training batches (--max_tokens_per_batch)
         self.center_rewards_coefficient = center_rewards_coefficient
         self.odin = odin  # (length, orthogonality) coefficients when training ODIN's two heads
         self.batch_metrics: dict[str, list[float]] = {}  # training batches since the last log, as TRL keeps them
+        self.train_tokens = {"real": 0, "computed": 0, "padding": 0}  # this rank's training forwards, whole run
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if self.model.training and self.batch_metrics:  # TRL's reward metrics, averaged over the logging window
@@ -149,7 +169,12 @@ class BradleyTerryTrainer(Trainer):
         return {**prepared, **{k: v.to(self.args.device) for k, v in pair_values.items()}}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        if "packed_blocks" in inputs:  # PairwiseCollator(padding_free=True): one row, read at each sequence's end
+            rewards = packed_rewards(model, inputs)
+            padding = 0
+        else:
+            rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            padding = int(inputs["attention_mask"].numel() - inputs["attention_mask"].sum())
         parts = {}
         if self.odin is None:
             chosen, rejected = split_pair_rewards(rewards)
@@ -166,11 +191,25 @@ class BradleyTerryTrainer(Trainer):
             with torch.no_grad():
                 gap, both = (chosen - rejected).float(), torch.cat([chosen, rejected]).float()
                 values = {"accuracy": (gap > 0).float().mean(), "margin": gap.mean(), "rewards/mean": both.mean(),
-                          "rewards/min": both.min(), "rewards/max": both.max(),
-                          "num_tokens": inputs["attention_mask"].sum().float()}
+                          "rewards/min": both.min(), "rewards/max": both.max()}
             for key, value in values.items():
                 self.batch_metrics.setdefault(key, []).append(value.item())
+            computed = inputs["input_ids"].numel()
+            # num_tokens: the sequences' own tokens (TRL's); computed_tokens: what the forward ran, padding included
+            # and a shared context counted once
+            self.batch_metrics.setdefault("num_tokens", []).append(int(inputs["real_tokens"]))
+            self.batch_metrics.setdefault("computed_tokens", []).append(computed)
+            for key, value in (("real", int(inputs["real_tokens"])), ("computed", computed), ("padding", padding)):
+                self.train_tokens[key] += value
         return (loss, {"rewards": torch.stack([chosen, rejected], dim=1)}) if return_outputs else loss
+
+    def get_train_dataloader(self):
+        if self.batch_sampler is None:
+            return super().get_train_dataloader()
+        loader = torch.utils.data.DataLoader(self.train_dataset, batch_sampler=self.batch_sampler,
+                                             collate_fn=self.data_collator,
+                                             num_workers=self.args.dataloader_num_workers)
+        return self.accelerator.prepare(loader)
 
     def _get_eval_sampler(self, eval_dataset):
         # transformers also length-groups (shuffles) eval batches when training does; predictions must come
@@ -242,12 +281,31 @@ def verify_checkpoint(trainer, checkpoint_dir: str, pairs, in_memory: np.ndarray
         tokenizer = load_tokenizer(checkpoint_dir, "checkpoint")
         with outside_zero3():
             model = load_reward_model(checkpoint_dir, "checkpoint", tokenizer, dtype).to(trainer.args.device).eval()
+        enable_padding_free(model)  # scored as evaluation scores it
         rewards = score_sequences(model, tokenizer, list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"]),
                                   batch_size=8)
         reloaded = np.stack([rewards[: len(pairs)], rewards[len(pairs):]], axis=1)
         max_diff = checkpoints.verify_reload(in_memory, reloaded, dtype, checkpoint_dir, "rewards")
     trainer.accelerator.wait_for_everyone()
     return max_diff
+
+
+def choose_packing(model, args: ScriptArguments, is_main: bool) -> tuple[bool, bool]:
+    """(padding_free, share_prefix) as asked and as the model allows; what could not be had is said once."""
+    if not args.padding_free:
+        return False, False
+    reason = padding_free_unsupported(model)
+    if reason:
+        if is_main:
+            print(f"note: padded batches, not padding-free: {reason}")
+        return False, False
+    enable_padding_free(model)
+    if args.prefix_sharing and not supports_prefix_sharing(model):
+        if is_main:
+            print(f"note: prefix sharing needs sdpa or eager attention, not {model.config._attn_implementation}; "
+                  "training padding-free without it")
+        return True, False
+    return True, args.prefix_sharing
 
 
 def main():
@@ -295,8 +353,19 @@ def main():
                               new_weights=REWARD_HEAD_WEIGHTS,  # a base model gets a new head
                               pickled_weights=args.load_pickled_weights, **quantization)
     model.config.use_cache = False
+    padding_free, share_prefix = choose_packing(model, args, is_main)
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args.gradient_checkpointing)
+
+    batch_sampler = None
+    if args.max_tokens_per_batch:
+        if not padding_free:
+            raise UserError("--max_tokens_per_batch needs padding-free training (--padding_free, a causal decoder)")
+        batch_sampler = TokenBudgetBatches([pair_cost(c, r, share_prefix) for c, r in zip(
+            train["chosen_input_ids"], train["rejected_input_ids"])], args.max_tokens_per_batch, training_args.seed)
+        if is_main:
+            print(f"Token-budget batches: {len(batch_sampler)} of up to {args.max_tokens_per_batch} tokens per epoch "
+                  f"(mean {len(train) / len(batch_sampler):.1f} pairs; --per_device_train_batch_size is not used)")
 
     trainer = BradleyTerryTrainer(
         model=model,
@@ -304,11 +373,12 @@ def main():
         train_dataset=train,
         eval_dataset=held_out,
         processing_class=tokenizer,
-        data_collator=PairwiseCollator(tokenizer),
+        data_collator=PairwiseCollator(tokenizer, padding_free=padding_free, share_prefix=share_prefix),
         compute_metrics=compute_metrics,
         callbacks=[checkpoints.DropPickledArguments()],
         center_rewards_coefficient=args.center_rewards_coefficient,
         odin=(args.odin_length_coefficient, args.odin_ortho_coefficient) if args.loss_type == "odin" else None,
+        batch_sampler=batch_sampler,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     # The held-out pairs are scored once: their accuracy and loss, the pictures, and the reload check's reference.
@@ -340,6 +410,7 @@ def main():
             "eval_ties": eval_metrics["eval_ties"],
             "examples": data_stats,
             "reload_max_abs_diff": reload_diff,
+            "train_tokens": {**trainer.train_tokens, "padding_free": padding_free, "prefix_sharing": share_prefix},
             "config": config,
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         }

@@ -368,3 +368,23 @@ def test_scaled_loss_applies_each_pairs_weight(tmp_path):
                       "--loss_type", "scaled", "--output_path", str(out), "--max_steps", "30"]))
         accuracy[weight] = json.loads((out / "metrics.json").read_text())["eval_accuracy"]
     assert accuracy[1.0] > 0.9 and accuracy[0.0] < 0.75, accuracy
+
+
+def test_padding_free_and_prefix_sharing_train_to_the_padded_losses(tmp_path):
+    """The same 8 steps padded, padding-free and prefix-sharing (the default): losses agree to float tolerance, no
+    pad token is computed without padding, and the shared contexts are computed once."""
+    runs = {"padded": ("--padding_free", "false"), "packed": ("--prefix_sharing", "false"), "prefix": ()}
+    metrics = {}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        check_ok(run([sys.executable, TRAIN, "--output_path", str(out), "--max_steps", "8", "--logging_steps", "1",
+                      "--group_by_length", "false", *flags]))
+        metrics[name] = json.loads((out / "metrics.json").read_text())
+    tokens = {name: m["train_tokens"] for name, m in metrics.items()}
+    assert tokens["padded"]["real"] == tokens["packed"]["real"] == tokens["prefix"]["real"] > 0
+    assert tokens["padded"]["padding"] > 0 and tokens["packed"]["padding"] == tokens["prefix"]["padding"] == 0
+    assert tokens["packed"]["computed"] == tokens["packed"]["real"] > tokens["prefix"]["computed"]
+    assert (tokens["prefix"]["padding_free"], tokens["prefix"]["prefix_sharing"]) == (True, True)
+    for name in ("packed", "prefix"):
+        assert metrics[name]["train_loss"] == pytest.approx(metrics["padded"]["train_loss"], rel=1e-4)
+        assert metrics[name]["eval_loss"] == pytest.approx(metrics["padded"]["eval_loss"], rel=1e-3, abs=1e-5)

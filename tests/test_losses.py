@@ -130,17 +130,19 @@ FEATURES = [
 
 def test_collator_without_columns_is_unchanged(tok):
     batch = PairwiseCollator(tok)(FEATURES)
-    assert set(batch) == {"input_ids", "attention_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "real_tokens"}
     assert batch["input_ids"].tolist() == [[0, 10, 6, 2], [0, 14, 15, 6], [0, 11, 12, 6], [0, 6, 2, 2]]
     # columns present but None in every row (e.g. an Arrow column of nulls) are absent too
-    assert set(PairwiseCollator(tok)([{**f, "margin": None} for f in FEATURES])) == {"input_ids", "attention_mask"}
+    plain = {"input_ids", "attention_mask", "real_tokens"}
+    assert set(PairwiseCollator(tok)([{**f, "margin": None} for f in FEATURES])) == plain
 
 
 def test_collator_passes_per_pair_columns(tok):
     extra = [{"margin": 0.5, "weight": 2, "chosen_length": 3, "rejected_length": 4},
              {"margin": np.float64(0.0), "weight": 0.25, "chosen_length": 4, "rejected_length": 2}]
     batch = PairwiseCollator(tok)([{**f, **e} for f, e in zip(FEATURES, extra)])
-    assert set(batch) == {"input_ids", "attention_mask", "margin", "weight", "chosen_length", "rejected_length"}
+    assert set(batch) == {"input_ids", "attention_mask", "real_tokens", "margin", "weight", "chosen_length",
+                          "rejected_length"}
     assert batch["margin"].tolist() == [0.5, 0.0]
     assert batch["weight"].tolist() == [2.0, 0.25]
     assert batch["chosen_length"].tolist() == [3.0, 4.0]
@@ -148,7 +150,7 @@ def test_collator_passes_per_pair_columns(tok):
     for name in ("margin", "weight", "chosen_length", "rejected_length"):
         assert batch[name].dtype == torch.float32 and batch[name].shape == (2,)
     only_margin = PairwiseCollator(tok)([{**FEATURES[0], "margin": 1}, {**FEATURES[1], "margin": 2}])
-    assert set(only_margin) == {"input_ids", "attention_mask", "margin"}
+    assert set(only_margin) == {"input_ids", "attention_mask", "real_tokens", "margin"}
 
 
 def test_collator_mixed_none_raises(tok):

@@ -91,7 +91,8 @@ def test_scripts_score_without_grad(tmp_path):
          "--output_dir", str(armo / "head")],
         ["armo-rm/export.py", "--head_dir", str(armo / "head"), "--output_path", str(armo / "model")],
         ["armo-rm/interpret.py", "--model_path", str(armo / "model"), "--trust_remote_code"],
-        ["benchmarks/bench_eval_batching.py", "--data", "assets/data/toy_preference", "--pairs", "8"],
+        ["benchmarks/bench_eval_batching.py", "--data", "assets/data/toy_preference", "--pairs", "8", "--method",
+         "packed", "--model_dir", str(bt / "last_checkpoint"), "--results", str(tmp_path / "bench.json")],
         ["benchmarks/bench_pm_eval_batching.py", "--data", "assets/data/toy_preference", "--pairs", "4"],
     ]
     driver = NO_GRAD_GUARD + f'''

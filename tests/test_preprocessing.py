@@ -616,7 +616,7 @@ def test_pairwise_collator(tok):
         {"chosen_input_ids": [0, 14, 15, 6], "rejected_input_ids": [0, 6]},
     ]
     batch = PairwiseCollator(tok)(features)
-    assert set(batch) == {"input_ids", "attention_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "real_tokens"}
     assert batch["input_ids"].tolist() == [
         [0, 10, 6, 2, 2],
         [0, 14, 15, 6, 2],

@@ -191,8 +191,8 @@ def test_truncated_sequences_are_counted(checkpoints, tmp_path):
 def test_resume_after_a_kill_gives_the_uninterrupted_output(checkpoints, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
-    # batch size 1: a sequence's reward does not depend on the batch it shares, so lines match byte for byte.
-    flags = ("--batch_size", "1", "--best_of_n_path", "BEST", "--pairs_path", "PAIRS")
+    # one sequence per forward: a reward does not depend on the batch it shares, so lines match byte for byte.
+    flags = ("--batch_size", "1", "--max_tokens_per_batch", "0", "--best_of_n_path", "BEST", "--pairs_path", "PAIRS")
 
     def run_into(out):
         return score(checkpoints / "bt", TOY, out, *[{"BEST": str(out / "best.jsonl"),

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from useful_code.cli import UserError
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling_armo_rm import find_gating_positions
-from useful_code.scoring import length_sorted_batches, model_device
+from useful_code.packing import pack_sequences, packed_hidden_states, padding_free_ready, token_budget_batches
+from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device, token_budget_field
 from useful_code.templates import encode_conversations
 
 
@@ -25,7 +27,8 @@ class PrepareArguments:
     shard_idx: int = field(default=1, metadata={"min": 1, "help": "1-based, as upstream."})
     device: int = field(default=0, metadata={"help": "GPU index (the CPU when there is no GPU)."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
-    batch_size: int = field(default=16, metadata={"min": 1})
+    batch_size: int = field(default=16, metadata={"min": 1, "help": "Sequences per padded forward."})
+    max_tokens_per_batch: int = token_budget_field()
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
     bf16: bool = field(default=True)
     attn_implementation: str = field(default="auto")
@@ -53,13 +56,28 @@ def gating_pattern(tokenizer) -> list[int]:
 
 @torch.inference_mode()
 def embed(model, tokenizer, sequences: list[list[int]], batch_size: int, gating_pattern_ids=None,
-          progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+          progress: bool = True, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Final-layer hidden state at each sequence's last token, and (with gating_pattern_ids) at its gating
-    position; batched by length (longest first) with right padding. Returns CPU tensors in the model's dtype."""
+    position; packed without padding up to max_tokens_per_batch tokens per forward where the model allows
+    (packing.enable_padding_free), else batched by length (longest first) with right padding. Returns CPU tensors in
+    the model's dtype."""
     device = model_device(model)
     hidden_size = model.config.hidden_size
     last = torch.zeros(len(sequences), hidden_size, dtype=model.dtype)
     gated = torch.zeros(len(sequences), hidden_size, dtype=model.dtype) if gating_pattern_ids else None
+    if max_tokens_per_batch and padding_free_ready(model):  # packed rows, read at each sequence's positions
+        for chunk in tqdm(token_budget_batches([len(s) for s in sequences], max_tokens_per_batch), desc="embedding",
+                          disable=not progress):
+            row = pack_sequences([sequences[i] for i in chunk])
+            hidden = packed_hidden_states(model, {k: v.to(device) for k, v in row.as_inputs().items()})[0]
+            last[chunk] = hidden[row.last_positions.to(device)].cpu()
+            if gated is not None:
+                starts = row.blocks[:, 0]
+                within = torch.cat([find_gating_positions(torch.tensor([sequences[i]]), gating_pattern_ids)
+                                    for i in chunk])
+                gated[chunk] = hidden[(starts + within).to(device)].cpu()
+        return last, gated
     for chunk in length_sorted_batches(sequences, batch_size, "embedding", progress):
         batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")
         input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

@@ -55,7 +55,8 @@ def completion_scores(model, tokenizer, examples, args, state) -> tuple[list[lis
                      for context, responses in zip(examples["context"], examples["responses"])
                      for response in responses]
     sequences, cut = truncate_all(tokenizer, encode_conversations(tokenizer, conversations), args.max_length)
-    score = partial(score_sequences, model, tokenizer, batch_size=args.batch_size, progress=state.is_main_process)
+    score = partial(score_sequences, model, tokenizer, batch_size=args.batch_size, progress=state.is_main_process,
+                    max_tokens_per_batch=args.max_tokens_per_batch)
     flat = map_across_ranks(state, score, sequences)
     return split_by_sizes(flat, [len(r) for r in examples["responses"]]), cut
 
@@ -86,11 +87,13 @@ def main():
         scores, stats["truncated"] = completion_scores(model, tokenizer, examples, args, state)
         results = score_examples_v2(examples["id"], examples["subset"], scores, examples["num_correct"])
     else:
-        chosen, rejected = score_pairs(model, tokenizer, examples, args.batch_size, state.is_main_process, state)
+        chosen, rejected = score_pairs(model, tokenizer, examples, args.batch_size, state.is_main_process, state,
+                                       args.max_tokens_per_batch)
         prior_scores = None
         if prior is not None:
             prior_scores = (prior["id"], prior["subset"],
-                            *score_pairs(model, tokenizer, prior, args.batch_size, state.is_main_process, state))
+                            *score_pairs(model, tokenizer, prior, args.batch_size, state.is_main_process, state,
+                                         args.max_tokens_per_batch))
         results = score_examples(examples["id"], examples["subset"], chosen, rejected, tie_credit=args.tie_credit,
                                  prior=prior_scores)
     if state.is_main_process:

@@ -61,7 +61,7 @@ def main():
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights, device=state.device,
         device_map=args.device_map, batch_size=args.batch_size, max_length=args.max_length,
-        temperature=args.temperature, state=state)
+        temperature=args.temperature, state=state, max_tokens_per_batch=args.max_tokens_per_batch)
     with state.main_process_first():  # one rank fills the datasets cache, the others then read it
         benchmark, raw = load_benchmark(args)
         if benchmark == 2:

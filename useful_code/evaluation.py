@@ -17,6 +17,7 @@ from useful_code.cli import UserError
 from useful_code.data import load_dataset_dict, pick_split
 from useful_code.formats import clean_messages, enforce_validity, standardize_pairs
 from useful_code.reward_bench import SECTIONS, TIES_SUBSET, V2_SUBSETS, format_report, format_report_v2
+from useful_code.scoring import token_budget_field
 
 # Each benchmark's default data and split (the hub names reward-bench's own scripts use).
 BENCHMARK_DATA = {1: ("allenai/reward-bench", "filtered"), 2: ("allenai/reward-bench-2", "test")}
@@ -48,7 +49,8 @@ class EvalArguments:
     reward_name_or_path: Optional[str] = field(default=None, metadata={"help": "Hub name or checkpoint directory."})
     split: Optional[str] = field(default=None, metadata={
         "help": "Dataset split (a single local file is its own split). Default: filtered (v1), test (v2)."})
-    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per forward pass (length-sorted)."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per padded forward (length-sorted)."})
+    max_tokens_per_batch: int = token_budget_field()
     max_length: int = field(default=4096, metadata={"min": 1, "help": "Longer inputs are cut from the left (counted)."})
     results_json: Optional[str] = field(default=None, metadata={"help": "Default: next to record_dir."})
     tie_credit: float = field(default=0.0,

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from useful_code.packing import pack_pairs
+
 # Optional per-pair float columns the collator passes through: TRL's margin, the scaled-BT weight, ODIN's lengths.
 PAIR_COLUMNS = ("margin", "weight", "chosen_length", "rejected_length")
 
@@ -33,18 +35,25 @@ def required_columns(loss_type: str) -> tuple[str, ...]:
 
 @dataclass
 class PairwiseCollator:
-    """Batch pairs for one forward pass: the chosen sequences first, then the rejected ones, right-padded.
-    The PAIR_COLUMNS present in the features come back as float32 tensors of shape [n_pairs]."""
+    """Batch pairs for one forward pass: the chosen sequences first, then the rejected ones, right-padded; or with
+    padding_free, packed end to end in one row (packing.pack_pairs; share_prefix lays each pair's common context
+    once). real_tokens counts the tokens of the sequences themselves. The PAIR_COLUMNS present in the features come
+    back as float32 tensors of shape [n_pairs]."""
 
     tokenizer: Any
     pad_to_multiple_of: Optional[int] = None
+    padding_free: bool = False
+    share_prefix: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        sequences = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
-        batch = self.tokenizer.pad(
-            {"input_ids": sequences}, padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
-        )
-        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        chosen, rejected = [f["chosen_input_ids"] for f in features], [f["rejected_input_ids"] for f in features]
+        if self.padding_free:
+            out = pack_pairs(chosen, rejected, self.share_prefix).as_inputs()
+        else:
+            batch = self.tokenizer.pad({"input_ids": chosen + rejected}, padding=True,
+                                       pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
+            out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        out["real_tokens"] = torch.tensor(sum(len(s) for s in chosen + rejected))
         for name in PAIR_COLUMNS:
             values = [f.get(name) for f in features]
             if all(v is None for v in values):

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from useful_code.cli import UserError
 from useful_code.hardware import default_device, resolve_attn_implementation, resolve_dtype
+from useful_code.packing import enable_padding_free
 from useful_code.templates import load_tokenizer
 
 # The modules a sequence-classification head adds to a base model: a decoder's score layer, an encoder's pooler and
@@ -100,6 +101,7 @@ def load_backbone(path: str, device: str, bf16: bool = True, attn_implementation
     tokenizer = load_tokenizer(path, flag, trust_remote_code)
     dtype = resolve_dtype(bf16) if device != "cpu" else torch.float32
     model = load_model(AutoModel, path, flag, tokenizer, dtype, attn_implementation, trust_remote_code, **options)
+    enable_padding_free(model)  # embeddings are computed from packed rows where the model allows it
     return model.to(device).eval(), tokenizer
 
 
@@ -113,4 +115,5 @@ def load_for_scoring(loader, name: str, flag: str, bf16: bool = True, attn_imple
     if device_map:
         options["device_map"] = device_map
     model = loader(name, flag, tokenizer, resolve_dtype(bf16), attn_implementation, trust_remote_code, **options)
+    enable_padding_free(model)  # scoring packs sequences without padding where the model allows it
     return (model if device_map else model.to(device or default_device())).eval(), tokenizer

@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from useful_code.cli import UserError
 from useful_code.data_parallel import map_across_ranks
 from useful_code.modeling import load_for_scoring, load_preference_model
+from useful_code.packing import pack_sequences, packed_lm_logits, padding_free_ready, token_budget_batches
 from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
-from useful_code.scoring import length_sorted_batches, model_device
+from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device
 from useful_code.templates import truncate_all
 
 
@@ -49,10 +51,11 @@ class PairPreferenceScorer:
     forward pass serves many pairs and only the last position's logits are computed (logits_to_keep=1)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 4096, temperature: float = 1.0,
-                 state=None):
+                 state=None, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.max_tokens_per_batch = max_tokens_per_batch  # padding-free forwards where the model allows (0: padded)
         self.max_length = max_length
         self.temperature = temperature
         self.token_a, self.token_b = label_token_ids(tokenizer)
@@ -76,6 +79,13 @@ class PairPreferenceScorer:
         device = model_device(self.model)
         pad_id = self.tokenizer.pad_token_id
         out = np.zeros((len(sequences), 2), dtype=np.float32)
+        if self.max_tokens_per_batch and padding_free_ready(self.model):
+            for chunk in tqdm(token_budget_batches([len(s) for s in sequences], self.max_tokens_per_batch),
+                              desc="scoring", disable=not progress):
+                row = pack_sequences([sequences[i] for i in chunk]).as_inputs()
+                logits = packed_lm_logits(self.model, {k: v.to(device) for k, v in row.items()})
+                out[chunk] = logits[:, [self.token_a, self.token_b]].float().cpu().numpy()
+            return out
         for chunk in length_sorted_batches(sequences, self.batch_size, progress=progress):
             width = max(len(sequences[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)

@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from useful_code.cli import UserError
 from useful_code.modeling import load_for_scoring, load_reward_model
 from useful_code.pm_scoring import PairPreferenceScorer
-from useful_code.scoring import score_sequences, split_by_sizes
+from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences, split_by_sizes
 from useful_code.templates import encode_conversations, truncate_all
 
 KINDS = {"bt": "Bradley-Terry reward model", "armo": "ArmoRM (multi-objective) reward model",
@@ -45,27 +45,30 @@ class RewardScorer:
     model compares responses instead."""
 
     def __init__(self, kind: str, model, tokenizer, max_length: int, batch_size: int,
-                 preference: Optional[PairPreferenceScorer] = None):
+                 preference: Optional[PairPreferenceScorer] = None, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS):
         self.kind, self.model, self.tokenizer = kind, model, tokenizer
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length, self.batch_size, self.max_tokens_per_batch = max_length, batch_size, max_tokens_per_batch
         self.preference = preference
         self.attributes = list(getattr(model.config, "attribute_names", [])) if kind == "armo" else []
 
     @classmethod
     def from_pretrained(cls, path: str, flag: str = "--reward_name_or_path", max_length: int = 4096,
                         batch_size: int = 8, bf16: bool = True, attn_implementation: str = "auto",
-                        trust_remote_code: bool = False, pickled_weights: bool = False, device=None, state=None):
+                        trust_remote_code: bool = False, pickled_weights: bool = False, device=None, state=None,
+                        max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS):
         """Load a checkpoint of any kind (see checkpoint_kind) for scoring; state splits PM comparisons across
-        ranks (data_parallel.process_state())."""
+        ranks (data_parallel.process_state()); max_tokens_per_batch bounds a padding-free forward (0: padded
+        batches of batch_size)."""
         kind = checkpoint_kind(path, flag)
         if kind == "pm":
             preference = PairPreferenceScorer.from_pretrained(
                 path, flag, bf16, attn_implementation, trust_remote_code, pickled_weights, device=device,
-                batch_size=batch_size, max_length=max_length, state=state)
-            return cls(kind, preference.model, preference.tokenizer, max_length, batch_size, preference)
+                batch_size=batch_size, max_length=max_length, state=state, max_tokens_per_batch=max_tokens_per_batch)
+            return cls(kind, preference.model, preference.tokenizer, max_length, batch_size, preference,
+                       max_tokens_per_batch)
         model, tokenizer = load_for_scoring(load_reward_model, path, flag, bf16, attn_implementation,
                                             trust_remote_code, device=device, pickled_weights=pickled_weights)
-        return cls(kind, model, tokenizer, max_length, batch_size)
+        return cls(kind, model, tokenizer, max_length, batch_size, max_tokens_per_batch=max_tokens_per_batch)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,7 +94,8 @@ class RewardScorer:
         if self.kind == "pm":
             raise UserError("a pairwise preference model compares responses; it gives no reward to one sequence")
         if self.kind == "bt":
-            return {"rewards": score_sequences(self.model, self.tokenizer, sequences, self.batch_size)}
+            return {"rewards": score_sequences(self.model, self.tokenizer, sequences, self.batch_size,
+                                               max_tokens_per_batch=self.max_tokens_per_batch)}
         rows = score_sequences(self.model, self.tokenizer, sequences, self.batch_size, read=_armo_outputs)
         k = len(self.attributes)
         return {"rewards": [r[0] for r in rows], "attribute_rewards": [r[1:1 + k] for r in rows],

@@ -37,6 +37,7 @@ from useful_code.data_parallel import finish, map_across_ranks, process_state
 from useful_code.defaults import TOY_GENERATIONS
 from useful_code.formats import CONVERSATION_RULES, clean_messages, enforce_validity, validate_conversation
 from useful_code.reward_scorer import KINDS, RewardScorer
+from useful_code.scoring import token_budget_field
 from useful_code.templates import SPECIAL_TOKEN_RULES, special_token_pattern
 
 FORMAT_COLUMNS = ("context_messages", "prompt")
@@ -64,7 +65,8 @@ class ScriptArguments:
     pairs_path: Optional[str] = field(default=None, metadata={"help": "Best-vs-worst response pairs (.jsonl)."})
     margin_threshold: float = field(default=0.0, metadata={
         "min": 0, "help": "A pair is written only when best - worst reward is above this (equal rewards never)."})
-    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per forward pass (length-sorted)."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per padded forward (length-sorted)."})
+    max_tokens_per_batch: int = token_budget_field()
     max_length: int = field(default=4096, metadata={"min": 1, "help": "Longer inputs are cut from the left (counted)."})
     prompts_per_chunk: int = field(default=64, metadata={
         "min": 1, "help": "Prompts scored, then appended to --output_path, at a time (what a kill can lose)."})
@@ -213,7 +215,8 @@ def main(argv: Optional[list[str]] = None):
     # The PM's own rank split stays off (state=None): the prompts of each chunk are split across the ranks below.
     scorer = RewardScorer.from_pretrained(args.reward_name_or_path, "--reward_name_or_path", args.max_length,
                                           args.batch_size, args.bf16, args.attn_implementation, args.trust_remote_code,
-                                          args.load_pickled_weights, device=state.device, state=None)
+                                          args.load_pickled_weights, device=state.device, state=None,
+                                          max_tokens_per_batch=args.max_tokens_per_batch)
     with state.main_process_first():  # one rank fills the datasets cache, the others then read it
         rows, stats = load_rows(args, special_token_pattern(scorer.tokenizer))
 

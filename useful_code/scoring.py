@@ -3,6 +3,7 @@ embeddings, reload and export checks, benchmarks) runs through these helpers or 
 
 from __future__ import annotations
 
+from dataclasses import field
 from functools import partial
 from typing import Callable
 
@@ -10,6 +11,13 @@ import torch
 from tqdm import tqdm
 
 from useful_code.data_parallel import map_across_ranks
+from useful_code.packing import (
+    pack_sequences,
+    packed_rewards,
+    padding_free_ready,
+    reward_head,
+    token_budget_batches,
+)
 
 
 def length_sorted_batches(sequences: list[list[int]], batch_size: int, desc: str = "scoring", progress: bool = False):
@@ -29,13 +37,35 @@ def reward_logit(outputs) -> torch.Tensor:
     return outputs.logits[:, 0]
 
 
+# Tokens per packed scoring forward. On a CPU a row beyond a few thousand tokens falls out of cache and runs slower
+# (26M-parameter Llama, one thread: 1.14x one sequence per forward at 2048, 0.89x at 8192); a GPU wants large rows.
+DEFAULT_SCORING_TOKENS = 16384 if torch.cuda.is_available() else 2048
+
+
+def token_budget_field():
+    """The scripts' --max_tokens_per_batch flag (a dataclass field)."""
+    return field(default=DEFAULT_SCORING_TOKENS, metadata={
+        "min": 0, "help": "Tokens per padding-free forward, for models that pack (causal decoders); 0: padded "
+                          "batches of --batch_size."})
+
+
 @torch.inference_mode()
 def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: int, progress: bool = False,
-                    read: Callable = reward_logit) -> list:
+                    read: Callable = reward_logit, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS) -> list:
     """read(outputs) of each token sequence (default: its scalar reward, logit 0; an ArmoRM's attribute rewards
-    with another read), batched by length (longest first) to waste little padding."""
+    with another read). A model set up for packed rows (packing.enable_padding_free) scores its rewards padding-free,
+    up to max_tokens_per_batch tokens per forward; otherwise (or with max_tokens_per_batch 0, or another read) in
+    right-padded batches of batch_size, longest first."""
     device = model_device(model)
     results = [None] * len(sequences)
+    if read is reward_logit and max_tokens_per_batch and padding_free_ready(model) and reward_head(model) is not None:
+        batches = token_budget_batches([len(s) for s in sequences], max_tokens_per_batch)
+        for chunk in tqdm(batches, desc="scoring", disable=not progress):
+            row = pack_sequences([sequences[i] for i in chunk]).as_inputs()
+            rewards = packed_rewards(model, {k: v.to(device) for k, v in row.items()})[:, 0]
+            for i, value in zip(chunk, rewards.float().cpu().tolist()):
+                results[i] = value
+        return results
     for chunk in length_sorted_batches(sequences, batch_size, progress=progress):
         batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")
         outputs = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
@@ -44,12 +74,13 @@ def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: in
     return results
 
 
-def score_pairs(model, tokenizer, pairs, batch_size: int, progress: bool = True,
-                state=None) -> tuple[list[float], list[float]]:
+def score_pairs(model, tokenizer, pairs, batch_size: int, progress: bool = True, state=None,
+                max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS) -> tuple[list[float], list[float]]:
     """Rewards of the chosen and rejected sequences of a tokenize_pairs() dataset, both sides batched together (split
     across the ranks of state, a data_parallel.process_state(), when given)."""
     chosen, rejected = list(pairs["chosen_input_ids"]), list(pairs["rejected_input_ids"])
-    score = partial(score_sequences, model, tokenizer, batch_size=batch_size, progress=progress)
+    score = partial(score_sequences, model, tokenizer, batch_size=batch_size, progress=progress,
+                    max_tokens_per_batch=max_tokens_per_batch)
     rewards = map_across_ranks(state, score, chosen + rejected)
     return rewards[: len(chosen)], rewards[len(chosen):]
 

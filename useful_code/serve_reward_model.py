@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.defaults import REPO_ROOT
 from useful_code.reward_scorer import KINDS, RewardScorer
-from useful_code.scoring import split_by_sizes
+from useful_code.scoring import split_by_sizes, token_budget_field
 
 DEMO_CHECKPOINT = REPO_ROOT / "outputs" / "demo" / "last_checkpoint"
 
@@ -50,7 +50,8 @@ class ServerArguments:
     api_key: Optional[str] = field(default=None, metadata={
         "help": "Bearer token every request but /health must carry (Authorization: Bearer KEY)."})
     max_length: int = field(default=4096, metadata={"min": 1, "help": "Longer inputs are cut from the left (counted)."})
-    batch_size: int = field(default=16, metadata={"min": 1, "help": "Sequences per forward pass."})
+    batch_size: int = field(default=16, metadata={"min": 1, "help": "Sequences per padded forward pass."})
+    max_tokens_per_batch: int = token_budget_field()
     max_batch_tokens: int = field(default=65536, metadata={
         "min": 1, "help": "Token budget of one gathered batch of concurrent requests."})
     batch_wait_ms: float = field(default=5.0, metadata={
@@ -300,7 +301,8 @@ def main():
     scorer = RewardScorer.from_pretrained(path, max_length=args.max_length, batch_size=args.batch_size, bf16=args.bf16,
                                           attn_implementation=args.attn_implementation,
                                           trust_remote_code=args.trust_remote_code,
-                                          pickled_weights=args.load_pickled_weights)
+                                          pickled_weights=args.load_pickled_weights,
+                                          max_tokens_per_batch=args.max_tokens_per_batch)
     print(f"Serving {KINDS[scorer.kind]} {path} on http://{args.host}:{args.port} "
           f"({'bearer token required' if args.api_key else 'no authentication'})", flush=True)
     uvicorn.run(build_app(scorer, args, path), host=args.host, port=args.port, log_level="warning")
