@@ -40,9 +40,14 @@ def test_a_base_encoder_without_a_template_is_refused_with_the_flag_named(encode
 
 def test_encoder_reward_model_trains_evaluates_and_serves(encoder):
     out = encoder / "rm"
-    check_ok(run([sys.executable, str(ROOT / "bradley-terry-rm" / "train.py"), "--model_name", str(encoder / "base"),
-                  "--chat_template", "plain", "--output_path", str(out), "--max_steps", "150", "--max_length", "512"]))
+    proc = run([sys.executable, str(ROOT / "bradley-terry-rm" / "train.py"), "--model_name", str(encoder / "base"),
+                "--chat_template", "plain", "--output_path", str(out), "--max_steps", "150", "--max_length", "512"])
+    check_ok(proc)
+    # an encoder reads its [CLS] token with attention both ways: it cannot pack, and says so once
+    assert proc.stdout.count("note: padded batches, not padding-free: BertForSequenceClassification is not a causal "
+                             "decoder") == 1
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_tokens"]["padding_free"] is False and metrics["train_tokens"]["padding"] > 0
     assert metrics["eval_accuracy"] > 0.65  # learns the toy cue (chance 0.5; measured 0.745 for this random encoder)
     checkpoint = out / "last_checkpoint"
     tokenizer = load_tokenizer(str(checkpoint), "m")  # the template travelled with the checkpoint

@@ -19,6 +19,7 @@ from useful_code.packing import (
     packed_rewards,
     padding_free_unsupported,
     pair_cost,
+    plan_attention,
     shared_prefix_length,
     supports_prefix_sharing,
     token_budget_batches,
@@ -89,6 +90,15 @@ def test_token_budget_batches_by_hand():
     assert token_budget_batches([3, 9, 4, 2], 7) == [[1], [2, 0], [3]]  # 9 alone although over the budget
     assert token_budget_batches([1, 1, 1], 100) == [[0, 1, 2]]
     assert token_budget_batches([], 5) == []
+
+
+def test_attention_plan_groups_plain_blocks_of_similar_length():
+    plan = plan_attention([(0, 10, 0, 0), (10, 19, 10, 10), (19, 22, 19, 19), (22, 25, 19, 22)], 25, "cpu")
+    assert plan.length == 25 and plan.trees == [(22, 25, 19, 22)]  # the block with a prefix runs alone
+    (long_positions, long_kept, long_targets), (short_positions, _, short_targets) = plan.groups
+    assert long_positions.tolist() == [list(range(10)), list(range(10, 19)) + [18]]  # 9 >= 0.8 * 10: one group
+    assert long_kept.tolist() == [True] * 19 + [False] and long_targets.tolist() == list(range(19))
+    assert short_positions.tolist() == [[19, 20, 21]] and short_targets.tolist() == [19, 20, 21]
 
 
 def test_token_budget_training_batches():
