@@ -388,3 +388,16 @@ def test_padding_free_and_prefix_sharing_train_to_the_padded_losses(tmp_path):
     for name in ("packed", "prefix"):
         assert metrics[name]["train_loss"] == pytest.approx(metrics["padded"]["train_loss"], rel=1e-4)
         assert metrics[name]["eval_loss"] == pytest.approx(metrics["padded"]["eval_loss"], rel=1e-3, abs=1e-5)
+
+
+def test_token_budget_batches_stay_within_the_budget(tmp_path):
+    out = tmp_path / "budget"
+    proc = run([sys.executable, TRAIN, "--output_path", str(out), "--max_steps", "4", "--max_tokens_per_batch", "300",
+                "--logging_steps", "1"])
+    check_ok(proc)
+    assert "Token-budget batches:" in proc.stdout and "--per_device_train_batch_size is not used" in proc.stdout
+    history = json.loads((out / "metrics.json").read_text())["train_tokens"]
+    assert 0 < history["computed"] <= 4 * 300 and history["padding"] == 0
+    refused = run([sys.executable, TRAIN, "--output_path", str(tmp_path / "no"), "--max_tokens_per_batch", "300",
+                   "--padding_free", "false", "--max_steps", "1"])
+    assert refused.returncode == 2 and "--max_tokens_per_batch needs padding-free training" in refused.stderr

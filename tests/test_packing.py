@@ -145,14 +145,19 @@ def test_token_budget_scoring_equals_padded_batches(model, tok, budget):
 
 
 def test_gradients_equal_padded(model, tok):
+    """Also under activation checkpointing, whose backward reruns the layers with the same block plan."""
     chosen, rejected = pair_ids(tok, 4)
-    padded_model, packed_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-    enable_padding_free(packed_model)
+    padded_model = copy.deepcopy(model).train()
     bradley_terry_loss(*split_pair_rewards(padded_rewards(padded_model, tok, chosen + rejected))).backward()
-    packed = packed_rewards(packed_model, pack_pairs(chosen, rejected, share_prefix=True).as_inputs())
-    bradley_terry_loss(*split_pair_rewards(packed)).backward()
-    for (name, a), b in zip(padded_model.named_parameters(), packed_model.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
+    for checkpointing in (False, True):
+        packed_model = copy.deepcopy(model).train()
+        enable_padding_free(packed_model)
+        if checkpointing:
+            packed_model.activation_checkpointing_enable()
+        packed = packed_rewards(packed_model, pack_pairs(chosen, rejected, share_prefix=True).as_inputs())
+        bradley_terry_loss(*split_pair_rewards(packed)).backward()
+        for (name, a), b in zip(padded_model.named_parameters(), packed_model.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_training_steps_give_padded_losses(model, tok):
