@@ -115,6 +115,12 @@ def test_token_budget_training_batches():
         orders.append(list(sampler))
         assert sorted(map(tuple, orders[-1])) == sorted(map(tuple, first))  # the same batches each epoch
     assert any(order != first for order in orders)  # in another order
+    # Sharded across two ranks by accelerate, as the Trainer prepares it: the epoch still reaches the sampler.
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard
+
+    shard = DataLoaderShard(list(range(7)), batch_sampler=BatchSamplerShard(sampler, num_processes=2, process_index=0))
+    shard.set_epoch(9)
+    assert sampler.epoch == 9
 
 
 def test_packed_rewards_equal_padded_for_multi_turn_pairs(model, tok):

@@ -253,6 +253,12 @@ class TokenBudgetBatches(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> "TokenBudgetBatches":
+        # Under several ranks accelerate wraps this in a BatchSamplerShard, which has no set_epoch, and forwards the
+        # epoch to batch_sampler.batch_sampler.sampler instead.
+        return self
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         for i in torch.randperm(len(self.batches), generator=generator).tolist():
