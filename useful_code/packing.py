@@ -9,8 +9,9 @@ with C as its prefix and positions continuing from C's end, the tree-shaped mask
 On sdpa or eager models the plan runs through VARLEN_ATTENTION, registered with transformers' AttentionInterface: it
 runs SDPA on each block's own keys (plain blocks of similar length batched together), so the cost is close to that of
 the separate sequences. transformers' own packed-sequence path (a mask built from the position ids) computes the
-full row x row score matrix and masks most of it away: for 16 sequences of 250 tokens, 16x the attention work. On flash-attention models transformers' varlen path
-reads the sequence starts from the position ids (plain packing only: a tree is not expressible there).
+full row x row score matrix and masks most of it away: for 16 sequences of 250 tokens, 16x the attention work. On
+flash-attention models transformers' varlen path reads the sequence starts from the position ids (plain packing
+only: a tree is not expressible there).
 """
 
 from __future__ import annotations
