@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from useful_code.cli import UserError
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling_armo_rm import find_gating_positions
-from useful_code.packing import pack_sequences, packed_hidden_states, padding_free_ready, token_budget_batches
+from useful_code.packing import packed_hidden_states, packed_rows, padding_free_ready
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device, token_budget_field
 from useful_code.templates import encode_conversations
 
@@ -67,10 +66,8 @@ def embed(model, tokenizer, sequences: list[list[int]], batch_size: int, gating_
     last = torch.zeros(len(sequences), hidden_size, dtype=model.dtype)
     gated = torch.zeros(len(sequences), hidden_size, dtype=model.dtype) if gating_pattern_ids else None
     if max_tokens_per_batch and padding_free_ready(model):  # packed rows, read at each sequence's positions
-        for chunk in tqdm(token_budget_batches([len(s) for s in sequences], max_tokens_per_batch), desc="embedding",
-                          disable=not progress):
-            row = pack_sequences([sequences[i] for i in chunk])
-            hidden = packed_hidden_states(model, {k: v.to(device) for k, v in row.as_inputs().items()})[0]
+        for chunk, row, inputs in packed_rows(sequences, max_tokens_per_batch, device, "embedding", progress):
+            hidden = packed_hidden_states(model, inputs)[0]
             last[chunk] = hidden[row.last_positions.to(device)].cpu()
             if gated is not None:
                 starts = row.blocks[:, 0]

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -235,6 +236,14 @@ def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]
     if current:
         batches.append(current)
     return batches
+
+
+def packed_rows(sequences: list[list[int]], max_tokens: int, device, desc: str = "scoring", progress: bool = False):
+    """The sequences packed into rows of up to max_tokens tokens, longest first: per row, the indices of its
+    sequences, the PackedRow, and its inputs on device."""
+    for chunk in tqdm(token_budget_batches([len(s) for s in sequences], max_tokens), desc=desc, disable=not progress):
+        row = pack_sequences([sequences[i] for i in chunk])
+        yield chunk, row, {k: v.to(device) for k, v in row.as_inputs().items()}
 
 
 def pair_cost(chosen: list[int], rejected: list[int], share_prefix: bool) -> int:

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from useful_code.cli import UserError
 from useful_code.data_parallel import map_across_ranks
 from useful_code.modeling import load_for_scoring, load_preference_model
-from useful_code.packing import pack_sequences, packed_lm_logits, padding_free_ready, token_budget_batches
+from useful_code.packing import packed_lm_logits, packed_rows, padding_free_ready
 from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device
 from useful_code.templates import truncate_all
@@ -80,10 +79,8 @@ class PairPreferenceScorer:
         pad_id = self.tokenizer.pad_token_id
         out = np.zeros((len(sequences), 2), dtype=np.float32)
         if self.max_tokens_per_batch and padding_free_ready(self.model):
-            for chunk in tqdm(token_budget_batches([len(s) for s in sequences], self.max_tokens_per_batch),
-                              desc="scoring", disable=not progress):
-                row = pack_sequences([sequences[i] for i in chunk]).as_inputs()
-                logits = packed_lm_logits(self.model, {k: v.to(device) for k, v in row.items()})
+            for chunk, _, inputs in packed_rows(sequences, self.max_tokens_per_batch, device, progress=progress):
+                logits = packed_lm_logits(self.model, inputs)
                 out[chunk] = logits[:, [self.token_a, self.token_b]].float().cpu().numpy()
             return out
         for chunk in length_sorted_batches(sequences, self.batch_size, progress=progress):

@@ -11,13 +11,7 @@ import torch
 from tqdm import tqdm
 
 from useful_code.data_parallel import map_across_ranks
-from useful_code.packing import (
-    pack_sequences,
-    packed_rewards,
-    padding_free_ready,
-    reward_head,
-    token_budget_batches,
-)
+from useful_code.packing import packed_rewards, packed_rows, padding_free_ready, reward_head
 
 
 def length_sorted_batches(sequences: list[list[int]], batch_size: int, desc: str = "scoring", progress: bool = False):
@@ -59,10 +53,8 @@ def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: in
     device = model_device(model)
     results = [None] * len(sequences)
     if read is reward_logit and max_tokens_per_batch and padding_free_ready(model) and reward_head(model) is not None:
-        batches = token_budget_batches([len(s) for s in sequences], max_tokens_per_batch)
-        for chunk in tqdm(batches, desc="scoring", disable=not progress):
-            row = pack_sequences([sequences[i] for i in chunk]).as_inputs()
-            rewards = packed_rewards(model, {k: v.to(device) for k, v in row.items()})[:, 0]
+        for chunk, _, inputs in packed_rows(sequences, max_tokens_per_batch, device, progress=progress):
+            rewards = packed_rewards(model, inputs)[:, 0]
             for i, value in zip(chunk, rewards.float().cpu().tolist()):
                 results[i] = value
         return results
