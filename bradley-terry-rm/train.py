@@ -320,6 +320,8 @@ def main():
                                      inputs=(args.model_name, args.train_set_path, args.eval_set_path))
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     quantization = quantization_options(lora_args, dtype)  # 4/8-bit needs a GPU and bitsandbytes: said now
+    if args.max_tokens_per_batch and not args.padding_free:  # said before any work; the model's own limits later
+        raise UserError("--max_tokens_per_batch needs padding-free training: drop --padding_free false")
     set_seed(training_args.seed)
     if is_main:
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
@@ -360,7 +362,8 @@ def main():
     batch_sampler = None
     if args.max_tokens_per_batch:
         if not padding_free:
-            raise UserError("--max_tokens_per_batch needs padding-free training (--padding_free, a causal decoder)")
+            raise UserError("--max_tokens_per_batch needs padding-free training, which this model cannot do (see the "
+                            "note above)")
         batch_sampler = TokenBudgetBatches([pair_cost(c, r, share_prefix) for c, r in zip(
             train["chosen_input_ids"], train["rejected_input_ids"])], args.max_tokens_per_batch, training_args.seed)
         if is_main:

@@ -76,6 +76,8 @@ def test_pack_pairs_layout_by_hand():
     assert plain.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0]]
     assert plain.last_positions.tolist() == [3, 5, 8, 9]
     assert pack_sequences([[5], [6, 7]]).blocks.tolist() == [[0, 1, 0, 0], [1, 3, 1, 1]]
+    with pytest.raises(ValueError, match="sequence 1 of the packed row has no tokens"):
+        pack_sequences([[5], []])  # its reward would be read at sequence 0's last token
 
 
 def test_shared_prefix_leaves_each_side_its_last_token():

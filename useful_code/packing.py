@@ -187,7 +187,9 @@ def shared_prefix_length(a: list[int], b: list[int]) -> int:
 def pack_sequences(sequences: list[list[int]]) -> PackedRow:
     """Sequences end to end, positions restarting at each, one block each."""
     ids, positions, blocks, last = [], [], [], []
-    for seq in sequences:
+    for i, seq in enumerate(sequences):
+        if not seq:  # its "last token" would be the previous sequence's: another input's reward
+            raise ValueError(f"sequence {i} of the packed row has no tokens")
         start = len(ids)
         ids += seq
         positions += range(len(seq))

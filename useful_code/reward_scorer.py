@@ -86,6 +86,9 @@ class RewardScorer:
         bos = self.tokenizer.bos_token
         sequences = [self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
                      for text in texts]
+        empty = [i for i, ids in enumerate(sequences) if not ids]
+        if empty:
+            raise UserError(f"query {empty[0]}: the text has no tokens to score ({len(empty)} such queries)")
         return truncate_all(self.tokenizer, sequences, self.max_length)
 
     def score(self, sequences: list[list[int]]) -> dict:
