@@ -1,7 +1,8 @@
-"""Benchmark: RewardBench-style scoring of real HH-RLHF pairs three ways, on the same checkpoint and token ids:
-one sequence per forward (upstream's pipeline with batch_size=1, the reference), length-sorted padded batches, and
-token-budget padding-free rows (the default of every scoring path here). Prints pairs/s, peak memory and the ratios
-to the reference, and checks that every method makes the same decisions (chosen above rejected).
+"""Benchmark: RewardBench-style scoring of real HH-RLHF pairs four ways, on the same checkpoint and token ids:
+one sequence per forward (upstream's pipeline with batch_size=1, the reference), length-sorted padded batches,
+token-budget padding-free rows, and the same with each shared context computed once (prefix sharing: the default of
+every scoring path here). Prints pairs/s, peak memory and the ratios to the reference, and checks that every method
+makes the same decisions (chosen above rejected).
 
     python benchmarks/bench_eval_batching.py [--model tiny|30m] [--pairs 300] [--max_length 1024]
 
@@ -24,11 +25,12 @@ from hh_pairs import HHBenchArguments, build_bench_model, load_hh_pairs, run_chi
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling import load_reward_model
-from useful_code.packing import enable_padding_free
+from useful_code.packing import enable_padding_free, packed_rewards, packed_rows
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
 
-METHODS = {"single": "one sequence per forward", "padded": "padded batches", "packed": "padding-free token budget"}
+METHODS = {"single": "one sequence per forward", "padded": "padded batches", "packed": "padding-free token budget",
+           "prefix": "+ prefix sharing (default)"}
 
 
 @dataclass
@@ -52,11 +54,18 @@ def score_with(method: str, args: BenchArguments) -> None:
     if method == "single":
         with torch.inference_mode():
             rewards = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in sequences]
+    elif method == "packed":  # score_sequences without its prefix sharing
+        assert enable_padding_free(model)
+        rewards = [0.0] * len(sequences)
+        with torch.inference_mode():
+            for chunk, _, inputs in packed_rows(sequences, args.max_tokens_per_batch, "cpu"):
+                for i, value in zip(chunk, packed_rewards(model, inputs)[:, 0].tolist()):
+                    rewards[i] = value
     else:
-        if method == "packed":
+        if method == "prefix":
             assert enable_padding_free(model)
         rewards = score_sequences(model, tokenizer, sequences, args.batch_size,
-                                  max_tokens_per_batch=args.max_tokens_per_batch if method == "packed" else 0)
+                                  max_tokens_per_batch=args.max_tokens_per_batch if method == "prefix" else 0)
     seconds = time.perf_counter() - start
     mean_tokens = float(np.mean([len(s) for s in sequences]))
     Path(args.results).write_text(json.dumps({"seconds": seconds, "rewards": rewards, "mean_tokens": mean_tokens}))

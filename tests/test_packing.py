@@ -14,12 +14,15 @@ from useful_code.packing import (
     VARLEN_ATTENTION,
     TokenBudgetBatches,
     enable_padding_free,
+    pack_groups,
     pack_pairs,
     pack_sequences,
     packed_rewards,
+    packed_rows,
     padding_free_unsupported,
     pair_cost,
     plan_attention,
+    prefix_groups,
     shared_prefix_length,
     supports_prefix_sharing,
     token_budget_batches,
@@ -81,11 +84,53 @@ def test_pack_pairs_layout_by_hand():
 
 
 def test_shared_prefix_leaves_each_side_its_last_token():
-    assert shared_prefix_length([1, 2, 3], [1, 2, 3]) == 2
-    assert shared_prefix_length([1, 2], [1, 2, 3, 4]) == 1
-    assert shared_prefix_length([9, 2], [1, 2]) == 0
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3, 4]]) == 1
+    assert shared_prefix_length([[9, 2], [1, 2]]) == 0
     row = pack_pairs([[1, 2, 3]], [[1, 2, 3]], share_prefix=True)  # identical sides still get a reward each
     assert row.last_positions.tolist() == [2, 3]
+
+
+def test_pack_groups_layout_by_hand():
+    row = pack_groups([[[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]], [[8, 9]]])
+    assert row.input_ids.tolist() == [[1, 2, 3, 4, 3, 5, 6, 7, 8, 9]]  # the shared [1, 2] once, then each rest
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4, 2, 0, 1]]
+    assert row.blocks.tolist() == [[0, 2, 0, 0], [2, 4, 0, 2], [4, 7, 0, 2], [7, 8, 0, 2], [8, 10, 8, 8]]
+    assert row.last_positions.tolist() == [3, 6, 7, 9]
+    assert row.segments.tolist() == [[0, 2, 2], [0, 2, 4], [0, 2, 7], [8, 0, 8]]
+    # token 1 of each sequence (in the shared prefix for the tree, its own for the last), token 2 of the first
+    assert row.token_positions(torch.tensor([1, 1, 2, 1])).tolist() == [1, 1, 7, 9]
+
+
+def test_prefix_groups_by_hand():
+    context, other = list(range(100, 120)), list(range(200, 220))  # 20 tokens each, over MIN_SHARED_PREFIX
+    sequences = [context + [1], other + [5], context + [2, 2], [7] * 30, context + [3], context[:10] + [9]]
+    # in sorted order: 3, 5 (shares only 10 tokens with the context), 0, 2, 4, 1
+    assert prefix_groups(sequences, max_tokens=1000) == [[3], [5], [0, 2, 4], [1]]
+    # a group that would exceed the budget is cut: 20 shared + 1 + 2 = 23 fits in 23, the third response does not
+    assert prefix_groups(sequences, max_tokens=23) == [[3], [5], [0, 2], [4], [1]]
+    # a late joiner that shortens the shared context from 24 to 16 tokens saves 16 and costs 2 x 8: left out
+    wide = [context + [1] * 5, context + [1] * 4 + [2], context[:16] + [500]]
+    assert prefix_groups(wide, 1000) == [[0, 1], [2]]
+    wide[2] = context[:17] + [500]  # from 24 to 17: saves 17, costs 14
+    assert prefix_groups(wide, 1000) == [[0, 1, 2]]
+    assert prefix_groups([], 10) == []
+
+
+def test_packed_rows_share_contexts_and_cover_every_sequence():
+    context = list(range(100, 140))
+    sequences = [context + [i] * (i + 1) for i in range(6)] + [[7] * 9, list(range(300, 350))]
+    seen, tokens = [], 0
+    for chunk, row, inputs in packed_rows(sequences, max_tokens=90, device="cpu", share_prefix=True):
+        seen += chunk
+        tokens += row.input_ids.shape[1]
+        assert row.input_ids.shape[1] <= 90 or len(chunk) == 1
+        for k, i in enumerate(chunk):  # each sequence's tokens, read back from the row, are its own
+            positions = [row.token_positions(torch.full((len(chunk),), offset))[k] for offset in range(len(sequences[i]))]
+            assert row.input_ids[0, positions].tolist() == sequences[i]
+            assert row.position_ids[0, positions].tolist() == list(range(len(sequences[i])))
+    assert sorted(seen) == list(range(8))
+    assert tokens < sum(map(len, sequences)) - 3 * 40  # the context computed twice instead of six times, at most
 
 
 def test_token_budget_batches_by_hand():
@@ -94,13 +139,26 @@ def test_token_budget_batches_by_hand():
     assert token_budget_batches([], 5) == []
 
 
-def test_attention_plan_groups_plain_blocks_of_similar_length():
+def test_attention_plan_groups_blocks_of_similar_length():
     plan = plan_attention([(0, 10, 0, 0), (10, 19, 10, 10), (19, 22, 19, 19), (22, 25, 19, 22)], 25, "cpu")
-    assert plan.length == 25 and plan.trees == [(22, 25, 19, 22)]  # the block with a prefix runs alone
-    (long_positions, long_kept, long_targets), (short_positions, _, short_targets) = plan.groups
-    assert long_positions.tolist() == [list(range(10)), list(range(10, 19)) + [18]]  # 9 >= 0.8 * 10: one group
+    assert plan.length == 25
+    tree, (long_q, long_k, long_mask, long_kept, long_targets), (short_q, _, _, _, short_targets) = plan.groups
+    assert long_q.tolist() == [list(range(10)), list(range(10, 19)) + [18]]  # 9 >= 0.8 * 10: one group
+    assert long_k is long_q and long_mask is None  # plain blocks: causal on their own keys
     assert long_kept.tolist() == [True] * 19 + [False] and long_targets.tolist() == list(range(19))
-    assert short_positions.tolist() == [[19, 20, 21]] and short_targets.tolist() == [19, 20, 21]
+    assert short_q.tolist() == [[19, 20, 21]] and short_targets.tolist() == [19, 20, 21]
+    tree_q, tree_k, tree_mask, _, _ = tree  # the block with a prefix: its prefix in full, then causal
+    assert tree_q.tolist() == [[22, 23, 24]] and tree_k.tolist() == [[19, 20, 21, 22, 23, 24]]
+    assert tree_mask[0, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+
+
+def test_attention_plan_batches_trees_and_masks_prefix_padding():
+    # two trees, prefixes of 5 and 4 tokens (4 >= 0.8 * 5), branches of 2 and 2 tokens: one group
+    plan = plan_attention([(5, 7, 0, 5), (11, 13, 7, 11)], 13, "cpu")
+    (queries, keys, mask, kept, targets), = plan.groups
+    assert queries.tolist() == [[5, 6], [11, 12]]
+    assert keys.tolist() == [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 10, 11, 12]]  # the shorter prefix padded
+    assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 1, 1]]  # its padding masked
 
 
 def test_token_budget_training_batches():
@@ -127,7 +185,7 @@ def test_token_budget_training_batches():
 
 def test_packed_rewards_equal_padded_for_multi_turn_pairs(model, tok):
     chosen, rejected = pair_ids(tok)
-    assert any(shared_prefix_length(a, b) > 10 for a, b in zip(chosen, rejected))
+    assert any(shared_prefix_length([a, b]) > 10 for a, b in zip(chosen, rejected))
     with torch.no_grad():
         reference = padded_rewards(model, tok, chosen + rejected)
         assert reference.std() > 1  # sharp enough for a mix-up to show
@@ -143,8 +201,12 @@ def test_packed_rewards_equal_padded_for_multi_turn_pairs(model, tok):
 
 @pytest.mark.parametrize("budget", [1, 60, 250, 100000])
 def test_token_budget_scoring_equals_padded_batches(model, tok, budget):
+    """With prefix sharing: three responses to each conversation, and one conversation's responses twice."""
     chosen, rejected = pair_ids(tok)
-    sequences = chosen + rejected
+    third = encode_conversations(tok, [conversation(i % 2 == 0, 1 + i % 3, "maybe " * (i + 2), i) for i in range(6)])
+    sequences = chosen + rejected + third + chosen[:1] + third[:1]
+    if budget == 100000:
+        assert sorted(map(len, prefix_groups(sequences, budget))) == [3, 3, 3, 3, 3, 5]  # shared contexts found
     padded = score_sequences(model, tok, sequences, batch_size=4)  # sdpa model: padded batches
     packed_model = copy.deepcopy(model)
     enable_padding_free(packed_model)

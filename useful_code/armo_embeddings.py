@@ -12,7 +12,7 @@ import torch
 from useful_code.cli import UserError
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling_armo_rm import find_gating_positions
-from useful_code.packing import packed_hidden_states, packed_rows, padding_free_ready
+from useful_code.packing import packed_hidden_states, packed_rows, padding_free_ready, supports_prefix_sharing
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device, token_budget_field
 from useful_code.templates import encode_conversations
 
@@ -66,14 +66,15 @@ def embed(model, tokenizer, sequences: list[list[int]], batch_size: int, gating_
     last = torch.zeros(len(sequences), hidden_size, dtype=model.dtype)
     gated = torch.zeros(len(sequences), hidden_size, dtype=model.dtype) if gating_pattern_ids else None
     if max_tokens_per_batch and padding_free_ready(model):  # packed rows, read at each sequence's positions
-        for chunk, row, inputs in packed_rows(sequences, max_tokens_per_batch, device, "embedding", progress):
+        packed = packed_rows(sequences, max_tokens_per_batch, device, "embedding", progress,
+                           share_prefix=supports_prefix_sharing(model))
+        for chunk, row, inputs in packed:
             hidden = packed_hidden_states(model, inputs)[0]
             last[chunk] = hidden[row.last_positions.to(device)].cpu()
             if gated is not None:
-                starts = row.blocks[:, 0]
                 within = torch.cat([find_gating_positions(torch.tensor([sequences[i]]), gating_pattern_ids)
                                     for i in chunk])
-                gated[chunk] = hidden[(starts + within).to(device)].cpu()
+                gated[chunk] = hidden[row.token_positions(within).to(device)].cpu()
         return last, gated
     for chunk in length_sorted_batches(sequences, batch_size, "embedding", progress):
         batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")

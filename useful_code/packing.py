@@ -33,35 +33,60 @@ _FLASH_PREFIX = "flash_attention"
 
 @dataclass
 class AttentionPlan:
-    """A packed row's block plan as VARLEN_ATTENTION runs it, built once per forward (plan_attention): plain blocks
-    of similar length batched as right-padded groups ([g, L] token positions, where padding repeats a block's last
-    token and is discarded after), and tree blocks (those with a prefix) one by one."""
+    """A packed row's block plan as VARLEN_ATTENTION runs it, built once per forward (plan_attention): blocks of
+    similar length and similar prefix length batched as right-padded groups, each group as
+    (queries [g, L], keys [g, P + L], mask [g, 1, L, P + L] or None when P = 0, kept [g * L], targets [n_kept]):
+    token positions in the row, where padding repeats a block's last token and is discarded after."""
 
     length: int
-    groups: list  # (positions [g, L], kept [g * L] bool, targets [n_kept]) per group
-    trees: list  # (start, end, prefix_start, prefix_end) per block with a prefix
+    groups: list
 
 
-# A group's shortest block is at least this fraction of its longest: the padding its attention computes stays small.
+# A group's shortest block (and shortest prefix) is at least this fraction of its longest: the padding its attention
+# computes stays small.
 GROUP_LENGTH_RATIO = 0.8
+
+
+def _similar_runs(items: list, size) -> list[list]:
+    """items cut into runs of similar size(item), longest first: each run's smallest is at least GROUP_LENGTH_RATIO
+    of its largest."""
+    items = sorted(items, key=lambda b: -size(b))
+    runs = []
+    for item in items:
+        if runs and size(item) >= GROUP_LENGTH_RATIO * size(runs[-1][0]):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _clamped(starts: torch.Tensor, sizes: torch.Tensor, width: int) -> torch.Tensor:
+    """[g, width] positions starts + t, t clamped to each size - 1 (padding repeats the last position)."""
+    steps = torch.arange(width)[None, :]
+    return starts[:, None] + torch.minimum(steps, (sizes - 1).clamp(min=0)[:, None])
 
 
 def plan_attention(blocks: list, length: int, device) -> AttentionPlan:
     """The AttentionPlan of a row of `length` tokens with these (start, end, prefix_start, prefix_end) blocks."""
-    plain = sorted((b for b in blocks if b[2] == b[3]), key=lambda b: b[0] - b[1])  # longest first
     groups = []
-    while plain:
-        longest = plain[0][1] - plain[0][0]
-        shorter = (i for i, b in enumerate(plain) if i and b[1] - b[0] < GROUP_LENGTH_RATIO * longest)
-        size = next(shorter, len(plain))
-        members, plain = plain[:size], plain[size:]
-        steps = torch.arange(longest)
-        starts = torch.tensor([b[0] for b in members])[:, None]
-        sizes = torch.tensor([b[1] - b[0] for b in members])[:, None]
-        kept = steps[None, :] < sizes
-        positions = starts + torch.minimum(steps[None, :], sizes - 1)
-        groups.append((positions.to(device), kept.reshape(-1).to(device), positions[kept].to(device)))
-    return AttentionPlan(length, groups, [b for b in blocks if b[2] != b[3]])
+    for same_prefix in _similar_runs(blocks, lambda b: b[3] - b[2]):
+        for members in _similar_runs(same_prefix, lambda b: b[1] - b[0]):
+            starts, ends, prefix_starts, prefix_ends = torch.tensor(members).T
+            sizes, prefix_sizes = ends - starts, prefix_ends - prefix_starts
+            width, prefix_width = int(sizes.max()), int(prefix_sizes.max())
+            queries = _clamped(starts, sizes, width)
+            kept = torch.arange(width)[None, :] < sizes[:, None]
+            mask = None
+            keys = queries
+            if prefix_width:  # the prefix in full (up to its own size), then causal within the block
+                keys = torch.cat([_clamped(prefix_starts, prefix_sizes, prefix_width), queries], dim=1)
+                key_steps = torch.arange(prefix_width + width)[None, None, :]
+                in_prefix = key_steps < prefix_sizes[:, None, None]
+                causal = (key_steps >= prefix_width) & (key_steps - prefix_width <= torch.arange(width)[None, :, None])
+                mask = (in_prefix | causal).unsqueeze(1).to(device)
+            groups.append((queries.to(device), keys.to(device), mask, kept.reshape(-1).to(device),
+                           queries[kept].to(device)))
+    return AttentionPlan(length, groups)
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -75,23 +100,14 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     dropout = dropout if module.training else 0.0
     targets, outputs = [], []
-    for positions, kept, target in packed_plan.groups:  # [1, H, T, D] -> [g, H, L, D], right-padded
-        q, k, v = (x[0][:, positions].transpose(0, 1) for x in (query, key, value))
-        # Causal attention of a right-padded row never reaches its padding from a kept query.
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+    for queries, keys, mask, kept, target in packed_plan.groups:  # [1, H, T, D] -> [g, H, L, D], right-padded
+        q = query[0][:, queries].transpose(0, 1)
+        k, v = (x[0][:, keys].transpose(0, 1) for x in (key, value))
+        # Without a prefix, causal attention of a right-padded row never reaches its padding from a kept query.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                             scale=scaling)
         outputs.append(out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])[kept])
         targets.append(target)
-    for start, end, prefix_start, prefix_end in packed_plan.trees:
-        # the prefix in full, then causal within the block: a lower-right-aligned causal mask
-        q = query[:, :, start:end]
-        k = torch.cat([key[:, :, prefix_start:prefix_end], key[:, :, start:end]], dim=2)
-        v = torch.cat([value[:, :, prefix_start:prefix_end], value[:, :, start:end]], dim=2)
-        n_prefix, n = prefix_end - prefix_start, end - start
-        rows = torch.arange(n, device=query.device)[:, None]
-        mask = torch.arange(n_prefix + n, device=query.device)[None, :] <= rows + n_prefix
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
-        outputs.append(out[0].transpose(0, 1))
-        targets.append(torch.arange(start, end, device=query.device))
     values = torch.cat(outputs)  # [T, H, D] in the plan's order, put back in row order
     row = values.new_empty(packed_plan.length, *values.shape[1:]).index_copy(0, torch.cat(targets), values)
     return row.unsqueeze(0), None
@@ -161,41 +177,68 @@ def supports_prefix_sharing(model) -> bool:
 
 @dataclass
 class PackedRow:
-    """One packed row: token ids and position ids [1, T], the block plan [n_blocks, 4], and the position of each
-    sequence's last token (where its reward is read), in the order the sequences were given."""
+    """One packed row: token ids and position ids [1, T], the block plan [n_blocks, 4], the position of each
+    sequence's last token (where its reward is read), and where each sequence's tokens lie, segments [n, 3]:
+    (prefix_start, n_shared, own_start), its first n_shared tokens at prefix_start (the context it shares, laid once)
+    and the rest from own_start; sequences in the order they were given."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     blocks: torch.Tensor
     last_positions: torch.Tensor
+    segments: torch.Tensor
 
     def as_inputs(self) -> dict[str, torch.Tensor]:
         """The tensors a collator returns (the Trainer moves them to the device)."""
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "packed_blocks": self.blocks,
                 "last_positions": self.last_positions}
 
+    def token_positions(self, offsets: torch.Tensor) -> torch.Tensor:
+        """The row position of token offsets[i] of sequence i."""
+        prefix_start, shared, own_start = self.segments.T
+        return torch.where(offsets < shared, prefix_start + offsets, own_start + offsets - shared)
 
-def shared_prefix_length(a: list[int], b: list[int]) -> int:
-    """Tokens a and b share at their start, leaving each at least its last token of its own (where it is read)."""
-    limit = min(len(a), len(b)) - 1
-    n = 0
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens all the sequences share at their start, leaving each at least its last token of its own (where it is
+    read)."""
+    n = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    for seq in sequences[1:]:
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return max(n, 0)
+
+
+def pack_groups(groups: list[list[list[int]]]) -> PackedRow:
+    """Groups of sequences end to end, positions restarting at each group. A group of several lays its common
+    leading tokens once, each member continuing from them (a tree); a sequence alone is one plain block.
+    last_positions and segments follow the sequences group by group."""
+    ids, positions, blocks, last, segments = [], [], [], [], []
+    for group in groups:
+        for seq in group:
+            if not seq:  # its "last token" would be the previous sequence's: another input's reward
+                raise ValueError(f"sequence {len(last)} of the packed row has no tokens")
+        n = shared_prefix_length(group) if len(group) > 1 else 0
+        prefix_start = len(ids)
+        if n:
+            ids += group[0][:n]
+            positions += range(n)
+            blocks.append((prefix_start, prefix_start + n, prefix_start, prefix_start))
+        for seq in group:
+            start = len(ids)
+            ids += seq[n:]
+            positions += range(n, len(seq))
+            blocks.append((start, len(ids), prefix_start, prefix_start + n) if n else (start, len(ids), start, start))
+            last.append(len(ids) - 1)
+            segments.append((prefix_start, n, start))
+    return PackedRow(torch.tensor([ids], dtype=torch.long), torch.tensor([positions], dtype=torch.long),
+                     torch.tensor(blocks, dtype=torch.long).reshape(-1, 4), torch.tensor(last, dtype=torch.long),
+                     torch.tensor(segments, dtype=torch.long).reshape(-1, 3))
 
 
 def pack_sequences(sequences: list[list[int]]) -> PackedRow:
     """Sequences end to end, positions restarting at each, one block each."""
-    ids, positions, blocks, last = [], [], [], []
-    for i, seq in enumerate(sequences):
-        if not seq:  # its "last token" would be the previous sequence's: another input's reward
-            raise ValueError(f"sequence {i} of the packed row has no tokens")
-        start = len(ids)
-        ids += seq
-        positions += range(len(seq))
-        blocks.append((start, len(ids), start, start))
-        last.append(len(ids) - 1)
-    return _row(ids, positions, blocks, last)
+    return pack_groups([[seq] for seq in sequences])
 
 
 def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], share_prefix: bool) -> PackedRow:
@@ -203,26 +246,43 @@ def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], share_prefix:
     order). With share_prefix, each pair's common leading tokens are laid once, both responses continuing from them."""
     if not share_prefix:
         return pack_sequences(list(chosen) + list(rejected))
-    ids, positions, blocks, last_chosen, last_rejected = [], [], [], [], []
-    for a, b in zip(chosen, rejected):
-        n = shared_prefix_length(a, b)
-        start = len(ids)
-        if n:
-            ids += a[:n]
-            positions += range(n)
-            blocks.append((start, start + n, start, start))
-        for seq, last in ((a, last_chosen), (b, last_rejected)):
-            block_start = len(ids)
-            ids += seq[n:]
-            positions += range(n, len(seq))
-            blocks.append((block_start, len(ids), start, start + n))
-            last.append(len(ids) - 1)
-    return _row(ids, positions, blocks, last_chosen + last_rejected)
+    row = pack_groups([[a, b] for a, b in zip(chosen, rejected)])
+    order = torch.arange(2 * len(chosen)).reshape(-1, 2).T.reshape(-1)  # (c0, r0, c1, r1) -> (c0, c1, r0, r1)
+    row.last_positions, row.segments = row.last_positions[order], row.segments[order]
+    return row
 
 
-def _row(ids, positions, blocks, last) -> PackedRow:
-    return PackedRow(torch.tensor([ids], dtype=torch.long), torch.tensor([positions], dtype=torch.long),
-                     torch.tensor(blocks, dtype=torch.long).reshape(-1, 4), torch.tensor(last, dtype=torch.long))
+# Sequences are grouped under a shared prefix only when they share at least this many tokens: a tree block's masked
+# attention costs more per token than a plain one.
+MIN_SHARED_PREFIX = 16
+
+
+def group_cost(lengths: list[int], shared: int) -> int:
+    """Tokens a group of sequences takes in a packed row when their first `shared` tokens are laid once."""
+    return sum(lengths) - shared * (len(lengths) - 1) if len(lengths) > 1 else lengths[0]
+
+
+def prefix_groups(sequences: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Index groups of sequences that share a context (at least MIN_SHARED_PREFIX leading tokens), found among
+    neighbours in sorted order: a chosen and a rejected, the n responses to one prompt, or requests with one prompt.
+    A sequence joins a group only where that saves tokens, and a group is split where it would exceed max_tokens.
+    Every sequence is in one group; a sequence that shares nothing is a group alone."""
+    groups = []  # [members, shared tokens]
+    for i in sorted(range(len(sequences)), key=sequences.__getitem__):
+        seq = sequences[i]
+        if groups:
+            members, shared = groups[-1]
+            joined = shared_prefix_length([sequences[members[-1]], seq])
+            joined = min(joined, shared) if len(members) > 1 else joined
+            # Joining saves `joined` tokens of this sequence and costs (shared - joined) for each member already in.
+            saves = joined - (len(members) * (shared - joined) if len(members) > 1 else 0)
+            lengths = [len(sequences[j]) for j in members] + [len(seq)]
+            if joined >= MIN_SHARED_PREFIX and saves > 0 and group_cost(lengths, joined) <= max_tokens:
+                members.append(i)
+                groups[-1][1] = joined
+                continue
+        groups.append([[i], 0])
+    return [members for members, _ in groups]
 
 
 def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -240,17 +300,23 @@ def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]
     return batches
 
 
-def packed_rows(sequences: list[list[int]], max_tokens: int, device, desc: str = "scoring", progress: bool = False):
-    """The sequences packed into rows of up to max_tokens tokens, longest first: per row, the indices of its
-    sequences, the PackedRow, and its inputs on device."""
-    for chunk in tqdm(token_budget_batches([len(s) for s in sequences], max_tokens), desc=desc, disable=not progress):
-        row = pack_sequences([sequences[i] for i in chunk])
+def packed_rows(sequences: list[list[int]], max_tokens: int, device, desc: str = "scoring", progress: bool = False,
+                share_prefix: bool = False):
+    """The sequences packed into rows of up to max_tokens tokens, longest first (with share_prefix, sequences that
+    share a context laid as trees, prefix_groups): per row, the indices of its sequences, the PackedRow, and its
+    inputs on device."""
+    groups = prefix_groups(sequences, max_tokens) if share_prefix else [[i] for i in range(len(sequences))]
+    members = [[sequences[i] for i in group] for group in groups]
+    costs = [group_cost([len(s) for s in m], shared_prefix_length(m) if len(m) > 1 else 0) for m in members]
+    for batch in tqdm(token_budget_batches(costs, max_tokens), desc=desc, disable=not progress):
+        row = pack_groups([members[g] for g in batch])
+        chunk = [i for g in batch for i in groups[g]]
         yield chunk, row, {k: v.to(device) for k, v in row.as_inputs().items()}
 
 
 def pair_cost(chosen: list[int], rejected: list[int], share_prefix: bool) -> int:
     """Tokens a pair takes in a packed row."""
-    return len(chosen) + len(rejected) - (shared_prefix_length(chosen, rejected) if share_prefix else 0)
+    return group_cost([len(chosen), len(rejected)], shared_prefix_length([chosen, rejected]) if share_prefix else 0)
 
 
 class TokenBudgetBatches(torch.utils.data.Sampler):

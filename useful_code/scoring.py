@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from useful_code.data_parallel import map_across_ranks
-from useful_code.packing import packed_rewards, packed_rows, padding_free_ready, reward_head
+from useful_code.packing import packed_rewards, packed_rows, padding_free_ready, reward_head, supports_prefix_sharing
 
 
 def length_sorted_batches(sequences: list[list[int]], batch_size: int, desc: str = "scoring", progress: bool = False):
@@ -53,7 +53,8 @@ def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: in
     device = model_device(model)
     results = [None] * len(sequences)
     if read is reward_logit and max_tokens_per_batch and padding_free_ready(model) and reward_head(model) is not None:
-        for chunk, _, inputs in packed_rows(sequences, max_tokens_per_batch, device, progress=progress):
+        for chunk, _, inputs in packed_rows(sequences, max_tokens_per_batch, device, progress=progress,
+                                            share_prefix=supports_prefix_sharing(model)):
             rewards = packed_rewards(model, inputs)[:, 0]
             for i, value in zip(chunk, rewards.float().cpu().tolist()):
                 results[i] = value
