@@ -96,6 +96,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if packed_plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    (queries, _, mask, _, _), *others = packed_plan.groups
+    if not others and mask is None and queries.shape == (1, packed_plan.length):  # one sequence: a plain forward
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     dropout = dropout if module.training else 0.0
