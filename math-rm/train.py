@@ -16,6 +16,7 @@ data's 'test' split, or --eval_holdout_size rows of it) give the label accuracy 
 <output_dir>/last_checkpoint/, curves.png and metrics.json.
 """
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from useful_code.math_data import (
     validate_training_rows,
 )
 from useful_code.math_scoring import StepScorer
+from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import load_preference_model
 from useful_code.templates import load_tokenizer
 from useful_code.training_plots import plot_curves
@@ -217,8 +219,11 @@ def main():
             "config": config,
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         })
-        checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args, training_args, dtype)
+        metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args,
+                                                     training_args, dtype)
         plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
+        write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()),
+                         base_model=script_args.model_name_or_path, kind="math", command=launch_command())
         final = checkpoints.publish_run(training_args.output_dir)
         print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
     trainer.accelerator.wait_for_everyone()

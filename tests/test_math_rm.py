@@ -483,6 +483,17 @@ def test_train_then_best_of_n_beats_majority_and_pass_at_1(tmp_path):
     assert metrics["examples"]["train"]["used"] == 1000 and metrics["examples"]["eval"]["used"] == 100
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_accuracy_minus"] >= 0.8
     assert (out / "last_checkpoint" / "model.safetensors").exists() and (out / "curves.png").exists()
+    card = (out / "last_checkpoint" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers")
+    assert "tags:\n- reward-model\n- rlhf\n- process-reward-model" in card
+    assert "# Math reward model" in card and "- reward_type: `prm`" in card
+    assert f"| held-out accuracy on \"-\" labels | {metrics['eval_accuracy_minus']:.4g} |" in card
+    # the card's usage snippet runs as written on this checkpoint: P(+) after each of its two steps
+    snippet = card.split("```python\n")[1].split("```")[0]
+    snippet = snippet.replace("path/to/last_checkpoint", str(out / "last_checkpoint"))
+    scope = {}
+    exec(snippet, scope)
+    assert len(scope["step_scores"]) == 2 and all(0 < p < 1 for p in scope["step_scores"])
 
     # Data-parallel on two ranks (torchrun), checked against one process below: the same scores in the same order.
     proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "math-rm/prm_evaluate.py", "--reward_name_or_path",

@@ -126,7 +126,8 @@ def test_packed_rows_share_contexts_and_cover_every_sequence():
         tokens += row.input_ids.shape[1]
         assert row.input_ids.shape[1] <= 90 or len(chunk) == 1
         for k, i in enumerate(chunk):  # each sequence's tokens, read back from the row, are its own
-            positions = [row.token_positions(torch.full((len(chunk),), offset))[k] for offset in range(len(sequences[i]))]
+            positions = [row.token_positions(torch.full((len(chunk),), offset))[k]
+                         for offset in range(len(sequences[i]))]
             assert row.input_ids[0, positions].tolist() == sequences[i]
             assert row.position_ids[0, positions].tolist() == list(range(len(sequences[i])))
     assert sorted(seen) == list(range(8))
@@ -309,6 +310,8 @@ def test_armo_embeddings_equal_padded(tok):
     sequences, pattern = chosen + rejected, gating_pattern(tok)
     last, gated = embed(copy.deepcopy(backbone), tok, sequences, 4, pattern, progress=False)
     assert enable_padding_free(backbone)
+    # three pairs are scored as trees, their gating positions inside the shared context
+    assert sum(len(g) > 1 for g in prefix_groups(sequences, 90)) == 3
     packed_last, packed_gated = embed(backbone, tok, sequences, 4, pattern, progress=False, max_tokens_per_batch=90)
     torch.testing.assert_close(packed_last, last, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(packed_gated, gated, atol=1e-4, rtol=1e-4)

@@ -126,6 +126,17 @@ def test_usage_snippets_compile_and_the_pm_prompt_is_the_training_layout():
     assert namespace["pm_prompt"](context, "6", "7") == build_pm_prompt(context, "6", "7")
 
 
+def test_math_card_snippet_scores_each_step():
+    from useful_code.defaults import DEFAULT_MODEL
+
+    card = model_card({"arguments": {"reward_type": "orm"}, "eval_accuracy_plus": 0.75}, base_model="m", kind="math",
+                      command=[])
+    assert "- reward_type: `orm`" in card and '| held-out accuracy on "+" labels | 0.75 |' in card
+    scope = {}
+    exec(USAGE["math"].replace("path/to/last_checkpoint", DEFAULT_MODEL), scope)  # the untrained tiny model
+    assert len(scope["step_scores"]) == 2 and all(0 < p < 1 for p in scope["step_scores"])
+
+
 def test_write_model_card_writes_readme_atomically(tmp_path):
     path = write_model_card(tmp_path, METRICS, base_model="google/gemma-2b-it", kind="bt", command=COMMAND)
     assert path == str(tmp_path / "README.md")

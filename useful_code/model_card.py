@@ -21,6 +21,11 @@ KINDS = {
            'It is a causal LM that reads a context and two responses, A and B, and answers "A" or "B": P(A preferred) '
            "is the softmax of those two tokens' logits at the answer position (ask in both orders and average).",
            'cross-entropy on the answer token ("A" or "B")'),
+    "math": ("math reward model", "text-generation", "process-reward-model",
+             'It is a causal LM that answers "+" (right so far) or "-" after each step of a solution (a process reward '
+             "model, reward_type prm) or once after the whole solution (an outcome reward model, orm): a step's score "
+             "is P(+), the softmax of those two tokens' logits at its label position.",
+             'cross-entropy on the label tokens ("+" or "-")'),
 }
 EXAMPLE_ROWS = {"read": "read", "held_out_for_eval": "moved to the held-out set",
                 "special_token_in_content": "dropped: special token in content",
@@ -28,9 +33,13 @@ EXAMPLE_ROWS = {"read": "read", "held_out_for_eval": "moved to the held-out set"
                 "used": "used"}
 HYPER_PARAMETERS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
                     "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-                    "max_length", "overlength", "packing", "bf16", "activation_checkpointing", "seed", "deepspeed")
+                    "max_length", "overlength", "packing", "bf16", "activation_checkpointing", "seed", "deepspeed",
+                    "reward_type")
 RESULTS = (("eval_accuracy", "held-out accuracy"), ("eval_accuracy_chosen_as_A", "held-out accuracy, chosen as A"),
-           ("eval_accuracy_chosen_as_B", "held-out accuracy, chosen as B"), ("eval_loss", "held-out loss"),
+           ("eval_accuracy_chosen_as_B", "held-out accuracy, chosen as B"),
+           ("eval_accuracy_plus", 'held-out accuracy on "+" labels'),
+           ("eval_accuracy_minus", 'held-out accuracy on "-" labels'), ("eval_labels", "held-out labels"),
+           ("eval_loss", "held-out loss"),
            ("eval_ties", "held-out ties (counted as wrong)"), ("train_loss", "training loss (mean)"),
            ("train_steps", "training steps"), ("reload_max_abs_diff", "reload check: largest difference"),
            ("wall_time_s", "wall time (s)"))
@@ -62,6 +71,15 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 ab = [tokenizer.encode(label, add_special_tokens=False)[0] for label in ("A", "B")]
 with torch.no_grad():
     prob_a = torch.softmax(model(**inputs).logits[0, -1, ab].float(), -1)[0].item()  # P(response A preferred)''',
+    "math": '''from useful_code.math_scoring import StepScorer  # this project's scorer: one forward per solution
+
+scorer = StepScorer.from_pretrained("path/to/last_checkpoint", bf16=False)  # or its Hub id
+# the layout it was trained on: the problem with the first step, then each step a user turn, each followed by a label
+solution = [{"role": "user", "content": "What is 2 + 3 * 4? Step 1: 3 * 4 = 12."},
+            {"role": "assistant", "content": "+"},
+            {"role": "user", "content": "Step 2: 2 + 12 = 14."},
+            {"role": "assistant", "content": "+"}]
+step_scores = scorer.score_conversations([solution], progress=False)[0]  # P(+) after each step''',
 }
 
 
@@ -92,7 +110,8 @@ def _examples_table(examples: dict) -> list[str]:
 
 def model_card(metrics: dict, *, base_model: str, kind: str, command: list[str],
                load_snippet: Optional[str] = None) -> str:
-    """The README.md text of a checkpoint of kind 'bt' (Bradley-Terry) or 'pm' (pairwise preference), from its run's
+    """The README.md text of a checkpoint of kind 'bt' (Bradley-Terry), 'pm' (pairwise preference) or 'math' (a
+    process or outcome reward model for math), from its run's
     metrics (metrics.json as written; missing entries are left out) and the command line that made it."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, not {kind!r}")
