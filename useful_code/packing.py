@@ -1,13 +1,15 @@
 """Padding-free packing: the sequences of a batch laid end to end in one row, with no pad token computed, attention
-kept inside each sequence, and a pair's shared context computed once for both of its responses (prefix sharing).
+kept inside each sequence, and a shared context computed once for all the responses that continue it (prefix
+sharing: a pair's two sides in training; in scoring, any sequences that share their leading tokens, prefix_groups).
 
 A packed row carries a block plan: each block is a run of query positions [start, end) that attends causally to
 itself and fully to one earlier run of keys, its prefix [prefix_start, prefix_end) (empty for a plain sequence).
 A plain sequence is one block; a pair with a shared context C and responses A and B is three: C, then A and B, each
-with C as its prefix and positions continuing from C's end, the tree-shaped mask of prefix sharing.
+with C as its prefix and positions continuing from C's end, the tree-shaped mask of prefix sharing (n responses
+to one context: n + 1 blocks).
 
 On sdpa or eager models the plan runs through VARLEN_ATTENTION, registered with transformers' AttentionInterface: it
-runs SDPA on each block's own keys (plain blocks of similar length batched together), so the cost is close to that of
+runs SDPA on each block's own keys (blocks of similar length batched together), so the cost is close to that of
 the separate sequences. transformers' own packed-sequence path (a mask built from the position ids) computes the
 full row x row score matrix and masks most of it away: for 16 sequences of 250 tokens, 16x the attention work. On
 flash-attention models transformers' varlen path reads the sequence starts from the position ids (plain packing
@@ -255,8 +257,8 @@ def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], share_prefix:
     return row
 
 
-# Sequences are grouped under a shared prefix only when they share at least this many tokens: a tree block's masked
-# attention costs more per token than a plain one.
+# Sequences are grouped under a shared prefix only when they share at least this many tokens: a few shared tokens
+# save little and add attention groups (each group is one more SDPA call per layer).
 MIN_SHARED_PREFIX = 16
 
 
