@@ -4,8 +4,10 @@ weights, the same train/held-out files, the same token ids, hyper-parameters and
 (non-pad) tokens/s, the padding fraction, peak memory, held-out accuracy, and each one's speed and memory next to
 TRL's.
 
-    python benchmarks/bench_bt_training.py [--model tiny|30m] [--pairs 400] [--held_out 100] [--max_length 1024]
+    python benchmarks/bench_bt_training.py [--model tiny|30m|1b] [--pairs 400] [--held_out 100] [--max_length 1024]
         [--batch_size 8] [--repeats 1] [--json results.json]
+    # on a GPU: bf16, a ~1B Llama, and MFU against the chip's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s)
+    python benchmarks/bench_bt_training.py --model 1b --bf16 true --peak_tflops 989 [--attn_implementation sdpa]
 
 Each run is its own process with OMP_NUM_THREADS=1 (two threads per process made step times swing 2x on a shared
 2-core machine), one at a time, the contestants round-robin within each repeat so that a slow spell of the machine
@@ -44,8 +46,14 @@ CONTESTANTS = {
 @dataclass
 class BenchArguments(HHBenchArguments):
     model: str = field(default="tiny", metadata={
-        "choices": ("tiny", "30m"), "help": "tiny: assets/tiny-llama with a new score head; 30m: a random-init "
-                                            "~30M-parameter Llama on the tiny tokenizer."})
+        "choices": ("tiny", "30m", "1b"), "help": "tiny: assets/tiny-llama with a new score head; 30m / 1b: a "
+                                                  "random-init ~30M / ~1B-parameter Llama on the tiny tokenizer."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 training for every contestant (a GPU's setting)."})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "choices": ("sdpa", "eager", "flash_attention_2"), "help": "For every contestant. With flash_attention_2 "
+        "the prefix-sharing contestant trains plain padding-free (trees need sdpa or eager)."})
+    peak_tflops: float = field(default=0.0, metadata={
+        "min": 0, "help": "The device's peak TFLOP/s at the training dtype: MFU is printed when given."})
     pairs: int = field(default=400, metadata={"min": 1, "help": "Training pairs."})
     held_out: int = field(default=100, metadata={"min": 1, "help": "Held-out pairs (accuracy after training)."})
     max_length: int = field(default=1024, metadata={"min": 1, "help": "Longer pairs are cut from the left."})
@@ -96,10 +104,10 @@ def command(name: str, args: BenchArguments, work: Path, out: Path) -> list[str]
               "--gradient_accumulation_steps", "1", "--num_train_epochs", str(args.epochs),
               "--max_steps", str(args.max_steps), "--max_length", str(args.max_length), "--seed", str(args.seed),
               "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03",
-              "--weight_decay", "0.001", "--optim", "adamw_torch", "--max_grad_norm", "1.0", "--bf16", "false",
-              "--activation_checkpointing", "false", "--logging_steps", "10", "--save_strategy", "no",
-              "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
-              "--attn_implementation", "sdpa"]  # sdpa for all (flash attention would change the comparison on a GPU)
+              "--weight_decay", "0.001", "--optim", "adamw_torch", "--max_grad_norm", "1.0",
+              "--bf16", str(args.bf16).lower(), "--activation_checkpointing", "false", "--logging_steps", "10",
+              "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+              "--attn_implementation", args.attn_implementation]
     if name == "trl":
         sampler = "group_by_length" if args.group_by_length else "random"
         return [sys.executable, TRL_RUNNER, *shared, "--train_set_path", str(work / "train_ids.jsonl"),
@@ -110,12 +118,22 @@ def command(name: str, args: BenchArguments, work: Path, out: Path) -> list[str]
             "--group_by_length", str(args.group_by_length).lower(), *CONTESTANTS[name][1]]
 
 
-def read_metrics(run: dict, out: Path, trained_pairs: float) -> dict:
+def model_flops_per_token(n_params: int, config: dict) -> float:
+    """Training FLOPs per token: 6 per non-embedding parameter (forward and backward), as in the MFU of the
+    PaLM paper; attention scores are left out, so the figure undercounts a little and is the same for every
+    contestant."""
+    return 6 * (n_params - config["vocab_size"] * config["hidden_size"])
+
+
+def read_metrics(run: dict, out: Path, trained_pairs: float, flops_per_token: float) -> dict:
     """The speed, token and quality numbers of a finished run from its metrics.json (both scripts write the same
-    keys for them)."""
+    keys for them). Model TFLOP/s counts the tokens the forwards ran less padding: a context shared by both sides of
+    a pair counts once, as it is computed once, so MFU measures the device's use, and pairs/s the speed."""
     m = json.loads((out / "metrics.json").read_text())
     tokens, runtime = m["train_tokens"], m["train_runtime_s"]
     return {**run, "train_runtime_s": runtime, "train_steps": m["train_steps"], "trained_pairs": trained_pairs,
+            "model_tflops": flops_per_token * (tokens["computed"] - tokens["padding"]) / runtime / 1e12,
+            "peak_gpu_mib": m.get("peak_gpu_memory_mib") or 0.0,  # 0 on a CPU (the peak RSS is the memory there)
             "pairs_per_s": trained_pairs / runtime, "real_tokens": tokens["real"],
             "real_tokens_per_s": tokens["real"] / runtime, "computed_tokens": tokens["computed"],
             "padding_tokens": tokens["padding"], "padding_fraction": tokens["padding"] / tokens["computed"],
@@ -134,22 +152,25 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def print_table(summary: dict) -> None:
+def print_table(summary: dict, peak_tflops: float) -> None:
     trl = summary.get("trl")
+    memory_key = "peak_gpu_mib" if trl and trl["peak_gpu_mib"] else "peak_rss_mib"  # what bounds a run's size
     print(f"\n{'contestant':<29}{'pairs/s':>9}{'vs TRL':>8}{'real tok/s':>12}{'padding':>9}{'computed':>10}"
-          f"{'peak MiB':>10}{'vs TRL':>8}{'train loss':>12}{'held-out acc':>14}{'loss':>8}")
+          f"{'GPU MiB' if memory_key == 'peak_gpu_mib' else 'peak MiB':>10}{'vs TRL':>8}{'train loss':>12}"
+          f"{'held-out acc':>14}{'loss':>8}{'TFLOP/s':>9}{'MFU':>7}")
     for name, (label, _) in CONTESTANTS.items():
         s = summary.get(name)
         if s is None:
             print(f"{label:<29}{'FAILED':>9}")
             continue
         speed = f"{s['pairs_per_s'] / trl['pairs_per_s']:.2f}x" if trl else "-"
-        memory = f"{s['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x" if trl else "-"
+        memory = f"{s[memory_key] / trl[memory_key]:.2f}x" if trl else "-"
+        mfu = f"{100 * s['model_tflops'] / peak_tflops:.1f}%" if peak_tflops else "-"
         # computed: tokens the forward ran per real token (padding adds, a shared context counted once removes)
         print(f"{label:<29}{s['pairs_per_s']:>9.2f}{speed:>8}{s['real_tokens_per_s']:>12.0f}"
               f"{100 * s['padding_fraction']:>8.1f}%{s['computed_tokens'] / s['real_tokens']:>9.2f}x"
-              f"{s['peak_rss_mib']:>10.0f}{memory:>8}{s['train_loss']:>12.4f}{s['eval_accuracy']:>14.3f}"
-              f"{s['eval_loss']:>8.4f}")
+              f"{s[memory_key]:>10.0f}{memory:>8}{s['train_loss']:>12.4f}{s['eval_accuracy']:>14.3f}"
+              f"{s['eval_loss']:>8.4f}{s['model_tflops']:>9.3g}{mfu:>7}")
 
 
 def main():
@@ -161,13 +182,14 @@ def main():
         tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
         data = prepare_data(args, tokenizer, work)
         n_params = build_bench_model(args.model, tokenizer, work / "model", args.seed, args.max_length)
+        flops_per_token = model_flops_per_token(n_params, json.loads((work / "model" / "config.json").read_text()))
         # Both trainers go through the same pairs per epoch; with --max_steps, full batches are assumed.
         trained_pairs = args.pairs * args.epochs if args.max_steps <= 0 else args.max_steps * args.batch_size
         print(f"model {args.model}: {n_params / 1e6:.1f}M parameters; {args.pairs} train pairs ({data['sequences']} "
               f"sequences, mean {data['mean_tokens']:.0f} tokens, max {data['max_tokens']}), {args.held_out} held out; "
               f"batch {args.batch_size}, max_length {args.max_length}, lr {args.learning_rate}, "
-              f"{'max_steps ' + str(args.max_steps) if args.max_steps > 0 else f'{args.epochs:g} epoch(s)'}, fp32, "
-              f"1 thread per run")
+              f"{'max_steps ' + str(args.max_steps) if args.max_steps > 0 else f'{args.epochs:g} epoch(s)'}, "
+              f"{'bf16' if args.bf16 else 'fp32'}, {args.attn_implementation}, 1 CPU thread per run")
 
         runs, total = [], args.repeats * len(CONTESTANTS)
         for repeat in range(args.repeats):
@@ -179,7 +201,7 @@ def main():
                 run = {"contestant": name, "repeat": repeat,
                        **run_child(command(name, args, work, out), log, args.timeout)}
                 if run["exit_code"] == 0:
-                    run = read_metrics(run, out, trained_pairs)
+                    run = read_metrics(run, out, trained_pairs, flops_per_token)
                     print(f"    done in {run['wall_s']:.1f} s (training {run['train_runtime_s']:.1f} s, "
                           f"{run['pairs_per_s']:.2f} pairs/s), peak {run['peak_rss_mib']:.0f} MiB", flush=True)
                 else:
@@ -189,7 +211,7 @@ def main():
                 runs.append(run)
 
     summary = summarize(runs)
-    print_table(summary)
+    print_table(summary, args.peak_tflops)
     real = {name: s["real_tokens"] for name, s in summary.items()}
     if len(set(real.values())) > 1:  # the same pairs and epochs must mean the same tokens for every contestant
         print(f"warning: real training tokens differ between contestants: {real}")

@@ -40,14 +40,18 @@ def load_hh_pairs(args: HHBenchArguments):
 def build_bench_model(kind: str, tokenizer, path: Path, seed: int, max_length: int) -> int:
     """Save the contestants' common starting point (a one-output sequence classifier and its tokenizer) to path, the
     new weights drawn from a fixed seed: 'tiny' is the embedded model with a new score head, '30m' a random-init
-    Llama (hidden 512, 8 layers, 8 heads, intermediate 1376; 25.9M parameters with the tiny tokenizer's vocabulary).
-    Returns its parameter count."""
+    Llama (hidden 512, 8 layers, 8 heads, intermediate 1376; 25.9M parameters with the tiny tokenizer's vocabulary),
+    '1b' a random-init Llama of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 key/value heads,
+    intermediate 5632; 0.97B parameters with the tiny vocabulary), for a GPU. Returns its parameter count."""
     torch.manual_seed(seed)
     if kind == "tiny":
         model = load_reward_model(DEFAULT_MODEL, "--model", tokenizer, torch.float32, new_weights=REWARD_HEAD_WEIGHTS)
     else:
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                             num_key_value_heads=8, intermediate_size=1376,
+        shape = {"30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                             intermediate_size=1376),
+                 "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                            intermediate_size=5632)}[kind]
+        config = LlamaConfig(vocab_size=len(tokenizer), **shape,
                              max_position_embeddings=max(2048, max_length), num_labels=1,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
 from useful_code.cli import parse_args, run_cli
+from useful_code.hardware import peak_gpu_memory_mib
 
 
 @dataclass
@@ -87,6 +88,7 @@ def main():
         "train_loss": result.training_loss,
         "train_steps": result.global_step,
         "train_runtime_s": result.metrics["train_runtime"],
+        "peak_gpu_memory_mib": peak_gpu_memory_mib(),
         "eval_accuracy": accuracy,
         "eval_loss": loss,
         "examples": {"train": {"used": len(train)}, "eval": {"used": len(held_out)}},

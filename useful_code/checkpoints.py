@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from useful_code.cli import UserError
+from useful_code.hardware import peak_gpu_memory_mib
 
 # Training arguments recorded in metrics.json (the full set is hundreds of fields).
 RECORDED_TRAINING_ARGS = ("output_dir", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -256,6 +257,7 @@ def write_run_metrics(output_dir: str, metrics: dict, started: float, train_resu
         "wall_time_s": round(time.time() - started, 1),
         "train_runtime_s": train_result.metrics.get("train_runtime"),
         "world_size": training_args.world_size,
+        "peak_gpu_memory_mib": peak_gpu_memory_mib(),  # this rank's; None on a CPU
         "dtype": str(dtype),
         "arguments": {**asdict(script_args), **{k: training[k] for k in RECORDED_TRAINING_ARGS if k in training}},
         "versions": library_versions(),

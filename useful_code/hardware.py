@@ -10,6 +10,11 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
 
 
+def peak_gpu_memory_mib() -> float | None:
+    """The most GPU memory this process's tensors have held (torch's allocator), in MiB; None without a GPU."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def bf16_available() -> bool:
     """Whether this machine has a GPU that computes in bf16."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
