@@ -4,7 +4,7 @@ token-budget padding-free rows, and the same with each shared context computed o
 every scoring path here). Prints pairs/s, peak memory and the ratios to the reference, and checks that every method
 makes the same decisions (chosen above rejected).
 
-    python benchmarks/bench_eval_batching.py [--model tiny|30m] [--pairs 300] [--max_length 1024]
+    python benchmarks/bench_eval_batching.py [--model tiny|30m|1b] [--pairs 300] [--max_length 1024] [--bf16 true]
 
 Each method runs in its own process with one thread, one after the other, so that its peak RSS (os.wait4) is its
 own; the parent compares their rewards.
@@ -35,7 +35,8 @@ METHODS = {"single": "one sequence per forward", "padded": "padded batches", "pa
 
 @dataclass
 class BenchArguments(HHBenchArguments):
-    model: str = field(default="tiny", metadata={"choices": ("tiny", "30m")})
+    model: str = field(default="tiny", metadata={"choices": ("tiny", "30m", "1b")})
+    bf16: bool = field(default=False, metadata={"help": "Score in bf16 (on a GPU only; fp32 on a CPU)."})
     max_length: int = field(default=1024, metadata={"min": 1})
     max_tokens_per_batch: int = field(default=DEFAULT_SCORING_TOKENS, metadata={"min": 1})
     method: Optional[str] = field(default=None, metadata={
@@ -47,19 +48,22 @@ class BenchArguments(HHBenchArguments):
 def score_with(method: str, args: BenchArguments) -> None:
     """One method, in this process: score the pairs, write the rewards and the scoring time."""
     tokenizer = load_tokenizer(args.model_dir, "--model_dir")
-    model = load_reward_model(args.model_dir, "--model_dir", tokenizer, torch.float32).eval()
+    # On a GPU (when there is one), in bf16 with --bf16; one CPU thread per process either way.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
+    model = load_reward_model(args.model_dir, "--model_dir", tokenizer, dtype).to(device).eval()
     pairs, _ = tokenize_pairs(load_hh_pairs(args), tokenizer, args.max_length, "truncate", "bench", skip_invalid=True)
     sequences = list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"])
     start = time.perf_counter()
     if method == "single":
         with torch.inference_mode():
-            rewards = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in sequences]
+            rewards = [model(input_ids=torch.tensor([ids], device=device)).logits[0, 0].item() for ids in sequences]
     elif method == "packed":  # score_sequences without its prefix sharing
         assert enable_padding_free(model)
         rewards = [0.0] * len(sequences)
         with torch.inference_mode():
-            for chunk, _, inputs in packed_rows(sequences, args.max_tokens_per_batch, "cpu"):
-                for i, value in zip(chunk, packed_rewards(model, inputs)[:, 0].tolist()):
+            for chunk, _, inputs in packed_rows(sequences, args.max_tokens_per_batch, device):
+                for i, value in zip(chunk, packed_rewards(model, inputs)[:, 0].float().tolist()):
                     rewards[i] = value
     else:
         if method == "prefix":
