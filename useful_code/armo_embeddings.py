@@ -67,7 +67,7 @@ def embed(model, tokenizer, sequences: list[list[int]], batch_size: int, gating_
     gated = torch.zeros(len(sequences), hidden_size, dtype=model.dtype) if gating_pattern_ids else None
     if max_tokens_per_batch and padding_free_ready(model):  # packed rows, read at each sequence's positions
         packed = packed_rows(sequences, max_tokens_per_batch, device, "embedding", progress,
-                           share_prefix=supports_prefix_sharing(model))
+                             share_prefix=supports_prefix_sharing(model))
         for chunk, row, inputs in packed:
             hidden = packed_hidden_states(model, inputs)[0]
             last[chunk] = hidden[row.last_positions.to(device)].cpu()

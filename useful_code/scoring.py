@@ -48,7 +48,8 @@ def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: in
                     read: Callable = reward_logit, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS) -> list:
     """read(outputs) of each token sequence (default: its scalar reward, logit 0; an ArmoRM's attribute rewards
     with another read). A model set up for packed rows (packing.enable_padding_free) scores its rewards padding-free,
-    up to max_tokens_per_batch tokens per forward; otherwise (or with max_tokens_per_batch 0, or another read) in
+    up to max_tokens_per_batch tokens per forward, sequences that share a context as trees where its attention
+    allows (packing.prefix_groups); otherwise (or with max_tokens_per_batch 0, or another read) in
     right-padded batches of batch_size, longest first."""
     device = model_device(model)
     results = [None] * len(sequences)
