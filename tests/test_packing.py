@@ -100,6 +100,8 @@ def test_pack_groups_layout_by_hand():
     assert row.segments.tolist() == [[0, 2, 2], [0, 2, 4], [0, 2, 7], [8, 0, 8]]
     # token 1 of each sequence (in the shared prefix for the tree, its own for the last), token 2 of the first
     assert row.token_positions(torch.tensor([1, 1, 2, 1])).tolist() == [1, 1, 7, 9]
+    with pytest.raises(ValueError, match="sequence 3 of the packed row has no tokens"):
+        pack_groups([[[1, 2]], [[1, 2, 3], [1, 2, 4], []]])  # named by its place in the row, not its group's
 
 
 def test_prefix_groups_by_hand():

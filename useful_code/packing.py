@@ -220,9 +220,9 @@ def pack_groups(groups: list[list[list[int]]]) -> PackedRow:
     last_positions and segments follow the sequences group by group."""
     ids, positions, blocks, last, segments = [], [], [], [], []
     for group in groups:
-        for seq in group:
+        for k, seq in enumerate(group):
             if not seq:  # its "last token" would be the previous sequence's: another input's reward
-                raise ValueError(f"sequence {len(last)} of the packed row has no tokens")
+                raise ValueError(f"sequence {len(last) + k} of the packed row has no tokens")
         n = shared_prefix_length(group) if len(group) > 1 else 0
         prefix_start = len(ids)
         if n:
