@@ -255,7 +255,9 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
     """kill -9 mid-training (at step 20 of 60 or soon after), then --resume_from_checkpoint latest: the final weights equal an uninterrupted run's,
     exactly (CPU, fp32). Periodic checkpoints hold no pickled training arguments."""
     flags = ["--max_steps", "60", "--save_every_steps", "10", "--logging_steps", "100"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # One thread in all three runs: a different thread count may change float sums' order (it does on AVX-512/AMX).
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **one_thread}
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, TRAIN, "--output_path", str(killed), *flags], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -267,10 +269,11 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
     proc.wait()
     assert not (killed / "metrics.json").exists() and not (killed / "last_checkpoint").exists(), "killed too late"
     assert not list(killed.glob("checkpoint-*/training_args.bin"))
-    proc = run([sys.executable, TRAIN, "--output_path", str(killed), *flags, "--resume_from_checkpoint", "latest"])
+    proc = run([sys.executable, TRAIN, "--output_path", str(killed), *flags, "--resume_from_checkpoint", "latest"],
+               one_thread)
     check_ok(proc)
     assert "Taking over the stale lock" in proc.stdout and "Resuming from" in proc.stdout
-    check_ok(run([sys.executable, TRAIN, "--output_path", str(tmp_path / "whole"), *flags]))
+    check_ok(run([sys.executable, TRAIN, "--output_path", str(tmp_path / "whole"), *flags], one_thread))
     resumed = load_file(killed / "last_checkpoint" / "model.safetensors")
     whole = load_file(tmp_path / "whole" / "last_checkpoint" / "model.safetensors")
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)

@@ -290,7 +290,8 @@ def test_truncation_keeps_the_last_labels_and_counts(tok, sharp_model):
     assert math.isnan(probs[0]) and not any(math.isnan(p) for p in probs[1:])
     assert aggregate(probs, "min") == min(probs[1:])
     again = scorer.score_conversations([SOLUTION, chat("short", "+")], progress=False)
-    assert scorer.truncated == 2 and math.isnan(again[0][0]) and again[0][1:] == probs[1:] and len(again[1]) == 1
+    assert scorer.truncated == 2 and math.isnan(again[0][0]) and len(again[1]) == 1
+    assert again[0][1:] == pytest.approx(probs[1:], abs=1e-6)  # batched with another sequence: equal up to rounding
 
 
 def test_orm_reads_one_label_after_the_whole_solution(tok, sharp_model):
