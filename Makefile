@@ -13,7 +13,7 @@ ARMO_DIR := outputs/demo-armo
 ARMO_BACKBONE := $(if $(wildcard $(DEMO_DIR)/last_checkpoint/model.safetensors),$(DEMO_DIR)/last_checkpoint,assets/tiny-llama)
 ARMO_EMB := $(ARMO_DIR)/embeddings
 
-.PHONY: install demo demo-pm demo-armo demo-math serve test test-fast test-e2e bench clean
+.PHONY: install demo demo-pm demo-armo demo-math serve test test-fast test-e2e bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -104,6 +104,10 @@ bench: $(STAMP)
 	python benchmarks/bench_pm_eval_batching.py
 	python benchmarks/bench_reward_server.py
 	python benchmarks/bench_bt_training.py
+
+# The GPU measurements in one run (scoring ratios, server batching, ~1B Llama training against TRL with MFU).
+bench-gpu: $(STAMP)
+	bash benchmarks/gpu_benchmarks.sh outputs/bench-gpu
 
 clean:
 	rm -rf outputs

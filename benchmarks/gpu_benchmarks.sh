@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU measurements the README's "Measured on a GPU" section asks for, in one run, each log kept in OUT_DIR:
+#   bash benchmarks/gpu_benchmarks.sh OUT_DIR [HH_DATA]    # or: make bench-gpu
+# 1. scoring: one sequence per forward against padded, padding-free and prefix-shared batches (tiny and ~30M Llama,
+#    fp32, so that "identical decisions" is a fair test);
+# 2. the reward server's load test (bf16): one request at a time against 16 concurrent clients;
+# 3. BT training of a ~1B Llama in bf16: TRL's RewardTrainer against this trainer padded, padding-free and
+#    prefix-sharing, with MFU against --peak_tflops (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
+# STEPS picks some of them (default "eval server train"), e.g. to split the run across two sessions on a lent machine.
+# QUICK=1 runs every step at toy sizes (a smoke test of the script, on any machine). A step that fails is reported
+# and the others still run; the exit status says whether all passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash benchmarks/gpu_benchmarks.sh OUT_DIR [HH_DATA]}
+data=${2:-../shared/data/hh-rlhf-harmless-base-test.jsonl.gz}
+peak=${PEAK_TFLOPS:-989}
+if [ "${QUICK:-0}" = 1 ]; then
+    eval_pairs=20; requests=4; train_model=tiny; train_pairs=32; held_out=16
+else
+    eval_pairs=300; requests=20; train_model=1b; train_pairs=256; held_out=64
+fi
+# bf16 training where the GPU has it (TRL refuses bf16 on a CPU).
+bf16=$(python -c "import torch; print(str(torch.cuda.is_available() and torch.cuda.is_bf16_supported()).lower())")
+mkdir -p "$out"
+python - > "$out/environment.txt" 2>&1 <<'EOF'
+import platform, torch, transformers, trl
+print("python", platform.python_version(), "| torch", torch.__version__, "| transformers", transformers.__version__,
+      "| trl", trl.__version__)
+print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU)")
+EOF
+cat "$out/environment.txt"
+failed=()
+steps=" ${STEPS:-eval server train} "
+step() {  # step NAME SCRIPT FLAGS...: run one benchmark, its whole output to OUT_DIR/NAME.log, its table to stdout
+    local name=$1; shift
+    [[ $steps == *" ${name%%_*} "* ]] || return 0
+    echo "== $name: python $*"
+    local start=$SECONDS
+    if PYTHONUNBUFFERED=1 python "$@" > "$out/$name.log" 2>&1; then
+        grep -v -E "it/s\]|LOAD REPORT|^Key|^-+\+|UNEXPECTED|MISSING|^Notes|WARNING|^\s*$" "$out/$name.log" | tail -n 12
+    else
+        failed+=("$name"); tail -n 20 "$out/$name.log"
+    fi
+    echo "   ($((SECONDS - start)) s)"
+}
+step eval_tiny benchmarks/bench_eval_batching.py --model tiny --pairs "$eval_pairs" --data "$data"
+step eval_30m benchmarks/bench_eval_batching.py --model 30m --pairs "$eval_pairs" --data "$data"
+step server benchmarks/bench_reward_server.py --requests "$requests" --data "$data"
+step train_$train_model benchmarks/bench_bt_training.py --model "$train_model" --bf16 "$bf16" --peak_tflops "$peak" \
+    --pairs "$train_pairs" --held_out "$held_out" --data "$data" --json "$out/train_$train_model.json"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed: ${failed[*]} (logs in $out)"; exit 1
+fi
+echo "all steps passed; logs in $out"
