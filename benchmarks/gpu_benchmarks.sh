@@ -6,23 +6,24 @@
 # 2. the reward server's load test (bf16): one request at a time against 16 concurrent clients;
 # 3. BT training of a ~1B Llama in bf16: TRL's RewardTrainer against this trainer padded, padding-free and
 #    prefix-sharing, with MFU against --peak_tflops (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
-# STEPS picks some of them (default "eval server train"), e.g. to split the run across two sessions on a lent machine.
-# QUICK=1 runs every step at toy sizes (a smoke test of the script, on any machine). A step that fails is reported
-# and the others still run; the exit status says whether all passed.
+# STEPS picks some of them (default "eval server train"), e.g. to split the run in two; PYTHON names the interpreter
+# (default python3); QUICK=1 runs every step at toy sizes (a smoke test of the script, on any machine). A step that
+# fails is reported and the others still run; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_benchmarks.sh OUT_DIR [HH_DATA]}
 data=${2:-../shared/data/hh-rlhf-harmless-base-test.jsonl.gz}
 peak=${PEAK_TFLOPS:-989}
+python=${PYTHON:-python3}
 if [ "${QUICK:-0}" = 1 ]; then
     eval_pairs=20; requests=4; train_model=tiny; train_pairs=32; held_out=16
 else
     eval_pairs=300; requests=20; train_model=1b; train_pairs=256; held_out=64
 fi
 # bf16 training where the GPU has it (TRL refuses bf16 on a CPU).
-bf16=$(python -c "import torch; print(str(torch.cuda.is_available() and torch.cuda.is_bf16_supported()).lower())")
+bf16=$("$python" -c "import torch; print(str(torch.cuda.is_available() and torch.cuda.is_bf16_supported()).lower())")
 mkdir -p "$out"
-python - > "$out/environment.txt" 2>&1 <<'EOF'
+"$python" - > "$out/environment.txt" 2>&1 <<'EOF'
 import platform, torch, transformers, trl
 print("python", platform.python_version(), "| torch", torch.__version__, "| transformers", transformers.__version__,
       "| trl", trl.__version__)
@@ -34,9 +35,9 @@ steps=" ${STEPS:-eval server train} "
 step() {  # step NAME SCRIPT FLAGS...: run one benchmark, its whole output to OUT_DIR/NAME.log, its table to stdout
     local name=$1; shift
     [[ $steps == *" ${name%%_*} "* ]] || return 0
-    echo "== $name: python $*"
+    echo "== $name: $python $*"
     local start=$SECONDS
-    if PYTHONUNBUFFERED=1 python "$@" > "$out/$name.log" 2>&1; then
+    if PYTHONUNBUFFERED=1 "$python" "$@" > "$out/$name.log" 2>&1; then
         grep -v -E "it/s\]|LOAD REPORT|^Key|^-+\+|UNEXPECTED|MISSING|^Notes|WARNING|^\s*$" "$out/$name.log" | tail -n 12
     else
         failed+=("$name"); tail -n 20 "$out/$name.log"
