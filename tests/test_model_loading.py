@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from useful_code.cli import UserError
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling import load_model, load_preference_model, load_reward_model
+from useful_code.reward_scorer import checkpoint_kind
 from useful_code.templates import load_tokenizer
 
 
@@ -84,3 +85,20 @@ def test_an_empty_chat_template_is_refused(bt_checkpoint, tmp_path):
     (tmp_path / "chat_template.jinja").write_text("")  # what a save killed mid-write left
     with pytest.raises(UserError, match="has no chat template"):
         load_tokenizer(str(tmp_path), "--reward_name_or_path")
+
+
+@pytest.mark.parametrize("name", ["./no/such/checkpoint", "/no/such/checkpoint", "~/no/such/checkpoint"])
+def test_a_missing_local_path_is_called_missing_not_a_bad_hub_name(tok, name):
+    """transformers reports a missing directory as an invalid hub repo id; every loader says it is missing."""
+    expected = f"^--reward_name_or_path: no such directory '{name}'$"
+    with pytest.raises(UserError, match=expected):
+        load_tokenizer(name, "--reward_name_or_path")
+    with pytest.raises(UserError, match=expected):
+        load_reward_model(name, "--reward_name_or_path", tok, torch.float32)
+    with pytest.raises(UserError, match=expected):
+        checkpoint_kind(name)
+
+
+def test_an_existing_directory_without_a_model_names_transformers_reason(tok, tmp_path):
+    with pytest.raises(UserError, match=r"could not load model '.*' \(.+\); pass a local model directory"):
+        load_reward_model(str(tmp_path), "--reward_name_or_path", tok, torch.float32)

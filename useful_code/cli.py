@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,6 +20,20 @@ CONFIG_SUFFIXES = (".yaml", ".yml")
 
 class UserError(Exception):
     """A mistake in the user's input or flags: reported as one line, without a traceback."""
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model or dataset name is meant as a local path (./x, ../x, /x, ~/x) rather than a hub name."""
+    return name.startswith((".", "/", "~"))
+
+
+def load_error(flag: str, what: str, name: str, err: Exception) -> UserError:
+    """The one line for a model, tokenizer or config that from_pretrained could not load. A local path that does not
+    exist is said to be missing: transformers would call it an invalid hub name."""
+    if looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
+        return UserError(f"{flag}: no such directory '{name}'")
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return UserError(f"{flag}: could not load {what} '{name}' ({reason}); pass a local model directory with {flag}")
 
 
 def run_cli(main: Callable[[], Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from useful_code.cli import UserError
+from useful_code.cli import UserError, looks_like_local_path
 from useful_code.formats import standardize_pairs
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -218,7 +218,7 @@ def load_dataset_dict(path: str, flag: str, split: Optional[str] = None, skip_in
         except Exception as err:
             raise UserError(f"{flag}: {local}: no loadable dataset in this directory (a save_to_disk directory, or "
                             f".json/.jsonl/.parquet data files; {_first_line(err)})") from None
-    if path.startswith((".", "/", "~")) or _file_builder(local) is not None:
+    if looks_like_local_path(path) or _file_builder(local) is not None:
         raise UserError(f"{flag}: no such file or directory '{path}'")
     try:
         loaded = load_dataset(path, split=split) if split else load_dataset(path)

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from useful_code.cli import UserError
+from useful_code.cli import UserError, load_error
 from useful_code.hardware import default_device, resolve_attn_implementation, resolve_dtype
 from useful_code.packing import enable_padding_free
 from useful_code.templates import load_tokenizer
@@ -36,8 +36,7 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"{flag}: could not load model '{name}' ({str(err).splitlines()[0]}); "
-                        f"pass a local model directory with {flag}") from None
+        raise load_error(flag, "model", name, err) from None
     custom = (getattr(config, "auto_map", None) or {}).get(auto_class.__name__)
     if custom and not trust_remote_code:
         # Without it transformers would build the backbone's stock class and silently drop the custom head.
@@ -60,8 +59,7 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
             output_loading_info=True, **kwargs,
         )
     except (OSError, ValueError) as err:
-        raise UserError(f"{flag}: could not load model '{name}' ({str(err).splitlines()[0]}); "
-                        f"pass a local model directory with {flag}") from None
+        raise load_error(flag, "model", name, err) from None
     except SafetensorError as err:
         raise UserError(f"{flag}: the weights of '{name}' cannot be read ({str(err).splitlines()[0]}); the file is "
                         "truncated or damaged") from None

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig
 
-from useful_code.cli import UserError
+from useful_code.cli import UserError, load_error
 from useful_code.modeling import load_for_scoring, load_reward_model
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences, split_by_sizes
@@ -24,7 +24,7 @@ def checkpoint_kind(path: str, flag: str = "--reward_name_or_path") -> str:
     try:
         architectures = AutoConfig.from_pretrained(path).architectures or []
     except (OSError, ValueError) as err:
-        raise UserError(f"{flag}: could not load model '{path}' ({str(err).splitlines()[0]})") from None
+        raise load_error(flag, "model", path, err) from None
     if any(a.startswith("ArmoRM") for a in architectures):
         return "armo"
     if any(a.endswith("ForSequenceClassification") for a in architectures):

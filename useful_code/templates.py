@@ -9,7 +9,7 @@ from typing import Optional
 
 from transformers import AutoTokenizer
 
-from useful_code.cli import UserError
+from useful_code.cli import UserError, load_error
 from useful_code.formats import enforce_validity
 
 SPECIAL_TOKEN_RULES = {
@@ -51,8 +51,7 @@ def load_tokenizer(name: str, flag: str, trust_remote_code: bool = False, chat_t
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"{flag}: could not load tokenizer '{name}' ({str(err).splitlines()[0]}); "
-                        f"pass a local model directory with {flag}") from None
+        raise load_error(flag, "tokenizer", name, err) from None
     if chat_template:
         tokenizer.chat_template = resolve_chat_template(chat_template)
     if not (tokenizer.chat_template or "").strip():  # none, or an empty file left by a killed save
