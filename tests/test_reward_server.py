@@ -2,6 +2,7 @@
 batching under concurrent clients, authentication, bounds and bad requests; and the clients."""
 
 import json
+import socket
 import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,8 @@ from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.reward_client import RewardClient, RewardServerError, trl_reward_function
 from useful_code.reward_scorer import checkpoint_kind
 from useful_code.scoring import score_sequences
-from useful_code.serve_reward_model import is_loopback
+from useful_code.cli import UserError
+from useful_code.serve_reward_model import check_bindable, is_loopback
 from useful_code.templates import encode_conversations, load_tokenizer, render_conversations, truncate_left
 
 QUESTION = {"role": "user", "content": "How do I bake bread at home?"}
@@ -159,3 +161,17 @@ def test_loopback_only_unless_an_api_key_is_given():
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
     proc = run([sys.executable, str(ROOT / "useful_code" / "serve_reward_model.py"), "--host", "0.0.0.0"])
     assert proc.returncode == 2 and "pass --api_key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(checkpoints):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"--port {port}: cannot listen there"):
+            check_bindable("127.0.0.1", port)
+        proc = run([sys.executable, str(ROOT / "useful_code" / "serve_reward_model.py"), "--reward_name_or_path",
+                    str(checkpoints / "bt"), "--port", str(port)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen")
+    assert "Serving" not in proc.stdout  # it said nothing about serving, and loaded no model

@@ -19,6 +19,7 @@ import hmac
 import importlib.metadata
 import ipaddress
 import math
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -287,11 +288,25 @@ def _version() -> str:
         return "unknown"
 
 
+def check_bindable(host: str, port: int) -> None:
+    """One line, before the model loads, when host:port cannot be listened on (in use, or not this machine's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: a port whose last connections are in TIME_WAIT is free, one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); pick another "
+                            "--port") from None
+
+
 def main():
     args = parse_args((ServerArguments,))[0]
     if not is_loopback(args.host) and not args.api_key:
         raise UserError(f"--host {args.host} is reachable from other machines: pass --api_key to require a bearer "
                         "token, or bind 127.0.0.1")
+    check_bindable(args.host, args.port)
     path = args.reward_name_or_path
     if path is None:
         if not (DEMO_CHECKPOINT / "config.json").exists():
