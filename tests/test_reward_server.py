@@ -77,6 +77,11 @@ def test_score_and_get_reward_equal_the_eval_path(checkpoints):
         assert got["scores"] == got["rewards"]
         tokens = sum(map(len, encode_conversations(server.scorer.tokenizer, CONVERSATIONS)))
         assert got["extra_logs"] == {"truncated": 0, "tokens": tokens}
+        mixed = [with_bos[0], texts[1], texts[2], with_bos[3]]  # the tokenizer adds the BOS the plain ones lack
+        assert not texts[1].startswith(bos) and not texts[2].startswith(bos)
+        got = client.get_reward(mixed)
+        np.testing.assert_allclose(got["rewards"], expected, rtol=1e-5, atol=1e-5)
+        assert got["extra_logs"]["tokens"] == tokens
 
 
 def test_over_long_inputs_are_cut_from_the_left_and_counted(checkpoints):
