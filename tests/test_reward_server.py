@@ -173,7 +173,7 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(checkpoints):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(UserError, match=f"--port {port}: cannot listen there"):
+        with pytest.raises(UserError, match=f"--port {port}: cannot listen there .*; pick another --port$"):
             check_bindable("127.0.0.1", port)
         proc = run([sys.executable, str(ROOT / "useful_code" / "serve_reward_model.py"), "--reward_name_or_path",
                     str(checkpoints / "bt"), "--port", str(port)])

@@ -15,6 +15,7 @@ It listens on 127.0.0.1 unless --host says otherwise; any other address needs --
 """
 
 import asyncio
+import errno
 import hmac
 import importlib.metadata
 import ipaddress
@@ -297,8 +298,9 @@ def check_bindable(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); pick another "
-                            "--port") from None
+            advice = "pick another --port" if err.errno == errno.EADDRINUSE else "--host must name this machine"
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); {advice}") \
+                from None
 
 
 def main():
