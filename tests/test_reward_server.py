@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from helpers import ROOT, Server, run, save_sharp_checkpoints
+from useful_code.cli import UserError
 from useful_code.modeling import load_preference_model, load_reward_model
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.reward_client import RewardClient, RewardServerError, trl_reward_function
 from useful_code.reward_scorer import checkpoint_kind
 from useful_code.scoring import score_sequences
-from useful_code.cli import UserError
 from useful_code.serve_reward_model import check_bindable, is_loopback
 from useful_code.templates import encode_conversations, load_tokenizer, render_conversations, truncate_left
 
