@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements the README's "Measured on a GPU" section asks for, in one run, each log kept in OUT_DIR:
+# The GPU measurements still open in benchmarks/README.md ("Measured on a GPU"), in one run, each log in OUT_DIR:
 #   bash benchmarks/gpu_benchmarks.sh OUT_DIR [HH_DATA]    # or: make bench-gpu
 # 1. scoring: one sequence per forward against padded, padding-free and prefix-shared batches (tiny and ~30M Llama,
 #    fp32, so that "identical decisions" is a fair test);

@@ -298,7 +298,9 @@ def check_bindable(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            advice = "pick another --port" if err.errno == errno.EADDRINUSE else "--host must name this machine"
+            # In use, or below 1024 without root: the port is the problem; anything else is the address.
+            port_problem = err.errno in (errno.EADDRINUSE, errno.EACCES)
+            advice = "pick another --port" if port_problem else "--host must name this machine"
             raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); {advice}") \
                 from None
 
