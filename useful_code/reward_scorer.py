@@ -13,7 +13,7 @@ from useful_code.cli import UserError, load_error
 from useful_code.modeling import load_for_scoring, load_reward_model
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences, split_by_sizes
-from useful_code.templates import encode_conversations, truncate_all
+from useful_code.templates import encode_conversations, tokenizer_adds_bos, truncate_all
 
 KINDS = {"bt": "Bradley-Terry reward model", "armo": "ArmoRM (multi-objective) reward model",
          "pm": "pairwise preference model"}
@@ -50,6 +50,7 @@ class RewardScorer:
         self.max_length, self.batch_size, self.max_tokens_per_batch = max_length, batch_size, max_tokens_per_batch
         self.preference = preference
         self.attributes = list(getattr(model.config, "attribute_names", [])) if kind == "armo" else []
+        self.adds_bos = tokenizer_adds_bos(tokenizer)  # asked once: four tokenizer calls a request otherwise
 
     @classmethod
     def from_pretrained(cls, path: str, flag: str = "--reward_name_or_path", max_length: int = 4096,
@@ -78,7 +79,8 @@ class RewardScorer:
     def encode_conversations(self, conversations: list[list[dict]]) -> tuple[list[list[int]], int]:
         """Token ids of conversations templated with the checkpoint's tokenizer, cut from the left to max_length
         (as in training and evaluation); and how many were cut."""
-        return truncate_all(self.tokenizer, encode_conversations(self.tokenizer, conversations), self.max_length)
+        sequences = encode_conversations(self.tokenizer, conversations, adds_bos=self.adds_bos)
+        return truncate_all(self.tokenizer, sequences, self.max_length, self.adds_bos)
 
     def encode_texts(self, texts: list[str]) -> tuple[list[list[int]], int]:
         """Token ids of already templated texts (a prompt and its response, as OpenRLHF sends them), cut from the
@@ -95,7 +97,7 @@ class RewardScorer:
         empty = [i for i, ids in enumerate(sequences) if not ids]
         if empty:
             raise UserError(f"query {empty[0]}: the text has no tokens to score ({len(empty)} such queries)")
-        return truncate_all(self.tokenizer, sequences, self.max_length)
+        return truncate_all(self.tokenizer, sequences, self.max_length, self.adds_bos)
 
     def score(self, sequences: list[list[int]]) -> dict:
         """Rewards of token sequences (BT, ArmoRM); for ArmoRM also each sequence's attribute rewards and gating

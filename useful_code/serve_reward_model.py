@@ -209,7 +209,7 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
     async def user_error(request: Request, err: UserError):
         return _error(400, str(err))
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: FastAPI runs a plain def on a worker thread
         if args.api_key is None:
             return
         given = request.headers.get("authorization", "")

@@ -114,20 +114,22 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return len(marked) > len(plain) and marked[0] in tokenizer.all_special_ids and marked[1:1 + len(plain)] == plain
 
 
-def render_conversations(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
+def render_conversations(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
+                         adds_bos: Optional[bool] = None) -> list[str]:
     """Apply the chat template as upstream does: the BOS the template writes is removed when the tokenizer
-    adds its own, so every sequence starts with exactly one BOS."""
+    adds its own, so every sequence starts with exactly one BOS. adds_bos: tokenizer_adds_bos(tokenizer), when the
+    caller has it already (a server asks once, not per request)."""
     texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
     bos = tokenizer.bos_token
-    if bos and tokenizer_adds_bos(tokenizer):
+    if bos and (tokenizer_adds_bos(tokenizer) if adds_bos is None else adds_bos):
         texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
     return texts
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]],
-                         add_generation_prompt: bool = False) -> list[list[int]]:
-    """Token ids of each conversation, templated, untruncated."""
-    texts = render_conversations(tokenizer, conversations, add_generation_prompt)
+def encode_conversations(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
+                         adds_bos: Optional[bool] = None) -> list[list[int]]:
+    """Token ids of each conversation, templated, untruncated (adds_bos: as in render_conversations)."""
+    texts = render_conversations(tokenizer, conversations, add_generation_prompt, adds_bos)
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
@@ -139,10 +141,11 @@ def truncate_left(ids: list[int], max_length: int, keep_first: bool) -> list[int
     return ids[:1] + ids[len(ids) - max_length + 1:] if keep_first else ids[len(ids) - max_length:]
 
 
-def truncate_all(tokenizer, sequences: list[list[int]], max_length: int) -> tuple[list[list[int]], int]:
-    """Every sequence cut to its last max_length tokens, keeping the BOS the tokenizer adds; returns them and how
-    many were cut."""
-    keep_first = tokenizer_adds_bos(tokenizer)
+def truncate_all(tokenizer, sequences: list[list[int]], max_length: int,
+                 adds_bos: Optional[bool] = None) -> tuple[list[list[int]], int]:
+    """Every sequence cut to its last max_length tokens, keeping the BOS the tokenizer adds (adds_bos: as in
+    render_conversations); returns them and how many were cut."""
+    keep_first = tokenizer_adds_bos(tokenizer) if adds_bos is None else adds_bos
     cut = sum(len(s) > max_length for s in sequences)
     return [truncate_left(s, max_length, keep_first) for s in sequences], cut
 
