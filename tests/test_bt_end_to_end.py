@@ -128,7 +128,7 @@ def test_eval_writes_results_json_and_record(trained):
     rows = results["per_example"]
     assert all(r["correct"] == float(r["chosen_reward"] > r["rejected_reward"]) for r in rows)
     assert results["sections"] == section_scores(results["subsets"])
-    assert results["score"] == pytest.approx(sum(results["sections"].values()) / 4, abs=0.01)
+    assert results["score"] == pytest.approx(sum(results["sections"].values()) / 4, abs=1e-9)
     # The bundled sample rows score the same as a direct reload of the checkpoint.
     first = json.loads(open(REWARD_BENCH_SAMPLE).readline())
     pair = ([{"role": "user", "content": first["prompt"]}, {"role": "assistant", "content": first["chosen"]}],
@@ -138,7 +138,7 @@ def test_eval_writes_results_json_and_record(trained):
     assert row["chosen_reward"] == pytest.approx(chosen, abs=1e-4)
     assert row["rejected_reward"] == pytest.approx(rejected, abs=1e-4)
     lines = record.read_text().splitlines()
-    assert lines[0] == checkpoint and lines[1] == f"Chat\t{results['sections']['Chat']}"
+    assert lines[0] == checkpoint and lines[1] == f"Chat\t{round(results['sections']['Chat'], 2)}"
 
 
 def test_tie_credit_flag_changes_only_ties(trained, tmp_path):
@@ -204,14 +204,16 @@ def test_zero3_two_ranks_on_cpu_saves_a_complete_checkpoint(tmp_path):
 
 
 def test_prior_sets_add_prior_score_and_leaderboard_score(trained, tmp_path):
-    # One split per prior set, as allenai/preference-test-sets stores them: the split name is the subset.
+    # One split per prior set, as allenai/preference-test-sets stores them (each with a 'subset' column of its own
+    # and ids from 0): the split name is the subset, and the retired pku split is left out.
     from datasets import Dataset, DatasetDict
 
-    toy = [json.loads(line) for line in open(ROOT / "assets/data/toy_preference/test.jsonl")][:8]
+    toy = [json.loads(line) for line in open(ROOT / "assets/data/toy_preference/test.jsonl")][:10]
     as_prompt = [{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1]["content"],
-                  "rejected": r["rejected"][-1]["content"]} for r in toy]
-    DatasetDict({"anthropic_helpful": Dataset.from_list(as_prompt[:4]),
-                 "shp": Dataset.from_list(as_prompt[4:])}).save_to_disk(str(tmp_path / "prior"))
+                  "rejected": r["rejected"][-1]["content"], "subset": "helpful-base", "id": i % 4}
+                 for i, r in enumerate(toy)]
+    DatasetDict({"anthropic_helpful": Dataset.from_list(as_prompt[:4]), "shp": Dataset.from_list(as_prompt[4:8]),
+                 "pku_safer": Dataset.from_list(as_prompt[8:])}).save_to_disk(str(tmp_path / "prior"))
     out = tmp_path / "r.json"
     check_ok(run([sys.executable, EVAL, "--reward_name_or_path", str(trained / "last_checkpoint"),
                   "--data_set_name", REWARD_BENCH_SAMPLE, "--record_dir", str(tmp_path / "rec.txt"),
@@ -221,7 +223,7 @@ def test_prior_sets_add_prior_score_and_leaderboard_score(trained, tmp_path):
     assert set(prior["subsets"]) == {"anthropic_helpful", "shp"} and len(prior["per_example"]) == 8
     assert prior["score"] == pytest.approx(100 * (prior["subsets"]["anthropic_helpful"] + prior["subsets"]["shp"]) / 2)
     expected = (2 * sum(results["sections"].values()) + prior["score"]) / 9
-    assert results["leaderboard_score"] == pytest.approx(expected, abs=0.01)
+    assert results["leaderboard_score"] == pytest.approx(expected, abs=1e-9)
     assert "Prior Sets" in (tmp_path / "rec.txt").read_text()
 
 

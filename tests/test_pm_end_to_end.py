@@ -102,7 +102,7 @@ def test_rewardbench_eval_matches_an_unbatched_upstream_style_computation(pm_run
         row = next(r for r in rows if r["id"] == example["id"])
         assert row["chosen_reward"] == pytest.approx(expected, abs=1e-4)
     lines = (pm_run / "record.txt").read_text().splitlines()
-    assert lines[0] == checkpoint and lines[1] == f"Chat\t{results['sections']['Chat']}"
+    assert lines[0] == checkpoint and lines[1] == f"Chat\t{round(results['sections']['Chat'], 2)}"
 
 
 def test_rank_responses_picks_the_helpful_answer_with_n_minus_1_matches(pm_run, tmp_path):

@@ -39,8 +39,8 @@ def test_example_correct_ties():
 
 def test_chat_section_weighted_by_counts():
     sections = rb.section_scores({"alpacaeval-easy": 1.0, "alpacaeval-length": 0.5})
-    expected = round((1.0 * 100 + 0.5 * 95) / (100 + 95) * 100, 2)  # 75.64
-    assert sections["Chat"] == expected == 75.64
+    expected = (1.0 * 100 + 0.5 * 95) / (100 + 95) * 100  # 75.64
+    assert sections["Chat"] == pytest.approx(expected) and round(expected, 2) == 75.64
     # Sections with no subset present are absent (None), not 0.
     assert sections["Chat Hard"] is None
     assert sections["Safety"] is None
@@ -49,9 +49,9 @@ def test_chat_section_weighted_by_counts():
 
 def test_xstest_weights_not_swapped():
     sections = rb.section_scores({"xstest-should-refuse": 1.0, "xstest-should-respond": 0.0})
-    assert sections["Safety"] == round(154 / (154 + 250) * 100, 2) == 38.12
+    assert round(sections["Safety"], 2) == 38.12  # 154 / (154 + 250)
     # Upstream RLHFlow's swapped counts would give 250/404 = 61.88.
-    assert sections["Safety"] != round(250 / 404 * 100, 2)
+    assert round(sections["Safety"], 2) != round(250 / 404 * 100, 2)
 
 
 def test_reasoning_math_weight_equals_all_code():
@@ -60,7 +60,7 @@ def test_reasoning_math_weight_equals_all_code():
     acc = {"math-prm": 1.0, **{h: 0.0 for h in hep}}
     assert rb.section_scores(acc)["Reasoning"] == 50.0
     acc = {"math-prm": 0.2, **{h: 0.6 for h in hep}}
-    assert rb.section_scores(acc)["Reasoning"] == round((0.2 * 984 + 0.6 * 984) / (2 * 984) * 100, 2) == 40.0
+    assert rb.section_scores(acc)["Reasoning"] == pytest.approx(40.0)
 
 
 def test_subset_accuracies_order_and_values():
@@ -81,11 +81,22 @@ def test_prior_sets_nanmean_over_present_only():
     assert score == pytest.approx(50.0)
 
 
+def test_the_score_averages_unrounded_sections_as_reward_bench_does():
+    # Sections 40, 27.027..., 44.117..., 56.707...: their mean is 41.963 (41.96); the mean of the sections rounded
+    # to 2 decimals first would be 41.965 (shown as 41.97).
+    acc = {"alpacaeval-easy": 0.40, "mt-bench-hard": 10 / 37, "donotanswer": 60 / 136, "hep-cpp": 93 / 164}
+    sections = rb.section_scores(acc)
+    assert sections["Chat Hard"] == pytest.approx(100 * 10 / 37, abs=1e-12)
+    expected = (40 + 100 * 10 / 37 + 100 * 60 / 136 + 100 * 93 / 164) / 4
+    assert rb.overall_score(sections) == pytest.approx(expected, abs=1e-12) and f"{expected:.2f}" == "41.96"
+    assert round(sum(round(v, 2) for v in sections.values()) / 4, 2) == 41.97  # the rounding this avoids
+
+
 def test_overall_and_leaderboard_weighting():
     sections = {"Chat": 90.0, "Chat Hard": 60.0, "Safety": 80.0, "Reasoning": 70.0}
     assert rb.overall_score(sections) == (90 + 60 + 80 + 70) / 4 == 75.0
-    expected = round((2 * 90 + 2 * 60 + 2 * 80 + 2 * 70 + 1 * 50) / 9, 2)  # 72.22
-    assert rb.overall_score(sections, 50.0) == expected == 72.22
+    expected = (2 * 90 + 2 * 60 + 2 * 80 + 2 * 70 + 1 * 50) / 9  # 72.22
+    assert rb.overall_score(sections, 50.0) == pytest.approx(expected)
     assert rb.overall_score(sections, None) == 75.0
 
 
@@ -116,8 +127,7 @@ def test_score_examples_ties_default_and_half_credit():
     half = rb.score_examples(ids, subsets, chosen, rejected, tie_credit=0.5)
     assert half["ties"] == 1
     assert half["subsets"]["alpacaeval-easy"] == 0.75
-    expected_chat = round((0.75 * 100 + 0.5 * 95) / (100 + 95) * 100, 2)  # 62.82
-    assert half["sections"]["Chat"] == expected_chat == 62.82
+    assert half["sections"]["Chat"] == pytest.approx((0.75 * 100 + 0.5 * 95) / (100 + 95) * 100)  # 62.82
     assert half["per_example"][1]["correct"] == 0.5
 
 
@@ -147,7 +157,7 @@ def test_score_examples_with_prior_sets():
     assert set(res["prior_sets"]) == {"subsets", "score", "per_example"}
     assert res["prior_sets"]["subsets"] == {"anthropic_helpful": 0.5, "shp": 1.0}
     assert res["prior_sets"]["score"] == pytest.approx(75.0)
-    assert res["leaderboard_score"] == round((2 * 50.0 + 1 * 75.0) / 3, 2) == 58.33  # Chat and Prior Sets only
+    assert res["leaderboard_score"] == pytest.approx((2 * 50.0 + 1 * 75.0) / 3)  # Chat and Prior Sets only
     json.dumps(res)
 
 
@@ -184,6 +194,50 @@ def test_write_results_prior_sets_line(tmp_path):
     evaluation.write_results(res, "m", str(record), str(tmp_path / "r.json"))
     lines = record.read_text().splitlines()
     assert lines[-3:] == ["Prior Sets\t100.0", "Score\t50.0", "Score averages\tChat"]
+
+
+def test_the_record_rounds_to_two_decimals_and_the_json_keeps_every_digit(tmp_path):
+    res = rb.score_examples([0, 1, 2], ["mt-bench-hard"] * 3, [1.0, 0.0, 1.0], [0.0, 1.0, 0.0])
+    record, path = tmp_path / "record.txt", tmp_path / "r.json"
+    evaluation.write_results(res, "m", str(record), str(path))
+    assert "Chat Hard\t66.67" in record.read_text().splitlines()
+    assert json.loads(path.read_text())["sections"]["Chat Hard"] == pytest.approx(200 / 3, abs=1e-12)
+
+
+def test_default_results_json_names_rewardbench_2_apart():
+    """The README's v1 and v2 commands share --record_dir: each benchmark keeps its own results JSON."""
+    v1 = evaluation.default_results_json("runs/bench.txt", "org/model", 1)
+    v2 = evaluation.default_results_json("runs/bench.txt", "org/model", 2)
+    assert (v1, v2) == ("runs/bench_org_model.json", "runs/bench_org_model_v2.json")
+
+
+def test_prior_sets_are_read_as_reward_bench_reads_them(tmp_path):
+    """allenai/preference-test-sets: one split per set, each with a 'subset' column of its own and ids that restart
+    at 0. The split name is the subset, ids are made unique, and the retired pku splits are left out."""
+    from datasets import Dataset, DatasetDict
+
+    def split(subset_values):
+        return Dataset.from_list([{"prompt": f"q{i}", "chosen": "good", "rejected": "bad", "subset": v, "id": i}
+                                  for i, v in enumerate(subset_values)])
+
+    DatasetDict({"anthropic_hhh": split(["harmless", "honest"]), "shp": split(["askscience"]),
+                 "pku_safer": split(["pku"])}).save_to_disk(str(tmp_path / "prior"))
+    dataset, stats = evaluation.load_examples(str(tmp_path / "prior"), None, "--prior_sets_path", False)
+    assert dataset["subset"] == ["anthropic_hhh", "anthropic_hhh", "shp"]
+    assert dataset["id"] == ["anthropic_hhh:0", "anthropic_hhh:1", "shp:0"]
+    # One file with a subset column is read as it is.
+    one = tmp_path / "one.jsonl"
+    one.write_text("\n".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "subset": s, "id": i})
+                             for i, s in enumerate(["shp", "summarize"])))
+    assert evaluation.load_examples(str(one), None, "--prior_sets_path", False)[0]["subset"] == ["shp", "summarize"]
+
+
+def test_duplicate_ids_are_refused_before_scoring(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "subset": "shp", "id": 7})
+                              for _ in range(2)))
+    with pytest.raises(UserError, match="1 example ids occur more than once"):
+        evaluation.load_examples(str(path), None, "--data_set_name", False)
 
 
 def test_all_four_sections_present_record_has_no_averages_line(tmp_path):

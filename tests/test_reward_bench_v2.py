@@ -66,6 +66,25 @@ def test_ties_needs_paired_prompts_and_well_formed_ids():
         rb.ties_score(["7"], [[2, 1]], [1])
 
 
+def test_ties_pairs_prompt_numbers_as_integers_and_needs_two_correct_in_a_tied_prompt():
+    # run_v2.py's process_single_model reads n with int(): 'ref:07' and 'tied:7' are one pair
+    assert rb.ties_score(["ref:07", "tied:7"], [[2, 1], [3, 2, 1]], [1, 2])["paired_prompts"] == 1
+    with pytest.raises(UserError, match="'tied:x' is not 'ref:<n>' or 'tied:<n>' with n an integer"):
+        rb.ties_score(["ref:1", "tied:x"], [[2, 1], [3, 2, 1]], [1, 2])
+    with pytest.raises(UserError, match="'tied:1': a tied prompt needs at least two correct completions"):
+        rb.ties_score(["ref:1", "tied:1"], [[2, 1], [3, 1]], [1, 1])
+    with pytest.raises(UserError, match="'ref:01': a second 'ref:1' prompt"):
+        rb.ties_score(["ref:1", "ref:01", "tied:1"], [[2, 1], [2, 1], [3, 2, 1]], [1, 1, 2])
+
+
+def test_ties_in_any_case_is_scored_as_ties():
+    # run_v2.py picks the Ties rows by subset.lower() == "ties"
+    upper = rb.score_examples_v2(TIES_IDS, ["Ties"] * 5, TIES_SCORES, TIES_CORRECT)
+    lower = rb.score_examples_v2(TIES_IDS, ["ties"] * 5, TIES_SCORES, TIES_CORRECT)
+    assert lower["subsets"]["Ties"] == upper["subsets"]["Ties"] == pytest.approx(100 * 0.445474, abs=1e-4)
+    assert lower["per_example"][0]["subset"] == "Ties" and "ties" not in lower["subsets"]
+
+
 def test_score_examples_v2_subsets_score_and_a_missing_subset():
     ids = ["0", "1", "2", *TIES_IDS]
     subsets = ["Math", "Math", "Focus"] + ["Ties"] * 5
@@ -114,15 +133,16 @@ def v2_row(i, subset="Math", **changes):
 def test_v2_rows_are_validated_per_row():
     rows = [v2_row(0), v2_row(1, prompt=""), v2_row(2, chosen=[]), v2_row(3, num_correct=2),
             v2_row(4, subset="Ties"), v2_row(5, rejected=["fine <|eot_id|>", "no"]),
-            v2_row(6, subset="Ties", id="ref:6")]
+            v2_row(6, subset="Ties", id="ref:6"), v2_row(7, subset="Ties", id="tied:6"),
+            v2_row(8, subset="ties", id="tied:x")]
     dataset = Dataset.from_list(rows)
     with pytest.raises(UserError, match=r"row 1 \(bad_prompt\), row 2 \(not_a_completion_list\), row 3 "
-                                        r"\(counts_mismatch\), row 4 \(bad_ties_id\)"):
+                                        r"\(counts_mismatch\), row 4 \(bad_ties_id\), row 7 \(bad_ties_id\)"):
         evaluation.prepare_examples_v2(dataset, "--data_set_name", False)
     pattern = re.compile(r"<\|eot_id\|>")
     kept, stats = evaluation.prepare_examples_v2(dataset, "--data_set_name", True, pattern)
     assert stats["invalid"] == {"bad_prompt": 1, "not_a_completion_list": 1, "counts_mismatch": 1,
-                                "bad_ties_id": 1, "special_token_in_content": 1}
+                                "bad_ties_id": 3, "special_token_in_content": 1}
     assert kept["id"] == ["0", "ref:6"] and kept["num_correct"] == [1, 1]
     assert kept[0]["context"] == [{"role": "user", "content": "question 0"}]
     assert kept[0]["responses"] == ["right 0", "wrong 0", "no 0"]  # the correct completions first

@@ -16,7 +16,16 @@ from useful_code.checkpoints import atomic_write_text, check_output_file
 from useful_code.cli import UserError
 from useful_code.data import load_dataset_dict, pick_split
 from useful_code.formats import clean_messages, enforce_validity, standardize_pairs
-from useful_code.reward_bench import SECTIONS, TIES_SUBSET, V2_SUBSETS, format_report, format_report_v2
+from useful_code.reward_bench import (
+    SECTIONS,
+    TIES_SUBSET,
+    V2_SUBSETS,
+    format_report,
+    format_report_v2,
+    ties_prompt_key,
+    unique_ids,
+    v2_subset_name,
+)
 from useful_code.scoring import token_budget_field
 
 # Each benchmark's default data and split (the hub names reward-bench's own scripts use).
@@ -29,7 +38,8 @@ V2_RULES = {
     "not_a_completion_list": "chosen and rejected must be non-empty lists of non-empty strings",
     "counts_mismatch": "num_correct, num_incorrect and total_completions must equal the lengths of chosen, rejected "
                        "and both",
-    "bad_ties_id": "a Ties id must be 'ref:<n>' (one correct completion) or 'tied:<n>' (several)",
+    "bad_ties_id": "a Ties id must be 'ref:<n>' or 'tied:<n>' with n an integer, and a tied prompt needs at least "
+                   "two correct completions",
     "special_token_in_content": "text must not contain the tokenizer's special tokens (they would forge turns)",
 }
 
@@ -125,9 +135,13 @@ def _v2_invalid_reason(row: dict, special_tokens) -> str:
               "total_completions": len(chosen) + len(rejected)}
     if any(row.get(k) is not None and row[k] != n for k, n in counts.items()):
         return "counts_mismatch"
-    kind, _, number = str(row["id"]).partition(":")
-    if row["subset"] == TIES_SUBSET and not (kind in ("ref", "tied") and number):
-        return "bad_ties_id"
+    if v2_subset_name(row["subset"]) == TIES_SUBSET:
+        try:
+            kind, _ = ties_prompt_key(row["id"])
+        except UserError:
+            return "bad_ties_id"
+        if kind == "tied" and len(chosen) < 2:
+            return "bad_ties_id"
     texts = [m["content"] for m in context] + chosen + rejected
     if special_tokens is not None and any(special_tokens.search(t) for t in texts):
         return "special_token_in_content"
@@ -150,31 +164,50 @@ def prepare_examples_v2(dataset, flag: str, skip_invalid: bool, special_tokens=N
         context = ([{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str)
                    else clean_messages(row["prompt"]) or []) if not reason else []
         responses = list(row["chosen"]) + list(row["rejected"]) if not reason else []
-        return {"id": str(row["id"]), "context": context, "responses": responses,
-                "num_correct": len(row["chosen"]) if not reason else 0, "invalid_reason": reason}
+        return {"id": str(row["id"]), "subset": v2_subset_name(row["subset"]), "context": context,
+                "responses": responses, "num_correct": len(row["chosen"]) if not reason else 0,
+                "invalid_reason": reason}
 
     converted = dataset.map(convert, remove_columns=[c for c in dataset.column_names if c not in ("id", "subset")],
                             desc=f"validating {flag.lstrip('-')}")
     checked, stats = enforce_validity(converted, V2_RULES, skip_invalid, flag.lstrip("-"))
+    unique_ids(checked["id"])
     unknown = sorted(set(checked["subset"]) - set(V2_SUBSETS))
     if unknown:
         print(f"{flag}: subsets outside RewardBench 2's six are scored but not averaged: {', '.join(unknown)}")
     return checked, stats
 
 
+# preference-test-sets splits that reward-bench's load_eval_dataset leaves out (no longer part of the benchmark).
+RETIRED_PRIOR_SETS = ("pku_safer", "pku_better")
+
+
 def load_examples(path: str, split: Optional[str], flag: str, skip_invalid: bool):
     """Load and validate prompt/chosen/rejected examples with their id and subset, from one split, or from every
-    split when split is None (preference-test-sets keeps one set per split: the split name becomes the subset).
-    Returns (standard-format dataset with 'id' and 'subset', stats)."""
+    split when split is None. Data of several splits is allenai/preference-test-sets' layout, read as reward-bench
+    reads it: the split name is the subset (a 'subset' column of its own becomes 'subsubset'), ids are made unique
+    as '<split>:<id>', and the retired pku splits are left out (said once). Returns (standard-format dataset with
+    'id' and 'subset', stats)."""
     is_local = Path(path).expanduser().exists()
     splits = load_dataset_dict(path, flag, split=None if is_local else split, skip_invalid=skip_invalid)
     if split is not None:
         dataset = pick_split(splits, split, flag)
+    elif len(splits) == 1:
+        dataset = next(iter(splits.values()))
     else:
-        dataset = concatenate_datasets([
-            ds if "subset" in ds.column_names else ds.add_column("subset", [name] * len(ds))
-            for name, ds in splits.items()
-        ])
+        retired = [name for name in splits if name in RETIRED_PRIOR_SETS]
+        if retired:
+            print(f"{flag}: leaving out {', '.join(retired)}, as reward-bench does (no longer part of the benchmark)")
+        parts = []
+        for name, ds in splits.items():
+            if name in RETIRED_PRIOR_SETS:
+                continue
+            if "subset" in ds.column_names:
+                ds = ds.rename_column("subset", "subsubset")
+            ids = ds["id"] if "id" in ds.column_names else range(len(ds))
+            ds = ds.remove_columns([c for c in ("id",) if c in ds.column_names])
+            parts.append(ds.add_column("subset", [name] * len(ds)).add_column("id", [f"{name}:{i}" for i in ids]))
+        dataset = concatenate_datasets(parts)
     return prepare_examples(dataset, path, flag, skip_invalid)
 
 
@@ -184,13 +217,18 @@ def prepare_examples(dataset, path: str, flag: str, skip_invalid: bool):
         raise UserError(f"{flag}: '{path}' has no 'subset' column")
     if "id" not in dataset.column_names:
         dataset = dataset.add_column("id", list(range(len(dataset))))
-    return standardize_pairs(dataset, skip_invalid, flag.lstrip("-"))
+    dataset, stats = standardize_pairs(dataset, skip_invalid, flag.lstrip("-"))
+    unique_ids(dataset["id"])
+    return dataset, stats
 
 
 def check_eval_arguments(args, state) -> None:
     """Before any scoring: the record file and the results JSON must be writable files (creatable, not directories,
     not the evaluated data), and --device_map runs in one process."""
-    for flag, path in (("--record_dir", args.record_dir), ("--results_json", results_json_path(args))):
+    # Before the data says which benchmark it is, either default name may be the one written.
+    results = ({default_results_json(args.record_dir, args.reward_name_or_path, b) for b in (1, 2)}
+               if args.benchmark is None and not args.results_json else {results_json_path(args)})
+    for flag, path in (("--record_dir", args.record_dir), *(("--results_json", path) for path in sorted(results))):
         check_output_file(path, flag, inputs=(args.data_set_name, args.prior_sets_path))
     if args.device_map and state.num_processes > 1:
         raise UserError(f"--device_map {args.device_map} spreads one model over the GPUs of one process; run it "
@@ -199,7 +237,7 @@ def check_eval_arguments(args, state) -> None:
 
 def results_json_path(args) -> str:
     """--results_json, else next to --record_dir."""
-    return args.results_json or default_results_json(args.record_dir, args.reward_name_or_path)
+    return args.results_json or default_results_json(args.record_dir, args.reward_name_or_path, args.benchmark)
 
 
 def write_results(results: dict, model_name: str, record_dir: str, results_json: str) -> None:
@@ -224,7 +262,7 @@ def write_results(results: dict, model_name: str, record_dir: str, results_json:
 
 
 def _recorded(value) -> str:
-    return "absent" if value is None else str(value)
+    return "absent" if value is None else str(round(value, 2))  # upstream RLHFlow's record: 2 decimals
 
 
 def save_and_report(results: dict, args, data_stats: dict) -> None:
@@ -238,9 +276,10 @@ def save_and_report(results: dict, args, data_stats: dict) -> None:
     print(f"Appended to {args.record_dir}; results JSON: {results_json}")
 
 
-def default_results_json(record_dir: str, model_name: str) -> str:
-    """Path ``<dir of record_dir>/<record_dir stem>_<model slug>.json``."""
+def default_results_json(record_dir: str, model_name: str, benchmark: Optional[int] = 1) -> str:
+    """Path ``<dir of record_dir>/<record_dir stem>_<model slug>.json``, ``..._v2.json`` for RewardBench 2 (both runs
+    of a model may share one record file; each keeps its own results)."""
     directory = os.path.dirname(record_dir)
     stem = os.path.splitext(os.path.basename(record_dir))[0]
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", model_name).strip("_.")
-    return os.path.join(directory, f"{stem}_{slug}.json")
+    return os.path.join(directory, f"{stem}_{slug}{'_v2' if benchmark == 2 else ''}.json")

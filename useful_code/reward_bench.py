@@ -97,8 +97,9 @@ def subset_accuracies(subsets: Sequence[str], correct: Sequence[float]) -> dict[
 
 
 def section_scores(subset_acc: dict) -> dict[str, Optional[float]]:
-    """Example-count-weighted section scores (0-100, 2 decimals), as reward-bench computes them; None for a section
-    none of whose subsets was scored (absent, not 0)."""
+    """Example-count-weighted section scores (0-100, unrounded: the Score averages these, as reward-bench does, and
+    only the report rounds), as reward-bench computes them; None for a section none of whose subsets was scored
+    (absent, not 0)."""
     scores = {}
     for section in SECTIONS:
         present = [s for s in SUBSET_MAPPING[section] if s in subset_acc]
@@ -107,7 +108,7 @@ def section_scores(subset_acc: dict) -> dict[str, Optional[float]]:
             scores[section] = None
             continue
         weighted = sum(float(subset_acc[s]) * EXAMPLE_COUNTS[s] for s in present)
-        scores[section] = round(100 * weighted / total, 2)
+        scores[section] = 100 * weighted / total
     return scores
 
 
@@ -134,7 +135,7 @@ def overall_score(sections: dict, prior_sets: Optional[float] = None) -> Optiona
     if not items:
         return None
     # Without prior sets the weights are all equal, so this is the plain mean.
-    return round(sum(v * w for v, w in items) / sum(w for _, w in items), 2)
+    return sum(v * w for v, w in items) / sum(w for _, w in items)
 
 
 def _check_lengths(**seqs) -> None:
@@ -143,15 +144,22 @@ def _check_lengths(**seqs) -> None:
         raise ValueError(f"input lengths differ: {lengths}")
 
 
-def _rows(ids, subsets, chosen_rewards, rejected_rewards, tie_credit):
-    _check_lengths(ids=ids, subsets=subsets, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
-    if not 0.0 <= float(tie_credit) <= 1.0:
-        raise UserError(f"--tie_credit must be between 0 and 1 (0: reward-bench, 0.5: upstream RLHFlow), got {tie_credit}")
+def unique_ids(ids) -> list:
+    """The ids as plain Python values; an id that occurs twice is an error (each example is scored once). The eval
+    scripts call it on their data before scoring, and the scoring functions again on what they are given."""
     plain_ids = [i.item() if hasattr(i, "item") else i for i in ids]
     duplicated = [str(i) for i, n in Counter(plain_ids).items() if n > 1]
     if duplicated:
         raise UserError(f"{len(duplicated)} example ids occur more than once (first: {', '.join(duplicated[:5])}); "
                         "each example must be scored once")
+    return plain_ids
+
+
+def _rows(ids, subsets, chosen_rewards, rejected_rewards, tie_credit):
+    _check_lengths(ids=ids, subsets=subsets, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    if not 0.0 <= float(tie_credit) <= 1.0:
+        raise UserError(f"--tie_credit must be between 0 and 1 (0: reward-bench, 0.5: upstream RLHFlow), got {tie_credit}")
+    plain_ids = unique_ids(ids)
     not_finite = [str(i) for i, c, r in zip(plain_ids, chosen_rewards, rejected_rewards)
                   if not (math.isfinite(float(c)) and math.isfinite(float(r)))]
     if not_finite:
@@ -231,6 +239,23 @@ def _shown(value: Optional[float]) -> str:
 
 V2_SUBSETS = ("Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties")
 TIES_SUBSET = "Ties"
+
+
+def v2_subset_name(subset) -> str:
+    """The subset's name, with any spelling of Ties as "Ties": run_v2.py picks the Ties rows by subset.lower()."""
+    return TIES_SUBSET if str(subset).lower() == TIES_SUBSET.lower() else str(subset)
+
+
+def ties_prompt_key(example_id) -> tuple[str, int]:
+    """('ref' or 'tied', n) of a Ties id 'ref:<n>' / 'tied:<n>'; n is read as an integer, as process_single_model
+    does, so 'ref:07' and 'tied:7' are one prompt's pair."""
+    kind, _, number = str(example_id).partition(":")
+    try:
+        if kind in ("ref", "tied"):
+            return kind, int(number)
+    except ValueError:
+        pass
+    raise UserError(f"Ties example id '{example_id}' is not 'ref:<n>' or 'tied:<n>' with n an integer")
 # Ties: 60% accuracy (reference and tied prompts alike), 40% whether correct answers are separated from incorrect
 # ones by more than the spread among the correct ones, plus a small tanh margin term (process_single_model).
 TIES_WEIGHTS = {"tied_accuracy": 0.30, "ref_accuracy": 0.30, "correctness_preferred": 0.20,
@@ -258,10 +283,14 @@ def ties_score(ids: Sequence[str], scores: Sequence[Sequence[float]], num_correc
     'tied:<n>' (several); a tied prompt's margin terms use the reference prompt with the same n."""
     ref, tied = {}, {}
     for example_id, example_scores, n_correct in zip(ids, scores, num_correct):
-        kind, _, number = str(example_id).partition(":")
-        if kind not in ("ref", "tied") or not number:
-            raise UserError(f"Ties example id '{example_id}' is not 'ref:<n>' or 'tied:<n>'")
-        (ref if kind == "ref" else tied)[number] = _ties_prompt_stats(list(example_scores), int(n_correct))
+        kind, number = ties_prompt_key(example_id)
+        prompts = ref if kind == "ref" else tied
+        if number in prompts:
+            raise UserError(f"Ties example id '{example_id}': a second '{kind}:{number}' prompt")
+        if kind == "tied" and int(n_correct) < 2:
+            raise UserError(f"Ties example id '{example_id}': a tied prompt needs at least two correct completions "
+                            f"(it has {int(n_correct)}); the spread among them is what Ties measures")
+        prompts[number] = _ties_prompt_stats(list(example_scores), int(n_correct))
     paired = sorted(set(ref) & set(tied))
     if not paired:
         raise UserError("Ties needs at least one 'ref:<n>' prompt with a 'tied:<n>' prompt of the same n")
@@ -282,11 +311,7 @@ def ties_score(ids: Sequence[str], scores: Sequence[Sequence[float]], num_correc
 
 def _check_v2_rows(ids, subsets, scores, num_correct) -> list:
     _check_lengths(ids=ids, subsets=subsets, scores=scores, num_correct=num_correct)
-    plain_ids = [i.item() if hasattr(i, "item") else i for i in ids]
-    duplicated = [str(i) for i, n in Counter(plain_ids).items() if n > 1]
-    if duplicated:
-        raise UserError(f"{len(duplicated)} example ids occur more than once (first: {', '.join(duplicated[:5])}); "
-                        "each example must be scored once")
+    plain_ids = unique_ids(ids)
     not_finite = [str(i) for i, s in zip(plain_ids, scores) if not all(math.isfinite(float(x)) for x in s)]
     if not_finite:
         raise UserError(f"the model gave NaN or infinite scores for {len(not_finite)} examples (ids: "
@@ -300,10 +325,10 @@ def score_examples_v2(ids, subsets, scores, num_correct) -> dict:
     prompts is absent (None) and left out of the Score, which names the subsets it averages."""
     plain_ids = _check_v2_rows(ids, subsets, scores, num_correct)
     rows = []
-    for i, subset, example_scores, n_correct in zip(plain_ids, subsets, scores, num_correct):
+    for i, subset, example_scores, n_correct in zip(plain_ids, map(v2_subset_name, subsets), scores, num_correct):
         example_scores = [float(s) for s in example_scores]
         credit = None if subset == TIES_SUBSET else best_of_n_credit(example_scores)
-        rows.append({"id": i, "subset": str(subset), "scores": example_scores, "num_correct": int(n_correct),
+        rows.append({"id": i, "subset": subset, "scores": example_scores, "num_correct": int(n_correct),
                      "credit": credit})
     by_subset: dict[str, list[dict]] = {}
     for row in rows:
