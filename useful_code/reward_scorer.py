@@ -4,16 +4,24 @@ server and dataset scoring use it; its rewards are the eval scripts' (same templ
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
 from transformers import AutoConfig
 
 from useful_code.cli import UserError, load_error
+from useful_code.formats import CONVERSATION_RULES, validate_conversation
 from useful_code.modeling import load_for_scoring, load_reward_model
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences, split_by_sizes
-from useful_code.templates import encode_conversations, tokenizer_adds_bos, truncate_all
+from useful_code.templates import (
+    SPECIAL_TOKEN_RULES,
+    encode_conversations,
+    special_token_pattern,
+    tokenizer_adds_bos,
+    truncate_all,
+)
 
 KINDS = {"bt": "Bradley-Terry reward model", "armo": "ArmoRM (multi-objective) reward model",
          "pm": "pairwise preference model"}
@@ -51,6 +59,11 @@ class RewardScorer:
         self.preference = preference
         self.attributes = list(getattr(model.config, "attribute_names", [])) if kind == "armo" else []
         self.adds_bos = tokenizer_adds_bos(tokenizer)  # asked once: four tokenizer calls a request otherwise
+        self.special_tokens = special_token_pattern(tokenizer)
+        # Runs of pad and EOS tokens at either end of a text: what a left-padded batch_decode leaves around a query.
+        edges = "|".join(re.escape(t) for t in {tokenizer.pad_token, tokenizer.eos_token} if t)
+        self._leading_padding = re.compile(f"^(?:{edges})+") if edges else None
+        self._trailing_padding = re.compile(f"(?:{edges})+$") if edges else None
 
     @classmethod
     def from_pretrained(cls, path: str, flag: str = "--reward_name_or_path", max_length: int = 4096,
@@ -82,10 +95,39 @@ class RewardScorer:
         sequences = encode_conversations(self.tokenizer, conversations, adds_bos=self.adds_bos)
         return truncate_all(self.tokenizer, sequences, self.max_length, self.adds_bos)
 
+    def check_conversation(self, messages: list[dict], where: str, ends_with_assistant: bool = True) -> None:
+        """The project's rules of a conversation (CONVERSATION_RULES, as the eval scripts and score_dataset apply
+        them, and no special token as text): a broken one is a UserError naming `where` and the rule. With
+        ends_with_assistant False, messages is a context that a response will complete."""
+        reason = validate_conversation(messages if ends_with_assistant
+                                       else messages + [{"role": "assistant", "content": "response"}])
+        if not reason and any(self.special_tokens.search(m["content"]) for m in messages):
+            reason = "special_token_in_content"
+        if reason:
+            rule = {**CONVERSATION_RULES, **SPECIAL_TOKEN_RULES}[reason]
+            raise UserError(f"{where}: {rule} ({reason})")
+
+    def strip_padding(self, text: str) -> str:
+        """A query without the pad and EOS tokens around it, as OpenRLHF's own reward server strips them: its
+        rollouts send batch_decode(skip_special_tokens=False) text, left-padded, with the EOS and right padding
+        after the response. A response that ended with them keeps one EOS (OpenRLHF appends one), so a chat-
+        templated text that ends with EOS is scored unchanged."""
+        if self._leading_padding is None:
+            return text
+        text = self._leading_padding.sub("", text)
+        stripped = self._trailing_padding.sub("", text)
+        return stripped + self.tokenizer.eos_token if stripped != text and self.tokenizer.eos_token else stripped
+
     def encode_texts(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        """Token ids of already templated texts (a prompt and its response, as OpenRLHF sends them), cut from the
-        left to max_length; a text that starts with the BOS token is not given a second one."""
+        """Token ids of already templated texts (a prompt and its response, as OpenRLHF sends them), without the
+        padding around them (strip_padding), cut from the left to max_length; a text that starts with the BOS token
+        is not given a second one. A text with nothing but special tokens is a UserError."""
+        texts = [self.strip_padding(text) for text in texts]
         bos = self.tokenizer.bos_token
+        empty = [i for i, text in enumerate(texts) if not self.special_tokens.sub("", text).strip()]
+        if empty:
+            raise UserError(f"query {empty[0]}: the text has nothing to score but special tokens or spaces "
+                            f"({len(empty)} such queries)")
         starts_with_bos = [bool(bos) and text.startswith(bos) for text in texts]
         sequences = [None] * len(texts)
         for marked in (False, True):  # one batched tokenizer call per kind: 40% faster than one call per text
@@ -94,9 +136,6 @@ class RewardScorer:
                 encoded = self.tokenizer([texts[i] for i in indices], add_special_tokens=not marked)["input_ids"]
                 for i, ids in zip(indices, encoded):
                     sequences[i] = ids
-        empty = [i for i, ids in enumerate(sequences) if not ids]
-        if empty:
-            raise UserError(f"query {empty[0]}: the text has no tokens to score ({len(empty)} such queries)")
         return truncate_all(self.tokenizer, sequences, self.max_length, self.adds_bos)
 
     def score(self, sequences: list[list[int]]) -> dict:

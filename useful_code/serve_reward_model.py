@@ -260,8 +260,10 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
         needs_rewards("/score")
         check_count("conversations", body.conversations)
         conversations = [[m.model_dump() for m in conversation] for conversation in body.conversations]
-        if any(not c for c in conversations):
-            raise UserError("conversations: each conversation needs at least one message")
+        for i, conversation in enumerate(conversations):
+            if not conversation:
+                raise UserError(f"conversations[{i}]: a conversation needs at least one message")
+            scorer.check_conversation(conversation, f"conversations[{i}]")
         sequences, cut = scorer.encode_conversations(conversations)
         return {**await rewards_of(sequences), "extra_logs": {"truncated": cut, "tokens": sum(map(len, sequences))}}
 
@@ -271,6 +273,9 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
             raise UserError(f"/compare needs a {KINDS['pm']}; this server holds a {KINDS[scorer.kind]}: use /score")
         check_count("responses", body.responses)
         context = [m.model_dump() for m in body.context]
+        scorer.check_conversation(context, "context", ends_with_assistant=False)
+        for i, response in enumerate(body.responses):
+            scorer.check_conversation(context + [{"role": "assistant", "content": response}], f"responses[{i}]")
         cut_before = scorer.preference.truncated
         result = (await batcher.run_in_worker(scorer.compare, [context], [body.responses]))[0]
         return {**result, "extra_logs": {"truncated": scorer.preference.truncated - cut_before}}
