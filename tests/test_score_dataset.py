@@ -139,7 +139,8 @@ def test_margin_threshold_filters_pairs(checkpoints, toy_run, tmp_path):
     out, _ = toy_run
     margins = sorted(p["margin"] for p in read_jsonl(out / "pairs.jsonl"))
     threshold = (margins[9] + margins[10]) / 2  # 10 margins below, 14 above
-    (tmp_path / "scored.jsonl").write_text((out / "scored.jsonl").read_text())  # resumed: nothing left to score
+    for name in ("scored.jsonl", "scored.scorer.json"):  # resumed: nothing left to score
+        (tmp_path / name).write_text((out / name).read_text())
     printed = score(checkpoints / "bt", TOY, tmp_path, "--pairs_path", str(tmp_path / "pairs.jsonl"),
                     "--margin_threshold", str(threshold))
     kept = read_jsonl(tmp_path / "pairs.jsonl")
@@ -201,6 +202,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_output(checkpoints, tmp_pat
     run_into(whole)
     lines = (whole / "scored.jsonl").read_text().splitlines(keepends=True)
     (killed / "scored.jsonl").write_text("".join(lines[:7]) + lines[7][: len(lines[7]) // 2])
+    (killed / "scored.scorer.json").write_text((whole / "scored.scorer.json").read_text())  # written at the start
     printed = run_into(killed)
     assert "Resuming" in printed and "7 of 24 prompts already scored" in printed
     assert "scored now: 17, resumed: 7" in printed
@@ -217,6 +219,29 @@ def test_resume_refuses_an_output_of_other_data(checkpoints, tmp_path):
         score(checkpoints / "bt", TOY, tmp_path)
     printed = score(checkpoints / "bt", TOY, tmp_path, "--overwrite")
     assert "scored now: 24, resumed: 0" in printed and len(read_jsonl(tmp_path / "scored.jsonl")) == 24
+
+
+def test_resume_refuses_rows_another_model_or_max_length_scored(checkpoints, tmp_path):
+    """The default --output_path does not depend on the model: a second model's run on the same generations must not
+    resume over the first one's rewards."""
+    half = tmp_path / "half.jsonl"
+    write_jsonl(half, read_jsonl(TOY)[:12])
+    score(checkpoints / "bt", half, tmp_path)
+    write_jsonl(tmp_path / "all.jsonl", read_jsonl(TOY))
+    scored = tmp_path / "scored.jsonl"
+    (tmp_path / "all_scored.jsonl").write_text(scored.read_text())  # 12 of 24 rows, as a killed run leaves them
+    (tmp_path / "all_scored.scorer.json").write_text((tmp_path / "scored.scorer.json").read_text())
+    flags = ("--dataset_path", str(tmp_path / "all.jsonl"), "--output_path", str(tmp_path / "all_scored.jsonl"))
+    with pytest.raises(UserError, match=r"holds 12 scored rows, scored with other reward_name_or_path, files "
+                                        r"\(.*all_scored.scorer.json\); pass --overwrite"):
+        score(checkpoints / "pm", TOY, tmp_path, *flags)
+    with pytest.raises(UserError, match="scored with other max_length"):
+        score(checkpoints / "bt", TOY, tmp_path, *flags, "--max_length", "100")
+    (tmp_path / "all_scored.scorer.json").unlink()
+    with pytest.raises(UserError, match="no record of the model that scored them"):
+        score(checkpoints / "bt", TOY, tmp_path, *flags)
+    (tmp_path / "all_scored.scorer.json").write_text((tmp_path / "scored.scorer.json").read_text())
+    assert "resumed: 12" in score(checkpoints / "bt", TOY, tmp_path, *flags)  # the same model and settings
 
 
 def test_output_paths_are_checked_before_any_work(checkpoints, tmp_path):

@@ -10,7 +10,8 @@ list of strings) and either "prompt" (a string or a message list: RLHFlow's gene
 "context_messages" (standard messages ending with the user's turn), decided per row.
 
 Writes --output_path (default outputs/scored/<dataset name>.jsonl): each valid row with "rewards", one per response,
-appended a chunk of prompts at a time, so a killed run resumes where it stopped (--overwrite starts again). From the
+appended a chunk of prompts at a time, so a killed run resumes where it stopped (--overwrite starts again); beside it,
+<output stem>.scorer.json records the model and settings that scored it, and a resume with others is refused. From the
 whole scored file it then writes --best_of_n_path ({"messages": context + [best response], "reward"}: rejection-
 sampling fine-tuning) and --pairs_path (best vs worst response, {"chosen", "rejected", "chosen_reward",
 "rejected_reward", "margin"}, when the margin is above --margin_threshold: iterative DPO).
@@ -135,11 +136,31 @@ def scored_row(row: dict, rewards: Optional[list[float]] = None) -> dict:
     return kept if rewards is None else {**kept, "rewards": rewards}
 
 
-def resume_point(path: Path, overwrite: bool, rows) -> int:
+def scorer_record(args, scorer: RewardScorer) -> dict:
+    """What decides the rewards in --output_path: the model (a local directory's files by name, size and time; a hub
+    model's revision), --max_length and the dtype. A resumed run must match it, or its rows would mix two models."""
+    path = Path(args.reward_name_or_path).expanduser()
+    if path.is_dir():
+        model = str(path.resolve())
+        files = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir())
+                 if f.is_file() and f.suffix in (".safetensors", ".bin", ".json")]
+    else:
+        model, files = args.reward_name_or_path, getattr(scorer.model.config, "_commit_hash", None)
+    return {"reward_name_or_path": model, "files": files, "max_length": args.max_length, "dtype": str(scorer.dtype)}
+
+
+def record_path(output: Path) -> Path:
+    """The file beside --output_path that records what scored it (scorer_record)."""
+    return output.with_suffix(".scorer.json")
+
+
+def resume_point(path: Path, overwrite: bool, rows, record: dict) -> int:
     """How many rows a previous run scored into path (complete lines; a line cut by a kill is truncated away); 0 with
-    overwrite, which empties the file. The last of them must be the same input row, or the file is of other data."""
-    if overwrite or not path.exists():
+    overwrite, which empties the file. The last of them must be the same input row, or the file is of other data,
+    and the model and settings must be record, those that scored them (record_path), or its rows would mix two."""
+    if overwrite or not path.exists() or path.stat().st_size == 0:
         path.write_text("")
+        atomic_write_text(record_path(path), json.dumps(record, indent=1))
         return 0
     done, end, last = 0, 0, None
     with open(path, "rb") as f:
@@ -161,6 +182,15 @@ def resume_point(path: Path, overwrite: bool, rows) -> int:
                         f"{len(rows)} valid rows (other data or other --skip_invalid); pass --overwrite or choose "
                         "another --output_path")
     if done:
+        try:
+            previous = json.loads(record_path(path).read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != json.loads(json.dumps(record)):
+            changed = ("no record of the model that scored them" if not isinstance(previous, dict) else
+                       "scored with other " + ", ".join(k for k in record if previous.get(k) != record[k]))
+            raise UserError(f"--output_path: {path} holds {done} scored rows, {changed} ({record_path(path)}); "
+                            "pass --overwrite to score them all again, or choose another --output_path")
         print(f"Resuming {path}: {done} of {len(rows)} prompts already scored (--overwrite starts again)")
     return done
 
@@ -224,7 +254,7 @@ def main(argv: Optional[list[str]] = None):
     resume = [None, None]
     if state.is_main_process:
         try:
-            resume[0] = resume_point(output, args.overwrite, rows)
+            resume[0] = resume_point(output, args.overwrite, rows, scorer_record(args, scorer))
         except UserError as err:
             resume[1] = str(err)
     resumed, error = broadcast_object_list(resume)
