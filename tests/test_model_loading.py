@@ -102,3 +102,17 @@ def test_a_missing_local_path_is_called_missing_not_a_bad_hub_name(tok, name):
 def test_an_existing_directory_without_a_model_names_transformers_reason(tok, tmp_path):
     with pytest.raises(UserError, match=r"could not load model '.*' \(.+\); pass a local model directory"):
         load_reward_model(str(tmp_path), "--reward_name_or_path", tok, torch.float32)
+
+
+def test_flash_attention_without_flash_attn_is_one_line(tok, bt_checkpoint):
+    """flash_attention_2 asked for where flash-attn is not installed (this CPU machine): a UserError, not transformers'
+    ImportError traceback."""
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="cannot be loaded with --attn_implementation flash_attention_2 here .*use "
+                                        "--attn_implementation auto or sdpa"):
+        load_reward_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32,
+                          attn_implementation="flash_attention_2")

@@ -286,6 +286,51 @@ def test_which_models_pack(model, tok, tmp_path):
     assert VARLEN_ATTENTION not in (tmp_path / "config.json").read_text()
 
 
+TINY_DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, vocab_size=1200, pad_token_id=2, num_labels=1)
+
+
+@pytest.mark.parametrize("family", ["Mistral", "Phi3", "Gemma3Text"])
+def test_sliding_window_models_stay_padded_and_score_as_their_own_forward(tok, family):
+    """The packed attention is plain causal SDPA: a model whose attention slides a window (Mistral and Phi-3 read it
+    from the config, Gemma 3 keeps it on its layers) must not pack, and scores as its own forward does."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(**TINY_DECODER, sliding_window=8,
+                                                      **({"head_dim": 16} if family == "Gemma3Text" else {}))
+    torch.manual_seed(0)
+    base = getattr(transformers, f"{family}ForSequenceClassification")(config).eval()
+    assert "sliding-window attention (window 8)" in padding_free_unsupported(base)
+    scorer = copy.deepcopy(base)
+    assert not enable_padding_free(scorer)
+    sequences = [list(range(10, 10 + n)) for n in (5, 30, 41)]  # two longer than the window
+    with torch.no_grad():
+        alone = [base(input_ids=torch.tensor([s])).logits[0, 0].item() for s in sequences]
+    assert score_sequences(scorer, tok, sequences, 4, max_tokens_per_batch=2048) == pytest.approx(alone, abs=1e-5)
+
+
+def test_models_without_sdpa_or_with_soft_capping_stay_padded():
+    from transformers import Gemma2Config, Gemma2ForSequenceClassification
+
+    from useful_code.hardware import resolve_attn_implementation
+    from useful_code.packing import varlen_attention_forward
+
+    gemma2 = Gemma2ForSequenceClassification(Gemma2Config(**TINY_DECODER, head_dim=16))
+    assert "does not support SDPA attention" in padding_free_unsupported(gemma2)
+    type(gemma2)._supports_sdpa = True  # were it to take SDPA, its soft-capped logits would still keep it padded
+    try:
+        assert "soft-caps its attention logits" in padding_free_unsupported(gemma2)
+    finally:
+        type(gemma2)._supports_sdpa = False
+    # "auto" leaves the choice to transformers (SDPA where supported, eager for Gemma 2) unless flash-attn is there
+    assert resolve_attn_implementation("auto") is None and resolve_attn_implementation("eager") == "eager"
+    # a model the checks missed fails loudly rather than scoring with the window dropped
+    plan = plan_attention([(0, 3, 0, 0), (3, 5, 0, 0)], 5, "cpu")
+    q = torch.zeros(1, 2, 5, 4)
+    with pytest.raises(RuntimeError, match="cannot apply a sliding window or soft-capping"):
+        varlen_attention_forward(torch.nn.Module(), q, q, q, None, packed_plan=plan, sliding_window=2)
+
+
 def test_preference_model_logits_equal_padded(tok):
     from useful_code.modeling import load_preference_model
     from useful_code.pm_data import build_pm_prompt, encode_pm_prompts

@@ -29,8 +29,9 @@ def resolve_dtype(bf16: bool) -> torch.dtype:
     return torch.float32
 
 
-def resolve_attn_implementation(requested: str = "auto") -> str:
-    """flash_attention_2 on a GPU where flash-attn is installed, else PyTorch SDPA."""
+def resolve_attn_implementation(requested: str = "auto") -> str | None:
+    """flash_attention_2 on a GPU where flash-attn is installed; else None, transformers' own choice: SDPA where the
+    model supports it, eager attention where it does not (Gemma-2)."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -40,7 +41,7 @@ def resolve_attn_implementation(requested: str = "auto") -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return None
 
 
 def default_device(index: int = 0) -> str:

@@ -60,6 +60,9 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
         )
     except (OSError, ValueError) as err:
         raise load_error(flag, "model", name, err) from None
+    except ImportError as err:  # transformers: flash_attention_2 (or a quantization) asked for without its package
+        raise UserError(f"{flag}: '{name}' cannot be loaded with --attn_implementation {attn_implementation} here "
+                        f"({str(err).splitlines()[0]}); use --attn_implementation auto or sdpa") from None
     except SafetensorError as err:
         raise UserError(f"{flag}: the weights of '{name}' cannot be read ({str(err).splitlines()[0]}); the file is "
                         "truncated or damaged") from None

@@ -98,6 +98,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if packed_plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        # padding_free_unsupported keeps such models padded; a model it missed must not be scored wrong silently
+        raise RuntimeError(f"{type(module).__name__}: packed rows cannot apply a sliding window or soft-capping")
     (queries, _, mask, _, _), *others = packed_plan.groups
     if not others and mask is None and queries.shape == (1, packed_plan.length):  # one sequence: a plain forward
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
@@ -152,8 +155,24 @@ def padding_free_unsupported(model) -> Optional[str]:
     if not getattr(inner, "_supports_attention_backend", False):
         return f"{type(inner).__name__} does not take transformers' attention backends"
     implementation = inner.config._attn_implementation
-    if implementation not in ("sdpa", "eager", VARLEN_ATTENTION) and not implementation.startswith(_FLASH_PREFIX):
+    if implementation.startswith(_FLASH_PREFIX):
+        return None  # transformers' varlen flash path applies sliding windows and soft-capping itself
+    if implementation not in ("sdpa", "eager", VARLEN_ATTENTION):
         return f"attention implementation {implementation} has no packed-sequence path here"
+    # VARLEN_ATTENTION runs plain causal SDPA: a model that cannot take SDPA (transformers refuses it by name), or
+    # whose attention masks a sliding window or soft-caps its logits, would get other rewards than its own forward.
+    if not getattr(inner, "_supports_sdpa", False):
+        return f"{type(inner).__name__} does not support SDPA attention"
+    if getattr(inner.config, "attn_logit_softcapping", None) is not None:
+        return f"{type(inner).__name__} soft-caps its attention logits"
+    # Qwen2 and Gemma keep a window on each attention module (None on full-attention layers); Mistral and Phi-3
+    # read config.sliding_window in every layer.
+    attention = [m for m in inner.modules() if type(m).__name__.endswith("Attention")]
+    windows = ({m.sliding_window for m in attention if getattr(m, "sliding_window", None) is not None}
+               if any(hasattr(m, "sliding_window") for m in attention)
+               else {inner.config.sliding_window} - {None} if hasattr(inner.config, "sliding_window") else set())
+    if windows:
+        return f"{type(inner).__name__} has sliding-window attention (window {', '.join(map(str, sorted(windows)))})"
     return None
 
 
