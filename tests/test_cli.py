@@ -183,3 +183,36 @@ def test_a_wrong_type_is_one_line_without_usage():
     with pytest.raises(UserError) as err:
         parse_args((Limited,), None, argv=["--batch_size", "abc"])
     assert str(err.value) == "argument --batch_size/--batch-size: invalid int value: 'abc'"
+
+
+@pytest.mark.parametrize("content,message", [
+    ("batch_size: 2.5\n", "argument --batch_size/--batch-size: invalid int value: '2.5'"),
+    ("batch_size: true\n", "argument --batch_size/--batch-size: invalid int value: 'True'"),
+    ("share: [0.5]\n", "share takes one number, got list [0.5]"),
+    ("share: .nan\n", "--share must be a finite number, got nan"),
+])
+def test_config_values_are_checked_as_flags_are(tmp_path, content, message):
+    """A recipe's number goes through the field's own type, as on the command line; a list is no number; NaN is
+    within no limit."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(content)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_args((Limited,), None, argv=[str(recipe)])
+
+
+def test_typed_config_values_keep_their_meaning(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("batch_size: 3\nshare: 1\nmode: b\noptional: 4\n")
+    args, _ = parse_args((Limited,), None, argv=[str(recipe)])
+    assert (args.batch_size, args.share, args.mode, args.optional) == (3, 1.0, "b", 4)
+    # the real recipes: booleans, floats in YAML's exponent form, lists and mappings of the library's own fields
+    recipe.write_text("learning_rate: 1.0e-5\nbf16: false\nmax_steps: 3\nweight_decay: 0\n"
+                      "lr_scheduler_kwargs: {num_cycles: 2}\n")
+    _, training, _ = parse_args((Script, Config), None, argv=[str(recipe), "--output_dir", str(tmp_path)])
+    assert (training.learning_rate, training.bf16, training.max_steps, training.weight_decay) == (1e-5, False, 3, 0.0)
+    assert training.lr_scheduler_kwargs == {"num_cycles": 2}
+
+
+def test_nan_on_the_command_line_is_out_of_every_range():
+    with pytest.raises(UserError, match="--share must be a finite number, got nan"):
+        parse_args((Limited,), None, argv=["--share", "nan"])

@@ -225,3 +225,16 @@ def test_bad_gzip_and_empty_directory_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no loadable dataset in this directory"):
         load_dataset_dict(str(tmp_path / "empty"), "--data")
+
+
+def test_a_file_mixing_formats_reads_each_row_in_its_own(tmp_path):
+    """Arrow gives every row of a mixed file the 'prompt' column, null where the row had none: a raw HH-RLHF row
+    beside a RewardBench-style one is still HH-RLHF."""
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "What is tea?", "chosen": "A drink.", "rejected": "A car."},
+            {"chosen": "\n\nHuman: hi there\n\nAssistant: hello, how can I help?",
+             "rejected": "\n\nHuman: hi there\n\nAssistant: go away"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, stats = standardize_pairs(load_dataset_dict(str(path), "--x")["train"], False, "x")
+    assert stats["used"] == 2 and stats["format"] in ("prompt: 1, hh: 1", "hh: 1, prompt: 1")
+    assert pairs[1]["chosen"] == [m("user", "hi there"), m("assistant", "hello, how can I help?")]

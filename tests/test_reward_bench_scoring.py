@@ -307,3 +307,23 @@ def test_eval_outputs_are_checked_before_scoring(tmp_path):
     evaluation.check_eval_arguments(args, one_process)
     with pytest.raises(UserError, match="--device_map auto spreads one model .* without a launcher"):
         evaluation.check_eval_arguments(args, SimpleNamespace(num_processes=2))
+
+
+@pytest.mark.parametrize("temperature", ["0", "-1", "nan"])
+def test_pm_eval_temperature_must_be_above_zero(temperature):
+    """0 divides the A/B logits by zero; a negative temperature turns every preference around and still scores."""
+    from useful_code.cli import parse_args
+    from useful_code.eval_reward_bench_pm import ScriptArguments
+
+    with pytest.raises(UserError, match=f"--temperature must be above 0, got {float(temperature)}"):
+        parse_args((ScriptArguments,), argv=["--temperature", temperature])
+
+
+def test_a_failed_results_write_leaves_the_old_file_and_no_staged_one(tmp_path):
+    from useful_code.checkpoints import atomic_write_text
+
+    path = tmp_path / "r.json"
+    atomic_write_text(path, "old")
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(path, "new \ud800")  # a lone surrogate cannot be written as UTF-8
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]

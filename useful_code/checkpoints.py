@@ -130,21 +130,30 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
     return value
 
 
-def atomic_save_file(tensors: dict, path, metadata: Optional[dict] = None) -> None:
-    """safetensors' save_file, written beside and renamed into place: a killed write never leaves a truncated file
-    under the real name."""
+def _write_beside(path, write) -> None:
+    """write(staged path) beside path, flushed to disk, then renamed into place: a killed write never leaves a
+    truncated file under the real name, and a failed one leaves no staged file behind."""
     path = Path(path)
     staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(staged), metadata=metadata)
-    os.replace(staged, path)
+    try:
+        write(staged)
+        with open(staged, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_file(tensors: dict, path, metadata: Optional[dict] = None) -> None:
+    """safetensors' save_file, written atomically (_write_beside)."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    _write_beside(path, lambda staged: save_file(tensors, str(staged), metadata=metadata))
 
 
 def atomic_write_text(path, text: str) -> None:
-    """write_text, written beside and renamed into place."""
-    path = Path(path)
-    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staged.write_text(text)
-    os.replace(staged, path)
+    """write_text (UTF-8), written atomically (_write_beside)."""
+    _write_beside(path, lambda staged: staged.write_text(text, encoding="utf-8"))
 
 
 def publish_dir(staged, final) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -95,7 +96,7 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
         # A config may use a flag's alias (upstream's --output_path for output_dir) as its key, like the command line.
         dests = {opt.lstrip("-"): action.dest for action in parser._actions for opt in action.option_strings}
         config = {dests.get(key, key): value for key, value in read_config(config_path, section).items()}
-        unknown = parser.set_defaults_with_config(**config)
+        unknown = parser.set_defaults_with_config(**typed_config_values(parser, config, config_path))
         if unknown:
             raise UserError(f"config {config_path}: unknown field(s) {', '.join(unknown[::2])}")
     try:
@@ -108,6 +109,23 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
 
 
 LIMIT_KEYS = ("min", "max", "choices")
+
+
+def typed_config_values(parser, config: dict, config_path: str) -> dict:
+    """Config values checked as flags are: argparse converts a string default with the field's type, so a number or
+    boolean goes in as its text (a 2.5 where an int belongs is then the same one-line error as on the command line);
+    a list or mapping only where the field takes several values or a mapping."""
+    actions = {action.dest: action for action in parser._actions}
+    typed = {}
+    for key, value in config.items():
+        action = actions.get(key)
+        if action is not None and action.nargs is None and action.type is not None:
+            if isinstance(value, (bool, int, float)):
+                value = str(value)
+            elif isinstance(value, (list, dict)) and action.type in (int, float):
+                raise UserError(f"config {config_path}: {key} takes one number, got {type(value).__name__} {value!r}")
+        typed[key] = value
+    return typed
 
 
 def limits_aware_parser(dataclass_types):
@@ -143,6 +161,8 @@ def check_limits(arguments) -> None:
         value = getattr(arguments, f.name)
         if value is None or not limits:
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name} must be a finite number, got {value}")
         if "choices" in limits and value not in limits["choices"]:
             raise UserError(f"--{f.name} must be one of {', '.join(map(str, limits['choices']))}, got {value!r}")
         if "min" in limits and value < limits["min"]:

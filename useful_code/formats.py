@@ -61,7 +61,9 @@ def detect_format(row: dict) -> str:
     row, so a malformed row is that row's error and never changes how the others are read."""
     if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
         return "messages"
-    if "prompt" in row:
+    # A file mixing formats gives every row the 'prompt' column, null where the row had none: a null prompt beside
+    # HH-RLHF turns is an HH-RLHF row, beside anything else a RewardBench row missing its prompt.
+    if "prompt" in row and (row["prompt"] is not None or not _HH_TURN.search(str(row.get("chosen") or ""))):
         return "prompt"
     return "hh"
 
