@@ -1,8 +1,8 @@
 """Train a Bradley-Terry reward model: a sequence classifier with a scalar head, loss -logsigmoid(r_chosen - r_rejected).
 
-One script for every model family (replaces upstream's gemma/llama3/mistral copies); a YAML recipe per model in
-configs/ carries upstream's values, and any flag overrides it. Runs under `deepspeed`, `accelerate launch`,
-`torchrun` or plain `python`, on GPUs or on a CPU-only machine:
+One script for every model family; a YAML recipe per model in configs/ carries upstream's values, and any flag
+overrides it (upstream's gemma_2B_rm.py, llama3_8B_rm.py and mistral_7B_rm.py run this with their recipe). Runs
+under `deepspeed`, `accelerate launch`, `torchrun` or plain `python`, on GPUs or on a CPU-only machine:
 
     deepspeed bradley-terry-rm/train.py bradley-terry-rm/configs/gemma-2b-it.yaml \
         --deepspeed deepspeed_configs/deepspeed_3.json
@@ -20,7 +20,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
@@ -32,6 +34,7 @@ from useful_code.lora import LoraArguments, TaskType, quantization_options, save
 from useful_code.losses import (
     PAIR_COLUMNS,
     PairwiseCollator,
+    bradley_terry_loss,
     odin_loss,
     pairwise_loss,
     required_columns,
@@ -96,8 +99,19 @@ class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArgum
     output_dir: Optional[str] = field(default="./bt_models/reward_model",
                                       metadata={"aliases": ["--output_path"], "help": "Output directory."})
     max_length: int = field(default=4096, metadata={"min": 1, "help": "Max tokens per conversation."})
-    save_every_steps: int = field(default=NEVER, metadata={"help": "Save a checkpoint every x steps (upstream)."})
-    eval_every_steps: int = field(default=NEVER, metadata={"help": "Evaluate every x steps (upstream's flag)."})
+    save_every_steps: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": f"Save a checkpoint every x steps (upstream's flag: --save_strategy steps --save_steps x; "
+                          f"{NEVER}, upstream's default, saves none)."})
+    eval_every_steps: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": f"Evaluate every x steps (upstream's flag: --eval_strategy steps --eval_steps x; {NEVER}, "
+                          "upstream's default, evaluates only at the end)."})
+    # transformers' own flags, unset by default so that they can be told apart from upstream's names above.
+    save_strategy: Optional[str] = field(default=None, metadata={
+        "help": "Periodic checkpoints: no (the default here: only the final checkpoint), steps or epoch."})
+    save_steps: Optional[float] = field(default=None, metadata={
+        "help": "With --save_strategy steps: every x steps (default 500; a fraction of the steps when < 1)."})
+    eval_strategy: Optional[str] = field(default=None, metadata={
+        "help": "Periodic evaluation: no (the default: only at the end), steps or epoch."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch pairs of similar length (less padding)."})
     warmup_steps: float = field(default=0.03, metadata={"aliases": ["--warmup_ratio"],
                                                         "help": "Warmup steps, or a fraction of the steps when < 1."})
@@ -109,16 +123,72 @@ class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArgum
     report_to: Optional[str] = field(default="none", metadata={"help": "wandb, tensorboard, ... or none."})
 
     def __post_init__(self):
-        # transformers also evaluates and saves a full training state (optimizer included) at the last step
-        # whenever a strategy is "steps": only ask for that when the user asked for periodic evals/saves.
-        self.eval_strategy = "steps" if self.eval_every_steps < NEVER else "no"
-        self.eval_steps = self.eval_every_steps
-        self.save_strategy = "steps" if self.save_every_steps < NEVER else "no"
-        self.save_steps = self.save_every_steps
+        # Periodic saves and evaluations are off unless asked for, by upstream's names or transformers' own: with a
+        # "steps" strategy transformers also saves a full training state (optimizer included) at the last step.
+        self.save_strategy, self.save_steps = periodic_strategy(
+            "save", self.save_every_steps, self.save_strategy, self.save_steps, default_steps=500)
+        self.eval_strategy, self.eval_steps = periodic_strategy(
+            "eval", self.eval_every_steps, self.eval_strategy, self.eval_steps, default_steps=None)
+        if self.prediction_loss_only:
+            raise UserError("--prediction_loss_only: the held-out accuracy and the reload check need the rewards; "
+                            "drop the flag")
         self.train_sampling_strategy = "group_by_length" if self.group_by_length else "random"
         self.remove_unused_columns = False  # the collator reads the token-id columns
         self.label_names = []
         super().__post_init__()
+
+
+def periodic_strategy(kind: str, every: Optional[int], strategy: Optional[str], steps: Optional[float],
+                      default_steps: Optional[float]) -> tuple[str, Optional[float]]:
+    """transformers' (--{kind}_strategy, --{kind}_steps) from upstream's --{kind}_every_steps when given (NEVER: off),
+    else from transformers' own flags as given (unset: off); both kinds given and disagreeing is a UserError."""
+    if every is None:
+        return strategy or "no", default_steps if steps is None else steps
+    wanted_strategy, wanted_steps = ("steps", every) if every < NEVER else ("no", None)
+    if (strategy is not None and strategy != wanted_strategy) or (steps is not None and steps != wanted_steps):
+        given = " ".join(f"--{kind}_{name} {value:g}" if isinstance(value, float) else f"--{kind}_{name} {value}"
+                         for name, value in (("strategy", strategy), ("steps", steps)) if value is not None)
+        means = f"--{kind}_strategy steps --{kind}_steps {every}" if wanted_steps else f"--{kind}_strategy no"
+        raise UserError(f"--{kind}_every_steps {every} (upstream's name for {means}) disagrees with {given}: "
+                        "give one or the other")
+    return wanted_strategy, default_steps if wanted_steps is None else wanted_steps
+
+
+def check_optional_packages(training_args: TrainingArguments) -> None:
+    """An --optim or --report_to that needs a package this machine lacks: one line before any work, not a traceback
+    once the data is loaded."""
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(training_args)
+    except ImportError as err:
+        optim = getattr(training_args.optim, "value", training_args.optim)  # an OptimizerNames member once parsed
+        raise UserError(f"--optim {optim} needs a package that is not installed "
+                        f"({str(err).splitlines()[0]}); or pass --optim adamw_torch") from None
+    except ValueError:  # GaLore, LOMO, ... need the model: the Trainer checks them when it builds the optimizer
+        pass
+    available = get_available_reporting_integrations()
+    for name in training_args.report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"--report_to {name}: not a reporter; pass none or one of "
+                            f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+        # flyte is only available inside a Flyte task, which the Trainer checks when it starts
+        if name != "flyte" and name not in available:
+            raise UserError(f"--report_to {name} needs the {name} package, which is not installed: pip install {name}, "
+                            f"or pass --report_to none")
+
+
+def check_lora_targets(model, targets: Optional[list[str]]) -> None:
+    """Every --lora_target_modules name must name a module of the model (peft's rule: the full name or its last
+    parts), not the head, which trains in full: otherwise one line listing the model's linear layers."""
+    if not targets:
+        return
+    head = "score" if hasattr(model, "score") else "classifier"
+    names = [name for name, _ in model.named_modules() if name and name.split(".")[0] != head]
+    unknown = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear) and name.split(".")[0] != head})
+        raise UserError(f"--lora_target_modules: {', '.join(unknown)} is not a module of this model (the '{head}' head "
+                        f"trains in full); its linear layers are {', '.join(linear)}; leave the flag unset for all")
 
 
 def load_pairs(args: ScriptArguments, seed: int):
@@ -155,6 +225,8 @@ class BradleyTerryTrainer(Trainer):
         self.odin = odin  # (length, orthogonality) coefficients when training ODIN's two heads
         self.batch_metrics: dict[str, list[float]] = {}  # training batches since the last log, as TRL keeps them
         self.train_tokens = {"real": 0, "computed": 0, "padding": 0}  # this rank's training forwards, whole run
+        self.token_counter = TrainTokensInCheckpoints(self.train_tokens)  # ... across a resume too
+        self.add_callback(self.token_counter)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if self.model.training and self.batch_metrics:  # TRL's reward metrics, averaged over the logging window
@@ -168,20 +240,27 @@ class BradleyTerryTrainer(Trainer):
         prepared = super()._prepare_inputs(inputs)
         return {**prepared, **{k: v.to(self.args.device) for k, v in pair_values.items()}}
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def batch_rewards(self, model, inputs) -> tuple[torch.Tensor, int]:
+        """The model's outputs for a PairwiseCollator batch ([2 * pairs, heads]: chosen rows first) and the padding
+        tokens it computed."""
         if "packed_blocks" in inputs:  # PairwiseCollator(padding_free=True): one row, read at each sequence's end
-            rewards = packed_rewards(model, inputs)
-            padding = 0
-        else:
-            rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            padding = int(inputs["attention_mask"].numel() - inputs["attention_mask"].sum())
+            return packed_rewards(model, inputs), 0
+        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        return rewards, int(inputs["attention_mask"].numel() - inputs["attention_mask"].sum())
+
+    def reward_pairs(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) rewards: the model's one output, or ODIN's quality head (the reward that accuracy,
+        evaluation and the exported checkpoint use; the length head only soaks up length in training)."""
+        return split_pair_rewards(rewards if self.odin is None else rewards[:, ODIN_QUALITY])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rewards, padding = self.batch_rewards(model, inputs)
+        chosen, rejected = self.reward_pairs(rewards)
         parts = {}
         if self.odin is None:
-            chosen, rejected = split_pair_rewards(rewards)
             loss = pairwise_loss(chosen, rejected, margin=inputs.get("margin"), weight=inputs.get("weight"),
                                  center_rewards_coefficient=self.center_rewards_coefficient)
-        else:  # the quality head is the reward (accuracy, evaluation, export); the length head soaks up length
-            chosen, rejected = split_pair_rewards(rewards[:, ODIN_QUALITY])
+        else:
             length_c, length_r = split_pair_rewards(rewards[:, ODIN_LENGTH])
             loss, parts = odin_loss(chosen, rejected, length_c, length_r, inputs["chosen_length"],
                                     inputs["rejected_length"], odin_head_weight(model), *self.odin)
@@ -219,19 +298,47 @@ class BradleyTerryTrainer(Trainer):
         return None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Held-out rewards [pairs, 2]; their loss is plain BT whatever the training loss (no margin, weight,
+        centering or ODIN terms), so runs compare, and compute_metrics takes it over every pair at once."""
         inputs = self._prepare_inputs(inputs)
         # no_grad, not inference_mode: evaluation may run between training steps, and under ZeRO-3 the parameters
         # it gathers must stay usable by autograd afterwards.
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        if prediction_loss_only:
-            return loss.detach(), None, None
-        rewards = outputs["rewards"].detach().float()
+            chosen, rejected = self.reward_pairs(self.batch_rewards(model, inputs)[0])
+        rewards = torch.stack([chosen, rejected], dim=1).detach().float()
+        # No per-batch loss: the Trainer would average batch means with equal weights (a short last batch counting
+        # as much as a full one) and drop non-finite ones.
         # Pairs carry no labels (chosen is always preferred); a placeholder lets the Trainer call compute_metrics.
-        return loss.detach(), rewards, torch.zeros(rewards.shape[0], device=rewards.device)
+        return None, rewards, torch.zeros(rewards.shape[0], device=rewards.device)
 
 
 ODIN_LENGTH, ODIN_QUALITY = 0, 1  # upstream odin/'s column order
+
+
+class TrainTokensInCheckpoints(TrainerCallback):
+    """Keeps metrics.json's train_tokens a count of the whole run across --resume_from_checkpoint: each periodic
+    checkpoint holds this rank's counts so far (counts: the Trainer's dict, updated in place), and restore() starts
+    a resumed run from them."""
+
+    def __init__(self, counts: dict):
+        self.counts = counts
+
+    @staticmethod
+    def path(checkpoint_dir, rank: int) -> Path:
+        return Path(checkpoint_dir) / f"train_tokens_rank{rank}.json"
+
+    def on_save(self, args, state, control, **kwargs):
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if directory.is_dir():
+            checkpoints.atomic_write_text(self.path(directory, args.process_index), json.dumps(self.counts))
+
+    def restore(self, checkpoint_dir: str, rank: int) -> None:
+        saved = self.path(checkpoint_dir, rank)
+        if saved.is_file():
+            self.counts.update(json.loads(saved.read_text()))
+        elif rank == 0:
+            print(f"note: {checkpoint_dir} holds no token counts (written before they were kept): metrics.json's "
+                  "train_tokens counts the resumed steps only")
 
 
 def response_lengths(batch, tokenizer) -> dict:
@@ -267,9 +374,11 @@ def export_quality_head(two_heads_dir: str, checkpoint_dir: str, tokenizer, dtyp
 
 
 def compute_metrics(eval_pred) -> dict:
-    """Pair accuracy: chosen strictly above rejected (ties count as wrong, as in RewardBench)."""
+    """Over the held-out rewards [pairs, 2]: plain BT loss (the mean over pairs), pair accuracy (chosen strictly
+    above rejected: ties count as wrong, as in RewardBench) and ties."""
     rewards = np.asarray(eval_pred.predictions).reshape(-1, 2)
-    return {"accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1])),
+    loss = bradley_terry_loss(torch.from_numpy(rewards[:, 0]), torch.from_numpy(rewards[:, 1]))
+    return {"loss": loss.item(), "accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1])),
             "ties": int(np.sum(rewards[:, 0] == rewards[:, 1]))}
 
 
@@ -308,11 +417,13 @@ def choose_packing(model, args: ScriptArguments, is_main: bool) -> tuple[bool, b
     return True, args.prefix_sharing
 
 
-def main():
+def main(default_config: str = DEFAULT_CONFIG):
+    """Train, save, verify and report one reward model; default_config: the recipe used when argv names none."""
     started = time.time()
     # Building the training arguments starts DeepSpeed's CPU process group where needed (HardwareAwareArguments).
     args, training_args, lora_args, config = parse_args((ScriptArguments, RewardTrainingArguments, LoraArguments),
-                                                        DEFAULT_CONFIG)
+                                                        default_config)
+    check_optional_packages(training_args)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     is_main = training_args.process_index == 0
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
@@ -339,11 +450,10 @@ def main():
         # Held-out pairs are truncated as in evaluation, never dropped: the accuracy is on the set the user chose.
         held_out, eval_tok = tokenize_pairs(held_out, tokenizer, training_args.max_length, "truncate", "eval set",
                                             args.skip_invalid)
-    if args.loss_type == "odin":
+    if args.loss_type == "odin":  # the held-out loss is plain BT: only the training pairs need lengths
         if lora_args.use_peft:
             raise UserError("--loss_type odin with --use_peft is not supported yet: train ODIN's heads in full")
-        train, held_out = (pairs.map(response_lengths, batched=True, fn_kwargs={"tokenizer": tokenizer},
-                                     desc="response lengths") for pairs in (train, held_out))
+        train = train.map(response_lengths, batched=True, fn_kwargs={"tokenizer": tokenizer}, desc="response lengths")
     data_stats["train"].update(train_tok, used=len(train))
     data_stats["eval"].update(eval_tok, used=len(held_out))
     if len(train) == 0 or len(held_out) == 0:
@@ -357,6 +467,7 @@ def main():
     model.config.use_cache = False
     padding_free, share_prefix = choose_packing(model, args, is_main)
     if lora_args.use_peft:
+        check_lora_targets(model, lora_args.lora_target_modules)
         model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args.gradient_checkpointing)
 
     batch_sampler = None
@@ -383,6 +494,8 @@ def main():
         odin=(args.odin_length_coefficient, args.odin_ortho_coefficient) if args.loss_type == "odin" else None,
         batch_sampler=batch_sampler,
     )
+    if resume:
+        trainer.token_counter.restore(resume, training_args.process_index)
     train_result = trainer.train(resume_from_checkpoint=resume)
     # The held-out pairs are scored once: their accuracy and loss, the pictures, and the reload check's reference.
     prediction = trainer.predict(held_out, metric_key_prefix="eval")
@@ -427,6 +540,12 @@ def main():
               f"on {len(held_out)} pairs; wall time {time.time() - started:.1f} s")
         final = checkpoints.publish_run(training_args.output_dir)
         print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
+
+
+def run_with_recipe(recipe: str) -> None:
+    """Upstream's per-model scripts (gemma_2B_rm.py, llama3_8B_rm.py, mistral_7B_rm.py): this script with that
+    model's recipe in configs/ as the default (a recipe or --config on the command line still wins)."""
+    run_cli(lambda: main(str(Path(DEFAULT_CONFIG).parent / recipe)))
 
 
 if __name__ == "__main__":

@@ -406,3 +406,51 @@ def test_token_budget_batches_stay_within_the_budget(tmp_path):
     refused = run([sys.executable, TRAIN, "--output_path", str(tmp_path / "no"), "--max_tokens_per_batch", "300",
                    "--padding_free", "false", "--max_steps", "1"])
     assert refused.returncode == 2 and "--max_tokens_per_batch needs padding-free training" in refused.stderr
+
+
+@pytest.mark.parametrize("flags", [("--loss_type", "odin"), ("--center_rewards_coefficient", "1.0")])
+def test_held_out_loss_is_plain_bt_whatever_the_training_loss(tmp_path, flags):
+    """eval_loss is mean(-log sigmoid(r_c - r_r)) over the held-out pairs, without ODIN's terms or the centering
+    penalty: recomputed here from the saved checkpoint's rewards (ODIN: the quality head, exported alone)."""
+    out = tmp_path / "run"
+    check_ok(run([sys.executable, TRAIN, "--output_path", str(out), "--max_steps", "10", *flags]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(line) for line in open(ROOT / "assets/data/toy_preference/test.jsonl")]
+    assert metrics["examples"]["eval"]["used"] == len(rows) == 200 and metrics["examples"]["eval"]["truncated"] == 0
+    chosen, rejected = (torch.tensor(side, dtype=torch.float64) for side in
+                        reload_rewards(str(out / "last_checkpoint"), [(r["chosen"], r["rejected"]) for r in rows]))
+    plain = -torch.nn.functional.logsigmoid(chosen - rejected).mean().item()
+    assert metrics["eval_loss"] == pytest.approx(plain, abs=1e-5)
+    assert metrics["eval_accuracy"] == pytest.approx((chosen > rejected).double().mean().item(), abs=1e-9)
+    if "--center_rewards_coefficient" in flags:  # the penalty the training loss adds is far above the tolerance
+        assert ((chosen + rejected) ** 2).mean().item() > 1e-2
+
+
+def test_a_test_split_alone_is_trained_on_and_never_evaluated_on(tmp_path):
+    """Data whose only split is 'test' trains on it: --eval_holdout_size pairs are held out of it, as with no test
+    split (it used to be trained and evaluated on the same 400 pairs)."""
+    data = tmp_path / "onlytest"
+    data.mkdir()
+    lines = open(ROOT / "assets/data/toy_preference/train.jsonl").readlines()[:400]
+    (data / "test.jsonl").write_text("".join(lines))
+    out = tmp_path / "out"
+    proc = run([sys.executable, TRAIN, "--output_path", str(out), "--max_steps", "3", "--train_set_path", str(data),
+                "--eval_holdout_size", "100"])
+    check_ok(proc)
+    assert "Held out 100 of the train set's pairs for evaluation (--eval_holdout_size; its 'test' split is the train " \
+           "set)" in proc.stdout
+    examples = json.loads((out / "metrics.json").read_text())["examples"]
+    assert examples["train"]["read"] == 400 and examples["train"]["used"] == 300
+    assert examples["eval"]["used"] == 100 and examples["eval"]["source"] == "held out of --train_set_path"
+
+
+def test_deepspeed_without_a_launcher_runs_as_one_process_on_cpu(tmp_path):
+    """Plain `python train.py --deepspeed ...` (no deepspeed/torchrun launcher, no mpi4py): a world of one, ZeRO-3."""
+    out = tmp_path / "z3"
+    proc = run([sys.executable, TRAIN, "--deepspeed", "deepspeed_configs/deepspeed_3.json", "--output_path", str(out),
+                "--max_steps", "2"], env_extra={"OMP_NUM_THREADS": "1"})
+    check_ok(proc)
+    assert "Checkpoint verified" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["train_steps"] == 2
+    assert metrics["arguments"]["deepspeed"] == "deepspeed_configs/deepspeed_3.json"

@@ -48,6 +48,25 @@ def test_test_split_comes_before_holding_out():
     assert stats["source"] == "test split of --dataset_path" and stats["used"] == 4 and stats["format"] == "prompt"
 
 
+def test_a_test_split_that_is_the_train_set_is_never_the_held_out_set(capsys):
+    """Data whose only split is 'test' trains on it (pick_split's fallback): the held-out pairs are then held out of
+    it, disjoint from the training pairs, as when there is no test split."""
+    only_test = DatasetDict(test=pairs(20))
+    train, _ = standardize_pairs(only_test["test"], False, "train")
+    kept, held, stats = held_out_pairs(train, only_test, None, 5, 3, False, "--train_set_path")
+    assert len(kept) == 15 and len(held) == 5 and stats["source"] == "held out of --train_set_path"
+    assert not set(prompts(kept)) & set(prompts(held))
+    assert "Held out 5 of the train set's pairs for evaluation (--eval_holdout_size; its 'test' split is the " \
+           "train set)" in capsys.readouterr().out
+    # asked for by name (a --dataset_split test) while a train split exists: the same
+    both = DatasetDict(train=pairs(20, "x"), test=pairs(20))
+    kept, held, _ = held_out_pairs(train, both, None, 5, 3, False, "--dataset_path", train_split="test")
+    assert len(kept) == 15 and not set(prompts(kept)) & set(prompts(held))
+    with pytest.raises(UserError, match="9 valid pairs and its 'test' split is the train set: too few to hold out"):
+        held_out_pairs(standardize_pairs(pairs(9), False, "t")[0], DatasetDict(test=pairs(9)), None, 5, 0, False,
+                       "--train_set_path")
+
+
 def test_eval_set_path_comes_first(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in pairs(3, "e")))

@@ -33,6 +33,7 @@ from useful_code.templates import (
     render_conversations,
     tokenize_pairs,
     tokenizer_adds_bos,
+    truncate_all,
 )
 
 BOS_ID, EOS_ID, RESERVED0_ID = 0, 6, 2  # <|begin_of_text|>, <|eot_id|>, <|reserved_special_token_0|>
@@ -485,20 +486,55 @@ def test_tokenize_pairs_truncates_from_left(tok, capsys):
     assert stats == {"overlength": 2, "truncated": 2, "dropped_overlength": 0, "special_token_in_content": 0}
     assert "truncated 2 pairs" in capsys.readouterr().out
     assert len(data) == 3
-    # left truncation: the first token (BOS) goes, the final <|eot_id|> stays
-    assert data[0]["chosen_input_ids"] == HI_HELLO_IDS[1:]
-    assert data[1]["rejected_input_ids"] == HI_HELLO_IDS[-17:]
+    # left truncation: the BOS stays (as serving and scoring cut, truncate_left), then the last 16 tokens; the token
+    # after the BOS (<|start_header_id|>, id 4) goes
+    assert data[0]["chosen_input_ids"] == [0, 291, 5, 205, 205, 78, 79, 6, 4, 290, 5, 205, 205, 271, 299, 85, 6]
+    assert data[1]["rejected_input_ids"] == [BOS_ID] + HI_HELLO_IDS[-16:]
     assert data[0]["rejected_input_ids"] == [0, 4, 291, 5, 205, 205, 78, 79, 6, 4, 290, 5, 205, 205, 85, 81, 6]
     assert data["length"] == [17, 17, 17]
 
     data, stats = tokenize_pairs(pairs_for_truncation(), tok, max_length=12, overlength="truncate", name="t")
     assert stats["truncated"] == 3
-    assert data[0]["chosen_input_ids"] == [78, 79, 6, 4, 290, 5, 205, 205, 271, 299, 85, 6]
+    assert data[0]["chosen_input_ids"] == [0, 79, 6, 4, 290, 5, 205, 205, 271, 299, 85, 6]
     assert data[0]["chosen_input_ids"][-1] == EOS_ID
-    assert data[0]["rejected_input_ids"] == [291, 5, 205, 205, 78, 79, 6, 4, 290, 5, 205, 205, 85, 81, 6][-12:]
-    assert data[0]["rejected_input_ids"] == [205, 78, 79, 6, 4, 290, 5, 205, 205, 85, 81, 6]
+    assert data[0]["rejected_input_ids"] == [0, 78, 79, 6, 4, 290, 5, 205, 205, 85, 81, 6]
     assert all(len(ids) == 12 for ids in list(data["chosen_input_ids"]) + list(data["rejected_input_ids"]))
     assert data["length"] == [12, 12, 12]
+
+
+def test_an_over_long_pair_keeps_its_bos_and_its_last_tokens_as_scoring_does(tok):
+    """Training cuts as serving and evaluation cut (truncate_all): BOS, then the last max_length - 1 tokens."""
+    question = "a question long enough to be cut " * 3
+    chosen, rejected = conv("u", question, "a", "hello"), conv("u", question, "a", "ok")
+    pairs = Dataset.from_list([{"chosen": chosen, "rejected": rejected}])
+    full_chosen, full_rejected = encode_conversations(tok, [chosen, rejected])
+    assert len(full_chosen) > 20 and len(full_rejected) > 20
+    data, stats = tokenize_pairs(pairs, tok, max_length=10, overlength="truncate", name="t")
+    assert stats["truncated"] == 1
+    # the response end of the chosen side: "...<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>"
+    assert data[0]["chosen_input_ids"] == [BOS_ID, 4, 290, 5, 205, 205, 271, 299, 85, 6] == [BOS_ID] + full_chosen[-9:]
+    # "...<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nok<|eot_id|>"
+    assert data[0]["rejected_input_ids"] == [BOS_ID, 6, 4, 290, 5, 205, 205, 85, 81, 6] == [BOS_ID] + full_rejected[-9:]
+    assert data["length"] == [10]
+    assert data[0]["chosen_input_ids"] == truncate_all(tok, [full_chosen], 10)[0][0]
+
+
+def test_truncation_keeps_an_encoders_cls_token(tmp_path):
+    """A BERT-style tokenizer adds [CLS] ... [SEP]; its classifier reads [CLS], so left truncation keeps it."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "User", ":", "Assistant", "hi", "hello", "ok"]
+    vocab = {word: i for i, word in enumerate(words)}
+    BertTokenizerFast(vocab=vocab, do_lower_case=False).save_pretrained(tmp_path / "bert")
+    bert = load_tokenizer(str(tmp_path / "bert"), "--model_name", chat_template="plain")
+    pairs = Dataset.from_list([{"chosen": conv("u", "hi", "a", "hello"), "rejected": conv("u", "hi", "a", "ok")}])
+    # "User: hi\nAssistant: hello\n" -> [CLS] User : hi Assistant : hello [SEP]
+    data, _ = tokenize_pairs(pairs, bert, max_length=64, overlength="truncate", name="t")
+    assert data[0]["chosen_input_ids"] == [2, 5, 6, 8, 7, 6, 9, 3]
+    data, stats = tokenize_pairs(pairs, bert, max_length=5, overlength="truncate", name="t")
+    assert stats["truncated"] == 1
+    assert data[0]["chosen_input_ids"] == [2, 7, 6, 9, 3]  # [CLS] Assistant : hello [SEP]
+    assert data[0]["rejected_input_ids"] == [2, 7, 6, 10, 3]
 
 
 def test_tokenize_pairs_drop(tok, capsys):

@@ -231,13 +231,18 @@ def load_dataset_dict(path: str, flag: str, split: Optional[str] = None, skip_in
     return DatasetDict({split: loaded}) if split else loaded
 
 
+def split_name(dataset_dict, split: str, flag: str) -> str:
+    """The name of the split pick_split returns: `split`, or the only one when the DatasetDict holds just one."""
+    if split in dataset_dict:
+        return split
+    if len(dataset_dict) == 1:
+        return next(iter(dataset_dict))
+    raise UserError(f"{flag}: no split '{split}' (available: {', '.join(dataset_dict)})")
+
+
 def pick_split(dataset_dict, split: str, flag: str):
     """Return `split` from a DatasetDict, or its only split when it holds just one (a single local file)."""
-    if split in dataset_dict:
-        return dataset_dict[split]
-    if len(dataset_dict) == 1:
-        return next(iter(dataset_dict.values()))
-    raise UserError(f"{flag}: no split '{split}' (available: {', '.join(dataset_dict)})")
+    return dataset_dict[split_name(dataset_dict, split, flag)]
 
 
 def load_split(path: str, split: str, flag: str, skip_invalid: bool = False):
@@ -269,21 +274,24 @@ class HeldOutArguments:
 
 
 def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_size: int, seed: int,
-                   skip_invalid: bool, train_flag: str):
+                   skip_invalid: bool, train_flag: str, train_split: str = "train"):
     """The pairs a trainer evaluates on, never overlapping its training pairs: --eval_set_path's test split, else the
-    train data's 'test' split, else holdout_size pairs held out of the (validated) train pairs, seeded.
-    Returns (train, held-out standard-format pairs, stats of the held-out pairs)."""
+    train data's 'test' split when the trainer does not train on it, else holdout_size pairs held out of the
+    (validated) train pairs, seeded. train_split: the split the caller asked pick_split for (data whose only split
+    is 'test' trains on it). Returns (train, held-out standard-format pairs, stats of the held-out pairs)."""
     if eval_set_path:
         raw, source = load_split(eval_set_path, "test", "--eval_set_path", skip_invalid), eval_set_path
-    elif "test" in train_splits:
+    elif "test" in train_splits and split_name(train_splits, train_split, train_flag) != "test":
         raw, source = train_splits["test"], f"test split of {train_flag}"
     else:
+        # No test split, or the training pairs are the test split: evaluating on it would score training pairs.
+        why = "its 'test' split is the train set" if "test" in train_splits else "no 'test' split"
         if len(train) < 2 * holdout_size:
             raise UserError(
-                f"{train_flag} has {len(train)} valid pairs and no 'test' split: too few to hold out "
+                f"{train_flag} has {len(train)} valid pairs and {why}: too few to hold out "
                 f"--eval_holdout_size={holdout_size}; pass --eval_set_path or a smaller --eval_holdout_size")
         split = train.train_test_split(test_size=holdout_size, seed=seed)
-        print(f"Held out {holdout_size} of the train set's pairs for evaluation (--eval_holdout_size)")
+        print(f"Held out {holdout_size} of the train set's pairs for evaluation (--eval_holdout_size; {why})")
         return split["train"], split["test"], {"read": holdout_size, "source": f"held out of {train_flag}"}
     held_out, stats = standardize_pairs(raw, skip_invalid, "eval set")
     return train, held_out, {**stats, "source": source}

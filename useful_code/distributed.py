@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from contextlib import contextmanager
 
@@ -10,13 +11,31 @@ from transformers.integrations import deepspeed as hf_deepspeed
 
 from useful_code.hardware import bf16_available, has_accelerator
 
+# Set by the launchers (deepspeed, torchrun, accelerate launch); without any, a DeepSpeed run is a world of one.
+LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE")
+
+
+def set_single_process_env() -> None:
+    """Without a launcher, describe this process as a world of one on this host. DeepSpeed otherwise asks MPI who the
+    ranks are (mpi4py, which plain `python script.py --deepspeed ...` neither needs nor usually has); this sets the
+    same variables its MPI discovery would for one process."""
+    if any(name in os.environ for name in LAUNCHER_ENV):
+        return
+    with socket.socket() as s:  # a port free now, for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
 
 def init_distributed_for_cpu(uses_deepspeed: bool) -> bool:
-    """On a machine without an accelerator, start DeepSpeed's gloo process group before TrainingArguments.
+    """Set up DeepSpeed's process group where it needs it, before TrainingArguments: a world of one without a launcher
+    (set_single_process_env); on a machine without an accelerator, DeepSpeed's gloo process group.
 
     Accelerate sets up no distributed state without CUDA, so the Trainer would count world size 1 while
     DeepSpeed counts the launcher's ranks; initialising DeepSpeed's comm layer first makes both agree.
     Returns True when this machine has no accelerator (so TrainingArguments need use_cpu=True)."""
+    if uses_deepspeed:
+        set_single_process_env()
     if has_accelerator():
         return False
     if uses_deepspeed and "LOCAL_RANK" in os.environ:

@@ -153,19 +153,22 @@ def truncate_all(tokenizer, sequences: list[list[int]], max_length: int,
 def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: str, skip_invalid: bool = False):
     """Add chosen_input_ids / rejected_input_ids / length columns. A pair whose text holds a special token is an error,
     or dropped and counted with skip_invalid. Over-long sequences are truncated from the left (upstream's rule: the
-    response end, where the reward is read, is kept) or dropped when overlength == 'drop'; either way the count is
-    printed. Returns (dataset, stats)."""
+    response end, where the reward is read, is kept; so is the BOS/[CLS] the tokenizer adds, as in truncate_left) or
+    dropped when overlength == 'drop'; either way the count is printed. Returns (dataset, stats)."""
     if overlength not in ("truncate", "drop"):
         raise UserError(f"--overlength must be 'truncate' or 'drop', not '{overlength}'")
     dataset, forged = reject_special_tokens(dataset, tokenizer, ("chosen", "rejected"), skip_invalid, name)
+    adds_bos = tokenizer_adds_bos(tokenizer)  # asked once, not per batch
 
     def encode(batch):
-        chosen = encode_conversations(tokenizer, batch["chosen"])
-        rejected = encode_conversations(tokenizer, batch["rejected"])
+        chosen = encode_conversations(tokenizer, batch["chosen"], adds_bos=adds_bos)
+        rejected = encode_conversations(tokenizer, batch["rejected"], adds_bos=adds_bos)
         too_long = [max(len(c), len(r)) > max_length for c, r in zip(chosen, rejected)]
+        # Cut as serving and every scoring path cut (truncate_left): a model trained without its BOS/[CLS] would be
+        # scored with it.
         return {
-            "chosen_input_ids": [ids[-max_length:] for ids in chosen],
-            "rejected_input_ids": [ids[-max_length:] for ids in rejected],
+            "chosen_input_ids": [truncate_left(ids, max_length, adds_bos) for ids in chosen],
+            "rejected_input_ids": [truncate_left(ids, max_length, adds_bos) for ids in rejected],
             "length": [min(max(len(c), len(r)), max_length) for c, r in zip(chosen, rejected)],
             "overlength": too_long,
         }

@@ -1,0 +1,190 @@
+"""bradley-terry-rm/train.py's flags: upstream's names beside transformers' own (periodic saves and evaluations),
+packages a flag needs, LoRA target modules, and upstream's per-model script names."""
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT, check_ok, run
+from useful_code.cli import UserError, parse_args
+from useful_code.defaults import DEFAULT_MODEL
+
+TRAIN = str(ROOT / "bradley-terry-rm" / "train.py")
+
+
+@pytest.fixture(scope="module")
+def bt():
+    """train.py as a module (its folder's name has a hyphen: loaded by path)."""
+    spec = importlib.util.spec_from_file_location("bt_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def training_args(bt, *flags):
+    _, args, _, _ = parse_args((bt.ScriptArguments, bt.RewardTrainingArguments, bt.LoraArguments), bt.DEFAULT_CONFIG,
+                               argv=["--output_path", "/tmp/unused", *flags])
+    return args
+
+
+def schedule(args):
+    return (str(getattr(args.save_strategy, "value", args.save_strategy)), args.save_steps,
+            str(getattr(args.eval_strategy, "value", args.eval_strategy)), args.eval_steps)
+
+
+def test_periodic_saves_and_evals_by_either_name(bt):
+    assert schedule(training_args(bt)) == ("no", 500, "no", None)  # off unless asked for
+    assert schedule(training_args(bt, "--save_every_steps", "7", "--eval_every_steps", "3")) == ("steps", 7, "steps", 3)
+    # transformers' own flags are honoured, not overwritten
+    assert schedule(training_args(bt, "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "epoch")) \
+        == ("steps", 2, "epoch", None)
+    # upstream's 999999 means never
+    assert schedule(training_args(bt, "--save_every_steps", "999999", "--eval_every_steps", "999999")) == (
+        "no", 500, "no", None)
+    # both kinds agreeing is fine
+    assert schedule(training_args(bt, "--save_every_steps", "4", "--save_strategy", "steps", "--save_steps", "4"))[:2] \
+        == ("steps", 4)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--save_every_steps", "5", "--save_strategy", "epoch"),
+     "--save_every_steps 5 (upstream's name for --save_strategy steps --save_steps 5) disagrees with --save_strategy "
+     "epoch: give one or the other"),
+    (("--eval_every_steps", "5", "--eval_steps", "4"),
+     "--eval_every_steps 5 (upstream's name for --eval_strategy steps --eval_steps 5) disagrees with --eval_steps 4: "
+     "give one or the other"),
+    (("--save_every_steps", "999999", "--save_strategy", "steps"),
+     "--save_every_steps 999999 (upstream's name for --save_strategy no) disagrees with --save_strategy steps: give "
+     "one or the other"),
+    (("--save_every_steps", "0"), "--save_every_steps must be at least 1, got 0"),
+    (("--eval_every_steps", "-2"), "--eval_every_steps must be at least 1, got -2"),
+])
+def test_disagreeing_or_out_of_range_periodic_flags_are_one_line(bt, flags, message):
+    with pytest.raises(UserError) as err:
+        training_args(bt, *flags)
+    assert str(err.value) == message
+
+
+def test_an_optimizer_or_reporter_without_its_package_is_one_line(bt):
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+    from transformers.utils import is_bitsandbytes_available
+
+    if is_bitsandbytes_available() or "wandb" in get_available_reporting_integrations():
+        pytest.skip("bitsandbytes or wandb is installed here")
+    bt.check_optional_packages(training_args(bt, "--optim", "adamw_torch", "--report_to", "none"))  # fine
+    with pytest.raises(UserError, match=r"^--optim paged_adamw_32bit needs a package that is not installed \(.*"
+                                        r"bitsandbytes.*\); or pass --optim adamw_torch$"):
+        bt.check_optional_packages(training_args(bt, "--optim", "paged_adamw_32bit"))
+    with pytest.raises(UserError, match=r"^--report_to wandb needs the wandb package, which is not installed: pip "
+                                        r"install wandb, or pass --report_to none$"):
+        bt.check_optional_packages(training_args(bt, "--report_to", "wandb"))
+    with pytest.raises(UserError, match=r"^--report_to nosuch: not a reporter; pass none or one of .*wandb"):
+        bt.check_optional_packages(training_args(bt, "--report_to", "nosuch"))
+
+
+def test_lora_target_modules_must_name_modules_of_the_model(bt):
+    from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
+    from useful_code.templates import load_tokenizer
+
+    model = load_reward_model(DEFAULT_MODEL, "--model_name", load_tokenizer(DEFAULT_MODEL, "--model_name"),
+                              torch.float32, new_weights=REWARD_HEAD_WEIGHTS)
+    bt.check_lora_targets(model, None)
+    bt.check_lora_targets(model, ["q_proj", "v_proj", "layers.0.mlp.up_proj"])  # last parts or a longer path
+    linear = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    with pytest.raises(UserError) as err:
+        bt.check_lora_targets(model, ["q_proj", "foo", "score"])
+    assert str(err.value) == (f"--lora_target_modules: foo, score is not a module of this model (the 'score' head "
+                              f"trains in full); its linear layers are {linear}; leave the flag unset for all")
+
+
+@pytest.mark.e2e
+def test_checks_come_before_any_work(tmp_path):
+    from transformers.utils import is_bitsandbytes_available
+
+    if is_bitsandbytes_available():
+        pytest.skip("bitsandbytes is installed here")
+    proc = run([sys.executable, TRAIN, "--output_path", str(tmp_path / "o"), "--optim", "paged_adamw_32bit"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --optim paged_adamw_32bit needs a package")
+    assert not (tmp_path / "o").exists()
+    proc = run([sys.executable, TRAIN, "--output_path", str(tmp_path / "l"), "--use_peft", "--lora_target_modules",
+                "foo", "--max_steps", "1"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --lora_target_modules: foo is not a module")
+
+
+@pytest.mark.e2e
+def test_transformers_save_and_eval_flags_work_and_train_tokens_survive_a_resume(tmp_path):
+    """--save_strategy steps --save_steps 2 --eval_strategy steps --eval_steps 2 give checkpoint-2 and evaluations at
+    steps 2 and 4; a run resumed from checkpoint-2 reports the whole run's train_tokens, equal to the whole run's."""
+    flags = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "steps",
+             "--eval_steps", "2", "--logging_steps", "1"]
+    whole = tmp_path / "whole"
+    check_ok(run([sys.executable, TRAIN, "--output_path", str(whole), *flags], {"OMP_NUM_THREADS": "1"}))
+    assert (whole / "checkpoint-2" / "trainer_state.json").exists()
+    history = json.loads((whole / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [2, 4]
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    proc = run([sys.executable, TRAIN, "--output_path", str(resumed), *flags, "--resume_from_checkpoint", "latest"],
+               {"OMP_NUM_THREADS": "1"})
+    check_ok(proc)
+    first_half = json.loads((whole / "checkpoint-2" / "train_tokens_rank0.json").read_text())
+    tokens = {name: json.loads((out / "metrics.json").read_text())["train_tokens"] for name, out in
+              (("whole", whole), ("resumed", resumed))}
+    assert 0 < first_half["real"] < tokens["whole"]["real"]
+    assert tokens["resumed"] == tokens["whole"]
+
+
+@pytest.mark.e2e
+def test_upstream_script_names_run_train_py_with_their_recipe(tmp_path):
+    proc = run([sys.executable, str(ROOT / "bradley-terry-rm" / "gemma_2B_rm.py"), "--help"])
+    check_ok(proc)
+    text = " ".join(proc.stdout.split())
+    assert "The initial learning rate for the optimizer. (default: 1e-05)" in text  # gemma-2b-it.yaml
+    assert "(default: 32)" in text  # its gradient accumulation
+    for script, lr in (("llama3_8B_rm.py", "2e-06"), ("mistral_7B_rm.py", "5e-06")):
+        proc = run([sys.executable, str(ROOT / "bradley-terry-rm" / script), "--help"])
+        assert f"The initial learning rate for the optimizer. (default: {lr})" in " ".join(proc.stdout.split())
+
+    # The recipe names google/gemma-2b-it and upstream's data: the tiny model and toy pairs stand in, on a CPU.
+    out = tmp_path / "gemma"
+    proc = run([sys.executable, str(ROOT / "bradley-terry-rm" / "gemma_2B_rm.py"), "--model_name", DEFAULT_MODEL,
+                "--train_set_path", str(ROOT / "assets" / "data" / "toy_preference"), "--output_path", str(out),
+                "--max_steps", "2", "--max_length", "128", "--gradient_accumulation_steps", "2",
+                "--per_device_eval_batch_size", "32"])
+    check_ok(proc)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"].endswith("bradley-terry-rm/configs/gemma-2b-it.yaml") and metrics["train_steps"] == 2
+    assert metrics["arguments"]["learning_rate"] == 1e-5 and metrics["arguments"]["activation_checkpointing"] is True
+    assert metrics["arguments"]["gradient_accumulation_steps"] == 2
+    # a recipe on the command line wins over the script's
+    proc = run([sys.executable, str(ROOT / "bradley-terry-rm" / "gemma_2B_rm.py"), "bradley-terry-rm/configs/tiny.yaml",
+                "--help"])
+    assert "(default: 0.001)" in " ".join(proc.stdout.split())
+
+
+def test_deepspeed_without_a_launcher_is_a_world_of_one(monkeypatch):
+    """Plain `python train.py --deepspeed ...`: the variables DeepSpeed's MPI discovery would set for one process, so
+    it needs no mpi4py; a launcher's own variables are left alone (the ZeRO-3 run itself: test_bt_end_to_end.py)."""
+    from useful_code.distributed import set_single_process_env
+
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    set_single_process_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == (
+        "0", "1", "0", "127.0.0.1")
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    set_single_process_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("3", "4", "29555")
