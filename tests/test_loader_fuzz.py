@@ -223,8 +223,33 @@ def test_bad_gzip_and_empty_directory_are_one_line(tmp_path):
     with pytest.raises(UserError, match="cannot be read as a .gz file"):
         load_dataset_dict(str(path), "--data")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no loadable dataset in this directory"):
+    with pytest.raises(UserError, match="no data files in this directory"):
         load_dataset_dict(str(tmp_path / "empty"), "--data")
+
+
+def test_a_data_directory_reads_each_file_as_a_single_file_is(tmp_path):
+    """Split by datasets' file-name patterns; a bad line is named (or dropped and counted) as in a single file; two
+    formats in one directory are an error, never one format's files silently left out."""
+    import pandas as pd
+
+    pair = {"chosen": "a", "rejected": "b"}
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train-0.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps(pair) + "\n")
+    (data / "train-1.jsonl").write_text(json.dumps(pair) + "\n{broken\n")
+    (data / "test.jsonl").write_text(json.dumps(pair) + "\n")
+    (data / "README.md").write_text("not data")
+    with pytest.raises(UserError, match=r"train-1.jsonl: 1 lines are not records \(first: line 1 \(not_json\)"):
+        load_dataset_dict(str(data), "--data")
+    loaded = load_dataset_dict(str(data), "--data", skip_invalid=True)
+    assert {name: len(split) for name, split in loaded.items()} == {"train": 3, "test": 1}
+    pd.DataFrame([pair] * 3).to_parquet(data / "train-2.parquet")
+    with pytest.raises(UserError, match=r"mixes data file formats \(3 json, 1 parquet files\)"):
+        load_dataset_dict(str(data), "--data", skip_invalid=True)
+    zst = tmp_path / "d.jsonl.zst"
+    zst.write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(UserError, match="unsupported file type 'd.jsonl.zst'"):
+        load_dataset_dict(str(zst), "--data")
 
 
 def test_a_file_mixing_formats_reads_each_row_in_its_own(tmp_path):

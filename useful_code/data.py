@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from datasets.data_files import DataFilesDict, get_data_patterns
 
 from useful_code.cli import UserError, looks_like_local_path
 from useful_code.formats import standardize_pairs
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_COMPRESSIONS = (".gz", ".bz2", ".xz")  # those _OPENERS can read line by line
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 # Rules of one line of a JSON-lines file (a .json file holding an array is read as a whole).
@@ -187,6 +188,32 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
+def _load_data_directory(local: Path, flag: str, skip_invalid: bool) -> DatasetDict:
+    """A directory of data files, split by the file-name patterns `datasets` uses (train*, test*, ...; all 'train'
+    without them), each file read as a single file is, so its bad lines are named or dropped and counted. Files of
+    two formats are an error: load_dataset would read one format and silently leave the other's files out."""
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(local)), base_path=str(local))
+    except Exception as err:  # datasets: an empty directory, unreadable files
+        raise UserError(f"{flag}: {local}: no data files in this directory ({_first_line(err)})") from None
+    splits = {str(split): [Path(f) for f in files if _file_builder(Path(f))] for split, files in found.items()}
+    builders = Counter(_file_builder(f) for files in splits.values() for f in files)
+    if not builders:
+        raise UserError(f"{flag}: {local}: no .json/.jsonl/.parquet data files (or a save_to_disk directory) here")
+    if len(builders) > 1:
+        counts = ", ".join(f"{n} {builder}" for builder, n in builders.most_common())
+        raise UserError(f"{flag}: {local} mixes data file formats ({counts} files): keep one format per directory")
+    loaded = {}
+    for split, files in splits.items():
+        parts = [load_dataset_dict(str(f), flag, skip_invalid=skip_invalid)["train"] for f in sorted(files)]
+        try:
+            loaded[split] = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        except Exception as err:  # Arrow: the files do not share one schema
+            raise UserError(f"{flag}: {local}: the {split} files do not share one schema ({_first_line(err)})") \
+                from None
+    return DatasetDict(loaded)
+
+
 def load_dataset_dict(path: str, flag: str, split: Optional[str] = None, skip_invalid: bool = False):
     """Load a dataset from a hub name, a directory saved by `datasets`, a data directory, or a
     .json/.jsonl/.parquet file (optionally compressed). Returns a DatasetDict; a single file is split 'train'.
@@ -196,7 +223,8 @@ def load_dataset_dict(path: str, flag: str, split: Optional[str] = None, skip_in
     if local.is_file():
         builder = _file_builder(local)
         if builder is None:
-            raise UserError(f"{flag}: unsupported file type '{local.name}' (use .json, .jsonl or .parquet, optionally .gz)")
+            raise UserError(f"{flag}: unsupported file type '{local.name}' (use .json, .jsonl or .parquet, optionally "
+                            ".gz, .bz2 or .xz)")
         try:
             loaded = load_dataset(builder, data_files={"train": str(local)})
             # Arrow's JSON reader keeps invalid UTF-8 bytes in strings, which fail only when a row is read:
@@ -210,14 +238,14 @@ def load_dataset_dict(path: str, flag: str, split: Optional[str] = None, skip_in
             raise UserError(f"{flag}: {local} holds no records")
         return loaded
     if local.is_dir():
+        if not any((local / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            return _load_data_directory(local, flag, skip_invalid)
         try:
-            if any((local / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
-                loaded = load_from_disk(str(local))
-                return DatasetDict(train=loaded) if isinstance(loaded, Dataset) else loaded
-            return load_dataset(str(local))
+            loaded = load_from_disk(str(local))
         except Exception as err:
-            raise UserError(f"{flag}: {local}: no loadable dataset in this directory (a save_to_disk directory, or "
-                            f".json/.jsonl/.parquet data files; {_first_line(err)})") from None
+            raise UserError(f"{flag}: {local}: this save_to_disk directory cannot be loaded ({_first_line(err)})") \
+                from None
+        return DatasetDict(train=loaded) if isinstance(loaded, Dataset) else loaded
     if looks_like_local_path(path) or _file_builder(local) is not None:
         raise UserError(f"{flag}: no such file or directory '{path}'")
     try:
