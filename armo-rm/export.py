@@ -18,12 +18,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from useful_code import checkpoints, modeling_armo_rm
 from useful_code.armo_data import HEAD_SUMMARY, HEAD_WEIGHTS, gating_head_dir
-from useful_code.armo_embeddings import embed, gating_pattern
+from useful_code.armo_embeddings import chat_template_error, embed, gating_pattern
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
@@ -72,8 +73,9 @@ def main():
     try:
         head = load_file(str(head_dir / HEAD_WEIGHTS))
         summary = json.loads((head_dir / HEAD_SUMMARY).read_text())
-    except OSError as err:
-        raise UserError(f"--head_dir: {err}; run armo-rm/stage-2_train.py first") from None
+    except (OSError, SafetensorError, ValueError) as err:  # missing, or not what stage 2 writes (ValueError: JSON)
+        raise UserError(f"--head_dir: {head_dir}: {str(err).splitlines()[0]}; run armo-rm/stage-2_train.py first") \
+            from None
     tokenizer = load_tokenizer(args.model_path, "--model_path", args.trust_remote_code)
     pattern = gating_pattern(tokenizer)
     config = build_config(args.model_path, summary, pattern, args.trust_remote_code)
@@ -87,16 +89,46 @@ def main():
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"export: weights missing {missing} / unexpected {unexpected}")
-    # Written and checked beside the target, then moved into place: a failed or killed export leaves no model.
+    # Written and checked beside the target, then moved into place: a failed or killed export leaves no model, and
+    # a failed one no staging directory either.
     out = Path(args.output_path)
     staged = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staged, ignore_errors=True)
-    model.save_pretrained(staged)
-    tokenizer.save_pretrained(staged)
-    shutil.copy(modeling_armo_rm.__file__, staged / "modeling_armo_rm.py")
-    check_export(staged, args.model_path, head, args.check_pairs, tolerance=5e-2 if args.bf16 else 1e-4)
+    try:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        shutil.copy(modeling_armo_rm.__file__, staged / "modeling_armo_rm.py")
+        check_export(staged, args.model_path, head, args.check_pairs, tolerance=5e-2 if args.bf16 else 1e-4)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     checkpoints.publish_dir(staged, out)
     print(f"Exported ArmoRM ({config.num_objectives} attributes, hidden {config.hidden_size}) to {out}")
+
+
+def check_conversations(tokenizer, n_pairs: int) -> list[list[dict]]:
+    """The chosen then the rejected conversations of the first n_pairs toy pairs the chat template accepts. A
+    template that refuses a system message (Gemma-2's) gets the pair without it; one that refuses every pair is a
+    UserError naming the first row and the template's message."""
+    rows = load_split(DEFAULT_PREFERENCE_DATA, "test", "toy pairs")
+    chosen, rejected, first_error = [], [], None
+    for index, row in enumerate(rows):
+        pair = (row["chosen"], row["rejected"])
+        error = chat_template_error(tokenizer, pair[0]) or chat_template_error(tokenizer, pair[1])
+        if error and pair[0][0]["role"] == "system":
+            pair = (pair[0][1:], pair[1][1:])
+            error = chat_template_error(tokenizer, pair[0]) or chat_template_error(tokenizer, pair[1])
+        if error:
+            first_error = first_error or f"row {index}: {error}"
+            continue
+        chosen.append(pair[0])
+        rejected.append(pair[1])
+        if len(chosen) == n_pairs:
+            break
+    if not chosen:
+        raise UserError(f"export check: the chat template of --model_path accepts none of the toy pairs "
+                        f"({DEFAULT_PREFERENCE_DATA} test; {first_error})")
+    return chosen + rejected
 
 
 def check_export(path: Path, backbone_path: str, head: dict, n_pairs: int, tolerance: float) -> float:
@@ -105,8 +137,7 @@ def check_export(path: Path, backbone_path: str, head: dict, n_pairs: int, toler
     exported = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True,
                                                                   dtype=torch.float32).eval()
     tokenizer = load_tokenizer(str(path), "checkpoint")
-    rows = load_split(DEFAULT_PREFERENCE_DATA, "test", "toy pairs").select(range(n_pairs))
-    sequences = encode_conversations(tokenizer, list(rows["chosen"]) + list(rows["rejected"]))
+    sequences = encode_conversations(tokenizer, check_conversations(tokenizer, n_pairs))
     direct = score_sequences(exported, tokenizer, sequences, batch_size=4)
 
     backbone, _ = load_backbone(backbone_path, "cpu")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, save_shard, shard_rows
-from useful_code.armo_embeddings import PrepareArguments, embed
+from useful_code.armo_embeddings import PrepareArguments, embed, reject_untemplatable
 from useful_code.checkpoints import check_output_dir
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
@@ -53,6 +53,8 @@ def main():
     # Checked on every row before sharding, so that all shards agree on the rows they split.
     data, stats["special_token_in_content"] = reject_special_tokens(data, tokenizer, ("messages",), args.skip_invalid,
                                                                     "--dataset_path")
+    data, stats["chat_template_rejects"] = reject_untemplatable(data, tokenizer, ("messages",), args.skip_invalid,
+                                                                "--dataset_path")
     rows = shard_rows(len(data), args.n_shards, args.shard_idx)
     shard = data.select(rows)
 

@@ -33,7 +33,8 @@ class ScriptArguments:
     dataset_path: str = field(default=DEFAULT_MULTI_OBJECTIVE_DATA)
     embeddings_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/regression_weights."})
-    val_fraction: float = field(default=0.2)
+    val_fraction: float = field(default=0.2, metadata={
+        "min": 0.0, "max": 1.0, "help": "Rows held out to pick each probe's alpha (strictly between 0 and 1)."})
     seed: int = field(default=42)
 
 

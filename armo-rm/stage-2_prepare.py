@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from useful_code.armo_data import embeddings_prefix, save_shard, shard_rows
-from useful_code.armo_embeddings import PrepareArguments, embed, gating_pattern
+from useful_code.armo_embeddings import PrepareArguments, embed, gating_pattern, reject_untemplatable
 from useful_code.checkpoints import check_output_dir
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
@@ -64,6 +64,8 @@ def main():
     # Checked on every row before sharding, so that all shards agree on the rows they split.
     pairs, stats["special_token_in_content"] = reject_special_tokens(pairs, tokenizer, ("chosen", "rejected"),
                                                                      args.skip_invalid, "--dataset_path")
+    pairs, stats["chat_template_rejects"] = reject_untemplatable(pairs, tokenizer, ("chosen", "rejected"),
+                                                                 args.skip_invalid, "--dataset_path")
     rows = shard_rows(len(pairs), args.n_shards, args.shard_idx)
     shard = pairs.select(rows)
     if args.model_family != "auto":

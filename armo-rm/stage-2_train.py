@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
-from sklearn.model_selection import train_test_split
 
 from useful_code import checkpoints
 from useful_code.armo_data import (
@@ -34,10 +32,11 @@ from useful_code.armo_data import (
     VERBOSITY_INDEX,
     embeddings_prefix,
     gating_head_dir,
+    load_regression_weights,
     load_shards,
     regression_weights_path,
 )
-from useful_code.armo_fit import CORRELATION_THRESHOLD, transform_matrix, verbosity_penalties
+from useful_code.armo_fit import CORRELATION_THRESHOLD, split_rows, transform_matrix, verbosity_penalties
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, DEFAULT_PREFERENCE_DATA
 from useful_code.hardware import default_device
@@ -63,7 +62,8 @@ class ScriptArguments(checkpoints.OutputDirArguments):
     weight_decay: float = field(default=0.0)
     n_steps: int = field(default=2000, metadata={"min": 1})
     batch_size: int = field(default=1024, metadata={"min": 1})
-    verbosity_dim: int = field(default=VERBOSITY_INDEX)
+    verbosity_dim: int = field(default=VERBOSITY_INDEX, metadata={
+        "min": 0, "max": len(ATTRIBUTES) - 1, "help": "Index of the verbosity attribute (0-based, among the 19)."})
     corr_threshold: float = field(default=CORRELATION_THRESHOLD)
     model_family: str = field(default="auto", metadata={"help": "Unused here (kept for upstream's commands)."})
     eval_reward_bench: bool = field(default=False)
@@ -79,7 +79,9 @@ class ScriptArguments(checkpoints.OutputDirArguments):
         "help": "stage-1_train.py's weights file, or the directory it wrote to (its --output_dir). Default: its "
                 "default output for --model_path and --multi_objective_dataset."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/gating_network/<model>."})
-    val_fraction: float = field(default=0.2)
+    val_fraction: float = field(default=0.2, metadata={
+        "min": 0.0, "max": 1.0, "help": "Preference pairs held out for the validation accuracy (strictly between 0 "
+                                        "and 1)."})
     save_every_steps: int = field(default=0, metadata={"min": 0, "help": "Save the training state every x steps (0: "
                                                                           "never), for --resume_from_checkpoint."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
@@ -94,6 +96,21 @@ def load_pair_embeddings(args, dataset: str, split: str) -> tuple[dict, dict]:
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, metadata
 
 
+def embedded_rows(pairs: dict, weight: torch.Tensor, role: str, dataset: str, split: str) -> torch.Tensor:
+    """Indices of the embedded pairs of a split. None embedded (every pair longer than stage-2_prepare's --seq_len)
+    or embeddings of another width than the regression layer's is a UserError naming the dataset: the penalties or
+    the gating network would be fit on nothing."""
+    if pairs["embeddings"].shape[-1] != weight.shape[1]:
+        raise UserError(f"{role} {dataset} ({split}): embeddings of width {pairs['embeddings'].shape[-1]}, but the "
+                        f"regression weights take {weight.shape[1]}; embed it with the backbone stage 1 used")
+    rows = pairs["embedded"].nonzero().flatten()
+    if len(rows) == 0:
+        raise UserError(f"{role} {dataset} ({split}): none of its {len(pairs['embedded'])} pairs is embedded (each "
+                        "is longer than the --seq_len stage-2_prepare.py was run with, or the split is empty); "
+                        "prepare it again with a larger --seq_len")
+    return rows
+
+
 def pair_scores(gating: GatingNetwork, weight: torch.Tensor, transform: torch.Tensor, prompt: torch.Tensor,
                 responses: torch.Tensor) -> torch.Tensor:
     """ArmoRM scores [n, 2] of (chosen, rejected) from the prompt embedding [n, D] and response embeddings [n, 2, D]."""
@@ -106,18 +123,26 @@ def main():
     device = default_device(args.device)
     output_dir = checkpoints.claim_output_dir(str(gating_head_dir(args.output_dir, args.model_path)),
                                               args.overwrite_output_dir, finished=HEAD_SUMMARY)
-    # The summary is written last: without it the directory never passes for a finished run.
-    (output_dir / HEAD_SUMMARY).unlink(missing_ok=True)
     torch.manual_seed(args.seed)
     weights_path = args.regression_weights
     if weights_path is None or Path(weights_path).is_dir():
         weights_path = str(regression_weights_path(weights_path, args.model_path, args.multi_objective_dataset))
-    weight = load_file(weights_path)["weight"].float().to(device)  # [K, D]
+    weight = load_regression_weights(weights_path).to(device)  # [K, D]
+
+    # Both pair sets are loaded and checked first: an unusable one stops the run before any fitting.
+    reference_name = (args.reference_dataset or args.preference_dataset, args.reference_split or args.preference_split)
+    reference, _ = load_pair_embeddings(args, *reference_name)
+    reference_rows = embedded_rows(reference, weight, "reference dataset", *reference_name)
+    pairs, _ = load_pair_embeddings(args, args.preference_dataset, args.preference_split)
+    usable = embedded_rows(pairs, weight, "preference dataset", args.preference_dataset, args.preference_split)
+    print(f"{len(usable)} of {len(pairs['embedded'])} preference pairs embedded; {len(reference_rows)} of "
+          f"{len(reference['embedded'])} reference pairs")
+    train_rows, val_rows = split_rows(usable.numpy(), args.val_fraction, args.seed, "embedded preference pairs")
+    # The summary is written last: without it the directory never passes for a finished run.
+    (output_dir / HEAD_SUMMARY).unlink(missing_ok=True)
 
     # 1. Verbosity debiasing on the reference responses (chosen and rejected pooled, embedded pairs only).
-    reference, _ = load_pair_embeddings(args, args.reference_dataset or args.preference_dataset,
-                                        args.reference_split or args.preference_split)
-    ref_rewards = (reference["embeddings"][reference["embedded"]].to(device) @ weight.T).reshape(-1, len(weight))
+    ref_rewards = (reference["embeddings"][reference_rows].to(device) @ weight.T).reshape(-1, len(weight))
     debias = verbosity_penalties(ref_rewards.cpu().numpy(), args.verbosity_dim,
                                  threshold=args.corr_threshold)
     transform = torch.tensor(transform_matrix(debias["penalty"], args.verbosity_dim),
@@ -128,10 +153,6 @@ def main():
               f"{[ATTRIBUTES[k] for k in debias['not_reached']]}")
 
     # 2. Gating network on the preference pairs.
-    pairs, _ = load_pair_embeddings(args, args.preference_dataset, args.preference_split)
-    usable = pairs["embedded"].nonzero().flatten()
-    print(f"{len(usable)} of {len(pairs['embedded'])} preference pairs embedded")
-    train_rows, val_rows = train_test_split(usable.numpy(), test_size=args.val_fraction, random_state=args.seed)
     prompt = pairs["prompt_embeddings"][:, 0].to(device)
     responses = pairs["embeddings"].to(device)
     gating = GatingNetwork(weight.shape[1], len(weight), args.hidden_size, args.n_hidden, args.temperature,

@@ -16,12 +16,11 @@ from typing import Optional
 
 from datasets import DatasetDict, concatenate_datasets
 
-from useful_code.checkpoints import check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA
 from useful_code.formats import standardize_pairs
-from useful_code.pm_data import pairs_to_pm
+from useful_code.pm_data import check_dataset_output, pairs_to_pm
 
 
 @dataclass
@@ -56,10 +55,7 @@ def save(dataset, output_path: str) -> None:
 
 def main():
     args = parse_args((ScriptArguments,))[0]
-    if Path(args.output_path).suffix in (".json", ".jsonl", ".parquet"):
-        check_output_file(args.output_path, "--output_path", inputs=tuple(args.dataset_path))
-    elif Path(args.output_path).is_file() or args.output_path in args.dataset_path:
-        raise UserError(f"--output_path: {args.output_path} is a file or an input; give a new directory")
+    check_dataset_output(args.output_path, "--output_path", tuple(args.dataset_path))
     parts = []
     for k, path in enumerate(args.dataset_path):
         pairs = load_split(path, args.split, "--dataset_path", args.skip_invalid)

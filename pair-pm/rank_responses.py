@@ -2,11 +2,13 @@
 
     python pair-pm/rank_responses.py --reward_name_or_path DIR --input_path prompts.jsonl --output_path best.jsonl
 
-Each input line holds "prompt" (a string) or "context" (a message list ending with the user's turn) and
-"responses" (a list of strings). A tournament takes n - 1 comparisons, each scored in both orders (upstream's
-recommendation for n > 2: linear in n, where ranking every pair is quadratic). The matches of a round, across
-all prompts, share batched forward passes. Each output line is the input plus "best_index", "best_response"
-and "matches" ([first, second, P(first preferred)] per comparison).
+Each input line is a JSON object with "prompt" (a string, or a message list) or "context" (a message list ending with
+the user's turn), and "responses" (a non-empty list of non-empty strings). Every line is checked before the model
+loads (the rules of useful_code/score_dataset.py's rows); a bad line stops the run naming its number and rule.
+A tournament takes n - 1 comparisons, each scored in both orders (upstream's recommendation for n > 2: linear in n,
+where ranking every pair is quadratic). The matches of a round, across all prompts, share batched forward passes.
+Each output line is the input plus "best_index", "best_response" and "matches" ([first, second, P(first
+preferred)] per comparison).
 
 From Python: PairPreferenceScorer.from_pretrained(DIR).knockout(context_messages, responses).
 """
@@ -18,6 +20,12 @@ from pathlib import Path
 from useful_code.checkpoints import check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.pm_scoring import PairPreferenceScorer
+from useful_code.score_dataset import ROW_RULES, parse_row
+from useful_code.templates import special_token_pattern
+
+# score_dataset's row rules, with this script's name for the message-list context.
+LINE_RULES = {**ROW_RULES, "bad_prompt": "needs 'prompt' (a non-empty string or a message list) or 'context' (a "
+                                         "message list ending with the user's turn)"}
 
 
 @dataclass
@@ -37,13 +45,27 @@ class ScriptArguments:
         "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
 
 
-def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dict]]:
-    """Contexts, candidate lists and the raw rows of a JSON-lines file; a malformed line is an error naming it."""
-    contexts, candidates, rows = [], [], []
+def parse_line(row, number: int, special_tokens=None) -> tuple[list[dict], list[str]]:
+    """(context messages, responses) of one input line (1-based number), or a UserError naming it and its rule."""
+    if not isinstance(row, dict):
+        raise UserError(f"--input_path line {number}: not a JSON object ({type(row).__name__})")
+    context, responses, reason = parse_row({"context_messages": row.get("context"), "prompt": row.get("prompt"),
+                                            "responses": row.get("responses")}, special_tokens)
+    if reason:
+        raise UserError(f"--input_path line {number}: {reason}: {LINE_RULES[reason]}")
+    return context, responses
+
+
+def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dict], list[int]]:
+    """Contexts, candidate lists, the raw rows and their line numbers of a JSON-lines file; a malformed line is an
+    error naming it."""
+    contexts, candidates, rows, numbers = [], [], [], []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise UserError(f"--input_path: cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"--input_path: {path} is not UTF-8 text (byte {err.start})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -51,26 +73,27 @@ def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dic
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"--input_path line {number}: not JSON ({err.msg})") from None
-        context = row.get("context") or ([{"role": "user", "content": row["prompt"]}] if row.get("prompt") else None)
-        responses = row.get("responses")
-        if not context or not isinstance(responses, list) or not responses \
-                or not all(isinstance(r, str) and r.strip() for r in responses):
-            raise UserError(f"--input_path line {number}: needs 'prompt' or 'context' and a non-empty "
-                            "'responses' list of non-empty strings")
+        context, responses = parse_line(row, number)
         contexts.append(context)
         candidates.append(responses)
         rows.append(row)
-    return contexts, candidates, rows
+        numbers.append(number)
+    if not rows:
+        raise UserError(f"--input_path: {path} holds no prompts")
+    return contexts, candidates, rows, numbers
 
 
 def main():
     args = parse_args((ScriptArguments,))[0]
     check_output_file(args.output_path, "--output_path", inputs=(args.input_path,))
-    contexts, candidates, rows = read_prompts(args.input_path)
+    contexts, candidates, rows, numbers = read_prompts(args.input_path)
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights,
         batch_size=args.batch_size, max_length=args.max_length)
+    special_tokens = special_token_pattern(scorer.tokenizer)  # known once the tokenizer is: a forged turn break
+    for row, number in zip(rows, numbers):
+        parse_line(row, number, special_tokens)
     results = scorer.knockout_many(contexts, candidates)
     Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output_path, "w", encoding="utf-8") as f:

@@ -3,6 +3,7 @@ unembedded over-long pairs kept aligned, export round trip (exported score == st
 export through the BT eval, interpretation, and the trust_remote_code guard."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -154,6 +155,12 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         assert "Traceback" not in proc.stderr
     proc = run(stage("export.py", "--output_path", tmp_path / "file"))
     assert proc.returncode == 2 and "the export is a model directory" in proc.stderr
+    (tmp_path / "head").mkdir()
+    torch.save({"gating.w": torch.zeros(2)}, tmp_path / "head" / "armo_head.safetensors")  # pickled, not safetensors
+    (tmp_path / "head" / "armo_head.json").write_text("{}")
+    line = error_line(run(stage("export.py", "--head_dir", tmp_path / "head", "--output_path", tmp_path / "m")))
+    assert line.startswith(f"error: --head_dir: {tmp_path / 'head'}: ") and line.endswith(
+        "; run armo-rm/stage-2_train.py first")
 
 
 def test_served_armo_model_gives_the_eval_rewards_and_its_attributes(armo):
@@ -170,3 +177,89 @@ def test_served_armo_model_gives_the_eval_rewards_and_its_attributes(armo):
     assert len(scored["attribute_rewards"][0]) == len(scored["gating_weights"][0]) == len(ATTRIBUTES) == 19
     assert scored["attribute_rewards"][0] == pytest.approx(direct.rewards[0].tolist(), abs=1e-5)
     assert scored["gating_weights"][0] == pytest.approx(direct.gating_output[0].tolist(), abs=1e-5)
+
+
+def error_line(proc) -> str:
+    """The one line a user error prints (exit 2, no traceback)."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_stage2_train_refuses_unusable_inputs_in_one_line(armo, tmp_path):
+    # A split none of whose pairs was embedded (all longer than --seq_len) as the reference set, then as the
+    # preference set: upstream's penalties would all silently be 1.0, and sklearn would raise on 0 pairs.
+    emb = tmp_path / "emb"
+    check_ok(run(stage("stage-2_prepare.py", "--output_dir", emb, "--dataset_split", "test", "--seq_len", 4)))
+    for shard in (armo / "emb").glob("toy_preference-train-*"):
+        (emb / shard.name).write_bytes(shard.read_bytes())
+    common = ["--embeddings_dir", emb, "--regression_weights", armo / "rw", "--n_steps", 5, "--batch_size", 8,
+              "--hidden_size", 8, "--output_dir", tmp_path / "head"]
+    line = error_line(run(stage("stage-2_train.py", *common, "--reference_split", "test")))
+    assert line.startswith("error: reference dataset ") and "toy_preference (test): none of its 200 pairs is " \
+        "embedded (each is longer than the --seq_len stage-2_prepare.py was run with" in line
+    line = error_line(run(stage("stage-2_train.py", *common, "--preference_split", "test", "--reference_split",
+                                "train")))
+    assert line.startswith("error: preference dataset ") and "toy_preference (test): none of its 200 pairs" in line
+    torch.save({"weight": torch.zeros(19, 64)}, tmp_path / "upstream.pt")
+    for flags, expected in [
+        (["--regression_weights", tmp_path / "none.safetensors"],
+         f"error: --regression_weights: no regression weights file at {tmp_path / 'none.safetensors'}; run "
+         "armo-rm/stage-1_train.py"),
+        (["--regression_weights", tmp_path / "upstream.pt"],
+         f"error: --regression_weights: {tmp_path / 'upstream.pt'} is not a safetensors file"),
+        (["--verbosity_dim", 19], "error: --verbosity_dim must be at most 18, got 19"),
+        (["--verbosity_dim", -1], "error: --verbosity_dim must be at least 0, got -1"),
+        (["--val_fraction", 1], "error: --val_fraction 1.0 splits 1600 embedded preference pairs into 0 train and "
+                                "1600 validation rows; both need at least one"),
+    ]:
+        line = error_line(run(stage("stage-2_train.py", *common, "--reference_split", "train", *flags)))
+        assert line.startswith(expected), line
+    assert not (tmp_path / "head" / "armo_head.json").exists()
+    line = error_line(run(stage("stage-1_train.py", "--embeddings_dir", armo / "emb", "--output_dir", tmp_path / "rw",
+                                "--val_fraction", 0)))
+    assert line == ("error: --val_fraction 0.0 splits 600 embedding rows into 600 train and 0 validation rows; both "
+                    "need at least one (the fraction must lie strictly between 0 and 1)")
+
+
+def backbone_with_template(path, template):
+    """A copy of the tiny backbone whose chat template is template (the weights are the same)."""
+    from useful_code.defaults import DEFAULT_MODEL
+
+    shutil.copytree(DEFAULT_MODEL, path)
+    (path / "chat_template.jinja").write_text(template)
+    return path
+
+
+def test_a_template_that_refuses_system_turns(armo, tmp_path):
+    # Gemma-2's template raises "System role not supported"; the toy pairs have system turns (row 0 among them).
+    from useful_code.defaults import DEFAULT_MODEL
+
+    own = (ROOT / DEFAULT_MODEL / "chat_template.jinja").read_text()
+    gemma_like = backbone_with_template(tmp_path / "no_system", "{% if messages[0]['role'] == 'system' %}{{ "
+                                        "raise_exception('System role not supported') }}{% endif %}" + own)
+    line = error_line(run(stage("stage-2_prepare.py", "--model_path", gemma_like, "--dataset_split", "test",
+                                "--output_dir", tmp_path / "emb")))
+    assert "15 of 200 rows are invalid (chat_template_rejects: 15); first: row 0 (chat_template_rejects)" in line
+    assert "(it raised: 'System role not supported')" in line and "--skip_invalid" in line
+    proc = run(stage("stage-2_prepare.py", "--model_path", gemma_like, "--dataset_split", "test", "--output_dir",
+                     tmp_path / "emb", "--skip_invalid", "true"))
+    check_ok(proc)
+    assert "dropped 15 of 200 invalid rows (--skip_invalid): chat_template_rejects: 15" in proc.stdout
+    assert "185 of 185 pairs embedded" in proc.stdout
+
+    # The export check scores the toy pairs the template accepts (a system turn dropped when it refuses it).
+    proc = run(stage("export.py", "--model_path", gemma_like, "--head_dir", armo / "head", "--output_path",
+                     tmp_path / "model"))
+    check_ok(proc)
+    assert "Checkpoint verified: the reloaded scores match stage 2's scores from embeddings" in proc.stdout
+    assert "on 16 inputs" in proc.stdout
+
+    # A template that accepts no toy pair: one line, and neither a model nor a staging directory is left.
+    refusing = backbone_with_template(tmp_path / "user_only", "{% for m in messages %}{% if m['role'] == "
+                                      "'assistant' %}{{ raise_exception('No replies here') }}{% endif %}{% endfor %}"
+                                      + own)
+    line = error_line(run(stage("export.py", "--model_path", refusing, "--head_dir", armo / "head", "--output_path",
+                                tmp_path / "out" / "model")))
+    assert line.startswith("error: export check: the chat template of --model_path accepts none of the toy pairs")
+    assert "row 0: No replies here" in line
+    assert list((tmp_path / "out").iterdir()) == []

@@ -10,11 +10,13 @@ of upstream's backwards search for the gating pattern).
 """
 
 import copy
+import re
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import save_file
 from scipy.stats import spearmanr
 from sklearn.linear_model import Ridge
 from sklearn.metrics import mean_squared_error
@@ -27,18 +29,20 @@ from useful_code.armo_data import (
     dataset_name,
     embeddings_prefix,
     gating_head_dir,
+    load_regression_weights,
     load_shards,
     regression_weights_path,
     save_shard,
     shard_path,
     shard_rows,
 )
-from useful_code.armo_embeddings import embed, gating_pattern
+from useful_code.armo_embeddings import chat_template_error, embed, gating_pattern, reject_untemplatable
 from useful_code.armo_fit import (
     CORRELATION_THRESHOLD,
     PENALTY_GRID,
     RIDGE_ALPHAS,
     fit_ridge_probes,
+    split_rows,
     transform_matrix,
     verbosity_penalties,
 )
@@ -701,3 +705,81 @@ def test_validate_conversations_skip_invalid_drops_and_counts():
 def test_validate_conversations_needs_messages():
     with pytest.raises(UserError, match="messages"):
         validate_conversations(Dataset.from_list([{"chosen": "a"}]), False, "mo data")
+
+
+# ------------------------------------------------------------------- 10. inputs the stages refuse in one line
+
+# Gemma-2's own template refuses a system message (the tiny tokenizer with that rule added).
+NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                      "{% endif %}" + GEMMA_TEMPLATE)
+
+
+@pytest.mark.parametrize("fraction,n_train,n_val", [(0.0, 10, 0), (1.0, 0, 10), (0.99, 0, 10), (0.95, 0, 10)])
+def test_split_rows_refuses_an_empty_side(fraction, n_train, n_val):
+    rows = np.arange(10)
+    with pytest.raises(UserError, match=rf"--val_fraction {fraction} splits 10 pairs into {n_train} train and {n_val} "
+                                        r"validation rows; both need at least one"):
+        split_rows(rows, fraction, 0, "pairs")
+    with pytest.raises(UserError, match="splits 1 pairs into 0 train and 1 validation rows"):
+        split_rows(np.arange(1), 0.2, 0, "pairs")
+
+
+@pytest.mark.parametrize("n,fraction", [(10, 0.2), (2, 0.2), (7, 0.5), (600, 0.05)])
+def test_split_rows_is_sklearns_split(n, fraction):
+    train, val = split_rows(np.arange(n) * 3, fraction, 5, "pairs")
+    expected_train, expected_val = train_test_split(np.arange(n) * 3, test_size=fraction, random_state=5)
+    assert train.tolist() == expected_train.tolist() and val.tolist() == expected_val.tolist()
+
+
+def test_ridge_probes_val_fraction_zero_is_one_error(probe_data):
+    X, labels = probe_data["X"], probe_data["labels"]
+    with pytest.raises(UserError, match="--val_fraction 0.0 splits .* embedding rows into .* train and 0 validation"):
+        fit_ridge_probes(X, labels, val_fraction=0.0)
+
+
+def test_regression_weights_missing_pickled_or_misshapen_are_one_error(tmp_path):
+    hint = "run armo-rm/stage-1_train.py to write it (pickled .pt weights, as upstream's stage 1 saves, are not read)"
+    with pytest.raises(UserError) as err:
+        load_regression_weights(str(tmp_path / "none.safetensors"))
+    missing = tmp_path / "none.safetensors"
+    assert str(err.value) == f"--regression_weights: no regression weights file at {missing}; {hint}"
+    torch.save({"weight": torch.zeros(19, 4)}, tmp_path / "upstream.pt")  # upstream's pickled weights
+    with pytest.raises(UserError, match=rf"upstream.pt is not a safetensors file \(.*\); {re.escape(hint)}"):
+        load_regression_weights(str(tmp_path / "upstream.pt"))
+    save_file({"weight": torch.zeros(18, 4)}, tmp_path / "short.safetensors")
+    with pytest.raises(UserError, match=r"has 'weight' of shape \[18, 4\], not the \[19, hidden\] regression layer"):
+        load_regression_weights(str(tmp_path / "short.safetensors"))
+    save_file({"w": torch.zeros(19, 4)}, tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="has no 'weight' tensor"):
+        load_regression_weights(str(tmp_path / "other.safetensors"))
+    save_file({"weight": torch.ones(19, 4, dtype=torch.bfloat16)}, tmp_path / "ok.safetensors")
+    weight = load_regression_weights(str(tmp_path / "ok.safetensors"))
+    assert weight.dtype == torch.float32 and torch.equal(weight, torch.ones(19, 4))
+
+
+def test_conversations_the_chat_template_refuses_name_the_row(tok):
+    no_system = copy.deepcopy(tok)
+    no_system.chat_template = NO_SYSTEM_TEMPLATE
+    system = [msg("system", "Be brief.")] + FOUR_TURNS[:2]
+    assert chat_template_error(no_system, system) == "System role not supported"
+    assert chat_template_error(no_system, FOUR_TURNS) == "" and chat_template_error(tok, system) == ""
+    pairs = Dataset.from_list([{"chosen": c, "rejected": c[:-1] + [msg("assistant", "No.")], "id": i}
+                               for i, c in enumerate([FOUR_TURNS, system, FOUR_TURNS[:2], system])])
+    with pytest.raises(UserError) as err:
+        reject_untemplatable(pairs, no_system, ("chosen", "rejected"), False, "--dataset_path")
+    assert str(err.value) == (
+        "--dataset_path: 2 of 4 rows are invalid (chat_template_rejects: 2); first: row 1 (chat_template_rejects), "
+        "row 3 (chat_template_rejects) (0-based). Rules: chat_template_rejects: the model's chat template must accept "
+        "the conversation (it raised: 'System role not supported'). Fix the data, or pass --skip_invalid to drop them "
+        "with a count.")
+    kept, dropped = reject_untemplatable(pairs, no_system, ("chosen", "rejected"), True, "--dataset_path")
+    assert kept["id"] == [0, 2] and dropped == 2 and set(kept.column_names) == {"chosen", "rejected", "id"}
+    kept, dropped = reject_untemplatable(pairs, tok, ("chosen", "rejected"), False, "--dataset_path")
+    assert kept["id"] == [0, 1, 2, 3] and dropped == 0
+
+
+def test_gating_pattern_of_a_template_that_renders_nothing_is_one_error(tok):
+    broken = copy.deepcopy(tok)
+    broken.chat_template = "{{ raise_exception('Unsupported') }}"
+    with pytest.raises(UserError, match=r"cannot render a one-turn user conversation \(Unsupported\), so the gating"):
+        gating_pattern(broken)

@@ -5,7 +5,9 @@ tournament brackets) or computed independently of the code under test (transform
 upstream's template, the model's own logits on one unpadded sequence, torch's cross-entropy).
 """
 
+import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from useful_code.modeling import load_preference_model
 from useful_code.pm_data import (
     balanced_positions,
     build_pm_prompt,
+    check_dataset_output,
     encode_pm_prompts,
     format_context,
     is_pm_format,
@@ -500,3 +503,42 @@ def test_knockout_tie_goes_to_the_earlier_candidate():
     assert Match(3, 7, 0.5).winner == 3
     assert Match(3, 7, 0.4999).winner == 7
     assert Match(3, 7, 0.5001).winner == 3
+
+
+# ------------------------------------------------------------------------------------------ 9. non-finite outputs
+
+
+def test_nan_outputs_are_one_error_naming_how_many_and_the_first_pair(tok, model):
+    contexts = [user("Name a colour."), user("Name a zebra-striped animal."), user("Name a fruit.")]
+    first, second = ["Red.", "A zebra.", "Apple."], ["Blue.", "A horse.", "Pear."]
+    scorer = PairPreferenceScorer(model, tok, batch_size=1, max_tokens_per_batch=0)  # one sequence per forward
+    sequences = scorer.encode([build_pm_prompt(c, a, b) for c, a, b in zip(contexts, first, second)])
+    others = set(sequences[0]) | set(sequences[2])
+    token = next(t for t in sequences[1] if t not in others)  # only pair 1's sequences (both orders) hold it
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.get_input_embeddings().weight[token] = float("nan")
+    scorer = PairPreferenceScorer(broken, tok, batch_size=1, max_tokens_per_batch=0)
+    with pytest.raises(UserError, match=r"non-finite \(NaN or infinite\) A/B logits or probabilities for 2 of 6 "
+                                        r"scored sequences \(first: pair 1 of 3 \(0-based\), prompt 'Name a "
+                                        r"zebra-striped animal\.', its first response shown as A\)"):
+        scorer.prob_first_preferred(contexts, first, second)
+    # A NaN comparison would otherwise send the second response through (Match.winner): the tournament stops too.
+    with pytest.raises(UserError, match="for 2 of 2 scored sequences"):
+        scorer.knockout(contexts[1], first[1:2] + second[1:2])
+    np.testing.assert_array_less(0, scorer.prob_first_preferred([contexts[0]], first[:1], second[:1])["mean"])
+
+
+def test_dataset_directory_output_is_compared_with_the_inputs_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Dataset.from_list([{"x": 1}]).save_to_disk("std_dir")
+    for spelling in ("./std_dir", "std_dir/", str(tmp_path / "std_dir")):
+        with pytest.raises(UserError, match=f"--output_path: {re.escape(spelling)} is an input of this run "
+                                            r"\(std_dir\); give a new directory"):
+            check_dataset_output(spelling, "--output_path", ("other.jsonl", "std_dir"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="afile is a file; a path without .json/.jsonl/.parquet is a datasets"):
+        check_dataset_output("afile", "--output_path", ("std_dir",))
+    with pytest.raises(UserError, match="is an input of this run"):
+        check_dataset_output("./in.jsonl", "--output_path", ("in.jsonl",))
+    check_dataset_output("./new_dir", "--output_path", ("std_dir",))  # a new directory is fine

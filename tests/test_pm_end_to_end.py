@@ -202,3 +202,55 @@ def test_lora_merged_checkpoint_is_a_plain_causal_lm_equal_to_the_adapter_model(
         return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-4)
+
+
+def test_rank_responses_checks_every_line_before_loading_the_model(tmp_path):
+    # --reward_name_or_path does not exist: each of these lines is refused first, naming its number and rule.
+    context = [{"role": "user", "content": "Name a colour."}]
+    good = {"context": context, "responses": ["Red.", "Blue."]}
+    for bad, expected in [
+        ({"context": "hello there", "responses": ["a", "b"]}, "line 2: bad_prompt: needs 'prompt' (a non-empty "
+                                                              "string or a message list) or 'context'"),
+        ([1, 2], "line 2: not a JSON object (list)"),
+        ({"prompt": ["x"], "responses": ["a", "b"]}, "line 2: bad_prompt"),
+        ({"prompt": "q", "responses": ["a", 3]}, "line 2: not_a_response_list: responses must be a non-empty list of "
+                                                 "non-empty strings"),
+        ({"context": context + [{"role": "assistant", "content": "Hm."}], "responses": ["a"]},
+         "line 2: roles_not_alternating"),
+    ]:
+        path = tmp_path / "in.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        proc = run([sys.executable, RANK, "--reward_name_or_path", str(tmp_path / "no_model"), "--input_path",
+                    str(path), "--output_path", str(tmp_path / "out.jsonl")])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --input_path {expected}"), proc.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_nan_checkpoint_stops_ranking_with_one_line(tmp_path):
+    from useful_code.defaults import DEFAULT_MODEL
+    from useful_code.modeling import load_preference_model
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "m")
+    model = load_preference_model(DEFAULT_MODEL, "m", tokenizer, torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan_pm")
+    tokenizer.save_pretrained(tmp_path / "nan_pm")
+    out = tmp_path / "ranked.jsonl"
+    proc = run([sys.executable, RANK, "--reward_name_or_path", str(tmp_path / "nan_pm"), "--input_path",
+                "assets/data/toy_ranking.jsonl", "--output_path", str(out)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: the preference model gave non-finite (NaN or infinite) A/B logits or probabilities for 80 of 80 "
+        "scored sequences (first: pair 0 of 40 (0-based), prompt ")
+    assert not out.exists()  # before the fix: NaN written into the JSON and exit 0
+
+
+def test_process_pair_data_refuses_its_input_spelled_another_way(tmp_path):
+    check_ok(run([sys.executable, PROCESS, "--dataset_path", TOY, "--output_path", str(tmp_path / "pm_dir")]))
+    proc = run([sys.executable, PROCESS, "--dataset_path", str(tmp_path / "pm_dir"), "--output_path",
+                f"{tmp_path}/./pm_dir/"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: --output_path: {tmp_path}/./pm_dir/ is an input of this "
+                                                    f"run ({tmp_path / 'pm_dir'}); give a new directory")

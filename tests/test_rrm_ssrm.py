@@ -177,6 +177,43 @@ def test_rrm_invalid_rows(tmp_path):
         augment(tmp_path, standard_rows(THREE[:2]))
 
 
+def test_rrm_keeps_a_tie_a_tie(tmp_path):
+    # PM-format input whose pair 0 is a "Same" tie (accepted by the PM rules): as upstream keeps it neutral, the
+    # original is written as "Same", never as a win for either response; its responses still beat the borrowed ones.
+    pm = [{"messages": [{"role": "user", "content": build_pm_prompt(c, w, lo)},
+                        {"role": "assistant", "content": "Same" if i == 0 else "A"}]}
+          for i, (c, w, lo) in enumerate(THREE)]
+    out, printed = augment(tmp_path, pm, "--seed", "3")
+    lookup, expected = expected_meanings(THREE)
+    seen = Counter()
+    for example in out:
+        meaning, label = lookup[example["messages"][0]["content"]]
+        seen[meaning] += 1
+        if meaning[:2] == ("original", 0):
+            assert example["messages"][1]["content"] == "Same"
+        else:
+            assert example["messages"][1]["content"] == label, meaning
+    assert seen == expected
+    assert "original: 3 (of which Same ties: 1), decisive augmented: 24, 'Same' augmented: 18" in printed
+    assert "(A: 13, B: 13, Same: 19)" in printed
+
+    decided, printed = augment(tmp_path, pm, "--seed", "3", "--include_same", "false", name="no_same.jsonl")
+    assert ("original", 0, THREE[0][1], THREE[0][2]) not in Counter(
+        lookup[e["messages"][0]["content"]][0] for e in decided)
+    assert Counter(e["messages"][1]["content"] for e in decided).keys() == {"A", "B"} and len(decided) == 2 + 24
+
+
+def test_rrm_output_directory_spelled_another_way_is_the_input(tmp_path, monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    monkeypatch.chdir(tmp_path)
+    DatasetDict({"train": Dataset.from_list(standard_rows(THREE))}).save_to_disk("std_dir")
+    with pytest.raises(UserError, match=r"--output_dataset: \./std_dir is an input of this run \(std_dir\)"):
+        call(rrm.main, "--input_dataset", "std_dir", "--output_dataset", "./std_dir")
+    call(rrm.main, "--input_dataset", "./std_dir", "--output_dataset", "rrm_dir")  # a new directory works
+    assert (tmp_path / "rrm_dir" / "dataset_dict.json").exists()
+
+
 # --------------------------------------------------------------------------------------------------------- SSRM
 
 
@@ -270,7 +307,7 @@ def test_outputs_and_flags_checked_before_any_work(checkpoints, tmp_path):
         call(pseudo_label.main, "--reward_name_or_path", str(checkpoints / "bt"), "--output_path",
              str(tmp_path / "x.jsonl"))
     (tmp_path / "plain").write_text("not a directory")
-    with pytest.raises(UserError, match="--output_dataset: .*plain is a file or the input"):
+    with pytest.raises(UserError, match="--output_dataset: .*plain is a file; a path without .json/.jsonl/.parquet"):
         augment(tmp_path, standard_rows(THREE), name="plain")
 
 
@@ -288,3 +325,35 @@ def test_invalid_row_is_one_line_naming_row_and_rule(tmp_path):
                       "--skip_invalid to drop them with a count."]
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
     assert not (tmp_path / "kept.jsonl").exists()
+
+
+def test_upstream_shard_flags_label_slices_that_conf_threshold_gathers(checkpoints, tmp_path, monkeypatch):
+    # Upstream's --n_shards/--shard_idx (0-based; datasets' contiguous shards) and --n_gpu (no GPU here: a note).
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "unlabelled.jsonl", [{"id": i, **r} for i, r in enumerate(read_jsonl(TOY_TEST)[:7])])
+    label(checkpoints, data, "--data_name", "whole")
+    for shard in (2, 0, 1):
+        printed = label(checkpoints, data, "--data_name", "toy", "--n_shards", "3", "--shard_idx", str(shard),
+                        "--n_gpu", "2")
+        ids = [[0, 1, 2], [3, 4], [5, 6]][shard]
+        assert f"shard {shard} of 3 (0-based), labelled: {len(ids)};" in printed
+        assert "Note: --n_gpu 2 is ignored (this machine has no GPU)" in printed
+        rows = read_jsonl(tmp_path / f"outputs/ssrm/toy-pred-probs-shard-{shard + 1}-of-3.jsonl")
+        assert [r["id"] for r in rows] == ids
+    whole = {r["id"]: r for r in read_jsonl(tmp_path / "outputs/ssrm/whole-pred-probs.jsonl")}
+    printed = call(conf_threshold.main, "--data_name", "toy", "--conf_threshold", "0.5")
+    kept = read_jsonl(tmp_path / "outputs/ssrm/toy-selected.jsonl")
+    assert [r["id"] for r in kept] == list(range(7))  # the shards in order, as upstream concatenates them
+    for row in kept:
+        assert (row["chosen"], row["rejected"]) == (whole[row["id"]]["chosen"], whole[row["id"]]["rejected"])
+        assert row["chosen_prob"] == pytest.approx(whole[row["id"]]["chosen_prob"], abs=1e-6)
+    assert "3 shards (outputs/ssrm/toy-pred-probs-shard-1-of-3.jsonl ...): 7 read" in printed
+
+    (tmp_path / "outputs/ssrm/toy-pred-probs-shard-2-of-3.jsonl").unlink()
+    with pytest.raises(UserError, match=r"shards \[2\] of 3 \(1-based, as in the file names\) of --data_name toy are "
+                                        r"missing; run pair-pm/SSRM/pseudo_label.py --n_shards 3 --shard_idx 1"):
+        call(conf_threshold.main, "--data_name", "toy")
+    with pytest.raises(UserError, match="--shard_idx must be below --n_shards=3 \\(0-based\\), got 3"):
+        label(checkpoints, data, "--n_shards", "3", "--shard_idx", "3")
+    with pytest.raises(UserError, match="--n_shards must be at least 1, got 0"):
+        label(checkpoints, data, "--n_shards", "0")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from useful_code.checkpoints import atomic_save_file
 from useful_code.cli import UserError
@@ -53,6 +53,24 @@ def regression_weights_path(weights_dir: Optional[str], model_path: str, dataset
     """Stage 1's probes, a .json beside: <weights_dir or ./armo_data/regression_weights>/<model>_<dataset>.safetensors."""
     directory = Path(weights_dir or f"{DATA_ROOT}/regression_weights")
     return directory / f"{dataset_name(model_path)}_{dataset_name(dataset_path)}.safetensors"
+
+
+def load_regression_weights(path: str, flag: str = "--regression_weights") -> torch.Tensor:
+    """Stage 1's regression layer, `weight` [len(ATTRIBUTES), hidden] in fp32. A missing or unreadable file, or one
+    of another shape, is a UserError naming the path: the file is stage-1_train.py's safetensors output (upstream's
+    pickled .pt weights are not read, as pickles can run code)."""
+    hint = "run armo-rm/stage-1_train.py to write it (pickled .pt weights, as upstream's stage 1 saves, are not read)"
+    if not Path(path).is_file():
+        raise UserError(f"{flag}: no regression weights file at {path}; {hint}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            weight = f.get_tensor("weight") if "weight" in f.keys() else None
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{flag}: {path} is not a safetensors file ({str(err).splitlines()[0]}); {hint}") from None
+    if weight is None or weight.dim() != 2 or weight.shape[0] != len(ATTRIBUTES):
+        found = "no 'weight' tensor" if weight is None else f"'weight' of shape {list(weight.shape)}"
+        raise UserError(f"{flag}: {path} has {found}, not the [{len(ATTRIBUTES)}, hidden] regression layer; {hint}")
+    return weight.float()
 
 
 def gating_head_dir(head_dir: Optional[str], model_path: str) -> Path:

@@ -5,6 +5,7 @@ correlation threshold) are upstream's and live here once.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -15,11 +16,24 @@ from sklearn.metrics import mean_squared_error
 from sklearn.model_selection import train_test_split
 
 from useful_code.armo_data import VERBOSITY_INDEX
+from useful_code.cli import UserError
 
 RIDGE_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 PENALTY_GRID = (0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6,
                 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 CORRELATION_THRESHOLD = 0.03
+
+
+def split_rows(rows: np.ndarray, val_fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows): a seeded split of rows (sklearn's, as upstream). A split that would leave
+    either side empty (a fraction of 0 or 1, or too few rows) is a UserError naming --val_fraction and what is split,
+    where sklearn would raise a traceback."""
+    n_val = math.ceil(val_fraction * len(rows))  # sklearn's rounding of a float test_size
+    if not 0 < val_fraction < 1 or n_val == 0 or n_val >= len(rows):
+        raise UserError(f"--val_fraction {val_fraction} splits {len(rows)} {what} into {len(rows) - n_val} train and "
+                        f"{n_val} validation rows; both need at least one (the fraction must lie strictly between 0 "
+                        f"and 1)")
+    return train_test_split(rows, test_size=val_fraction, random_state=seed)
 
 
 def fit_ridge_probes(embeddings: np.ndarray, labels: np.ndarray, alphas=RIDGE_ALPHAS, val_fraction: float = 0.2,
@@ -29,10 +43,7 @@ def fit_ridge_probes(embeddings: np.ndarray, labels: np.ndarray, alphas=RIDGE_AL
     split, as upstream). Returns {'weight': [K, D], 'alpha', 'val_mse', 'n_train', 'n_val'} (lists per attribute);
     an attribute with no labels gets zero weights and alpha None (with no validation labels, val_mse is NaN and the
     first alpha is kept)."""
-
-
-    rows = np.arange(len(embeddings))
-    train_rows, val_rows = train_test_split(rows, test_size=val_fraction, random_state=seed)
+    train_rows, val_rows = split_rows(np.arange(len(embeddings)), val_fraction, seed, "embedding rows")
     n_attr = labels.shape[1]
     result = {"weight": np.zeros((n_attr, embeddings.shape[1]), dtype=np.float32),
               "alpha": [None] * n_attr, "val_mse": [None] * n_attr, "n_train": [0] * n_attr, "n_val": [0] * n_attr}

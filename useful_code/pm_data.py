@@ -10,12 +10,16 @@ answer token alone, and scoring reads the logits at the same position, so both s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from useful_code.checkpoints import check_output_file
 from useful_code.cli import UserError
 from useful_code.formats import enforce_validity
 from useful_code.templates import encode_conversations, enforce_max_length
 
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet")  # an output path ending so is a file, anything else a directory
 PM_PROMPT_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \n"
 LABELS = ("A", "B")
 TIE_LABEL = "Same"  # RRM's augmented ties (pair-pm/RRM): trained on, never scored (scoring compares A with B)
@@ -139,3 +143,18 @@ def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, n
     encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {name}")
     encoded, dropped = enforce_max_length(encoded, max_length, overlength, name)
     return encoded, {"dropped_overlength": dropped}
+
+
+def check_dataset_output(path: str, flag: str, inputs: tuple[str, ...]) -> None:
+    """Before any work, for a script that writes PM data (process_pair_data.py, RRM): a .json/.jsonl/.parquet path is a
+    file, checked by check_output_file; any other is a `datasets` directory, which must not be a file nor an input
+    however it is spelled (./d is d: save_to_disk cannot overwrite the dataset being read)."""
+    if Path(path).suffix in FILE_SUFFIXES:
+        check_output_file(path, flag, inputs=inputs)
+        return
+    target = Path(path).expanduser().resolve()
+    if target.is_file():
+        raise UserError(f"{flag}: {path} is a file; a path without .json/.jsonl/.parquet is a datasets directory")
+    same = [p for p in inputs if p and Path(p).expanduser().resolve() == target]
+    if same:
+        raise UserError(f"{flag}: {path} is an input of this run ({same[0]}); give a new directory")

@@ -43,6 +43,23 @@ class TournamentResult:
     rounds: int = 0
 
 
+def check_finite(logits: np.ndarray, probs: np.ndarray, contexts: list[list[dict]]) -> None:
+    """Stop on NaN or infinite answer logits or probabilities (rows: every pair with its first response as A, then
+    every pair as B), naming how many and the first pair: its index in the call and the start of its last message,
+    which says which prompt it is whichever script called. A NaN compares false, so it would silently send the second
+    response through a tournament, count as wrong in an accuracy, and be written into JSON."""
+    bad = np.flatnonzero(~(np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1)))
+    if len(bad):
+        n_pairs = len(contexts)
+        pair, order = bad[0] % n_pairs, "A" if bad[0] < n_pairs else "B"
+        text = contexts[pair][-1]["content"] if contexts[pair] else ""
+        start = repr(text[:40] + ("..." if len(text) > 40 else ""))
+        raise UserError(f"the preference model gave non-finite (NaN or infinite) A/B logits or probabilities for "
+                        f"{len(bad)} of {len(logits)} scored sequences (first: pair {pair} of {n_pairs} (0-based), "
+                        f"prompt {start}, its first response shown as {order}); its weights may hold NaN, or the "
+                        f"model overflows in this dtype")
+
+
 class PairPreferenceScorer:
     """Scores pairs with a preference model: P(first response preferred), each pair in both orders, batched.
 
@@ -107,7 +124,8 @@ class PairPreferenceScorer:
 
     def prob_first_preferred(self, contexts: list[list[dict]], first: list[str], second: list[str],
                              progress: bool = False) -> dict[str, np.ndarray]:
-        """P(first preferred over second) for each pair: as response A, as response B, and their mean."""
+        """P(first preferred over second) for each pair: as response A, as response B, and their mean. NaN or
+        infinite outputs are a UserError naming the first such pair (check_finite)."""
         n = len(contexts)
         prompts = [build_pm_prompt(c, a, b) for c, a, b in zip(contexts, first, second)]
         prompts += [build_pm_prompt(c, b, a) for c, a, b in zip(contexts, first, second)]
@@ -115,6 +133,7 @@ class PairPreferenceScorer:
                                   self.encode(prompts))
         logits = np.asarray(logits, dtype=np.float32).reshape(-1, 2) / self.temperature
         probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        check_finite(logits, probs, contexts)
         as_a = probs[:n, 0]  # first shown as A: P(answer A)
         as_b = probs[n:, 1]  # first shown as B: P(answer B)
         return {"first_as_A": as_a, "first_as_B": as_b, "mean": (as_a + as_b) / 2}

@@ -7,9 +7,9 @@ Each example i (context x_i, winner yw_i, loser yl_i) is matched with two other 
   decisive (8): yw_i and yl_i each beat each of yw_j, yl_j, yw_k, yl_k (a response to another prompt is worse than
                 any response to this one, whatever its length or style);
   "Same" (6):   every pair of those four responses ties (neither answers x_i).
-The originals are written too (--include_original; upstream's script writes the augmented examples only), and
---include_same false leaves the ties out. pair-pm/train.py trains on ties with the loss on the tokens of "Same";
-scoring still compares "A" with "B".
+The originals are written too (--include_original; upstream's script writes the augmented examples only; a "Same"
+input stays a tie, as upstream keeps it neutral), and --include_same false leaves the ties out. pair-pm/train.py
+trains on ties with the loss on the tokens of "Same"; scoring still compares "A" with "B".
 
 Input: standard-format pairs in any format the project reads (useful_code/formats.py), or PM-format examples as
 pair-pm/process_pair_data.py writes them (upstream's input). Output: PM-format examples, the assistant's answer "A",
@@ -29,7 +29,6 @@ from typing import Optional
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from useful_code.checkpoints import check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA
@@ -39,12 +38,12 @@ from useful_code.pm_data import (
     PM_INVALID_REASONS,
     PM_PROMPT_TEMPLATE,
     balanced_positions,
+    check_dataset_output,
     format_context,
     pm_invalid_reason,
 )
 
 SAME = "Same"  # upstream's answer for a tie
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 PM_PROMPT = re.compile(r"\[CONTEXT\] (.*) \[RESPONSE A\] (.*) \[RESPONSE B\] (.*) \n", re.DOTALL)
 MARKERS = ("[CONTEXT]", "[RESPONSE A]", "[RESPONSE B]")
 PM_INPUT_RULES = {
@@ -73,14 +72,6 @@ class ScriptArguments:
     push_to_hub: Optional[str] = field(default=None, metadata={"help": "Also push the result to this hub repo id."})
 
 
-def check_output(args) -> None:
-    """Before any work: a file output must be writable and not the input; a directory output must not be a file."""
-    if Path(args.output_dataset).suffix in FILE_SUFFIXES:
-        check_output_file(args.output_dataset, "--output_dataset", inputs=(args.input_dataset,))
-    elif Path(args.output_dataset).is_file() or args.output_dataset == args.input_dataset:
-        raise UserError(f"--output_dataset: {args.output_dataset} is a file or the input; give a new directory")
-
-
 def parse_pm_prompt(prompt: str) -> Optional[tuple[str, str, str]]:
     """(rendered context, response A, response B) of a PM prompt, or None when it does not follow the template."""
     if any(prompt.count(marker) != 1 for marker in MARKERS):
@@ -90,21 +81,22 @@ def parse_pm_prompt(prompt: str) -> Optional[tuple[str, str, str]]:
 
 
 def pm_to_triplet(messages) -> dict:
-    """A PM example as {context, chosen, rejected, invalid_reason}; the context stays rendered."""
+    """A PM example as {context, chosen, rejected, tie, invalid_reason}; the context stays rendered. A "Same" example
+    is a tie (as upstream's `neutral`): its responses keep their order and it is never written as a win."""
     reason = pm_invalid_reason(messages)
     parsed = parse_pm_prompt(messages[0]["content"]) if not reason else None
     if not reason and parsed is None:
         reason = "unparseable_prompt"
     if reason:
-        return {"context": "", "chosen": "", "rejected": "", "invalid_reason": reason}
+        return {"context": "", "chosen": "", "rejected": "", "tie": False, "invalid_reason": reason}
     context, a, b = parsed
-    chosen, rejected = (a, b) if messages[1]["content"] == LABELS[0] else (b, a)
-    return {"context": context, "chosen": chosen, "rejected": rejected,
+    chosen, rejected = (b, a) if messages[1]["content"] == LABELS[1] else (a, b)
+    return {"context": context, "chosen": chosen, "rejected": rejected, "tie": messages[1]["content"] == SAME,
             "invalid_reason": "identical_responses" if a == b else ""}
 
 
 def load_triplets(args) -> tuple[Dataset, dict]:
-    """The input as {context (rendered as the PM reads it), chosen, rejected} rows, validated, with counts."""
+    """The input as {context (rendered as the PM reads it), chosen, rejected, tie} rows, validated, with counts."""
     raw = load_split(args.input_dataset, args.split, "--input_dataset", args.skip_invalid)
     if "messages" in raw.column_names and not {"chosen", "rejected"} <= set(raw.column_names):
         marked = raw.map(pm_to_triplet, input_columns="messages", remove_columns=raw.column_names,
@@ -115,7 +107,7 @@ def load_triplets(args) -> tuple[Dataset, dict]:
 
     def render(chosen, rejected):
         return {"context": format_context(chosen[:-1]), "chosen": chosen[-1]["content"],
-                "rejected": rejected[-1]["content"]}
+                "rejected": rejected[-1]["content"], "tie": False}
 
     triplets = pairs.map(render, input_columns=["chosen", "rejected"], remove_columns=pairs.column_names,
                          desc="rendering contexts")
@@ -186,19 +178,24 @@ def save(dataset: Dataset, output_path: str) -> None:
 
 def main(argv: Optional[list[str]] = None):
     args = parse_args((ScriptArguments,), argv=argv)[0]
-    check_output(args)
+    check_dataset_output(args.output_dataset, "--output_dataset", (args.input_dataset,))
     triplets, stats = load_triplets(args)
-    contexts, chosen, rejected = (list(triplets[c]) for c in ("context", "chosen", "rejected"))
+    contexts, chosen, rejected, ties = (list(triplets[c]) for c in ("context", "chosen", "rejected", "tie"))
+    # A tie's two responses both answer its prompt, so they still beat the borrowed ones and tie with each other
+    # when lent: only the original example itself must stay a tie.
     decisive, same, dropped = augment(contexts, chosen, rejected, args.seed)
 
     originals = list(zip(contexts, chosen, rejected)) if args.include_original else []
-    decided = originals + decisive
+    tied_originals = [t for t, tie in zip(originals, ties) if tie]
+    decided = [t for t, tie in zip(originals, ties) if not tie] + decisive
+    same = tied_originals + same
     # Positions balanced separately, so each label's examples show the first response as often at A as at B.
     examples = [pm_example(*t, p) for t, p in zip(decided, balanced_positions(len(decided), args.seed))]
     if args.include_same:
         examples += [pm_example(*t, p, SAME) for t, p in zip(same, balanced_positions(len(same), args.seed + 1))]
     if not examples:
-        raise UserError("nothing to write: every augmented example was dropped and --include_original is false")
+        raise UserError("nothing to write: every augmented example was dropped and no original is written "
+                        "(--include_original false, or only ties with --include_same false)")
     # Shuffled here, not with Dataset.shuffle: flattening its index mapping takes seconds per ten thousand rows.
     output = Dataset.from_list([examples[i] for i in np.random.default_rng(args.seed).permutation(len(examples))])
     save(output, args.output_dataset)
@@ -207,8 +204,9 @@ def main(argv: Optional[list[str]] = None):
     invalid = ", ".join(f"{r}: {n}" for r, n in stats["invalid"].items()) or "none"
     print(f"{args.input_dataset} ({stats['format']}): {stats['read']} read, {stats['read'] - stats['used']} invalid "
           f"dropped ({invalid})\n"
-          f"  original: {len(originals)}{'' if args.include_original else ' (--include_original false)'}, "
-          f"decisive augmented: {len(decisive)}, 'Same' augmented: {len(same)}"
+          f"  original: {len(originals)}{'' if args.include_original else ' (--include_original false)'}"
+          f"{f' (of which {SAME} ties: {len(tied_originals)})' if tied_originals else ''}, "
+          f"decisive augmented: {len(decisive)}, 'Same' augmented: {len(same) - len(tied_originals)}"
           f"{'' if args.include_same else ' (not written: --include_same false)'}, augmented dropped: "
           f"{sum(dropped.values())} (same prompt: {dropped['same_prompt']}, identical responses: "
           f"{dropped['identical_responses']})\n"

@@ -3,7 +3,8 @@
     python pair-pm/SSRM/conf_threshold.py [--data_name NAME] [--conf_threshold 0.8] [--output_path FILE.jsonl]
 
 Reads what pair-pm/SSRM/pseudo_label.py writes (default: its default output for the same --data_name,
-outputs/ssrm/<data_name>-pred-probs.jsonl): standard-format pairs with "chosen_prob", P(chosen preferred). A pair is
+outputs/ssrm/<data_name>-pred-probs.jsonl, or all its shard files after a run with --n_shards, as upstream's script
+gathers every shard of its folder): standard-format pairs with "chosen_prob", P(chosen preferred). A pair is
 kept when its confidence max(p, 1 - p) >= --conf_threshold, with chosen the response the PM prefers (p < 0.5, as in
 a file of unoriented pairs, swaps them). Writes standard-format pairs (default outputs/ssrm/<data_name>-selected.jsonl)
 with their "chosen_prob", ready for bradley-terry-rm/train.py or pair-pm/process_pair_data.py (step 3: train on them
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from datasets import Dataset, DatasetDict
-from pseudo_label import PROB_COLUMN, SWAPPED_COLUMN, pred_probs_path
+from pseudo_label import PROB_COLUMN, SWAPPED_COLUMN, pred_probs_inputs
 
 from useful_code.checkpoints import atomic_write_text, check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
@@ -40,7 +41,8 @@ class ScriptArguments:
     data_name: str = field(default="ssrm", metadata={
         "help": "Names the default input (pseudo_label.py's default output for the same --data_name) and output."})
     input_path: Optional[str] = field(default=None, metadata={
-        "help": "Pseudo-labelled pairs. Default: outputs/ssrm/<data_name>-pred-probs.jsonl"})
+        "help": "Pseudo-labelled pairs. Default: outputs/ssrm/<data_name>-pred-probs.jsonl, or all of "
+                "outputs/ssrm/<data_name>-pred-probs-shard-<i>-of-<n>.jsonl"})
     output_path: Optional[str] = field(default=None, metadata={
         "help": "The kept pairs (.jsonl). Default: outputs/ssrm/<data_name>-selected.jsonl"})
     conf_threshold: float = field(default=0.8, metadata={
@@ -49,34 +51,39 @@ class ScriptArguments:
     push_to_hub: Optional[str] = field(default=None, metadata={"help": "Also push the kept pairs to this hub repo id."})
 
 
-def resolve_paths(args) -> tuple[str, str]:
-    """(input, output), the output checked before any work: a writable .jsonl file, not the input."""
-    source = args.input_path or pred_probs_path(args.data_name)
-    if not args.input_path and not Path(source).exists():
-        raise UserError(f"--input_path: {source} does not exist; run pair-pm/SSRM/pseudo_label.py --data_name "
-                        f"{args.data_name} first, or pass --input_path")
+def resolve_paths(args) -> tuple[list[str], str]:
+    """(inputs, output), the output checked before any work: a writable .jsonl file, none of the inputs."""
+    sources = [args.input_path] if args.input_path else pred_probs_inputs(args.data_name)
     target = args.output_path or selected_path(args.data_name)
     if Path(target).suffix != ".jsonl":
         raise UserError(f"--output_path: {target} must be a .jsonl file")
-    check_output_file(target, "--output_path", inputs=(source,))
-    return source, target
+    check_output_file(target, "--output_path", inputs=tuple(sources))
+    return sources, target
 
 
-def load_pseudo_labels(source: str, skip_invalid: bool):
-    """The pseudo-labelled pairs, validated as pairs and as probabilities, with the number of rows read."""
-    raw = load_split(source, "train", "--input_path", skip_invalid)
-    if PROB_COLUMN not in raw.column_names:
-        raise UserError(f"--input_path: {source} has no '{PROB_COLUMN}' column (found: {', '.join(raw.column_names)}); "
-                        "it is written by pair-pm/SSRM/pseudo_label.py")
-    pairs, _ = standardize_pairs(raw, skip_invalid, "pseudo labels")
+def load_pseudo_labels(sources: list[str], skip_invalid: bool):
+    """The pseudo-labelled pairs of every source (shards in order), validated as pairs and as probabilities, with the
+    number of rows read. Errors name the file when there are several (rows count within it)."""
+    parts, read = [], 0
+    for source in sources:
+        name = "pseudo labels" if len(sources) == 1 else f"pseudo labels {source}"
+        raw = load_split(source, "train", "--input_path", skip_invalid)
+        if PROB_COLUMN not in raw.column_names:
+            raise UserError(f"--input_path: {source} has no '{PROB_COLUMN}' column (found: "
+                            f"{', '.join(raw.column_names)}); it is written by pair-pm/SSRM/pseudo_label.py")
+        pairs, _ = standardize_pairs(raw, skip_invalid, name)
 
-    def reason(p) -> dict:
-        number = isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p)
-        return {"invalid_reason": "" if number and 0.0 <= p <= 1.0 else "bad_prob"}
+        def reason(p) -> dict:
+            number = isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p)
+            return {"invalid_reason": "" if number and 0.0 <= p <= 1.0 else "bad_prob"}
 
-    marked = pairs.map(reason, input_columns=PROB_COLUMN, desc="checking probabilities")
-    pairs, _ = enforce_validity(marked, PROB_RULES, skip_invalid, "pseudo labels")
-    return pairs, len(raw)
+        marked = pairs.map(reason, input_columns=PROB_COLUMN, desc="checking probabilities")
+        parts.append(enforce_validity(marked, PROB_RULES, skip_invalid, name)[0])
+        read += len(raw)
+    if len(parts) == 1:
+        return parts[0], read
+    # Rebuilt from rows rather than concatenate_datasets: a column all null in one shard has another Arrow type there.
+    return Dataset.from_list([row for part in parts for row in part.to_list()]), read
 
 
 def select(rows: list[dict], threshold: float) -> tuple[list[dict], int]:
@@ -98,8 +105,9 @@ def select(rows: list[dict], threshold: float) -> tuple[list[dict], int]:
 
 def main(argv: Optional[list[str]] = None):
     args = parse_args((ScriptArguments,), argv=argv)[0]
-    source, target = resolve_paths(args)
-    pairs, read = load_pseudo_labels(source, args.skip_invalid)
+    sources, target = resolve_paths(args)
+    pairs, read = load_pseudo_labels(sources, args.skip_invalid)
+    source = sources[0] if len(sources) == 1 else f"{len(sources)} shards ({sources[0]} ...)"
 
     kept, swapped = select(pairs.to_list(), args.conf_threshold)
     atomic_write_text(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
