@@ -176,21 +176,6 @@ def check_optional_packages(training_args: TrainingArguments) -> None:
                             f"or pass --report_to none")
 
 
-def check_lora_targets(model, targets: Optional[list[str]]) -> None:
-    """Every --lora_target_modules name must name a module of the model (peft's rule: the full name or its last
-    parts), not the head, which trains in full: otherwise one line listing the model's linear layers."""
-    if not targets:
-        return
-    head = "score" if hasattr(model, "score") else "classifier"
-    names = [name for name, _ in model.named_modules() if name and name.split(".")[0] != head]
-    unknown = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
-    if unknown:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear) and name.split(".")[0] != head})
-        raise UserError(f"--lora_target_modules: {', '.join(unknown)} is not a module of this model (the '{head}' head "
-                        f"trains in full); its linear layers are {', '.join(linear)}; leave the flag unset for all")
-
-
 def load_pairs(args: ScriptArguments, seed: int):
     """Load the train and held-out pairs in the standard format, with counts of what was read and used, and the
     per-pair column the training loss reads (margin, weight) checked; other such columns are dropped. Rows are validated
@@ -467,7 +452,6 @@ def main(default_config: str = DEFAULT_CONFIG):
     model.config.use_cache = False
     padding_free, share_prefix = choose_packing(model, args, is_main)
     if lora_args.use_peft:
-        check_lora_targets(model, lora_args.lora_target_modules)
         model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args.gradient_checkpointing)
 
     batch_sampler = None

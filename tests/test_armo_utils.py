@@ -781,5 +781,5 @@ def test_conversations_the_chat_template_refuses_name_the_row(tok):
 def test_gating_pattern_of_a_template_that_renders_nothing_is_one_error(tok):
     broken = copy.deepcopy(tok)
     broken.chat_template = "{{ raise_exception('Unsupported') }}"
-    with pytest.raises(UserError, match=r"cannot render a one-turn user conversation \(Unsupported\), so the gating"):
+    with pytest.raises(UserError, match=r"the model's chat template refuses a conversation of this data \(Unsupported\)"):
         gating_pattern(broken)

@@ -87,19 +87,26 @@ def test_an_optimizer_or_reporter_without_its_package_is_one_line(bt):
         bt.check_optional_packages(training_args(bt, "--report_to", "nosuch"))
 
 
-def test_lora_target_modules_must_name_modules_of_the_model(bt):
-    from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
+def test_lora_target_modules_must_name_modules_of_the_model():
+    """In every trainer (wrap_with_lora checks first): a name peft would reject with a traceback, or silently skip in
+    a list that matches in part."""
+    from useful_code.lora import LoraArguments, TaskType, check_lora_targets, wrap_with_lora
+    from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_preference_model, load_reward_model
     from useful_code.templates import load_tokenizer
 
-    model = load_reward_model(DEFAULT_MODEL, "--model_name", load_tokenizer(DEFAULT_MODEL, "--model_name"),
-                              torch.float32, new_weights=REWARD_HEAD_WEIGHTS)
-    bt.check_lora_targets(model, None)
-    bt.check_lora_targets(model, ["q_proj", "v_proj", "layers.0.mlp.up_proj"])  # last parts or a longer path
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model_name")
+    model = load_reward_model(DEFAULT_MODEL, "--model_name", tokenizer, torch.float32, new_weights=REWARD_HEAD_WEIGHTS)
+    check_lora_targets(model, None)
+    check_lora_targets(model, ["q_proj", "v_proj", "layers.0.mlp.up_proj"])  # last parts or a longer path
     linear = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
     with pytest.raises(UserError) as err:
-        bt.check_lora_targets(model, ["q_proj", "foo", "score"])
+        check_lora_targets(model, ["q_proj", "foo", "score"])
     assert str(err.value) == (f"--lora_target_modules: foo, score is not a module of this model (the 'score' head "
                               f"trains in full); its linear layers are {linear}; leave the flag unset for all")
+    causal_lm = load_preference_model(DEFAULT_MODEL, "--model_name", tokenizer, torch.float32)
+    with pytest.raises(UserError, match=r"^--lora_target_modules: foo is not a module of this model; its linear "
+                                        r"layers are down_proj, gate_proj, k_proj, lm_head, o_proj"):
+        wrap_with_lora(causal_lm, LoraArguments(lora_target_modules=["foo"]), TaskType.CAUSAL_LM)
 
 
 @pytest.mark.e2e

@@ -748,3 +748,16 @@ def test_special_token_in_content_is_a_named_rule(tok):
     kept, stats = tokenize_pairs(pairs, tok, 512, "truncate", "set", skip_invalid=True)
     assert len(kept) == 1 and stats["special_token_in_content"] == 2
     assert kept["chosen"][0][-1]["content"] == "yes"
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_one_line():
+    """Gemma's template raises for a system message: every path that templates data (training, evaluation, serving)
+    stops with one line rather than jinja's traceback."""
+    tok = load_tokenizer(DEFAULT_MODEL, "--model")
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert render_conversations(tok, [[{"role": "user", "content": "hi"}]]) == ["hi"]
+    with pytest.raises(UserError, match=r"^the model's chat template refuses a conversation of this data \(System "
+                                        r"role not supported\); change the data"):
+        encode_conversations(tok, [[{"role": "user", "content": "hi"}],
+                                   [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]])

@@ -55,9 +55,28 @@ def quantization_options(args: LoraArguments, dtype: torch.dtype) -> dict:
     return {"quantization_config": config}
 
 
+def check_lora_targets(model, targets: Optional[list[str]]) -> None:
+    """Every --lora_target_modules name must name a module of the model (peft's rule: the full name or its last
+    parts), not a sequence classifier's head, which trains in full: otherwise one line listing the model's linear
+    layers (peft raises for no match at all and silently ignores a list that matches in part)."""
+    if not targets:
+        return
+    head = next((name for name in ("score", "classifier") if hasattr(model, name)), None)
+    names = [name for name, _ in model.named_modules() if name and name.split(".")[0] != head]
+    unknown = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear) and name.split(".")[0] != head})
+        trained = f" (the '{head}' head trains in full)" if head else ""
+        raise UserError(f"--lora_target_modules: {', '.join(unknown)} is not a module of this model{trained}; its "
+                        f"linear layers are {', '.join(linear)}; leave the flag unset for all")
+
+
 def wrap_with_lora(model, args: LoraArguments, task_type: TaskType, gradient_checkpointing: bool = False):
-    """The model with LoRA adapters on its linear layers; for a sequence classifier peft also trains and saves the
-    score head in full (SEQ_CLS puts 'score'/'classifier' in modules_to_save). Prints the trainable share."""
+    """The model with LoRA adapters on its linear layers (check_lora_targets first); for a sequence classifier peft
+    also trains and saves the score head in full (SEQ_CLS puts 'score'/'classifier' in modules_to_save). Prints the
+    trainable share."""
+    check_lora_targets(model, args.lora_target_modules)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

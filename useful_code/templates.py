@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
 from useful_code.cli import UserError, load_error
@@ -119,7 +120,12 @@ def render_conversations(tokenizer, conversations: list[list[dict]], add_generat
     """Apply the chat template as upstream does: the BOS the template writes is removed when the tokenizer
     adds its own, so every sequence starts with exactly one BOS. adds_bos: tokenizer_adds_bos(tokenizer), when the
     caller has it already (a server asks once, not per request)."""
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False,
+                                              add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:  # a template's own refusal (Gemma's "System role not supported"): the data's fault
+        raise UserError(f"the model's chat template refuses a conversation of this data ({err}); change the data "
+                        "(e.g. merge a system message into the first user turn)") from None
     bos = tokenizer.bos_token
     if bos and (tokenizer_adds_bos(tokenizer) if adds_bos is None else adds_bos):
         texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
