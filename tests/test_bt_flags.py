@@ -178,20 +178,22 @@ def test_upstream_script_names_run_train_py_with_their_recipe(tmp_path):
     assert "(default: 0.001)" in " ".join(proc.stdout.split())
 
 
-def test_deepspeed_without_a_launcher_is_a_world_of_one(monkeypatch):
+def test_deepspeed_without_a_launcher_is_a_world_of_one():
     """Plain `python train.py --deepspeed ...`: the variables DeepSpeed's MPI discovery would set for one process, so
     it needs no mpi4py; a launcher's own variables are left alone (the ZeRO-3 run itself: test_bt_end_to_end.py)."""
     from useful_code.distributed import set_single_process_env
 
-    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    set_single_process_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == (
-        "0", "1", "0", "127.0.0.1")
-    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("MASTER_PORT", "29555")
-    set_single_process_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("3", "4", "29555")
+    saved = dict(os.environ)  # restored whole: a leaked RANK/WORLD_SIZE would make later tests look distributed
+    try:
+        for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(name, None)
+        set_single_process_env()
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"],
+                os.environ["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
+        assert 0 < int(os.environ["MASTER_PORT"]) < 65536
+        os.environ.update(LOCAL_RANK="1", RANK="3", WORLD_SIZE="4", MASTER_PORT="29555")
+        set_single_process_env()
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("3", "4", "29555")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -196,6 +196,20 @@ def test_preference_model_compares_both_orders(checkpoints):
     assert result["winner"] == pm.knockout([QUESTION], ANSWERS).winner
 
 
+@pytest.mark.parametrize("kind,endpoint,body", [
+    ("bt", "/score", {"conversations": CONVERSATIONS[:2]}),
+    ("pm", "/compare", {"context": [QUESTION], "responses": ANSWERS[:2]}),
+])
+def test_a_model_that_gives_nan_is_a_server_error_not_a_client_one(checkpoints, kind, endpoint, body):
+    with Server(checkpoints / kind) as server:
+        head = server.scorer.model.score if kind == "bt" else server.scorer.model.lm_head
+        with torch.no_grad():
+            head.weight.fill_(float("nan"))
+        code, answer = raw_post(server.url + endpoint, json.dumps(body).encode())
+        assert code == 500 and "NaN or infinite" in answer["error"] and "\n" not in answer["error"], answer
+        assert RewardClient(server.url).health() == {"status": "ok"}  # still serving
+
+
 def test_trl_reward_function_returns_the_servers_rewards(checkpoints):
     with Server(checkpoints / "bt") as server:
         reward = trl_reward_function(server.url)

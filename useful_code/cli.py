@@ -23,6 +23,11 @@ class UserError(Exception):
     """A mistake in the user's input or flags: reported as one line, without a traceback."""
 
 
+class ModelOutputError(UserError):
+    """The model, not the input, gave unusable outputs (NaN or infinite): one line for a script, like a UserError;
+    a server answers it with a 5xx, not a 4xx."""
+
+
 def looks_like_local_path(name: str) -> bool:
     """Whether a model or dataset name is meant as a local path (./x, ../x, /x, ~/x) rather than a hub name."""
     return name.startswith((".", "/", "~"))

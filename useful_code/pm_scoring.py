@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from useful_code.cli import UserError
+from useful_code.cli import ModelOutputError, UserError
 from useful_code.data_parallel import map_across_ranks
 from useful_code.modeling import load_for_scoring, load_preference_model
 from useful_code.packing import packed_lm_logits, packed_rows, padding_free_ready, supports_prefix_sharing
@@ -54,10 +54,10 @@ def check_finite(logits: np.ndarray, probs: np.ndarray, contexts: list[list[dict
         pair, order = bad[0] % n_pairs, "A" if bad[0] < n_pairs else "B"
         text = contexts[pair][-1]["content"] if contexts[pair] else ""
         start = repr(text[:40] + ("..." if len(text) > 40 else ""))
-        raise UserError(f"the preference model gave non-finite (NaN or infinite) A/B logits or probabilities for "
-                        f"{len(bad)} of {len(logits)} scored sequences (first: pair {pair} of {n_pairs} (0-based), "
-                        f"prompt {start}, its first response shown as {order}); its weights may hold NaN, or the "
-                        f"model overflows in this dtype")
+        raise ModelOutputError(
+            f"the preference model gave non-finite (NaN or infinite) A/B logits or probabilities for {len(bad)} of "
+            f"{len(logits)} scored sequences (first: pair {pair} of {n_pairs} (0-based), prompt {start}, its first "
+            f"response shown as {order}); its weights may hold NaN, or the model overflows in this dtype")
 
 
 class PairPreferenceScorer:
@@ -125,7 +125,7 @@ class PairPreferenceScorer:
     def prob_first_preferred(self, contexts: list[list[dict]], first: list[str], second: list[str],
                              progress: bool = False) -> dict[str, np.ndarray]:
         """P(first preferred over second) for each pair: as response A, as response B, and their mean. NaN or
-        infinite outputs are a UserError naming the first such pair (check_finite)."""
+        infinite outputs are a ModelOutputError naming the first such pair (check_finite)."""
         n = len(contexts)
         prompts = [build_pm_prompt(c, a, b) for c, a, b in zip(contexts, first, second)]
         prompts += [build_pm_prompt(c, b, a) for c, a, b in zip(contexts, first, second)]

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.cli import ModelOutputError, UserError, parse_args, run_cli
 from useful_code.defaults import REPO_ROOT
 from useful_code.reward_scorer import KINDS, RewardScorer
 from useful_code.scoring import split_by_sizes, token_budget_field
@@ -207,7 +207,7 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, err: UserError):
-        return _error(400, str(err))
+        return _error(500 if isinstance(err, ModelOutputError) else 400, str(err))
 
     async def authorized(request: Request) -> None:  # async: FastAPI runs a plain def on a worker thread
         if args.api_key is None:
@@ -228,7 +228,7 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
         results = await batcher.submit(sequences)
         bad = [i for i, r in enumerate(results["rewards"]) if not math.isfinite(r)]
         if bad:
-            raise HTTPException(500, f"the model gave NaN or infinite rewards for items {bad[:10]}")
+            raise ModelOutputError(f"the model gave NaN or infinite rewards for items {bad[:10]}")
         return results
 
     @app.get("/health")
