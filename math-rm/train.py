@@ -118,12 +118,16 @@ def load_rows(args: ScriptArguments, tokenizer, seed: int):
 
 
 def label_metrics(probs: list[list[float]], rows) -> dict:
-    """Held-out label accuracy (P(+) > 0.5 against the label), overall and per label, and the mean P(+) per label."""
+    """Held-out label accuracy (P(+) > 0.5 against the label), overall and per label, and the mean P(+) per label,
+    over the labels that were scored: a label whose read position truncation cut off (P(+) NaN) is left out and
+    counted in eval_labels_cut, never counted as a wrong prediction."""
     predicted = np.array([p for row in probs for p in row])
     truth = np.array([m["content"] == "+" for messages in rows["messages"] for m in messages
                       if m["role"] == "assistant"])
+    scored = ~np.isnan(predicted)
+    predicted, truth = predicted[scored], truth[scored]
     metrics = {"eval_accuracy": float(np.mean((predicted > 0.5) == truth)), "eval_labels": int(len(truth)),
-               "eval_solutions": len(rows)}
+               "eval_labels_cut": int((~scored).sum()), "eval_solutions": len(rows)}
     for label, mask in zip(LABELS, (truth, ~truth)):
         name = "plus" if label == "+" else "minus"
         if mask.any():
@@ -205,7 +209,12 @@ def main():
         if held_out is not None:
             reloaded.max_length = training_args.max_length
             encoded = reloaded.truncate(encode_labeled(tokenizer, held_out["messages"], "eval set"))
-            metrics.update(label_metrics(reloaded.label_probs(encoded, progress=True), held_out))
+            metrics.update(label_metrics(reloaded.label_probs(encoded, progress=True), held_out),
+                           eval_solutions_truncated=reloaded.truncated)
+            if reloaded.truncated:  # cut from the left as in evaluation, never silently
+                print(f"Held-out: {reloaded.truncated} solutions over --max_length {training_args.max_length} cut "
+                      f"from the left; {metrics['eval_labels_cut']} of their labels lost their step and are not "
+                      "counted")
             per_label = ", ".join(f"'{label}': {metrics[key]:.4f}" for label, key in
                                   (("+", "eval_accuracy_plus"), ("-", "eval_accuracy_minus")) if key in metrics)
             print(f"Held-out label accuracy on {metrics['eval_labels']} labels of {metrics['eval_solutions']} "

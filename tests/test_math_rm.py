@@ -320,6 +320,8 @@ def test_split_steps():
     ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
     ("\\boxed{3} is wrong; it is \\boxed{ 4 }", "4"),
     ("The answer is: 1,000.", "1,000"),
+    ("The answer is $18$.", "18"),  # the same vote as "The answer is 18."
+    ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
     ("I could not finish", None),
 ])
 def test_extract_final_answer(answer, final):
@@ -556,3 +558,16 @@ def test_scalar_orm_loss_is_binary_cross_entropy_on_the_reward_logit():
     loss = trainer.compute_loss(Model(), {"input_ids": None, "attention_mask": None, "label": torch.tensor([1.0, 1.0])})
     expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_held_out_labels_cut_by_truncation_are_counted_not_scored_as_wrong():
+    """A label whose step truncation cut off has P(+) NaN: it is left out of the accuracy and counted, where NaN > 0.5
+    would have made it a wrong '-' prediction and every mean NaN."""
+    spec = importlib.util.spec_from_file_location("math_train", ROOT / "math-rm" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = Dataset.from_list([{"messages": chat("Q? a", "+", "b", "-")}, {"messages": chat("Q? c", "+")}])
+    metrics = module.label_metrics([[float("nan"), 0.2], [0.9]], rows)
+    assert metrics["eval_labels"] == 2 and metrics["eval_labels_cut"] == 1 and metrics["eval_accuracy"] == 1.0
+    assert metrics["eval_mean_prob_plus_on_plus"] == pytest.approx(0.9)
+    assert metrics["eval_mean_prob_plus_on_minus"] == pytest.approx(0.2)

@@ -264,5 +264,6 @@ def extract_final_answer(answer: str) -> Optional[str]:
         found = stated[-1] if stated else None
     if found is None:
         return None
-    normalized = re.sub(r"\s+", "", found).strip("$").rstrip(".")
+    # the sentence's "." first: "$18$." is 18, as "18." is
+    normalized = re.sub(r"\s+", "", found).rstrip(".").strip("$").rstrip(".")
     return normalized or None
