@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from useful_code import checkpoints, modeling_armo_rm
-from useful_code.armo_data import HEAD_SUMMARY, HEAD_WEIGHTS, gating_head_dir
+from useful_code.armo_data import HEAD_SUMMARY, HEAD_WEIGHTS, check_same_backbone, gating_head_dir
 from useful_code.armo_embeddings import chat_template_error, embed, gating_pattern
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
@@ -76,6 +76,7 @@ def main():
     except (OSError, SafetensorError, ValueError) as err:  # missing, or not what stage 2 writes (ValueError: JSON)
         raise UserError(f"--head_dir: {head_dir}: {str(err).splitlines()[0]}; run armo-rm/stage-2_train.py first") \
             from None
+    check_same_backbone(summary.get("arguments", {}).get("model_path"), args.model_path, f"the head in {head_dir}")
     tokenizer = load_tokenizer(args.model_path, "--model_path", args.trust_remote_code)
     pattern = gating_pattern(tokenizer)
     config = build_config(args.model_path, summary, pattern, args.trust_remote_code)

@@ -30,6 +30,7 @@ from useful_code.armo_data import (
     HEAD_SUMMARY,
     HEAD_WEIGHTS,
     VERBOSITY_INDEX,
+    check_same_backbone,
     embeddings_prefix,
     gating_head_dir,
     load_regression_weights,
@@ -131,10 +132,18 @@ def main():
 
     # Both pair sets are loaded and checked first: an unusable one stops the run before any fitting.
     reference_name = (args.reference_dataset or args.preference_dataset, args.reference_split or args.preference_split)
-    reference, _ = load_pair_embeddings(args, *reference_name)
+    reference, reference_meta = load_pair_embeddings(args, *reference_name)
+    check_same_backbone(reference_meta.get("model_path"), args.model_path, f"the embeddings of {reference_name[0]}")
     reference_rows = embedded_rows(reference, weight, "reference dataset", *reference_name)
-    pairs, _ = load_pair_embeddings(args, args.preference_dataset, args.preference_split)
+    pairs, pairs_meta = load_pair_embeddings(args, args.preference_dataset, args.preference_split)
+    check_same_backbone(pairs_meta.get("model_path"), args.model_path, f"the embeddings of {args.preference_dataset}")
     usable = embedded_rows(pairs, weight, "preference dataset", args.preference_dataset, args.preference_split)
+    if args.eval_reward_bench:  # loaded now too: a wrong split must not cost the training, nor the previous head
+        bench, bench_meta = load_pair_embeddings(args, args.reward_bench_dataset, args.reward_bench_split)
+        check_same_backbone(bench_meta.get("model_path"), args.model_path,
+                            f"the embeddings of {args.reward_bench_dataset}")
+        if bench_meta.get("subsets") is None:
+            raise UserError(f"{args.reward_bench_dataset}: its embeddings carry no subsets")
     print(f"{len(usable)} of {len(pairs['embedded'])} preference pairs embedded; {len(reference_rows)} of "
           f"{len(reference['embedded'])} reference pairs")
     train_rows, val_rows = split_rows(usable.numpy(), args.val_fraction, args.seed, "embedded preference pairs")
@@ -207,15 +216,12 @@ def main():
 
     # 3. RewardBench from embeddings (rows that were not embedded count as ties: wrong, and reported).
     if args.eval_reward_bench:
-        bench, metadata = load_pair_embeddings(args, args.reward_bench_dataset, args.reward_bench_split)
-        if metadata.get("subsets") is None:
-            raise UserError(f"{args.reward_bench_dataset}: its embeddings carry no subsets")
         with torch.inference_mode():
             scores = pair_scores(gating, weight, transform, bench["prompt_embeddings"][:, 0].to(device),
                                  bench["embeddings"].to(device)).cpu()
             scores[~bench["embedded"]] = 0.0  # not embedded: a tie, counted wrong (and reported below)
-        ids = metadata["ids"] or list(range(len(scores)))
-        results = score_examples(ids, metadata["subsets"], scores[:, 0].tolist(), scores[:, 1].tolist())
+        ids = bench_meta["ids"] or list(range(len(scores)))
+        results = score_examples(ids, bench_meta["subsets"], scores[:, 0].tolist(), scores[:, 1].tolist())
         results["not_embedded"] = int((~bench["embedded"]).sum())
         checkpoints.atomic_write_text(output_dir / "reward_bench.json", json.dumps(results, indent=2))
         print(format_report(results))

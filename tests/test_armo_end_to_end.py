@@ -230,6 +230,12 @@ def backbone_with_template(path, template):
     return path
 
 
+def test_an_export_with_another_backbone_than_the_heads_is_refused(armo, tmp_path):
+    line = error_line(run(stage("export.py", "--model_path", backbone_with_template(tmp_path / "other", "{{ 'x' }}"),
+                                "--head_dir", armo / "head", "--output_path", tmp_path / "model")))
+    assert "was made with the backbone" in line and "not --model_path" in line and not (tmp_path / "model").exists()
+
+
 def test_a_template_that_refuses_system_turns(armo, tmp_path):
     # Gemma-2's template raises "System role not supported"; the toy pairs have system turns (row 0 among them).
     from useful_code.defaults import DEFAULT_MODEL
@@ -247,8 +253,14 @@ def test_a_template_that_refuses_system_turns(armo, tmp_path):
     assert "dropped 15 of 200 invalid rows (--skip_invalid): chat_template_rejects: 15" in proc.stdout
     assert "185 of 185 pairs embedded" in proc.stdout
 
-    # The export check scores the toy pairs the template accepts (a system turn dropped when it refuses it).
-    proc = run(stage("export.py", "--model_path", gemma_like, "--head_dir", armo / "head", "--output_path",
+    # The export check scores the toy pairs the template accepts (a system turn dropped when it refuses it). The
+    # head was trained on the same weights under another path: recorded as this backbone's, as if trained on it.
+    head = tmp_path / "head"
+    shutil.copytree(armo / "head", head)
+    summary = json.loads((head / "armo_head.json").read_text())
+    summary["arguments"]["model_path"] = str(gemma_like)
+    (head / "armo_head.json").write_text(json.dumps(summary))
+    proc = run(stage("export.py", "--model_path", gemma_like, "--head_dir", head, "--output_path",
                      tmp_path / "model"))
     check_ok(proc)
     assert "Checkpoint verified: the reloaded scores match stage 2's scores from embeddings" in proc.stdout
@@ -258,7 +270,9 @@ def test_a_template_that_refuses_system_turns(armo, tmp_path):
     refusing = backbone_with_template(tmp_path / "user_only", "{% for m in messages %}{% if m['role'] == "
                                       "'assistant' %}{{ raise_exception('No replies here') }}{% endif %}{% endfor %}"
                                       + own)
-    line = error_line(run(stage("export.py", "--model_path", refusing, "--head_dir", armo / "head", "--output_path",
+    summary["arguments"]["model_path"] = str(refusing)
+    (head / "armo_head.json").write_text(json.dumps(summary))
+    line = error_line(run(stage("export.py", "--model_path", refusing, "--head_dir", head, "--output_path",
                                 tmp_path / "out" / "model")))
     assert line.startswith("error: export check: the chat template of --model_path accepts none of the toy pairs")
     assert "row 0: No replies here" in line

@@ -783,3 +783,15 @@ def test_gating_pattern_of_a_template_that_renders_nothing_is_one_error(tok):
     broken.chat_template = "{{ raise_exception('Unsupported') }}"
     with pytest.raises(UserError, match=r"the model's chat template refuses a conversation of this data \(Unsupported\)"):
         gating_pattern(broken)
+
+
+def test_a_stage_refuses_what_another_backbone_made(tmp_path):
+    """Embeddings and a head belong to the backbone that made them; the same local path spelled two ways is one."""
+    from useful_code.armo_data import check_same_backbone
+
+    (tmp_path / "bt").mkdir()
+    check_same_backbone(str(tmp_path / "bt"), str(tmp_path / "bt" / "."), "the head")
+    check_same_backbone(None, "any/model", "embeddings written before backbones were recorded")
+    check_same_backbone("org/model", "org/model", "the embeddings of x")
+    with pytest.raises(UserError, match=r"^the head in h was made with the backbone org/a, not --model_path org/b"):
+        check_same_backbone("org/a", "org/b", "the head in h")

@@ -73,6 +73,19 @@ def load_regression_weights(path: str, flag: str = "--regression_weights") -> to
     return weight.float()
 
 
+def check_same_backbone(recorded: Optional[str], model_path: str, what: str) -> None:
+    """What an earlier stage wrote (embeddings, the gating head) belongs to the backbone it recorded: another
+    --model_path is a UserError. The default folders are named after the backbone's last path component, and every
+    checkpoint this toolkit trains is called last_checkpoint, so two backbones easily share one folder."""
+    def same(path: str) -> str:
+        local = Path(path).expanduser()
+        return str(local.resolve()) if local.exists() else path
+
+    if recorded is not None and same(recorded) != same(model_path):
+        raise UserError(f"{what} was made with the backbone {recorded}, not --model_path {model_path}: pass that "
+                        "backbone, or run the earlier stages again with this one")
+
+
 def gating_head_dir(head_dir: Optional[str], model_path: str) -> Path:
     """Stage 2's output directory (HEAD_WEIGHTS, HEAD_SUMMARY, reward_bench.json):
     <head_dir or ./armo_data/gating_network/<model>>."""
