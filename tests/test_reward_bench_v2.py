@@ -203,3 +203,26 @@ def test_pm_response_scores_are_mean_win_probabilities():
 def test_split_by_sizes_and_one_process_mapping():
     assert split_by_sizes([1, 2, 3, 4, 5, 6], [1, 3, 2]) == [[1], [2, 3, 4], [5, 6]]
     assert map_across_ranks(None, lambda items: [2 * x for x in items], [1, 2, 3]) == [2, 4, 6]
+
+
+def test_a_repeated_sequence_is_scored_once_so_its_ties_are_exact():
+    """RewardBench 2 credits a tie at the maximum 1/k by exact equality: a completion repeated among the rejected ones
+    must get exactly its twin's score, whatever batch or rank each would land in."""
+    from useful_code.scoring import once_each
+
+    seen = []
+
+    def score(sequences):
+        seen.append([list(s) for s in sequences])
+        return [sum(s) + 0.001 * len(seen[-1]) for s in sequences]  # depends on the batch, as float noise does
+
+    out = once_each(score, [[1, 2], [3], [1, 2], [4], [3]])
+    assert seen == [[[1, 2], [3], [4]]] and out[0] == out[2] and out[1] == out[4]
+    assert once_each(score, [[5], [6]]) == [5.002, 6.002]  # nothing repeated: one call as given
+
+
+def test_pm_with_nothing_to_compare_returns_nothing():
+    """Every prompt of a rank's slice with one response: no comparison, no crash (the chat template refuses [])."""
+    scorer = PairPreferenceScorer.__new__(PairPreferenceScorer)
+    result = scorer.prob_first_preferred([], [], [])
+    assert {k: v.shape for k, v in result.items()} == {"first_as_A": (0,), "first_as_B": (0,), "mean": (0,)}

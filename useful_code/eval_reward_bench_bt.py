@@ -27,7 +27,7 @@ from useful_code.evaluation import (
 )
 from useful_code.modeling import load_for_scoring, load_reward_model
 from useful_code.reward_bench import score_examples, score_examples_v2
-from useful_code.scoring import score_pairs, score_sequences, split_by_sizes
+from useful_code.scoring import once_each, score_pairs, score_sequences, split_by_sizes
 from useful_code.templates import encode_conversations, special_token_pattern, tokenize_pairs, truncate_all
 
 
@@ -57,7 +57,7 @@ def completion_scores(model, tokenizer, examples, args, state) -> tuple[list[lis
     sequences, cut = truncate_all(tokenizer, encode_conversations(tokenizer, conversations), args.max_length)
     score = partial(score_sequences, model, tokenizer, batch_size=args.batch_size, progress=state.is_main_process,
                     max_tokens_per_batch=args.max_tokens_per_batch)
-    flat = map_across_ranks(state, score, sequences)
+    flat = once_each(partial(map_across_ranks, state, score), sequences)  # a repeated completion: one score
     return split_by_sizes(flat, [len(r) for r in examples["responses"]]), cut
 
 

@@ -54,7 +54,7 @@ def checked_pairs(examples, flag: str, args, tokenizer):
 
 def pair_rewards(scorer: PairPreferenceScorer, examples) -> tuple[list[float], list[float]]:
     """(chosen_reward, rejected_reward) per example: P(chosen preferred), both orders averaged, and 1 - it."""
-    probs = scorer.score_pairs(examples)["mean"]
+    probs = scorer.score_pairs(examples, progress=scorer.state is None or scorer.state.is_main_process)["mean"]
     return probs.tolist(), (1.0 - probs).tolist()
 
 

@@ -7,6 +7,7 @@ P(A preferred) is the softmax of the "A" and "B" logits at the answer position, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from useful_code.data_parallel import map_across_ranks
 from useful_code.modeling import load_for_scoring, load_preference_model
 from useful_code.packing import packed_lm_logits, packed_rows, padding_free_ready, supports_prefix_sharing
 from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
-from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device
+from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device, once_each
 from useful_code.templates import truncate_all
 
 
@@ -127,10 +128,13 @@ class PairPreferenceScorer:
         """P(first preferred over second) for each pair: as response A, as response B, and their mean. NaN or
         infinite outputs are a ModelOutputError naming the first such pair (check_finite)."""
         n = len(contexts)
+        if n == 0:  # a call with nothing to compare (every prompt of a rank's slice has one response)
+            return {key: np.zeros(0, dtype=np.float32) for key in ("first_as_A", "first_as_B", "mean")}
         prompts = [build_pm_prompt(c, a, b) for c, a, b in zip(contexts, first, second)]
         prompts += [build_pm_prompt(c, b, a) for c, a, b in zip(contexts, first, second)]
-        logits = map_across_ranks(self.state, lambda part: self.label_logits(part, progress).tolist(),
-                                  self.encode(prompts))
+        # A repeated comparison (two identical candidates) gets one result: its ties cannot depend on batching.
+        logits = once_each(partial(map_across_ranks, self.state,
+                                   lambda part: self.label_logits(part, progress).tolist()), self.encode(prompts))
         logits = np.asarray(logits, dtype=np.float32).reshape(-1, 2) / self.temperature
         probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
         check_finite(logits, probs, contexts)

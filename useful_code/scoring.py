@@ -44,13 +44,28 @@ def token_budget_field():
 
 
 @torch.inference_mode()
+def once_each(score: Callable[[list], list], sequences: list[list[int]]) -> list:
+    """score(the distinct sequences), each result given to every repeat of its sequence: identical inputs get
+    identical outputs whatever batch or rank they would have landed in (RewardBench 2 credits an exact tie at the
+    maximum 1/k, and float noise between two batches would make or break it)."""
+    distinct: dict[tuple, int] = {}
+    index = [distinct.setdefault(tuple(s), len(distinct)) for s in sequences]
+    if len(distinct) == len(sequences):
+        return score(sequences)
+    results = score([list(s) for s in distinct])
+    return [results[i] for i in index]
+
+
 def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: int, progress: bool = False,
                     read: Callable = reward_logit, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS) -> list:
     """read(outputs) of each token sequence (default: its scalar reward, logit 0; an ArmoRM's attribute rewards
     with another read). A model set up for packed rows (packing.enable_padding_free) scores its rewards padding-free,
     up to max_tokens_per_batch tokens per forward, sequences that share a context as trees where its attention
     allows (packing.prefix_groups); otherwise (or with max_tokens_per_batch 0, or another read) in
-    right-padded batches of batch_size, longest first."""
+    right-padded batches of batch_size, longest first. Repeats of a sequence get its one result (once_each)."""
+    if len(set(map(tuple, sequences))) < len(sequences):
+        return once_each(partial(score_sequences, model, tokenizer, batch_size=batch_size, progress=progress,
+                                 read=read, max_tokens_per_batch=max_tokens_per_batch), sequences)
     device = model_device(model)
     results = [None] * len(sequences)
     if read is reward_logit and max_tokens_per_batch and padding_free_ready(model) and reward_head(model) is not None:
@@ -75,7 +90,7 @@ def score_pairs(model, tokenizer, pairs, batch_size: int, progress: bool = True,
     chosen, rejected = list(pairs["chosen_input_ids"]), list(pairs["rejected_input_ids"])
     score = partial(score_sequences, model, tokenizer, batch_size=batch_size, progress=progress,
                     max_tokens_per_batch=max_tokens_per_batch)
-    rewards = map_across_ranks(state, score, chosen + rejected)
+    rewards = once_each(partial(map_across_ranks, state, score), chosen + rejected)
     return rewards[: len(chosen)], rewards[len(chosen):]
 
 
