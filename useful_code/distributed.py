@@ -36,6 +36,11 @@ def init_distributed_for_cpu(uses_deepspeed: bool) -> bool:
     Returns True when this machine has no accelerator (so TrainingArguments need use_cpu=True)."""
     if uses_deepspeed:
         set_single_process_env()
+        # DeepSpeed's ZeRO calls these torch collectives by their old names, and torch warns at every step: noise the
+        # user cannot act on (hundreds of lines a run).
+        for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+            warnings.filterwarnings("ignore", message=f"`torch.distributed.{name}` is deprecated",
+                                    category=FutureWarning)
     if has_accelerator():
         return False
     if uses_deepspeed and "LOCAL_RANK" in os.environ:
