@@ -55,7 +55,6 @@ from useful_code.templates import load_tokenizer, tokenize_pairs
 from useful_code.training_plots import plot_curves, plot_rewards
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
-NEVER = 999999  # upstream's "no periodic save/eval" value
 
 
 @dataclass
@@ -93,25 +92,13 @@ class ScriptArguments(HeldOutArguments):
 
 
 @dataclass
-class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments, TrainingArguments):
+class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments, checkpoints.PeriodicArguments,
+                              TrainingArguments):
     """transformers' TrainingArguments with upstream's flag names and defaults (gemma_2B_rm.py) where they differ."""
 
     output_dir: Optional[str] = field(default="./bt_models/reward_model",
                                       metadata={"aliases": ["--output_path"], "help": "Output directory."})
     max_length: int = field(default=4096, metadata={"min": 1, "help": "Max tokens per conversation."})
-    save_every_steps: Optional[int] = field(default=None, metadata={
-        "min": 1, "help": f"Save a checkpoint every x steps (upstream's flag: --save_strategy steps --save_steps x; "
-                          f"{NEVER}, upstream's default, saves none)."})
-    eval_every_steps: Optional[int] = field(default=None, metadata={
-        "min": 1, "help": f"Evaluate every x steps (upstream's flag: --eval_strategy steps --eval_steps x; {NEVER}, "
-                          "upstream's default, evaluates only at the end)."})
-    # transformers' own flags, unset by default so that they can be told apart from upstream's names above.
-    save_strategy: Optional[str] = field(default=None, metadata={
-        "help": "Periodic checkpoints: no (the default here: only the final checkpoint), steps or epoch."})
-    save_steps: Optional[float] = field(default=None, metadata={
-        "help": "With --save_strategy steps: every x steps (default 500; a fraction of the steps when < 1)."})
-    eval_strategy: Optional[str] = field(default=None, metadata={
-        "help": "Periodic evaluation: no (the default: only at the end), steps or epoch."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch pairs of similar length (less padding)."})
     warmup_steps: float = field(default=0.03, metadata={"aliases": ["--warmup_ratio"],
                                                         "help": "Warmup steps, or a fraction of the steps when < 1."})
@@ -123,12 +110,7 @@ class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArgum
     report_to: Optional[str] = field(default="none", metadata={"help": "wandb, tensorboard, ... or none."})
 
     def __post_init__(self):
-        # Periodic saves and evaluations are off unless asked for, by upstream's names or transformers' own: with a
-        # "steps" strategy transformers also saves a full training state (optimizer included) at the last step.
-        self.save_strategy, self.save_steps = periodic_strategy(
-            "save", self.save_every_steps, self.save_strategy, self.save_steps, default_steps=500)
-        self.eval_strategy, self.eval_steps = periodic_strategy(
-            "eval", self.eval_every_steps, self.eval_strategy, self.eval_steps, default_steps=None)
+        self.resolve_periodic()
         if self.prediction_loss_only:
             raise UserError("--prediction_loss_only: the held-out accuracy and the reload check need the rewards; "
                             "drop the flag")
@@ -136,22 +118,6 @@ class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArgum
         self.remove_unused_columns = False  # the collator reads the token-id columns
         self.label_names = []
         super().__post_init__()
-
-
-def periodic_strategy(kind: str, every: Optional[int], strategy: Optional[str], steps: Optional[float],
-                      default_steps: Optional[float]) -> tuple[str, Optional[float]]:
-    """transformers' (--{kind}_strategy, --{kind}_steps) from upstream's --{kind}_every_steps when given (NEVER: off),
-    else from transformers' own flags as given (unset: off); both kinds given and disagreeing is a UserError."""
-    if every is None:
-        return strategy or "no", default_steps if steps is None else steps
-    wanted_strategy, wanted_steps = ("steps", every) if every < NEVER else ("no", None)
-    if (strategy is not None and strategy != wanted_strategy) or (steps is not None and steps != wanted_steps):
-        given = " ".join(f"--{kind}_{name} {value:g}" if isinstance(value, float) else f"--{kind}_{name} {value}"
-                         for name, value in (("strategy", strategy), ("steps", steps)) if value is not None)
-        means = f"--{kind}_strategy steps --{kind}_steps {every}" if wanted_steps else f"--{kind}_strategy no"
-        raise UserError(f"--{kind}_every_steps {every} (upstream's name for {means}) disagrees with {given}: "
-                        "give one or the other")
-    return wanted_strategy, default_steps if wanted_steps is None else wanted_steps
 
 
 def check_optional_packages(training_args: TrainingArguments) -> None:

@@ -12,7 +12,8 @@ The model, tokenizer and checkpoint handling are the BT reward model's (a reward
 left truncation, staging, reload check); the reward is the logit of P(right). Writes
 <output_dir>/last_checkpoint/ (loads with AutoModelForSequenceClassification) and <output_dir>/metrics.json.
 Fixed from upstream: its eval_set_path was undefined (the script failed before training) and its held-out rows
-were 500 of the training rows; here they come from the data's test split or --eval_set_path.
+were 500 of the training rows; here they come from --eval_set_path, the data's test split, or --eval_holdout_size
+(500) rows held out of the training rows and not trained on. Upstream's --save_every_steps / --eval_every_steps work.
 """
 
 import os
@@ -27,7 +28,7 @@ from transformers import Trainer, TrainingArguments
 
 from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
-from useful_code.data import load_dataset_dict, load_split, pick_split
+from useful_code.data import load_dataset_dict, load_split, pick_split, split_name
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.distributed import HardwareAwareArguments, outside_zero3
 from useful_code.formats import enforce_validity
@@ -46,13 +47,17 @@ class ScriptArguments:
 
     model_name: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub name or local directory of the base model."})
     train_set_path: str = field(default=TOY_PRM, metadata={"help": "PRM/ORM rows ('conversations' or 'messages')."})
-    eval_set_path: Optional[str] = field(default=None, metadata={"help": "Default: the data's 'test' split."})
+    eval_set_path: Optional[str] = field(default=None, metadata={
+        "help": "Default: the data's 'test' split, else --eval_holdout_size rows held out of the training rows."})
+    eval_holdout_size: int = field(default=500, metadata={
+        "min": 1, "help": "Rows held out of data with no 'test' split (upstream's 500, never trained on here)."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
     reload_check_rows: int = field(default=16, metadata={"min": 1, "help": "Held-out rows that verify the save."})
 
 
 @dataclass
-class ScalarORMTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments, TrainingArguments):
+class ScalarORMTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments,
+                                 checkpoints.PeriodicArguments, TrainingArguments):
     """transformers' TrainingArguments with upstream's names where they differ, and values that train the tiny model."""
 
     output_dir: Optional[str] = field(default="./models/scalar_orm", metadata={"aliases": ["--output_path"]})
@@ -67,6 +72,7 @@ class ScalarORMTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirAr
     def __post_init__(self):
         self.remove_unused_columns = False  # the collator reads input_ids and label
         self.label_names = ["label"]
+        self.resolve_periodic()  # upstream's --save_every_steps / --eval_every_steps, or transformers' own flags
         super().__post_init__()
 
 
@@ -130,12 +136,21 @@ def main():
     tokenizer = load_tokenizer(args.model_name, "--model_name")
     with training_args.main_process_first():
         splits = load_dataset_dict(args.train_set_path, "--train_set_path", skip_invalid=args.skip_invalid)
-        if not args.eval_set_path and "test" not in splits:
-            raise UserError("--train_set_path has no 'test' split: pass --eval_set_path for the held-out rows")
-        held_out_raw = (load_split(args.eval_set_path, "test", "--eval_set_path", args.skip_invalid)
-                        if args.eval_set_path else splits["test"])
-        train, train_stats = solution_rows(pick_split(splits, "train", "--train_set_path"), tokenizer,
-                                           training_args.max_length, args.skip_invalid, "train set")
+        train_raw = pick_split(splits, "train", "--train_set_path")
+        if args.eval_set_path:
+            held_out_raw = load_split(args.eval_set_path, "test", "--eval_set_path", args.skip_invalid)
+        elif "test" in splits and split_name(splits, "train", "--train_set_path") != "test":
+            held_out_raw = splits["test"]
+        else:  # no test split (RLHFlow/Mistral-ORM-Data has none), or it is the training data
+            if len(train_raw) < 2 * args.eval_holdout_size:
+                raise UserError(f"--train_set_path has {len(train_raw)} rows and no 'test' split of its own: too few "
+                                f"to hold out --eval_holdout_size={args.eval_holdout_size}; pass --eval_set_path or "
+                                "a smaller --eval_holdout_size")
+            split = train_raw.train_test_split(test_size=args.eval_holdout_size, seed=training_args.seed)
+            train_raw, held_out_raw = split["train"], split["test"]
+            print(f"Held out {args.eval_holdout_size} of the training rows for evaluation (--eval_holdout_size)")
+        train, train_stats = solution_rows(train_raw, tokenizer, training_args.max_length, args.skip_invalid,
+                                           "train set")
         held_out, eval_stats = solution_rows(held_out_raw, tokenizer, training_args.max_length, args.skip_invalid,
                                              "eval set")
 

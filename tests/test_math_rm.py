@@ -545,6 +545,22 @@ def test_scalar_orm_learns_which_solutions_are_right_and_reloads(tmp_path):
     assert proc.returncode == 2 and "row 0 (no_step_1)" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_scalar_orm_takes_upstreams_flags_and_holds_out_rows_of_train_only_data(tmp_path):
+    """Upstream's command: RLHFlow/Mistral-ORM-Data has only a train split, and --eval_every_steps /
+    --save_every_steps are upstream's names."""
+    train_only = tmp_path / "train.jsonl"
+    train_only.write_text((ROOT / "assets" / "data" / "toy_math" / "prm" / "train.jsonl").read_text())
+    out = tmp_path / "orm"
+    proc = run([sys.executable, str(ROOT / "math-rm" / "scalar_orm_train.py"), "--train_set_path", str(train_only),
+                "--eval_holdout_size", "40", "--eval_every_steps", "999999", "--save_every_steps", "3",
+                "--max_steps", "3", "--output_dir", str(out)])
+    check_ok(proc)
+    assert "Held out 40 of the training rows for evaluation (--eval_holdout_size)" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["examples"]["eval"]["used"] == 40 and (out / "checkpoint-3").is_dir()
+    assert metrics["examples"]["train"]["read"] == len(train_only.read_text().splitlines()) - 40
+
+
 def test_scalar_orm_loss_is_binary_cross_entropy_on_the_reward_logit():
     spec = importlib.util.spec_from_file_location("scalar_orm_train", ROOT / "math-rm" / "scalar_orm_train.py")
     module = importlib.util.module_from_spec(spec)

@@ -39,6 +39,54 @@ class OutputDirArguments:
         "help": "Replace a finished run (last_checkpoint/ and metrics.json) in the output directory."})
 
 
+NEVER = 999999  # upstream's "no periodic save/eval" value
+
+
+@dataclass
+class PeriodicArguments:
+    """Periodic saves and evaluations, off unless asked for, by upstream's names (--save_every_steps N,
+    --eval_every_steps N) or transformers' own (--save_strategy, --save_steps, --eval_strategy, --eval_steps):
+    with a "steps" strategy transformers also saves a full training state (optimizer included) at the last step.
+    A mixin for TrainingArguments subclasses, listed before TrainingArguments; __post_init__ calls resolve_periodic."""
+
+    save_every_steps: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": f"Save a checkpoint every x steps (upstream's flag: --save_strategy steps --save_steps x; "
+                          f"{NEVER}, upstream's default, saves none)."})
+    eval_every_steps: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": f"Evaluate every x steps (upstream's flag: --eval_strategy steps --eval_steps x; {NEVER}, "
+                          "upstream's default, evaluates only at the end)."})
+    # transformers' own flags, unset by default so that they can be told apart from upstream's names above.
+    save_strategy: Optional[str] = field(default=None, metadata={
+        "help": "Periodic checkpoints: no (the default here: only the final checkpoint), steps or epoch."})
+    save_steps: Optional[float] = field(default=None, metadata={
+        "help": "With --save_strategy steps: every x steps (default 500; a fraction of the steps when < 1)."})
+    eval_strategy: Optional[str] = field(default=None, metadata={
+        "help": "Periodic evaluation: no (the default: only at the end), steps or epoch."})
+
+    def resolve_periodic(self) -> None:
+        """Set transformers' save/eval strategy and steps from whichever names were given."""
+        self.save_strategy, self.save_steps = periodic_strategy(
+            "save", self.save_every_steps, self.save_strategy, self.save_steps, default_steps=500)
+        self.eval_strategy, self.eval_steps = periodic_strategy(
+            "eval", self.eval_every_steps, self.eval_strategy, self.eval_steps, default_steps=None)
+
+
+def periodic_strategy(kind: str, every: Optional[int], strategy: Optional[str], steps: Optional[float],
+                      default_steps: Optional[float]) -> tuple[str, Optional[float]]:
+    """transformers' (--{kind}_strategy, --{kind}_steps) from upstream's --{kind}_every_steps when given (NEVER: off),
+    else from transformers' own flags as given (unset: off); both kinds given and disagreeing is a UserError."""
+    if every is None:
+        return strategy or "no", default_steps if steps is None else steps
+    wanted_strategy, wanted_steps = ("steps", every) if every < NEVER else ("no", None)
+    if (strategy is not None and strategy != wanted_strategy) or (steps is not None and steps != wanted_steps):
+        given = " ".join(f"--{kind}_{name} {value:g}" if isinstance(value, float) else f"--{kind}_{name} {value}"
+                         for name, value in (("strategy", strategy), ("steps", steps)) if value is not None)
+        means = f"--{kind}_strategy steps --{kind}_steps {every}" if wanted_steps else f"--{kind}_strategy no"
+        raise UserError(f"--{kind}_every_steps {every} (upstream's name for {means}) disagrees with {given}: "
+                        "give one or the other")
+    return wanted_strategy, default_steps if wanted_steps is None else wanted_steps
+
+
 STAGING = ".staging"  # beside the final checkpoint: where it is written and verified before it is moved into place
 LOCK = ".lock"
 
