@@ -43,7 +43,6 @@ def token_budget_field():
                           "batches of --batch_size."})
 
 
-@torch.inference_mode()
 def once_each(score: Callable[[list], list], sequences: list[list[int]]) -> list:
     """score(the distinct sequences), each result given to every repeat of its sequence: identical inputs get
     identical outputs whatever batch or rank they would have landed in (RewardBench 2 credits an exact tie at the
@@ -56,6 +55,7 @@ def once_each(score: Callable[[list], list], sequences: list[list[int]]) -> list
     return [results[i] for i in index]
 
 
+@torch.inference_mode()
 def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: int, progress: bool = False,
                     read: Callable = reward_logit, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS) -> list:
     """read(outputs) of each token sequence (default: its scalar reward, logit 0; an ArmoRM's attribute rewards
