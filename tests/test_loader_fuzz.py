@@ -246,6 +246,13 @@ def test_a_data_directory_reads_each_file_as_a_single_file_is(tmp_path):
     pd.DataFrame([pair] * 3).to_parquet(data / "train-2.parquet")
     with pytest.raises(UserError, match=r"mixes data file formats \(3 json, 1 parquet files\)"):
         load_dataset_dict(str(data), "--data", skip_invalid=True)
+    (data / "train-2.parquet").unlink()
+    (data / "extra.csv").write_text("chosen,rejected\na,b\n")
+    with pytest.raises(UserError, match=r"these data files would not be read: extra.csv \(only"):
+        load_dataset_dict(str(data), "--data", skip_invalid=True)
+    (data / "extra.csv").rename(data / "extra.jsonl")  # beside train*/test* files no split takes it
+    with pytest.raises(UserError, match=r"these data files would not be read: extra.jsonl \(only"):
+        load_dataset_dict(str(data), "--data", skip_invalid=True)
     zst = tmp_path / "d.jsonl.zst"
     zst.write_bytes(b"\x28\xb5\x2f\xfd")
     with pytest.raises(UserError, match="unsupported file type 'd.jsonl.zst'"):

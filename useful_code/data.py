@@ -196,6 +196,16 @@ def _load_data_directory(local: Path, flag: str, skip_invalid: bool) -> DatasetD
         found = DataFilesDict.from_patterns(get_data_patterns(str(local)), base_path=str(local))
     except Exception as err:  # datasets: an empty directory, unreadable files
         raise UserError(f"{flag}: {local}: no data files in this directory ({_first_line(err)})") from None
+    # A data file that no split takes (named neither train* nor test* beside ones that are) or of a format read
+    # nowhere here would otherwise be left out without a word.
+    taken = {Path(f).resolve() for files in found.values() for f in files}
+    left_out = sorted(str(f.relative_to(local)) for f in local.rglob("*")
+                      if f.is_file() and not any(part.startswith(".") for part in f.relative_to(local).parts)
+                      and (_file_builder(f) or f.suffix.lower() in (".csv", ".tsv", ".arrow"))
+                      and (f.resolve() not in taken or not _file_builder(f)))
+    if left_out:
+        raise UserError(f"{flag}: {local}: these data files would not be read: {', '.join(left_out[:5])} (only "
+                        ".json/.jsonl/.parquet files, split by name: train*, test*, ...)")
     splits = {str(split): [Path(f) for f in files if _file_builder(Path(f))] for split, files in found.items()}
     builders = Counter(_file_builder(f) for files in splits.values() for f in files)
     if not builders:
