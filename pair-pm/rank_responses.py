@@ -6,7 +6,12 @@ Each input line is a JSON object with "prompt" (a string, or a message list) or 
 the user's turn), and "responses" (a non-empty list of non-empty strings). Every line is checked before the model
 loads (the rules of useful_code/score_dataset.py's rows); a bad line stops the run naming its number and rule.
 A tournament takes n - 1 comparisons, each scored in both orders (upstream's recommendation for n > 2: linear in n,
-where ranking every pair is quadratic). The matches of a round, across all prompts, share batched forward passes.
+where ranking every pair is quadratic). The matches of a round, across all prompts, share batched forward passes;
+under torchrun, accelerate launch or deepspeed each rank scores a slice of every round's sequences, and the first
+rank writes the output:
+
+    torchrun --nproc_per_node 8 pair-pm/rank_responses.py --reward_name_or_path DIR --input_path prompts.jsonl
+
 Each output line is the input plus "best_index", "best_response" and "matches" ([first, second, P(first
 preferred)] per comparison).
 
@@ -17,8 +22,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from useful_code.checkpoints import check_output_file
+from useful_code.checkpoints import atomic_write_text, check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.data_parallel import finish, process_state
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.score_dataset import ROW_RULES, parse_row
 from useful_code.templates import special_token_pattern
@@ -83,28 +89,35 @@ def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dic
     return contexts, candidates, rows, numbers
 
 
+def write_winners(path: str, rows: list[dict], candidates: list[list[str]], results) -> None:
+    """Each input row plus its tournament's winner and matches, one JSON line per prompt, written atomically."""
+    lines = [{**row, "best_index": result.winner, "best_response": responses[result.winner],
+              "matches": [[m.first, m.second, m.prob_first] for m in result.matches]}
+             for row, responses, result in zip(rows, candidates, results)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+
+
 def main():
     args = parse_args((ScriptArguments,))[0]
+    state = process_state()
     check_output_file(args.output_path, "--output_path", inputs=(args.input_path,))
     contexts, candidates, rows, numbers = read_prompts(args.input_path)
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
-        trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights,
-        batch_size=args.batch_size, max_length=args.max_length)
+        trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights, device=state.device,
+        batch_size=args.batch_size, max_length=args.max_length, state=state)
     special_tokens = special_token_pattern(scorer.tokenizer)  # known once the tokenizer is: a forged turn break
     for row, number in zip(rows, numbers):
         parse_line(row, number, special_tokens)
-    results = scorer.knockout_many(contexts, candidates)
-    Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output_path, "w", encoding="utf-8") as f:
-        for row, responses, result in zip(rows, candidates, results):
-            row = {**row, "best_index": result.winner, "best_response": responses[result.winner],
-                   "matches": [[m.first, m.second, m.prob_first] for m in result.matches]}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    n_matches = sum(len(r.matches) for r in results)
-    print(f"Ranked {len(rows)} prompts with {n_matches} comparisons (each in both orders)"
-          + (f"; {scorer.truncated} sequences cut to max_length" if scorer.truncated else ""))
-    print(f"Winners: {args.output_path}")
+    results = scorer.knockout_many(contexts, candidates)  # every rank gets every result
+    if state.is_main_process:
+        write_winners(args.output_path, rows, candidates, results)
+        n_matches = sum(len(r.matches) for r in results)
+        print(f"Ranked {len(rows)} prompts with {n_matches} comparisons (each in both orders)"
+              + (f"; {scorer.truncated} sequences cut to max_length" if scorer.truncated else ""))
+        print(f"Winners: {args.output_path}")
+    finish(state)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,16 @@ def test_rank_responses_picks_the_helpful_answer_with_n_minus_1_matches(pm_run, 
     assert all(len(r["matches"]) == len(r["responses"]) - 1 for r in rows)
     assert all(r["best_response"] == r["responses"][r["best_index"]] for r in rows)
     assert sum(r["best_index"] == r["helpful_index"] for r in rows) >= 18
+    # Data-parallel on two ranks: the same winners and match probabilities, one output written by the first rank.
+    split = tmp_path / "ranked_2.jsonl"
+    check_ok(run([str(BIN / "torchrun"), "--nproc_per_node", "2", RANK, "--reward_name_or_path",
+                  str(pm_run / "last_checkpoint"), "--input_path", "assets/data/toy_ranking.jsonl", "--output_path",
+                  str(split)], env_extra={"OMP_NUM_THREADS": "1"}))
+    split_rows = [json.loads(line) for line in open(split)]
+    assert [r["best_index"] for r in split_rows] == [r["best_index"] for r in rows]
+    for one, two in zip(rows, split_rows):
+        assert [m[:2] for m in two["matches"]] == [m[:2] for m in one["matches"]]
+        assert [m[2] for m in two["matches"]] == pytest.approx([m[2] for m in one["matches"]], abs=1e-5)
 
 
 def test_user_errors_are_one_line(tmp_path):
@@ -134,7 +144,8 @@ def test_user_errors_are_one_line(tmp_path):
     proc = run([sys.executable, TRAIN, "--dataset_path", str(good), "--max_length", "8",
                 "--output_dir", str(tmp_path / "o")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "longer than max_length=8" in proc.stderr and "row 0" in proc.stderr and "--overlength drop" in proc.stderr
+    assert "longer than max_length=8" in proc.stderr and "--overlength drop" in proc.stderr
+    assert "(first: 50 tokens, beginning 'user [CONTEXT] x [RESPONSE A] a" in proc.stderr
 
 
 def test_packing_trains_and_the_checkpoint_verifies(tmp_path):
