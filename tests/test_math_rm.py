@@ -219,7 +219,8 @@ def test_overlength_is_an_error_or_a_counted_drop(tok):
     data = training_set(SOLUTION, chat("short", "+"), column="messages")
     lengths = [len(ids) for ids, _ in encode_labeled(tok, list(data["messages"]))]
     limit = lengths[1] + 1
-    with pytest.raises(UserError, match=f"1 of 2 examples are longer than max_length={limit}.*row 0"):
+    with pytest.raises(UserError, match=f"1 of 2 examples are longer than max_length={limit} tokens "
+                       rf"\(first: {lengths[0]} tokens, beginning '.*Tom has 2 apples"):
         tokenize_examples(data, tok, limit, "error", "t")
     kept, stats = tokenize_examples(data, tok, limit, "drop", "t")
     assert len(kept) == 1 and stats == {"dropped_overlength": 1}

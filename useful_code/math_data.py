@@ -153,8 +153,8 @@ def encode_labeled(tokenizer, conversations: list[list[dict]], name: str = "data
 
 def tokenize_examples(dataset, tokenizer, max_length: int, overlength: str, name: str):
     """input_ids = the templated chat; labels = -100 except on every label token, so the loss is on the "+"/"-"
-    answers alone. An example longer than max_length is an error naming the row, or with overlength == 'drop' is
-    dropped and counted (a cut would lose the problem or the last labels). Returns (dataset, stats)."""
+    answers alone. An example longer than max_length is an error naming the first by its text, or with overlength ==
+    'drop' is dropped and counted (a cut would lose the problem or the last labels). Returns (dataset, stats)."""
     if overlength not in ("error", "drop"):
         raise UserError(f"--overlength must be 'error' or 'drop' for a math reward model, not '{overlength}'")
 
@@ -170,7 +170,7 @@ def tokenize_examples(dataset, tokenizer, max_length: int, overlength: str, name
 
     encoded = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
                           desc=f"tokenizing {name}")
-    encoded, dropped = enforce_max_length(encoded, max_length, overlength, name)
+    encoded, dropped = enforce_max_length(encoded, max_length, overlength, name, tokenizer)
     return encoded, {"dropped_overlength": dropped}
 
 

@@ -126,8 +126,8 @@ def pairs_to_pm(pairs, seed: int):
 def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, name: str):
     """input_ids = prompt up to the answer position + the answer's tokens (one for A/B, those of 'Same' for an RRM
     tie); labels = -100 except on them, so the loss is on the answer alone (upstream's train_on_inputs: false). An
-    example longer than max_length is an error naming the row, or dropped and counted with overlength == 'drop'
-    (cutting it would lose either the context's start or the answer). Returns (dataset, stats)."""
+    example longer than max_length is an error naming the first by its text, or dropped and counted with overlength
+    == 'drop' (cutting it would lose either the context's start or the answer). Returns (dataset, stats)."""
     if overlength not in ("error", "drop"):
         raise UserError(f"--overlength must be 'error' or 'drop' for a PM, not '{overlength}'")
     label_ids = label_token_ids(tokenizer)
@@ -141,7 +141,7 @@ def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, n
                 "labels": [[-100] * len(p) + a for p, a in zip(prompts, answers)]}
 
     encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {name}")
-    encoded, dropped = enforce_max_length(encoded, max_length, overlength, name)
+    encoded, dropped = enforce_max_length(encoded, max_length, overlength, name, tokenizer)
     return encoded, {"dropped_overlength": dropped}
 
 

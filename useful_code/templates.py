@@ -192,16 +192,19 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: s
     return encoded.remove_columns("overlength"), stats
 
 
-def enforce_max_length(encoded, max_length: int, overlength: str, name: str):
+def enforce_max_length(encoded, max_length: int, overlength: str, name: str, tokenizer):
     """For examples that cannot be cut (a PM prompt, a math solution: either end holds what is learned): an example
-    whose input_ids are longer than max_length is an error naming its row, or with overlength == 'drop' is dropped
-    and counted. Returns (dataset, number dropped)."""
+    whose input_ids are longer than max_length is an error naming the first one by its text, or with overlength ==
+    'drop' is dropped and counted. Returns (dataset, number dropped)."""
     lengths = [len(ids) for ids in encoded["input_ids"]]
     too_long = [i for i, n in enumerate(lengths) if n > max_length]
     if too_long and overlength == "error":
+        # By its text, not a row number: validation drops (--skip_invalid) and held-out splits renumber the rows.
+        first = too_long[0]
+        text = " ".join(tokenizer.decode(encoded[first]["input_ids"][:48], skip_special_tokens=True).split())
         raise UserError(
             f"{name}: {len(too_long)} of {len(lengths)} examples are longer than max_length={max_length} tokens "
-            f"(first: row {too_long[0]}, {lengths[too_long[0]]} tokens); raise --max_length, or pass "
+            f"(first: {lengths[first]} tokens, beginning {text[:80]!r}); raise --max_length, or pass "
             "--overlength drop to drop them with a count")
     if too_long:
         encoded = encoded.select(sorted(set(range(len(lengths))) - set(too_long)))
