@@ -250,6 +250,7 @@ def test_a_finished_run_is_not_overwritten(trained):
     before = (trained / "metrics.json").read_text()
     proc = run([sys.executable, TRAIN, "--output_path", str(trained), "--max_steps", "2"])
     assert proc.returncode == 2 and "holds a finished run" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert f"error: --output_path: {trained} holds" in proc.stderr  # the flag the user typed (upstream's name)
     assert (trained / "metrics.json").read_text() == before and not (trained / ".staging").exists()
 
 

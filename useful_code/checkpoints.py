@@ -136,24 +136,24 @@ def check_output_dir(path, flag: str, inputs: tuple = ()) -> Path:
 
 
 def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = (),
-                     finished: str = "metrics.json") -> Path:
+                     finished: str = "metrics.json", flag: str = "--output_dir") -> Path:
     """Before any work: check that output_dir can take this run and lock it (call on the main process only).
 
     It must be a creatable, writable directory that is none of the inputs; a finished run there (the file named
     finished, which a run writes last) is kept unless overwrite; a run in progress there (a lock whose PID is
-    alive) stops this one, and a stale lock is taken over. The lock is released when this process exits. Returns
-    the directory."""
-    out = check_output_dir(output_dir, "--output_dir", inputs)
+    alive) stops this one, and a stale lock is taken over. The lock is released when this process exits. Errors
+    name flag, the script's name for output_dir. Returns the directory."""
+    out = check_output_dir(output_dir, flag, inputs)
     lock = out / LOCK
     if lock.exists():
         holder = lock.read_text().strip()
         if holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder)):
-            raise UserError(f"--output_dir: {out} is in use by another run (PID {holder}); wait for it or choose "
-                            "another --output_dir")
+            raise UserError(f"{flag}: {out} is in use by another run (PID {holder}); wait for it or choose "
+                            f"another {flag}")
         print(f"Taking over the stale lock of {out} (PID {holder or '?'} is gone)")
     if (out / finished).exists() and not overwrite:
-        raise UserError(f"--output_dir: {out} holds a finished run ({finished}); pass "
-                        "--overwrite_output_dir to replace it, or choose another --output_dir")
+        raise UserError(f"{flag}: {out} holds a finished run ({finished}); pass "
+                        f"--overwrite_output_dir to replace it, or choose another {flag}")
     lock.write_text(str(os.getpid()))
     atexit.register(lambda: lock.unlink(missing_ok=True) if lock.exists() and lock.read_text() == str(os.getpid())
                     else None)
