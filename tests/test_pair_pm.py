@@ -295,17 +295,16 @@ def test_loss_is_on_the_answer_token_only(tok, model):
         assert model(input_ids=ids, labels=only_answer, use_cache=False).loss.item() == pytest.approx(out.loss.item(), abs=1e-6)
 
 
-def test_overlength_error_names_the_row(tok):
+def test_overlength_error_names_the_example_by_its_text(tok):
     long_row = pm_messages(THREE_TURNS, "a much longer answer " * 5, "No.", 0)
     short_row = pm_messages(user("q"), "good", "bad", 1)
     long_len, short_len = (len(e["input_ids"]) for e in tokenized(tok, [long_row, short_row])[0])
     assert long_len > short_len
-    with pytest.raises(UserError) as err:
-        tokenized(tok, [long_row, short_row], max_length=short_len)
-    assert f"row 0, {long_len} tokens" in str(err.value) and "1 of 2" in str(err.value)
-    with pytest.raises(UserError) as err:
-        tokenized(tok, [short_row, long_row], max_length=short_len)
-    assert f"row 1, {long_len} tokens" in str(err.value)
+    for rows in ([long_row, short_row], [short_row, long_row]):  # named by its text wherever it is
+        with pytest.raises(UserError) as err:
+            tokenized(tok, rows, max_length=short_len)
+        assert f"1 of 2 examples are longer than max_length={short_len} tokens (first: {long_len} tokens, " \
+               f"beginning 'user [CONTEXT] <turn> user" in str(err.value)
     with pytest.raises(UserError):
         tokenized(tok, [short_row], overlength="truncate")
 
