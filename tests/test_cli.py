@@ -216,3 +216,26 @@ def test_typed_config_values_keep_their_meaning(tmp_path):
 def test_nan_on_the_command_line_is_out_of_every_range():
     with pytest.raises(UserError, match="--share must be a finite number, got nan"):
         parse_args((Limited,), None, argv=["--share", "nan"])
+
+
+def test_every_help_text_survives_argparse_formatting():
+    """argparse %-formats each flag's help (for %(default)s): a lone % in a help text makes `--help` crash. Every
+    "help" string of every dataclass field in the project's scripts and library is checked, statically."""
+    import ast
+    from collections import defaultdict
+
+    checked = 0
+    for path in sorted(REPO_ROOT.glob("*/**/*.py")):
+        if path.parts[len(REPO_ROOT.parts)] in (".venv", "tests", "outputs"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Dict):
+                continue
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == "help" and isinstance(value, ast.Constant):
+                    try:
+                        value.value % defaultdict(str)  # argparse's own formatting (adjacent literals are one)
+                    except ValueError as err:
+                        pytest.fail(f"{path.relative_to(REPO_ROOT)} line {value.lineno}: help text: {err}")
+                    checked += 1
+    assert checked > 200

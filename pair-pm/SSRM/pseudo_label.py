@@ -108,7 +108,7 @@ class ScriptArguments:
                           "default was 64; here 1, all pairs)."})
     shard_idx: int = field(default=0, metadata={"min": 0, "help": "Upstream's: which shard, 0-based."})
     n_gpu: int = field(default=1, metadata={
-        "min": 1, "help": "Upstream's: without a launcher, run on GPU shard_idx % n_gpu. Ignored under torchrun or "
+        "min": 1, "help": "Upstream's: without a launcher, run on GPU shard_idx %% n_gpu. Ignored under torchrun or "
                           "another launcher (each rank has its GPU) and on a machine without a GPU."})
     bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
     attn_implementation: str = field(default="auto")
