@@ -77,6 +77,35 @@ def test_eval_set_path_comes_first(tmp_path):
     assert stats["source"] == str(path)
 
 
+def test_held_out_pairs_that_are_training_pairs_are_left_out_counted(tmp_path, capsys):
+    path = tmp_path / "eval.jsonl"
+    # 3 new pairs, then training pairs 4 and 7 (a pair is the same when its prompt, chosen and rejected are)
+    rows = [r for r in pairs(3, "e")] + [pairs(20)[4], pairs(20)[7], {**pairs(20)[9], "rejected": "other"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, _ = standardize_pairs(pairs(20), False, "train")
+    kept, held, stats = held_out_pairs(train, {}, str(path), 5, 0, False, "--train_set_path")
+    assert len(kept) == 20
+    assert prompts(held) == ["e question 0", "e question 1", "e question 2", "t question 9"]
+    assert stats["read"] == 6 and stats["used"] == 4 and stats["training_pairs_left_out"] == 2
+    assert f"Left 2 of the 6 pairs of the {path} out of the evaluation: they are training pairs too" \
+        in capsys.readouterr().out
+    # The same pairs under a test split of the train data: the same check
+    kept, held, stats = held_out_pairs(train, DatasetDict(train=pairs(20), test=Dataset.from_list(rows)), None, 5, 0,
+                                       False, "--dataset_path")
+    assert len(held) == 4 and stats["training_pairs_left_out"] == 2
+
+
+def test_an_eval_set_that_is_the_training_data_is_replaced_by_held_out_pairs(tmp_path, capsys):
+    """Upstream's recipes pass the training data as --eval_set_path: evaluating on it would score training pairs."""
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs(20)))
+    train, _ = standardize_pairs(pairs(20), False, "train")
+    kept, held, stats = held_out_pairs(train, {}, str(path), 5, 3, False, "--train_set_path")
+    assert len(kept) == 15 and len(held) == 5 and stats == {"read": 5, "source": "held out of --train_set_path"}
+    assert not set(prompts(kept)) & set(prompts(held))
+    assert f"(--eval_holdout_size; every pair of the {path} is a training pair)" in capsys.readouterr().out
+
+
 def test_reload_within_tolerance_returns_the_largest_difference(capsys):
     expected = np.array([[1.0, -2.0], [0.5, 3.0]])
     assert verify_reload(expected, expected + [[0, 4e-4], [0, 0]], torch.float32, "ckpt", "rewards") == \

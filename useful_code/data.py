@@ -316,7 +316,10 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
     """The pairs a trainer evaluates on, never overlapping its training pairs: --eval_set_path's test split, else the
     train data's 'test' split when the trainer does not train on it, else holdout_size pairs held out of the
     (validated) train pairs, seeded. train_split: the split the caller asked pick_split for (data whose only split
-    is 'test' trains on it). Returns (train, held-out standard-format pairs, stats of the held-out pairs)."""
+    is 'test' trains on it). Held-out pairs that are also training pairs are left out, counted; a held-out set that
+    is all training pairs (upstream's recipes give the training data as --eval_set_path) is replaced by pairs held out
+    of train. train=None (PM examples, which cannot be compared) skips that check. Returns (train, held-out
+    standard-format pairs, stats of the held-out pairs)."""
     if eval_set_path:
         raw, source = load_split(eval_set_path, "test", "--eval_set_path", skip_invalid), eval_set_path
     elif "test" in train_splits and split_name(train_splits, train_split, train_flag) != "test":
@@ -324,12 +327,44 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
     else:
         # No test split, or the training pairs are the test split: evaluating on it would score training pairs.
         why = "its 'test' split is the train set" if "test" in train_splits else "no 'test' split"
-        if len(train) < 2 * holdout_size:
-            raise UserError(
-                f"{train_flag} has {len(train)} valid pairs and {why}: too few to hold out "
-                f"--eval_holdout_size={holdout_size}; pass --eval_set_path or a smaller --eval_holdout_size")
-        split = train.train_test_split(test_size=holdout_size, seed=seed)
-        print(f"Held out {holdout_size} of the train set's pairs for evaluation (--eval_holdout_size; {why})")
-        return split["train"], split["test"], {"read": holdout_size, "source": f"held out of {train_flag}"}
+        return _hold_out(train, holdout_size, seed, why, train_flag)
     held_out, stats = standardize_pairs(raw, skip_invalid, "eval set")
+    if train is None:
+        return train, held_out, {**stats, "source": source}
+    seen = training_pair_indices(held_out, train)
+    if seen and len(seen) == len(held_out):
+        return _hold_out(train, holdout_size, seed, f"every pair of the {source} is a training pair", train_flag)
+    if seen:
+        held_out = held_out.select(sorted(set(range(len(held_out))) - set(seen)))
+        print(f"Left {len(seen)} of the {stats['used']} pairs of the {source} out of the evaluation: they are "
+              "training pairs too")
+        stats = {**stats, "training_pairs_left_out": len(seen), "used": len(held_out)}
     return train, held_out, {**stats, "source": source}
+
+
+def _hold_out(train, holdout_size: int, seed: int, why: str, train_flag: str):
+    """holdout_size pairs of train, seeded, for evaluation, and the rest to train on."""
+    if len(train) < 2 * holdout_size:
+        raise UserError(
+            f"{train_flag} has {len(train)} valid pairs and {why}: too few to hold out "
+            f"--eval_holdout_size={holdout_size}; pass --eval_set_path or a smaller --eval_holdout_size")
+    split = train.train_test_split(test_size=holdout_size, seed=seed)
+    print(f"Held out {holdout_size} of the train set's pairs for evaluation (--eval_holdout_size; {why})")
+    return split["train"], split["test"], {"read": holdout_size, "source": f"held out of {train_flag}"}
+
+
+def training_pair_indices(held_out, train) -> list[int]:
+    """Indices of the held-out standard-format pairs that are also pairs of train (same chosen and rejected
+    conversations)."""
+    def keys(dataset):
+        for batch in dataset.select_columns(["chosen", "rejected"]).iter(batch_size=4096):
+            for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
+                yield json.dumps([chosen, rejected], sort_keys=True)
+
+    wanted = {}
+    for i, key in enumerate(keys(held_out)):
+        wanted.setdefault(key, []).append(i)
+    found = set()
+    for key in keys(train):
+        found.update(wanted.get(key, ()))
+    return sorted(found)

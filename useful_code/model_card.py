@@ -30,7 +30,7 @@ KINDS = {
 EXAMPLE_ROWS = {"read": "read", "held_out_for_eval": "moved to the held-out set",
                 "special_token_in_content": "dropped: special token in content",
                 "dropped_overlength": "dropped: longer than max_length", "truncated": "truncated to max_length",
-                "used": "used"}
+                "training_pairs_left_out": "left out: also a training pair", "used": "used"}
 HYPER_PARAMETERS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
                     "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
                     "max_length", "overlength", "packing", "bf16", "activation_checkpointing", "seed", "deepspeed",
