@@ -75,8 +75,10 @@ class ScriptArguments(HeldOutArguments):
         "help": "bt; margin (TRL's: -log sigmoid(r_c - r_r - margin), a 'margin' column); scaled (each pair's loss "
                 "times its 'weight' column); odin (a length head and a quality head; last_checkpoint/ is the quality "
                 "head alone)."})
-    odin_length_coefficient: float = field(default=1.0, metadata={"min": 0, "help": "ODIN's length-correlation term."})
-    odin_ortho_coefficient: float = field(default=1.0, metadata={"min": 0, "help": "ODIN's head-orthogonality term."})
+    odin_length_coefficient: float = field(default=1.0, metadata={
+        "min": 0, "aliases": ["--correlation_with_length"], "help": "ODIN's length-correlation term."})
+    odin_ortho_coefficient: float = field(default=1.0, metadata={
+        "min": 0, "aliases": ["--ortho_reg"], "help": "ODIN's head-orthogonality term."})
     center_rewards_coefficient: float = field(default=0.0, metadata={
         "min": 0, "help": "TRL's reward centering: adds coefficient * mean((r_c + r_r)^2)."})
     padding_free: bool = field(default=True, metadata={
@@ -494,7 +496,7 @@ def main(default_config: str = DEFAULT_CONFIG):
 
 
 def run_with_recipe(recipe: str) -> None:
-    """Upstream's per-model scripts (gemma_2B_rm.py, llama3_8B_rm.py, mistral_7B_rm.py): this script with that
+    """Upstream's per-model scripts (gemma_2B_rm.py, llama3_8B_rm.py, mistral_7B_rm.py, ODIN's gemma_two_head.py): this script with that
     model's recipe in configs/ as the default (a recipe or --config on the command line still wins)."""
     run_cli(lambda: main(str(Path(DEFAULT_CONFIG).parent / recipe)))
 

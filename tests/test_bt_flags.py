@@ -178,6 +178,19 @@ def test_upstream_script_names_run_train_py_with_their_recipe(tmp_path):
     assert "(default: 0.001)" in " ".join(proc.stdout.split())
 
 
+def test_odin_script_takes_upstreams_recipe_and_flag_names(bt):
+    """Upstream's odin/README.md runs bradley-terry-rm/gemma_two_head.py with its own flag names."""
+    assert "run_with_recipe(\"gemma-two-head-odin.yaml\")" in (ROOT / "bradley-terry-rm" / "gemma_two_head.py").read_text()
+    recipe = str(ROOT / "bradley-terry-rm" / "configs" / "gemma-two-head-odin.yaml")
+    classes = (bt.ScriptArguments, bt.RewardTrainingArguments, bt.LoraArguments)
+    script, args, _, _ = parse_args(classes, recipe, argv=[])
+    assert (script.loss_type, script.odin_length_coefficient, script.odin_ortho_coefficient) == ("odin", 1.0, 0.0)
+    assert (args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2e-6, 16, 2)
+    assert (script.model_name, args.max_length, args.output_dir) == ("google/gemma-2b-it", 4096, "./bt_models/gemma2b_rm")
+    script, _, _, _ = parse_args(classes, recipe, argv=["--correlation_with_length", "0.5", "--ortho_reg", "0.25"])
+    assert (script.odin_length_coefficient, script.odin_ortho_coefficient) == (0.5, 0.25)
+
+
 def test_deepspeed_without_a_launcher_is_a_world_of_one():
     """Plain `python train.py --deepspeed ...`: the variables DeepSpeed's MPI discovery would set for one process, so
     it needs no mpi4py; a launcher's own variables are left alone (the ZeRO-3 run itself: test_bt_end_to_end.py)."""
