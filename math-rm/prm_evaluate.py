@@ -8,8 +8,9 @@
 Each candidate solution is cut into steps (--model_type) and scored by ONE forward: P(+) (softmax over the "+"/"-"
 logits) at every step's label position; --aggregation turns the step scores into the solution's score. For N = 1, 2,
 4, ... up to --num_n, the top-scored of a problem's first N candidates is compared with the most common final answer
-among them (majority voting) and the first candidate (pass@1). Writes <output_dir>/best_of_n.json (the curve),
-best_of_n.png and scores.jsonl (every candidate's step scores).
+among them (majority voting) and the first candidate (pass@1). Writes <output_dir>/best_of_n.json (the curve, and
+upstream's one number as "accuracy": best-of-N at the largest N), best_of_n.png and scores.jsonl (every candidate's
+step scores); these replace upstream's {output_dir}_{num_n}.json and {output_dir}_{num_n}_save_data.jsonl.
 """
 
 import time
@@ -68,9 +69,11 @@ def main():
                    "steps": sum(len(s) for problem in step_scores for s in problem),
                    "no_final_answer": sum(a is None for f in finals for a in f), "truncated": scorer.truncated,
                    "scoring_seconds": round(seconds, 3), "processes": state.num_processes, "examples": stats}
-        write_results(args.output_dir, curve, summary, problems, step_scores, scores,
-                      f"PRM best-of-N ({args.aggregation} of step P(+)), {len(answers)} problems")
+        results = write_results(args.output_dir, curve, summary, problems, step_scores, scores,
+                                f"PRM best-of-N ({args.aggregation} of step P(+)), {len(answers)} problems")
         print(format_curve(curve))
+        print(f"accuracy {results['accuracy']:.4f} (upstream's number: best-of-{curve[-1]['n']}, "
+              "'accuracy' in best_of_n.json)")
         if scorer.truncated:
             print(f"{scorer.truncated} solutions longer than max_length={args.max_length} were cut from the left; "
                   "their first steps are not scored")

@@ -2,8 +2,13 @@
 trained with a binary cross-entropy loss on whether a solution is right.
 
     python math-rm/scalar_orm_train.py                     # the tiny model on the toy math solutions
-    deepspeed math-rm/scalar_orm_train.py --model_name meta-llama/Llama-3.1-8B-Instruct \
-        --train_set_path RLHFlow/Mistral-ORM-Data --deepspeed deepspeed_configs/deepspeed_3.json --bf16
+    deepspeed math-rm/scalar_orm_train.py math-rm/llama-3.1-scalar-orm.yaml \\
+        --deepspeed deepspeed_configs/deepspeed_3.json      # upstream's run: Llama-3.1-8B, its hyper-parameters
+
+The defaults train the tiny model on a CPU (learning rate 1e-3, batch 16, max_length 512, fp32); upstream's model,
+data and hyper-parameters (lr 1e-6, cosine, warmup 0.03, batch 8 x 2, max_length 4096, bf16, gradient
+checkpointing, evaluation every 50 steps) are the recipe math-rm/llama-3.1-scalar-orm.yaml. A recipe goes first (or
+--config PATH); any flag overrides it.
 
 Data as upstream: PRM/ORM rows (a chat of steps and '+'/'-' labels, validated by math-rm's rules); the solution is
 right when its last label is '+'. As upstream, the problem is the text before "Step 1" and the solution the rest,
@@ -58,11 +63,14 @@ class ScriptArguments:
 @dataclass
 class ScalarORMTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments,
                                  checkpoints.PeriodicArguments, TrainingArguments):
-    """transformers' TrainingArguments with upstream's names where they differ, and values that train the tiny model."""
+    """transformers' TrainingArguments with upstream's names where they differ (--output_path, --warmup_ratio), and
+    values that train the tiny model (upstream's values: math-rm/llama-3.1-scalar-orm.yaml)."""
 
     output_dir: Optional[str] = field(default="./models/scalar_orm", metadata={"aliases": ["--output_path"]})
     max_length: int = field(default=512, metadata={"min": 1, "help": "Longer solutions are cut from the left."})
     learning_rate: float = field(default=1e-3)
+    warmup_steps: float = field(default=0, metadata={"aliases": ["--warmup_ratio"],
+                                                     "help": "Warmup steps, or a fraction of the steps when < 1."})
     per_device_train_batch_size: int = field(default=16)
     num_train_epochs: float = field(default=1.0)
     logging_steps: float = field(default=10)

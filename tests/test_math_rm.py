@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from helpers import BIN, ROOT, check_ok, run, sharpened
-from useful_code.best_of_n import aggregate, best_of_n_curve, best_pick, majority_pick, n_values
+from useful_code.best_of_n import (
+    aggregate,
+    best_of_n_curve,
+    best_pick,
+    majority_pick,
+    n_values,
+    upstream_accuracy,
+    write_results,
+)
 from useful_code.cli import UserError, run_cli
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.math_data import (
@@ -405,6 +413,35 @@ def test_best_of_n_majority_and_pass_at_1_by_hand():
     assert (only_a["best_of_n"], only_a["majority"], only_a["pass_at_1"]) == (1.0, 0.0, 0.0)
 
 
+def test_upstreams_accuracy_by_hand():
+    """Upstream's one number: the top-scored candidate of each problem is right (first on a tie), over the problems."""
+    scores = [[0.1, 0.2, 0.9, 0.3], [0.6, 0.5, 0.4, 0.8], [0.5, 0.4, 0.3, 0.2], [math.nan, 0.7, 0.7]]
+    labels = [[0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1], [1, 1, 0]]
+    # picks: A2 (0.9, right), B3 (0.8, wrong), C0 (0.5, wrong), D1 (NaN never wins; the first 0.7, right)
+    assert upstream_accuracy(scores, labels) == 0.5
+    assert upstream_accuracy(scores[:1], labels[:1]) == 1.0 and upstream_accuracy(scores[1:3], labels[1:3]) == 0.0
+
+
+def test_best_of_n_json_carries_upstreams_accuracy(tmp_path):
+    """best_of_n.json's "accuracy" is upstream's number over the candidates scored (--num_n 3 here: problem P's
+    fourth candidate, the only one its labels past the third mark, is not among them), the curve's last best-of-N."""
+    problems = Dataset.from_list([
+        {"prompt": "P", "answers": ["\\boxed{1}", "\\boxed{2}", "\\boxed{3}", "\\boxed{4}"], "label": [0, 0, 1, 0]},
+        {"prompt": "Q", "answers": ["\\boxed{5}", "\\boxed{6}"], "label": [1, 0]},
+    ])
+    scores = [[0.1, 0.2, 0.9], [0.3, 0.8]]  # picks P2 (right) and Q1 (wrong): accuracy 1/2
+    labels = [[0, 0, 1], [1, 0]]
+    curve = best_of_n_curve(scores, labels, [["1", "2", "3"], ["5", "6"]], [1, 2, 3])
+    results = write_results(tmp_path, curve, {"num_n": 3, "problems": 2}, problems, [[[s] for s in p] for p in scores],
+                            scores, "test")
+    written = json.loads((tmp_path / "best_of_n.json").read_text())
+    assert written == results and written["accuracy"] == 0.5 and written["num_n"] == 3
+    assert written["curve"][-1] == {"n": 3, "best_of_n": 0.5, "majority": 0.5, "pass_at_1": 0.5, "oracle": 1.0}
+    lines = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [line["label"] for line in lines] == labels and lines[0]["final_answers"] == ["1", "2", "3"]
+    assert lines[1]["step_scores"] == [[0.3], [0.8]] and lines[1]["scores"] == [0.3, 0.8]
+
+
 # ------------------------------------------------------------------------------------- 6. the toy set
 
 
@@ -510,6 +547,7 @@ def test_train_then_best_of_n_beats_majority_and_pass_at_1(tmp_path):
     at_8 = results["curve"][-1]
     assert at_8["best_of_n"] >= at_8["majority"] + 0.2 and at_8["best_of_n"] >= at_8["pass_at_1"] + 0.2
     assert at_8["best_of_n"] <= at_8["oracle"]
+    assert results["accuracy"] == at_8["best_of_n"]  # upstream's number: best-of-num_n
     assert (tmp_path / "bon" / "best_of_n.png").stat().st_size > 10_000
     scores = [json.loads(line) for line in open(tmp_path / "bon" / "scores.jsonl")]
     assert len(scores) == 64 and all(len(s["step_scores"]) == 8 for s in scores)

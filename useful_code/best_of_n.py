@@ -82,6 +82,13 @@ def best_of_n_curve(scores: list[list[float]], labels: list[list[int]], final_an
     return curve
 
 
+def upstream_accuracy(scores: list[list[float]], labels: list[list[int]]) -> float:
+    """Upstream's one number ("accuracy" in its {output_dir}_{num_n}.json): over the problems, whether the top-scored
+    of each problem's candidates (all it was given: the first --num_n) is right, the first on a tie. It is the
+    best-of-N accuracy at the largest N, whatever the problems' candidate counts."""
+    return float(np.mean([y[best_pick(s)] == 1 for s, y in zip(scores, labels)]))
+
+
 def format_curve(curve: list[dict]) -> str:
     """The curve as a small table."""
     lines = [f"{'N':>5} {'best-of-N':>10} {'majority':>9} {'pass@1':>7} {'oracle':>7}"]
@@ -145,12 +152,14 @@ class BestOfNArguments:
 
 def write_results(output_dir, curve: list[dict], summary: dict, problems, step_scores: list[list[list[float]]],
                   scores: list[list[float]], title: str) -> dict:
-    """best_of_n.json (the curve and the run's summary), best_of_n.png and scores.jsonl (each problem with its
-    candidates' scores, step scores where a PRM gave them, and final answers). Returns the JSON's content."""
+    """best_of_n.json (the run's summary, upstream's "accuracy" and the curve), best_of_n.png and scores.jsonl (each
+    problem with its candidates' scores, step scores where a PRM gave them, and final answers). Returns the JSON's
+    content."""
     from useful_code.checkpoints import atomic_write_text
 
     out = Path(output_dir)
-    results = {**summary, "curve": curve}
+    accuracy = upstream_accuracy(scores, [row["label"][: len(s)] for row, s in zip(problems, scores)])
+    results = {**summary, "accuracy": accuracy, "curve": curve}
     atomic_write_text(out / "best_of_n.json", json.dumps(results, indent=2) + "\n")
     plot_curve(curve, out / "best_of_n.png", title)
     lines = []
