@@ -21,7 +21,6 @@ from typing import Optional
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from useful_code import checkpoints
@@ -120,28 +119,6 @@ class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArgum
         self.remove_unused_columns = False  # the collator reads the token-id columns
         self.label_names = []
         super().__post_init__()
-
-
-def check_optional_packages(training_args: TrainingArguments) -> None:
-    """An --optim or --report_to that needs a package this machine lacks: one line before any work, not a traceback
-    once the data is loaded."""
-    try:
-        Trainer.get_optimizer_cls_and_kwargs(training_args)
-    except ImportError as err:
-        optim = getattr(training_args.optim, "value", training_args.optim)  # an OptimizerNames member once parsed
-        raise UserError(f"--optim {optim} needs a package that is not installed "
-                        f"({str(err).splitlines()[0]}); or pass --optim adamw_torch") from None
-    except ValueError:  # GaLore, LOMO, ... need the model: the Trainer checks them when it builds the optimizer
-        pass
-    available = get_available_reporting_integrations()
-    for name in training_args.report_to:
-        if name not in INTEGRATION_TO_CALLBACK:
-            raise UserError(f"--report_to {name}: not a reporter; pass none or one of "
-                            f"{', '.join(INTEGRATION_TO_CALLBACK)}")
-        # flyte is only available inside a Flyte task, which the Trainer checks when it starts
-        if name != "flyte" and name not in available:
-            raise UserError(f"--report_to {name} needs the {name} package, which is not installed: pip install {name}, "
-                            f"or pass --report_to none")
 
 
 def load_pairs(args: ScriptArguments, seed: int):
@@ -376,7 +353,6 @@ def main(default_config: str = DEFAULT_CONFIG):
     # Building the training arguments starts DeepSpeed's CPU process group where needed (HardwareAwareArguments).
     args, training_args, lora_args, config = parse_args((ScriptArguments, RewardTrainingArguments, LoraArguments),
                                                         default_config)
-    check_optional_packages(training_args)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     is_main = training_args.process_index == 0
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
@@ -496,8 +472,9 @@ def main(default_config: str = DEFAULT_CONFIG):
 
 
 def run_with_recipe(recipe: str) -> None:
-    """Upstream's per-model scripts (gemma_2B_rm.py, llama3_8B_rm.py, mistral_7B_rm.py, ODIN's gemma_two_head.py): this script with that
-    model's recipe in configs/ as the default (a recipe or --config on the command line still wins)."""
+    """Upstream's per-model scripts (gemma_2B_rm.py, llama3_8B_rm.py, mistral_7B_rm.py, ODIN's gemma_two_head.py):
+    this script with that model's recipe in configs/ as the default (a recipe or --config on the command line still
+    wins)."""
     run_cli(lambda: main(str(Path(DEFAULT_CONFIG).parent / recipe)))
 
 

@@ -71,20 +71,30 @@ def test_disagreeing_or_out_of_range_periodic_flags_are_one_line(bt, flags, mess
 
 
 def test_an_optimizer_or_reporter_without_its_package_is_one_line(bt):
+    """At parse time, in every trainer's arguments (HardwareAwareArguments): BT's here, the others' below."""
     from transformers.integrations.integration_utils import get_available_reporting_integrations
     from transformers.utils import is_bitsandbytes_available
 
     if is_bitsandbytes_available() or "wandb" in get_available_reporting_integrations():
         pytest.skip("bitsandbytes or wandb is installed here")
-    bt.check_optional_packages(training_args(bt, "--optim", "adamw_torch", "--report_to", "none"))  # fine
+    training_args(bt, "--optim", "adamw_torch", "--report_to", "none")  # fine
     with pytest.raises(UserError, match=r"^--optim paged_adamw_32bit needs a package that is not installed \(.*"
                                         r"bitsandbytes.*\); or pass --optim adamw_torch$"):
-        bt.check_optional_packages(training_args(bt, "--optim", "paged_adamw_32bit"))
+        training_args(bt, "--optim", "paged_adamw_32bit")
     with pytest.raises(UserError, match=r"^--report_to wandb needs the wandb package, which is not installed: pip "
                                         r"install wandb, or pass --report_to none$"):
-        bt.check_optional_packages(training_args(bt, "--report_to", "wandb"))
+        training_args(bt, "--report_to", "wandb")
     with pytest.raises(UserError, match=r"^--report_to nosuch: not a reporter; pass none or one of .*wandb"):
-        bt.check_optional_packages(training_args(bt, "--report_to", "nosuch"))
+        training_args(bt, "--report_to", "nosuch")
+    trainers = {"pair-pm/train.py": "PreferenceModelConfig", "math-rm/train.py": "MathRewardConfig",
+                "math-rm/scalar_orm_train.py": "ScalarORMTrainingArguments"}
+    for script, arguments in trainers.items():
+        spec = importlib.util.spec_from_file_location(f"trainer_{script.replace('/', '_')}", ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with pytest.raises(UserError, match=r"^--optim paged_adamw_32bit needs a package"):
+            parse_args((getattr(module, arguments),), None,
+                       argv=["--output_dir", "/tmp/unused", "--optim", "paged_adamw_32bit"])
 
 
 def test_lora_target_modules_must_name_modules_of_the_model():
@@ -180,13 +190,15 @@ def test_upstream_script_names_run_train_py_with_their_recipe(tmp_path):
 
 def test_odin_script_takes_upstreams_recipe_and_flag_names(bt):
     """Upstream's odin/README.md runs bradley-terry-rm/gemma_two_head.py with its own flag names."""
-    assert "run_with_recipe(\"gemma-two-head-odin.yaml\")" in (ROOT / "bradley-terry-rm" / "gemma_two_head.py").read_text()
+    wrapper = (ROOT / "bradley-terry-rm" / "gemma_two_head.py").read_text()
+    assert 'run_with_recipe("gemma-two-head-odin.yaml")' in wrapper
     recipe = str(ROOT / "bradley-terry-rm" / "configs" / "gemma-two-head-odin.yaml")
     classes = (bt.ScriptArguments, bt.RewardTrainingArguments, bt.LoraArguments)
     script, args, _, _ = parse_args(classes, recipe, argv=[])
     assert (script.loss_type, script.odin_length_coefficient, script.odin_ortho_coefficient) == ("odin", 1.0, 0.0)
     assert (args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2e-6, 16, 2)
-    assert (script.model_name, args.max_length, args.output_dir) == ("google/gemma-2b-it", 4096, "./bt_models/gemma2b_rm")
+    assert (script.model_name, args.max_length) == ("google/gemma-2b-it", 4096)
+    assert args.output_dir == "./bt_models/gemma2b_rm"
     script, _, _, _ = parse_args(classes, recipe, argv=["--correlation_with_length", "0.5", "--ortho_reg", "0.25"])
     assert (script.odin_length_coefficient, script.odin_ortho_coefficient) == (0.5, 0.25)
 

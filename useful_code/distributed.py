@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from transformers.integrations import deepspeed as hf_deepspeed
 
+from useful_code.cli import UserError
 from useful_code.hardware import bf16_available, has_accelerator
 
 # Set by the launchers (deepspeed, torchrun, accelerate launch); without any, a DeepSpeed run is a world of one.
@@ -53,7 +54,8 @@ def init_distributed_for_cpu(uses_deepspeed: bool) -> bool:
 class HardwareAwareArguments:
     """Mixin for TrainingArguments subclasses (ours, TRL's configs): the same config trains on a GPU or a CPU-only
     machine. Before the arguments fix the world size it starts DeepSpeed's CPU process group where needed, trains
-    on the CPU without an accelerator, and uses bf16 only where the GPU has it (with a printed note otherwise)."""
+    on the CPU without an accelerator, and uses bf16 only where the GPU has it (with a printed note otherwise). An
+    --optim or --report_to whose package is missing is one line (check_optional_packages)."""
 
     def __post_init__(self):
         if init_distributed_for_cpu(self.deepspeed is not None):
@@ -68,6 +70,33 @@ class HardwareAwareArguments:
             # activation_checkpointing and warns about on every run.
             warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
             super().__post_init__()
+        check_optional_packages(self)
+
+
+def check_optional_packages(training_args) -> None:
+    """An --optim or --report_to that needs a package this machine lacks: one line before any work, not a traceback
+    once the data is loaded."""
+    from transformers import Trainer
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(training_args)
+    except ImportError as err:
+        optim = getattr(training_args.optim, "value", training_args.optim)  # an OptimizerNames member once parsed
+        raise UserError(f"--optim {optim} needs a package that is not installed "
+                        f"({str(err).splitlines()[0]}); or pass --optim adamw_torch") from None
+    except ValueError:  # GaLore, LOMO, ... need the model: the Trainer checks them when it builds the optimizer
+        pass
+    available = get_available_reporting_integrations()
+    for name in training_args.report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"--report_to {name}: not a reporter; pass none or one of "
+                            f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+        # flyte is only available inside a Flyte task, which the Trainer checks when it starts
+        if name != "flyte" and name not in available:
+            raise UserError(f"--report_to {name} needs the {name} package, which is not installed: pip install {name}, "
+                            f"or pass --report_to none")
 
 
 @contextmanager
