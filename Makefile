@@ -63,7 +63,7 @@ demo-armo: $(STAMP)
 	python armo-rm/stage-2_prepare.py --model_path $(ARMO_BACKBONE) --output_dir $(ARMO_EMB) \
 		--dataset_path assets/data/reward_bench_sample.jsonl
 	python armo-rm/stage-2_train.py --model_path $(ARMO_BACKBONE) --embeddings_dir $(ARMO_EMB) \
-		--regression_weights $(ARMO_DIR)/regression_weights \
+		--regression_weights $(ARMO_DIR)/regression_weights --reference_split test \
 		--output_dir $(ARMO_DIR)/head --overwrite_output_dir --eval_reward_bench --reward_bench_dataset assets/data/reward_bench_sample.jsonl --reward_bench_split train
 	python armo-rm/export.py --model_path $(ARMO_BACKBONE) --head_dir $(ARMO_DIR)/head --output_path $(ARMO_DIR)/model
 	python useful_code/eval_reward_bench_bt.py --reward_name_or_path $(ARMO_DIR)/model --trust_remote_code \

@@ -5,6 +5,10 @@
         --preference_dataset RLHFlow/pair_data_v2_80K_wsafety --reference_dataset RLHFlow/UltraFeedback-preference-standard \
         --eval_reward_bench
 
+The reference pairs are --reference_dataset's --reference_split embeddings: by default the preference dataset and
+--preference_split (train), as upstream, whose README embeds the reference dataset with stage-2_prepare's default
+split (train). Each pair set's dataset, split and shard files are printed before any fitting.
+
 1. Verbosity debiasing: on the reference pairs' responses, each attribute's penalty is the smallest value of
    upstream's grid for which Spearman(r_k - p * r_verbosity, r_verbosity) <= --corr_threshold; the penalties form
    the reward transform matrix T (r @ T).
@@ -31,11 +35,13 @@ from useful_code.armo_data import (
     HEAD_WEIGHTS,
     VERBOSITY_INDEX,
     check_same_backbone,
+    dataset_name,
     embeddings_prefix,
     gating_head_dir,
     load_regression_weights,
     load_shards,
     regression_weights_path,
+    shard_path,
 )
 from useful_code.armo_fit import CORRELATION_THRESHOLD, split_rows, transform_matrix, verbosity_penalties
 from useful_code.cli import UserError, parse_args, run_cli
@@ -57,7 +63,8 @@ class ScriptArguments(checkpoints.OutputDirArguments):
     preference_dataset: str = field(default=DEFAULT_PREFERENCE_DATA)
     preference_split: str = field(default="train")
     reference_dataset: Optional[str] = field(default=None, metadata={"help": "Default: the preference dataset."})
-    reference_split: Optional[str] = field(default=None, metadata={"help": "Default: --preference_split."})
+    reference_split: Optional[str] = field(default=None, metadata={
+        "help": "Default: --preference_split (train), the split stage-2_prepare.py embeds by default."})
     device: int = field(default=0, metadata={"help": "GPU index (the CPU when there is no GPU, or when < 0)."})
     learning_rate: float = field(default=1e-3)
     weight_decay: float = field(default=0.0)
@@ -90,10 +97,23 @@ class ScriptArguments(checkpoints.OutputDirArguments):
     seed: int = field(default=0)
 
 
-def load_pair_embeddings(args, dataset: str, split: str) -> tuple[dict, dict]:
-    """Merged stage-2 shards of one dataset split: embeddings, prompt embeddings, embedded mask, metadata."""
+def load_pair_embeddings(args, dataset: str, split: str, role: str, split_flag: str) -> tuple[dict, dict]:
+    """Merged stage-2 shards of one dataset split: embeddings, prompt embeddings, embedded mask, metadata. Prints
+    once which dataset, split and files they are (role: what they are used for). With none at that split, the error
+    names the other embeddings of the dataset in the directory and the flag that picks the split."""
     prefix = embeddings_prefix(args.embeddings_dir, args.model_path, dataset, split)
-    tensors, metadata = load_shards(prefix)
+    try:
+        tensors, metadata = load_shards(prefix)
+    except UserError as err:
+        folder, name = Path(prefix).parent, dataset_name(dataset)
+        others = sorted({f.name.rsplit("-", 3)[0] for f in folder.glob(f"{name}-*-of-*.safetensors")})
+        if not str(err).startswith("no embedding shards found") or not others:
+            raise
+        raise UserError(f"{err}; {folder} holds {', '.join(others)}: pick the split with {split_flag}") from None
+    n_shards = metadata["n_shards"]
+    files = shard_path(prefix, 1, n_shards) if n_shards == 1 else \
+        f"{prefix}-*-of-{n_shards:05d}.safetensors ({n_shards} shards)"
+    print(f"{role}: {dataset}, split {split}: {files}")
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, metadata
 
 
@@ -132,14 +152,17 @@ def main():
 
     # Both pair sets are loaded and checked first: an unusable one stops the run before any fitting.
     reference_name = (args.reference_dataset or args.preference_dataset, args.reference_split or args.preference_split)
-    reference, reference_meta = load_pair_embeddings(args, *reference_name)
+    reference, reference_meta = load_pair_embeddings(args, *reference_name, "Reference pairs (verbosity debiasing)",
+                                                     "--reference_split")
     check_same_backbone(reference_meta.get("model_path"), args.model_path, f"the embeddings of {reference_name[0]}")
     reference_rows = embedded_rows(reference, weight, "reference dataset", *reference_name)
-    pairs, pairs_meta = load_pair_embeddings(args, args.preference_dataset, args.preference_split)
+    pairs, pairs_meta = load_pair_embeddings(args, args.preference_dataset, args.preference_split,
+                                             "Preference pairs (gating network)", "--preference_split")
     check_same_backbone(pairs_meta.get("model_path"), args.model_path, f"the embeddings of {args.preference_dataset}")
     usable = embedded_rows(pairs, weight, "preference dataset", args.preference_dataset, args.preference_split)
     if args.eval_reward_bench:  # loaded now too: a wrong split must not cost the training, nor the previous head
-        bench, bench_meta = load_pair_embeddings(args, args.reward_bench_dataset, args.reward_bench_split)
+        bench, bench_meta = load_pair_embeddings(args, args.reward_bench_dataset, args.reward_bench_split,
+                                                 "RewardBench pairs (--eval_reward_bench)", "--reward_bench_split")
         check_same_backbone(bench_meta.get("model_path"), args.model_path,
                             f"the embeddings of {args.reward_bench_dataset}")
         if bench_meta.get("subsets") is None:

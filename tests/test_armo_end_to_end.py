@@ -3,16 +3,18 @@ unembedded over-long pairs kept aligned, export round trip (exported score == st
 export through the BT eval, interpretation, and the trust_remote_code guard."""
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, Server, check_ok, run
+from helpers import BIN, ROOT, Server, check_ok, run
 from useful_code.armo_data import ATTRIBUTES, VERBOSITY_INDEX, load_shards
-from useful_code.armo_fit import RIDGE_ALPHAS
+from useful_code.armo_fit import RIDGE_ALPHAS, verbosity_penalties
 from useful_code.defaults import REWARD_BENCH_SAMPLE
 from useful_code.reward_client import RewardClient
 from useful_code.scoring import score_sequences
@@ -277,3 +279,80 @@ def test_a_template_that_refuses_system_turns(armo, tmp_path):
     assert line.startswith("error: export check: the chat template of --model_path accepts none of the toy pairs")
     assert "row 0: No replies here" in line
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def run_in(cwd, cmd):
+    """helpers.run from another working directory: the scripts' default ./armo_data paths land under cwd."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_upstream_readme_commands_use_the_reference_train_split_they_embed(tmp_path):
+    """Upstream's armo-rm/README.md commands, as written, with the tiny model and the toy data in place of the hub's
+    backbone, multi-objective and preference data (the project's defaults). The reference dataset and RewardBench
+    keep their hub names in stage-2_train.py: local files of the same names are embedded under them. The reference is
+    embedded with stage-2_prepare's default split (train), as upstream's README does, and stage 2 must use it (the
+    tiny recipe made it look for a test split), saying which split and file it used."""
+    from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, DEFAULT_PREFERENCE_DATA
+
+    model, mo, prefs = DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, DEFAULT_PREFERENCE_DATA
+    uf = tmp_path / "UltraFeedback-preference-standard"  # train: the 200 toy test pairs; test: 40 toy train pairs
+    uf.mkdir()
+    shutil.copy(ROOT / prefs / "test.jsonl", uf / "train.jsonl")
+    (uf / "test.jsonl").write_text("".join(open(ROOT / prefs / "train.jsonl").readlines()[:40]))
+    shutil.copy(BENCH, tmp_path / "reward-bench.jsonl")
+    for cmd in (
+        ["stage-1_prepare.py", "--model_path", model, "--dataset_path", mo, "--n_shards", 1, "--shard_idx", 1,
+         "--device", 0],
+        ["stage-1_train.py", "--model_path", model, "--dataset_path", mo],
+        ["stage-2_prepare.py", "--model_path", model, "--model_family", "llama3", "--dataset_path", prefs,
+         "--dataset_split", "train", "--n_shards", 1, "--shard_idx", 1, "--device", 0],
+        ["stage-2_prepare.py", "--model_path", model, "--model_family", "llama3", "--dataset_path", uf],
+        ["stage-2_prepare.py", "--model_path", model, "--model_family", "llama3", "--dataset_path",
+         tmp_path / "reward-bench.jsonl", "--dataset_split", "filtered"],
+    ):
+        check_ok(run_in(tmp_path, stage(*cmd)))
+    emb = "armo_data/embeddings/tiny-llama"
+    train = ["stage-2_train.py", "--model_path", model, "--model_family", "llama3", "--multi_objective_dataset", mo,
+             "--preference_dataset", prefs, "--reference_dataset", "RLHFlow/UltraFeedback-preference-standard",
+             "--eval_reward_bench", "--device", 0]
+    weight = load_file(tmp_path / "armo_data/regression_weights/tiny-llama_toy_multi_objective.safetensors")["weight"]
+
+    def expected_penalties(split):
+        pairs, _ = load_shards(str(tmp_path / emb / f"UltraFeedback-preference-standard-{split}"))
+        return verbosity_penalties((pairs["embeddings"].float() @ weight.T).reshape(-1, 19).numpy())["penalty"]
+
+    proc = run_in(tmp_path, stage(*train))
+    check_ok(proc)
+    reference_line = ("Reference pairs (verbosity debiasing): RLHFlow/UltraFeedback-preference-standard, split train: "
+                      f"{emb}/UltraFeedback-preference-standard-train-00001-of-00001.safetensors")
+    assert proc.stdout.count("Reference pairs (verbosity debiasing)") == 1 and reference_line in proc.stdout
+    assert (f"Preference pairs (gating network): {prefs}, split train: "
+            f"{emb}/toy_preference-train-00001-of-00001.safetensors") in proc.stdout
+    assert (f"RewardBench pairs (--eval_reward_bench): allenai/reward-bench, split filtered: "
+            f"{emb}/reward-bench-filtered-00001-of-00001.safetensors") in proc.stdout
+    assert "1600 of 1600 preference pairs embedded; 200 of 200 reference pairs" in proc.stdout
+    head = json.loads((tmp_path / "armo_data/gating_network/tiny-llama/armo_head.json").read_text())
+    assert head["penalty"] == pytest.approx(expected_penalties("train").tolist())
+    assert head["arguments"]["reference_split"] is None and head["val_pairs"] == 320
+    assert sum(head["reward_bench"]["sections"].values()) > 0
+
+    # A test split embedded too changes nothing: the default stays train; --reference_split test picks it, and says so.
+    check_ok(run_in(tmp_path, stage("stage-2_prepare.py", "--model_path", model, "--dataset_path", uf,
+                                    "--dataset_split", "test")))
+    assert not (expected_penalties("test") == expected_penalties("train")).all()  # the two splits are told apart
+    for flags, split, n_pairs in (([], "train", 200), (["--reference_split", "test"], "test", 40)):
+        out = tmp_path / f"head-{split}"  # a few steps: the penalties come before the gating network
+        proc = run_in(tmp_path, stage(*train, *flags, "--output_dir", out, "--n_steps", 5))
+        check_ok(proc)
+        assert reference_line.replace("-train-", f"-{split}-").replace("split train", f"split {split}") in proc.stdout
+        assert f"1600 of 1600 preference pairs embedded; {n_pairs} of {n_pairs} reference pairs" in proc.stdout
+        penalty = json.loads((out / "armo_head.json").read_text())["penalty"]
+        assert penalty == pytest.approx(expected_penalties(split).tolist())
+
+    # A split that was not embedded: one line naming what is there and the flag that picks it.
+    line = error_line(run_in(tmp_path, stage(*train, "--reference_split", "validation", "--output_dir",
+                                             tmp_path / "head-none")))
+    assert line == (f"error: no embedding shards found at ./{emb}/UltraFeedback-preference-standard-validation-*-of-*"
+                    f".safetensors; run the prepare stage; {emb} holds UltraFeedback-preference-standard-test, "
+                    "UltraFeedback-preference-standard-train: pick the split with --reference_split")

@@ -795,3 +795,31 @@ def test_a_stage_refuses_what_another_backbone_made(tmp_path):
     check_same_backbone("org/model", "org/model", "the embeddings of x")
     with pytest.raises(UserError, match=r"^the head in h was made with the backbone org/a, not --model_path org/b"):
         check_same_backbone("org/a", "org/b", "the head in h")
+
+
+def test_stage2_reference_split_defaults_to_the_preference_split_under_both_recipes(capsys):
+    """Upstream's README embeds the reference dataset with stage-2_prepare's default split (train) and its stage-2
+    command names no split: the tiny recipe (every script's default) must not override the documented default
+    (--preference_split), and the help text says so."""
+    import importlib.util
+
+    from useful_code.cli import parse_args
+    from useful_code.defaults import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("armo_stage2_train", REPO_ROOT / "armo-rm" / "stage-2_train.py")
+    stage2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage2)
+    args, config = parse_args((stage2.ScriptArguments,), stage2.DEFAULT_CONFIG, section="stage-2_train", argv=[])
+    assert config.endswith("tiny.yaml") and args.preference_split == "train" and args.reference_split is None
+    assert (args.n_steps, args.batch_size, args.hidden_size) == (500, 256, 256)  # the recipe's other fields still apply
+    args, _ = parse_args((stage2.ScriptArguments,), stage2.DEFAULT_CONFIG, section="stage-2_train",
+                         argv=["--preference_split", "test"])
+    assert args.reference_split is None  # main() falls back to --preference_split: "test" here
+    llama = str(REPO_ROOT / "armo-rm" / "configs" / "llama3-8b.yaml")
+    args, _ = parse_args((stage2.ScriptArguments,), None, section="stage-2_train", argv=[llama])
+    assert (args.reference_dataset, args.reference_split) == ("RLHFlow/UltraFeedback-preference-standard", "train")
+    with pytest.raises(SystemExit):
+        parse_args((stage2.ScriptArguments,), stage2.DEFAULT_CONFIG, section="stage-2_train", argv=["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--reference_split REFERENCE_SPLIT, --reference-split REFERENCE_SPLIT Default: --preference_split (train)" \
+        in help_text
