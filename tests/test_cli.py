@@ -166,6 +166,8 @@ def test_values_at_their_limits_pass():
     (["--learning_rate=-1e-5"], "--learning_rate must be at least 0, got -1e-05"),
     (["--max_length", "0"], "--max_length must be at least 1, got 0"),
     (["--num_train_epochs", "0"], "--num_train_epochs must be above 0 (or --max_steps set), got 0.0"),
+    (["--weight_decay", "-1"], "--weight_decay must be at least 0, got -1.0"),
+    (["--warmup_steps", "-2"], "Got warmup_steps = -2.0, Expected value warmup_steps >= 0"),  # transformers' own
 ])
 def test_training_argument_limits(tmp_path, flags, message):
     with pytest.raises(UserError) as err:
@@ -239,3 +241,31 @@ def test_every_help_text_survives_argparse_formatting():
                         pytest.fail(f"{path.relative_to(REPO_ROOT)} line {value.lineno}: help text: {err}")
                     checked += 1
     assert checked > 200
+
+
+@pytest.mark.parametrize("argv", [["--output_path", "a", "--output_dir", "b"], ["--output_dir=b", "--output_path", "a"]])
+def test_two_spellings_that_disagree_are_one_line(argv):
+    with pytest.raises(UserError) as err:
+        parse_args((Aliased,), None, argv=argv)
+    first, second = (argv[0], argv[1]) if "=" not in argv[0] else argv[0].split("=")
+    assert str(err.value).startswith(f"{first} {second} and ")
+    assert str(err.value).endswith("are two names of one setting and disagree: give one")
+    args, _ = parse_args((Aliased,), None, argv=["--output_path", "a", "--output_dir", "a", "--steps", "2"])
+    assert (args.output_dir, args.steps) == ("a", 2)  # the same value under both names is fine
+
+
+def test_warmup_ratio_is_a_fraction(tmp_path):
+    """Upstream's --warmup_ratio is transformers' --warmup_steps, where 1 or more would silently mean steps."""
+    @dataclass
+    class Warmup:
+        warmup_steps: float = field(default=0, metadata={"aliases": ["--warmup_ratio"]})
+
+    assert parse_args((Warmup,), None, argv=["--warmup_ratio", "0.1"])[0].warmup_steps == 0.1
+    assert parse_args((Warmup,), None, argv=["--warmup_steps", "5"])[0].warmup_steps == 5
+    with pytest.raises(UserError, match=r"^--warmup_ratio is a fraction of the training steps: at least 0 and below 1 "
+                                        r"\(--warmup_steps N for N steps\), got 1.5$"):
+        parse_args((Warmup,), None, argv=["--warmup_ratio", "1.5"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("warmup_ratio: 3\n")
+    with pytest.raises(UserError, match=rf"^--warmup_ratio is a fraction .*, got 3 \(recipe: {recipe}\)$"):
+        parse_args((Warmup,), None, argv=[str(recipe)])

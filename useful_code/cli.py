@@ -97,10 +97,14 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
         print(f"Recipe: {default_config} (the default; give a recipe first, or --config PATH, to change it)")
     config_path = config_path or default_config
     parser = limits_aware_parser(dataclass_types)
+    check_spellings(parser, argv)
     if config_path:
         # A config may use a flag's alias (upstream's --output_path for output_dir) as its key, like the command line.
         dests = {opt.lstrip("-"): action.dest for action in parser._actions for opt in action.option_strings}
-        config = {dests.get(key, key): value for key, value in read_config(config_path, section).items()}
+        config = read_config(config_path, section)
+        for key, value in config.items():
+            check_alias_limits(f"--{key}", value, f" (recipe: {config_path})")
+        config = {dests.get(key, key): value for key, value in config.items()}
         unknown = parser.set_defaults_with_config(**typed_config_values(parser, config, config_path))
         if unknown:
             raise UserError(f"config {config_path}: unknown field(s) {', '.join(unknown[::2])}")
@@ -114,6 +118,44 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
 
 
 LIMIT_KEYS = ("min", "max", "choices")
+
+# An alias whose meaning is narrower than its field's: upstream's --warmup_ratio is transformers' --warmup_steps, where
+# a value of 1 or more would silently mean steps.
+ALIAS_LIMITS = {"warmup_ratio": (0.0, 1.0, "a fraction of the training steps: at least 0 and below 1 (--warmup_steps "
+                                           "N for N steps)")}
+
+
+def check_alias_limits(option: str, value, where: str = "") -> None:
+    """A value given under an alias with its own range (ALIAS_LIMITS): one line when outside it."""
+    limits = ALIAS_LIMITS.get(option.lstrip("-").replace("-", "_"))
+    if limits is None:
+        return
+    low, high, meaning = limits
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return  # argparse reports a value that is no number
+    if not low <= number < high:
+        raise UserError(f"{option} is {meaning}, got {value}{where}")
+
+
+def check_spellings(parser, argv: Sequence[str]) -> None:
+    """Two spellings of one flag (upstream's --output_path and transformers' --output_dir) given with different
+    values: one line, where argparse would silently keep the last. Values under an alias with its own range are
+    checked (ALIAS_LIMITS)."""
+    dests = {opt: action.dest for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    given = {}  # dest -> (option, value) as first given
+    for i, token in enumerate(argv):
+        option, has_value, value = token.partition("=")
+        if option not in dests:
+            continue
+        if not has_value:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+        check_alias_limits(option, value)
+        first = given.setdefault(dests[option], (option, value))
+        if first[0] != option and first[1] != value:
+            raise UserError(f"{first[0]} {first[1]} and {option} {value} are two names of one setting and disagree: "
+                            "give one")
 
 
 def typed_config_values(parser, config: dict, config_path: str) -> dict:
@@ -155,7 +197,7 @@ def limits_aware_parser(dataclass_types):
 # Limits of the library classes' fields (TrainingArguments and TRL's configs), which cannot carry our metadata.
 INHERITED_LIMITS = {"per_device_train_batch_size": {"min": 1}, "per_device_eval_batch_size": {"min": 1},
                     "gradient_accumulation_steps": {"min": 1}, "learning_rate": {"min": 0},
-                    "max_length": {"min": 1}}
+                    "max_length": {"min": 1}, "weight_decay": {"min": 0}}
 
 
 def check_limits(arguments) -> None:
