@@ -28,14 +28,16 @@ def bt_checkpoint(tmp_path_factory, tok):
 
 
 def test_a_reward_model_from_a_base_lm_only_when_training_a_new_head(tok):
-    with pytest.raises(UserError, match="saved as LlamaForCausalLM, not a modelForSequenceClassification"):
+    with pytest.raises(UserError, match=r"saved as LlamaForCausalLM, not a \.\.\.ForSequenceClassification model; this "
+                                        r"script needs a sequence classifier \(a BT reward model, "):
         load_reward_model(DEFAULT_MODEL, "--reward_name_or_path", tok, torch.float32)
     model = load_reward_model(DEFAULT_MODEL, "--model_name", tok, torch.float32, new_weights=("score.",))
     assert model.score.weight.shape == (1, model.config.hidden_size)
 
 
 def test_a_bt_checkpoint_is_not_a_preference_model(tok, bt_checkpoint):
-    with pytest.raises(UserError, match="saved as LlamaForSequenceClassification, not a modelForCausalLM"):
+    with pytest.raises(UserError, match=r"saved as LlamaForSequenceClassification, not a \.\.\.ForCausalLM model; this "
+                                        r"script needs a causal LM \(a pairwise preference model, a math PRM or ORM\)"):
         load_preference_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32)
     assert load_reward_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32).num_labels == 1
 
@@ -116,3 +118,12 @@ def test_flash_attention_without_flash_attn_is_one_line(tok, bt_checkpoint):
                                         "--attn_implementation auto or sdpa"):
         load_reward_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32,
                           attn_implementation="flash_attention_2")
+
+
+def test_loading_options_transformers_rejects_name_their_own_flag(tok, bt_checkpoint):
+    """Not the model's flag: the checkpoint is fine."""
+    with pytest.raises(UserError, match=r"^--attn_implementation foo: Specified attn_implementation=\"foo\" is not "
+                                        r"supported.*; use auto, sdpa, eager or flash_attention_2$"):
+        load_reward_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32, attn_implementation="foo")
+    with pytest.raises(UserError, match=r"^--device_map foo: When passing device_map as a string"):
+        load_reward_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32, device_map="foo")

@@ -25,6 +25,11 @@ def _task_suffix(class_name: str) -> str:
     return class_name[class_name.find("For"):] if "For" in class_name else ""
 
 
+# What each Auto class loads, in this project's words (for the error on a checkpoint of another kind).
+KINDS = {"ForSequenceClassification": "sequence classifier (a BT reward model, an exported ArmoRM, a scalar ORM)",
+         "ForCausalLM": "causal LM (a pairwise preference model, a math PRM or ORM)"}
+
+
 def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
                trust_remote_code: bool = False, *, new_weights: tuple[str, ...] = (), pickled_weights: bool = False,
                **kwargs):
@@ -44,9 +49,8 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
                         "--trust_remote_code to run that code")
     wanted, saved = _task_suffix(auto_class.__name__), [_task_suffix(a) for a in config.architectures or []]
     if wanted and not new_weights and saved and wanted not in saved:
-        raise UserError(f"{flag}: '{name}' was saved as {', '.join(config.architectures)}, not a model{wanted}; "
-                        "this script needs the other kind of checkpoint (a BT reward model is a sequence classifier, "
-                        "a pairwise preference model a causal LM)")
+        raise UserError(f"{flag}: '{name}' was saved as {', '.join(config.architectures)}, not a ...{wanted} model; "
+                        f"this script needs a {KINDS.get(wanted, wanted)}, another kind of checkpoint")
     local = Path(name).expanduser()
     if not pickled_weights and local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
         raise UserError(f"{flag}: '{name}' holds only pickled weights ({', '.join(p.name for p in local.glob('*.bin'))}"
@@ -59,6 +63,14 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
             output_loading_info=True, **kwargs,
         )
     except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else ""
+        # transformers rejects these loading options with a ValueError that would otherwise blame the model's flag
+        if "attn_implementation" in reason:
+            reason = reason.replace("`", "").rstrip(".")
+            raise UserError(f"--attn_implementation {attn_implementation}: {reason}; use auto, sdpa, eager or "
+                            "flash_attention_2") from None
+        if "device_map" in reason:
+            raise UserError(f"--device_map {kwargs.get('device_map')}: {reason}") from None
         raise load_error(flag, "model", name, err) from None
     except ImportError as err:  # transformers: flash_attention_2 (or a quantization) asked for without its package
         raise UserError(f"{flag}: '{name}' cannot be loaded with --attn_implementation {attn_implementation} here "
