@@ -6,11 +6,12 @@
     torchrun --nproc_per_node 8 math-rm/orm_evaluate.py ...     # data-parallel: one slice of the solutions per rank
 
 Each candidate solution is one user turn (the problem and the whole answer, Mistral's step tags removed) answered
-"+": its score is P(+) (softmax over the "+"/"-" logits) at that label. For N = 1, 2, 4, ... up to --num_n, the
-top-scored of a problem's first N candidates is compared with the most common final answer among them (majority
-voting) and the first candidate (pass@1). Writes <output_dir>/best_of_n.json (the curve, and upstream's one number
-as "accuracy": best-of-N at the largest N), best_of_n.png and scores.jsonl; these replace upstream's
-{output_dir}_{num_n}.json and {output_dir}_{num_n}_save_data.jsonl.
+"+": its score is P(+) (softmax over the "+"/"-" logits) at that label. For N = 1, 2, 4, ... up to --num_n (or the most
+candidates a problem has: said, and recorded as num_n_reached), the top-scored of a problem's first N candidates is
+compared with the most common final answer among them (majority voting) and the first candidate (pass@1). Writes
+<output_dir>/best_of_n.json (the curve, and upstream's one number as "accuracy": best-of-N at the largest N),
+best_of_n.png and scores.jsonl; these replace upstream's {output_dir}_{num_n}.json and
+{output_dir}_{num_n}_save_data.jsonl.
 """
 
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from useful_code.best_of_n import (
     BestOfNArguments,
     best_of_n_curve,
+    candidate_coverage,
     format_curve,
     load_best_of_n_inputs,
     n_values,
@@ -59,15 +61,18 @@ def main():
     if state.is_main_process:
         labels = [row[: len(c)] for row, c in zip(problems["label"], answers)]
         finals = [[extract_final_answer(a) for a in candidates] for candidates in answers]
-        curve = best_of_n_curve(scores, labels, finals, n_values(args.num_n, max(len(c) for c in answers)))
+        coverage, coverage_notes = candidate_coverage(args.num_n, [len(c) for c in answers])
+        curve = best_of_n_curve(scores, labels, finals, n_values(args.num_n, coverage["num_n_reached"]))
         summary = {"reward_name_or_path": args.reward_name_or_path, "dataset": args.dataset, "reward_type": "orm",
-                   "model_type": args.model_type, "num_n": args.num_n, "problems": len(answers),
+                   "model_type": args.model_type, **coverage, "problems": len(answers),
                    "solutions": len(conversations), "no_final_answer": sum(a is None for f in finals for a in f),
                    "truncated": scorer.truncated, "scoring_seconds": round(seconds, 3),
                    "processes": state.num_processes, "examples": stats}
         results = write_results(args.output_dir, curve, summary, problems, label_scores, scores,
                                 f"ORM best-of-N, {len(answers)} problems")
         print(format_curve(curve))
+        for note in coverage_notes:
+            print(note)
         print(f"accuracy {results['accuracy']:.4f} (upstream's number: best-of-{curve[-1]['n']}, "
               "'accuracy' in best_of_n.json)")
         if scorer.truncated:

@@ -7,10 +7,11 @@
 
 Each candidate solution is cut into steps (--model_type) and scored by ONE forward: P(+) (softmax over the "+"/"-"
 logits) at every step's label position; --aggregation turns the step scores into the solution's score. For N = 1, 2,
-4, ... up to --num_n, the top-scored of a problem's first N candidates is compared with the most common final answer
-among them (majority voting) and the first candidate (pass@1). Writes <output_dir>/best_of_n.json (the curve, and
-upstream's one number as "accuracy": best-of-N at the largest N), best_of_n.png and scores.jsonl (every candidate's
-step scores); these replace upstream's {output_dir}_{num_n}.json and {output_dir}_{num_n}_save_data.jsonl.
+4, ... up to --num_n (or the most candidates a problem has: said, and recorded as num_n_reached), the top-scored of a
+problem's first N candidates is compared with the most common final answer among them (majority voting) and the first
+candidate (pass@1). Writes <output_dir>/best_of_n.json (the curve, and upstream's one number as "accuracy": best-of-N
+at the largest N), best_of_n.png and scores.jsonl (every candidate's step scores); these replace upstream's
+{output_dir}_{num_n}.json and {output_dir}_{num_n}_save_data.jsonl.
 """
 
 import time
@@ -21,6 +22,7 @@ from useful_code.best_of_n import (
     BestOfNArguments,
     aggregate,
     best_of_n_curve,
+    candidate_coverage,
     format_curve,
     load_best_of_n_inputs,
     n_values,
@@ -62,9 +64,10 @@ def main():
     if state.is_main_process:
         labels = [row[: len(c)] for row, c in zip(problems["label"], answers)]
         finals = [[extract_final_answer(a) for a in candidates] for candidates in answers]
-        curve = best_of_n_curve(scores, labels, finals, n_values(args.num_n, max(len(c) for c in answers)))
+        coverage, coverage_notes = candidate_coverage(args.num_n, [len(c) for c in answers])
+        curve = best_of_n_curve(scores, labels, finals, n_values(args.num_n, coverage["num_n_reached"]))
         summary = {"reward_name_or_path": args.reward_name_or_path, "dataset": args.dataset, "reward_type": "prm",
-                   "aggregation": args.aggregation, "model_type": args.model_type, "num_n": args.num_n,
+                   "aggregation": args.aggregation, "model_type": args.model_type, **coverage,
                    "problems": len(answers), "solutions": len(conversations),
                    "steps": sum(len(s) for problem in step_scores for s in problem),
                    "no_final_answer": sum(a is None for f in finals for a in f), "truncated": scorer.truncated,
@@ -72,6 +75,8 @@ def main():
         results = write_results(args.output_dir, curve, summary, problems, step_scores, scores,
                                 f"PRM best-of-N ({args.aggregation} of step P(+)), {len(answers)} problems")
         print(format_curve(curve))
+        for note in coverage_notes:
+            print(note)
         print(f"accuracy {results['accuracy']:.4f} (upstream's number: best-of-{curve[-1]['n']}, "
               "'accuracy' in best_of_n.json)")
         if scorer.truncated:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from useful_code.best_of_n import (
     aggregate,
     best_of_n_curve,
     best_pick,
+    candidate_coverage,
     majority_pick,
     n_values,
     upstream_accuracy,
@@ -440,6 +442,48 @@ def test_best_of_n_json_carries_upstreams_accuracy(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [line["label"] for line in lines] == labels and lines[0]["final_answers"] == ["1", "2", "3"]
     assert lines[1]["step_scores"] == [[0.3], [0.8]] and lines[1]["scores"] == [0.3, 0.8]
+
+
+def test_candidate_coverage_reports_the_n_reached_and_the_short_problems():
+    """--num_n past the problems' candidates: the N reached is recorded and said; problems with fewer candidates than
+    that N are counted and said; nothing is said when every problem has --num_n or more."""
+    summary, notes = candidate_coverage(16, [8, 8, 8])
+    assert summary == {"num_n": 16, "num_n_reached": 8, "candidates_min": 8, "candidates_max": 8,
+                       "problems_with_fewer_candidates": 0}
+    assert notes == ["--num_n 16: the problems have at most 8 candidates; the curve stops at N=8"]
+    summary, notes = candidate_coverage(16, [8, 3, 5, 8])
+    assert summary == {"num_n": 16, "num_n_reached": 8, "candidates_min": 3, "candidates_max": 8,
+                       "problems_with_fewer_candidates": 2}
+    assert notes[1] == ("2 of 4 problems have fewer than 8 candidates (fewest: 3); at an N above a problem's count, "
+                        "its best-of-N, majority and oracle use all its candidates")
+    assert candidate_coverage(4, [4, 4]) == ({"num_n": 4, "num_n_reached": 4, "candidates_min": 4,
+                                              "candidates_max": 4, "problems_with_fewer_candidates": 0}, [])
+    # --num_n below every count (answers are cut to --num_n before this): reached as asked, silent
+    assert candidate_coverage(2, [2, 2])[1] == []
+
+
+@pytest.mark.parametrize("script", ["math-rm/prm_evaluate.py", "math-rm/orm_evaluate.py"])
+def test_num_n_past_the_candidates_is_said_and_recorded(script, monkeypatch, capsys, tmp_path):
+    """--num_n 16 on problems of 8, 3 and 5 candidates: the curve stops at N=8, both notes are printed, and
+    best_of_n.json records the N reached beside --num_n (its "accuracy" is best-of-8, the curve's last point)."""
+    rows = [json.loads(line) for line in Path(TOY_BEST_OF_N).read_text().splitlines()][:3]
+    for row, keep in zip(rows, (8, 3, 5)):
+        row["answers"], row["label"] = row["answers"][:keep], row["label"][:keep]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(sys, "argv", [script, "--reward_name_or_path", DEFAULT_MODEL, "--dataset", str(data),
+                                      "--output_dir", str(tmp_path / "out"), "--num_n", "16"])
+    run_cli(load_script(script).main)
+    out = capsys.readouterr().out
+    assert "--num_n 16: the problems have at most 8 candidates; the curve stops at N=8\n" in out
+    assert ("2 of 3 problems have fewer than 8 candidates (fewest: 3); at an N above a problem's count, its "
+            "best-of-N, majority and oracle use all its candidates\n") in out
+    results = json.loads((tmp_path / "out" / "best_of_n.json").read_text())
+    assert (results["num_n"], results["num_n_reached"]) == (16, 8)
+    assert results["candidates_min"] == 3 and results["candidates_max"] == 8
+    assert results["problems_with_fewer_candidates"] == 2
+    assert [p["n"] for p in results["curve"]] == [1, 2, 4, 8] and results["solutions"] == 16
+    assert results["accuracy"] == results["curve"][-1]["best_of_n"]
 
 
 # ------------------------------------------------------------------------------------- 6. the toy set

@@ -47,6 +47,24 @@ def n_values(num_n: int, most: int) -> list[int]:
     return ns + ([limit] if ns[-1] != limit else [])
 
 
+def candidate_coverage(num_n: int, counts: list[int]) -> tuple[dict, list[str]]:
+    """What --num_n reached, from each problem's number of candidates (its first --num_n): the summary's keys
+    (num_n as asked, num_n_reached: the curve's largest N, the fewest and most candidates of a problem, and how many
+    problems have fewer than num_n_reached, whose best-of-N at a larger N uses all their candidates) and the notes
+    to print when the curve stops short of --num_n or the problems' counts differ."""
+    reached, fewest = min(num_n, max(counts)), min(counts)
+    short = sum(c < reached for c in counts)
+    summary = {"num_n": num_n, "num_n_reached": reached, "candidates_min": fewest, "candidates_max": max(counts),
+               "problems_with_fewer_candidates": short}
+    notes = []
+    if reached < num_n:
+        notes.append(f"--num_n {num_n}: the problems have at most {reached} candidates; the curve stops at N={reached}")
+    if short:
+        notes.append(f"{short} of {len(counts)} problems have fewer than {reached} candidates (fewest: {fewest}); at "
+                     f"an N above a problem's count, its best-of-N, majority and oracle use all its candidates")
+    return summary, notes
+
+
 def best_pick(scores: list[float]) -> int:
     """The index of the highest score, the first on a tie (upstream's list.index(max)); NaN never wins."""
     values = [-math.inf if math.isnan(s) else s for s in scores]

@@ -58,7 +58,8 @@ class EvalArguments:
     record_dir: Optional[str] = field(default="./bench_mark_eval.txt", metadata={"help": "Text file appended to."})
     reward_name_or_path: Optional[str] = field(default=None, metadata={"help": "Hub name or checkpoint directory."})
     split: Optional[str] = field(default=None, metadata={
-        "help": "Dataset split (a single local file is its own split). Default: filtered (v1), test (v2)."})
+        "help": "Dataset split; one the data lacks is an error. Default: filtered (v1), test (v2), else the data's "
+                "only split (a single local file's is 'train'). The results JSON records the split read."})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per padded forward (length-sorted)."})
     max_tokens_per_batch: int = token_budget_field()
     max_length: int = field(default=4096, metadata={"min": 1, "help": "Longer inputs are cut from the left (counted)."})
@@ -87,12 +88,14 @@ def load_benchmark(args):
         args.benchmark = 1
     if args.data_set_name is None:
         args.data_set_name = BENCHMARK_DATA[args.benchmark][0]
-    known = args.split or (BENCHMARK_DATA[args.benchmark][1] if args.benchmark else None)
+    defaults = [BENCHMARK_DATA[b][1] for b in ((args.benchmark,) if args.benchmark else (1, 2))]
     is_local = Path(args.data_set_name).expanduser().exists()
-    splits = load_dataset_dict(args.data_set_name, "--data_set_name", split=None if is_local else known,
+    hub_split = args.split or (defaults[0] if args.benchmark else None)
+    splits = load_dataset_dict(args.data_set_name, "--data_set_name", split=None if is_local else hub_split,
                                skip_invalid=args.skip_invalid)
-    args.split = known or next((s for s in ("filtered", "test") if s in splits), next(iter(splits)))
-    dataset = pick_split(splits, args.split, "--data_set_name")
+    # From here on args.split is the split actually read (the results JSON records it).
+    args.split = resolve_split(splits, args.split, defaults, args.data_set_name)
+    dataset = splits[args.split]
     detected = 2 if has_v2_columns(dataset) else 1
     if args.benchmark is None:
         args.benchmark = detected
@@ -106,6 +109,29 @@ def load_benchmark(args):
     if args.benchmark == 2 and args.tie_credit:
         raise UserError("--tie_credit applies to RewardBench 1; RewardBench 2 credits a tie at the maximum 1/k")
     return args.benchmark, dataset
+
+
+def resolve_split(splits, asked: Optional[str], defaults, data_set_name: str) -> str:
+    """The split of `splits` (a DatasetDict) to evaluate: --split when the data has it. A --split other than the
+    benchmark's default that the data lacks is an error; the default (asked for or not) falls back to the data's only
+    split (a single local file is its own split, 'train'), said once unless the data is a single file."""
+    if asked is not None and asked in splits:
+        return asked
+    available = ", ".join(splits)
+    if asked is not None and asked not in defaults:
+        raise UserError(f"--split: {data_set_name} has no split '{asked}' (its splits: {available})")
+    if asked is None:
+        found = next((d for d in defaults if d in splits), None)
+        if found is not None:
+            return found
+    default = f"'{asked}'" if asked else " or ".join(f"'{d}'" for d in defaults)
+    if len(splits) == 1:
+        only = next(iter(splits))
+        if not Path(data_set_name).expanduser().is_file():
+            print(f"--split: {data_set_name} has no split {default} (the default); reading its only split, '{only}'")
+        return only
+    raise UserError(f"--split: {data_set_name} has no split {default} (the default) and several others "
+                    f"({available}): name one with --split")
 
 
 def has_v2_columns(dataset) -> bool:
