@@ -27,6 +27,22 @@ def bt_checkpoint(tmp_path_factory, tok):
     return path
 
 
+def test_transformers_load_report_becomes_one_line(tok, capfd):
+    """The report's table (MISSING score.weight, UNEXPECTED lm_head.weight) on every training run from a base model,
+    said in one line; a clean load says nothing."""
+    load_reward_model(DEFAULT_MODEL, "--model_name", tok, torch.float32, new_weights=("score.",))
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err
+    assert f"--model_name {DEFAULT_MODEL}: new head initialised: score.weight; weights that " \
+           "LlamaForSequenceClassification does not use: lm_head.weight\n" in out
+
+
+def test_a_complete_checkpoint_loads_without_a_word(tok, bt_checkpoint, capfd):
+    load_reward_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "--reward_name_or_path" not in out + err
+
+
 def test_a_reward_model_from_a_base_lm_only_when_training_a_new_head(tok):
     with pytest.raises(UserError, match=r"saved as LlamaForCausalLM, not a \.\.\.ForSequenceClassification model; this "
                                         r"script needs a sequence classifier \(a BT reward model, "):

@@ -3,6 +3,8 @@ trusted, with one clear error when a model cannot be loaded."""
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +30,32 @@ def _task_suffix(class_name: str) -> str:
 # What each Auto class loads, in this project's words (for the error on a checkpoint of another kind).
 KINDS = {"ForSequenceClassification": "sequence classifier (a BT reward model, an exported ArmoRM, a scalar ORM)",
          "ForCausalLM": "causal LM (a pairwise preference model, a math PRM or ORM)"}
+
+
+@contextmanager
+def _load_report_held():
+    """Hold back transformers' load report (a table of missing and unused weights, logged as a warning on every
+    load of a base model with a new head): load_model checks those weights itself and says what matters in one line.
+    Yields whether a report was held; a load that fails lets it through, since it may explain the failure."""
+    held = []
+
+    def hold(record):
+        if "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(hold)
+    try:
+        yield held
+    except BaseException:
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
+        raise
+    finally:
+        logger.removeFilter(hold)
 
 
 def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
@@ -57,11 +85,12 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
                         "); pass --load_pickled_weights to read them with torch's weights-only loader, or convert "
                         "them to safetensors")
     try:
-        model, info = auto_class.from_pretrained(
-            name, dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation),
-            trust_remote_code=trust_remote_code, use_safetensors=None if pickled_weights else True,
-            output_loading_info=True, **kwargs,
-        )
+        with _load_report_held() as report:
+            model, info = auto_class.from_pretrained(
+                name, dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation),
+                trust_remote_code=trust_remote_code, use_safetensors=None if pickled_weights else True,
+                output_loading_info=True, **kwargs,
+            )
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else ""
         # transformers rejects these loading options with a ValueError that would otherwise blame the model's flag
@@ -87,6 +116,12 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
         problems = missing + [str(k) for k in info["mismatched_keys"]]
         raise UserError(f"{flag}: '{name}' lacks {len(problems)} weights the model needs, which would be random: "
                         f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}")
+    if report:  # what transformers' table said, in one line: nothing in it is wrong for this use
+        new, unused = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        parts = [f"new head initialised: {', '.join(new)}" if new else "",
+                 f"weights that {type(model).__name__} does not use: {', '.join(unused[:3])}"
+                 f"{f' and {len(unused) - 3} more' if len(unused) > 3 else ''}" if unused else ""]
+        print(f"{flag} {name}: " + "; ".join(part for part in parts if part))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
