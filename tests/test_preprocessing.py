@@ -580,6 +580,21 @@ def test_ensure_pad_token_replaces_eos_pad():
     assert tokenizer.pad_token_id == RESERVED0_ID
 
 
+def test_ensure_pad_token_never_pads_with_the_templates_last_token():
+    """A pad equal to the token that ends every templated conversation (here the end of turn, not EOS): a classifier
+    would skip it and read the token before, and a packed row would read it, so the two would disagree."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    tokenizer.eos_token = "<|reserved_special_token_1|>"  # EOS no longer ends the template's turns
+    tokenizer.pad_token = "<|eot_id|>"  # which ends every rendered assistant turn
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                        tokenize=True)["input_ids"]
+    assert ids[-1] == tokenizer.pad_token_id == EOS_ID
+    assert ensure_pad_token(tokenizer) is False
+    assert tokenizer.pad_token_id == RESERVED0_ID
+
+
 def _minimal_tokenizer():
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel

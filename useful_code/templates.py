@@ -70,20 +70,33 @@ _RESERVED_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_tok
 
 
 def ensure_pad_token(tokenizer) -> bool:
-    """Give the tokenizer a pad token that is not EOS; return True if a new token was added to the vocab.
+    """Give the tokenizer a pad token that neither is EOS nor ends a templated conversation; return True if a new
+    token was added to the vocab.
 
-    A sequence classifier reads its reward at the last non-pad token, so padding with EOS makes it skip the
-    EOS that ends every conversation and score the wrong token (upstream's identical Llama-3 rewards)."""
-    eos_ids = {tokenizer.eos_token_id}
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in eos_ids:
+    A sequence classifier reads its reward at the last non-pad token, so padding with the token that ends every
+    conversation (EOS, or the template's end of turn) makes it skip that token and score the wrong one (upstream's
+    identical Llama-3 rewards); a packed row reads the true last token, so the two would disagree too."""
+    ending_ids = {tokenizer.eos_token_id, _last_template_token(tokenizer)} - {None}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ending_ids:
         return False
     vocab = tokenizer.get_vocab()
     for candidate in _RESERVED_PAD_CANDIDATES:
-        if candidate in vocab and vocab[candidate] not in eos_ids and vocab[candidate] != tokenizer.bos_token_id:
+        if candidate in vocab and vocab[candidate] not in ending_ids and vocab[candidate] != tokenizer.bos_token_id:
             tokenizer.pad_token = candidate
             return False
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     return True
+
+
+def _last_template_token(tokenizer) -> Optional[int]:
+    """The token id that ends a templated user-assistant exchange (None when the template cannot render one)."""
+    try:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                            tokenize=True)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError):
+        return None  # no template, or one with rules of its own (a required system turn, ...): EOS alone is checked
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return ids[-1] if ids else None
 
 
 def special_token_pattern(tokenizer) -> re.Pattern:
