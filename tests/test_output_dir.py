@@ -34,6 +34,28 @@ def test_a_finished_run_is_kept_unless_overwrite(tmp_path):
     assert (tmp_path / LOCK).read_text() == str(os.getpid())
 
 
+def test_the_lock_is_taken_in_one_step(tmp_path):
+    """Two runs started together: the first holds an flock on the lock file before it has written its PID (or
+    with any PID in it); the second is refused rather than both seeing the lock free."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(tmp_path / LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(30)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=r"is in use by another run \(PID \?\)"):
+            claim_output_dir(str(tmp_path), False)
+        (tmp_path / LOCK).write_text("999999999")  # a PID that is gone, but the lock is still held
+        with pytest.raises(UserError, match=r"is in use by another run \(PID 999999999\)"):
+            claim_output_dir(str(tmp_path), False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert claim_output_dir(str(tmp_path), False) == tmp_path  # released by the holder's death
+    assert (tmp_path / LOCK).read_text() == str(os.getpid())
+
+
 def test_a_live_lock_stops_a_second_run_and_a_stale_one_is_taken_over(tmp_path, capsys):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -77,12 +99,26 @@ def test_resume_targets_are_checked(tmp_path, capsys):
     assert resolve_resume(None, str(tmp_path)) is None
     with pytest.raises(UserError, match="--resume_from_checkpoint: /nope is not a periodic checkpoint directory"):
         resolve_resume("/nope", str(tmp_path))
-    with pytest.raises(UserError, match="latest: .* has no checkpoint-N directory to resume"):
+    with pytest.raises(UserError, match="latest: .* has no complete checkpoint-N directory to resume"):
         resolve_resume("latest", str(tmp_path))
     for step in (5, 40, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert resolve_resume("latest", str(tmp_path)) == str(tmp_path / "checkpoint-40")
+    # Saves cut short by a kill (the Trainer writes into checkpoint-N directly, trainer_state.json last): passed over
+    (tmp_path / "checkpoint-60").mkdir()
+    (tmp_path / "checkpoint-60" / "model.safetensors").write_text("half")
+    (tmp_path / "checkpoint-50").mkdir()
+    (tmp_path / "checkpoint-50" / "trainer_state.json").write_text('{"global_st')
+    capsys.readouterr()
+    assert resolve_resume("latest", str(tmp_path)) == str(tmp_path / "checkpoint-40")
+    assert capsys.readouterr().out.splitlines() == [
+        f"Passing over {tmp_path / 'checkpoint-60'}: its save was cut short (trainer_state.json missing or incomplete)",
+        f"Passing over {tmp_path / 'checkpoint-50'}: its save was cut short (trainer_state.json missing or incomplete)",
+        f"Resuming from {tmp_path / 'checkpoint-40'}"]
+    # a file a callback writes after the Trainer's own (BT: its token counts) must be there too
+    (tmp_path / "checkpoint-10" / "tokens.json").write_text("{}")
+    assert resolve_resume("latest", str(tmp_path), written_last="tokens.json") == str(tmp_path / "checkpoint-10")
     assert resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path)) == str(tmp_path / "checkpoint-5")
     with pytest.raises(UserError, match="checkpoint-N with loop_state.pt"):
         resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path), marker="loop_state.pt")

@@ -4,9 +4,12 @@ metrics every training run records."""
 from __future__ import annotations
 
 import atexit
+import fcntl
+import glob
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from useful_code.cli import UserError
 from useful_code.hardware import peak_gpu_memory_mib
@@ -135,54 +138,97 @@ def check_output_dir(path, flag: str, inputs: tuple = ()) -> Path:
     return out
 
 
+_HELD_LOCKS: dict[Path, int] = {}  # the output-directory locks this process holds: their open descriptors
+
+
 def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = (),
                      finished: str = "metrics.json", flag: str = "--output_dir") -> Path:
     """Before any work: check that output_dir can take this run and lock it (call on the main process only).
 
     It must be a creatable, writable directory that is none of the inputs; a finished run there (the file named
-    finished, which a run writes last) is kept unless overwrite; a run in progress there (a lock whose PID is
-    alive) stops this one, and a stale lock is taken over. The lock is released when this process exits. Errors
+    finished, which a run writes last) is kept unless overwrite; a run in progress there (its lock file flocked, or
+    naming a live PID) stops this one, and a stale lock is taken over. The lock is released when this process exits. Errors
     name flag, the script's name for output_dir. Returns the directory."""
     out = check_output_dir(output_dir, flag, inputs)
     lock = out / LOCK
-    if lock.exists():
-        holder = lock.read_text().strip()
-        if holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder)):
-            raise UserError(f"{flag}: {out} is in use by another run (PID {holder}); wait for it or choose "
+    # flock, held until this process ends (a kill -9 included), makes taking the lock one atomic step: two runs
+    # started together cannot both see it free.
+    fd = _HELD_LOCKS.pop(lock, None) or os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held_elsewhere = False
+        except BlockingIOError:
+            held_elsewhere = True
+        if held_elsewhere or (holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder))):
+            raise UserError(f"{flag}: {out} is in use by another run (PID {holder or '?'}); wait for it or choose "
                             f"another {flag}")
-        print(f"Taking over the stale lock of {out} (PID {holder or '?'} is gone)")
-    if (out / finished).exists() and not overwrite:
-        raise UserError(f"{flag}: {out} holds a finished run ({finished}); pass "
-                        f"--overwrite_output_dir to replace it, or choose another {flag}")
-    lock.write_text(str(os.getpid()))
+        if (out / finished).exists() and not overwrite:
+            raise UserError(f"{flag}: {out} holds a finished run ({finished}); pass "
+                            f"--overwrite_output_dir to replace it, or choose another {flag}")
+    except UserError:
+        os.close(fd)
+        raise
+    if holder and holder != str(os.getpid()):
+        print(f"Taking over the stale lock of {out} (PID {holder} is gone)")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD_LOCKS[lock] = fd
     atexit.register(lambda: lock.unlink(missing_ok=True) if lock.exists() and lock.read_text() == str(os.getpid())
                     else None)
     shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed run left half-written
     return out
 
 
-def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer_state.json") -> Optional[str]:
-    """--resume_from_checkpoint: None, 'latest' (the newest checkpoint-N of output_dir) or a checkpoint directory
-    holding marker (the Trainer's trainer_state.json, or LOOP_STATE); anything else is an error."""
+def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer_state.json",
+                   written_last: Optional[str] = None) -> Optional[str]:
+    """--resume_from_checkpoint: None, 'latest' or a checkpoint directory holding marker (the Trainer's
+    trainer_state.json, or LOOP_STATE); anything else is an error. 'latest' is the newest checkpoint-N of output_dir
+    that is complete: marker readable (a .json one parses) and written_last (a file a callback adds after the
+    Trainer's own, when given) present. A save cut short by a kill leaves a checkpoint-N without them (the Trainer
+    writes into checkpoint-N directly); it is passed over, said once."""
     if not value:
         return None
     if value == "latest":
-        latest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if latest is None:
-            raise UserError(f"--resume_from_checkpoint latest: {output_dir} has no checkpoint-N directory to resume")
-        print(f"Resuming from {latest}")
-        return latest
+        numbered = [(int(m.group(1)), d) for d in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                    if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", d.name)) and d.is_dir()]
+        for _, directory in sorted(numbered, reverse=True):
+            if _complete(directory, marker, written_last):
+                print(f"Resuming from {directory}")
+                return str(directory)
+            print(f"Passing over {directory}: its save was cut short ({marker}"
+                  f"{f' or {written_last}' if written_last else ''} missing or incomplete)")
+        raise UserError(f"--resume_from_checkpoint latest: {output_dir} has no complete checkpoint-N directory to "
+                        "resume")
     if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, marker)):
         raise UserError(f"--resume_from_checkpoint: {value} is not a periodic checkpoint directory (checkpoint-N with "
                         f"{marker})")
     return value
 
 
+def _complete(directory: Path, marker: str, written_last: Optional[str]) -> bool:
+    """Whether a checkpoint directory's save finished (see resolve_resume)."""
+    if written_last and not (directory / written_last).is_file():
+        return False
+    try:
+        if marker.endswith(".json"):
+            json.loads((directory / marker).read_text())
+        return (directory / marker).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _write_beside(path, write) -> None:
     """write(staged path) beside path, flushed to disk, then renamed into place: a killed write never leaves a
-    truncated file under the real name, and a failed one leaves no staged file behind."""
+    truncated file under the real name, a failed one leaves no staged file behind, and a killed one's is removed by
+    the next write of that path."""
     path = Path(path)
     staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    for left in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # a killed write's (its PID is gone)
+        pid = left.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            left.unlink(missing_ok=True)
     try:
         write(staged)
         with open(staged, "rb") as f:
