@@ -186,6 +186,22 @@ def test_write_results_appends_and_writes_json(tmp_path):
     assert set(data) == set(res) | {"model"}
 
 
+def test_the_record_is_appended_only_once_the_json_is_written(tmp_path):
+    """A run that dies writing the JSON (here: a value strict JSON refuses) leaves no record line claiming it, and
+    the staged file that a killed write left (its PID gone) is cleared by the next write."""
+    ids, subsets, chosen, rejected = _small_bench()
+    res = rb.score_examples(ids, subsets, chosen, rejected)
+    record, out_json = tmp_path / "record.txt", tmp_path / "res.json"
+    with pytest.raises(ValueError):
+        evaluation.write_results({**res, "bad": float("nan")}, "model-a", str(record), str(out_json))
+    assert not record.exists() and not out_json.exists()
+    left = tmp_path / ".res.json.tmp-999999999"  # a killed write's, by a PID that is gone
+    left.write_text("{")
+    evaluation.write_results(res, "model-a", str(record), str(out_json))
+    assert record.read_text().splitlines()[0] == "model-a" and json.loads(out_json.read_text())["model"] == "model-a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.txt", "res.json"]
+
+
 def test_write_results_prior_sets_line(tmp_path):
     ids, subsets, chosen, rejected = _small_bench()
     prior = (["p0"], ["shp"], [1.0], [0.0])

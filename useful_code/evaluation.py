@@ -267,24 +267,25 @@ def results_json_path(args) -> str:
 
 
 def write_results(results: dict, model_name: str, record_dir: str, results_json: str) -> None:
-    """Append the RLHFlow-style record block (the model, then each section (v1) or subset (v2) and the Score) to
-    ``record_dir`` and write ``results_json``."""
+    """Write ``results_json``, then append the RLHFlow-style record block (the model, then each section (v1) or
+    subset (v2) and the Score) to ``record_dir``."""
     v2 = results.get("benchmark") == 2
     names, values, averaged = ((V2_SUBSETS, results["subsets"], results["score_subsets"]) if v2
                                else (SECTIONS, results["sections"], results["score_sections"]))
     for path in (record_dir, results_json):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(record_dir, "a") as f:
-        f.write(model_name + (" (RewardBench 2)" if v2 else "") + "\n")
-        for name in names:
-            f.write(f"{name}\t{_recorded(values[name])}\n")
-        if "prior_sets" in results:
-            f.write(f"Prior Sets\t{_recorded(results['prior_sets']['score'])}\n")
-        f.write(f"Score\t{_recorded(results['score'])}\n")
-        if len(averaged) < len(names):
-            f.write(f"Score averages\t{', '.join(averaged)}\n")
-    # strict JSON (no bare NaN), written beside and moved into place
+    # The JSON first (strict: no bare NaN; written beside and moved into place), then the record block in one write:
+    # a run killed between them leaves no record line claiming a result whose JSON is missing.
     atomic_write_text(results_json, json.dumps({**results, "model": model_name}, indent=2, allow_nan=False))
+    lines = [model_name + (" (RewardBench 2)" if v2 else "")]
+    lines += [f"{name}\t{_recorded(values[name])}" for name in names]
+    if "prior_sets" in results:
+        lines.append(f"Prior Sets\t{_recorded(results['prior_sets']['score'])}")
+    lines.append(f"Score\t{_recorded(results['score'])}")
+    if len(averaged) < len(names):
+        lines.append(f"Score averages\t{', '.join(averaged)}")
+    with open(record_dir, "a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _recorded(value) -> str:
