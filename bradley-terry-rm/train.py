@@ -461,7 +461,7 @@ def main(default_config: str = DEFAULT_CONFIG):
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         }
         metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, args, training_args,
-                                                     dtype)
+                                                     dtype, resumed_from=resume)
         plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
         plot_rewards(held_out_rewards[:, 0], held_out_rewards[:, 1], os.path.join(staging, "rewards.png"))
         write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()), base_model=args.model_name,

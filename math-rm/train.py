@@ -229,7 +229,7 @@ def main():
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         })
         metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args,
-                                                     training_args, dtype)
+                                                     training_args, dtype, resumed_from=resume)
         plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
         write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()),
                          base_model=script_args.model_name_or_path, kind="math", command=launch_command())

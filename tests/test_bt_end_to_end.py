@@ -280,6 +280,12 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
     resumed = load_file(killed / "last_checkpoint" / "model.safetensors")
     whole = load_file(tmp_path / "whole" / "last_checkpoint" / "model.safetensors")
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    # transformers averages the loss over this process's steps only: not the run's train_loss
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["train_loss"] is None and metrics["resumed"]["at_step"] in (10, 20)
+    assert metrics["resumed"]["from"].endswith(f"checkpoint-{metrics['resumed']['at_step']}")
+    assert 0 < metrics["resumed"]["train_loss_of_these_steps"] < 1
+    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["train_loss"] > 0
 
 
 

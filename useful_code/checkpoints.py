@@ -349,13 +349,22 @@ def verify_reload(expected: np.ndarray, reloaded: np.ndarray, dtype: torch.dtype
 
 
 def write_run_metrics(output_dir: str, metrics: dict, started: float, train_result, script_args, training_args,
-                      dtype: torch.dtype) -> str:
+                      dtype: torch.dtype, resumed_from: Optional[str] = None) -> str:
     """Add what every training run records (losses, steps, timings, world size, dtype, the arguments, library
-    versions) to the script's own metrics and write <output_dir>/metrics.json; return its path."""
+    versions) to the script's own metrics and write <output_dir>/metrics.json; return its path. A run resumed from
+    a checkpoint records where; its train_loss is null, since transformers averages the loss over the steps of this
+    process only (0 when none were left), and that mean is kept as resumed.train_loss_of_these_steps."""
     training = training_args.to_dict()
+    train_loss, resumed = train_result.training_loss, None
+    if resumed_from:
+        at_step = json.loads((Path(resumed_from) / "trainer_state.json").read_text())["global_step"]
+        resumed = {"from": str(resumed_from), "at_step": at_step,
+                   "train_loss_of_these_steps": train_loss if train_result.global_step > at_step else None}
+        train_loss = None
     metrics = {
-        "train_loss": train_result.training_loss,
+        "train_loss": train_loss,
         "train_steps": train_result.global_step,
+        **({"resumed": resumed} if resumed else {}),
         **metrics,
         "wall_time_s": round(time.time() - started, 1),
         "train_runtime_s": train_result.metrics.get("train_runtime"),
