@@ -243,7 +243,8 @@ def test_every_help_text_survives_argparse_formatting():
     assert checked > 200
 
 
-@pytest.mark.parametrize("argv", [["--output_path", "a", "--output_dir", "b"], ["--output_dir=b", "--output_path", "a"]])
+@pytest.mark.parametrize("argv", [["--output_path", "a", "--output_dir", "b"],
+                                  ["--output_dir=b", "--output_path", "a"]])
 def test_two_spellings_that_disagree_are_one_line(argv):
     with pytest.raises(UserError) as err:
         parse_args((Aliased,), None, argv=argv)

@@ -97,7 +97,8 @@ def test_the_recipe_trains_with_the_tiny_model_standing_in(tmp_path):
     gradient checkpointing on, evaluation every 2 steps instead of 50."""
     out = tmp_path / "orm"
     proc = run([sys.executable, "math-rm/scalar_orm_train.py", str(RECIPE), "--model_name",
-                str(ROOT / "assets" / "tiny-llama"), "--train_set_path", str(ROOT / "assets" / "data" / "toy_math" / "prm"),
+                str(ROOT / "assets" / "tiny-llama"),
+                "--train_set_path", str(ROOT / "assets" / "data" / "toy_math" / "prm"),
                 "--output_dir", str(out), "--max_steps", "3", "--eval_every_steps", "2", "--max_length", "256"],
                env_extra={"OMP_NUM_THREADS": "1"})
     check_ok(proc)

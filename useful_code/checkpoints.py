@@ -147,8 +147,8 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
 
     It must be a creatable, writable directory that is none of the inputs; a finished run there (the file named
     finished, which a run writes last) is kept unless overwrite; a run in progress there (its lock file flocked, or
-    naming a live PID) stops this one, and a stale lock is taken over. The lock is released when this process exits. Errors
-    name flag, the script's name for output_dir. Returns the directory."""
+    naming a live PID) stops this one, and a stale lock is taken over. The lock is released when this process
+    exits. Errors name flag, the script's name for output_dir. Returns the directory."""
     out = check_output_dir(output_dir, flag, inputs)
     lock = out / LOCK
     # flock, held until this process ends (a kill -9 included), makes taking the lock one atomic step: two runs

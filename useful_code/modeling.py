@@ -54,8 +54,7 @@ def _load_report_held():
         for record in held:
             logger.handle(record)
         raise
-    finally:
-        logger.removeFilter(hold)
+    logger.removeFilter(hold)
 
 
 def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
