@@ -360,7 +360,7 @@ def main(default_config: str = DEFAULT_CONFIG):
                                      inputs=(args.model_name, args.train_set_path, args.eval_set_path),
                                      flag="--output_path")  # upstream's name (--output_dir works too)
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
-                                        written_last=TrainTokensInCheckpoints.path('', 0).name)
+                                        written_last=TrainTokensInCheckpoints.path("", 0).name)
     quantization = quantization_options(lora_args, dtype)  # 4/8-bit needs a GPU and bitsandbytes: said now
     if args.max_tokens_per_batch and not args.padding_free:  # said before any work; the model's own limits later
         raise UserError("--max_tokens_per_batch needs padding-free training: drop --padding_free false")
