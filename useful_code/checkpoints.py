@@ -212,10 +212,11 @@ def _complete(directory: Path, marker: str, written_last: Optional[str]) -> bool
     if written_last and not (directory / written_last).is_file():
         return False
     try:
+        text = (directory / marker).read_bytes()
         if marker.endswith(".json"):
-            json.loads((directory / marker).read_text())
-        return (directory / marker).is_file()
-    except (OSError, ValueError):
+            json.loads(text)
+        return True
+    except (OSError, ValueError):  # missing, or cut short mid-write
         return False
 
 

@@ -28,8 +28,9 @@ def _task_suffix(class_name: str) -> str:
 
 
 # What each Auto class loads, in this project's words (for the error on a checkpoint of another kind).
-KINDS = {"ForSequenceClassification": "sequence classifier (a BT reward model, an exported ArmoRM, a scalar ORM)",
-         "ForCausalLM": "causal LM (a pairwise preference model, a math PRM or ORM)"}
+CHECKPOINT_KINDS = {
+    "ForSequenceClassification": "sequence classifier (a BT reward model, an exported ArmoRM, a scalar ORM)",
+    "ForCausalLM": "causal LM (a pairwise preference model, a math PRM or ORM)"}
 
 
 @contextmanager
@@ -77,7 +78,7 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
     wanted, saved = _task_suffix(auto_class.__name__), [_task_suffix(a) for a in config.architectures or []]
     if wanted and not new_weights and saved and wanted not in saved:
         raise UserError(f"{flag}: '{name}' was saved as {', '.join(config.architectures)}, not a ...{wanted} model; "
-                        f"this script needs a {KINDS.get(wanted, wanted)}, another kind of checkpoint")
+                        f"this script needs a {CHECKPOINT_KINDS.get(wanted, wanted)}, another kind of checkpoint")
     local = Path(name).expanduser()
     if not pickled_weights and local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
         raise UserError(f"{flag}: '{name}' holds only pickled weights ({', '.join(p.name for p in local.glob('*.bin'))}"
