@@ -148,7 +148,7 @@ def test_attention_plan_groups_blocks_of_similar_length():
     tree, (long_q, long_k, long_mask, long_kept, long_targets), (short_q, _, _, _, short_targets) = plan.groups
     assert long_q.tolist() == [list(range(10)), list(range(10, 19)) + [18]]  # 9 >= 0.8 * 10: one group
     assert long_k is long_q and long_mask is None  # plain blocks: causal on their own keys
-    assert long_kept.tolist() == [True] * 19 + [False] and long_targets.tolist() == list(range(19))
+    assert long_kept.tolist() == list(range(19)) and long_targets.tolist() == list(range(19))  # not the padding
     assert short_q.tolist() == [[19, 20, 21]] and short_targets.tolist() == [19, 20, 21]
     tree_q, tree_k, tree_mask, _, _ = tree  # the block with a prefix: its prefix in full, then causal
     assert tree_q.tolist() == [[22, 23, 24]] and tree_k.tolist() == [[19, 20, 21, 22, 23, 24]]
@@ -162,6 +162,47 @@ def test_attention_plan_batches_trees_and_masks_prefix_padding():
     assert queries.tolist() == [[5, 6], [11, 12]]
     assert keys.tolist() == [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 10, 11, 12]]  # the shorter prefix padded
     assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 1, 1]]  # its padding masked
+
+
+def test_attention_plan_moves_to_the_device_whole():
+    blocks = [(0, 10, 0, 0), (10, 19, 10, 10), (19, 22, 19, 19), (22, 25, 19, 22)]
+    on_cpu, elsewhere = plan_attention(blocks, 25, "cpu"), plan_attention(blocks, 25, "meta")
+    for cpu_group, moved_group in zip(on_cpu.groups, elsewhere.groups, strict=True):
+        for cpu_tensor, moved in zip(cpu_group, moved_group, strict=True):
+            assert (moved is None) == (cpu_tensor is None)
+            if moved is not None:
+                assert moved.device.type == "meta" and (moved.shape, moved.dtype) == (cpu_tensor.shape,
+                                                                                      cpu_tensor.dtype)
+
+
+def test_packed_forward_makes_no_host_syncs_per_layer(model, tok):
+    # On a GPU, nonzero (boolean indexing) and .item() wait for the device; in each layer's attention that is tens
+    # of stalls per forward. Counted on the CPU, leaving out plan_attention, which works on host tensors by design:
+    # none may come from the layers (the model has two).
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default,
+               torch.ops.aten.masked_select.default}
+
+    class CountSyncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            by_mask = func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1])  # a boolean index runs nonzero within
+            if (func in syncing or by_mask) and not any(f.name == "plan_attention" for f in traceback.extract_stack()):
+                CountSyncs.count += 1
+            return func(*args, **(kwargs or {}))
+
+    chosen, rejected = pair_ids(tok)
+    packed_model = copy.deepcopy(model)
+    assert enable_padding_free(packed_model)
+    inputs = pack_pairs(chosen, rejected, share_prefix=True).as_inputs()
+    with torch.no_grad(), CountSyncs():
+        packed_rewards(packed_model, inputs)
+    assert CountSyncs.count <= 1, CountSyncs.count  # transformers' packed-row check, not one per layer and group
 
 
 def test_token_budget_training_batches():
@@ -307,6 +348,20 @@ def test_sliding_window_models_stay_padded_and_score_as_their_own_forward(tok, f
     with torch.no_grad():
         alone = [base(input_ids=torch.tensor([s])).logits[0, 0].item() for s in sequences]
     assert score_sequences(scorer, tok, sequences, 4, max_tokens_per_batch=2048) == pytest.approx(alone, abs=1e-5)
+
+
+def test_flash_attention_chosen_only_for_half_precision(monkeypatch):
+    import sys
+    import types
+
+    from useful_code.hardware import resolve_attn_implementation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))  # installed, as on a GPU box
+    assert resolve_attn_implementation("auto", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.float16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.float32) is None  # flash-attn has no fp32 kernels
+    assert resolve_attn_implementation("sdpa", torch.bfloat16) == "sdpa"  # what the user asked for stands
 
 
 def test_models_without_sdpa_or_with_soft_capping_stay_padded():

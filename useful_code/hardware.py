@@ -29,12 +29,13 @@ def resolve_dtype(bf16: bool) -> torch.dtype:
     return torch.float32
 
 
-def resolve_attn_implementation(requested: str = "auto") -> str | None:
-    """flash_attention_2 on a GPU where flash-attn is installed; else None, transformers' own choice: SDPA where the
-    model supports it, eager attention where it does not (Gemma-2)."""
+def resolve_attn_implementation(requested: str = "auto", dtype: torch.dtype | None = None) -> str | None:
+    """flash_attention_2 on a GPU where flash-attn is installed and the model computes in bf16 or fp16 (flash-attn
+    has no fp32 kernels); else None, transformers' own choice: SDPA where the model supports it, eager attention
+    where it does not (Gemma-2)."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16):
         try:
             import flash_attn  # noqa: F401
 

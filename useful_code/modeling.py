@@ -87,7 +87,7 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
     try:
         with _load_report_held() as report:
             model, info = auto_class.from_pretrained(
-                name, dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation),
+                name, dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation, dtype),
                 trust_remote_code=trust_remote_code, use_safetensors=None if pickled_weights else True,
                 output_loading_info=True, **kwargs,
             )

@@ -37,8 +37,9 @@ _FLASH_PREFIX = "flash_attention"
 class AttentionPlan:
     """A packed row's block plan as VARLEN_ATTENTION runs it, built once per forward (plan_attention): blocks of
     similar length and similar prefix length batched as right-padded groups, each group as
-    (queries [g, L], keys [g, P + L], mask [g, 1, L, P + L] or None when P = 0, kept [g * L], targets [n_kept]):
-    token positions in the row, where padding repeats a block's last token and is discarded after."""
+    (queries [g, L], keys [g, P + L], mask [g, 1, L, P + L] or None when P = 0, kept [n_kept], targets [n_kept]):
+    token positions in the row, where padding repeats a block's last token; kept indexes the group's g * L outputs
+    that are not padding."""
 
     length: int
     groups: list
@@ -68,6 +69,24 @@ def _clamped(starts: torch.Tensor, sizes: torch.Tensor, width: int) -> torch.Ten
     return starts[:, None] + torch.minimum(steps, (sizes - 1).clamp(min=0)[:, None])
 
 
+def _on_device(tensors: list, device) -> list:
+    """The tensors on device, one host-to-device copy per dtype (each tensor a view of it): a plan holds a few small
+    tensors per group, and on a GPU each separate copy from pageable memory waits for the queued work."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return tensors
+    moved = list(tensors)
+    for dtype in {t.dtype for t in tensors}:
+        chosen = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in chosen])
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        parts = flat.to(device, non_blocking=True).split([tensors[i].numel() for i in chosen])
+        for i, part in zip(chosen, parts):
+            moved[i] = part.view(tensors[i].shape)
+    return moved
+
+
 def plan_attention(blocks: list, length: int, device) -> AttentionPlan:
     """The AttentionPlan of a row of `length` tokens with these (start, end, prefix_start, prefix_end) blocks."""
     groups = []
@@ -85,10 +104,12 @@ def plan_attention(blocks: list, length: int, device) -> AttentionPlan:
                 key_steps = torch.arange(prefix_width + width)[None, None, :]
                 in_prefix = key_steps < prefix_sizes[:, None, None]
                 causal = (key_steps >= prefix_width) & (key_steps - prefix_width <= torch.arange(width)[None, :, None])
-                mask = (in_prefix | causal).unsqueeze(1).to(device)
-            groups.append((queries.to(device), keys.to(device), mask, kept.reshape(-1).to(device),
-                           queries[kept].to(device)))
-    return AttentionPlan(length, groups)
+                mask = (in_prefix | causal).unsqueeze(1)
+            # Indices, not a boolean mask: indexing by a mask on a GPU waits for it (nonzero), in every layer.
+            groups.append((queries, keys, mask, kept.reshape(-1).nonzero().squeeze(1), queries[kept]))
+    flat = _on_device([t for group in groups for t in group if t is not None], device)
+    placed = iter(flat)
+    return AttentionPlan(length, [tuple(None if t is None else next(placed) for t in group) for group in groups])
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -108,13 +129,15 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     dropout = dropout if module.training else 0.0
     targets, outputs = [], []
-    for queries, keys, mask, kept, target in packed_plan.groups:  # [1, H, T, D] -> [g, H, L, D], right-padded
+    for group in packed_plan.groups:  # [1, H, T, D] -> [g, H, L, D], right-padded
+        # A model split over GPUs (device_map) runs its layers on several devices; one plan serves them all.
+        queries, keys, mask, kept, target = (t if t is None else t.to(query.device) for t in group)
         q = query[0][:, queries].transpose(0, 1)
         k, v = (x[0][:, keys].transpose(0, 1) for x in (key, value))
         # Without a prefix, causal attention of a right-padded row never reaches its padding from a kept query.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                              scale=scaling)
-        outputs.append(out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])[kept])
+        outputs.append(out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3]).index_select(0, kept))
         targets.append(target)
     values = torch.cat(outputs)  # [T, H, D] in the plan's order, put back in row order
     row = values.new_empty(packed_plan.length, *values.shape[1:]).index_copy(0, torch.cat(targets), values)
