@@ -72,7 +72,8 @@ def main():
     # Only the ids and the sampler's length column: with remove_unused_columns (TRL's default) the length column
     # would be dropped before the length-grouped sampler reads it, and that sampler would look for input_ids.
     config.remove_unused_columns = False
-    # fp32 weights, as the BT trainer loads them without --bf16 (the benchmark passes --bf16 false to both).
+    # fp32 weights, as the BT trainer loads them without DeepSpeed: with --bf16 both run mixed precision (the
+    # Trainer's bf16 autocast over fp32 weights), so the contestants compute alike.
     config.model_init_kwargs = {"dtype": "float32", "attn_implementation": args.attn_implementation}
     tokenizer = AutoTokenizer.from_pretrained(args.model_name)
     train = load_dataset("json", data_files=args.train_set_path, split="train")

@@ -27,7 +27,13 @@ from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
-from useful_code.distributed import HardwareAwareArguments, outside_zero3
+from useful_code.distributed import (
+    HardwareAwareArguments,
+    compute_dtype,
+    outside_zero3,
+    precision_summary,
+    weights_dtype,
+)
 from useful_code.formats import standardize_pairs, validate_pair_values
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.losses import (
@@ -170,13 +176,13 @@ class BradleyTerryTrainer(Trainer):
         prepared = super()._prepare_inputs(inputs)
         return {**prepared, **{k: v.to(self.args.device) for k, v in pair_values.items()}}
 
-    def batch_rewards(self, model, inputs) -> tuple[torch.Tensor, int]:
+    def batch_rewards(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | int]:
         """The model's outputs for a PairwiseCollator batch ([2 * pairs, heads]: chosen rows first) and the padding
-        tokens it computed."""
+        tokens it computed (a tensor on the batch's device: read with the step's other counts, one sync)."""
         if "packed_blocks" in inputs:  # PairwiseCollator(padding_free=True): one row, read at each sequence's end
             return packed_rewards(model, inputs), 0
         rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        return rewards, int(inputs["attention_mask"].numel() - inputs["attention_mask"].sum())
+        return rewards, inputs["attention_mask"].numel() - inputs["attention_mask"].sum()
 
     def reward_pairs(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) rewards: the model's one output, or ODIN's quality head (the reward that accuracy,
@@ -199,16 +205,19 @@ class BradleyTerryTrainer(Trainer):
                 self.batch_metrics.setdefault(f"odin/{key}", []).append(value)
             with torch.no_grad():
                 gap, both = (chosen - rejected).float(), torch.cat([chosen, rejected]).float()
-                values = {"accuracy": (gap > 0).float().mean(), "margin": gap.mean(), "rewards/mean": both.mean(),
-                          "rewards/min": both.min(), "rewards/max": both.max()}
-            for key, value in values.items():
-                self.batch_metrics.setdefault(key, []).append(value.item())
-            computed = inputs["input_ids"].numel()
+                # One copy to the host per step (each .item() or int() of a GPU tensor waits for the GPU): float64
+                # holds the float32 statistics and the token counts exactly, so the values are those .item() gave.
+                stats = torch.stack([(gap > 0).float().mean(), gap.mean(), both.mean(), both.min(), both.max()])
+                counts = torch.stack([torch.as_tensor(n, device=gap.device) for n in (inputs["real_tokens"], padding)])
+                *values, real, padding = torch.cat([stats.double(), counts.double()]).tolist()
+            for key, value in zip(("accuracy", "margin", "rewards/mean", "rewards/min", "rewards/max"), values):
+                self.batch_metrics.setdefault(key, []).append(value)
+            real, padding, computed = int(real), int(padding), inputs["input_ids"].numel()
             # num_tokens: the sequences' own tokens (TRL's); computed_tokens: what the forward ran, padding included
             # and a shared context counted once
-            self.batch_metrics.setdefault("num_tokens", []).append(int(inputs["real_tokens"]))
+            self.batch_metrics.setdefault("num_tokens", []).append(real)
             self.batch_metrics.setdefault("computed_tokens", []).append(computed)
-            for key, value in (("real", int(inputs["real_tokens"])), ("computed", computed), ("padding", padding)):
+            for key, value in (("real", real), ("computed", computed), ("padding", padding)):
                 self.train_tokens[key] += value
         return (loss, {"rewards": torch.stack([chosen, rejected], dim=1)}) if return_outputs else loss
 
@@ -313,18 +322,22 @@ def compute_metrics(eval_pred) -> dict:
 
 
 def verify_checkpoint(trainer, checkpoint_dir: str, pairs, in_memory: np.ndarray, dtype: torch.dtype) -> float:
-    """Reload the saved checkpoint as a user would (whole, on one process) and check that it reproduces the trained
-    model's rewards (in_memory, [n, 2]) on these held-out pairs."""
+    """Reload the saved checkpoint as a user would (whole, on one process, in dtype: the weights' dtype in training)
+    and check that it reproduces the trained model's rewards (in_memory, [n, 2], from trainer.predict) on these
+    held-out pairs. Scored under the Trainer's own autocast (bf16 mixed precision; none in fp32 or under DeepSpeed),
+    as the in-memory rewards were."""
     max_diff = 0.0
     if trainer.args.process_index == 0:
         tokenizer = load_tokenizer(checkpoint_dir, "checkpoint")
         with outside_zero3():
             model = load_reward_model(checkpoint_dir, "checkpoint", tokenizer, dtype).to(trainer.args.device).eval()
         enable_padding_free(model)  # scored as evaluation scores it
-        rewards = score_sequences(model, tokenizer, list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"]),
-                                  batch_size=8)
+        with trainer.accelerator.autocast():
+            rewards = score_sequences(model, tokenizer,
+                                      list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"]), batch_size=8)
         reloaded = np.stack([rewards[: len(pairs)], rewards[len(pairs):]], axis=1)
-        max_diff = checkpoints.verify_reload(in_memory, reloaded, dtype, checkpoint_dir, "rewards")
+        max_diff = checkpoints.verify_reload(in_memory, reloaded, compute_dtype(trainer.args), checkpoint_dir,
+                                             "rewards")
     trainer.accelerator.wait_for_everyone()
     return max_diff
 
@@ -353,7 +366,9 @@ def main(default_config: str = DEFAULT_CONFIG):
     # Building the training arguments starts DeepSpeed's CPU process group where needed (HardwareAwareArguments).
     args, training_args, lora_args, config = parse_args((ScriptArguments, RewardTrainingArguments, LoraArguments),
                                                         default_config)
-    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    # fp32 weights under the Trainer's bf16 autocast; bf16 under DeepSpeed (fp32 master weights) or for LoRA's base
+    dtype = weights_dtype(training_args, frozen_base=lora_args.use_peft)
+    precision = precision_summary(training_args, dtype, frozen_base=lora_args.use_peft)
     is_main = training_args.process_index == 0
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
@@ -361,14 +376,15 @@ def main(default_config: str = DEFAULT_CONFIG):
                                      flag="--output_path")  # upstream's name (--output_dir works too)
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
                                         written_last=TrainTokensInCheckpoints.path("", 0).name)
-    quantization = quantization_options(lora_args, dtype)  # 4/8-bit needs a GPU and bitsandbytes: said now
+    # 4/8-bit needs a GPU and bitsandbytes: said now
+    quantization = quantization_options(lora_args, compute_dtype(training_args))
     if args.max_tokens_per_batch and not args.padding_free:  # said before any work; the model's own limits later
         raise UserError("--max_tokens_per_batch needs padding-free training: drop --padding_free false")
     set_seed(training_args.seed)
     if is_main:
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
               f"{training_args.gradient_accumulation_steps} epochs={training_args.num_train_epochs} "
-              f"max_length={training_args.max_length} dtype={dtype} world_size={training_args.world_size}")
+              f"max_length={training_args.max_length} {precision} world_size={training_args.world_size}")
         if config == DEFAULT_CONFIG and args.model_name != DEFAULT_MODEL:
             print(f"note: these hyper-parameters are the tiny model's ({config}); pass a model's recipe first, e.g. "
                   "bradley-terry-rm/configs/gemma-2b-it.yaml, for upstream's values")
@@ -398,7 +414,7 @@ def main(default_config: str = DEFAULT_CONFIG):
     model.config.use_cache = False
     padding_free, share_prefix = choose_packing(model, args, is_main)
     if lora_args.use_peft:
-        model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args.gradient_checkpointing)
+        model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args)
 
     batch_sampler = None
     if args.max_tokens_per_batch:
@@ -461,7 +477,7 @@ def main(default_config: str = DEFAULT_CONFIG):
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         }
         metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, args, training_args,
-                                                     dtype, resumed_from=resume)
+                                                     precision, resumed_from=resume)
         plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
         plot_rewards(held_out_rewards[:, 0], held_out_rewards[:, 1], os.path.join(staging, "rewards.png"))
         write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()), base_model=args.model_name,

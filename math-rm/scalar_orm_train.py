@@ -35,7 +35,13 @@ from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_dataset_dict, load_split, pick_split, split_name
 from useful_code.defaults import DEFAULT_MODEL
-from useful_code.distributed import HardwareAwareArguments, outside_zero3
+from useful_code.distributed import (
+    HardwareAwareArguments,
+    compute_dtype,
+    outside_zero3,
+    precision_summary,
+    weights_dtype,
+)
 from useful_code.formats import enforce_validity
 from useful_code.math_data import TOY_PRM, to_outcome, validate_training_rows
 from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
@@ -134,7 +140,8 @@ def compute_metrics(eval_pred) -> dict:
 def main():
     started = time.time()
     args, training_args, config = parse_args((ScriptArguments, ScalarORMTrainingArguments))
-    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    # fp32 weights under the Trainer's bf16 autocast; bf16 under DeepSpeed (ZeRO keeps fp32 master weights)
+    dtype = weights_dtype(training_args)
     is_main = training_args.process_index == 0
     if is_main:
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
@@ -163,6 +170,10 @@ def main():
                                              "eval set")
 
     # Model: the BT reward model's loader, a new one-output head on the base model.
+    if is_main:
+        print(f"lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
+              f"{training_args.gradient_accumulation_steps} max_length={training_args.max_length} "
+              f"{precision_summary(training_args, dtype)} world_size={training_args.world_size}")
     model = load_reward_model(args.model_name, "--model_name", tokenizer, dtype, new_weights=REWARD_HEAD_WEIGHTS)
     trainer = ScalarORMTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out,
                                processing_class=tokenizer, data_collator=collate(tokenizer),
@@ -176,16 +187,18 @@ def main():
     checkpoints.save_final_checkpoint(trainer, checkpoint_dir)
     if is_main:
         n = min(args.reload_check_rows, len(held_out))
-        with outside_zero3():
+        with outside_zero3():  # in the weights' dtype, scored under the Trainer's autocast as trainer.predict was
             reloaded = load_reward_model(checkpoint_dir, "checkpoint", load_tokenizer(checkpoint_dir, "checkpoint"),
                                          dtype).to(training_args.device).eval()
-        rewards = score_sequences(reloaded, tokenizer, list(held_out["input_ids"][:n]), batch_size=8)
-        reload_diff = checkpoints.verify_reload(np.asarray(prediction.predictions).reshape(-1)[:n], rewards, dtype,
-                                                checkpoint_dir, "rewards")
+        with trainer.accelerator.autocast():
+            rewards = score_sequences(reloaded, tokenizer, list(held_out["input_ids"][:n]), batch_size=8)
+        reload_diff = checkpoints.verify_reload(np.asarray(prediction.predictions).reshape(-1)[:n], rewards,
+                                                compute_dtype(training_args), checkpoint_dir, "rewards")
         metrics = {"eval_accuracy": prediction.metrics["eval_accuracy"], "eval_loss": prediction.metrics["eval_loss"],
                    "examples": {"train": train_stats, "eval": eval_stats}, "reload_max_abs_diff": reload_diff,
                    "config": config}
-        checkpoints.write_run_metrics(staging, metrics, started, train_result, args, training_args, dtype)
+        checkpoints.write_run_metrics(staging, metrics, started, train_result, args, training_args,
+                                      precision_summary(training_args, dtype))
         print(f"Held-out accuracy {metrics['eval_accuracy']:.4f} (P(right) > 0.5), loss {metrics['eval_loss']:.4f} "
               f"on {len(held_out)} solutions ({eval_stats['right']} right)")
         print(f"Checkpoint: {checkpoints.publish_run(training_args.output_dir)}")

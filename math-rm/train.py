@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -32,7 +31,13 @@ from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_dataset_dict, load_split, pick_split
 from useful_code.defaults import DEFAULT_MODEL
-from useful_code.distributed import HardwareAwareArguments, outside_zero3
+from useful_code.distributed import (
+    HardwareAwareArguments,
+    compute_dtype,
+    outside_zero3,
+    precision_summary,
+    weights_dtype,
+)
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.math_data import (
     LABELS,
@@ -46,6 +51,7 @@ from useful_code.math_data import (
 from useful_code.math_scoring import StepScorer
 from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import load_preference_model
+from useful_code.packing import enable_padding_free
 from useful_code.templates import load_tokenizer
 from useful_code.training_plots import plot_curves
 
@@ -147,8 +153,11 @@ def main():
                                      inputs=(script_args.model_name_or_path, script_args.dataset_path,
                                              script_args.eval_set_path))
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    quantization = quantization_options(lora_args, dtype)  # 4/8-bit needs a GPU and bitsandbytes: said now
+    # fp32 weights under the Trainer's bf16 autocast; bf16 under DeepSpeed (fp32 master weights) or for LoRA's base
+    dtype = weights_dtype(training_args, frozen_base=lora_args.use_peft)
+    precision = precision_summary(training_args, dtype, frozen_base=lora_args.use_peft)
+    # 4/8-bit needs a GPU and bitsandbytes: said now
+    quantization = quantization_options(lora_args, compute_dtype(training_args))
     set_seed(training_args.seed)
 
     # Data: validated chats, tokenized with the loss on the "+"/"-" label tokens only.
@@ -168,7 +177,7 @@ def main():
         print(f"{len(train)} training solutions ({script_args.reward_type}), {sum(n_labels)} labels ('-': {n_minus}); "
               f"lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
               f"{training_args.gradient_accumulation_steps} epochs={training_args.num_train_epochs} "
-              f"max_length={training_args.max_length} packing={training_args.packing} dtype={dtype} "
+              f"max_length={training_args.max_length} packing={training_args.packing} {precision} "
               f"world_size={training_args.world_size}")
 
     # Model: built after SFTConfig so that ZeRO-3 partitions the weights as they load.
@@ -177,7 +186,7 @@ def main():
                                   pickled_weights=script_args.load_pickled_weights, **quantization)
     model.config.use_cache = False
     if lora_args.use_peft:
-        model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args.gradient_checkpointing)
+        model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          callbacks=[checkpoints.DropPickledArguments()])
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -191,7 +200,9 @@ def main():
         training_args.trust_remote_code, pickled_weights=script_args.load_pickled_weights), tokenizer)
 
     # Verify: the in-memory model's P(+) at the label positions of a few rows, on every rank (ZeRO-3 gathers the
-    # weights with collectives); rank 0 then reloads the checkpoint and must reproduce them.
+    # weights with collectives; accelerate wrapped the model's forward in the Trainer's autocast); rank 0 then
+    # reloads the checkpoint in the weights' dtype and must reproduce them under the same autocast (the held-out
+    # rows are scored with it too).
     trainer.model.eval()
     check_rows = held_out if held_out is not None else rows
     check_rows = check_rows.select(range(min(script_args.reload_check_examples, len(check_rows))))
@@ -200,17 +211,23 @@ def main():
 
     if is_main:
         with outside_zero3():
-            reloaded = StepScorer.from_pretrained(checkpoint_dir, "checkpoint", bf16=training_args.bf16,
-                                                  device=training_args.device,
-                                                  batch_size=training_args.per_device_eval_batch_size)
-        reload_diff = checkpoints.verify_reload(np.concatenate(in_memory), np.concatenate(reloaded.label_probs(check)),
-                                                dtype, checkpoint_dir, "P(+) at the label positions")
+            saved_tokenizer = load_tokenizer(checkpoint_dir, "checkpoint")
+            model = load_preference_model(checkpoint_dir, "checkpoint", saved_tokenizer, dtype)
+        enable_padding_free(model)  # as StepScorer.from_pretrained loads it
+        reloaded = StepScorer(model.to(training_args.device).eval(), saved_tokenizer,
+                              training_args.per_device_eval_batch_size)
+        with trainer.accelerator.autocast():
+            reloaded_probs = reloaded.label_probs(check)
+        reload_diff = checkpoints.verify_reload(np.concatenate(in_memory), np.concatenate(reloaded_probs),
+                                                compute_dtype(training_args), checkpoint_dir,
+                                                "P(+) at the label positions")
         metrics = {}
         if held_out is not None:
             reloaded.max_length = training_args.max_length
             encoded = reloaded.truncate(encode_labeled(tokenizer, held_out["messages"], "eval set"))
-            metrics.update(label_metrics(reloaded.label_probs(encoded, progress=True), held_out),
-                           eval_solutions_truncated=reloaded.truncated)
+            with trainer.accelerator.autocast():
+                probs = reloaded.label_probs(encoded, progress=True)
+            metrics.update(label_metrics(probs, held_out), eval_solutions_truncated=reloaded.truncated)
             if reloaded.truncated:  # cut from the left as in evaluation, never silently
                 print(f"Held-out: {reloaded.truncated} solutions over --max_length {training_args.max_length} cut "
                       f"from the left; {metrics['eval_labels_cut']} of their labels lost their step and are not "
@@ -229,7 +246,7 @@ def main():
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         })
         metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args,
-                                                     training_args, dtype, resumed_from=resume)
+                                                     training_args, precision, resumed_from=resume)
         plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
         write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()),
                          base_model=script_args.model_name_or_path, kind="math", command=launch_command())

@@ -28,7 +28,13 @@ from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
-from useful_code.distributed import HardwareAwareArguments, outside_zero3
+from useful_code.distributed import (
+    HardwareAwareArguments,
+    compute_dtype,
+    outside_zero3,
+    precision_summary,
+    weights_dtype,
+)
 from useful_code.formats import standardize_pairs
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.model_card import launch_command, write_model_card
@@ -91,7 +97,8 @@ def load_examples(args: ScriptArguments, seed: int):
 
 
 def reload_checkpoint(checkpoint_dir: str, dtype: torch.dtype, device) -> PairPreferenceScorer:
-    """Load the saved checkpoint whole on this process, as a user would."""
+    """Load the saved checkpoint whole on this process, as a user would, in dtype (the weights' dtype in
+    training; score under the Trainer's autocast, as the trained model's forward runs)."""
     with outside_zero3():
         tokenizer = load_tokenizer(checkpoint_dir, "checkpoint")
         model = load_preference_model(checkpoint_dir, "checkpoint", tokenizer, dtype)
@@ -109,8 +116,11 @@ def main():
                                      inputs=(script_args.model_name_or_path, script_args.dataset_path,
                                              script_args.eval_set_path))
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    quantization = quantization_options(lora_args, dtype)  # 4/8-bit needs a GPU and bitsandbytes: said now
+    # fp32 weights under the Trainer's bf16 autocast; bf16 under DeepSpeed (fp32 master weights) or for LoRA's base
+    dtype = weights_dtype(training_args, frozen_base=lora_args.use_peft)
+    precision = precision_summary(training_args, dtype, frozen_base=lora_args.use_peft)
+    # 4/8-bit needs a GPU and bitsandbytes: said now
+    quantization = quantization_options(lora_args, compute_dtype(training_args))
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(script_args.model_name_or_path, "--model_name_or_path",
@@ -134,7 +144,7 @@ def main():
               f"Same: {answers['Same']}); lr="
               f"{training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
               f"{training_args.gradient_accumulation_steps} epochs={training_args.num_train_epochs} "
-              f"max_length={training_args.max_length} packing={training_args.packing} dtype={dtype} "
+              f"max_length={training_args.max_length} packing={training_args.packing} {precision} "
               f"world_size={training_args.world_size}")
 
     # Built after SFTConfig so that ZeRO-3 partitions the weights as they load.
@@ -143,7 +153,7 @@ def main():
                                   pickled_weights=script_args.load_pickled_weights, **quantization)
     model.config.use_cache = False
     if lora_args.use_peft:
-        model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args.gradient_checkpointing)
+        model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          callbacks=[checkpoints.DropPickledArguments()])
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -157,7 +167,8 @@ def main():
         training_args.trust_remote_code, pickled_weights=script_args.load_pickled_weights), tokenizer)
 
     # The in-memory model's answer logits on a few held-out prompts, on every rank (ZeRO-3 gathers the weights
-    # with collectives); rank 0 then reloads the checkpoint and must reproduce them.
+    # with collectives; accelerate wrapped the model's forward in the Trainer's autocast); rank 0 then reloads the
+    # checkpoint and must reproduce them, scoring under the same autocast (and the held-out pairs with it).
     trainer.model.eval()
     in_memory_scorer = PairPreferenceScorer(trainer.model, tokenizer)
     if held_out is not None:
@@ -172,13 +183,16 @@ def main():
 
     if is_main:
         scorer = reload_checkpoint(checkpoint_dir, dtype, training_args.device)
-        reload_diff = checkpoints.verify_reload(in_memory, scorer.label_logits(check_sequences), dtype, checkpoint_dir,
+        with trainer.accelerator.autocast():
+            reloaded = scorer.label_logits(check_sequences)
+        reload_diff = checkpoints.verify_reload(in_memory, reloaded, compute_dtype(training_args), checkpoint_dir,
                                                 "answer logits")
         metrics = {}
         if held_out is not None:
             scorer.batch_size = training_args.per_device_eval_batch_size
             scorer.max_length = training_args.max_length
-            probs = scorer.score_pairs(held_out)
+            with trainer.accelerator.autocast():
+                probs = scorer.score_pairs(held_out)
             metrics.update({
                 "eval_accuracy": float(np.mean(probs["mean"] > 0.5)),
                 "eval_accuracy_chosen_as_A": float(np.mean(probs["first_as_A"] > 0.5)),
@@ -201,7 +215,7 @@ def main():
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         })
         metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args,
-                                                     training_args, dtype, resumed_from=resume)
+                                                     training_args, precision, resumed_from=resume)
         plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
         write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()),
                          base_model=script_args.model_name_or_path, kind="pm", command=launch_command())

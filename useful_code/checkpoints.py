@@ -331,9 +331,11 @@ def verify_reload(expected: np.ndarray, reloaded: np.ndarray, dtype: torch.dtype
                   tolerance: Optional[float] = None, reference: str = "the trained model",
                   hint: str = ZERO3_HINT) -> float:
     """Compare the outputs of a saved checkpoint, reloaded, with the reference's (the in-memory model's) on the same
-    inputs and return the largest difference. A difference above tolerance (default 1e-3 in fp32, 5e-2 in bf16;
-    relative to the outputs' scale when it exceeds 1) means the checkpoint lost something (its head, its ZeRO-3
-    shards): an error, not a warning."""
+    inputs and return the largest difference. dtype is the one both computed in (bf16 for bf16 weights or under
+    bf16 autocast, whatever the weights' dtype: autocast rounds every matmul's output to bf16, so two forwards of
+    the same weights over differently batched inputs differ at that precision). A difference above tolerance
+    (default 1e-3 in fp32, 5e-2 in bf16; relative to the outputs' scale when it exceeds 1) means the checkpoint
+    lost something (its head, its ZeRO-3 shards): an error, not a warning."""
     expected, reloaded = np.asarray(expected, dtype=np.float64), np.asarray(reloaded, dtype=np.float64)
     if expected.shape != reloaded.shape:
         raise RuntimeError(f"{checkpoint}: reloaded {what} have shape {reloaded.shape}, expected {expected.shape}")
@@ -350,9 +352,10 @@ def verify_reload(expected: np.ndarray, reloaded: np.ndarray, dtype: torch.dtype
 
 
 def write_run_metrics(output_dir: str, metrics: dict, started: float, train_result, script_args, training_args,
-                      dtype: torch.dtype, resumed_from: Optional[str] = None) -> str:
-    """Add what every training run records (losses, steps, timings, world size, dtype, the arguments, library
-    versions) to the script's own metrics and write <output_dir>/metrics.json; return its path. A run resumed from
+                      precision: str, resumed_from: Optional[str] = None) -> str:
+    """Add what every training run records (losses, steps, timings, world size, precision: the weights' and the
+    compute's dtypes as distributed.precision_summary gives them, the arguments, library versions) to the script's
+    own metrics and write <output_dir>/metrics.json; return its path. A run resumed from
     a checkpoint records where; its train_loss is null, since transformers averages the loss over the steps of this
     process only (0 when none were left), and that mean is kept as resumed.train_loss_of_these_steps."""
     training = training_args.to_dict()
@@ -371,7 +374,7 @@ def write_run_metrics(output_dir: str, metrics: dict, started: float, train_resu
         "train_runtime_s": train_result.metrics.get("train_runtime"),
         "world_size": training_args.world_size,
         "peak_gpu_memory_mib": peak_gpu_memory_mib(),  # this rank's; None on a CPU
-        "dtype": str(dtype),
+        "dtype": precision,
         "arguments": {**asdict(script_args), **{k: training[k] for k in RECORDED_TRAINING_ARGS if k in training}},
         "versions": library_versions(),
     }

@@ -7,6 +7,7 @@ import socket
 import warnings
 from contextlib import contextmanager
 
+import torch
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from useful_code.cli import UserError
@@ -71,6 +72,40 @@ class HardwareAwareArguments:
             warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
             super().__post_init__()
         check_optional_packages(self)
+
+
+def weights_dtype(training_args, frozen_base: bool = False) -> torch.dtype:
+    """The dtype to load a model's weights in for training: fp32, unless --bf16 is on and either DeepSpeed is
+    configured (ZeRO keeps its own fp32 master weights and trains those; loading in bf16 halves the memory at load)
+    or the base is frozen (LoRA / QLoRA: the base is never updated; wrap_with_lora keeps what trains in fp32).
+
+    Why not bf16 always: without DeepSpeed, transformers' Trainer trains the weights in the dtype they were loaded in
+    and only autocasts the compute to bf16, so bf16 weights get bf16 AdamW states and updates, and an update below
+    ~2^-8 of its weight rounds away (most of them at upstream's learning rates, 2e-6..1e-5): the model barely trains.
+    fp32 weights with bf16 autocast is mixed precision, as TRL's RewardTrainer runs by default."""
+    if training_args.bf16 and (training_args.deepspeed or frozen_base):
+        return torch.bfloat16
+    return torch.float32
+
+
+def compute_dtype(training_args) -> torch.dtype:
+    """The dtype the forward passes compute in: bf16 (fp16) with --bf16 (--fp16), under the Trainer's autocast or
+    DeepSpeed's bf16 weights; fp32 otherwise. The reload checks' tolerance follows it (checkpoints.verify_reload)."""
+    if training_args.bf16:
+        return torch.bfloat16
+    return torch.float16 if getattr(training_args, "fp16", False) else torch.float32
+
+
+def precision_summary(training_args, weights: torch.dtype, frozen_base: bool = False) -> str:
+    """What a run trains in, for its printed settings and metrics.json: e.g. 'weights=float32 compute=bf16
+    autocast'; 'compute=bf16 DeepSpeed' where DeepSpeed holds bf16 weights (and fp32 master weights)."""
+    compute = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype(training_args), "fp32")
+    if compute != "fp32":
+        compute += " DeepSpeed" if training_args.deepspeed else " autocast"
+    held = str(weights).removeprefix("torch.")
+    if frozen_base and weights != torch.float32 and not training_args.deepspeed:
+        held += " (frozen base; trained parameters float32)"
+    return f"weights={held} compute={compute}"
 
 
 def check_optional_packages(training_args) -> None:

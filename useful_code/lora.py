@@ -72,16 +72,49 @@ def check_lora_targets(model, targets: Optional[list[str]]) -> None:
                         f"linear layers are {', '.join(linear)}; leave the flag unset for all")
 
 
-def wrap_with_lora(model, args: LoraArguments, task_type: TaskType, gradient_checkpointing: bool = False):
+def wrap_with_lora(model, args: LoraArguments, task_type: TaskType, training_args=None):
     """The model with LoRA adapters on its linear layers (check_lora_targets first); for a sequence classifier peft
     also trains and saves the score head in full (SEQ_CLS puts 'score'/'classifier' in modules_to_save). Prints the
-    trainable share."""
+    trainable share. training_args (the run's TrainingArguments; None: a plain run without DeepSpeed or gradient
+    checkpointing) decide the dtypes of what trains and the checkpointing set-up:
+
+    - without DeepSpeed, every trainable parameter is fp32 (the base, loaded in bf16 with --bf16, stays frozen):
+      the Trainer's AdamW updates what it is given in its dtype, and bf16 rounds away updates below ~2^-8 of a
+      weight. peft already upcasts the LoRA A/B matrices (autocast_adapter_dtype); the head it copies into
+      modules_to_save keeps the base's dtype, so it is cast here.
+    - under DeepSpeed ZeRO-3 with an unquantized base, the adapters stay in the base's dtype
+      (autocast_adapter_dtype=False, as TRL does): ZeRO-3 gathers parameters into buffers of one dtype and fails on
+      bf16 base + fp32 adapters (DeepSpeed issue 8072); ZeRO keeps fp32 master weights of what trains anyway.
+    - with gradient checkpointing: the embeddings' outputs require grad (enable_input_require_grads), without
+      which reentrant checkpointing passes no gradient to the frozen base's adapters (TRL calls it for PEFT too,
+      since transformers' own call has been skipped for PEFT models: transformers issue 42489); and under ZeRO-3
+      checkpointing is reentrant, since non-reentrant recomputation sees ZeRO-3's partitioned frozen weights (shape
+      [0]) and fails (TRL issue 2514, DeepSpeed issue 4332). Set on both of transformers' names for the kwargs:
+      TRL's SFTTrainer reads and sets the old one, the Trainer reads the new one."""
     check_lora_targets(model, args.lora_target_modules)
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    deepspeed = bool(getattr(training_args, "deepspeed", None))
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    zero3 = deepspeed and plugin is not None and plugin.zero_stage == 3
+    checkpointing = bool(getattr(training_args, "gradient_checkpointing", False))
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantized:  # QLoRA: upcasts every non-quantized weight to fp32 itself
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     config = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules or "all-linear")
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config, **({"autocast_adapter_dtype": False} if zero3 and not quantized else {}))
+    if not deepspeed:
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    if checkpointing:
+        model.enable_input_require_grads()
+        if zero3:
+            kwargs = training_args.activation_checkpointing_kwargs or training_args.gradient_checkpointing_kwargs or {}
+            if kwargs.get("use_reentrant") is False:
+                print("note: LoRA with ZeRO-3 and gradient checkpointing needs reentrant checkpointing: "
+                      "use_reentrant=False is overridden")
+            kwargs["use_reentrant"] = True
+            training_args.activation_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs = kwargs
     trainable, total = model.get_nb_trainable_parameters()
     print(f"LoRA r={args.lora_r} alpha={args.lora_alpha}: {trainable:,} of {total:,} parameters trainable "
           f"({100 * trainable / total:.2f}%)")
