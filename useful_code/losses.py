@@ -168,4 +168,6 @@ def odin_loss(quality_c: torch.Tensor, quality_r: torch.Tensor, length_c: torch.
         ortho = head_orthogonality(head_weights)
         loss = loss + ortho_coefficient * ortho
     parts = {"bt": bt, "length": length_term, "ortho": ortho, "rho_quality": rho_q, "rho_length": rho_l, "loss": loss}
-    return loss, {name: float(value.detach()) for name, value in parts.items()}
+    # one copy to the host (a float() of each GPU value would wait for the GPU six times a step)
+    values = torch.stack([value.detach().float() for value in parts.values()]).tolist()
+    return loss, dict(zip(parts, values))
