@@ -6,7 +6,8 @@
 # 2. the reward server's load test (bf16): one request at a time against 16 concurrent clients;
 # 3. BT training of a ~1B Llama in bf16: TRL's RewardTrainer against this trainer padded, padding-free and
 #    prefix-sharing, with MFU against --peak_tflops (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
-# STEPS picks some of them (default "eval server train"), e.g. to split the run in two; PYTHON names the interpreter
+# STEPS picks some of them (default "smoke eval server train"; smoke: a short bf16 BT and PM training run each),
+# e.g. to split the run in two; PYTHON names the interpreter
 # (default python3); QUICK=1 runs every step at toy sizes (a smoke test of the script, on any machine). A step that
 # fails is reported and the others still run; the exit status says whether all passed.
 set -uo pipefail
@@ -32,7 +33,7 @@ print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else
 EOF
 cat "$out/environment.txt"
 failed=()
-steps=" ${STEPS:-eval server train} "
+steps=" ${STEPS:-smoke eval server train} "
 step() {  # step NAME SCRIPT FLAGS...: run one benchmark, its whole output to OUT_DIR/NAME.log, its table to stdout
     local name=$1; shift
     [[ $steps == *" ${name%%_*} "* ]] || return 0
@@ -45,6 +46,10 @@ step() {  # step NAME SCRIPT FLAGS...: run one benchmark, its whole output to OU
     fi
     echo "   ($((SECONDS - start)) s)"
 }
+# The trainers' GPU path (bf16 mixed precision, SDPA or flash-attention, padding-free): a short BT and PM run each,
+# whose reload checks must pass.
+step smoke_bt bradley-terry-rm/train.py --output_path "$out/smoke_bt" --max_steps 40
+step smoke_pm pair-pm/train.py --output_dir "$out/smoke_pm" --max_steps 40
 step eval_tiny benchmarks/bench_eval_batching.py --model tiny --pairs "$eval_pairs" --data "$data"
 step eval_30m benchmarks/bench_eval_batching.py --model 30m --pairs "$eval_pairs" --data "$data"
 step server benchmarks/bench_reward_server.py --requests "$requests" --data "$data"
