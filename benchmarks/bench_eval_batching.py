@@ -27,6 +27,7 @@ from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.hardware import peak_gpu_memory_mib
 from useful_code.modeling import load_reward_model
+from useful_code import packing
 from useful_code.packing import enable_padding_free, packed_rewards, packed_rows
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
@@ -41,6 +42,10 @@ class BenchArguments(HHBenchArguments):
     bf16: bool = field(default=False, metadata={"help": "Score in bf16 (on a GPU only; fp32 on a CPU)."})
     max_length: int = field(default=1024, metadata={"min": 1})
     max_tokens_per_batch: int = field(default=DEFAULT_SCORING_TOKENS, metadata={"min": 1})
+    group_length_ratio: float = field(default=packing.GROUP_LENGTH_RATIO, metadata={
+        "min": 0, "max": 1, "help": "packing.GROUP_LENGTH_RATIO for the packed methods: blocks whose lengths are "
+        "within this ratio share one attention call (0: one call per layer, padded to the longest block). Fewer "
+        "calls cost more padding: a GPU, where each call is several kernel launches, may want a lower ratio."})
     method: Optional[str] = field(default=None, metadata={
         "choices": tuple(METHODS), "help": "Run one method in this process, on --model_dir, into --results."})
     model_dir: Optional[str] = field(default=None, metadata={"help": "With --method: the checkpoint to score with."})
@@ -58,6 +63,7 @@ def score_with(method: str, args: BenchArguments) -> None:
     sequences = list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"])
     if method in ("packed", "prefix"):
         assert enable_padding_free(model)
+        packing.GROUP_LENGTH_RATIO = args.group_length_ratio
 
     def score(batch: list) -> list:
         if method == "single":
@@ -107,7 +113,8 @@ def main():
     rewards = {m: np.asarray(r["rewards"]).reshape(2, -1) for m, r in results.items()}
     decisions = {m: r[0] > r[1] for m, r in rewards.items()}
     print(f"{args.pairs} HH-RLHF pairs ({2 * args.pairs} sequences, mean {reference['mean_tokens']:.0f} tokens, "
-          f"max_length {args.max_length}), model {args.model}, one thread per process")
+          f"max_length {args.max_length}), model {args.model}, one thread per process, attention groups of blocks "
+          f"within {args.group_length_ratio} of each other's length")
     # On a GPU the process's resident memory is mostly the CUDA context: the GPU's own peak is what batching moves.
     peak = "peak_gpu_mib" if reference["peak_gpu_mib"] is not None else "peak_rss_mib"
     print(f"{'method':34s} {'pairs/s':>9s} {'speed-up':>9s} {'peak MiB':>9s} {'memory':>7s} {'max |diff|':>11s}"
