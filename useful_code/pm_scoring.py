@@ -44,6 +44,32 @@ class TournamentResult:
     rounds: int = 0
 
 
+def knockout_tournaments(sizes: list[int], play) -> list[TournamentResult]:
+    """Knock-out tournaments over sizes[p] candidates each: neighbours meet in order, an odd one out passes the
+    round unplayed (a bye). play(pairings) gives P(first preferred) for each (p, i, j) of a round, all prompts'
+    matches at once: the model's answers (PairPreferenceScorer.knockout_many) or a preference matrix already
+    computed (the reward server's /compare)."""
+    alive = [list(range(n)) for n in sizes]
+    results = [TournamentResult(winner=-1) for _ in sizes]
+    while any(len(a) > 1 for a in alive):
+        pairings = [(p, alive[p][k], alive[p][k + 1]) for p in range(len(alive))
+                    for k in range(0, len(alive[p]) - 1, 2)]
+        survivors = [[] for _ in alive]
+        for (p, i, j), prob in zip(pairings, play(pairings)):
+            match = Match(i, j, float(prob))
+            results[p].matches.append(match)
+            survivors[p].append(match.winner)
+        for p, a in enumerate(alive):
+            if len(a) > 1:
+                results[p].rounds += 1
+            if len(a) % 2:
+                survivors[p].append(a[-1])  # the bye
+        alive = survivors
+    for result, a in zip(results, alive):
+        result.winner = a[0]
+    return results
+
+
 def check_finite(logits: np.ndarray, probs: np.ndarray, contexts: list[list[dict]]) -> None:
     """Stop on NaN or infinite answer logits or probabilities (rows: every pair with its first response as A, then
     every pair as B), naming how many and the first pair: its index in the call and the start of its last message,
@@ -177,25 +203,6 @@ class PairPreferenceScorer:
         """Run one tournament per prompt; the matches of a round across all prompts share forward passes."""
         if any(len(c) == 0 for c in candidates):
             raise UserError("a tournament needs at least one candidate response per prompt")
-        alive = [list(range(len(c))) for c in candidates]
-        results = [TournamentResult(winner=-1) for _ in candidates]
-        while any(len(a) > 1 for a in alive):
-            pairings = [(p, alive[p][k], alive[p][k + 1]) for p in range(len(alive))
-                        for k in range(0, len(alive[p]) - 1, 2)]
-            probs = self.prob_first_preferred([contexts[p] for p, _, _ in pairings],
-                                              [candidates[p][i] for p, i, _ in pairings],
-                                              [candidates[p][j] for p, _, j in pairings])["mean"]
-            survivors = [[] for _ in alive]
-            for (p, i, j), prob in zip(pairings, probs):
-                match = Match(i, j, float(prob))
-                results[p].matches.append(match)
-                survivors[p].append(match.winner)
-            for p, a in enumerate(alive):
-                if len(a) > 1:
-                    results[p].rounds += 1
-                if len(a) % 2:
-                    survivors[p].append(a[-1])  # the bye
-            alive = survivors
-        for result, a in zip(results, alive):
-            result.winner = a[0]
-        return results
+        return knockout_tournaments([len(c) for c in candidates], lambda pairings: self.prob_first_preferred(
+            [contexts[p] for p, _, _ in pairings], [candidates[p][i] for p, i, _ in pairings],
+            [candidates[p][j] for p, _, j in pairings])["mean"])

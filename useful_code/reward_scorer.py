@@ -7,13 +7,14 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+import numpy as np
 import torch
 from transformers import AutoConfig
 
 from useful_code.cli import UserError, load_error
 from useful_code.formats import CONVERSATION_RULES, validate_conversation
 from useful_code.modeling import load_for_scoring, load_reward_model
-from useful_code.pm_scoring import PairPreferenceScorer
+from useful_code.pm_scoring import PairPreferenceScorer, knockout_tournaments
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences, split_by_sizes
 from useful_code.templates import (
     SPECIAL_TOKEN_RULES,
@@ -43,6 +44,36 @@ def checkpoint_kind(path: str, flag: str = "--reward_name_or_path") -> str:
                     "model is a sequence classifier (BT, ArmoRM) or a causal LM (preference model)")
 
 
+# Names of a learned table of absolute positions (BERT/RoBERTa/ELECTRA: position_embeddings, GPT-2: wpe, OPT/BioGPT:
+# embed_positions, ...): a model with one cannot read past its last row. Rotary (Llama, Qwen, ModernBERT) and relative
+# (T5, DeBERTa-v3) positions have no such table, and those models run past max_position_embeddings.
+_POSITION_TABLES = ("position_embeddings", "position_embedding", "wpe", "embed_positions", "pos_emb", "positions_embed")
+
+
+def learned_position_limit(model) -> Optional[int]:
+    """The most tokens a model with a learned table of absolute positions can read (its config's
+    max_position_embeddings less the rows an offset skips: RoBERTa's positions start after its padding index, OPT's
+    after 2), or None when its positions are not a learned table (RoPE, relative positions) or the config names no
+    max_position_embeddings."""
+    if getattr(model.config, "max_position_embeddings", None) is None:
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            offset = getattr(module, "offset", 0)
+            if module.padding_idx is not None:
+                offset = max(offset, module.padding_idx + 1)
+            return module.num_embeddings - offset
+    return None
+
+
+def _holds(ids: list[int], pattern: np.ndarray) -> bool:
+    """Whether the token sequence contains pattern as a contiguous run."""
+    if len(ids) < len(pattern):
+        return False
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(ids), len(pattern))
+    return bool((windows == pattern).all(axis=1).any())
+
+
 def _armo_outputs(outputs) -> torch.Tensor:
     """An ArmoRM forward's score, attribute rewards and gating weights, one row per sequence."""
     return torch.cat([outputs.score[:, None], outputs.rewards, outputs.gating_output], dim=-1)
@@ -58,6 +89,19 @@ class RewardScorer:
         self.max_length, self.batch_size, self.max_tokens_per_batch = max_length, batch_size, max_tokens_per_batch
         self.preference = preference
         self.attributes = list(getattr(model.config, "attribute_names", [])) if kind == "armo" else []
+        # ArmoRM reads its gating input at the last user -> assistant turn boundary: a sequence without it fails
+        # inside the model, so encoding refuses it first (check_gating).
+        self.gating_pattern = (np.asarray(model.config.gating_pattern) if kind == "armo"
+                               and getattr(model.config, "gating_pattern", None) else None)
+        # A model with a learned position table reads at most position_limit tokens: max_length is lowered to it.
+        self.position_limit = learned_position_limit(model)
+        if self.position_limit is not None and self.position_limit < max_length:
+            self.max_length = self.position_limit
+            if preference is not None:
+                preference.max_length = self.position_limit
+            print(f"note: max_length {max_length} is over the {self.position_limit} positions "
+                  f"{type(model).__name__} has learned: longer inputs are cut from the left to {self.position_limit} "
+                  "tokens (counted)", flush=True)
         self.adds_bos = tokenizer_adds_bos(tokenizer)  # asked once: four tokenizer calls a request otherwise
         self.special_tokens = special_token_pattern(tokenizer)
         # Runs of pad and EOS tokens at either end of a text: what a left-padded batch_decode leaves around a query.
@@ -89,11 +133,31 @@ class RewardScorer:
         """The dtype the model computes in."""
         return next(self.model.parameters()).dtype
 
-    def encode_conversations(self, conversations: list[list[dict]]) -> tuple[list[list[int]], int]:
+    def encode_conversations(self, conversations: list[list[dict]],
+                             where: str = "conversation {}") -> tuple[list[list[int]], int]:
         """Token ids of conversations templated with the checkpoint's tokenizer, cut from the left to max_length
-        (as in training and evaluation); and how many were cut."""
+        (as in training and evaluation); and how many were cut. where names item i in an error (where.format(i))."""
         sequences = encode_conversations(self.tokenizer, conversations, adds_bos=self.adds_bos)
-        return truncate_all(self.tokenizer, sequences, self.max_length, self.adds_bos)
+        return self._truncate(sequences, where)
+
+    def _truncate(self, sequences: list[list[int]], where: str) -> tuple[list[list[int]], int]:
+        cut_sequences, cut = truncate_all(self.tokenizer, sequences, self.max_length, self.adds_bos)
+        self.check_gating(cut_sequences, where, [len(s) > self.max_length for s in sequences])
+        return cut_sequences, cut
+
+    def check_gating(self, sequences: list[list[int]], where: str, was_cut: Optional[list[bool]] = None) -> None:
+        """ArmoRM: every sequence must hold the gating pattern (the end of a user turn and the start of the
+        assistant's), where the model reads the prompt for its gating weights; a sequence without it is a UserError
+        naming where.format(i) and the rule (the model itself would fail the whole batch). Other kinds: nothing."""
+        if self.gating_pattern is None:
+            return
+        for i, ids in enumerate(sequences):
+            if not _holds(ids, self.gating_pattern):
+                why = (f"after it was cut from the left to max_length={self.max_length} tokens, it has none left "
+                       "(its user turn was cut off: shorten it)" if was_cut and was_cut[i] else "it has none")
+                raise UserError(f"{where.format(i)}: ArmoRM needs a user turn followed by the assistant's response "
+                                f"(its gating pattern, tokens {self.gating_pattern.tolist()}), and {why} "
+                                "(no_user_turn_for_gating)")
 
     def check_conversation(self, messages: list[dict], where: str, ends_with_assistant: bool = True) -> None:
         """The project's rules of a conversation (CONVERSATION_RULES, as the eval scripts and score_dataset apply
@@ -136,7 +200,7 @@ class RewardScorer:
                 encoded = self.tokenizer([texts[i] for i in indices], add_special_tokens=not marked)["input_ids"]
                 for i, ids in zip(indices, encoded):
                     sequences[i] = ids
-        return truncate_all(self.tokenizer, sequences, self.max_length, self.adds_bos)
+        return self._truncate(sequences, "query {}")
 
     def score(self, sequences: list[list[int]]) -> dict:
         """Rewards of token sequences (BT, ArmoRM); for ArmoRM also each sequence's attribute rewards and gating
@@ -151,14 +215,19 @@ class RewardScorer:
         return {"rewards": [r[0] for r in rows], "attribute_rewards": [r[1:1 + k] for r in rows],
                 "gating_weights": [r[1 + k:] for r in rows]}
 
-    def compare(self, contexts: list[list[dict]], candidates: list[list[str]]) -> list[dict]:
+    def compare(self, contexts: list[list[dict]], candidates: list[list[str]]) -> tuple[list[dict], int]:
         """PM: for each context, P(response i preferred over response j) for every pair (both orders averaged, all
-        comparisons in shared batches) and the knock-out tournament's winner."""
+        comparisons in shared batches) and the knock-out tournament's winner, played on that matrix (knockout_tournaments);
+        and how many sequences this call cut to max_length (each pair's two orders are two sequences). Not to be
+        run by two threads at once (the server runs it on its one scoring thread)."""
         if self.kind != "pm":
             raise UserError(f"comparing responses needs a pairwise preference model; this is a {KINDS[self.kind]}")
+        cut_before = self.preference.truncated
         matrices = [m.tolist() for m in self.preference.preference_matrices(contexts, candidates)]
-        winners = self.preference.knockout_many(contexts, candidates)
-        return [{"probabilities": m, "winner": w.winner} for m, w in zip(matrices, winners)]
+        cut = self.preference.truncated - cut_before
+        tournaments = knockout_tournaments([len(m) for m in matrices], lambda pairings: [
+            matrices[p][i][j] for p, i, j in pairings])
+        return [{"probabilities": m, "winner": t.winner} for m, t in zip(matrices, tournaments)], cut
 
     def response_scores(self, contexts: list[list[dict]], candidates: list[list[str]]) -> tuple[list[list[float]], int]:
         """A score for every candidate response of every context, and how many sequences were cut: BT and ArmoRM
@@ -172,3 +241,4 @@ class RewardScorer:
                          for context, responses in zip(contexts, candidates) for response in responses]
         sequences, cut = self.encode_conversations(conversations)
         return split_by_sizes(self.score(sequences)["rewards"], [len(c) for c in candidates]), cut
+

@@ -10,7 +10,9 @@ The checkpoint's kind is read from its config: a BT reward model, an exported Ar
                     "attribute_rewards" and "gating_weights"), templated here with the checkpoint's tokenizer
   POST /compare     {"context": [messages], "responses": [a, b, ...]} -> pairwise probabilities and the winner (PM)
   GET  /health, GET /info
-Concurrent requests are gathered for --batch_wait_ms up to --max_batch_tokens and scored as one length-sorted batch.
+Concurrent requests are gathered for --batch_wait_ms up to --max_batch_tokens and scored as one length-sorted batch;
+a gathered batch that fails is scored again request by request, so only the request at fault fails. Parsing,
+checking and tokenising run on a thread pool, never on the event loop.
 It listens on 127.0.0.1 unless --host says otherwise; any other address needs --api_key (a bearer token).
 """
 
@@ -19,19 +21,21 @@ import errno
 import hmac
 import importlib.metadata
 import ipaddress
+import json
 import math
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from useful_code.cli import ModelOutputError, UserError, parse_args, run_cli
 from useful_code.defaults import REPO_ROOT
@@ -59,7 +63,13 @@ class ServerArguments:
     batch_wait_ms: float = field(default=5.0, metadata={
         "min": 0, "help": "How long the first request of a batch waits for others to join it."})
     max_items: int = field(default=512, metadata={"min": 1, "help": "Queries, conversations or responses per request."})
+    max_messages: int = field(default=1024, metadata={
+        "min": 1, "help": "Messages per conversation (and per /compare context)."})
+    max_responses: int = field(default=32, metadata={
+        "min": 2, "help": "Responses per /compare request: it scores every pair in both orders, n(n-1) sequences."})
     max_body_bytes: int = field(default=16_000_000, metadata={"min": 1, "help": "Largest request body accepted."})
+    body_timeout_s: float = field(default=30.0, metadata={
+        "min": 0.001, "help": "A request body not fully received this long after its headers is answered 408."})
     bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
     attn_implementation: str = field(default="auto")
     trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own code (ArmoRM)."})
@@ -84,10 +94,20 @@ class DynamicBatcher:
     def __init__(self, score, wait_s: float, max_tokens: int):
         self.score, self.wait_s, self.max_tokens = score, wait_s, max_tokens
         self.queue: asyncio.Queue = asyncio.Queue()
-        # Requests in progress (RequestGate counts them) less those already submitted: the ones worth waiting for.
+        # Requests being prepared (expecting() counts them: body read, parsed and authorised) less those already
+        # submitted: the ones worth waiting for. A client still uploading its body is not one of them.
         self.in_flight = self.submitted = 0
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self.batches = 0  # gathered batches run so far (the /info page shows it)
+
+    @contextmanager
+    def expecting(self):
+        """Counts a request that will submit sequences while it prepares them (on the event loop only)."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def submit(self, sequences: list[list[int]]) -> dict:
         """The score() results of these sequences, computed in a batch with other requests' sequences."""
@@ -120,10 +140,12 @@ class DynamicBatcher:
             sequences = [s for item_sequences, _ in items for s in item_sequences]
             try:
                 results = await self.run_in_worker(self.score, sequences)
-            except Exception as err:  # one bad batch fails its own requests, never the server
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(err)
+            except Exception as err:  # never the server's end; and only the request at fault fails
+                if len(items) == 1:
+                    if not items[0][1].done():
+                        items[0][1].set_exception(err)
+                    continue
+                await self.score_one_by_one(items)
                 continue
             self.batches += 1
             sizes = [len(item_sequences) for item_sequences, _ in items]
@@ -132,15 +154,46 @@ class DynamicBatcher:
                 if not future.done():  # a client that went away leaves a cancelled future
                     future.set_result({key: groups[n] for key, groups in per_key.items()})
 
+    async def score_one_by_one(self, items: list) -> None:
+        """After a gathered batch failed: each request's sequences scored on their own, so its result or its error
+        is its own (one request's bad input never fails the others batched with it)."""
+        for item_sequences, future in items:
+            if future.done():
+                continue
+            try:
+                result = await self.run_in_worker(self.score, item_sequences)
+            except Exception as err:
+                if not future.done():
+                    future.set_exception(err)
+                continue
+            self.batches += 1
+            if not future.done():
+                future.set_result(result)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode_text(text: str) -> str:
+    """A JSON string may escape half of a UTF-16 surrogate pair ("\\ud800"): no tokenizer can read that."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise ValueError(f"holds a lone surrogate (U+{ord(found.group()):04X} at character {found.start()}), "
+                         "which is not Unicode text")
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode_text)]
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: StrictStr
-    content: StrictStr
+    role: Text
+    content: Text
 
 
 class GetRewardRequest(BaseModel):
-    query: list[StrictStr] = Field(min_length=1)
+    query: list[Text] = Field(min_length=1)
     prompts: Optional[list[Any]] = None
     labels: Optional[list[Any]] = None
 
@@ -151,36 +204,86 @@ class ScoreRequest(BaseModel):
 
 class CompareRequest(BaseModel):
     context: list[Message] = Field(min_length=1)
-    responses: list[StrictStr] = Field(min_length=2)
+    responses: list[Text] = Field(min_length=2)
+
+
+def bearer_token_matches(headers: list[tuple[bytes, bytes]], api_key: str) -> bool:
+    """Whether the request carries exactly one Authorization header, "Bearer KEY" (the scheme in any case, RFC 7235),
+    with KEY the server's (compared in constant time)."""
+    given = [value for name, value in headers if name.lower() == b"authorization"]
+    if len(given) != 1:
+        return False
+    scheme, _, token = given[0].strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key.encode())
 
 
 class RequestGate:
-    """Refuses a POST body over max_bytes, or one of unstated length, before it is read, and counts the POST requests
-    in progress for the batcher. A plain ASGI middleware: Starlette's @app.middleware wrapper costs about a
-    millisecond per request, a third of a tiny model's forward."""
+    """Before a request body is read: refuses a request without the bearer token (when --api_key is set; all but
+    /health), and a POST body over max_bytes or of unstated length. A plain ASGI middleware: Starlette's
+    @app.middleware wrapper costs about a millisecond per request, a third of a tiny model's forward."""
 
-    def __init__(self, app, max_bytes: int, batcher: "DynamicBatcher"):
-        self.app, self.max_bytes, self.batcher = app, max_bytes, batcher
+    def __init__(self, app, max_bytes: int, api_key: Optional[str]):
+        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key is not None and scope["path"] != "/health" \
+                and not bearer_token_matches(scope["headers"], self.api_key):
+            message = "missing or wrong bearer token (Authorization: Bearer KEY)"
+            return await _error(401, message, close=True)(scope, receive, send)
+        if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if not length.isdigit():
-            return await _error(411, "a request body needs a Content-Length header")(scope, receive, send)
+            # Its body is not read: the connection is closed after the answer, never parsed as a next request.
+            return await _error(411, "a request body needs a Content-Length header", close=True)(scope, receive, send)
         if int(length) > self.max_bytes:
             message = f"request body of {int(length)} bytes is over --max_body_bytes={self.max_bytes}"
-            return await _error(413, message)(scope, receive, send)
-        self.batcher.in_flight += 1
+            return await _error(413, message, close=True)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def one_line(errors: list[dict]) -> str:
+    """The first of pydantic's validation errors as "where: what" (where as conversations.0.1.content)."""
+    first = errors[0]
+    if first.get("type") == "model_type" and not first.get("loc"):
+        return "body: must be a JSON object"
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{where or 'body'}: {message}"
+
+
+def parse_body(body: bytes, model: type[BaseModel], content_encoding: Optional[str]) -> BaseModel:
+    """The request model from a JSON body; anything else is a 422 with one line saying what is wrong."""
+    if not body.strip():
+        raise HTTPException(422, "the body is not valid JSON (it is empty)")
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        reason = "nested too deeply"
+    except UnicodeDecodeError:
+        reason = "not UTF-8 text" + (f"; Content-Encoding {content_encoding} is not supported"
+                                     if content_encoding else "")
+    except json.JSONDecodeError as err:
+        reason = err.msg
+    except ValueError as err:  # an integer of over 4300 digits
+        reason = "a number has too many digits" if "digits" in str(err) else str(err).splitlines()[0][:200]
+    else:
         try:
-            return await self.app(scope, receive, send)
-        finally:
-            self.batcher.in_flight -= 1
+            return model.model_validate(data)
+        except ValidationError as err:
+            raise HTTPException(422, one_line(err.errors())) from None
+    raise HTTPException(422, f"the body is not valid JSON ({reason})")
 
 
 def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> FastAPI:
     """The FastAPI application: endpoints, authentication and request bounds around one loaded scorer."""
+    check_access(args.host, args.api_key)
     batcher = DynamicBatcher(scorer.score, args.batch_wait_ms / 1000, args.max_batch_tokens)
+    # JSON parsing, the conversation checks and tokenising: off the event loop, which keeps answering (/health) while
+    # a large request is prepared. Only the model runs on the batcher's one scoring thread.
+    preparing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="preparing")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -188,37 +291,54 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
         yield
         task.cancel()
         batcher.worker.shutdown(wait=False, cancel_futures=True)
+        preparing.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="reward model server", version=_version(), lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: the endpoints are documented in the README, and these pages would need the
+    # bearer token as much as the rest.
+    app = FastAPI(title="reward model server", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
 
-    app.add_middleware(RequestGate, max_bytes=args.max_body_bytes, batcher=batcher)
-
-    @app.exception_handler(RequestValidationError)
-    async def one_line_validation_error(request: Request, err: RequestValidationError):
-        first = err.errors()[0]
-        if first.get("type") == "json_invalid":
-            return _error(422, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})")
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid')}")
+    app.add_middleware(RequestGate, max_bytes=args.max_body_bytes, api_key=args.api_key)
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's own (404, 405) and ours: one shape for all errors
     async def http_error(request: Request, err: StarletteHTTPException):
-        return _error(err.status_code, str(err.detail))
+        response = _error(err.status_code, str(err.detail))
+        response.headers.update(err.headers or {})
+        return response
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, err: UserError):
         return _error(500 if isinstance(err, ModelOutputError) else 400, str(err))
 
-    async def authorized(request: Request) -> None:  # async: FastAPI runs a plain def on a worker thread
-        if args.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer KEY)")
+    @app.exception_handler(Exception)  # anything unforeseen: one JSON line (no details: they may hold others' data)
+    async def unexpected_error(request: Request, err: Exception):
+        return _error(500, f"internal server error ({type(err).__name__}) on {request.url.path}; the server's log "
+                           "has the details")
 
-    def check_count(name: str, items: list) -> None:
-        if len(items) > args.max_items:
-            raise HTTPException(413, f"{name}: {len(items)} items, over --max_items={args.max_items}")
+    async def off_loop(function, *function_args):
+        return await asyncio.get_running_loop().run_in_executor(preparing, function, *function_args)
+
+    async def read_request(request: Request, model: type[BaseModel]) -> BaseModel:
+        """The request model from a JSON body that arrives within --body_timeout_s (parsed on the thread pool)."""
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise HTTPException(415, "send Content-Type: application/json (the body is a JSON object)")
+        try:
+            body = await asyncio.wait_for(request.body(), args.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the request body did not arrive within --body_timeout_s={args.body_timeout_s}",
+                                headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise HTTPException(400, "the client went away before its body arrived") from None
+        return await off_loop(parse_body, body, model, request.headers.get("content-encoding"))
+
+    def check_count(name: str, items: list, limit: int, flag: str, unit: str = "items") -> None:
+        if len(items) > limit:
+            raise HTTPException(413, f"{name}: {len(items)} {unit}, over {flag}={limit}")
+
+    def check_messages(conversation: list[dict], where: str, ends_with_assistant: bool = True) -> None:
+        check_count(where, conversation, args.max_messages, "--max_messages", "messages")
+        scorer.check_conversation(conversation, where, ends_with_assistant)
 
     def needs_rewards(endpoint: str) -> None:
         if scorer.kind == "pm":
@@ -226,65 +346,87 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
 
     async def rewards_of(sequences: list[list[int]]) -> dict:
         results = await batcher.submit(sequences)
-        bad = [i for i, r in enumerate(results["rewards"]) if not math.isfinite(r)]
-        if bad:
-            raise ModelOutputError(f"the model gave NaN or infinite rewards for items {bad[:10]}")
+        for key, values in results.items():  # rewards; ArmoRM's attribute_rewards and gating_weights too
+            bad = [i for i, v in enumerate(values) if not all(map(math.isfinite, v if isinstance(v, list) else [v]))]
+            if bad:
+                raise ModelOutputError(f"the model gave NaN or infinite {key} for items {bad[:10]}")
         return results
+
+    def prepare_texts(body: GetRewardRequest) -> tuple[list[list[int]], int]:
+        check_count("query", body.query, args.max_items, "--max_items")
+        for name, values in (("prompts", body.prompts), ("labels", body.labels)):
+            if values is not None and len(values) != len(body.query):
+                raise UserError(f"{name}: {len(values)} items for {len(body.query)} queries")
+        return scorer.encode_texts(body.query)
+
+    def prepare_conversations(body: ScoreRequest) -> tuple[list[list[int]], int]:
+        check_count("conversations", body.conversations, args.max_items, "--max_items")
+        conversations = [[m.model_dump() for m in conversation] for conversation in body.conversations]
+        for i, conversation in enumerate(conversations):
+            if not conversation:
+                raise UserError(f"conversations[{i}]: a conversation needs at least one message")
+            check_messages(conversation, f"conversations[{i}]")
+        return scorer.encode_conversations(conversations, "conversations[{}]")
+
+    def prepare_comparison(body: CompareRequest) -> list[dict]:
+        check_count("responses", body.responses, min(args.max_responses, args.max_items),
+                    "--max_responses" if args.max_responses <= args.max_items else "--max_items")
+        context = [m.model_dump() for m in body.context]
+        check_messages(context, "context", ends_with_assistant=False)
+        for i, response in enumerate(body.responses):
+            scorer.check_conversation(context + [{"role": "assistant", "content": response}], f"responses[{i}]")
+        return context
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
-    @app.get("/info", dependencies=[Depends(authorized)])
+    @app.get("/info")
     async def info():
         return {"kind": scorer.kind, "kind_name": KINDS[scorer.kind], "model": model_name,
-                "dtype": str(scorer.dtype).replace("torch.", ""), "max_length": args.max_length,
-                "version": _version(), "attributes": scorer.attributes, "batches_run": batcher.batches,
-                "limits": {"max_items": args.max_items, "max_body_bytes": args.max_body_bytes,
-                           "max_batch_tokens": args.max_batch_tokens, "batch_wait_ms": args.batch_wait_ms}}
+                "dtype": str(scorer.dtype).replace("torch.", ""), "max_length": scorer.max_length,
+                "model_position_limit": scorer.position_limit, "version": _version(),
+                "attributes": scorer.attributes, "batches_run": batcher.batches,
+                "limits": {"max_items": args.max_items, "max_messages": args.max_messages,
+                           "max_responses": args.max_responses, "max_body_bytes": args.max_body_bytes,
+                           "body_timeout_s": args.body_timeout_s, "max_batch_tokens": args.max_batch_tokens,
+                           "batch_wait_ms": args.batch_wait_ms}}
 
-    @app.post("/get_reward", dependencies=[Depends(authorized)])
-    async def get_reward(body: GetRewardRequest):
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
         needs_rewards("/get_reward")
-        check_count("query", body.query)
-        for name, values in (("prompts", body.prompts), ("labels", body.labels)):
-            if values is not None and len(values) != len(body.query):
-                raise UserError(f"{name}: {len(values)} items for {len(body.query)} queries")
-        sequences, cut = scorer.encode_texts(body.query)
-        results = await rewards_of(sequences)
+        body = await read_request(request, GetRewardRequest)
+        with batcher.expecting():
+            sequences, cut = await off_loop(prepare_texts, body)
+            results = await rewards_of(sequences)
         return {"rewards": results["rewards"], "scores": results["rewards"],
                 "extra_logs": {"truncated": cut, "tokens": sum(map(len, sequences))}}
 
-    @app.post("/score", dependencies=[Depends(authorized)])
-    async def score(body: ScoreRequest):
+    @app.post("/score")
+    async def score(request: Request):
         needs_rewards("/score")
-        check_count("conversations", body.conversations)
-        conversations = [[m.model_dump() for m in conversation] for conversation in body.conversations]
-        for i, conversation in enumerate(conversations):
-            if not conversation:
-                raise UserError(f"conversations[{i}]: a conversation needs at least one message")
-            scorer.check_conversation(conversation, f"conversations[{i}]")
-        sequences, cut = scorer.encode_conversations(conversations)
-        return {**await rewards_of(sequences), "extra_logs": {"truncated": cut, "tokens": sum(map(len, sequences))}}
+        body = await read_request(request, ScoreRequest)
+        with batcher.expecting():
+            sequences, cut = await off_loop(prepare_conversations, body)
+            results = await rewards_of(sequences)
+        return {**results, "extra_logs": {"truncated": cut, "tokens": sum(map(len, sequences))}}
 
-    @app.post("/compare", dependencies=[Depends(authorized)])
-    async def compare(body: CompareRequest):
+    @app.post("/compare")
+    async def compare(request: Request):
         if scorer.kind != "pm":
             raise UserError(f"/compare needs a {KINDS['pm']}; this server holds a {KINDS[scorer.kind]}: use /score")
-        check_count("responses", body.responses)
-        context = [m.model_dump() for m in body.context]
-        scorer.check_conversation(context, "context", ends_with_assistant=False)
-        for i, response in enumerate(body.responses):
-            scorer.check_conversation(context + [{"role": "assistant", "content": response}], f"responses[{i}]")
-        cut_before = scorer.preference.truncated
-        result = (await batcher.run_in_worker(scorer.compare, [context], [body.responses]))[0]
-        return {**result, "extra_logs": {"truncated": scorer.preference.truncated - cut_before}}
+        body = await read_request(request, CompareRequest)
+        context = await off_loop(prepare_comparison, body)
+        # The cut count is taken inside the same call on the scoring thread: this request's sequences only.
+        results, cut = await batcher.run_in_worker(scorer.compare, [context], [body.responses])
+        return {**results[0], "extra_logs": {"truncated": cut}}
 
     return app
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "detail": message}, status_code=status)
+def _error(status: int, message: str, close: bool = False) -> JSONResponse:
+    return JSONResponse({"error": message, "detail": message}, status_code=status,
+                        headers={"Connection": "close"} if close else None)
 
 
 def _version() -> str:
@@ -310,11 +452,20 @@ def check_bindable(host: str, port: int) -> None:
                 from None
 
 
+def check_access(host: str, api_key: Optional[str]) -> None:
+    """An --api_key a client can send (not empty, no spaces around it: header values lose them), and one at all
+    when --host is not a loopback address."""
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise UserError("--api_key must be a token without spaces around it (an empty or all-space key cannot be "
+                        "sent in an Authorization header)")
+    if not is_loopback(host) and not api_key:
+        raise UserError(f"--host {host} is reachable from other machines: pass --api_key to require a bearer "
+                        "token, or bind 127.0.0.1")
+
+
 def main():
     args = parse_args((ServerArguments,))[0]
-    if not is_loopback(args.host) and not args.api_key:
-        raise UserError(f"--host {args.host} is reachable from other machines: pass --api_key to require a bearer "
-                        "token, or bind 127.0.0.1")
+    check_access(args.host, args.api_key)
     check_bindable(args.host, args.port)
     path = args.reward_name_or_path
     if path is None:
