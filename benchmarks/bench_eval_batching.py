@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from hh_pairs import HHBenchArguments, build_bench_model, load_hh_pairs, run_child
+from useful_code import packing
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.hardware import peak_gpu_memory_mib
 from useful_code.modeling import load_reward_model
-from useful_code import packing
 from useful_code.packing import enable_padding_free, packed_rewards, packed_rows
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs

@@ -35,8 +35,8 @@ from useful_code import modeling_armo_rm, reward_scorer
 from useful_code.armo_embeddings import gating_pattern
 from useful_code.cli import UserError
 from useful_code.defaults import DEFAULT_MODEL
-from useful_code.reward_client import RewardClient
 from useful_code.pm_scoring import knockout_tournaments
+from useful_code.reward_client import RewardClient
 from useful_code.reward_scorer import learned_position_limit
 from useful_code.serve_reward_model import DynamicBatcher, bearer_token_matches, check_access
 from useful_code.templates import load_tokenizer
