@@ -134,6 +134,7 @@ def main():
             batches.append(client.info()["batches_run"])
             cpu.append(cpu_seconds(server.pid))
             memory_after = resident_mib(server.pid)
+            gpu_peak = client.info()["peak_gpu_memory_mib"]
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -154,7 +155,8 @@ def main():
     max_diff = max((abs(a - b) for a, b in pairs_done), default=float("nan"))
     print(f"throughput ratio (concurrent / one at a time): {ratio:.2f}x")
     print(f"rewards, concurrent vs one at a time: max |diff| {max_diff:.2e} over {len(pairs_done)} requests")
-    print(f"server resident memory: {memory_before:.0f} MiB before, {memory_after:.0f} MiB after")
+    print(f"server resident memory: {memory_before:.0f} MiB before, {memory_after:.0f} MiB after"
+          + (f"; GPU allocator peak {gpu_peak:.0f} MiB" if gpu_peak is not None else ""))
     if sequential[2] or concurrent[2]:
         raise UserError(f"{sequential[2] + concurrent[2]} requests failed")
 

@@ -65,6 +65,7 @@ def test_score_and_get_reward_equal_the_eval_path(checkpoints):
         assert client.health() == {"status": "ok"}
         info = client.info()
         assert info["kind"] == "bt" and info["dtype"] == "float32" and info["max_length"] == 4096 and info["version"]
+        assert info["peak_gpu_memory_mib"] is None  # no GPU here; the allocator's peak on one
         scored = client.score(CONVERSATIONS)
         np.testing.assert_allclose(scored["rewards"], expected, rtol=1e-5, atol=1e-5)
         assert scored["extra_logs"]["truncated"] == 0

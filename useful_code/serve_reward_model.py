@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from useful_code.cli import ModelOutputError, UserError, parse_args, run_cli
 from useful_code.defaults import REPO_ROOT
+from useful_code.hardware import peak_gpu_memory_mib
 from useful_code.reward_scorer import KINDS, RewardScorer
 from useful_code.scoring import split_by_sizes, token_budget_field
 
@@ -387,6 +388,7 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
                 "dtype": str(scorer.dtype).replace("torch.", ""), "max_length": scorer.max_length,
                 "model_position_limit": scorer.position_limit, "version": _version(),
                 "attributes": scorer.attributes, "batches_run": batcher.batches,
+                "peak_gpu_memory_mib": peak_gpu_memory_mib(),  # the allocator's peak so far; None without a GPU
                 "limits": {"max_items": args.max_items, "max_messages": args.max_messages,
                            "max_responses": args.max_responses, "max_body_bytes": args.max_body_bytes,
                            "body_timeout_s": args.body_timeout_s, "max_batch_tokens": args.max_batch_tokens,
