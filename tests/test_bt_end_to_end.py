@@ -203,6 +203,22 @@ def test_zero3_two_ranks_on_cpu_saves_a_complete_checkpoint(tmp_path):
     assert not (out / "checkpoint-6").exists()  # no optimizer-state dump unless asked for
 
 
+def test_lora_under_zero3_with_gradient_checkpointing_on_two_ranks(tmp_path):
+    """LoRA under ZeRO-3 with gradient checkpointing (reentrant, as wrap_with_lora sets it: non-reentrant
+    recomputation meets ZeRO-3's partitioned frozen weights) trains on two CPU ranks, and the merged checkpoint
+    reloads to the trained rewards."""
+    out = tmp_path / "z3lora"
+    proc = run([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, "--deepspeed", "deepspeed_configs/deepspeed_3.json",
+                "--output_path", str(out), "--max_steps", "4", "--use_peft", "--gradient_checkpointing", "true"],
+               env_extra={"OMP_NUM_THREADS": "1"})
+    check_ok(proc)
+    assert "Checkpoint verified" in proc.stdout and "LoRA r=16" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train_steps"] == 4 and metrics["lora"]["lora_r"] == 16
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert load_file(str(out / "last_checkpoint" / "model.safetensors"))["score.weight"].shape == (1, 64)
+
+
 def test_prior_sets_add_prior_score_and_leaderboard_score(trained, tmp_path):
     # One split per prior set, as allenai/preference-test-sets stores them (each with a 'subset' column of its own
     # and ids from 0): the split name is the subset, and the retired pku split is left out.
