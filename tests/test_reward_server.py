@@ -68,7 +68,7 @@ def test_score_and_get_reward_equal_the_eval_path(checkpoints):
         assert info["peak_gpu_memory_mib"] is None  # no GPU here; the allocator's peak on one
         scored = client.score(CONVERSATIONS)
         np.testing.assert_allclose(scored["rewards"], expected, rtol=1e-5, atol=1e-5)
-        assert scored["extra_logs"]["truncated"] == 0
+        assert scored["extra_logs"]["rm_truncated"] == 0
         # OpenRLHF sends the templated text, BOS included: it must not get a second one
         texts = render_conversations(server.scorer.tokenizer, CONVERSATIONS)
         bos = server.scorer.tokenizer.bos_token
@@ -77,18 +77,18 @@ def test_score_and_get_reward_equal_the_eval_path(checkpoints):
         np.testing.assert_allclose(got["rewards"], expected, rtol=1e-5, atol=1e-5)
         assert got["scores"] == got["rewards"]
         tokens = sum(map(len, encode_conversations(server.scorer.tokenizer, CONVERSATIONS)))
-        assert got["extra_logs"] == {"truncated": 0, "tokens": tokens}
+        assert got["extra_logs"] == {"rm_truncated": 0, "rm_tokens": tokens}
         mixed = [with_bos[0], texts[1], texts[2], with_bos[3]]  # the tokenizer adds the BOS the plain ones lack
         assert not texts[1].startswith(bos) and not texts[2].startswith(bos)
         got = client.get_reward(mixed)
         np.testing.assert_allclose(got["rewards"], expected, rtol=1e-5, atol=1e-5)
-        assert got["extra_logs"]["tokens"] == tokens
+        assert got["extra_logs"]["rm_tokens"] == tokens
 
 
 def test_openrlhf_padded_queries_score_as_the_clean_text(checkpoints):
-    """OpenRLHF's rollouts send batch_decode(skip_special_tokens=False): left padding, the BOS, prompt and response,
-    the EOS and right padding. The server strips the padding as OpenRLHF's own serve_rm does, keeping one EOS (the
-    tiny template ends a turn with it), so the reward is the clean conversation's."""
+    """OpenRLHF before 0.8.3 sent batch_decode(skip_special_tokens=False) text: left padding, the BOS, prompt and
+    response, the EOS and right padding (current releases decode one unpadded sequence). The server strips the
+    padding, keeping one EOS (the tiny template ends a turn with it), so the reward is the clean conversation's."""
     expected = eval_path_rewards(checkpoints / "bt", CONVERSATIONS)
     with Server(checkpoints / "bt") as server:
         tokenizer = server.scorer.tokenizer
@@ -98,7 +98,7 @@ def test_openrlhf_padded_queries_score_as_the_clean_text(checkpoints):
         padded = [pad * 3 + texts[0] + pad * 2, pad + texts[1] + eos + pad, eos * 2 + texts[2] + eos * 3, texts[3]]
         got = RewardClient(server.url).get_reward(padded)
         np.testing.assert_allclose(got["rewards"], expected, rtol=1e-5, atol=1e-5)
-        assert got["extra_logs"]["tokens"] == sum(map(len, encode_conversations(tokenizer, CONVERSATIONS)))
+        assert got["extra_logs"]["rm_tokens"] == sum(map(len, encode_conversations(tokenizer, CONVERSATIONS)))
         for query in ("", "  ", bos, pad * 2 + eos):
             code, answer = raw_post(server.url + "/get_reward", json.dumps({"query": [texts[0], query]}).encode())
             assert code == 400 and "query 1: the text has nothing to score" in answer["error"], (query, answer)
@@ -133,7 +133,7 @@ def test_score_and_compare_apply_the_conversation_rules(checkpoints):
 def test_over_long_inputs_are_cut_from_the_left_and_counted(checkpoints):
     with Server(checkpoints / "bt", max_length=12) as server:
         scored = RewardClient(server.url).score(CONVERSATIONS)
-    assert scored["extra_logs"]["truncated"] == 4
+    assert scored["extra_logs"]["rm_truncated"] == 4
     np.testing.assert_allclose(scored["rewards"], eval_path_rewards(checkpoints / "bt", CONVERSATIONS, 12),
                                rtol=1e-5, atol=1e-5)
 

@@ -196,7 +196,7 @@ def test_an_encoder_is_cut_to_its_position_table_not_failed(bert, capsys):
         short = ("/score", {"conversations": [CONVERSATIONS[0]]})
         results = post_many(server.url, [short] * 3 + [("/score", {"conversations": [long]})] + [short] * 3)
     assert [code for code, _ in results] == [200] * 7
-    assert results[3][1]["extra_logs"]["truncated"] == 1 and results[0][1]["extra_logs"]["truncated"] == 0
+    assert results[3][1]["extra_logs"]["rm_truncated"] == 1 and results[0][1]["extra_logs"]["rm_truncated"] == 0
     assert results[3][1]["rewards"] == pytest.approx(eval_path_rewards(bert, [long], max_length=64), abs=1e-5)
 
 
@@ -243,16 +243,16 @@ def test_compare_counts_only_its_own_truncation_once_per_sequence(checkpoints):
         info = RewardClient(server.url).info()
         assert info["limits"]["max_responses"] == 4
         two_long = RewardClient(server.url).compare([QUESTION], ["flour " * 100, "water " * 100])
-        assert two_long["extra_logs"]["truncated"] == 2  # its two sequences (the pair in both orders), once each
+        assert two_long["extra_logs"]["rm_truncated"] == 2  # its two sequences (the pair in both orders), once each
         alone = RewardClient(server.url).compare(long["context"], long["responses"])
         # 5 of the 6 pairs hold a long response, each in both orders; the knock-out adds no sequences of its own
-        assert alone["extra_logs"]["truncated"] == 10
+        assert alone["extra_logs"]["rm_truncated"] == 10
         results = post_many(server.url, [("/compare", short if i % 2 else long) for i in range(16)])
         code, answer = raw_post(server.url + "/compare", json.dumps({"context": [QUESTION],
                                                                       "responses": ANSWERS + ["more"]}).encode())
         assert code == 413 and "responses: 5 items, over --max_responses=4" in answer["error"]
     for i, (code, answer) in enumerate(results):
-        assert code == 200 and answer["extra_logs"]["truncated"] == (0 if i % 2 else 10), (i, answer)
+        assert code == 200 and answer["extra_logs"]["rm_truncated"] == (0 if i % 2 else 10), (i, answer)
 
 
 def knockout_winner(p: list[list[float]]) -> int:

@@ -104,7 +104,8 @@ class RewardScorer:
                   "tokens (counted)", flush=True)
         self.adds_bos = tokenizer_adds_bos(tokenizer)  # asked once: four tokenizer calls a request otherwise
         self.special_tokens = special_token_pattern(tokenizer)
-        # Runs of pad and EOS tokens at either end of a text: what a left-padded batch_decode leaves around a query.
+        # Runs of pad and EOS tokens at either end of a text: what a left-padded batch_decode (OpenRLHF before
+        # 0.8.3) leaves around a query.
         edges = "|".join(re.escape(t) for t in {tokenizer.pad_token, tokenizer.eos_token} if t)
         self._leading_padding = re.compile(f"^(?:{edges})+") if edges else None
         self._trailing_padding = re.compile(f"(?:{edges})+$") if edges else None
@@ -172,10 +173,11 @@ class RewardScorer:
             raise UserError(f"{where}: {rule} ({reason})")
 
     def strip_padding(self, text: str) -> str:
-        """A query without the pad and EOS tokens around it, as OpenRLHF's own reward server strips them: its
-        rollouts send batch_decode(skip_special_tokens=False) text, left-padded, with the EOS and right padding
-        after the response. A response that ended with them keeps one EOS (OpenRLHF appends one), so a chat-
-        templated text that ends with EOS is scored unchanged."""
+        """A query without the pad and EOS tokens around it, as OpenRLHF's reward server stripped them before 0.8.3,
+        when its rollouts sent batch_decode(skip_special_tokens=False) text, left-padded, with the EOS and right
+        padding after the response (later releases send one unpadded sequence, which this leaves as it is). A
+        response that ended with them keeps one EOS (OpenRLHF appends one), so a chat-templated text that ends with
+        EOS is scored unchanged."""
         if self._leading_padding is None:
             return text
         text = self._leading_padding.sub("", text)

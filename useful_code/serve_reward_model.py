@@ -1,4 +1,4 @@
-"""Serve a reward model over HTTP for an RLHF loop (OpenRLHF's --remote_rm_url, verl, a TRL reward function).
+"""Serve a reward model over HTTP for an RLHF loop (OpenRLHF's --reward.remote_url, verl, a TRL reward function).
 
     python useful_code/serve_reward_model.py --reward_name_or_path DIR [--port 5000]    # or: make serve
 
@@ -401,8 +401,7 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
         with batcher.expecting():
             sequences, cut = await off_loop(prepare_texts, body)
             results = await rewards_of(sequences)
-        return {"rewards": results["rewards"], "scores": results["rewards"],
-                "extra_logs": {"truncated": cut, "tokens": sum(map(len, sequences))}}
+        return {"rewards": results["rewards"], "scores": results["rewards"], "extra_logs": extra_logs(cut, sequences)}
 
     @app.post("/score")
     async def score(request: Request):
@@ -411,7 +410,7 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
         with batcher.expecting():
             sequences, cut = await off_loop(prepare_conversations, body)
             results = await rewards_of(sequences)
-        return {**results, "extra_logs": {"truncated": cut, "tokens": sum(map(len, sequences))}}
+        return {**results, "extra_logs": extra_logs(cut, sequences)}
 
     @app.post("/compare")
     async def compare(request: Request):
@@ -421,9 +420,20 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
         context = await off_loop(prepare_comparison, body)
         # The cut count is taken inside the same call on the scoring thread: this request's sequences only.
         results, cut = await batcher.run_in_worker(scorer.compare, [context], [body.responses])
-        return {**results[0], "extra_logs": {"truncated": cut}}
+        return {**results[0], "extra_logs": extra_logs(cut)}
 
     return app
+
+
+def extra_logs(cut: int, sequences: Optional[list[list[int]]] = None) -> dict:
+    """The answer's "extra_logs": sequences cut to --max_length and (where known) tokens scored. The keys carry an
+    "rm_" prefix because OpenRLHF copies every extra_logs key into the sample's info dict, where "truncated" is
+    already its own flag of a generation cut at the length limit (rollout/truncated_rate): a bare "truncated"
+    would overwrite it."""
+    logs = {"rm_truncated": cut}
+    if sequences is not None:
+        logs["rm_tokens"] = sum(map(len, sequences))
+    return logs
 
 
 def _error(status: int, message: str, close: bool = False) -> JSONResponse:

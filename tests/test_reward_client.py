@@ -1,0 +1,236 @@
+"""The clients of the reward server in the RLHF loops they serve: TRL's GRPO reward function (None for a completion
+the server would refuse, requests of at most --max_items), verl's compute_score (called as verl calls it), URLs
+given as OpenRLHF takes them, and the connection handling (a timeout is never sent again; a kept-alive connection
+the server closed is). The HTTP tests use the real server on a free loopback port, or a tiny http.server on
+127.0.0.1 that behaves badly on purpose; every wait is bounded."""
+
+import http.server
+import json
+import threading
+import time
+
+import pytest
+from test_reward_server import ANSWERS, CONVERSATIONS, QUESTION
+
+from helpers import Server, save_sharp_checkpoints
+from useful_code.formats import validate_conversation
+from useful_code.reward_client import (
+    RewardClient,
+    RewardServerError,
+    trl_reward_function,
+    unscorable_reason,
+    verl_compute_score,
+)
+
+FORGED = "fine<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\ngreat"  # a special token as text
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("client")
+    save_sharp_checkpoints(out, seed=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints):
+    """A BT server that takes at most 3 conversations per request."""
+    with Server(checkpoints / "bt", max_items=3) as running:
+        yield running
+
+
+def reference(server, conversations) -> list[float]:
+    """Each conversation's reward from /score, one request each."""
+    client = RewardClient(server.url)
+    return [client.score([c])["rewards"][0] for c in conversations]
+
+
+# TRL's GRPO reward function
+
+
+def test_trl_unscorable_completions_get_none_and_the_others_are_scored(server):
+    """An empty or blank reply, a tool message, content as a list of parts, a special token as text: None for that
+    item (TRL makes it NaN and leaves it out), the rest scored as /score scores them. Before: the whole call raised
+    (a 400 or 422) and training stopped."""
+    user = [QUESTION]
+    completions = [
+        [{"role": "assistant", "content": ANSWERS[0]}],
+        [{"role": "assistant", "content": ""}],
+        [{"role": "assistant", "content": " \n"}],
+        [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+         {"role": "tool", "name": "f", "content": "42"}, {"role": "assistant", "content": "It is 42"}],
+        [{"role": "assistant", "content": [{"type": "text", "text": "hello"}]}],
+        [{"role": "assistant", "content": FORGED}],  # refused by the server only (its tokenizer's special tokens)
+        [{"role": "assistant", "content": ANSWERS[1]}],
+    ]
+    got = trl_reward_function(server.url)(prompts=[user] * len(completions), completions=completions,
+                                          completion_ids=None)
+    assert got[1:6] == [None] * 5
+    assert [got[0], got[6]] == pytest.approx(reference(server, [CONVERSATIONS[0], CONVERSATIONS[1]]), abs=1e-5)
+    plain = trl_reward_function(server.url)(prompts=[QUESTION["content"]] * 3, completions=["", ANSWERS[2], "  "])
+    assert plain[0] is None and plain[2] is None
+    assert plain[1] == pytest.approx(reference(server, [CONVERSATIONS[2]])[0], abs=1e-5)
+    assert trl_reward_function(server.url)(prompts=["Q"], completions=[""]) == [None]  # nothing sent at all
+
+
+def test_trl_more_items_than_max_items_are_sent_in_chunks_in_order(server):
+    """11 completions to a server with --max_items=3: four requests, the rewards in the completions' order.
+    Before: one request of 11, a 413."""
+    completions = [f"{ANSWERS[i % 4]} ({i})" for i in range(11)]
+    completions[4] = ""  # an unscorable one inside a chunk
+    batches_before = RewardClient(server.url).info()["batches_run"]
+    got = trl_reward_function(server.url)(prompts=[QUESTION["content"]] * 11, completions=completions)
+    batches = RewardClient(server.url).info()["batches_run"] - batches_before
+    assert got[4] is None
+    expected = reference(server, [[QUESTION, {"role": "assistant", "content": c}] for i, c in enumerate(completions)
+                                  if i != 4])
+    assert [r for i, r in enumerate(got) if i != 4] == pytest.approx(expected, abs=1e-5)
+    assert batches == 4  # ceil(10 / 3) requests, each scored in one batch
+
+
+def test_a_url_ending_with_an_endpoint_is_the_servers_base(server):
+    """OpenRLHF's flag takes http://host:port/get_reward; the same URL given to the client posted to
+    /get_reward/score (a 404). The trailing endpoint is stripped."""
+    assert RewardClient("http://127.0.0.1:5000/get_reward").url == "http://127.0.0.1:5000"
+    assert RewardClient("http://127.0.0.1:5000/get_reward/").url == "http://127.0.0.1:5000"
+    assert RewardClient("https://rm.example:8443/prefix/score").url == "https://rm.example:8443/prefix"
+    assert RewardClient("http://127.0.0.1:5000/prefix").url == "http://127.0.0.1:5000/prefix"
+    for bad in ("127.0.0.1:5000", "ftp://host/get_reward", "http://127.0.0.1:5000/get_reward?x=1"):
+        with pytest.raises(ValueError):
+            RewardClient(bad)
+    got = trl_reward_function(server.url + "/get_reward")(prompts=[QUESTION["content"]], completions=[ANSWERS[0]])
+    assert got == pytest.approx(reference(server, CONVERSATIONS[:1]), abs=1e-5)
+    assert RewardClient(server.url + "/score").health() == {"status": "ok"}
+
+
+def test_the_local_rules_are_the_servers():
+    """unscorable_reason decides without a request what formats.validate_conversation (the server's rules, special
+    tokens aside) decides; and it refuses what the server cannot parse as messages."""
+    sys_msg, user, reply = ({"role": r, "content": c} for r, c in
+                            (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")))
+    cases = [[user, reply], [sys_msg, user, reply], [user, reply, user, reply], [user],
+             [reply], [user, user, reply], [sys_msg, reply], [sys_msg], [user, {"role": "tool", "content": "4"}],
+             [user, {"role": "assistant", "content": " "}], [{"role": "user", "content": ""}, reply],
+             [user, reply, sys_msg, reply]]
+    for conversation in cases:
+        assert unscorable_reason(conversation) == validate_conversation(conversation), conversation
+    for broken in ([], None, "text", [user, {"role": "assistant", "content": None}],
+                   [user, {"role": "assistant", "content": [{"type": "text", "text": "hi"}]}],
+                   [user, {"role": "assistant"}], [user, "Hello"], [user, {"role": "assistant", "content": "\ud800"}]):
+        assert unscorable_reason(broken), broken
+
+
+# verl's compute_score
+
+
+def test_verl_compute_score_called_as_verl_calls_it_equals_score(server):
+    """verl's naive reward manager (verl/workers/reward_manager/naive.py) calls compute_score(data_source=,
+    solution_str=, ground_truth=, extra_info=) per sample, with the response only; extra_info gains num_turns and
+    rollout_reward_scores. The prompt comes from extra_info[prompt_key]."""
+    compute_score = verl_compute_score(server.url + "/get_reward")
+    expected = reference(server, CONVERSATIONS)
+    for answer, want in zip(ANSWERS, expected):
+        extra_info = {"split": "train", "index": 0, "question": QUESTION["content"], "num_turns": None,
+                      "rollout_reward_scores": {}}
+        got = compute_score(data_source="openai/gsm8k", solution_str=answer, ground_truth="72", extra_info=extra_info)
+        assert isinstance(got, float) and got == pytest.approx(want, abs=1e-5)
+    as_messages = verl_compute_score(server.url, prompt_key="prompt", unscorable_score=-10.0)
+    system = {"role": "system", "content": "Be brief."}
+    got = as_messages(data_source="d", solution_str=ANSWERS[1], ground_truth=None,
+                      extra_info={"prompt": [system, QUESTION]})
+    assert got == pytest.approx(reference(server, [[system, *CONVERSATIONS[1]]])[0], abs=1e-5)
+    assert as_messages(data_source="d", solution_str="  ", ground_truth=None, extra_info={"prompt": "Q"}) == -10.0
+    with pytest.raises(KeyError, match="extra_info has no 'question'"):
+        compute_score(data_source="d", solution_str="x", ground_truth=None, extra_info={"num_turns": None})
+    # the batch reward manager (verl/workers/reward_manager/batch.py): one call per batch, lists in and out
+    extra_infos = [{"question": QUESTION["content"], "rollout_reward_scores": {}} for _ in range(5)]
+    got = compute_score(data_sources=["d"] * 5, solution_strs=ANSWERS + [""], ground_truths=[None] * 5,
+                        extra_infos=extra_infos)
+    assert got[:4] == pytest.approx(expected, abs=1e-5) and got[4] == 0.0
+
+
+# The server's extra_logs, as OpenRLHF reads them
+
+
+def test_extra_logs_keys_cannot_clobber_openrlhf_sample_info(checkpoints, server):
+    """OpenRLHF copies every extra_logs key into the sample's info, where "truncated" is its own generation flag."""
+    client = RewardClient(server.url)
+    text = client.get_reward(["Hello there"])["extra_logs"]
+    scored = client.score(CONVERSATIONS[:1])["extra_logs"]
+    with Server(checkpoints / "pm") as pm:
+        compared = RewardClient(pm.url).compare([QUESTION], ANSWERS[:2])["extra_logs"]
+    assert set(text) == set(scored) == {"rm_truncated", "rm_tokens"} and set(compared) == {"rm_truncated"}
+
+
+# Connections: a timeout is not sent again; a kept-alive connection the server closed is
+
+
+class FakeServer:
+    """http.server on 127.0.0.1 that counts POSTs and answers {"rewards": [0.5]} after `delay` seconds; with
+    one_per_connection it closes each connection after one answer, without saying so (as a server closing an idle
+    kept-alive connection does)."""
+
+    def __init__(self, delay: float = 0.0, one_per_connection: bool = False):
+        fake = self
+        self.posts, self.paths, self.lock = 0, [], threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                with fake.lock:
+                    fake.posts += 1
+                    fake.paths.append(self.path)
+                time.sleep(delay)
+                body = json.dumps({"rewards": [0.5]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the client gave up waiting
+                self.close_connection = one_per_connection
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def test_a_timeout_is_not_sent_again():
+    """A request slower than the client's timeout is one request and an error saying so. Before: TimeoutError is an
+    OSError, so the client sent the slow batch a second time (scored twice, waited for twice)."""
+    with FakeServer(delay=1.5) as fake:
+        client = RewardClient(fake.url, timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(RewardServerError, match="no answer within the timeout"):
+            client.score(CONVERSATIONS[:1])
+        assert time.monotonic() - started < 1.0
+        time.sleep(0.5)  # a second request, if one were sent, has arrived by now
+        assert fake.posts == 1
+
+
+def test_a_kept_alive_connection_the_server_closed_is_sent_again_once():
+    """A server that closes each connection after one answer: every later request finds its kept-alive connection
+    closed before any answer, and is sent again once on a new one (each reaches the server once)."""
+    with FakeServer(one_per_connection=True) as fake:
+        client = RewardClient(fake.url + "/get_reward", timeout=5)
+        for _ in range(3):
+            assert client.score(CONVERSATIONS[:1]) == {"rewards": [0.5]}
+            time.sleep(0.05)  # the server's close has arrived
+        assert fake.posts == 3 and fake.paths == ["/score"] * 3
