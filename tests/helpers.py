@@ -61,6 +61,18 @@ def save_sharp_checkpoints(out, seed: int = 1) -> None:
         tokenizer.save_pretrained(Path(out) / kind)
 
 
+def character_bert_tokenizer(out):
+    """A BERT WordPiece tokenizer over printable characters (a vocab.txt written to out): a tiny encoder's."""
+    import string
+
+    from transformers import BertTokenizerFast
+
+    symbols = sorted(set(string.printable) - set(string.whitespace))
+    (Path(out) / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *symbols,
+                                                     *(f"##{s}" for s in symbols)]) + "\n")
+    return BertTokenizerFast(vocab_file=str(Path(out) / "vocab.txt"), do_lower_case=False)
+
+
 def free_port() -> int:
     """A free TCP port on the loopback address."""
     with socket.socket() as s:

@@ -2,13 +2,12 @@
 flag, evaluated and served; truncation keeps its [CLS] token, where the classifier reads."""
 
 import json
-import string
 import sys
 
 import pytest
-from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+from transformers import BertConfig, BertForMaskedLM
 
-from helpers import ROOT, check_ok, run
+from helpers import ROOT, character_bert_tokenizer, check_ok, run
 from useful_code.defaults import REWARD_BENCH_SAMPLE
 from useful_code.reward_scorer import RewardScorer
 from useful_code.scoring import score_sequences
@@ -21,10 +20,7 @@ pytestmark = pytest.mark.e2e  # subprocesses: `make test-fast` skips this file
 def encoder(tmp_path_factory):
     """A tiny BERT (2 layers, hidden 64) saved as a masked LM: a base encoder with no chat template and no head."""
     out = tmp_path_factory.mktemp("bert")
-    symbols = sorted(set(string.printable) - set(string.whitespace))
-    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *symbols,
-                                              *(f"##{s}" for s in symbols)]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=False)
+    tokenizer = character_bert_tokenizer(out)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=1024)
     BertForMaskedLM(config).save_pretrained(out / "base")

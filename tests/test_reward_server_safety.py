@@ -8,7 +8,6 @@ import gzip
 import json
 import shutil
 import socket
-import string
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,6 @@ from transformers import (
     AutoConfig,
     BertConfig,
     BertForSequenceClassification,
-    BertTokenizerFast,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -30,7 +28,7 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from helpers import Server, save_sharp_checkpoints
+from helpers import Server, character_bert_tokenizer, save_sharp_checkpoints
 from useful_code import modeling_armo_rm, reward_scorer
 from useful_code.armo_embeddings import gating_pattern
 from useful_code.cli import UserError
@@ -74,10 +72,7 @@ def armo(tmp_path_factory):
 def bert(tmp_path_factory):
     """A BERT reward model whose learned position table has 64 rows (the server's default --max_length is 4096)."""
     out = tmp_path_factory.mktemp("bert")
-    symbols = sorted(set(string.printable) - set(string.whitespace))
-    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *symbols,
-                                              *(f"##{s}" for s in symbols)]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=False)
+    tokenizer = character_bert_tokenizer(out)
     tokenizer.chat_template = ("{% for message in messages %}{{ message['role'] | capitalize + ': ' + "
                                "message['content'] + '\\n' }}{% endfor %}")
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
