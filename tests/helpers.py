@@ -61,6 +61,35 @@ def save_sharp_checkpoints(out, seed: int = 1) -> None:
         tokenizer.save_pretrained(Path(out) / kind)
 
 
+def save_tiny_armo(out) -> Path:
+    """A tiny ArmoRM as armo-rm/export.py writes one (the tiny backbone, a random head, 3 attributes), saved to out
+    with its modeling file (loaded with trust_remote_code). Returns out."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig
+
+    from useful_code import modeling_armo_rm
+    from useful_code.armo_embeddings import gating_pattern
+    from useful_code.defaults import DEFAULT_MODEL
+    from useful_code.templates import load_tokenizer
+
+    out = Path(out)
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL)
+    config.update({"num_objectives": 3, "attribute_names": ["a", "b", "c"], "gating_hidden_dim": 16,
+                   "gating_n_hidden": 1, "gating_temperature": 10.0, "gating_pattern": gating_pattern(tokenizer),
+                   "verbosity_penalty": [1.0] * 3, "num_labels": 1, "pad_token_id": tokenizer.pad_token_id,
+                   "architectures": ["ArmoRMForSequenceClassification"],
+                   "auto_map": {"AutoModelForSequenceClassification":
+                                "modeling_armo_rm.ArmoRMForSequenceClassification"}})
+    torch.manual_seed(0)
+    modeling_armo_rm.ArmoRMForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.copy(modeling_armo_rm.__file__, out / "modeling_armo_rm.py")
+    return out
+
+
 def character_bert_tokenizer(out):
     """A BERT WordPiece tokenizer over printable characters (a vocab.txt written to out): a tiny encoder's."""
     import string

@@ -6,7 +6,6 @@ assembled from the tiny model, a BERT encoder with a small learned position tabl
 import asyncio
 import gzip
 import json
-import shutil
 import socket
 import threading
 import time
@@ -17,7 +16,6 @@ import pytest
 import torch
 from test_reward_server import ANSWERS, CONVERSATIONS, QUESTION, eval_path_rewards, raw_post
 from transformers import (
-    AutoConfig,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -28,16 +26,13 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from helpers import Server, character_bert_tokenizer, save_sharp_checkpoints
-from useful_code import modeling_armo_rm, reward_scorer
-from useful_code.armo_embeddings import gating_pattern
+from helpers import Server, character_bert_tokenizer, save_sharp_checkpoints, save_tiny_armo
+from useful_code import reward_scorer
 from useful_code.cli import UserError
-from useful_code.defaults import DEFAULT_MODEL
 from useful_code.pm_scoring import knockout_tournaments
 from useful_code.reward_client import RewardClient
 from useful_code.reward_scorer import learned_position_limit
 from useful_code.serve_reward_model import DynamicBatcher, bearer_token_matches, check_access
-from useful_code.templates import load_tokenizer
 
 LONG = [QUESTION, {"role": "assistant", "content": "bread " * 400}]  # ~800 tokens of the tiny tokenizer
 
@@ -51,21 +46,8 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def armo(tmp_path_factory):
-    """A tiny ArmoRM as armo-rm/export.py writes one (random head, 3 attributes), loaded with trust_remote_code."""
-    out = tmp_path_factory.mktemp("armo") / "model"
-    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
-    config = AutoConfig.from_pretrained(DEFAULT_MODEL)
-    config.update({"num_objectives": 3, "attribute_names": ["a", "b", "c"], "gating_hidden_dim": 16,
-                   "gating_n_hidden": 1, "gating_temperature": 10.0, "gating_pattern": gating_pattern(tokenizer),
-                   "verbosity_penalty": [1.0] * 3, "num_labels": 1, "pad_token_id": tokenizer.pad_token_id,
-                   "architectures": ["ArmoRMForSequenceClassification"],
-                   "auto_map": {"AutoModelForSequenceClassification":
-                                "modeling_armo_rm.ArmoRMForSequenceClassification"}})
-    torch.manual_seed(0)
-    modeling_armo_rm.ArmoRMForSequenceClassification(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    shutil.copy(modeling_armo_rm.__file__, out / "modeling_armo_rm.py")
-    return out
+    """A tiny ArmoRM as armo-rm/export.py writes one (helpers.save_tiny_armo)."""
+    return save_tiny_armo(tmp_path_factory.mktemp("armo") / "model")
 
 
 @pytest.fixture(scope="module")

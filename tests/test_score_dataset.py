@@ -1,22 +1,27 @@
-"""score_dataset.py: rewards against the scorer and the eval path, best-of-n and pairs by hand, both input formats in
-one file, the row rules, resuming after a kill, two ranks, and the command line's one-line errors. The models are
-the tiny one with sharpened random weights, so rewards differ by units and a row or order mix-up shows."""
+"""score_dataset.py: rewards against the scorer and the eval path, best-of-n and pairs by hand, every input format
+in one file, the row and response rules (checked before the model loads), resuming after a kill, one run per
+output, two ranks, and the command line's one-line errors. The models are the tiny one with sharpened random
+weights, so rewards differ by units and a row or order mix-up shows; the ArmoRM is assembled from it."""
 
+import datetime
 import json
+import shutil
+import subprocess
 import sys
 from contextlib import redirect_stdout
 from io import StringIO
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import BIN, ROOT, check_ok, run, save_sharp_checkpoints
+from helpers import BIN, ROOT, check_ok, run, save_sharp_checkpoints, save_tiny_armo
 from useful_code import score_dataset
 from useful_code.cli import UserError
 from useful_code.defaults import TOY_GENERATIONS
 from useful_code.reward_scorer import RewardScorer
 from useful_code.scoring import score_sequences
-from useful_code.templates import encode_conversations, truncate_all
+from useful_code.templates import encode_conversations, load_tokenizer, truncate_all
 
 TOY = TOY_GENERATIONS
 SCRIPT = str(ROOT / "useful_code" / "score_dataset.py")
@@ -44,6 +49,12 @@ def checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("score")
     save_sharp_checkpoints(out, seed=1)
     return out
+
+
+@pytest.fixture(scope="module")
+def armo(tmp_path_factory):
+    """A tiny ArmoRM as armo-rm/export.py writes one (helpers.save_tiny_armo)."""
+    return save_tiny_armo(tmp_path_factory.mktemp("armo") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +146,28 @@ def test_pairs_by_hand(tmp_path):
         score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 4, 0.0)
 
 
+def test_ties_take_the_first_and_a_pms_lone_response_is_null(tmp_path):
+    """The documented tie rule (the first of equal rewards is the best, and the worst); a PM's lone response (reward
+    null: no opponent) is its prompt's best with reward null, and makes no pair."""
+    rows = [{"prompt": "Q1", "responses": ["a", "b", "c", "d"], "rewards": [1.0, 2.0, 1.0, 2.0]},
+            {"prompt": "Q2", "responses": ["e"], "rewards": [None]}]
+    write_jsonl(tmp_path / "scored.jsonl", rows)
+    best, pairs, counts = score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 2, 0.0)
+    assert [b["messages"][-1]["content"] for b in best] == ["b", "e"] and best[1]["reward"] is None
+    assert [(p["chosen"][-1]["content"], p["rejected"][-1]["content"]) for p in pairs] == [("b", "a")]
+    assert counts == {"below_margin": 0, "one_response": 1}
+
+
+def test_help_describes_the_script_and_the_tie_rule():
+    printed = StringIO()
+    with redirect_stdout(printed):
+        score_dataset.main(["--help"])
+    text = " ".join(printed.getvalue().split())
+    assert text.startswith("usage:") and "Score every candidate response of every prompt" in text
+    assert "the first of equal rewards is taken as the best, and as the worst" in text
+    assert "of equal rewards the first is taken as best, and as worst" in text  # --pairs_path's help
+
+
 def test_margin_threshold_filters_pairs(checkpoints, toy_run, tmp_path):
     out, _ = toy_run
     margins = sorted(p["margin"] for p in read_jsonl(out / "pairs.jsonl"))
@@ -172,14 +205,19 @@ def test_invalid_rows_are_named_or_dropped_and_counted(checkpoints, tmp_path):
 def test_pm_scores_are_its_win_rates(checkpoints, tmp_path):
     data = tmp_path / "mixed.jsonl"
     write_jsonl(data, [MIXED[i] for i in VALID_IDS])
-    score(checkpoints / "pm", data, tmp_path)
+    printed = score(checkpoints / "pm", data, tmp_path, "--best_of_n_path", str(tmp_path / "best.jsonl"))
     scored = read_jsonl(tmp_path / "scored.jsonl")
     scorer = RewardScorer.from_pretrained(str(checkpoints / "pm"), bf16=False)
     direct, _ = scorer.response_scores(contexts_of(scored), [r["responses"] for r in scored])
     for row, expected in zip(scored, direct):
-        assert row["rewards"] == pytest.approx(expected, abs=1e-5)
+        if len(expected) > 1:
+            assert row["rewards"] == pytest.approx(expected, abs=1e-5)
     assert scored[0]["rewards"][0] + scored[0]["rewards"][1] == pytest.approx(1.0)
     assert abs(scored[0]["rewards"][0] - 0.5) > 0.01  # the sharpened PM prefers one of the two
+    # A lone response has no opponent: null, not pm_scoring's 0.0 (the lowest win rate); still its prompt's best.
+    assert scored[2]["id"] == 3 and direct[2] == [0.0] and scored[2]["rewards"] == [None]
+    assert read_jsonl(tmp_path / "best.jsonl")[2]["reward"] is None
+    assert "one response only: 1 (a PM gives a lone response no reward: null)" in printed
 
 
 def test_truncated_sequences_are_counted(checkpoints, tmp_path):
@@ -276,3 +314,169 @@ def test_two_ranks_write_the_one_process_output(checkpoints, toy_run, tmp_path):
     assert [r["id"] for r in two] == [r["id"] for r in one]
     np.testing.assert_allclose([r["rewards"] for r in two], [r["rewards"] for r in one], rtol=1e-5, atol=1e-5)
     assert len(read_jsonl(tmp_path / "pairs.jsonl")) == 24
+
+
+def test_armo_response_cut_past_its_user_turn_is_named_before_scoring_or_dropped(armo, tmp_path):
+    """ArmoRM reads its gating input at the end of the user turn: a response so long that --max_length cuts that
+    turn off is named (row, response, rule) when the rows are checked, before anything is scored or written; with
+    --skip_invalid only that response is dropped (a row left with none is dropped), counted."""
+    long = " ".join(["word"] * 200)
+    rows = [{"id": i, "prompt": "Hi?", "responses": ["ok", "fine"]} for i in range(5)]
+    rows += [{"id": 5, "prompt": "Hi?", "responses": ["ok", long]}, {"id": 6, "prompt": "Hi?", "responses": [long]}]
+    write_jsonl(tmp_path / "long.jsonl", rows)
+    flags = ("--trust_remote_code", "--max_length", "100")
+    with pytest.raises(UserError) as err:
+        score(armo, tmp_path / "long.jsonl", tmp_path, *flags)
+    assert ("2 of 7 rows are invalid (no_user_turn_for_gating: 2); first: row 5 response 1 (no_user_turn_for_gating), "
+            "row 6 response 0 (no_user_turn_for_gating)") in str(err.value) and "max_length=100" in str(err.value)
+    assert not (tmp_path / "scored.jsonl").exists()
+
+    printed = score(armo, tmp_path / "long.jsonl", tmp_path, *flags, "--skip_invalid")
+    scored = read_jsonl(tmp_path / "scored.jsonl")
+    assert [r["id"] for r in scored] == [0, 1, 2, 3, 4, 5]
+    assert scored[5]["responses"] == ["ok"] and scored[5]["dropped_responses"] == [1]
+    assert scored[5]["rewards"][0] == pytest.approx(scored[0]["rewards"][0], abs=1e-5)
+    assert "dropped_responses" not in scored[0]
+    assert "dropped: 1 (no_user_turn_for_gating: 1)" in printed
+    assert "responses dropped: 1 (no_user_turn_for_gating: 1)" in printed
+
+
+def test_armo_rows_are_checked_again_when_the_model_lowers_max_length(armo, tmp_path, monkeypatch):
+    """A learned position table lowers max_length when the model loads (RewardScorer): the gating rule is checked
+    again at the lowered length, before scoring."""
+    load = RewardScorer.from_pretrained
+
+    def lowered(*args, **kwargs):
+        scorer = load(*args, **kwargs)
+        scorer.max_length = 100
+        return scorer
+
+    monkeypatch.setattr(score_dataset.RewardScorer, "from_pretrained", lowered)
+    long = " ".join(["word"] * 200)
+    write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi?", "responses": ["ok"]}, {"prompt": "Hi?",
+                                                                                   "responses": ["ok", long]}])
+    with pytest.raises(UserError, match=r"row 1 response 1 \(no_user_turn_for_gating\).*max_length=100"):
+        score(armo, tmp_path / "long.jsonl", tmp_path, "--trust_remote_code")
+    assert not (tmp_path / "scored.jsonl").exists()
+
+
+def test_values_json_has_no_type_for_are_written_as_strings_and_resume(checkpoints, tmp_path):
+    """A parquet timestamp column: written with str() (not a TypeError after the first chunk), and a resumed run
+    compares it so."""
+    import datasets
+
+    rows = [{"id": i, "prompt": QUESTION, "responses": [GOOD, "No."], "created": datetime.datetime(2024, 1, 1 + i)}
+            for i in range(7)]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "gen.parquet")
+    score(checkpoints / "bt", tmp_path / "gen.parquet", tmp_path)
+    lines = (tmp_path / "scored.jsonl").read_text().splitlines(keepends=True)
+    assert [json.loads(line)["created"] for line in lines] == [f"2024-01-0{1 + i} 00:00:00" for i in range(7)]
+    (tmp_path / "scored.jsonl").write_text("".join(lines[:6]))  # a killed run's rows
+    printed = score(checkpoints / "bt", tmp_path / "gen.parquet", tmp_path)
+    assert "6 of 7 prompts already scored" in printed and "scored now: 1, resumed: 6" in printed
+    assert [{**r, "rewards": None} for r in read_jsonl(tmp_path / "scored.jsonl")] == [
+        {**json.loads(line), "rewards": None} for line in lines]
+
+
+def test_messages_and_conversations_are_context_columns(checkpoints, tmp_path):
+    context = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+    rows = [{"id": i, column: context, "responses": [GOOD, "No."]}
+            for i, column in enumerate(("context_messages", "messages", "conversations", "prompt"))]
+    write_jsonl(tmp_path / "mixed.jsonl", rows)
+    score(checkpoints / "bt", tmp_path / "mixed.jsonl", tmp_path)
+    scored = read_jsonl(tmp_path / "scored.jsonl")
+    for row, column in zip(scored, ("context_messages", "messages", "conversations", "prompt")):
+        assert set(row) == {"id", column, "responses", "rewards"}  # the others, null in a mixed file, left out
+        assert row["rewards"] == pytest.approx(scored[0]["rewards"], abs=1e-5)
+    write_jsonl(tmp_path / "messages.jsonl", [{"id": 0, "messages": context, "responses": [GOOD, "No."]}])
+    score(checkpoints / "bt", tmp_path / "messages.jsonl", tmp_path, "--overwrite")
+    assert read_jsonl(tmp_path / "scored.jsonl")[0]["rewards"] == pytest.approx(scored[0]["rewards"], abs=1e-5)
+
+
+def test_a_chat_templated_prompt_gets_a_hint(checkpoints, tmp_path):
+    """RLHFlow's older gen_hf.py writes chat-templated string prompts in one {"instances": [...]} JSON: both are
+    refused with what to give instead (its gen_hf2.py jsonl, or the prompt as text or messages)."""
+    tokenizer = load_tokenizer(str(checkpoints / "bt"), "--m")
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                              add_generation_prompt=True)
+    row = {"prompt": templated, "responses": [GOOD, "No."]}
+    write_jsonl(tmp_path / "templated.jsonl", [row])
+    with pytest.raises(UserError, match=r"row 0 \(special_token_in_content\).*looks chat-templated.*the user's text "
+                                        r"or as the message list.*templated twice"):
+        score(checkpoints / "bt", tmp_path / "templated.jsonl", tmp_path)
+    (tmp_path / "gen.json").write_text(json.dumps({"type": "text_only", "instances": [row]}))
+    with pytest.raises(UserError, match=r"found: type, instances\).*gen_hf.py.*gen_hf2.py"):
+        score(checkpoints / "bt", tmp_path / "gen.json", tmp_path)
+
+
+def test_an_empty_response_is_named_or_dropped_alone(checkpoints, tmp_path):
+    rows = [{"id": 0, "prompt": QUESTION, "responses": [GOOD, "", "No."]},
+            {"id": 1, "prompt": QUESTION, "responses": ["  ", "\n"]},
+            {"id": 2, "prompt": QUESTION, "responses": [GOOD, "No."]}]
+    write_jsonl(tmp_path / "gen.jsonl", rows)
+    with pytest.raises(UserError) as err:
+        score(checkpoints / "bt", tmp_path / "gen.jsonl", tmp_path)
+    assert ("2 of 3 rows are invalid (empty_response: 2); first: row 0 response 1 (empty_response), row 1 response 0 "
+            "(empty_response) (0-based)") in str(err.value)
+    assert "chat-templated" not in str(err.value)
+
+    printed = score(checkpoints / "bt", tmp_path / "gen.jsonl", tmp_path, "--skip_invalid")
+    scored = read_jsonl(tmp_path / "scored.jsonl")
+    assert [r["id"] for r in scored] == [0, 2]
+    assert scored[0]["responses"] == [GOOD, "No."] and scored[0]["dropped_responses"] == [1]
+    assert scored[0]["rewards"] == pytest.approx(scored[1]["rewards"], abs=1e-5)  # aligned with the kept ones
+    assert "dropped_responses" not in scored[1]
+    assert "dropped: 1 (empty_response: 1)" in printed and "responses dropped: 1 (empty_response: 1)" in printed
+    assert "scored now: 0, resumed: 2" in score(checkpoints / "bt", tmp_path / "gen.jsonl", tmp_path, "--skip_invalid")
+
+
+def test_the_data_is_checked_before_the_model_loads(checkpoints, tmp_path, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(score_dataset.RewardScorer, "from_pretrained", load)
+    write_jsonl(tmp_path / "mixed.jsonl", MIXED)
+    with pytest.raises(UserError, match="3 of 7 rows are invalid"):
+        score(checkpoints / "bt", tmp_path / "mixed.jsonl", tmp_path)
+
+
+def test_one_run_writes_an_output_at_a_time(checkpoints, tmp_path):
+    """Another process holding <output>.lock (as a concurrent run does): one line, nothing written."""
+    lock = tmp_path / "scored.jsonl.lock"
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "os.write(fd, str(os.getpid()).encode()); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(UserError, match=rf"another run \(PID {holder.pid}\) is writing .*scored.jsonl"):
+            score(checkpoints / "bt", TOY, tmp_path)
+        assert not (tmp_path / "scored.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "scored now: 24" in score(checkpoints / "bt", TOY, tmp_path)  # a dead holder's lock is taken over
+    assert not lock.exists()  # removed when the run ends
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_unwritable_output_is_one_line(checkpoints, tmp_path):
+    with pytest.raises(UserError, match=r"--best_of_n_path: cannot write /proc/best.jsonl \("):
+        score(checkpoints / "bt", TOY, tmp_path, "--best_of_n_path", "/proc/best.jsonl")
+
+
+def test_resume_refuses_an_edited_chat_template(checkpoints, tmp_path):
+    """Every file of a local checkpoint that changes its rewards is recorded (chat_template.jinja here), not only
+    weights and .json; documentation is not."""
+    model = tmp_path / "bt"
+    shutil.copytree(checkpoints / "bt", model)
+    assert (model / "chat_template.jinja").exists()
+    score(model, TOY, tmp_path)
+    lines = (tmp_path / "scored.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "scored.jsonl").write_text("".join(lines[:12]))
+    (model / "README.md").write_text("notes")
+    assert "resumed: 12" in score(model, TOY, tmp_path)
+    (tmp_path / "scored.jsonl").write_text("".join(lines[:12]))
+    (model / "chat_template.jinja").write_text((model / "chat_template.jinja").read_text() + "\n")
+    with pytest.raises(UserError, match="holds 12 scored rows, scored with other files"):
+        score(model, TOY, tmp_path)

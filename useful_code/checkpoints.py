@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -106,7 +106,8 @@ def _pid_alive(pid: int) -> bool:
 
 def check_output_file(path: str, flag: str, inputs: tuple = ()) -> None:
     """Before any work: an output file's path must not be a directory or one of the inputs, and its directory must
-    be creatable and writable."""
+    be creatable and writable: a probe file is written beside it, and an existing file opened for appending
+    (permission bits do not tell: root passes os.access, and /proc refuses new files)."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise UserError(f"{flag}: {target} is a directory; give a file path")
@@ -116,8 +117,14 @@ def check_output_file(path: str, flag: str, inputs: tuple = ()) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{flag}: cannot create {target.parent} ({err.strerror})") from None
-    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UserError(f"{flag}: {target} is not writable")
+    probe = target.with_name(f".{target.name}.write-test-{os.getpid()}")
+    try:
+        probe.write_text("")
+        probe.unlink()
+        if target.exists():
+            os.close(os.open(target, os.O_WRONLY | os.O_APPEND))
+    except OSError as err:
+        raise UserError(f"{flag}: cannot write {target} ({err.strerror})") from None
 
 
 def check_output_dir(path, flag: str, inputs: tuple = ()) -> Path:
@@ -141,6 +148,35 @@ def check_output_dir(path, flag: str, inputs: tuple = ()) -> Path:
 _HELD_LOCKS: dict[Path, int] = {}  # the output-directory locks this process holds: their open descriptors
 
 
+def take_lock(lock: Path, busy: Callable[[str], str]) -> tuple[int, str]:
+    """An exclusive flock on the file lock (created if missing), held until its descriptor is closed or this process
+    ends (a kill -9 included): taking it is one atomic step, so two runs started together cannot both hold it.
+    Returns the descriptor and what the file named before (a killed holder's PID, or ''); the caller writes its own
+    PID with own_lock. A lock another process holds is UserError(busy(its PID))."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(busy(holder or "?")) from None
+        # A holder that let go may have removed the file between our open and our flock: lock the file now there.
+        try:
+            same = os.path.samestat(os.stat(lock), os.fstat(fd))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, holder
+        os.close(fd)
+
+
+def own_lock(fd: int) -> None:
+    """Write this process's PID into a lock file it holds (take_lock)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
 def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = (),
                      finished: str = "metrics.json", flag: str = "--output_dir") -> Path:
     """Before any work: check that output_dir can take this run and lock it (call on the main process only).
@@ -151,19 +187,14 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
     exits. Errors name flag, the script's name for output_dir. Returns the directory."""
     out = check_output_dir(output_dir, flag, inputs)
     lock = out / LOCK
-    # flock, held until this process ends (a kill -9 included), makes taking the lock one atomic step: two runs
-    # started together cannot both see it free.
-    fd = _HELD_LOCKS.pop(lock, None) or os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    def busy(holder: str) -> str:
+        return f"{flag}: {out} is in use by another run (PID {holder}); wait for it or choose another {flag}"
+
+    held = _HELD_LOCKS.pop(lock, None)  # this process's own (a second run in one process): flock is per descriptor
+    fd, holder = (held, os.pread(held, 32, 0).decode(errors="replace").strip()) if held else take_lock(lock, busy)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held_elsewhere = False
-        except BlockingIOError:
-            held_elsewhere = True
-        if held_elsewhere or (holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder))):
-            raise UserError(f"{flag}: {out} is in use by another run (PID {holder or '?'}); wait for it or choose "
-                            f"another {flag}")
+        if holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder)):
+            raise UserError(busy(holder))  # a live process named there, whose lock is not an flock
         if (out / finished).exists() and not overwrite:
             raise UserError(f"{flag}: {out} holds a finished run ({finished}); pass "
                             f"--overwrite_output_dir to replace it, or choose another {flag}")
@@ -172,8 +203,7 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
         raise
     if holder and holder != str(os.getpid()):
         print(f"Taking over the stale lock of {out} (PID {holder} is gone)")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    own_lock(fd)
     _HELD_LOCKS[lock] = fd
     atexit.register(lambda: lock.unlink(missing_ok=True) if lock.exists() and lock.read_text() == str(os.getpid())
                     else None)

@@ -192,28 +192,34 @@ def validate_conversations(dataset, skip_invalid: bool, name: str):
     return enforce_validity(marked, CONVERSATION_RULES, skip_invalid, name)
 
 
-def enforce_validity(dataset, rules: dict[str, str], skip_invalid: bool, name: str):
+def enforce_validity(dataset, rules: dict[str, str], skip_invalid: bool, name: str, hint: str = ""):
     """Act on an 'invalid_reason' column ('' = valid, else a key of rules): fail naming the first invalid rows
-    and their rules, or, with skip_invalid, drop them and print the count per reason. The column is removed.
-    Returns (dataset, stats) with stats = {'read', 'invalid': {reason: n}, 'used'}."""
+    and their rules, or, with skip_invalid, drop them and print the count per reason. An optional 'invalid_where'
+    column names the part of a row at fault ('response 1': 'row 5 response 1 (rule)'); hint, when given, ends the
+    error and the drop's note. Both columns are removed. Returns (dataset, stats) with stats = {'read',
+    'invalid': {reason: n}, 'used'}."""
     reasons = dataset["invalid_reason"]
+    wheres = dataset["invalid_where"] if "invalid_where" in dataset.column_names else [""] * len(reasons)
     invalid = Counter(r for r in reasons if r)
     stats = {"read": len(dataset), "invalid": dict(invalid)}
+    hint = f"; {hint}" if hint else ""
     if invalid and not skip_invalid:
-        first = [(i, r) for i, r in enumerate(reasons) if r][:5]
-        examples = ", ".join(f"row {i} ({r})" for i, r in first)
+        first = [(i, w, r) for i, (w, r) in enumerate(zip(wheres, reasons)) if r][:5]
+        examples = ", ".join(f"row {i}{' ' + w if w else ''} ({r})" for i, w, r in first)
         broken = "; ".join(f"{r}: {rules[r]}" for r in invalid)
         raise UserError(
-            f"{name}: {sum(invalid.values())} of {len(dataset)} rows are invalid ({_summary(invalid)}); "
-            f"first: {examples} (0-based). Rules: {broken}. "
+            f"{name}: {sum(invalid.values())} of {len(dataset)} rows are invalid ({count_summary(invalid)}); "
+            f"first: {examples} (0-based). Rules: {broken}{hint}. "
             f"Fix the data, or pass --skip_invalid to drop them with a count."
         )
     if invalid:
         dataset = dataset.filter(lambda reason: not reason, input_columns="invalid_reason")
-        print(f"[{name}] dropped {sum(invalid.values())} of {len(reasons)} invalid rows (--skip_invalid): {_summary(invalid)}")
+        print(f"[{name}] dropped {sum(invalid.values())} of {len(reasons)} invalid rows (--skip_invalid): "
+              f"{count_summary(invalid)}{hint}")
     stats["used"] = len(dataset)
-    return dataset.remove_columns("invalid_reason"), stats
+    return dataset.remove_columns([c for c in ("invalid_reason", "invalid_where") if c in dataset.column_names]), stats
 
 
-def _summary(counter: Counter) -> str:
-    return ", ".join(f"{reason}: {n}" for reason, n in counter.most_common())
+def count_summary(counts: dict) -> str:
+    """'reason: n, ...', the most frequent first."""
+    return ", ".join(f"{reason}: {n}" for reason, n in Counter(counts).most_common())

@@ -66,7 +66,7 @@ def learned_position_limit(model) -> Optional[int]:
     return None
 
 
-def _holds(ids: list[int], pattern: np.ndarray) -> bool:
+def holds_pattern(ids: list[int], pattern: np.ndarray) -> bool:
     """Whether the token sequence contains pattern as a contiguous run."""
     if len(ids) < len(pattern):
         return False
@@ -153,7 +153,7 @@ class RewardScorer:
         if self.gating_pattern is None:
             return
         for i, ids in enumerate(sequences):
-            if not _holds(ids, self.gating_pattern):
+            if not holds_pattern(ids, self.gating_pattern):
                 why = (f"after it was cut from the left to max_length={self.max_length} tokens, it has none left "
                        "(its user turn was cut off: shorten it)" if was_cut and was_cut[i] else "it has none")
                 raise UserError(f"{where.format(i)}: ArmoRM needs a user turn followed by the assistant's response "
@@ -219,9 +219,9 @@ class RewardScorer:
 
     def compare(self, contexts: list[list[dict]], candidates: list[list[str]]) -> tuple[list[dict], int]:
         """PM: for each context, P(response i preferred over response j) for every pair (both orders averaged, all
-        comparisons in shared batches) and the knock-out tournament's winner, played on that matrix (knockout_tournaments);
-        and how many sequences this call cut to max_length (each pair's two orders are two sequences). Not to be
-        run by two threads at once (the server runs it on its one scoring thread)."""
+        comparisons in shared batches) and the knock-out tournament's winner, played on that matrix
+        (knockout_tournaments); and how many sequences this call cut to max_length (each pair's two orders are two
+        sequences). Not to be run by two threads at once (the server runs it on its one scoring thread)."""
         if self.kind != "pm":
             raise UserError(f"comparing responses needs a pairwise preference model; this is a {KINDS[self.kind]}")
         cut_before = self.preference.truncated
