@@ -222,3 +222,25 @@ def test_deepspeed_without_a_launcher_is_a_world_of_one():
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_length_grouped_batches_read_the_lengths_once(bt):
+    # transformers hands LengthGroupedSampler the length column as a lazy datasets Column, read one index at a time
+    # (each read rebuilds a table over the record batches: quadratic, minutes per epoch at 700K pairs). The trainer
+    # gives it a list: the same batches, from the same seed.
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    lengths = torch.randint(5, 500, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    dataset = Dataset.from_dict({"length": lengths}).shuffle(seed=1)  # an index mapping, as after the held-out split
+    trainer = SimpleNamespace(train_dataset=dataset, args=SimpleNamespace(
+        length_column_name="length", train_sampling_strategy="group_by_length", train_batch_size=8,
+        gradient_accumulation_steps=2))
+    sampler = bt.BradleyTerryTrainer._get_train_sampler(trainer)
+    assert type(sampler.lengths) is list and sampler.lengths == dataset["length"][:]
+    torch.manual_seed(3)
+    ours = list(sampler)
+    torch.manual_seed(3)
+    assert ours == list(LengthGroupedSampler(16, dataset=dataset, lengths=dataset["length"]))  # transformers' own

@@ -8,6 +8,7 @@ counts, loss values), so a change of behaviour makes a test fail.
 import gzip
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -776,3 +777,17 @@ def test_a_chat_template_that_refuses_a_conversation_is_one_line():
                                         r"role not supported\); change the data"):
         encode_conversations(tok, [[{"role": "user", "content": "hi"}],
                                    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]])
+
+
+def test_special_token_pattern_is_the_same_in_every_process():
+    # Equal-length tokens (<|reserved_special_token_0|>, _1|>) came in a set's order, which the hash seed decides:
+    # the pattern, and so the fingerprint of the maps that use it, differed between processes, and the tokenized
+    # data was never reused from the datasets cache (each rank of a multi-GPU run tokenized again).
+    import subprocess
+    import sys
+
+    code = ("from useful_code.templates import load_tokenizer, special_token_pattern; "
+            f"print(special_token_pattern(load_tokenizer({str(DEFAULT_MODEL)!r}, 'm')).pattern)")
+    patterns = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(patterns) == 1 and "reserved_special_token_0" in patterns.pop()

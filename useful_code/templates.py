@@ -103,7 +103,10 @@ def special_token_pattern(tokenizer) -> re.Pattern:
     """A regex matching any of the tokenizer's special tokens (BOS, EOS, pad, turn markers, reserved tokens)."""
     specials = set(tokenizer.all_special_tokens)
     specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True) if t))
+    # Longest first (a token that is a prefix of another must not match first); then by text, so that the pattern,
+    # and the fingerprint of every datasets.map that uses it, is the same in every process (a set's order is not):
+    # otherwise the tokenized data is never reused from the cache, and every rank tokenizes again.
+    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=lambda t: (-len(t), t)) if t))
 
 
 def reject_special_tokens(dataset, tokenizer, columns: tuple[str, ...], skip_invalid: bool, name: str):
