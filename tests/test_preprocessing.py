@@ -482,6 +482,13 @@ def test_tokenize_pairs_no_truncation_when_it_fits(tok):
     assert data["length"] == [18, 18, 17]
 
 
+def test_tokenize_pairs_in_several_processes_gives_the_same_rows(tok):
+    pairs = Dataset.from_list([row for _ in range(4) for row in pairs_for_truncation().to_list()])
+    one, one_stats = tokenize_pairs(pairs, tok, max_length=17, overlength="truncate", name="t")
+    two, two_stats = tokenize_pairs(pairs, tok, max_length=17, overlength="truncate", name="t", num_proc=2)
+    assert two.to_list() == one.to_list() and two_stats == one_stats and one_stats["truncated"] == 8
+
+
 def test_tokenize_pairs_truncates_from_left(tok, capsys):
     data, stats = tokenize_pairs(pairs_for_truncation(), tok, max_length=17, overlength="truncate", name="t")
     assert stats == {"overlength": 2, "truncated": 2, "dropped_overlength": 0, "special_token_in_content": 0}
