@@ -26,12 +26,13 @@ from useful_code.checkpoints import atomic_write_text, check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data_parallel import finish, process_state
 from useful_code.pm_scoring import PairPreferenceScorer
-from useful_code.score_dataset import ROW_RULES, parse_row
+from useful_code.score_dataset import RESPONSE_RULES, ROW_RULES, parse_row, response_problems
 from useful_code.templates import special_token_pattern
 
 # score_dataset's row rules, with this script's name for the message-list context.
-LINE_RULES = {**ROW_RULES, "bad_prompt": "needs 'prompt' (a non-empty string or a message list) or 'context' (a "
-                                         "message list ending with the user's turn)"}
+LINE_RULES = {**ROW_RULES, "empty_response": RESPONSE_RULES["empty_response"],
+              "bad_prompt": "needs 'prompt' (a non-empty string or a message list) or 'context' (a message list "
+                            "ending with the user's turn)"}
 
 
 @dataclass
@@ -59,6 +60,8 @@ def parse_line(row, number: int, special_tokens=None) -> tuple[list[dict], list[
                                             "responses": row.get("responses")}, special_tokens)
     if reason:
         raise UserError(f"--input_path line {number}: {reason}: {LINE_RULES[reason]}")
+    for index, rule in response_problems(context, responses):  # a tournament needs every response scorable
+        raise UserError(f"--input_path line {number} response {index}: {rule}: {LINE_RULES[rule]}")
     return context, responses
 
 

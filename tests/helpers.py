@@ -109,6 +109,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_ranks(launcher: str) -> list[str]:
+    """The command that starts a script on two ranks with torchrun or deepspeed, on a free rendezvous port: the
+    default (29500) is taken when another test run launches ranks at the same time."""
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+
+
 class Server:
     """The app served by uvicorn on a free loopback port, in a thread of this process."""
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from helpers import BIN, ROOT, check_ok, run
+from helpers import BIN, ROOT, check_ok, run, two_ranks
 from useful_code.defaults import DEFAULT_MODEL, REWARD_BENCH_SAMPLE
 from useful_code.evaluation import default_results_json
 from useful_code.reward_bench import section_scores
@@ -187,7 +187,7 @@ def test_unreachable_hub_name_is_one_line_naming_the_flag(tmp_path):
 @pytest.mark.skipif(shutil.which("deepspeed", path=str(BIN)) is None, reason="deepspeed launcher not installed")
 def test_zero3_two_ranks_on_cpu_saves_a_complete_checkpoint(tmp_path):
     out = tmp_path / "z3"
-    proc = run([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, "--deepspeed", "deepspeed_configs/deepspeed_3.json",
+    proc = run([*two_ranks("deepspeed"), TRAIN, "--deepspeed", "deepspeed_configs/deepspeed_3.json",
                 "--output_path", str(out), "--max_steps", "6"], env_extra={"OMP_NUM_THREADS": "1"})
     check_ok(proc)
     assert "Checkpoint verified" in proc.stdout
@@ -208,7 +208,7 @@ def test_lora_under_zero3_with_gradient_checkpointing_on_two_ranks(tmp_path):
     recomputation meets ZeRO-3's partitioned frozen weights) trains on two CPU ranks, and the merged checkpoint
     reloads to the trained rewards."""
     out = tmp_path / "z3lora"
-    proc = run([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, "--deepspeed", "deepspeed_configs/deepspeed_3.json",
+    proc = run([*two_ranks("deepspeed"), TRAIN, "--deepspeed", "deepspeed_configs/deepspeed_3.json",
                 "--output_path", str(out), "--max_steps", "4", "--use_peft", "--gradient_checkpointing", "true"],
                env_extra={"OMP_NUM_THREADS": "1"})
     check_ok(proc)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import BIN, ROOT, check_ok, run, save_sharp_checkpoints
+from helpers import ROOT, check_ok, run, save_sharp_checkpoints, two_ranks
 from useful_code.defaults import REWARD_BENCH_2_SAMPLE, REWARD_BENCH_SAMPLE
 
 pytestmark = pytest.mark.e2e  # subprocesses and torchrun ranks: `make test-fast` skips this file
@@ -26,13 +26,9 @@ def models(tmp_path_factory):
     return out
 
 
-LAUNCHERS = {"torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "2"],
-             "deepspeed": [str(BIN / "deepspeed"), "--num_gpus", "2"]}  # deepspeed adds --local_rank to the flags
-
-
 def evaluate(models, kind: str, data: str, ranks: int, tmp_path, launcher: str = "torchrun") -> dict:
     results = tmp_path / f"{kind}-{ranks}-{'v2' if data == V2_SAMPLE else 'v1'}.json"
-    launcher = LAUNCHERS[launcher] if ranks > 1 else [sys.executable]
+    launcher = two_ranks(launcher) if ranks > 1 else [sys.executable]  # deepspeed adds --local_rank to the flags
     proc = run([*launcher, SCRIPTS[kind], "--reward_name_or_path", str(models / kind), "--data_set_name", data,
                 "--record_dir", str(tmp_path / "record.txt"), "--results_json", str(results), "--batch_size", "4"],
                env_extra={"OMP_NUM_THREADS": "1"})

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from helpers import BIN, ROOT, check_ok, run, sharpened
+from helpers import ROOT, check_ok, run, sharpened, two_ranks
 from useful_code.best_of_n import (
     aggregate,
     best_of_n_curve,
@@ -581,7 +581,7 @@ def test_train_then_best_of_n_beats_majority_and_pass_at_1(tmp_path):
     assert len(scope["step_scores"]) == 2 and all(0 < p < 1 for p in scope["step_scores"])
 
     # Data-parallel on two ranks (torchrun), checked against one process below: the same scores in the same order.
-    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "math-rm/prm_evaluate.py", "--reward_name_or_path",
+    proc = run([*two_ranks("torchrun"), "math-rm/prm_evaluate.py", "--reward_name_or_path",
                 str(out / "last_checkpoint"), "--output_dir", str(tmp_path / "bon"), "--num_n", "8",
                 "--batch_size", "32"], env_extra={"OMP_NUM_THREADS": "1"})
     check_ok(proc)

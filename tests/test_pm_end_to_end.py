@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import BIN, ROOT, check_ok, run
+from helpers import BIN, ROOT, check_ok, run, two_ranks
 from useful_code.defaults import REPO_ROOT, REWARD_BENCH_SAMPLE
 from useful_code.pm_data import build_pm_prompt
 from useful_code.reward_bench import section_scores
@@ -116,7 +116,7 @@ def test_rank_responses_picks_the_helpful_answer_with_n_minus_1_matches(pm_run, 
     assert sum(r["best_index"] == r["helpful_index"] for r in rows) >= 18
     # Data-parallel on two ranks: the same winners and match probabilities, one output written by the first rank.
     split = tmp_path / "ranked_2.jsonl"
-    check_ok(run([str(BIN / "torchrun"), "--nproc_per_node", "2", RANK, "--reward_name_or_path",
+    check_ok(run([*two_ranks("torchrun"), RANK, "--reward_name_or_path",
                   str(pm_run / "last_checkpoint"), "--input_path", "assets/data/toy_ranking.jsonl", "--output_path",
                   str(split)], env_extra={"OMP_NUM_THREADS": "1"}))
     split_rows = [json.loads(line) for line in open(split)]
@@ -158,7 +158,7 @@ def test_packing_trains_and_the_checkpoint_verifies(tmp_path):
 
 @pytest.mark.skipif(shutil.which("deepspeed", path=str(BIN)) is None, reason="deepspeed launcher not installed")
 def test_zero3_two_ranks_on_cpu_saves_a_complete_checkpoint(tmp_path):
-    proc = run([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, "pair-pm/tiny.yaml",
+    proc = run([*two_ranks("deepspeed"), TRAIN, "pair-pm/tiny.yaml",
                 "--deepspeed", "deepspeed_configs/deepspeed_3.json", "--output_dir", str(tmp_path), "--max_steps", "6"],
                env_extra={"OMP_NUM_THREADS": "1"})
     check_ok(proc)
@@ -225,7 +225,8 @@ def test_rank_responses_checks_every_line_before_loading_the_model(tmp_path):
         ([1, 2], "line 2: not a JSON object (list)"),
         ({"prompt": ["x"], "responses": ["a", "b"]}, "line 2: bad_prompt"),
         ({"prompt": "q", "responses": ["a", 3]}, "line 2: not_a_response_list: responses must be a non-empty list of "
-                                                 "non-empty strings"),
+                                                 "strings"),
+        ({"prompt": "q", "responses": ["a", " "]}, "line 2 response 1: empty_response: no response may be empty"),
         ({"context": context + [{"role": "assistant", "content": "Hm."}], "responses": ["a"]},
          "line 2: roles_not_alternating"),
     ]:

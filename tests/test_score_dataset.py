@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import BIN, ROOT, check_ok, run, save_sharp_checkpoints, save_tiny_armo
+from helpers import ROOT, check_ok, run, save_sharp_checkpoints, save_tiny_armo, two_ranks
 from useful_code import score_dataset
 from useful_code.cli import UserError
 from useful_code.defaults import TOY_GENERATIONS
@@ -304,7 +304,7 @@ def test_command_line_error_is_one_line(checkpoints):
 @pytest.mark.e2e
 def test_two_ranks_write_the_one_process_output(checkpoints, toy_run, tmp_path):
     out, _ = toy_run
-    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", SCRIPT, "--reward_name_or_path",
+    proc = run([*two_ranks("torchrun"), SCRIPT, "--reward_name_or_path",
                 str(checkpoints / "bt"), "--output_path", str(tmp_path / "scored.jsonl"), "--batch_size", "3",
                 "--prompts_per_chunk", "5", "--bf16", "False", "--pairs_path", str(tmp_path / "pairs.jsonl")],
                env_extra={"OMP_NUM_THREADS": "1"})
@@ -480,3 +480,11 @@ def test_resume_refuses_an_edited_chat_template(checkpoints, tmp_path):
     (model / "chat_template.jinja").write_text((model / "chat_template.jinja").read_text() + "\n")
     with pytest.raises(UserError, match="holds 12 scored rows, scored with other files"):
         score(model, TOY, tmp_path)
+
+
+def test_only_a_prompt_may_be_the_users_text():
+    # A context column holds messages; a string there is a malformed row, not a user turn.
+    responses = ["a", "b"]
+    assert score_dataset.parse_row({"prompt": "Hi?", "responses": responses})[2] == ""
+    for column in ("context_messages", "messages", "conversations"):
+        assert score_dataset.parse_row({column: "Hi?", "prompt": None, "responses": responses})[2] == "bad_prompt"

@@ -179,8 +179,9 @@ def parse_row(row: dict, special_tokens=None) -> tuple[list[dict], list[str], st
     """(context messages, responses, '' or the first broken rule of ROW_RULES) of a row in any format. Rules of one
     response (RESPONSE_RULES: empty_response) are response_problems'."""
     value = row_context(row)
-    if isinstance(value, str):
-        context = [{"role": "user", "content": value}] if value.strip() else None
+    if isinstance(value, str):  # the user's text: a prompt's form only (a context column holds messages)
+        prompt = row.get("prompt") is value and all(row.get(c) is None for c in CONTEXT_COLUMNS)
+        context = [{"role": "user", "content": value}] if prompt and value.strip() else None
     else:
         context = clean_messages(value)
     responses = row.get("responses")
