@@ -7,7 +7,15 @@ import sys
 
 import pytest
 
-from useful_code.checkpoints import LOCK, STAGING, claim_output_dir, publish_run, resolve_resume, staging_dir
+from useful_code.checkpoints import (
+    LOCK,
+    STAGING,
+    atomic_write_lines,
+    claim_output_dir,
+    publish_run,
+    resolve_resume,
+    staging_dir,
+)
 from useful_code.cli import UserError
 
 
@@ -122,3 +130,17 @@ def test_resume_targets_are_checked(tmp_path, capsys):
     assert resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path)) == str(tmp_path / "checkpoint-5")
     with pytest.raises(UserError, match="checkpoint-N with loop_state.pt"):
         resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path), marker="loop_state.pt")
+
+
+def test_lines_written_as_they_come_replace_the_file_only_whole(tmp_path):
+    target = tmp_path / "out.jsonl"
+    atomic_write_lines(target, (f"{i}\n" for i in range(3)))
+    assert target.read_text() == "0\n1\n2\n"
+
+    def failing():
+        yield "new\n"
+        raise RuntimeError("the source broke off")
+
+    with pytest.raises(RuntimeError, match="broke off"):
+        atomic_write_lines(target, failing())
+    assert target.read_text() == "0\n1\n2\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]

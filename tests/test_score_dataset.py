@@ -128,22 +128,29 @@ def test_best_of_n_is_the_argmax_and_pairs_are_best_vs_worst(toy_run):
         assert pair["margin"] == pytest.approx(rewards[hi] - rewards[lo]) and pair["margin"] > 0
 
 
+def best_and_pairs(path, expected: int, threshold: float):
+    """score_dataset.best_and_pairs read whole: (best-of-n rows, pairs, counts)."""
+    counts = {}
+    derived = list(score_dataset.best_and_pairs(path, expected, threshold, counts))
+    return [best for best, _ in derived], [pair for _, pair in derived if pair is not None], counts
+
+
 def test_pairs_by_hand(tmp_path):
     rows = [{"prompt": "Q1", "responses": ["a", "b", "c"], "rewards": [0.5, 2.0, 1.0]},  # margin 1.5
             {"prompt": "Q2", "responses": ["d", "e"], "rewards": [1.0, 1.0]},  # equal rewards
             {"context_messages": [{"role": "user", "content": "Q3"}], "responses": ["f"], "rewards": [3.0]}]
     write_jsonl(tmp_path / "scored.jsonl", rows)
-    best, pairs, counts = score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 3, 0.0)
+    best, pairs, counts = best_and_pairs(tmp_path / "scored.jsonl", 3, 0.0)
     assert [b["messages"][-1]["content"] for b in best] == ["b", "d", "f"] and [b["reward"] for b in best] == [2, 1, 3]
     assert pairs == [{"chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "b"}],
                       "rejected": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "a"}],
                       "chosen_reward": 2.0, "rejected_reward": 0.5, "margin": 1.5}]
-    assert counts == {"below_margin": 1, "one_response": 1}
-    assert len(score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 3, 1.4)[1]) == 1
-    assert score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 3, 1.5)[1:] == ([], {"below_margin": 2,
-                                                                                        "one_response": 1})
+    assert counts == {"rows": 3, "pairs": 1, "below_margin": 1, "one_response": 1}
+    assert len(best_and_pairs(tmp_path / "scored.jsonl", 3, 1.4)[1]) == 1
+    assert best_and_pairs(tmp_path / "scored.jsonl", 3, 1.5)[1:] == ([], {"rows": 3, "pairs": 0, "below_margin": 2,
+                                                                          "one_response": 1})
     with pytest.raises(RuntimeError, match="holds 3 scored rows, expected 4"):
-        score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 4, 0.0)
+        best_and_pairs(tmp_path / "scored.jsonl", 4, 0.0)
 
 
 def test_ties_take_the_first_and_a_pms_lone_response_is_null(tmp_path):
@@ -152,10 +159,10 @@ def test_ties_take_the_first_and_a_pms_lone_response_is_null(tmp_path):
     rows = [{"prompt": "Q1", "responses": ["a", "b", "c", "d"], "rewards": [1.0, 2.0, 1.0, 2.0]},
             {"prompt": "Q2", "responses": ["e"], "rewards": [None]}]
     write_jsonl(tmp_path / "scored.jsonl", rows)
-    best, pairs, counts = score_dataset.best_and_pairs(tmp_path / "scored.jsonl", 2, 0.0)
+    best, pairs, counts = best_and_pairs(tmp_path / "scored.jsonl", 2, 0.0)
     assert [b["messages"][-1]["content"] for b in best] == ["b", "e"] and best[1]["reward"] is None
     assert [(p["chosen"][-1]["content"], p["rejected"][-1]["content"]) for p in pairs] == [("b", "a")]
-    assert counts == {"below_margin": 0, "one_response": 1}
+    assert counts == {"rows": 2, "pairs": 1, "below_margin": 0, "one_response": 1}
 
 
 def test_help_describes_the_script_and_the_tie_rule():

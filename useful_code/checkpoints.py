@@ -281,6 +281,16 @@ def atomic_write_text(path, text: str) -> None:
     _write_beside(path, lambda staged: staged.write_text(text, encoding="utf-8"))
 
 
+def atomic_write_lines(path, lines) -> None:
+    """The strings of an iterable written one after another (UTF-8), as they come (a file larger than memory), and
+    atomically (_write_beside): an error while they are made leaves the old file, if any, in place."""
+    def write(staged: Path) -> None:
+        with open(staged, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+
+    _write_beside(path, write)
+
+
 def publish_dir(staged, final) -> None:
     """Replace the directory final with the verified directory staged."""
     if Path(final).exists():

@@ -45,7 +45,13 @@ from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from useful_code.checkpoints import atomic_write_text, check_output_file, own_lock, take_lock
+from useful_code.checkpoints import (
+    atomic_write_lines,
+    atomic_write_text,
+    check_output_file,
+    own_lock,
+    take_lock,
+)
 from useful_code.cli import UserError, limits_aware_parser, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.data_parallel import finish, map_across_ranks, process_state
@@ -356,12 +362,14 @@ def score_prompts(scorer: RewardScorer, items: list[tuple[list[dict], list[str]]
     return [(s, cut if i == 0 else 0) for i, s in enumerate(scores)]
 
 
-def best_and_pairs(path: Path, expected: int, threshold: float) -> tuple[list[dict], list[dict], dict]:
-    """From the whole scored file (so a resumed run's earlier rows count once): each prompt's best response, and
-    its best-vs-worst pair when the margin is above threshold. The first of equal rewards is taken as the best, and
-    as the worst, so ties resolve the same way in every run. A lone response is its row's best (with its reward,
-    null from a PM) and makes no pair. Returns (best-of-n rows, pairs, counts)."""
-    best_rows, pairs, counts = [], [], {"below_margin": 0, "one_response": 0}
+def best_and_pairs(path: Path, expected: int, threshold: float, counts: dict):
+    """For each row of the whole scored file (so a resumed run's earlier rows count once), read as it goes (a file
+    larger than memory): (its best response as a best-of-n row, its best-vs-worst pair when the margin is above
+    threshold, else None). The first of equal rewards is taken as the best, and as the worst, so ties resolve the
+    same way in every run. A lone response is its row's best (with its reward, null from a PM) and makes no pair.
+    counts gets rows, pairs, below_margin and one_response; a file of other than expected rows is an error, at its
+    end."""
+    counts.update(rows=0, pairs=0, below_margin=0, one_response=0)
     with open(path, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
@@ -369,27 +377,28 @@ def best_and_pairs(path: Path, expected: int, threshold: float) -> tuple[list[di
             rewards = row["rewards"]
             if len(rewards) != len(responses):
                 raise RuntimeError(f"{path}: a row has {len(rewards)} rewards for {len(responses)} responses")
+            counts["rows"] += 1
             if len(rewards) == 1:
                 counts["one_response"] += 1
-                best_rows.append({"messages": context + [{"role": "assistant", "content": responses[0]}],
-                                  "reward": rewards[0]})
+                alone = context + [{"role": "assistant", "content": responses[0]}]
+                yield {"messages": alone, "reward": rewards[0]}, None
                 continue
             best = max(range(len(rewards)), key=rewards.__getitem__)
             worst = min(range(len(rewards)), key=rewards.__getitem__)
             chosen = context + [{"role": "assistant", "content": responses[best]}]
-            best_rows.append({"messages": chosen, "reward": rewards[best]})
             margin = rewards[best] - rewards[worst]
+            pair = None
             # threshold >= 0, so equal rewards never make a pair; nor does one text twice (its rewards may differ
             # by batching noise, and such a pair teaches nothing).
             if margin > threshold and responses[best] != responses[worst]:
-                pairs.append({"chosen": chosen, "rejected": context + [{"role": "assistant",
-                              "content": responses[worst]}], "chosen_reward": rewards[best],
-                              "rejected_reward": rewards[worst], "margin": margin})
+                counts["pairs"] += 1
+                pair = {"chosen": chosen, "rejected": context + [{"role": "assistant", "content": responses[worst]}],
+                        "chosen_reward": rewards[best], "rejected_reward": rewards[worst], "margin": margin}
             else:
                 counts["below_margin"] += 1
-    if len(best_rows) != expected:
-        raise RuntimeError(f"{path} holds {len(best_rows)} scored rows, expected {expected}")
-    return best_rows, pairs, counts
+            yield {"messages": chosen, "reward": rewards[best]}, pair
+    if counts["rows"] != expected:
+        raise RuntimeError(f"{path} holds {counts['rows']} scored rows, expected {expected}")
 
 
 def on_main(state, action):
@@ -459,10 +468,14 @@ def main(argv: Optional[list[str]] = None):
         bar.close()
 
         if state.is_main_process:
-            best_rows, pairs, counts = best_and_pairs(output, len(rows), args.margin_threshold)
-            for flag_name, derived in (("--best_of_n_path", best_rows), ("--pairs_path", pairs)):
+            counts = {}  # one pass over the scored file per output written, streamed; one to count if none is
+            for flag_name, which in (("--best_of_n_path", 0), ("--pairs_path", 1)):
                 if flag_name in paths:
-                    atomic_write_text(paths[flag_name], "".join(to_json(r) + "\n" for r in derived))
+                    atomic_write_lines(paths[flag_name], (to_json(derived[which]) + "\n" for derived in best_and_pairs(
+                        output, len(rows), args.margin_threshold, counts) if derived[which] is not None))
+            if not counts:
+                for _ in best_and_pairs(output, len(rows), args.margin_threshold, counts):
+                    pass
             dropped = count_summary(stats["invalid"]) or "none"
             responses_dropped = stats["responses_dropped"]
             lone = (" (a PM gives a lone response no reward: null)" if scorer.kind == "pm" and counts["one_response"]
@@ -473,8 +486,8 @@ def main(argv: Optional[list[str]] = None):
                   f"  prompts read: {stats['read']}, dropped: {stats['read'] - stats['used']} ({dropped}), "
                   f"scored now: {scored}, resumed: {resumed}, truncated sequences: {truncated}, responses "
                   f"dropped: {sum(responses_dropped.values())} ({count_summary(responses_dropped) or 'none'})\n"
-                  f"  scored rows: {output}\n  best-of-n rows: {len(best_rows)} -> {where['--best_of_n_path']}\n"
-                  f"  pairs: {len(pairs)} -> {where['--pairs_path']}; below the margin ({args.margin_threshold}): "
+                  f"  scored rows: {output}\n  best-of-n rows: {counts['rows']} -> {where['--best_of_n_path']}\n"
+                  f"  pairs: {counts['pairs']} -> {where['--pairs_path']}; below the margin ({args.margin_threshold}): "
                   f"{counts['below_margin']}, one response only: {counts['one_response']}{lone}\n"
                   f"  wall time: {time.time() - started:.1f}s")
         finish(state)
