@@ -29,7 +29,8 @@ ENDPOINTS = ("/get_reward", "/score", "/compare", "/health", "/info")
 _STALE_CONNECTION = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.RemoteDisconnected)
 
 ROLES = ("system", "user", "assistant")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# Half of a UTF-16 surrogate pair, which JSON can escape ("\\ud800") but no tokenizer can read (the server's rule too).
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _ITEM_REFUSED = re.compile(r"^conversations\[(\d+)\]: .*\((\w+)\)$")
 
 
@@ -181,7 +182,7 @@ def unscorable_reason(conversation: Any) -> str:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
             return "not_a_message_list"  # a list of content parts (multimodal), a None content (a tool call)
-        if _SURROGATE.search(message["role"]) or _SURROGATE.search(message["content"]):
+        if LONE_SURROGATE.search(message["role"]) or LONE_SURROGATE.search(message["content"]):
             return "lone_surrogate"  # not Unicode text: the server answers 422 for the whole request
     if any(m["role"] not in ROLES for m in conversation):
         return "unknown_role"

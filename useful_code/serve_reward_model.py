@@ -23,7 +23,6 @@ import importlib.metadata
 import ipaddress
 import json
 import math
-import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -40,6 +39,7 @@ from starlette.requests import ClientDisconnect
 from useful_code.cli import ModelOutputError, UserError, parse_args, run_cli
 from useful_code.defaults import REPO_ROOT
 from useful_code.hardware import peak_gpu_memory_mib
+from useful_code.reward_client import LONE_SURROGATE
 from useful_code.reward_scorer import KINDS, RewardScorer
 from useful_code.scoring import split_by_sizes, token_budget_field
 
@@ -172,12 +172,9 @@ class DynamicBatcher:
                 future.set_result(result)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _unicode_text(text: str) -> str:
     """A JSON string may escape half of a UTF-16 surrogate pair ("\\ud800"): no tokenizer can read that."""
-    found = _SURROGATE.search(text)
+    found = LONE_SURROGATE.search(text)
     if found:
         raise ValueError(f"holds a lone surrogate (U+{ord(found.group()):04X} at character {found.start()}), "
                          "which is not Unicode text")
@@ -394,23 +391,24 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
                            "body_timeout_s": args.body_timeout_s, "max_batch_tokens": args.max_batch_tokens,
                            "batch_wait_ms": args.batch_wait_ms}}
 
+    async def scored(request: Request, endpoint: str, model: type[BaseModel], prepare) -> tuple[dict, dict]:
+        """A /get_reward or /score request read, checked and tokenized off the event loop, then scored with other
+        requests' sequences: (its results, its extra_logs)."""
+        needs_rewards(endpoint)
+        body = await read_request(request, model)
+        with batcher.expecting():
+            sequences, cut = await off_loop(prepare, body)
+            return await rewards_of(sequences), extra_logs(cut, sequences)
+
     @app.post("/get_reward")
     async def get_reward(request: Request):
-        needs_rewards("/get_reward")
-        body = await read_request(request, GetRewardRequest)
-        with batcher.expecting():
-            sequences, cut = await off_loop(prepare_texts, body)
-            results = await rewards_of(sequences)
-        return {"rewards": results["rewards"], "scores": results["rewards"], "extra_logs": extra_logs(cut, sequences)}
+        results, logs = await scored(request, "/get_reward", GetRewardRequest, prepare_texts)
+        return {"rewards": results["rewards"], "scores": results["rewards"], "extra_logs": logs}
 
     @app.post("/score")
     async def score(request: Request):
-        needs_rewards("/score")
-        body = await read_request(request, ScoreRequest)
-        with batcher.expecting():
-            sequences, cut = await off_loop(prepare_conversations, body)
-            results = await rewards_of(sequences)
-        return {**results, "extra_logs": extra_logs(cut, sequences)}
+        results, logs = await scored(request, "/score", ScoreRequest, prepare_conversations)
+        return {**results, "extra_logs": logs}
 
     @app.post("/compare")
     async def compare(request: Request):
