@@ -4,9 +4,10 @@
         --dataset_path RLHFlow/ArmoRM-Multi-Objective-Data-v0.1 --n_shards 8 --shard_idx 1 --device 0
 
 Each row is a conversation ('messages') with the 19 attribute columns (useful_code/ATTRIBUTES; null
-labels become NaN). Rows are validated, split into contiguous shards (1-based --shard_idx, as upstream) and
-embedded in length-sorted batches. Writes <output_dir>/<dataset>-<shard>-of-<n>.safetensors with `embeddings`
-[n, hidden], `labels` [n, 19] and `row_ids` (stage-1_train.py merges the shards back in row order).
+labels become NaN). Rows are shuffled with seed 0 (as upstream, so stage 1's train/validation split is upstream's),
+validated, split into contiguous shards (1-based --shard_idx, as upstream) and embedded in length-sorted batches.
+Writes <output_dir>/<dataset>-<shard>-of-<n>.safetensors with `embeddings` [n, hidden], `labels` [n, 19] and
+`row_ids` (stage-1_train.py merges the shards back in that order).
 """
 
 from dataclasses import dataclass, field
@@ -42,7 +43,9 @@ def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
     prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path)
     check_output_dir(Path(prefix).parent, "--output_dir")  # before any embedding
-    data = load_split(args.dataset_path, "train", "--dataset_path", args.skip_invalid)
+    # Upstream shuffles with seed 0 before it shards; stage-1_train.py's 80/20 split (seed 42) then takes the same
+    # validation rows, which pick each probe's alpha.
+    data = load_split(args.dataset_path, "train", "--dataset_path", args.skip_invalid).shuffle(seed=0)
     missing = [a for a in ATTRIBUTES if a not in data.column_names]
     if missing:
         raise UserError(f"--dataset_path lacks attribute columns {missing}")

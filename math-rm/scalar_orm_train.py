@@ -11,8 +11,9 @@ checkpointing, evaluation every 50 steps) are the recipe math-rm/llama-3.1-scala
 --config PATH); any flag overrides it.
 
 Data as upstream: PRM/ORM rows (a chat of steps and '+'/'-' labels, validated by math-rm's rules); the solution is
-right when its last label is '+'. As upstream, the problem is the text before "Step 1" and the solution the rest,
-read as one user turn and one assistant answer; a row without "Step 1" is an error naming it (rule no_step_1).
+right when its last label is '+'. As upstream, the problem is the text before the first "Step 1" and the solution
+all the rest (upstream's cut also stopped at "Step 10", see math-rm/README.md), read as one user turn and one
+assistant answer; a row without "Step 1" is an error naming it (rule no_step_1).
 The model, tokenizer and checkpoint handling are the BT reward model's (a reward head on the last token, one BOS,
 left truncation, staging, reload check); the reward is the logit of P(right). Writes
 <output_dir>/last_checkpoint/ (loads with AutoModelForSequenceClassification) and <output_dir>/metrics.json.

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -59,6 +60,8 @@ def test_stage1_merges_shards_in_row_order_and_fits_19_probes(armo):
     assert metadata["n_shards"] == 2 and torch.equal(tensors["row_ids"], torch.arange(600))
     assert tensors["labels"].shape == (600, 19) and tensors["embeddings"].shape == (600, 64)
     rows = [json.loads(line) for line in open(ROOT / "assets/data/toy_multi_objective/train.jsonl")]
+    # Upstream's order: its stage-1 prepare runs ds.shuffle(seed=0) first, a numpy permutation of the rows.
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     expected = torch.tensor([[float("nan") if r[a] is None else r[a] for a in ATTRIBUTES] for r in rows])
     assert torch.equal(tensors["labels"].nan_to_num(-7), expected.nan_to_num(-7))  # labels stay with their rows
     weights = load_file(str(armo / "rw" / "tiny-llama_toy_multi_objective.safetensors"))["weight"]

@@ -670,3 +670,23 @@ def test_held_out_labels_cut_by_truncation_are_counted_not_scored_as_wrong():
     assert metrics["eval_labels"] == 2 and metrics["eval_labels_cut"] == 1 and metrics["eval_accuracy"] == 1.0
     assert metrics["eval_mean_prob_plus_on_plus"] == pytest.approx(0.9)
     assert metrics["eval_mean_prob_plus_on_minus"] == pytest.approx(0.2)
+
+
+def test_scalar_orm_solution_keeps_every_step_after_the_first_step_1():
+    """The problem ends at the first "Step 1" and the answer is all the rest: upstream's split("Step 1")[1] stopped at
+    "Step 10" and dropped a long solution's tail, its final answer included."""
+    spec = importlib.util.spec_from_file_location("scalar_orm_train", ROOT / "math-rm" / "scalar_orm_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
+    steps = [f"Step {k}: x{k} = {k}." for k in range(1, 13)] + ["The answer is: 12"]
+    turns = ["Count to twelve. " + steps[0]]
+    for step in steps[1:]:
+        turns += ["+", step]
+    rows, stats = module.solution_rows(Dataset.from_list([{"messages": chat(*turns, "-")}]), tokenizer, 4096, False,
+                                       "train")
+    text = tokenizer.decode(rows[0]["input_ids"])
+    problem_end, answer_start = text.index("Count to twelve."), text.index("Step 1:")
+    assert problem_end < answer_start and text.count("Step 1:") == 1
+    assert all(step in text for step in steps) and text.index("Step 12:") > text.index("Step 10:") > answer_start
+    assert rows[0]["label"] == 0.0 and stats["truncated"] == 0
