@@ -11,7 +11,7 @@ from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
 from useful_code.cli import UserError, load_error
-from useful_code.formats import enforce_validity
+from useful_code.formats import enforce_validity, map_rows
 
 SPECIAL_TOKEN_RULES = {
     "special_token_in_content": "no message may contain one of the tokenizer's special tokens as text (it would "
@@ -116,11 +116,11 @@ def reject_special_tokens(dataset, tokenizer, columns: tuple[str, ...], skip_inv
     (dataset, number dropped)."""
     pattern = special_token_pattern(tokenizer)
 
-    def reason(row) -> dict:
-        forged = any(pattern.search(m["content"]) for column in columns for m in row[column])
+    def reason(*conversations) -> dict:
+        forged = any(pattern.search(m["content"]) for messages in conversations for m in messages)
         return {"invalid_reason": "special_token_in_content" if forged else ""}
 
-    marked = dataset.map(reason, num_proc=num_proc, desc=f"checking {name} for special tokens")
+    marked = map_rows(dataset, reason, list(columns), f"checking {name} for special tokens", num_proc)
     checked, stats = enforce_validity(marked, SPECIAL_TOKEN_RULES, skip_invalid, name)
     return checked, stats["read"] - stats["used"]
 
