@@ -27,6 +27,7 @@ from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data_parallel import finish, process_state
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.score_dataset import RESPONSE_RULES, ROW_RULES, parse_row, response_problems
+from useful_code.scoring import token_budget_field
 from useful_code.templates import special_token_pattern
 
 # score_dataset's row rules, with this script's name for the message-list context.
@@ -42,7 +43,8 @@ class ScriptArguments:
     reward_name_or_path: str = field(metadata={"help": "Preference model: hub name or checkpoint directory."})
     input_path: str = field(metadata={"help": "JSON lines: {'prompt' or 'context', 'responses': [...]} per line."})
     output_path: str = field(default="./ranked.jsonl")
-    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per forward pass."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per padded forward (length-sorted)."})
+    max_tokens_per_batch: int = token_budget_field()
     max_length: int = field(default=4096,
                             metadata={"min": 1, "help": "Longer prompts are cut from the left (counted)."})
     bf16: bool = field(default=True)
@@ -109,7 +111,8 @@ def main():
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights, device=state.device,
-        batch_size=args.batch_size, max_length=args.max_length, state=state)
+        batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
+        max_length=args.max_length, state=state)
     special_tokens = special_token_pattern(scorer.tokenizer)  # known once the tokenizer is: a forged turn break
     for row, number in zip(rows, numbers):
         parse_line(row, number, special_tokens)

@@ -124,6 +124,14 @@ def test_rank_responses_picks_the_helpful_answer_with_n_minus_1_matches(pm_run, 
     for one, two in zip(rows, split_rows):
         assert [m[:2] for m in two["matches"]] == [m[:2] for m in one["matches"]]
         assert [m[2] for m in two["matches"]] == pytest.approx([m[2] for m in one["matches"]], abs=1e-5)
+    # Padded batches (--max_tokens_per_batch 0) instead of packed rows: the same winners and probabilities.
+    padded = tmp_path / "ranked_padded.jsonl"
+    check_ok(run([sys.executable, RANK, "--reward_name_or_path", str(pm_run / "last_checkpoint"), "--input_path",
+                  "assets/data/toy_ranking.jsonl", "--output_path", str(padded), "--max_tokens_per_batch", "0"]))
+    for one, other in zip(rows, [json.loads(line) for line in open(padded)]):
+        assert other["best_index"] == one["best_index"] and [m[:2] for m in other["matches"]] == \
+            [m[:2] for m in one["matches"]]
+        assert [m[2] for m in other["matches"]] == pytest.approx([m[2] for m in one["matches"]], abs=1e-5)
 
 
 def test_user_errors_are_one_line(tmp_path):

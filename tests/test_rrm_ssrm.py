@@ -260,6 +260,26 @@ def test_pseudo_labels_are_the_scorers_probabilities(checkpoints, tmp_path):
     assert [r["chosen_prob"] for r in again] == pytest.approx([r["chosen_prob"] for r in out], abs=1e-6)
 
 
+def test_pseudo_label_token_budget_reaches_the_scorer(checkpoints, tmp_path, monkeypatch):
+    """--max_tokens_per_batch 0 (padded batches of --batch_size) is the scorer's setting, with the packed run's
+    labels."""
+    rows = read_jsonl(TOY_TEST)[:8]
+    data = write_jsonl(tmp_path / "unlabelled.jsonl", rows)
+    label(checkpoints, data, "--output_path", str(tmp_path / "packed.jsonl"))
+    budgets, init = [], PairPreferenceScorer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        budgets.append(kwargs["max_tokens_per_batch"])
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PairPreferenceScorer, "__init__", recording_init)
+    label(checkpoints, data, "--output_path", str(tmp_path / "padded.jsonl"), "--max_tokens_per_batch", "0")
+    assert budgets == [0]
+    packed, padded = read_jsonl(tmp_path / "packed.jsonl"), read_jsonl(tmp_path / "padded.jsonl")
+    assert [r["swapped"] for r in padded] == [r["swapped"] for r in packed]
+    assert [r["chosen_prob"] for r in padded] == pytest.approx([r["chosen_prob"] for r in packed], abs=1e-5)
+
+
 def test_default_paths_chain_the_two_scripts(checkpoints, tmp_path, monkeypatch):
     # One path contract: conf_threshold.py reads, by default, what pseudo_label.py writes by default.
     defaults = pseudo_label.ScriptArguments(reward_name_or_path="pm")

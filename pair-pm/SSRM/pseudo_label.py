@@ -41,6 +41,7 @@ from useful_code.formats import enforce_validity, standardize_pairs
 from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.reward_scorer import checkpoint_kind
 from useful_code.score_dataset import ROW_RULES, parse_row
+from useful_code.scoring import token_budget_field
 from useful_code.templates import reject_special_tokens
 
 PROB_COLUMN = "chosen_prob"  # upstream's column name; here P(the written chosen preferred), at least 0.5
@@ -100,7 +101,8 @@ class ScriptArguments:
         "help": "Names the default output, outputs/ssrm/<data_name>-pred-probs.jsonl (conf_threshold.py's default "
                 "input for the same --data_name)."})
     output_path: Optional[str] = field(default=None, metadata={"help": "The pseudo-labelled pairs (.jsonl)."})
-    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per forward pass (length-sorted)."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Sequences per padded forward (length-sorted)."})
+    max_tokens_per_batch: int = token_budget_field()
     max_length: int = field(default=4096, metadata={"min": 1, "help": "Longer inputs are cut from the left (counted)."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
     n_shards: int = field(default=1, metadata={
@@ -195,7 +197,8 @@ def main(argv: Optional[list[str]] = None):
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights,
         device=shard_device(args, state),
-        batch_size=args.batch_size, max_length=args.max_length, state=state)
+        batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
+        max_length=args.max_length, state=state)
     with state.main_process_first():
         pairs, forged = reject_special_tokens(pairs, scorer.tokenizer, ("chosen", "rejected"), args.skip_invalid,
                                               "dataset_path")
