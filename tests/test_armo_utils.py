@@ -823,3 +823,13 @@ def test_stage2_reference_split_defaults_to_the_preference_split_under_both_reci
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--reference_split REFERENCE_SPLIT, --reference-split REFERENCE_SPLIT Default: --preference_split (train)" \
         in help_text
+
+
+def test_a_correlation_exactly_at_the_threshold_is_low_enough():
+    """Upstream's rule is rho <= threshold: an attribute whose first penalty brings it exactly there takes it."""
+    rng = np.random.default_rng(0)
+    verbosity = rng.normal(size=20)
+    rewards = np.stack([verbosity + rng.normal(size=20), verbosity], axis=1)
+    rho = spearmanr(rewards[:, 0], verbosity).statistic  # penalty 0 leaves the attribute as it is
+    out = verbosity_penalties(rewards, verbosity_index=1, threshold=rho)
+    assert out["penalty"][0] == 0 and out["corr"][0] == rho

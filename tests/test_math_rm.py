@@ -413,6 +413,8 @@ def test_best_of_n_majority_and_pass_at_1_by_hand():
     # Problem A alone: the reward model's pick beats the crowd and the first try.
     only_a = best_of_n_curve(scores[:1], labels[:1], finals[:1], [4])[0]
     assert (only_a["best_of_n"], only_a["majority"], only_a["pass_at_1"]) == (1.0, 0.0, 0.0)
+    # No candidate states an answer, though the first is right: majority voting has no pick, which counts wrong.
+    assert best_of_n_curve([[0.5, 0.4]], [[1, 0]], [[None, None]], [2])[0]["majority"] == 0.0
 
 
 def test_upstreams_accuracy_by_hand():
@@ -690,3 +692,19 @@ def test_scalar_orm_solution_keeps_every_step_after_the_first_step_1():
     assert problem_end < answer_start and text.count("Step 1:") == 1
     assert all(step in text for step in steps) and text.index("Step 12:") > text.index("Step 10:") > answer_start
     assert rows[0]["label"] == 0.0 and stats["truncated"] == 0
+
+
+def test_truncation_keeps_a_label_whose_read_position_is_the_first_kept_token(tok, sharp_model):
+    """A cut exactly at the token before the first label: that label is still read (at position 0 + 2 of the kept
+    tokens: BOS, then the read position), not dropped as cut."""
+    (ids, positions), = encode_labeled(tok, [SOLUTION])
+    scorer = StepScorer(sharp_model, tok, max_length=len(ids) - positions[0] + 2)
+    (cut_ids, cut_positions), = scorer.truncate([(ids, positions)])
+    assert cut_positions[0] == 2 and cut_ids[1] == ids[positions[0] - 1]
+
+
+def test_a_solution_of_exactly_max_length_tokens_is_not_counted_as_cut(tok, sharp_model):
+    (ids, _), = encode_labeled(tok, [SOLUTION])
+    scorer = StepScorer(sharp_model, tok, max_length=len(ids))
+    scorer.score_conversations([SOLUTION], progress=False)
+    assert scorer.truncated == 0

@@ -7,6 +7,7 @@ upstream's template, the model's own logits on one unpadded sequence, torch's cr
 
 import copy
 import json
+import math
 import re
 
 import numpy as np
@@ -541,3 +542,13 @@ def test_dataset_directory_output_is_compared_with_the_inputs_resolved(tmp_path,
     with pytest.raises(UserError, match="is an input of this run"):
         check_dataset_output("./in.jsonl", "--output_path", ("in.jsonl",))
     check_dataset_output("./new_dir", "--output_path", ("std_dir",))  # a new directory is fine
+
+
+def test_temperature_divides_the_answer_logits(tok):
+    """P(first preferred) = softmax(logits / T): logits [2, 0] (first as A) and [0, 2] (first as B) at T = 2 give
+    sigmoid(1) in both orders."""
+    scorer = PairPreferenceScorer(model=None, tokenizer=tok, temperature=2.0)
+    scorer.label_logits = lambda sequences, progress=False: np.array([[2.0, 0.0], [0.0, 2.0]])[:len(sequences)]
+    got = scorer.prob_first_preferred([[]], ["x"], ["y"])
+    expected = 1 / (1 + math.exp(-1))
+    assert got["first_as_A"][0] == pytest.approx(expected) and got["mean"][0] == pytest.approx(expected)

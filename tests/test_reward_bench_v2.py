@@ -226,3 +226,27 @@ def test_pm_with_nothing_to_compare_returns_nothing():
     scorer = PairPreferenceScorer.__new__(PairPreferenceScorer)
     result = scorer.prob_first_preferred([], [], [])
     assert {k: v.shape for k, v in result.items()} == {"first_as_A": (0,), "first_as_B": (0,), "mean": (0,)}
+
+
+def test_ties_gap_equal_to_the_spread_is_not_preferred():
+    """reward-bench's process_single_model: the tied prompt is 'preferred' only when the gap between its worst
+    correct and best incorrect answers is strictly above the correct answers' spread. Here tied:1's correct [3, 1]
+    (spread 2) against incorrect [-1] (gap 2), and ref:1's gap 3 - 1 = 2: nothing is preferred."""
+    ties = rb.ties_score(["ref:1", "tied:1"], [[3.0, 1.0], [3.0, 1.0, -1.0]], [1, 2])
+    assert ties["correctness_preferred"] == ties["correctness_preferred_hard"] == ties["correctness_margin"] == 0.0
+    assert ties["score"] == pytest.approx(0.6)
+
+
+def test_a_subset_outside_reward_bench_2_is_reported_but_not_in_the_score():
+    result = rb.score_examples_v2(["0", "1"], ["Math", "Extra"], [[1.0, 0.0], [0.0, 1.0]], [1, 1])
+    assert result["subsets"]["Math"] == 100.0 and result["subsets"]["Extra"] == 0.0
+    assert result["score"] == 100.0 and result["score_subsets"] == ["Math"]
+
+
+def test_a_v2_file_without_count_columns_is_detected_as_reward_bench_2(tmp_path):
+    path = tmp_path / "v2.jsonl"
+    path.write_text(json.dumps({"id": "0", "prompt": "p", "chosen": ["a"], "rejected": ["b", "c"], "subset": "Math"})
+                    + "\n")
+    args = SimpleNamespace(benchmark=None, data_set_name=str(path), split=None, skip_invalid=False,
+                           prior_sets_path=None, tie_credit=0.0)
+    assert evaluation.load_benchmark(args)[0] == 2
