@@ -8,6 +8,7 @@ as in upstream's README. From Python: model.explain(input_ids, top_k) on the loa
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -16,12 +17,14 @@ from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.modeling import load_model
 from useful_code.templates import encode_conversations, load_tokenizer
 
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+
 
 @dataclass
 class ScriptArguments:
     """An exported ArmoRM (armo-rm/export.py) and one prompt/response."""
 
-    model_path: str = field(default="./models/ArmoRM")
+    model_path: str = field(default="./models/ArmoRM", metadata={"help": "The export (export.py's --output_path)."})
     prompt: str = field(default="What are some synonyms for the word 'beautiful'?")
     response: str = field(default="Nicely, Beautifully, Handsome, Stunning, Wonderful, Gorgeous, Pretty, Stunning, Elegant")
     top_k: int = field(default=3, metadata={"min": 1})
@@ -29,7 +32,7 @@ class ScriptArguments:
 
 
 def main():
-    args = parse_args((ScriptArguments,))[0]
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
     tokenizer = load_tokenizer(args.model_path, "--model_path")
     model = load_model(AutoModelForSequenceClassification, args.model_path, "--model_path", tokenizer,
                        torch.float32, trust_remote_code=args.trust_remote_code).eval()

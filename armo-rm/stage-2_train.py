@@ -58,6 +58,8 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 class ScriptArguments(checkpoints.OutputDirArguments):
     """Upstream's flags (same names and defaults where they are hyper-parameters) plus explicit paths."""
 
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": f"Replace a finished run ({HEAD_WEIGHTS} and {HEAD_SUMMARY}) in the output directory."})
     model_path: str = field(default=DEFAULT_MODEL)
     multi_objective_dataset: str = field(default=DEFAULT_MULTI_OBJECTIVE_DATA)
     preference_dataset: str = field(default=DEFAULT_PREFERENCE_DATA)

@@ -131,7 +131,8 @@ def test_sections_take_shared_values_through_anchors():
     assert prepare["model_path"] == train["model_path"] == "sfairXC/FsfairX-LLaMA3-RM-v0.1"
     assert prepare["dataset_path"] == "RLHFlow/ArmoRM-Multi-Objective-Data-v0.1"
     assert train["n_steps"] == 2000 and train["batch_size"] == 1024 and "dataset_path" not in train
-    assert read_config(ARMO_RECIPE, "interpret") == {}  # a script without a section keeps its defaults
+    assert read_config(ARMO_RECIPE, "interpret")["model_path"] == read_config(ARMO_RECIPE, "export")["output_path"]
+    assert read_config(ARMO_RECIPE, "no_such_script") == {}  # a script without a section keeps its defaults
 
 
 @dataclass

@@ -90,8 +90,9 @@ def check_finite(logits: np.ndarray, probs: np.ndarray, contexts: list[list[dict
 class PairPreferenceScorer:
     """Scores pairs with a preference model: P(first response preferred), each pair in both orders, batched.
 
-    All sequences of a call (both orders of every pair) are sorted by length and padded on the left, so one
-    forward pass serves many pairs and only the last position's logits are computed (logits_to_keep=1)."""
+    All sequences of a call (both orders of every pair) share forward passes, packed without padding up to
+    max_tokens_per_batch tokens where the model allows (else length-sorted and padded on the left, batch_size per
+    forward), and only the last position's logits are computed."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 4096, temperature: float = 1.0,
                  state=None, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS):

@@ -6,7 +6,7 @@ The checkpoint's kind is read from its config: a BT reward model, an exported Ar
 --trust_remote_code) or a pairwise preference model. Endpoints:
   POST /get_reward  {"query": [text, ...], "prompts": [...], "labels": [...]} -> {"rewards", "scores", "extra_logs"}
                     (OpenRLHF's shape; each query a chat-templated prompt and response)
-  POST /score       {"conversations": [[{"role", "content"}, ...], ...]} -> {"rewards": [...]} (ArmoRM: also
+  POST /score       {"conversations": [[{"role", "content"}, ...], ...]} -> {"rewards", "extra_logs"} (ArmoRM: also
                     "attribute_rewards" and "gating_weights"), templated here with the checkpoint's tokenizer
   POST /compare     {"context": [messages], "responses": [a, b, ...]} -> pairwise probabilities and the winner (PM)
   GET  /health, GET /info
