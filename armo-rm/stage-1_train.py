@@ -5,8 +5,9 @@
 
 Merges the stage-1 shards in row order (upstream's shuffled order), splits rows 80/20 (seed 42), and per attribute
 fits ridge regression without intercept over upstream's alpha grid on the rows where that label is present, keeping
-the alpha with the lowest validation MSE. Writes <output_dir>/<model>_<dataset>.safetensors with `weight` [19, hidden] (the
-regression layer), and the chosen alphas, validation MSEs and row counts in its metadata and a .json beside it.
+the alpha with the lowest validation MSE. Writes <output_dir>/<model>_<dataset>.safetensors with `weight`
+[19, hidden] (the regression layer), and the chosen alphas, validation MSEs and row counts in its metadata and a
+.json beside it.
 """
 
 import json
