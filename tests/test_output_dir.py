@@ -11,6 +11,7 @@ from useful_code.checkpoints import (
     LOCK,
     STAGING,
     atomic_write_lines,
+    atomic_write_text,
     claim_output_dir,
     publish_run,
     resolve_resume,
@@ -103,6 +104,21 @@ def test_publish_moves_the_verified_run_into_place(tmp_path):
         "model.safetensors"]
 
 
+def test_publish_removes_the_old_runs_outputs_this_run_did_not_make(tmp_path):
+    """A previous LoRA run's adapter/ and plot are not left beside a new full fine-tune's checkpoint."""
+    finished_run(tmp_path, "old")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_text("old")
+    (tmp_path / "curves.png").write_text("old")
+    staged = tmp_path / STAGING
+    (staged / "last_checkpoint").mkdir(parents=True)
+    (staged / "last_checkpoint" / "model.safetensors").write_text("new")
+    (staged / "metrics.json").write_text("new")
+    publish_run(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "metrics.json"]
+    assert (tmp_path / "last_checkpoint" / "model.safetensors").read_text() == "new"
+
+
 def test_resume_targets_are_checked(tmp_path, capsys):
     assert resolve_resume(None, str(tmp_path)) is None
     with pytest.raises(UserError, match="--resume_from_checkpoint: /nope is not a periodic checkpoint directory"):
@@ -144,3 +160,20 @@ def test_lines_written_as_they_come_replace_the_file_only_whole(tmp_path):
     with pytest.raises(RuntimeError, match="broke off"):
         atomic_write_lines(target, failing())
     assert target.read_text() == "0\n1\n2\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_a_write_removes_a_killed_writes_leftover_but_not_a_live_ones(tmp_path):
+    """Staged files of the same path: a gone PID's (a killed write) is removed by the next write; a live process's
+    (its write still under way) is left alone."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / f".out.json.tmp-{gone.pid}").write_text("killed")
+        (tmp_path / f".out.json.tmp-{live.pid}").write_text("writing")
+        atomic_write_text(tmp_path / "out.json", "{}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.json.tmp-{live.pid}", "out.json"]
+        assert (tmp_path / "out.json").read_text() == "{}"
+    finally:
+        live.kill()
+        live.wait()

@@ -24,10 +24,12 @@ from useful_code.formats import (
     standardize_pairs,
     to_standard_pair,
     validate_pair,
+    validate_pair_values,
 )
 from useful_code.losses import PairwiseCollator, bradley_terry_loss, split_pair_rewards
 from useful_code.scoring import score_pairs, score_sequences
 from useful_code.templates import (
+    BUILTIN_CHAT_TEMPLATES,
     encode_conversations,
     ensure_pad_token,
     load_tokenizer,
@@ -257,6 +259,16 @@ def test_prompt_null_or_empty_is_a_named_rule(prompt):
 def test_identical_chosen_and_rejected_is_a_named_rule():
     assert validate_pair(conv("u", "q", "a", "same"), conv("u", "q", "a", "same")) == "identical_responses"
     assert validate_pair(conv("u", "q", "a", "same"), conv("u", "q", "a", "Same")) == ""
+
+
+def test_a_true_or_false_margin_or_weight_is_not_a_number():
+    """JSON true/false is no margin or weight (Python's bool is an int): each such row breaks bad_margin/bad_weight."""
+    data = Dataset.from_list([{"margin": True, "weight": False}, {"margin": False, "weight": True}])
+    for column in ("margin", "weight"):
+        with pytest.raises(UserError, match=rf"2 of 2 rows are invalid \(bad_{column}: 2\)"):
+            validate_pair_values(data, column, False, "train")
+        kept, stats = validate_pair_values(data, column, True, "train")
+        assert len(kept) == 0 and stats == {"read": 2, "invalid": {f"bad_{column}": 2}, "used": 0}
 
 
 def test_prompt_format_keeps_extra_columns():
@@ -543,6 +555,27 @@ def test_truncation_keeps_an_encoders_cls_token(tmp_path):
     assert stats["truncated"] == 1
     assert data[0]["chosen_input_ids"] == [2, 7, 6, 9, 3]  # [CLS] Assistant : hello [SEP]
     assert data[0]["rejected_input_ids"] == [2, 7, 6, 10, 3]
+
+
+def test_a_tokenizer_that_only_appends_an_end_token_is_cut_to_its_last_tokens():
+    """A tokenizer that appends [SEP] but adds no start token has no BOS to keep: left truncation keeps the last
+    max_length tokens, the first one included in the cut."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "User", ":", "Assistant", "hi", "hello", "ok"]
+    sep_only = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)}, do_lower_case=False)
+    sep_only.backend_tokenizer.post_processor = TemplateProcessing(single="$A [SEP]", special_tokens=[("[SEP]", 3)])
+    sep_only.chat_template = BUILTIN_CHAT_TEMPLATES["plain"]
+    assert sep_only("hi")["input_ids"] == [8, 3] and not tokenizer_adds_bos(sep_only)
+    pairs = Dataset.from_list([{"chosen": conv("u", "hi", "a", "hello"), "rejected": conv("u", "hi", "a", "ok")}])
+    # "User: hi\nAssistant: hello\n" -> User : hi Assistant : hello [SEP]
+    data, _ = tokenize_pairs(pairs, sep_only, max_length=64, overlength="truncate", name="t")
+    assert data[0]["chosen_input_ids"] == [5, 6, 8, 7, 6, 9, 3]
+    data, stats = tokenize_pairs(pairs, sep_only, max_length=4, overlength="truncate", name="t")
+    assert stats["truncated"] == 1
+    assert data[0]["chosen_input_ids"] == [7, 6, 9, 3]  # Assistant : hello [SEP], no "User" kept in front
+    assert data[0]["rejected_input_ids"] == [7, 6, 10, 3]
 
 
 def test_tokenize_pairs_drop(tok, capsys):

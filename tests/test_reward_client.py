@@ -168,9 +168,9 @@ def test_extra_logs_keys_cannot_clobber_openrlhf_sample_info(checkpoints, server
 class FakeServer:
     """http.server on 127.0.0.1 that counts POSTs and answers {"rewards": [0.5]} after `delay` seconds; with
     one_per_connection it closes each connection after one answer, without saying so (as a server closing an idle
-    kept-alive connection does)."""
+    kept-alive connection does); with answer=False it reads each request and closes the connection unanswered."""
 
-    def __init__(self, delay: float = 0.0, one_per_connection: bool = False):
+    def __init__(self, delay: float = 0.0, one_per_connection: bool = False, answer: bool = True):
         fake = self
         self.posts, self.paths, self.lock = 0, [], threading.Lock()
 
@@ -182,6 +182,9 @@ class FakeServer:
                 with fake.lock:
                     fake.posts += 1
                     fake.paths.append(self.path)
+                if not answer:
+                    self.close_connection = True
+                    return
                 time.sleep(delay)
                 body = json.dumps({"rewards": [0.5]}).encode()
                 try:
@@ -234,3 +237,14 @@ def test_a_kept_alive_connection_the_server_closed_is_sent_again_once():
             assert client.score(CONVERSATIONS[:1]) == {"rewards": [0.5]}
             time.sleep(0.05)  # the server's close has arrived
         assert fake.posts == 3 and fake.paths == ["/score"] * 3
+
+
+def test_a_new_connection_closed_before_an_answer_is_not_sent_again():
+    """Only a kept-alive connection from an earlier request is retried: a fresh one that the server closed after
+    reading the request may have been scored, so it is one request and an error."""
+    with FakeServer(answer=False) as fake:
+        client = RewardClient(fake.url, timeout=5)
+        with pytest.raises(RewardServerError, match="cannot reach"):
+            client.score(CONVERSATIONS[:1])
+        time.sleep(0.3)  # a second request, if one were sent, has arrived by now
+        assert fake.posts == 1 and fake.paths == ["/score"]

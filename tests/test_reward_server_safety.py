@@ -30,7 +30,7 @@ from helpers import Server, character_bert_tokenizer, save_sharp_checkpoints, sa
 from useful_code import reward_scorer
 from useful_code.cli import UserError
 from useful_code.pm_scoring import knockout_tournaments
-from useful_code.reward_client import RewardClient
+from useful_code.reward_client import RewardClient, RewardServerError
 from useful_code.reward_scorer import learned_position_limit
 from useful_code.serve_reward_model import DynamicBatcher, bearer_token_matches, check_access
 
@@ -116,14 +116,13 @@ def test_a_failing_gathered_batch_is_scored_again_request_by_request(armo):
     good = ("/score", {"conversations": [[QUESTION, {"role": "assistant", "content": "Knead and bake."}]]})
     with Server(armo, trust_remote_code=True, batch_wait_ms=500) as server:
         server.scorer.check_gating = lambda *args, **kwargs: None
-        batches_before = RewardClient(server.url).info()["batches_run"]
         results = post_many(server.url, [good] * 3 + [("/get_reward", {"query": ["hello"]})] + [good] * 3)
         assert RewardClient(server.url).health() == {"status": "ok"}
-        batches = RewardClient(server.url).info()["batches_run"] - batches_before
+    # How the seven requests were gathered depends on timing (a loaded machine splits them differently): the
+    # batcher's re-scoring itself is counted by test_the_batcher_fails_only_the_request_at_fault.
     assert [code for code, _ in results] == [200] * 3 + [500] + [200] * 3
     error = results[3][1]["error"]
     assert "internal server error (ValueError)" in error and "gating pattern" not in error and "\n" not in error
-    assert batches >= 6  # the gathered batch failed; each good request was scored again on its own
 
 
 def test_the_batcher_fails_only_the_request_at_fault():
@@ -232,6 +231,16 @@ def test_compare_counts_only_its_own_truncation_once_per_sequence(checkpoints):
         assert code == 200 and answer["extra_logs"]["rm_truncated"] == (0 if i % 2 else 10), (i, answer)
 
 
+def test_compare_responses_are_held_to_max_items_when_it_is_the_lower_bound(checkpoints):
+    """--max_items bounds /compare's responses too: below --max_responses (default 32) it is the limit named."""
+    with Server(checkpoints / "pm", max_items=2) as server:
+        body = {"context": [QUESTION], "responses": ANSWERS[:3]}
+        code, answer = raw_post(server.url + "/compare", json.dumps(body).encode())
+        assert code == 413 and "responses: 3 items, over --max_items=2" in answer["error"]
+        code, answer = raw_post(server.url + "/compare", json.dumps({**body, "responses": ANSWERS[:2]}).encode())
+    assert code == 200 and len(answer["probabilities"]) == 2
+
+
 def knockout_winner(p: list[list[float]]) -> int:
     """The knock-out bracket played on a preference matrix, as /compare plays it."""
     return knockout_tournaments([len(p)], lambda pairings: [p[i][j] for _, i, j in pairings])[0].winner
@@ -291,6 +300,28 @@ def test_auth_comes_first_and_the_bearer_scheme_is_case_insensitive(checkpoints)
     for key in ("", "   ", " s3cret"):
         with pytest.raises(UserError, match="--api_key must be a token"):
             check_access("127.0.0.1", key)
+
+
+def test_info_needs_the_bearer_token_and_health_does_not(checkpoints):
+    """/info (the model, its limits) is behind the token like every endpoint but /health."""
+    with Server(checkpoints / "bt", api_key="s3cret") as server:
+        with pytest.raises(RewardServerError, match="HTTP 401"):
+            RewardClient(server.url).info()
+        assert RewardClient(server.url, api_key="s3cret").info()["limits"]["max_items"] == 512
+        assert RewardClient(server.url).health() == {"status": "ok"}
+
+
+def test_a_body_of_exactly_max_body_bytes_is_read_and_one_byte_more_is_a_413(checkpoints):
+    """--max_body_bytes is the largest body accepted: that many bytes are scored, one more is refused unread."""
+    def body_of(pad: int) -> bytes:
+        return json.dumps({"conversations": CONVERSATIONS[:1], "pad": "x" * pad}).encode()
+
+    limit = len(body_of(100))
+    with Server(checkpoints / "bt", max_body_bytes=limit) as server:
+        code, answer = raw_post(server.url + "/score", body_of(100))
+        assert code == 200 and len(answer["rewards"]) == 1
+        code, answer = raw_post(server.url + "/score", body_of(101))
+    assert code == 413 and f"request body of {limit + 1} bytes is over --max_body_bytes={limit}" in answer["error"]
 
 
 def test_body_errors_are_one_line_422s_and_content_type_is_asked_for(checkpoints):

@@ -165,6 +165,17 @@ def test_ties_take_the_first_and_a_pms_lone_response_is_null(tmp_path):
     assert counts == {"rows": 2, "pairs": 1, "below_margin": 0, "one_response": 1}
 
 
+def test_one_text_as_best_and_worst_makes_no_pair_whatever_its_rewards(tmp_path):
+    """The same response text twice (its rewards apart by batching noise, here by 2.0) is no preference pair:
+    counted below the margin; the text is still its prompt's best."""
+    rows = [{"prompt": "Q", "responses": ["x", "y", "x"], "rewards": [3.0, 2.5, 1.0]}]  # best 0, worst 2: both "x"
+    write_jsonl(tmp_path / "scored.jsonl", rows)
+    best, pairs, counts = best_and_pairs(tmp_path / "scored.jsonl", 1, 0.0)
+    assert best == [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "x"}],
+                     "reward": 3.0}]
+    assert pairs == [] and counts == {"rows": 1, "pairs": 0, "below_margin": 1, "one_response": 0}
+
+
 def test_help_describes_the_script_and_the_tie_rule():
     printed = StringIO()
     with redirect_stdout(printed):
@@ -346,6 +357,19 @@ def test_armo_response_cut_past_its_user_turn_is_named_before_scoring_or_dropped
     assert "dropped_responses" not in scored[0]
     assert "dropped: 1 (no_user_turn_for_gating: 1)" in printed
     assert "responses dropped: 1 (no_user_turn_for_gating: 1)" in printed
+
+
+def test_a_gating_failure_after_an_empty_response_names_that_response_by_its_index_in_the_row():
+    """The gating check sees only the non-empty responses; the rule it breaks is reported at the response's index in
+    the row as read (what 'dropped_responses' and the error name)."""
+    def fails_on_long(context, responses):
+        return [i for i, r in enumerate(responses) if r == "long"]
+
+    context = [{"role": "user", "content": "Q"}]
+    assert score_dataset.response_problems(context, ["", "ok", "long"], fails_on_long) == [
+        [0, "empty_response"], [2, "no_user_turn_for_gating"]]
+    assert score_dataset.response_problems(context, [" ", "long", "", "long"], fails_on_long) == [
+        [0, "empty_response"], [1, "no_user_turn_for_gating"], [2, "empty_response"], [3, "no_user_turn_for_gating"]]
 
 
 def test_armo_rows_are_checked_again_when_the_model_lowers_max_length(armo, tmp_path, monkeypatch):
