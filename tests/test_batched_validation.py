@@ -7,25 +7,10 @@ import math
 import pytest
 from datasets import Dataset
 
+from test_preprocessing import conv, msg, tok  # noqa: F401 (tok: the tiny tokenizer fixture)
 from useful_code.cli import UserError
-from useful_code.defaults import DEFAULT_MODEL
 from useful_code.formats import standardize_pairs, validate_conversations, validate_pair_values
-from useful_code.templates import load_tokenizer, reject_special_tokens
-
-
-def msg(role, content):
-    return {"role": role, "content": content}
-
-
-def conv(*turns):
-    """conv('u', 'hi', 'a', 'hello') -> message list; 's'/'u'/'a' abbreviate the roles."""
-    roles = {"s": "system", "u": "user", "a": "assistant"}
-    return [msg(roles.get(r, r), c) for r, c in zip(turns[::2], turns[1::2])]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(DEFAULT_MODEL, "--model_name")
+from useful_code.templates import reject_special_tokens
 
 
 def pair(i, chosen, rejected):
