@@ -91,12 +91,12 @@ class MathRewardConfig(HardwareAwareArguments, checkpoints.OutputDirArguments, S
     "bf16: auto"); padding is ours (a non-EOS pad token, see useful_code/templates.py)."""
 
 
-def load_rows(args: ScriptArguments, tokenizer, seed: int):
+def load_rows(args: ScriptArguments, tokenizer, seed: int, num_proc: Optional[int] = None):
     """Validated training rows and held-out rows (or None) as 'messages' chats, ORM-shaped with --reward_type orm,
-    and their counts."""
+    and their counts (num_proc: processes of the validating maps)."""
     splits = load_dataset_dict(args.dataset_path, "--dataset_path", skip_invalid=args.skip_invalid)
     train = pick_split(splits, args.dataset_split, "--dataset_path")
-    train, train_stats = validate_training_rows(train, tokenizer, args.skip_invalid, "train set")
+    train, train_stats = validate_training_rows(train, tokenizer, args.skip_invalid, "train set", num_proc)
     held_out, eval_stats = None, None
     if args.eval_set_path or "test" in splits:
         if args.eval_set_path:
@@ -104,7 +104,7 @@ def load_rows(args: ScriptArguments, tokenizer, seed: int):
             source = args.eval_set_path
         else:
             raw, source = splits["test"], "test split of --dataset_path"
-        held_out, eval_stats = validate_training_rows(raw, tokenizer, args.skip_invalid, "eval set")
+        held_out, eval_stats = validate_training_rows(raw, tokenizer, args.skip_invalid, "eval set", num_proc)
         eval_stats["source"] = source
     elif args.eval_holdout_size:
         if len(train) < 2 * args.eval_holdout_size:
@@ -166,9 +166,11 @@ def main():
     tokenizer = load_tokenizer(script_args.model_name_or_path, "--model_name_or_path",
                                training_args.trust_remote_code)
     with training_args.main_process_first():
-        rows, held_out, data_stats = load_rows(script_args, tokenizer, training_args.seed)
+        # SFTConfig's --dataset_num_proc also runs these maps (checks and label placement) in that many processes.
+        num_proc = training_args.dataset_num_proc
+        rows, held_out, data_stats = load_rows(script_args, tokenizer, training_args.seed, num_proc)
         train, token_stats = tokenize_examples(rows, tokenizer, training_args.max_length, script_args.overlength,
-                                               "train set")
+                                               "train set", num_proc)
     data_stats["train"].update(token_stats, used=len(train))
     if len(train) == 0:
         raise UserError("no examples left to train on after validation and length filtering")

@@ -127,13 +127,15 @@ def main():
                                training_args.trust_remote_code, script_args.chat_template)
     with training_args.main_process_first():
         train, held_out, data_stats = load_examples(script_args, training_args.seed)
+        # SFTConfig's --dataset_num_proc also runs these maps (checks and tokenization) in that many processes.
+        num_proc = training_args.dataset_num_proc
         train, data_stats["train"]["special_token_in_content"] = reject_special_tokens(
-            train, tokenizer, ("messages",), script_args.skip_invalid, "train set")
+            train, tokenizer, ("messages",), script_args.skip_invalid, "train set", num_proc)
         if held_out is not None:
             held_out, data_stats["eval"]["special_token_in_content"] = reject_special_tokens(
-                held_out, tokenizer, ("chosen", "rejected"), script_args.skip_invalid, "eval set")
+                held_out, tokenizer, ("chosen", "rejected"), script_args.skip_invalid, "eval set", num_proc)
         train, token_stats = tokenize_pm_examples(train, tokenizer, training_args.max_length,
-                                                  script_args.overlength, "train set")
+                                                  script_args.overlength, "train set", num_proc)
     data_stats["train"].update(token_stats, used=len(train))
     if len(train) == 0:
         raise UserError("no examples left to train on after validation and length filtering")

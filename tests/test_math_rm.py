@@ -244,6 +244,24 @@ def test_a_template_that_is_not_prefix_stable_is_an_error(tok):
         encode_labeled(odd, [SOLUTION])
 
 
+def test_processes_give_the_same_examples_and_name_the_same_rows(tok):
+    """--dataset_num_proc (num_proc) splits the rows into shards: the examples are the serial ones, in order, and a
+    row's error names its index in the whole set, not in its shard."""
+    rows = [chat(f"Problem {i}. Step 1: {i} + 1 = {i + 1}", "+", "Step 2: done", "+-"[i % 2]) for i in range(11)]
+    serial, _ = tokenize_examples(training_set(*rows, column="messages"), tok, 512, "error", "t")
+    parallel, _ = tokenize_examples(training_set(*rows, column="messages"), tok, 512, "error", "t", num_proc=2)
+    assert parallel[:] == serial[:] and len(serial) == 11
+    bad = rows[:9] + [chat("Step 1", "+", "Step 2", "ok")] + rows[9:]
+    with pytest.raises(UserError, match=r"first: row 9 \(bad_label\)"):
+        validate_training_rows(training_set(*bad), tok, False, "t", num_proc=2)
+    # A template that renders a long conversation's prefixes differently: only row 9 (three labels) breaks it.
+    odd = load_tokenizer(DEFAULT_MODEL, "m")
+    odd.chat_template = "{% if messages|length > 5 %}long {% endif %}" + tok.chat_template
+    with pytest.raises(UserError, match="t: row 9: the chat template does not render"):
+        tokenize_examples(training_set(*rows[:9], SOLUTION, rows[9], column="messages"), odd, 512, "error", "t",
+                          num_proc=2)
+
+
 # ------------------------------------------------------------------------------------- 3. one forward = per-step loop
 
 

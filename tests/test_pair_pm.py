@@ -257,6 +257,13 @@ def test_an_rrm_tie_is_valid_and_trained_on_all_of_its_answer_tokens(tok):
     assert ids[-len(same):] == same == labels[-len(same):] and set(labels[:-len(same)]) == {-100}
 
 
+def test_tokenizing_in_processes_gives_the_serial_examples(tok):
+    rows = [pm_messages(user(f"question {i}"), f"good {i}", f"bad {i}", i % 2) for i in range(9)]
+    serial, _ = tokenized(tok, rows)
+    parallel, _ = tokenize_pm_examples(pm_dataset(rows), tok, 4096, "error", "train set", num_proc=2)
+    assert parallel[:] == serial[:] and len(serial) == 9
+
+
 def test_tokenize_masks_all_but_the_answer(tok):
     rows = [pm_messages(THREE_TURNS, "Sure: knock knock.", "No.", 0),
             pm_messages(user("q"), "good", "bad", 1)]

@@ -11,6 +11,7 @@ answer token alone, and scoring reads the logits at the same position, so both s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -126,11 +127,13 @@ def pairs_to_pm(pairs, seed: int):
                      remove_columns=pairs.column_names, desc="formatting PM examples")
 
 
-def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, name: str):
+def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, name: str,
+                         num_proc: Optional[int] = None):
     """input_ids = prompt up to the answer position + the answer's tokens (one for A/B, those of 'Same' for an RRM
     tie); labels = -100 except on them, so the loss is on the answer alone (upstream's train_on_inputs: false). An
     example longer than max_length is an error naming the first by its text, or dropped and counted with overlength
-    == 'drop' (cutting it would lose either the context's start or the answer). Returns (dataset, stats)."""
+    == 'drop' (cutting it would lose either the context's start or the answer). num_proc: datasets.map's processes.
+    Returns (dataset, stats)."""
     if overlength not in ("error", "drop"):
         raise UserError(f"--overlength must be 'error' or 'drop' for a PM, not '{overlength}'")
     label_ids = label_token_ids(tokenizer)
@@ -143,7 +146,8 @@ def tokenize_pm_examples(dataset, tokenizer, max_length: int, overlength: str, n
         return {"input_ids": [p + a for p, a in zip(prompts, answers)],
                 "labels": [[-100] * len(p) + a for p, a in zip(prompts, answers)]}
 
-    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {name}")
+    encoded = dataset.map(encode, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
+                          desc=f"tokenizing {name}")
     encoded, dropped = enforce_max_length(encoded, max_length, overlength, name, tokenizer)
     return encoded, {"dropped_overlength": dropped}
 
