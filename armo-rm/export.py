@@ -27,12 +27,12 @@ from useful_code.armo_data import HEAD_SUMMARY, HEAD_WEIGHTS, check_same_backbon
 from useful_code.armo_embeddings import chat_template_error, embed, gating_pattern
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
-from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
+from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.modeling import load_backbone, load_model
 from useful_code.scoring import score_sequences
 from useful_code.templates import encode_conversations, load_tokenizer
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
 
 
 @dataclass
@@ -65,7 +65,7 @@ def build_config(model_path: str, summary: dict, pattern: list[int], trust_remot
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="export")[0]
     head_dir = gating_head_dir(args.head_dir, args.model_path)
     if Path(args.output_path).is_file():
         raise UserError(f"--output_path: {args.output_path} is a file; the export is a model directory")

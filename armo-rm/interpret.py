@@ -8,16 +8,16 @@ as in upstream's README. From Python: model.explain(input_ids, top_k) on the loa
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.defaults import REPO_ROOT
 from useful_code.modeling import load_model
 from useful_code.templates import encode_conversations, load_tokenizer
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ScriptArguments:
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="interpret")[0]
     tokenizer = load_tokenizer(args.model_path, "--model_path")
     model = load_model(AutoModelForSequenceClassification, args.model_path, "--model_path", tokenizer,
                        torch.float32, trust_remote_code=args.trust_remote_code).eval()

@@ -21,13 +21,13 @@ from useful_code.armo_embeddings import PrepareArguments, embed, reject_untempla
 from useful_code.checkpoints import check_output_dir
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
-from useful_code.defaults import DEFAULT_MULTI_OBJECTIVE_DATA
+from useful_code.defaults import DEFAULT_MULTI_OBJECTIVE_DATA, REPO_ROOT
 from useful_code.formats import validate_conversations
 from useful_code.hardware import default_device
 from useful_code.modeling import load_backbone
 from useful_code.templates import encode_conversations, reject_special_tokens, truncate_all
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ScriptArguments(PrepareArguments):
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-1_prepare")[0]
     prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path)
     check_output_dir(Path(prefix).parent, "--output_dir")  # before any embedding
     # Upstream shuffles with seed 0 before it shards; stage-1_train.py's 80/20 split (seed 42) then takes the same

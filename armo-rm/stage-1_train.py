@@ -12,7 +12,6 @@ the alpha with the lowest validation MSE. Writes <output_dir>/<model>_<dataset>.
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,9 +20,9 @@ from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, load_shards, re
 from useful_code.armo_fit import fit_ridge_probes
 from useful_code.checkpoints import atomic_save_file, atomic_write_text, check_output_dir
 from useful_code.cli import parse_args, run_cli
-from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA
+from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, REPO_ROOT
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
 
 
 @dataclass
@@ -40,7 +39,7 @@ class ScriptArguments:
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-1_train")[0]
     path = regression_weights_path(args.output_dir, args.model_path, args.dataset_path)
     check_output_dir(path.parent, "--output_dir")  # before any fitting
     prefix = embeddings_prefix(args.embeddings_dir, args.model_path, args.dataset_path)

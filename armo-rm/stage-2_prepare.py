@@ -24,13 +24,13 @@ from useful_code.armo_embeddings import PrepareArguments, embed, gating_pattern,
 from useful_code.checkpoints import check_output_dir
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
-from useful_code.defaults import DEFAULT_PREFERENCE_DATA
+from useful_code.defaults import DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.formats import standardize_pairs
 from useful_code.hardware import default_device
 from useful_code.modeling import load_backbone
 from useful_code.templates import encode_conversations, reject_special_tokens
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
 
 
 FAMILY_MODEL_TYPES = {"llama3": "llama", "gemma2": "gemma2"}
@@ -49,7 +49,7 @@ class ScriptArguments(PrepareArguments):
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-2_prepare")[0]
     prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path, args.dataset_split, args.source)
     check_output_dir(Path(prefix).parent, "--output_dir")  # before any embedding
     pairs = load_split(args.dataset_path, args.dataset_split, "--dataset_path", args.skip_invalid)

@@ -45,13 +45,13 @@ from useful_code.armo_data import (
 )
 from useful_code.armo_fit import CORRELATION_THRESHOLD, split_rows, transform_matrix, verbosity_penalties
 from useful_code.cli import UserError, parse_args, run_cli
-from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, DEFAULT_PREFERENCE_DATA
+from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.hardware import default_device
 from useful_code.losses import bradley_terry_loss
 from useful_code.modeling_armo_rm import GatingNetwork, armo_score
 from useful_code.reward_bench import format_report, score_examples
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
 
 
 @dataclass
@@ -142,7 +142,7 @@ def pair_scores(gating: GatingNetwork, weight: torch.Tensor, transform: torch.Te
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section=Path(__file__).stem)[0]
+    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-2_train")[0]
     device = default_device(args.device)
     output_dir = checkpoints.claim_output_dir(str(gating_head_dir(args.output_dir, args.model_path)),
                                               args.overwrite_output_dir, finished=HEAD_SUMMARY)

@@ -27,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
-from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
+from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
     compute_dtype,
@@ -60,7 +60,7 @@ from useful_code.scoring import score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
 from useful_code.training_plots import plot_curves, plot_rewards
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+DEFAULT_CONFIG = str(REPO_ROOT / "bradley-terry-rm" / "configs" / "tiny.yaml")
 
 
 @dataclass

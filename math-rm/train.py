@@ -30,7 +30,7 @@ from trl import SFTConfig, SFTTrainer
 from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_dataset_dict, load_split, pick_split
-from useful_code.defaults import DEFAULT_MODEL
+from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
     compute_dtype,
@@ -56,7 +56,7 @@ from useful_code.packing import enable_padding_free
 from useful_code.templates import load_tokenizer
 from useful_code.training_plots import plot_curves
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "tiny.yaml")
+DEFAULT_CONFIG = str(REPO_ROOT / "math-rm" / "tiny.yaml")
 
 
 @dataclass

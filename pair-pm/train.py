@@ -27,7 +27,7 @@ from trl import SFTConfig, SFTTrainer
 from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
-from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA
+from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
     compute_dtype,
@@ -51,7 +51,7 @@ from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.templates import load_tokenizer, reject_special_tokens
 from useful_code.training_plots import plot_curves
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "tiny.yaml")
+DEFAULT_CONFIG = str(REPO_ROOT / "pair-pm" / "tiny.yaml")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 real recipes and the libraries' own argument classes (TRL's SFTConfig), as the training scripts use them."""
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -132,7 +133,53 @@ def test_sections_take_shared_values_through_anchors():
     assert prepare["dataset_path"] == "RLHFlow/ArmoRM-Multi-Objective-Data-v0.1"
     assert train["n_steps"] == 2000 and train["batch_size"] == 1024 and "dataset_path" not in train
     assert read_config(ARMO_RECIPE, "interpret")["model_path"] == read_config(ARMO_RECIPE, "export")["output_path"]
-    assert read_config(ARMO_RECIPE, "no_such_script") == {}  # a script without a section keeps its defaults
+    assert read_config(ARMO_RECIPE, "common")["model_path"] == prepare["model_path"]
+
+
+def test_a_recipe_without_the_scripts_section_is_an_error(tmp_path):
+    """Read as empty, the script would run on its defaults while the user believes the recipe applies."""
+    with pytest.raises(UserError, match=r"llama3-8b.yaml has no section 'stage-3_train' for this script \(its "
+                                        r"sections: common, stage-1_prepare, .*, interpret\)"):
+        read_config(ARMO_RECIPE, "stage-3_train")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("export:\ninterpret:\n")  # present but empty: the defaults, as asked
+    assert read_config(str(recipe), "export") == read_config(str(recipe), "interpret") == {}
+
+
+SCRIPTS_WITH_RECIPES = ["bradley-terry-rm/train.py", "pair-pm/train.py", "math-rm/train.py", "armo-rm/export.py",
+                        "armo-rm/interpret.py", "armo-rm/stage-1_prepare.py", "armo-rm/stage-1_train.py",
+                        "armo-rm/stage-2_prepare.py", "armo-rm/stage-2_train.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_RECIPES)
+def test_a_copied_script_keeps_its_default_recipe_and_section(script, tmp_path, monkeypatch):
+    """A researcher copies a script anywhere and changes one thing: its default recipe and its recipe section
+    must not follow the copy's file name or folder."""
+    import importlib.util
+    import shutil
+
+    copy = tmp_path / "my_experiment.py"
+    shutil.copy(REPO_ROOT / script, copy)
+    spec = importlib.util.spec_from_file_location("my_experiment", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    asked = {}
+
+    def record(dataclass_types, default_config=None, section=None, argv=None):
+        asked.update(default_config=default_config, section=section)
+        raise KeyboardInterrupt  # stop main() at its first step
+
+    monkeypatch.setattr(module, "parse_args", record)
+    with pytest.raises(KeyboardInterrupt):
+        module.main()
+    assert asked["default_config"] == str(REPO_ROOT / Path(script).parent / (
+        "configs/tiny.yaml" if script.startswith(("armo", "bradley")) else "tiny.yaml"))
+    if script.startswith("armo-rm"):
+        assert asked["section"] == Path(script).stem
+        for recipe in ("tiny.yaml", "llama3-8b.yaml"):  # both recipes have the section (an error otherwise)
+            read_config(str(REPO_ROOT / "armo-rm" / "configs" / recipe), asked["section"])
+    else:
+        assert asked["section"] is None
 
 
 @dataclass

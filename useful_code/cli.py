@@ -69,7 +69,8 @@ def split_config_path(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
 
 def read_config(path: str, section: Optional[str] = None) -> dict:
     """The YAML mapping at path; with section, only that top-level key's mapping (configs shared by several
-    scripts keep one section per script, and may share values through YAML anchors)."""
+    scripts keep one section per script, and may share values through YAML anchors). A recipe without the section
+    is an error: read as empty, its script would run on defaults while the user believes the recipe applies."""
     try:
         with open(path) as f:
             config = yaml.safe_load(f) or {}
@@ -80,7 +81,10 @@ def read_config(path: str, section: Optional[str] = None) -> dict:
     if not isinstance(config, dict):
         raise UserError(f"config {path} must be a YAML mapping of field: value")
     if section is not None:
-        config = config.get(section) or {}
+        if section not in config:
+            raise UserError(f"config {path} has no section '{section}' for this script (its sections: "
+                            f"{', '.join(map(str, config)) or 'none'}); add one, empty for the defaults")
+        config = config[section] or {}
         if not isinstance(config, dict):
             raise UserError(f"config {path}: section '{section}' must be a mapping of field: value")
     return config
