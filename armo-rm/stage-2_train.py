@@ -212,6 +212,9 @@ def main():
         batch = train_rows_t[torch.randint(len(train_rows_t), (args.batch_size,), generator=generator)].to(device)
         scores = pair_scores(gating, weight, transform, prompt[batch], responses[batch])
         loss = bradley_terry_loss(scores[:, 0], scores[:, 1])
+        if not torch.isfinite(loss):  # else it would train on, save a NaN gating network and report accuracy 0
+            raise UserError(f"training diverged: the loss is {loss.item()} at step {step + 1} (--learning_rate "
+                            f"{args.learning_rate}); nothing was published: lower --learning_rate")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -35,6 +35,7 @@ from useful_code.distributed import (
     precision_summary,
     weights_dtype,
 )
+from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import standardize_pairs, validate_pair_values
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.losses import (
@@ -104,7 +105,7 @@ class ScriptArguments(HeldOutArguments):
 
 @dataclass
 class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments, checkpoints.PeriodicArguments,
-                              TrainingArguments):
+                              DivergenceArguments, TrainingArguments):
     """transformers' TrainingArguments with upstream's flag names and defaults (gemma_2B_rm.py) where they differ."""
 
     output_dir: Optional[str] = field(default="./bt_models/reward_model",
@@ -450,7 +451,7 @@ def main(default_config: str = DEFAULT_CONFIG):
         processing_class=tokenizer,
         data_collator=PairwiseCollator(tokenizer, padding_free=padding_free, share_prefix=share_prefix),
         compute_metrics=compute_metrics,
-        callbacks=[checkpoints.DropPickledArguments()],
+        callbacks=[checkpoints.DropPickledArguments(), StopOnNonFiniteLoss()],
         center_rewards_coefficient=args.center_rewards_coefficient,
         odin=(args.odin_length_coefficient, args.odin_ortho_coefficient) if args.loss_type == "odin" else None,
         batch_sampler=batch_sampler,

@@ -43,6 +43,7 @@ from useful_code.distributed import (
     precision_summary,
     weights_dtype,
 )
+from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import enforce_validity
 from useful_code.math_data import TOY_PRM, to_outcome, validate_training_rows
 from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
@@ -69,7 +70,7 @@ class ScriptArguments:
 
 @dataclass
 class ScalarORMTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments,
-                                 checkpoints.PeriodicArguments, TrainingArguments):
+                                 checkpoints.PeriodicArguments, DivergenceArguments, TrainingArguments):
     """transformers' TrainingArguments with upstream's names where they differ (--output_path, --warmup_ratio), and
     values that train the tiny model (upstream's values: math-rm/llama-3.1-scalar-orm.yaml)."""
 
@@ -178,7 +179,8 @@ def main():
     model = load_reward_model(args.model_name, "--model_name", tokenizer, dtype, new_weights=REWARD_HEAD_WEIGHTS)
     trainer = ScalarORMTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out,
                                processing_class=tokenizer, data_collator=collate(tokenizer),
-                               compute_metrics=compute_metrics, callbacks=[checkpoints.DropPickledArguments()])
+                               compute_metrics=compute_metrics, callbacks=[checkpoints.DropPickledArguments(),
+                                                                                    StopOnNonFiniteLoss()])
     train_result = trainer.train()
     prediction = trainer.predict(held_out, metric_key_prefix="eval")
 

@@ -38,6 +38,7 @@ from useful_code.distributed import (
     precision_summary,
     weights_dtype,
 )
+from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import map_rows
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.math_data import (
@@ -86,7 +87,7 @@ class ScriptArguments:
 
 
 @dataclass
-class MathRewardConfig(HardwareAwareArguments, checkpoints.OutputDirArguments, SFTConfig):
+class MathRewardConfig(HardwareAwareArguments, checkpoints.OutputDirArguments, DivergenceArguments, SFTConfig):
     """TRL's SFTConfig, usable unchanged on a GPU or a CPU-only machine (bf16 where the GPU has it, as upstream's
     "bf16: auto"); padding is ours (a non-EOS pad token, see useful_code/templates.py)."""
 
@@ -192,7 +193,7 @@ def main():
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                         callbacks=[checkpoints.DropPickledArguments()])
+                         callbacks=[checkpoints.DropPickledArguments(), StopOnNonFiniteLoss()])
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # Save: written and verified in a staging directory, then moved into place (a killed save never looks complete).

@@ -35,6 +35,7 @@ from useful_code.distributed import (
     precision_summary,
     weights_dtype,
 )
+from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import standardize_pairs
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.model_card import launch_command, write_model_card
@@ -72,7 +73,8 @@ class ScriptArguments(HeldOutArguments):
 
 
 @dataclass
-class PreferenceModelConfig(HardwareAwareArguments, checkpoints.OutputDirArguments, SFTConfig):
+class PreferenceModelConfig(HardwareAwareArguments, checkpoints.OutputDirArguments, DivergenceArguments,
+                            SFTConfig):
     """TRL's SFTConfig, usable unchanged on a GPU or a CPU-only machine (bf16 where the GPU has it, as upstream's
     "bf16: auto"); padding is ours (a non-EOS pad token, see useful_code/templates.py)."""
 
@@ -157,7 +159,7 @@ def main():
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                         callbacks=[checkpoints.DropPickledArguments()])
+                         callbacks=[checkpoints.DropPickledArguments(), StopOnNonFiniteLoss()])
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.

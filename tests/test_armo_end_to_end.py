@@ -216,6 +216,7 @@ def test_stage2_train_refuses_unusable_inputs_in_one_line(armo, tmp_path):
         (["--verbosity_dim", -1], "error: --verbosity_dim must be at least 0, got -1"),
         (["--val_fraction", 1], "error: --val_fraction 1.0 splits 1600 embedded preference pairs into 0 train and "
                                 "1600 validation rows; both need at least one"),
+        (["--learning_rate", 1e30], "error: training diverged: the loss is nan at step "),
     ]:
         line = error_line(run(stage("stage-2_train.py", *common, "--reference_split", "train", *flags)))
         assert line.startswith(expected), line

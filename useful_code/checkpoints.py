@@ -379,6 +379,10 @@ def verify_reload(expected: np.ndarray, reloaded: np.ndarray, dtype: torch.dtype
     expected, reloaded = np.asarray(expected, dtype=np.float64), np.asarray(reloaded, dtype=np.float64)
     if expected.shape != reloaded.shape:
         raise RuntimeError(f"{checkpoint}: reloaded {what} have shape {reloaded.shape}, expected {expected.shape}")
+    broken = int(np.sum(~np.isfinite(expected)))
+    if broken:  # the trained model itself, not its checkpoint: said so, rather than a difference of nan
+        raise UserError(f"the trained model gives NaN or infinite {what} on {broken} of {len(expected)} inputs "
+                        "(training diverged after its last logged step, or the dtype overflowed): nothing published")
     if tolerance is None:
         tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     max_diff = float(np.max(np.abs(reloaded - expected))) if expected.size else 0.0
