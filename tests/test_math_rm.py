@@ -265,6 +265,18 @@ def test_processes_give_the_same_examples_and_name_the_same_rows(tok):
 # ------------------------------------------------------------------------------------- 3. one forward = per-step loop
 
 
+def test_a_model_giving_nan_logits_is_an_error_not_a_step_cut_off(tok, model):
+    """A NaN P(+) is what a label cut off by truncation gets, and aggregation leaves those out: a model's own NaN
+    must not pass for one, or a broken model would silently rank solutions by their other steps (or not at all)."""
+    import copy
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.lm_head.weight[MINUS, 0] = float("nan")
+    with pytest.raises(UserError, match=r"NaN or infinite '\+'/'-' logits at 3 of 3 label positions"):
+        StepScorer(broken, tok).label_probs(encode_labeled(tok, [SOLUTION]))
+
+
 def upstream_step_scores(model, tokenizer, conversation):
     """Upstream's quadratic loop, written out: for each step, the conversation up to its "+" templated and run
     alone, P(+) read at position -3 (the token before "+", "<|eot_id|>")."""

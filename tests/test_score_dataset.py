@@ -513,6 +513,29 @@ def test_resume_refuses_an_edited_chat_template(checkpoints, tmp_path):
         score(model, TOY, tmp_path)
 
 
+def test_a_nan_reward_stops_the_run_before_its_chunk_is_written(checkpoints, tmp_path):
+    """A NaN compares false: written, it would silently decide the best response and the pair."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-bt"
+    shutil.copytree(checkpoints / "bt", broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["score.weight"][0, 0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"NaN or infinite reward to response 0 of row 0 \(0-based, of the rows "
+                                        r"kept\), prompt 'Tell me something useful about painting"):
+        score(broken, TOY, tmp_path)
+    assert (tmp_path / "scored.jsonl").read_text() == ""
+
+
+def test_the_first_non_finite_reward_is_named_by_its_row_and_response():
+    items = [([{"role": "user", "content": f"question {i}"}], ["a", "b", "c"]) for i in range(3)]
+    results = [([0.5, 1.0, -2.0], 0), ([None], 0), ([1.0, float("inf"), float("nan")], 0)]
+    score_dataset.check_finite_rewards(results[:2], items[:2], 10)  # finite, and a PM's lone response: no error
+    with pytest.raises(UserError, match="reward to response 1 of row 12 .*prompt 'question 2'"):
+        score_dataset.check_finite_rewards(results, items, 10)
+
+
 def test_only_a_prompt_may_be_the_users_text():
     # A context column holds messages; a string there is a malformed row, not a user turn.
     responses = ["a", "b"]

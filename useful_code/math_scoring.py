@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from useful_code.cli import ModelOutputError
 from useful_code.data_parallel import map_across_ranks
 from useful_code.math_data import encode_labeled, label_token_ids
 from useful_code.modeling import load_for_scoring, load_preference_model
@@ -82,7 +83,13 @@ class StepScorer:
                                 use_cache=False).logits
             if logits.dim() == 3:  # a model that computed every position anyway
                 logits = logits[keep.to(logits.device)]
-            probs = torch.softmax(logits[:, [self.plus, self.minus]].float(), dim=-1)[:, 0].cpu().tolist()
+            answer_logits = logits[:, [self.plus, self.minus]].float()
+            if not torch.isfinite(answer_logits).all():  # a NaN P(+) would pass for a step cut off and be left out
+                bad = int((~torch.isfinite(answer_logits).all(-1)).sum())
+                raise ModelOutputError(f"the math reward model gave NaN or infinite '+'/'-' logits at {bad} of "
+                                       f"{len(answer_logits)} label positions of a batch; its weights may hold NaN, "
+                                       "or it overflows in this dtype")
+            probs = torch.softmax(answer_logits, dim=-1)[:, 0].cpu().tolist()
             # The kept positions come row by row, each row's in order: hand them back in that order.
             start = 0
             for i in chunk:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -52,7 +53,7 @@ from useful_code.checkpoints import (
     own_lock,
     take_lock,
 )
-from useful_code.cli import UserError, limits_aware_parser, parse_args, run_cli
+from useful_code.cli import ModelOutputError, UserError, limits_aware_parser, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.data_parallel import finish, map_across_ranks, process_state
 from useful_code.defaults import TOY_GENERATIONS
@@ -362,6 +363,21 @@ def score_prompts(scorer: RewardScorer, items: list[tuple[list[dict], list[str]]
     return [(s, cut if i == 0 else 0) for i, s in enumerate(scores)]
 
 
+def check_finite_rewards(results: list[tuple[list, int]], items: list[tuple[list[dict], list[str]]],
+                         first_row: int) -> None:
+    """Stop on a NaN or infinite reward before its chunk is written: a NaN compares false, so it would be written
+    into the JSON and silently decide the best response and the pair. Names the first such response by its row
+    (counted among the rows kept, from first_row) and the start of the row's last context message."""
+    for i, ((rewards, _), (context, _)) in enumerate(zip(results, items)):
+        bad = [j for j, r in enumerate(rewards) if r is not None and not math.isfinite(r)]
+        if bad:
+            text = context[-1]["content"] if context else ""
+            start = repr(text[:40] + ("..." if len(text) > 40 else ""))
+            raise ModelOutputError(f"the reward model gave a NaN or infinite reward to response {bad[0]} of row "
+                                   f"{first_row + i} (0-based, of the rows kept), prompt {start}; its weights may "
+                                   "hold NaN, or it overflows in this dtype. The rows before it are written")
+
+
 def best_and_pairs(path: Path, expected: int, threshold: float, counts: dict):
     """For each row of the whole scored file (so a resumed run's earlier rows count once), read as it goes (a file
     larger than memory): (its best response as a best-of-n row, its best-vs-worst pair when the margin is above
@@ -457,6 +473,7 @@ def main(argv: Optional[list[str]] = None):
                 chunk = rows.select(range(start, min(start + args.prompts_per_chunk, len(rows)))).to_list()
                 items = [parse_row(row)[:2] for row in chunk]
                 results = map_across_ranks(state, partial(score_prompts, scorer), items)
+                check_finite_rewards(results, items, start)  # every rank has the results: all stop together
                 if out is not None:
                     out.write("".join(to_json(scored_row(row, rewards)) + "\n"
                                       for row, (rewards, _) in zip(chunk, results)))
