@@ -15,6 +15,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 import yaml
+from tqdm import tqdm
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -47,7 +48,8 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # tqdm.write: an error raised mid-loop (a diverged run) gets its own line, not the end of a progress bar's.
+        tqdm.write(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
