@@ -375,7 +375,8 @@ def check_finite_rewards(results: list[tuple[list, int]], items: list[tuple[list
             start = repr(text[:40] + ("..." if len(text) > 40 else ""))
             raise ModelOutputError(f"the reward model gave a NaN or infinite reward to response {bad[0]} of row "
                                    f"{first_row + i} (0-based, of the rows kept), prompt {start}; its weights may "
-                                   "hold NaN, or it overflows in this dtype. The rows before it are written")
+                                   "hold NaN, or it overflows in this dtype (nothing of its --prompts_per_chunk rows "
+                                   "was written)")
 
 
 def best_and_pairs(path: Path, expected: int, threshold: float, counts: dict):
