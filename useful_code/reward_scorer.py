@@ -18,6 +18,7 @@ from useful_code.pm_scoring import PairPreferenceScorer, knockout_tournaments
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences, split_by_sizes
 from useful_code.templates import (
     SPECIAL_TOKEN_RULES,
+    assistant_turn_end,
     encode_conversations,
     special_token_pattern,
     tokenizer_adds_bos,
@@ -105,10 +106,20 @@ class RewardScorer:
         self.adds_bos = tokenizer_adds_bos(tokenizer)  # asked once: four tokenizer calls a request otherwise
         self.special_tokens = special_token_pattern(tokenizer)
         # Runs of pad and EOS tokens at either end of a text: what a left-padded batch_decode (OpenRLHF before
-        # 0.8.3) leaves around a query.
+        # 0.8.3) leaves around a query. \Z, not $: "$" also matches before a final newline (Qwen's '<|im_end|>\n').
         edges = "|".join(re.escape(t) for t in {tokenizer.pad_token, tokenizer.eos_token} if t)
         self._leading_padding = re.compile(f"^(?:{edges})+") if edges else None
-        self._trailing_padding = re.compile(f"(?:{edges})+$") if edges else None
+        self._trailing_padding = re.compile(f"(?:{edges})+\\Z") if edges else None
+        # How a templated assistant turn ends (Qwen: '<|im_end|>\n'; Phi-3: '<|end|>\n<|endoftext|>'), that ending
+        # less its trailing EOS (which the padding strip removes from a query too), and the starts of it that stop at
+        # one of its special tokens (Gemma: '<end_of_turn>', where generation stops): complete_turn's material.
+        self.turn_end = assistant_turn_end(tokenizer, self.adds_bos)
+        self._turn_end_body = (self._trailing_padding.sub("", self.turn_end) if self._trailing_padding is not None
+                               else self.turn_end)
+        starts = ([m.end() for m in self.special_tokens.finditer(self._turn_end_body)]
+                  if self.special_tokens.match(self._turn_end_body or " ") else [])
+        self._turn_end_starts = [self._turn_end_body[:end] for end in reversed(starts)
+                                 if end < len(self._turn_end_body)]
 
     @classmethod
     def from_pretrained(cls, path: str, flag: str = "--reward_name_or_path", max_length: int = 4096,
@@ -172,23 +183,29 @@ class RewardScorer:
             rule = {**CONVERSATION_RULES, **SPECIAL_TOKEN_RULES}[reason]
             raise UserError(f"{where}: {rule} ({reason})")
 
-    def strip_padding(self, text: str) -> str:
-        """A query without the pad and EOS tokens around it, as OpenRLHF's reward server stripped them before 0.8.3,
-        when its rollouts sent batch_decode(skip_special_tokens=False) text, left-padded, with the EOS and right
-        padding after the response (later releases send one unpadded sequence, which this leaves as it is). A
-        response that ended with them keeps one EOS (OpenRLHF appends one), so a chat-templated text that ends with
-        EOS is scored unchanged."""
-        if self._leading_padding is None:
-            return text
-        text = self._leading_padding.sub("", text)
-        stripped = self._trailing_padding.sub("", text)
-        return stripped + self.tokenizer.eos_token if stripped != text and self.tokenizer.eos_token else stripped
+    def complete_turn(self, text: str) -> str:
+        """A query (a templated prompt and response, as OpenRLHF sends it) made to end as the chat template ends an
+        assistant turn, where training and evaluation read the reward. Pad and EOS tokens around it go (OpenRLHF
+        before 0.8.3 sent left-padded batch_decode text with the EOS and right padding after the response). A
+        response that generation stopped at the start of the turn's ending (Gemma: '<end_of_turn>', without the
+        template's '\\n'), or that ended with EOS or padding (Qwen: '<|im_end|>', its EOS), gets the rest of that
+        ending: read at the stop token instead, a Qwen model's rewards ranked 30 toy pairs 33% right against 93%.
+        A text that ends otherwise is scored as it is."""
+        if self._leading_padding is not None:
+            text = self._leading_padding.sub("", text)
+        body = self._trailing_padding.sub("", text) if self._trailing_padding is not None else text
+        for start in ([self._turn_end_body] if self._turn_end_body else []) + self._turn_end_starts:
+            if body.endswith(start):
+                return body + self.turn_end[len(start):]
+        if body != text:  # the response ended with EOS or padding: its turn is over
+            return body + (self.turn_end or self.tokenizer.eos_token)
+        return body
 
     def encode_texts(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        """Token ids of already templated texts (a prompt and its response, as OpenRLHF sends them), without the
-        padding around them (strip_padding), cut from the left to max_length; a text that starts with the BOS token
+        """Token ids of already templated texts (a prompt and its response, as OpenRLHF sends them), ending as the
+        template ends a turn (complete_turn), cut from the left to max_length; a text that starts with the BOS token
         is not given a second one. A text with nothing but special tokens is a UserError."""
-        texts = [self.strip_padding(text) for text in texts]
+        texts = [self.complete_turn(text) for text in texts]
         bos = self.tokenizer.bos_token
         empty = [i for i, text in enumerate(texts) if not self.special_tokens.sub("", text).strip()]
         if empty:

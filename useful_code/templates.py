@@ -150,6 +150,16 @@ def render_conversations(tokenizer, conversations: list[list[dict]], add_generat
     return texts
 
 
+def assistant_turn_end(tokenizer, adds_bos: Optional[bool] = None) -> str:
+    """The text the chat template writes after an assistant message that ends the conversation: what every trained
+    and evaluated sequence ends with, where the reward is read ('<|eot_id|>' for Llama 3, '<|im_end|>\\n' for Qwen,
+    '<end_of_turn>\\n' for Gemma); '' when the template writes nothing there or changes the message's text."""
+    probe = "Zq7 probe reply"
+    text = render_conversations(tokenizer, [[{"role": "user", "content": "Hello"},
+                                             {"role": "assistant", "content": probe}]], adds_bos=adds_bos)[0]
+    return text[text.rfind(probe) + len(probe):] if probe in text else ""
+
+
 def encode_conversations(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
                          adds_bos: Optional[bool] = None) -> list[list[int]]:
     """Token ids of each conversation, templated, untruncated (adds_bos: as in render_conversations)."""
