@@ -99,10 +99,28 @@ def _last_template_token(tokenizer) -> Optional[int]:
     return ids[-1] if ids else None
 
 
+def template_marker_tokens(tokenizer) -> set[str]:
+    """Added tokens not flagged special that the chat template writes between turns (DeepSeek-R1's '<｜User｜>' and
+    '<｜Assistant｜>'): typed as text they forge turns all the same. Read from a rendered user/assistant/user probe:
+    one that does not end on an assistant turn, so reasoning tags (Qwen3's <think>) stay allowed in text."""
+    plain = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
+    if not plain or not getattr(tokenizer, "chat_template", None):
+        return set()
+    probe = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+             {"role": "user", "content": "Thanks"}]
+    try:
+        text = render_conversations(tokenizer, [probe])[0]
+    except UserError:  # a template that refuses the probe has no markers to learn from it
+        return set()
+    return {plain[i] for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in plain}
+
+
 def special_token_pattern(tokenizer) -> re.Pattern:
-    """A regex matching any of the tokenizer's special tokens (BOS, EOS, pad, turn markers, reserved tokens)."""
+    """A regex matching any of the tokenizer's special tokens (BOS, EOS, pad, turn markers, reserved tokens), and
+    the template's turn markers that are added tokens without the special flag (template_marker_tokens)."""
     specials = set(tokenizer.all_special_tokens)
     specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    specials |= template_marker_tokens(tokenizer)
     # Longest first (a token that is a prefix of another must not match first); then by text, so that the pattern,
     # and the fingerprint of every datasets.map that uses it, is the same in every process (a set's order is not):
     # otherwise the tokenized data is never reused from the cache, and every rank tokenizes again.
