@@ -827,6 +827,15 @@ def test_turn_markers_that_are_not_flagged_special_are_refused_as_text_too():
     assert len(kept) == 1 and stats["special_token_in_content"] == 1
 
 
+def test_a_template_that_writes_todays_date_gets_one_fixed_date():
+    """Llama 3.2's template writes "Today Date: <today>" unless given a date: the same conversation would be other
+    tokens, and get another reward, on another day."""
+    tok = load_tokenizer(DEFAULT_MODEL, "--model")
+    tok.chat_template = ("{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+                         "{% endif %}Today Date: {{ date_string }}|{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert render_conversations(tok, [[{"role": "user", "content": "hi"}]]) == ["Today Date: 26 Jul 2024|hi"]
+
+
 def test_a_chat_template_that_refuses_a_conversation_is_one_line():
     """Gemma's template raises for a system message: every path that templates data (training, evaluation, serving)
     stops with one line rather than jinja's traceback."""

@@ -151,14 +151,20 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return len(marked) > len(plain) and marked[0] in tokenizer.all_special_ids and marked[1:1 + len(plain)] == plain
 
 
+# The date a template that writes one sees (Llama 3.2's "Today Date: ..." is today's unless given): one fixed date, so
+# that training, evaluation and serving on different days template the same text and give the same rewards. It is
+# Llama 3.1's own default; templates without a date ignore it.
+TEMPLATE_DATE = "26 Jul 2024"
+
+
 def render_conversations(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
                          adds_bos: Optional[bool] = None) -> list[str]:
     """Apply the chat template as upstream does: the BOS the template writes is removed when the tokenizer
-    adds its own, so every sequence starts with exactly one BOS. adds_bos: tokenizer_adds_bos(tokenizer), when the
-    caller has it already (a server asks once, not per request)."""
+    adds its own, so every sequence starts with exactly one BOS; a template that writes a date gets TEMPLATE_DATE.
+    adds_bos: tokenizer_adds_bos(tokenizer), when the caller has it already (a server asks once, not per request)."""
     try:
-        texts = tokenizer.apply_chat_template(conversations, tokenize=False,
-                                              add_generation_prompt=add_generation_prompt)
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                              date_string=TEMPLATE_DATE)
     except TemplateError as err:  # a template's own refusal (Gemma's "System role not supported"): the data's fault
         raise UserError(f"the model's chat template refuses a conversation of this data ({err}); change the data "
                         "(e.g. merge a system message into the first user turn)") from None
