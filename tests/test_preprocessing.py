@@ -489,7 +489,8 @@ def pairs_for_truncation():
 
 def test_tokenize_pairs_no_truncation_when_it_fits(tok):
     data, stats = tokenize_pairs(pairs_for_truncation(), tok, max_length=64, overlength="truncate", name="t")
-    assert stats == {"overlength": 0, "truncated": 0, "dropped_overlength": 0, "special_token_in_content": 0}
+    assert stats == {"overlength": 0, "truncated": 0, "dropped_overlength": 0, "special_token_in_content": 0,
+                     "same_tokens": 0}
     assert data[0]["chosen_input_ids"] == HI_HELLO_IDS
     assert data["length"] == [18, 18, 17]
 
@@ -503,7 +504,8 @@ def test_tokenize_pairs_in_several_processes_gives_the_same_rows(tok):
 
 def test_tokenize_pairs_truncates_from_left(tok, capsys):
     data, stats = tokenize_pairs(pairs_for_truncation(), tok, max_length=17, overlength="truncate", name="t")
-    assert stats == {"overlength": 2, "truncated": 2, "dropped_overlength": 0, "special_token_in_content": 0}
+    assert stats == {"overlength": 2, "truncated": 2, "dropped_overlength": 0, "special_token_in_content": 0,
+                     "same_tokens": 0}
     assert "truncated 2 pairs" in capsys.readouterr().out
     assert len(data) == 3
     # left truncation: the BOS stays (as serving and scoring cut, truncate_left), then the last 16 tokens; the token
@@ -580,7 +582,8 @@ def test_a_tokenizer_that_only_appends_an_end_token_is_cut_to_its_last_tokens():
 
 def test_tokenize_pairs_drop(tok, capsys):
     data, stats = tokenize_pairs(pairs_for_truncation(), tok, max_length=17, overlength="drop", name="t")
-    assert stats == {"overlength": 2, "truncated": 0, "dropped_overlength": 2, "special_token_in_content": 0}
+    assert stats == {"overlength": 2, "truncated": 0, "dropped_overlength": 2, "special_token_in_content": 0,
+                     "same_tokens": 0}
     assert "dropped 2 pairs" in capsys.readouterr().out
     assert len(data) == 1
     assert data[0]["chosen"] == conv("u", "hi", "a", "ok")
@@ -825,6 +828,22 @@ def test_turn_markers_that_are_not_flagged_special_are_refused_as_text_too():
                                {"chosen": forged, "rejected": conv("u", "q", "a", "no")}])
     kept, stats = tokenize_pairs(pairs, tok, 512, "truncate", "set", skip_invalid=True)
     assert len(kept) == 1 and stats["special_token_in_content"] == 1
+
+
+def test_responses_that_template_to_the_same_tokens_are_an_error_or_a_counted_drop(tok):
+    """The Llama 3 template trims a message, and DeepSeek-R1's drops the reasoning before '</think>': responses that
+    differ only there are two texts but one token sequence, a pair that teaches nothing and scores as a tie."""
+    pairs = Dataset.from_list([{"chosen": conv("u", "q", "a", "yes"), "rejected": conv("u", "q", "a", "no")},
+                               {"chosen": conv("u", "q", "a", "  Sure."), "rejected": conv("u", "q", "a", "Sure.\n")}])
+    with pytest.raises(UserError, match=r"^set: 1 of 2 pairs have chosen and rejected responses that differ as text "
+                                        r"but template .* \(first: chosen response 'Sure.'\)"):
+        tokenize_pairs(pairs, tok, 512, "truncate", "set")
+    kept, stats = tokenize_pairs(pairs, tok, 512, "truncate", "set", skip_invalid=True)
+    assert len(kept) == 1 and stats["same_tokens"] == 1 and kept["chosen"][0][-1]["content"] == "yes"
+    assert "same_tokens" not in kept.column_names
+    # An evaluation keeps them (reward-bench scores such a pair as a tie, counted wrong), counted.
+    kept, stats = tokenize_pairs(pairs, tok, 512, "truncate", "set", keep_same_tokens=True)
+    assert len(kept) == 2 and stats["same_tokens"] == 1 and "same_tokens" not in kept.column_names
 
 
 def test_a_template_that_writes_todays_date_gets_one_fixed_date():

@@ -43,8 +43,9 @@ class ScriptArguments(EvalArguments):
 def tokenized_pairs(examples, flag: str, args, tokenizer):
     """Validated v1 examples, tokenized (cut from the left, counted)."""
     dataset, stats = examples
+    # A pair whose responses template to the same tokens stays: reward-bench scores it (a tie, counted wrong).
     dataset, token_stats = tokenize_pairs(dataset, tokenizer, args.max_length, "truncate", flag.lstrip("-"),
-                                          args.skip_invalid)
+                                          args.skip_invalid, keep_same_tokens=True)
     return dataset, {**stats, **token_stats}
 
 

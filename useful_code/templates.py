@@ -208,12 +208,31 @@ def truncate_all(tokenizer, sequences: list[list[int]], max_length: int,
     return [truncate_left(s, max_length, keep_first) for s in sequences], cut
 
 
+def reject_same_tokens(encoded, skip_invalid: bool, name: str):
+    """Pairs whose chosen and rejected differ as text but not as templated, cut tokens (a template that drops
+    reasoning before '</think>', or trims spaces): such a pair teaches nothing and scores as a tie. An error naming
+    the first, or with skip_invalid dropped and counted. Returns (dataset without the same_tokens column, count)."""
+    same = [i for i, flag in enumerate(encoded["same_tokens"]) if flag]
+    if same and not skip_invalid:
+        response = " ".join(encoded[same[0]]["chosen"][-1]["content"].split())[:60]
+        raise UserError(f"{name}: {len(same)} of {len(encoded)} pairs have chosen and rejected responses that differ "
+                        f"as text but template (and cut to max_length) to the same tokens (first: chosen response "
+                        f"{response!r}): the chat template drops what tells them apart; pass --skip_invalid to drop "
+                        "them (counted)")
+    if same:
+        encoded = encoded.filter(lambda flag: not flag, input_columns="same_tokens")
+        print(f"[{name}] dropped {len(same)} pairs whose responses template to the same tokens (--skip_invalid)")
+    return encoded.remove_columns("same_tokens"), len(same)
+
+
 def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: str, skip_invalid: bool = False,
-                   num_proc: Optional[int] = None):
-    """Add chosen_input_ids / rejected_input_ids / length columns. A pair whose text holds a special token is an error,
-    or dropped and counted with skip_invalid. Over-long sequences are truncated from the left (upstream's rule: the
-    response end, where the reward is read, is kept; so is the BOS/[CLS] the tokenizer adds, as in truncate_left) or
-    dropped when overlength == 'drop'; either way the count is printed. num_proc: processes for datasets.map
+                   num_proc: Optional[int] = None, keep_same_tokens: bool = False):
+    """Add chosen_input_ids / rejected_input_ids / length columns. A pair whose text holds a special token, or whose
+    responses template to the same tokens (reject_same_tokens), is an error, or dropped and counted with
+    skip_invalid (keep_same_tokens: kept and counted, for an evaluation, which scores them as ties as reward-bench
+    does). Over-long sequences are truncated from the left (upstream's rule: the response end, where the
+    reward is read, is kept; so is the BOS/[CLS] the tokenizer adds, as in truncate_left) or dropped when overlength
+    == 'drop'; either way the count is printed. num_proc: processes for datasets.map
     (tokenizing is most of the work before training: about 80 s per 100K pairs on one core). Returns (dataset,
     stats)."""
     if overlength not in ("truncate", "drop"):
@@ -227,16 +246,24 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: s
         too_long = [max(len(c), len(r)) > max_length for c, r in zip(chosen, rejected)]
         # Cut as serving and every scoring path cut (truncate_left): a model trained without its BOS/[CLS] would be
         # scored with it.
+        chosen = [truncate_left(ids, max_length, adds_bos) for ids in chosen]
+        rejected = [truncate_left(ids, max_length, adds_bos) for ids in rejected]
         return {
-            "chosen_input_ids": [truncate_left(ids, max_length, adds_bos) for ids in chosen],
-            "rejected_input_ids": [truncate_left(ids, max_length, adds_bos) for ids in rejected],
+            "chosen_input_ids": chosen,
+            "rejected_input_ids": rejected,
             "length": [min(max(len(c), len(r)), max_length) for c, r in zip(chosen, rejected)],
             "overlength": too_long,
+            "same_tokens": [c == r for c, r in zip(chosen, rejected)],
         }
 
     encoded = dataset.map(encode, batched=True, num_proc=num_proc, desc=f"tokenizing {name}")
+    if keep_same_tokens:
+        encoded, same = encoded.remove_columns("same_tokens"), sum(encoded["same_tokens"])
+    else:
+        encoded, same = reject_same_tokens(encoded, skip_invalid, name)
     n_over = sum(encoded["overlength"])
-    stats = {"overlength": n_over, "truncated": 0, "dropped_overlength": 0, "special_token_in_content": forged}
+    stats = {"overlength": n_over, "truncated": 0, "dropped_overlength": 0, "special_token_in_content": forged,
+             "same_tokens": same}
     if n_over and overlength == "drop":
         encoded = encoded.filter(lambda over: not over, input_columns="overlength")
         stats["dropped_overlength"] = n_over
