@@ -373,6 +373,94 @@ def test_gating_position_missing_pattern_names_the_row(tok):
         find_gating_positions(torch.tensor([pattern[:3]]), pattern)  # shorter than the pattern
 
 
+# DeepSeek-R1's template, reduced: the reasoning is stripped from a rendered assistant turn, but the generation prompt
+# opens one ('<think>\n'), so no conversation holds what follows the context with the generation prompt.
+R1_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+               "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}{% else %}{% set c = m['content'] %}"
+               "{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+               "{{ '<｜Assistant｜>' + c + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\n' }}{% endif %}")
+# Phi-3's template, reduced: EOS is written after the last turn unless the generation prompt is, so the generation
+# prompt does not extend the rendered context.
+PHI3_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+# Mistral's template, reduced: no generation prompt at all, and the space after '[/INST]' joins a response's first word.
+MISTRAL_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def with_template(tok, template, markers=(), special=True):
+    t = copy.deepcopy(tok)
+    if markers:
+        t.add_tokens(list(markers), special_tokens=special)
+    t.chat_template = template
+    return t
+
+
+@pytest.fixture(scope="module")
+def r1_tok(tok):
+    return with_template(tok, R1_TEMPLATE, ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<think>",
+                                            "</think>"], special=False)
+
+
+@pytest.fixture(scope="module")
+def phi3_tok(tok):
+    return with_template(tok, PHI3_TEMPLATE, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
+
+
+def test_gating_pattern_of_a_template_that_strips_reasoning(r1_tok):
+    """Read off a rendered conversation, not the generation prompt: neither the user's last letters nor '<think>\n'."""
+    prompt = encode_conversations(r1_tok, [[msg("user", "Hello")]], add_generation_prompt=True)[0]
+    assert r1_tok.convert_ids_to_tokens(prompt[-3:]) == ["<｜Assistant｜>", "<think>", "\u010a"]  # the case reproduced
+    assert gating_pattern(r1_tok) == r1_tok.convert_tokens_to_ids(["<｜Assistant｜>"])
+
+
+def test_gating_pattern_of_a_template_that_ends_with_eos_without_generation_prompt(phi3_tok):
+    context = encode_conversations(phi3_tok, [[msg("user", "Hello")]])[0]
+    assert context[-1] == phi3_tok.eos_token_id  # the case reproduced: the generation prompt does not extend it
+    expected = (phi3_tok.convert_tokens_to_ids(["<|end|>"]) + phi3_tok.encode("\n", add_special_tokens=False)
+                + phi3_tok.convert_tokens_to_ids(["<|assistant|>"]) + phi3_tok.encode("\n", add_special_tokens=False))
+    assert gating_pattern(phi3_tok) == expected
+    assert phi3_tok.decode(expected) == "<|end|>\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize("style,last_reply,gate_text", [
+    ("r1", "<think>Let me see.</think>Final answer", "<｜Assistant｜>"),
+    ("phi3", "Final answer", "<|end|>\n<|assistant|>\n"),
+    ("mistral", "the final answer", " [/INST]")])
+def test_derived_gating_pattern_is_found_where_the_last_user_turn_ends(tok, r1_tok, phi3_tok, style, last_reply,
+                                                                       gate_text):
+    t = {"r1": r1_tok, "phi3": phi3_tok, "mistral": with_template(tok, MISTRAL_TEMPLATE)}[style]
+    pattern = gating_pattern(t)
+    assert t.decode(pattern) == gate_text  # Mistral's: without the space a response's first word takes
+    for conversation in (FOUR_TURNS[:3] + [msg("assistant", last_reply)],
+                         [msg("system", "Be brief.")] + FOUR_TURNS[2:3] + [msg("assistant", last_reply)]):
+        ids = encode_conversations(t, [conversation])[0]
+        pos = int(find_gating_positions(torch.tensor([ids]), pattern)[0])
+        assert pos == upstream_gating_position(ids, pattern)
+        assert t.decode(ids[:pos]).endswith("Tell me a joke")  # the first token after the last user turn
+
+
+@pytest.mark.parametrize("template", ["{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                                      "{% for m in messages %}{{ m['content'] + '\n' }}{% endfor %}"])
+def test_gating_pattern_of_a_template_without_assistant_marker_is_one_error(tok, template):
+    with pytest.raises(UserError, match="ArmoRM's gating position") as err:
+        gating_pattern(with_template(tok, template))
+    assert "\n" not in str(err.value)
+
+
+def test_embed_refuses_a_sequence_without_the_gating_pattern(backbone):
+    """Before any forward, naming the sequence, instead of find_gating_positions' ValueError naming a batch row."""
+    model, tokenizer = backbone
+    pattern = gating_pattern(tokenizer)
+    good = encode_conversations(tokenizer, [FOUR_TURNS])[0]
+    with pytest.raises(UserError, match=r"^sequence 1 to embed does not hold the gating pattern") as err:
+        embed(model, tokenizer, [good, good[:5]], 2, gating_pattern_ids=pattern, progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=r"^row 7 \(chosen\) does not hold"):
+        embed(model, tokenizer, [good[:5]], 2, gating_pattern_ids=pattern, progress=False, where="row 7 (chosen)")
+
+
 def test_find_gating_positions_by_hand():
     ids = torch.tensor([[9, 1, 2, 3, 8, 1, 2, 3, 7], [1, 2, 3, 0, 0, 0, 0, 0, 0]])
     assert find_gating_positions(ids, [1, 2, 3]).tolist() == [5, 0]

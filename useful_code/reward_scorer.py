@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
+from useful_code.armo_embeddings import holds_pattern
 from useful_code.cli import UserError, load_error
 from useful_code.formats import CONVERSATION_RULES, validate_conversation
 from useful_code.modeling import load_for_scoring, load_reward_model
@@ -65,14 +66,6 @@ def learned_position_limit(model) -> Optional[int]:
                 offset = max(offset, module.padding_idx + 1)
             return module.num_embeddings - offset
     return None
-
-
-def holds_pattern(ids: list[int], pattern: np.ndarray) -> bool:
-    """Whether the token sequence contains pattern as a contiguous run."""
-    if len(ids) < len(pattern):
-        return False
-    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(ids), len(pattern))
-    return bool((windows == pattern).all(axis=1).any())
 
 
 def _armo_outputs(outputs) -> torch.Tensor:

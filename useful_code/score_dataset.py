@@ -53,6 +53,7 @@ from useful_code.checkpoints import (
     own_lock,
     take_lock,
 )
+from useful_code.armo_embeddings import holds_pattern
 from useful_code.cli import ModelOutputError, UserError, limits_aware_parser, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.data_parallel import finish, map_across_ranks, process_state
@@ -64,7 +65,7 @@ from useful_code.formats import (
     enforce_validity,
     validate_conversation,
 )
-from useful_code.reward_scorer import KINDS, RewardScorer, checkpoint_kind, holds_pattern
+from useful_code.reward_scorer import KINDS, RewardScorer, checkpoint_kind
 from useful_code.scoring import token_budget_field
 from useful_code.templates import (
     SPECIAL_TOKEN_RULES,
