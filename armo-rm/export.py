@@ -24,13 +24,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from useful_code import checkpoints, modeling_armo_rm
 from useful_code.armo_data import HEAD_SUMMARY, HEAD_WEIGHTS, check_same_backbone, gating_head_dir
-from useful_code.armo_embeddings import chat_template_error, embed, gating_pattern
+from useful_code.armo_embeddings import embed, gating_pattern
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.modeling import load_backbone, load_model
 from useful_code.scoring import score_sequences
-from useful_code.templates import encode_conversations, load_tokenizer
+from useful_code.templates import chat_template_error, encode_conversations, load_tokenizer
 
 DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
 

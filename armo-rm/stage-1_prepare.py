@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, save_shard, shard_rows
-from useful_code.armo_embeddings import PrepareArguments, embed, reject_untemplatable
+from useful_code.armo_embeddings import PrepareArguments, embed
 from useful_code.checkpoints import check_output_dir
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
@@ -25,7 +25,7 @@ from useful_code.defaults import DEFAULT_MULTI_OBJECTIVE_DATA, REPO_ROOT
 from useful_code.formats import validate_conversations
 from useful_code.hardware import default_device
 from useful_code.modeling import load_backbone
-from useful_code.templates import encode_conversations, reject_special_tokens, truncate_all
+from useful_code.templates import encode_conversations, reject_special_tokens, reject_untemplatable, truncate_all
 
 DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from useful_code.armo_data import embeddings_prefix, save_shard, shard_rows
-from useful_code.armo_embeddings import PrepareArguments, embed, gating_pattern, reject_untemplatable
+from useful_code.armo_embeddings import PrepareArguments, embed, gating_pattern
 from useful_code.checkpoints import check_output_dir
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
@@ -28,7 +28,7 @@ from useful_code.defaults import DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.formats import standardize_pairs
 from useful_code.hardware import default_device
 from useful_code.modeling import load_backbone
-from useful_code.templates import encode_conversations, reject_special_tokens
+from useful_code.templates import encode_conversations, reject_special_tokens, reject_untemplatable
 
 DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
 

@@ -171,7 +171,7 @@ def main():
         num_proc = training_args.dataset_num_proc
         rows, held_out, data_stats = load_rows(script_args, tokenizer, training_args.seed, num_proc)
         train, token_stats = tokenize_examples(rows, tokenizer, training_args.max_length, script_args.overlength,
-                                               "train set", num_proc)
+                                               "train set", num_proc, script_args.skip_invalid)
     data_stats["train"].update(token_stats, used=len(train))
     if len(train) == 0:
         raise UserError("no examples left to train on after validation and length filtering")

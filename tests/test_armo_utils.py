@@ -36,7 +36,7 @@ from useful_code.armo_data import (
     shard_path,
     shard_rows,
 )
-from useful_code.armo_embeddings import chat_template_error, embed, gating_pattern, reject_untemplatable
+from useful_code.armo_embeddings import embed, gating_pattern
 from useful_code.armo_fit import (
     CORRELATION_THRESHOLD,
     PENALTY_GRID,
@@ -51,7 +51,7 @@ from useful_code.defaults import ASSETS, DEFAULT_MODEL
 from useful_code.formats import validate_conversations
 from useful_code.modeling import load_backbone
 from useful_code.modeling_armo_rm import GatingNetwork, armo_score, find_gating_positions
-from useful_code.templates import encode_conversations, load_tokenizer
+from useful_code.templates import chat_template_error, encode_conversations, load_tokenizer, reject_untemplatable
 
 GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == "
                   "'assistant' else message['role']) + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"

@@ -868,6 +868,38 @@ def test_a_chat_template_that_refuses_a_conversation_is_one_line():
                                    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]])
 
 
+def test_rows_a_chat_template_refuses_are_named_or_dropped_in_training_and_named_in_scoring(tok):
+    """Gemma's template refuses a system message: BT training (tokenize_pairs), math training (tokenize_examples)
+    and the server's scorer name the row or conversation; --skip_invalid drops the rows, counted."""
+    from useful_code.math_data import tokenize_examples
+    from useful_code.reward_scorer import RewardScorer
+
+    gemma_like = load_tokenizer(DEFAULT_MODEL, "--model")
+    gemma_like.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                                "supported') }}{% endif %}" + tok.chat_template)
+    system = conv("s", "Be brief.", "u", "q", "a", "yes")
+    pairs = Dataset.from_list([{"chosen": conv("u", "q", "a", "yes"), "rejected": conv("u", "q", "a", "no")},
+                               {"chosen": system, "rejected": system[:-1] + [msg("assistant", "no")]}])
+    with pytest.raises(UserError, match=r"^set: 1 of 2 rows are invalid \(chat_template_rejects: 1\); first: row 1 "
+                                        r".*it raised: 'System role not supported'"):
+        tokenize_pairs(pairs, gemma_like, 512, "truncate", "set")
+    kept, stats = tokenize_pairs(pairs, gemma_like, 512, "truncate", "set", skip_invalid=True)
+    assert len(kept) == 1 and stats["chat_template_rejects"] == 1 and kept["chosen"][0] == pairs["chosen"][0]
+
+    steps = Dataset.from_list([{"messages": conv("u", "Step 1", "a", "+")}, {"messages": conv("s", "x", "u", "Step 1",
+                                                                                              "a", "-")}])
+    with pytest.raises(UserError, match=r"first: row 1 \(chat_template_rejects\)"):
+        tokenize_examples(steps, gemma_like, 512, "error", "set")
+    kept, stats = tokenize_examples(steps, gemma_like, 512, "error", "set", skip_invalid=True)
+    assert len(kept) == 1 and stats == {"dropped_overlength": 0, "chat_template_rejects": 1}
+
+    scorer = RewardScorer.__new__(RewardScorer)  # only its encoding is used: no model
+    scorer.tokenizer, scorer.adds_bos = gemma_like, tokenizer_adds_bos(gemma_like)
+    with pytest.raises(UserError, match=r"^conversation 1: the model's chat template refuses it \(System role not "
+                                        r"supported\)$"):
+        scorer.encode_conversations([pairs["chosen"][0], system])
+
+
 def test_special_token_pattern_is_the_same_in_every_process():
     # Equal-length tokens (<|reserved_special_token_0|>, _1|>) came in a set's order, which the hash seed decides:
     # the pattern, and so the fingerprint of the maps that use it, differed between processes, and the tokenized

@@ -10,15 +10,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from jinja2.exceptions import TemplateError
 
 from useful_code.cli import UserError
 from useful_code.defaults import DEFAULT_MODEL
-from useful_code.formats import enforce_validity
 from useful_code.modeling_armo_rm import find_gating_positions
 from useful_code.packing import packed_hidden_states, packed_rows, padding_free_ready, supports_prefix_sharing
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device, token_budget_field
-from useful_code.templates import render_conversations
+from useful_code.templates import chat_template_error, render_conversations
 
 
 @dataclass
@@ -38,36 +36,6 @@ class PrepareArguments:
     trust_remote_code: bool = field(default=False)
     load_pickled_weights: bool = field(default=False, metadata={
         "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
-
-
-TEMPLATE_REJECTS = "chat_template_rejects"
-
-
-def chat_template_error(tokenizer, conversation: list[dict]) -> str:
-    """'' when the tokenizer's chat template renders the conversation, else the template's own message (Gemma-2's
-    template raises 'System role not supported' for a system message)."""
-    try:
-        tokenizer.apply_chat_template(conversation, tokenize=False)
-    except TemplateError as err:
-        return str(err) or type(err).__name__
-    return ""
-
-
-def reject_untemplatable(dataset, tokenizer, columns: tuple[str, ...], skip_invalid: bool, name: str):
-    """Check that the chat template renders every conversation of the given message-list columns: a row it refuses
-    is an error naming the row and the template's message, or with skip_invalid is dropped and counted (where
-    templating would stop the run with a jinja traceback). Returns (dataset, number dropped)."""
-
-    def check(row) -> dict:
-        error = next((e for e in (chat_template_error(tokenizer, row[c]) for c in columns) if e), "")
-        return {"invalid_reason": TEMPLATE_REJECTS if error else "", "template_error": error}
-
-    marked = dataset.map(check, desc=f"checking {name} against the chat template")
-    said = sorted({e for e in marked["template_error"] if e})
-    rules = {TEMPLATE_REJECTS: "the model's chat template must accept the conversation (it raised: "
-                               f"{'; '.join(map(repr, said[:3]))}{' ...' if len(said) > 3 else ''})"}
-    checked, stats = enforce_validity(marked.remove_columns("template_error"), rules, skip_invalid, name)
-    return checked, stats["read"] - stats["used"]
 
 
 # Probe messages of gating_pattern: distinctive words that tokenize apart from any template's markers (no leading or

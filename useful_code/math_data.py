@@ -15,7 +15,14 @@ from datasets import Features, Value
 from useful_code.cli import UserError
 from useful_code.defaults import ASSETS
 from useful_code.formats import MESSAGES_FEATURE, enforce_validity, map_rows
-from useful_code.templates import enforce_max_length, render_conversations, special_token_pattern
+from useful_code.templates import (
+    TEMPLATE_REJECTS,
+    TemplateRefusal,
+    enforce_max_length,
+    reject_untemplatable,
+    render_conversations,
+    special_token_pattern,
+)
 
 LABELS = ("+", "-")
 TOY_MATH = ASSETS / "data" / "toy_math"
@@ -158,12 +165,12 @@ def encode_labeled(tokenizer, conversations: list[list[dict]], name: str = "data
 
 
 def tokenize_examples(dataset, tokenizer, max_length: int, overlength: str, name: str,
-                      num_proc: Optional[int] = None):
+                      num_proc: Optional[int] = None, skip_invalid: bool = False):
     """input_ids = the templated chat; labels = -100 except on every label token, so the loss is on the "+"/"-"
     answers alone. An example longer than max_length is an error naming the first by its text, or with overlength ==
     'drop' is dropped and counted (a cut would lose the problem or the last labels). num_proc: datasets.map's
-    processes (placing the labels renders every step's prefix: about 400 rows/s on one core). Returns (dataset,
-    stats)."""
+    processes (placing the labels renders every step's prefix: about 400 rows/s on one core). A row the chat
+    template refuses is an error naming it, or with skip_invalid dropped and counted. Returns (dataset, stats)."""
     if overlength not in ("error", "drop"):
         raise UserError(f"--overlength must be 'error' or 'drop' for a math reward model, not '{overlength}'")
 
@@ -177,10 +184,17 @@ def tokenize_examples(dataset, tokenizer, max_length: int, overlength: str, name
             labels.append(masked)
         return {"input_ids": [ids for ids, _ in encoded], "labels": labels}
 
-    encoded = dataset.map(encode, batched=True, with_indices=True, num_proc=num_proc,
-                          remove_columns=dataset.column_names, desc=f"tokenizing {name}")
+    def tokenize(rows):
+        return rows.map(encode, batched=True, with_indices=True, num_proc=num_proc, remove_columns=rows.column_names,
+                        desc=f"tokenizing {name}")
+
+    try:
+        encoded, refused = tokenize(dataset), 0
+    except TemplateRefusal:  # Gemma's template and a system message: name the rows, or drop them (skip_invalid)
+        dataset, refused = reject_untemplatable(dataset, tokenizer, ("messages",), skip_invalid, name)
+        encoded = tokenize(dataset)
     encoded, dropped = enforce_max_length(encoded, max_length, overlength, name, tokenizer)
-    return encoded, {"dropped_overlength": dropped}
+    return encoded, {"dropped_overlength": dropped, **({TEMPLATE_REJECTS: refused} if refused else {})}
 
 
 # ============================================================================ evaluation rows

@@ -19,7 +19,9 @@ from useful_code.pm_scoring import PairPreferenceScorer, knockout_tournaments
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences, split_by_sizes
 from useful_code.templates import (
     SPECIAL_TOKEN_RULES,
+    TemplateRefusal,
     assistant_turn_end,
+    chat_template_error,
     encode_conversations,
     special_token_pattern,
     tokenizer_adds_bos,
@@ -142,7 +144,12 @@ class RewardScorer:
                              where: str = "conversation {}") -> tuple[list[list[int]], int]:
         """Token ids of conversations templated with the checkpoint's tokenizer, cut from the left to max_length
         (as in training and evaluation); and how many were cut. where names item i in an error (where.format(i))."""
-        sequences = encode_conversations(self.tokenizer, conversations, adds_bos=self.adds_bos)
+        try:
+            sequences = encode_conversations(self.tokenizer, conversations, adds_bos=self.adds_bos)
+        except TemplateRefusal as err:  # name the conversation the template refuses (Gemma: a system message)
+            i = next((i for i, c in enumerate(conversations) if chat_template_error(self.tokenizer, c)), None)
+            raise (err if i is None else UserError(f"{where.format(i)}: the model's chat template refuses it "
+                                                   f"({chat_template_error(self.tokenizer, conversations[i])})"))
         return self._truncate(sequences, where)
 
     def _truncate(self, sequences: list[list[int]], where: str) -> tuple[list[list[int]], int]:

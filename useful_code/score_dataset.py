@@ -46,6 +46,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from useful_code.armo_embeddings import holds_pattern
 from useful_code.checkpoints import (
     atomic_write_lines,
     atomic_write_text,
@@ -53,7 +54,6 @@ from useful_code.checkpoints import (
     own_lock,
     take_lock,
 )
-from useful_code.armo_embeddings import holds_pattern
 from useful_code.cli import ModelOutputError, UserError, limits_aware_parser, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.data_parallel import finish, map_across_ranks, process_state

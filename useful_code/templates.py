@@ -13,6 +13,12 @@ from transformers import AutoTokenizer
 from useful_code.cli import UserError, load_error
 from useful_code.formats import enforce_validity, map_rows
 
+
+class TemplateRefusal(UserError):
+    """The chat template raised for a conversation (Gemma's "System role not supported"): the data's fault, said in
+    one line; callers that can name the row and drop it (--skip_invalid) catch it (reject_untemplatable)."""
+
+
 SPECIAL_TOKEN_RULES = {
     "special_token_in_content": "no message may contain one of the tokenizer's special tokens as text (it would "
                                 "become a real control token, such as a forged turn break)",
@@ -151,6 +157,36 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return len(marked) > len(plain) and marked[0] in tokenizer.all_special_ids and marked[1:1 + len(plain)] == plain
 
 
+TEMPLATE_REJECTS = "chat_template_rejects"
+
+
+def chat_template_error(tokenizer, conversation: list[dict]) -> str:
+    """'' when the tokenizer's chat template renders the conversation, else the template's own message (Gemma-2's
+    template raises 'System role not supported' for a system message)."""
+    try:
+        tokenizer.apply_chat_template(conversation, tokenize=False)
+    except TemplateError as err:
+        return str(err) or type(err).__name__
+    return ""
+
+
+def reject_untemplatable(dataset, tokenizer, columns: tuple[str, ...], skip_invalid: bool, name: str):
+    """Check that the chat template renders every conversation of the given message-list columns: a row it refuses
+    is an error naming the row and the template's message, or with skip_invalid is dropped and counted (where
+    templating would stop the run with a jinja traceback). Returns (dataset, number dropped)."""
+
+    def check(row) -> dict:
+        error = next((e for e in (chat_template_error(tokenizer, row[c]) for c in columns) if e), "")
+        return {"invalid_reason": TEMPLATE_REJECTS if error else "", "template_error": error}
+
+    marked = dataset.map(check, desc=f"checking {name} against the chat template")
+    said = sorted({e for e in marked["template_error"] if e})
+    rules = {TEMPLATE_REJECTS: "the model's chat template must accept the conversation (it raised: "
+                               f"{'; '.join(map(repr, said[:3]))}{' ...' if len(said) > 3 else ''})"}
+    checked, stats = enforce_validity(marked.remove_columns("template_error"), rules, skip_invalid, name)
+    return checked, stats["read"] - stats["used"]
+
+
 # The date a template that writes one sees (Llama 3.2's "Today Date: ..." is today's unless given): one fixed date, so
 # that training, evaluation and serving on different days template the same text and give the same rewards. It is
 # Llama 3.1's own default; templates without a date ignore it.
@@ -166,7 +202,7 @@ def render_conversations(tokenizer, conversations: list[list[dict]], add_generat
         texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt,
                                               date_string=TEMPLATE_DATE)
     except TemplateError as err:  # a template's own refusal (Gemma's "System role not supported"): the data's fault
-        raise UserError(f"the model's chat template refuses a conversation of this data ({err}); change the data "
+        raise TemplateRefusal(f"the model's chat template refuses a conversation of this data ({err}); change the data "
                         "(e.g. merge a system message into the first user turn)") from None
     bos = tokenizer.bos_token
     if bos and (tokenizer_adds_bos(tokenizer) if adds_bos is None else adds_bos):
@@ -227,12 +263,12 @@ def reject_same_tokens(encoded, skip_invalid: bool, name: str):
 
 def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: str, skip_invalid: bool = False,
                    num_proc: Optional[int] = None, keep_same_tokens: bool = False):
-    """Add chosen_input_ids / rejected_input_ids / length columns. A pair whose text holds a special token, or whose
-    responses template to the same tokens (reject_same_tokens), is an error, or dropped and counted with
-    skip_invalid (keep_same_tokens: kept and counted, for an evaluation, which scores them as ties as reward-bench
-    does). Over-long sequences are truncated from the left (upstream's rule: the response end, where the
-    reward is read, is kept; so is the BOS/[CLS] the tokenizer adds, as in truncate_left) or dropped when overlength
-    == 'drop'; either way the count is printed. num_proc: processes for datasets.map
+    """Add chosen_input_ids / rejected_input_ids / length columns. A pair whose text holds a special token, that the
+    chat template refuses, or whose responses template to the same tokens (reject_same_tokens), is an error, or
+    dropped and counted with skip_invalid (keep_same_tokens: kept and counted, for an evaluation, which scores them
+    as ties as reward-bench does). Over-long sequences are truncated from the left (upstream's rule: the response
+    end, where the reward is read, is kept; so is the BOS/[CLS] the tokenizer adds, as in truncate_left) or dropped
+    when overlength == 'drop'; either way the count is printed. num_proc: processes for datasets.map
     (tokenizing is most of the work before training: about 80 s per 100K pairs on one core). Returns (dataset,
     stats)."""
     if overlength not in ("truncate", "drop"):
@@ -256,14 +292,19 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: s
             "same_tokens": [c == r for c, r in zip(chosen, rejected)],
         }
 
-    encoded = dataset.map(encode, batched=True, num_proc=num_proc, desc=f"tokenizing {name}")
+    try:
+        encoded = dataset.map(encode, batched=True, num_proc=num_proc, desc=f"tokenizing {name}")
+        refused = 0
+    except TemplateRefusal:  # Gemma's template and a system message: name the rows, or drop them (--skip_invalid)
+        dataset, refused = reject_untemplatable(dataset, tokenizer, ("chosen", "rejected"), skip_invalid, name)
+        encoded = dataset.map(encode, batched=True, num_proc=num_proc, desc=f"tokenizing {name}")
     if keep_same_tokens:
         encoded, same = encoded.remove_columns("same_tokens"), sum(encoded["same_tokens"])
     else:
         encoded, same = reject_same_tokens(encoded, skip_invalid, name)
     n_over = sum(encoded["overlength"])
     stats = {"overlength": n_over, "truncated": 0, "dropped_overlength": 0, "special_token_in_content": forged,
-             "same_tokens": same}
+             "same_tokens": same, **({TEMPLATE_REJECTS: refused} if refused else {})}
     if n_over and overlength == "drop":
         encoded = encoded.filter(lambda over: not over, input_columns="overlength")
         stats["dropped_overlength"] = n_over
