@@ -84,6 +84,10 @@ class ScriptArguments:
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, flash_attention_2 or eager."})
     load_pickled_weights: bool = field(default=False, metadata={
         "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "Replaces the model's chat template: a Jinja file, or chatml, llama3 or plain (for a base model, or "
+                "one whose template writes more than the generation prompt before a label, such as Qwen3's think "
+                "block). Saved with the checkpoint's tokenizer."})
 
 
 @dataclass
@@ -165,7 +169,7 @@ def main():
 
     # Data: validated chats, tokenized with the loss on the "+"/"-" label tokens only.
     tokenizer = load_tokenizer(script_args.model_name_or_path, "--model_name_or_path",
-                               training_args.trust_remote_code)
+                               training_args.trust_remote_code, script_args.chat_template)
     with training_args.main_process_first():
         # SFTConfig's --dataset_num_proc also runs these maps (checks and label placement) in that many processes.
         num_proc = training_args.dataset_num_proc

@@ -272,10 +272,11 @@ def test_a_template_that_refuses_system_turns(armo, tmp_path):
     assert "Checkpoint verified: the reloaded scores match stage 2's scores from embeddings" in proc.stdout
     assert "on 16 inputs" in proc.stdout
 
-    # A template that accepts no toy pair: one line, and neither a model nor a staging directory is left.
-    refusing = backbone_with_template(tmp_path / "user_only", "{% for m in messages %}{% if m['role'] == "
-                                      "'assistant' %}{{ raise_exception('No replies here') }}{% endif %}{% endfor %}"
-                                      + own)
+    # A template that accepts no toy pair (only short replies, as gating_pattern's probes are; every toy pair's
+    # chosen reply is longer): one line, and neither a model nor a staging directory is left.
+    refusing = backbone_with_template(tmp_path / "user_only", "{% for m in messages %}{% if m['role'] == 'assistant' "
+                                      "and m['content'] | length > 40 %}{{ raise_exception('No replies here') }}"
+                                      "{% endif %}{% endfor %}" + own)
     summary["arguments"]["model_path"] = str(refusing)
     (head / "armo_head.json").write_text(json.dumps(summary))
     line = error_line(run(stage("export.py", "--model_path", refusing, "--head_dir", head, "--output_path",

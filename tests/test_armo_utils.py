@@ -869,7 +869,8 @@ def test_conversations_the_chat_template_refuses_name_the_row(tok):
 def test_gating_pattern_of_a_template_that_renders_nothing_is_one_error(tok):
     broken = copy.deepcopy(tok)
     broken.chat_template = "{{ raise_exception('Unsupported') }}"
-    with pytest.raises(UserError, match=r"the model's chat template refuses a conversation of this data \(Unsupported\)"):
+    with pytest.raises(UserError, match=r"^the chat template refuses a plain user-then-assistant conversation "
+                                        r"\(Unsupported\), so ArmoRM's gating position"):
         gating_pattern(broken)
 
 

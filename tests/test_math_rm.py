@@ -244,6 +244,19 @@ def test_a_template_that_is_not_prefix_stable_is_an_error(tok):
         encode_labeled(odd, [SOLUTION])
 
 
+def test_a_template_writing_more_than_the_generation_prompt_before_a_label_is_an_error_quoting_it(tok):
+    """Qwen3's template writes an empty think block before the last assistant turn only: the prefixes are prefixes,
+    but the last label is not where its prefix's generation prompt ends."""
+    qwen3_like = load_tokenizer(DEFAULT_MODEL, "m")
+    qwen3_like.chat_template = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{% if m['role'] == 'assistant' and loop.last %}<think></think>{% endif %}{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    with pytest.raises(UserError, match=r"^data: row 0: the chat template writes '<think></think>-<\|eot_id\|>' where "
+                                        r"the generation prompt ends, not the label '-'.*--chat_template\)$"):
+        encode_labeled(qwen3_like, [SOLUTION])
+
+
 def test_processes_give_the_same_examples_and_name_the_same_rows(tok):
     """--dataset_num_proc (num_proc) splits the rows into shards: the examples are the serial ones, in order, and a
     row's error names its index in the whole set, not in its shard."""

@@ -86,7 +86,11 @@ def gating_pattern(tokenizer) -> list[int]:
     upstream's hard-coded patterns; its first token is where the prompt embedding is read. A template whose
     conversations hold no such pattern, or hold it again after the last user turn, is a one-line UserError."""
     user, answer, user2, answer2 = ({"role": r, "content": c} for r, c in zip(("user", "assistant") * 2, _GATE_TURNS))
-    probes = [[user, answer], [user2, answer2]]  # a template that refuses them is a UserError in render_conversations
+    probes = [[user, answer], [user2, answer2]]
+    refused = chat_template_error(tokenizer, probes[0])
+    if refused:
+        raise UserError(f"the chat template refuses a plain user-then-assistant conversation ({refused}), so ArmoRM's "
+                        "gating position (the end of the last user turn) cannot be located")
     for optional in ([{"role": "system", "content": _GATE_SYSTEM}, user, answer], [user, answer, user2, answer2]):
         if not chat_template_error(tokenizer, optional):  # Gemma-2 refuses a system message: that data is refused too
             probes.append(optional)

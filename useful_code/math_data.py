@@ -150,10 +150,15 @@ def encode_labeled(tokenizer, conversations: list[list[dict]], name: str = "data
     result = [(ids, []) for ids in encodings["input_ids"]]
     for (row, label), prefix in zip(owners, prefix_texts):
         start = len(prefix)
-        if not (texts[row].startswith(prefix) and texts[row].startswith(label, start)):
+        if not texts[row].startswith(prefix):
             raise UserError(f"{name}: row {first_row + row}: the chat template does not render the conversation as "
                             "its turns in order (a prefix of it rendered with the generation prompt is not a prefix "
                             "of the whole)")
+        if not texts[row].startswith(label, start):  # Qwen3: an empty think block before the last answer only
+            raise UserError(f"{name}: row {first_row + row}: the chat template writes {texts[row][start:start + 30]!r} "
+                            f"where the generation prompt ends, not the label {label!r}: one forward would not read "
+                            "each step as its own prefix does; train with a chat template that writes the label right "
+                            "after the generation prompt (math-rm/train.py --chat_template)")
         position = encodings.char_to_token(row, start)
         if position is None or result[row][0][position] != label_ids[label]:
             found = None if position is None else tokenizer.convert_ids_to_tokens(result[row][0][position])

@@ -199,11 +199,11 @@ def render_conversations(tokenizer, conversations: list[list[dict]], add_generat
     adds its own, so every sequence starts with exactly one BOS; a template that writes a date gets TEMPLATE_DATE.
     adds_bos: tokenizer_adds_bos(tokenizer), when the caller has it already (a server asks once, not per request)."""
     try:
-        texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                              date_string=TEMPLATE_DATE)
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False,
+                                              add_generation_prompt=add_generation_prompt, date_string=TEMPLATE_DATE)
     except TemplateError as err:  # a template's own refusal (Gemma's "System role not supported"): the data's fault
-        raise TemplateRefusal(f"the model's chat template refuses a conversation of this data ({err}); change the data "
-                        "(e.g. merge a system message into the first user turn)") from None
+        raise TemplateRefusal(f"the model's chat template refuses a conversation of this data ({err}); change the "
+                              "data (e.g. merge a system message into the first user turn)") from None
     bos = tokenizer.bos_token
     if bos and (tokenizer_adds_bos(tokenizer) if adds_bos is None else adds_bos):
         texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
