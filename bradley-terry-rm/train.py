@@ -410,9 +410,10 @@ def main(default_config: str = DEFAULT_CONFIG):
         train, held_out, data_stats = load_pairs(args, training_args.seed)
         train, train_tok = tokenize_pairs(train, tokenizer, training_args.max_length, args.overlength, "train set",
                                           args.skip_invalid, args.dataset_num_proc)
-        # Held-out pairs are truncated as in evaluation, never dropped: the accuracy is on the set the user chose.
+        # Held-out pairs are truncated as in evaluation, never dropped: the accuracy is on the set the user chose
+        # (a pair whose responses become the same tokens scores as a tie, as in evaluation).
         held_out, eval_tok = tokenize_pairs(held_out, tokenizer, training_args.max_length, "truncate", "eval set",
-                                            args.skip_invalid)
+                                            args.skip_invalid, keep_same_tokens=True)
     if args.loss_type == "odin":  # the held-out loss is plain BT: only the training pairs need lengths
         if lora_args.use_peft:
             raise UserError("--loss_type odin with --use_peft is not supported yet: train ODIN's heads in full")

@@ -836,8 +836,15 @@ def test_responses_that_template_to_the_same_tokens_are_an_error_or_a_counted_dr
     pairs = Dataset.from_list([{"chosen": conv("u", "q", "a", "yes"), "rejected": conv("u", "q", "a", "no")},
                                {"chosen": conv("u", "q", "a", "  Sure."), "rejected": conv("u", "q", "a", "Sure.\n")}])
     with pytest.raises(UserError, match=r"^set: 1 of 2 pairs have chosen and rejected responses that differ as text "
-                                        r"but template .* \(first: chosen response 'Sure.'\)"):
+                                        r"but not as tokens \(0 once cut to max_length=512 from the left, 1 as the "
+                                        r"chat template writes them; first: chosen response 'Sure.'\)"):
         tokenize_pairs(pairs, tok, 512, "truncate", "set")
+    # The left cut makes two responses that differ only in their first words the same tokens: said as the cause.
+    long_pairs = Dataset.from_list([{"chosen": conv("u", "q", "a", "Yes. " + "and so on " * 40),
+                                     "rejected": conv("u", "q", "a", "No. " + "and so on " * 40)}])
+    with pytest.raises(UserError, match=r"1 of 1 pairs .* \(1 once cut to max_length=32 from the left, 0 as the chat "
+                                        r"template writes them"):
+        tokenize_pairs(long_pairs, tok, 32, "truncate", "set")
     kept, stats = tokenize_pairs(pairs, tok, 512, "truncate", "set", skip_invalid=True)
     assert len(kept) == 1 and stats["same_tokens"] == 1 and kept["chosen"][0][-1]["content"] == "yes"
     assert "same_tokens" not in kept.column_names

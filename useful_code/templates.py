@@ -244,20 +244,25 @@ def truncate_all(tokenizer, sequences: list[list[int]], max_length: int,
     return [truncate_left(s, max_length, keep_first) for s in sequences], cut
 
 
-def reject_same_tokens(encoded, skip_invalid: bool, name: str):
-    """Pairs whose chosen and rejected differ as text but not as templated, cut tokens (a template that drops
-    reasoning before '</think>', or trims spaces): such a pair teaches nothing and scores as a tie. An error naming
-    the first, or with skip_invalid dropped and counted. Returns (dataset without the same_tokens column, count)."""
+def reject_same_tokens(encoded, skip_invalid: bool, name: str, max_length: int):
+    """Pairs whose chosen and rejected differ as text but not as templated, cut tokens: the chat template drops what
+    tells them apart (reasoning before '</think>', surrounding spaces), or the left cut to max_length does (they
+    differ only before their last max_length tokens). Such a pair teaches nothing and scores as a tie. An error
+    naming the first and the cause, or with skip_invalid dropped and counted. Returns (dataset without the
+    same_tokens column, count)."""
     same = [i for i, flag in enumerate(encoded["same_tokens"]) if flag]
     if same and not skip_invalid:
+        cut = sum(encoded[i]["overlength"] for i in same)
         response = " ".join(encoded[same[0]]["chosen"][-1]["content"].split())[:60]
         raise UserError(f"{name}: {len(same)} of {len(encoded)} pairs have chosen and rejected responses that differ "
-                        f"as text but template (and cut to max_length) to the same tokens (first: chosen response "
-                        f"{response!r}): the chat template drops what tells them apart; pass --skip_invalid to drop "
-                        "them (counted)")
+                        f"as text but not as tokens ({cut} once cut to max_length={max_length} from the left, "
+                        f"{len(same) - cut} as the chat template writes them; first: chosen response {response!r}): "
+                        "such a pair teaches nothing; raise --max_length where it is the cut, or pass --skip_invalid "
+                        "to drop them (counted)")
     if same:
         encoded = encoded.filter(lambda flag: not flag, input_columns="same_tokens")
-        print(f"[{name}] dropped {len(same)} pairs whose responses template to the same tokens (--skip_invalid)")
+        print(f"[{name}] dropped {len(same)} pairs whose responses are the same tokens once templated and cut to "
+              f"max_length={max_length} (--skip_invalid)")
     return encoded.remove_columns("same_tokens"), len(same)
 
 
@@ -301,7 +306,7 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: s
     if keep_same_tokens:
         encoded, same = encoded.remove_columns("same_tokens"), sum(encoded["same_tokens"])
     else:
-        encoded, same = reject_same_tokens(encoded, skip_invalid, name)
+        encoded, same = reject_same_tokens(encoded, skip_invalid, name, max_length)
     n_over = sum(encoded["overlength"])
     stats = {"overlength": n_over, "truncated": 0, "dropped_overlength": 0, "special_token_in_content": forged,
              "same_tokens": same, **({TEMPLATE_REJECTS: refused} if refused else {})}
