@@ -194,12 +194,13 @@ class RewardScorer:
         if self._leading_padding is not None:
             text = self._leading_padding.sub("", text)
         body = self._trailing_padding.sub("", text) if self._trailing_padding is not None else text
-        for start in ([self._turn_end_body] if self._turn_end_body else []) + self._turn_end_starts:
+        ended = body != text  # the response ended with EOS or padding: its turn is over
+        # A whitespace-only ending (Llama-2's ' ' before '</s>') marks no turn end by itself: only before an EOS.
+        whole = [self._turn_end_body] if self._turn_end_body.strip() or (ended and self._turn_end_body) else []
+        for start in whole + self._turn_end_starts:
             if body.endswith(start):
                 return body + self.turn_end[len(start):]
-        if body != text:  # the response ended with EOS or padding: its turn is over
-            return body + (self.turn_end or self.tokenizer.eos_token)
-        return body
+        return body + (self.turn_end or self.tokenizer.eos_token) if ended else body
 
     def encode_texts(self, texts: list[str]) -> tuple[list[list[int]], int]:
         """Token ids of already templated texts (a prompt and its response, as OpenRLHF sends them), ending as the
