@@ -146,10 +146,13 @@ class RewardScorer:
         (as in training and evaluation); and how many were cut. where names item i in an error (where.format(i))."""
         try:
             sequences = encode_conversations(self.tokenizer, conversations, adds_bos=self.adds_bos)
-        except TemplateRefusal as err:  # name the conversation the template refuses (Gemma: a system message)
-            i = next((i for i, c in enumerate(conversations) if chat_template_error(self.tokenizer, c)), None)
-            raise (err if i is None else UserError(f"{where.format(i)}: the model's chat template refuses it "
-                                                   f"({chat_template_error(self.tokenizer, conversations[i])})"))
+        except TemplateRefusal:  # name the conversation the template refuses (Gemma: a system message)
+            refused = next(((i, e) for i, e in enumerate(chat_template_error(self.tokenizer, c) for c in conversations)
+                            if e), None)
+            if refused is None:
+                raise
+            index, message = refused
+            raise UserError(f"{where.format(index)}: the model's chat template refuses it ({message})") from None
         return self._truncate(sequences, where)
 
     def _truncate(self, sequences: list[list[int]], where: str) -> tuple[list[list[int]], int]:
