@@ -82,7 +82,9 @@ def main():
     keep = embedded.nonzero().flatten().tolist()
     last, gated = embed(model, tokenizer, [chosen[i] for i in keep] + [rejected[i] for i in keep],
                         args.batch_size, gating_pattern_ids=pattern,
-                        max_tokens_per_batch=args.max_tokens_per_batch)
+                        max_tokens_per_batch=args.max_tokens_per_batch,
+                        name=lambda i: f"--dataset_path row {rows[keep[i % len(keep)]]} "
+                                       f"({'chosen' if i < len(keep) else 'rejected'})")
     hidden = model.config.hidden_size
     embeddings = torch.zeros(len(shard), 2, hidden, dtype=last.dtype)
     prompt_embeddings = torch.zeros(len(shard), 2, hidden, dtype=last.dtype)

@@ -458,7 +458,8 @@ def test_embed_refuses_a_sequence_without_the_gating_pattern(backbone):
         embed(model, tokenizer, [good, good[:5]], 2, gating_pattern_ids=pattern, progress=False)
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match=r"^row 7 \(chosen\) does not hold"):
-        embed(model, tokenizer, [good[:5]], 2, gating_pattern_ids=pattern, progress=False, where="row 7 (chosen)")
+        embed(model, tokenizer, [good[:5]], 2, gating_pattern_ids=pattern, progress=False,
+              name=lambda i: f"row {i + 7} (chosen)")
 
 
 def test_find_gating_positions_by_hand():

@@ -93,10 +93,11 @@ def status_and_error(response: bytes) -> tuple[int, str]:
 
 def test_armo_input_without_a_user_turn_is_a_400_and_fails_no_other_request(armo):
     good = ("/score", {"conversations": [[QUESTION, {"role": "assistant", "content": "Knead and bake."}]]})
-    cases = [("/get_reward", {"query": ["hello"]}, "query 0: ArmoRM needs a user turn", "it has none"),
+    cases = [("/get_reward", {"query": ["hello"]}, "query 0 does not hold the gating pattern", "do not meet"),
              ("/score", {"conversations": [CONVERSATIONS[0], [QUESTION, {"role": "assistant",
                                                                       "content": "bread " * 400}]]},
-              "conversations[1]: ArmoRM needs a user turn", "cut from the left to max_length=64")]
+              "conversations[1] does not hold the gating pattern",
+              "cut from the left to max_length=64")]
     with Server(armo, trust_remote_code=True, max_length=64, batch_wait_ms=300) as server:
         for endpoint, body, message, why in cases:
             code, answer = raw_post(server.url + endpoint, json.dumps(body).encode())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -122,29 +122,34 @@ def holds_pattern(ids: list[int], pattern) -> bool:
     return bool((windows == np.asarray(pattern)).all(axis=1).any())
 
 
-def check_gating_sequences(tokenizer, sequences: list[list[int]], pattern: list[int], where: str) -> None:
-    """Every sequence must hold the gating pattern, where ArmoRM reads the prompt: one that does not (a tokenizer can
-    merge the template's last marker token with the response's first characters, e.g. a newline) is a UserError naming
-    where.format(i), before any forward (find_gating_positions would stop the run with a ValueError naming a batch
-    row)."""
+def check_gating_sequences(tokenizer, sequences: list[list[int]], pattern, name: Callable[[int], str],
+                           cut_to: Optional[int] = None, was_cut: Optional[list[bool]] = None) -> None:
+    """Every sequence must hold the gating pattern (the end of a user turn and the start of the assistant's), where
+    ArmoRM reads the prompt: one that does not (a tokenizer can merge the template's last marker token with the
+    response's first characters, e.g. a newline; or, was_cut[i], the cut from the left to cut_to tokens took its user
+    turn) is a UserError naming name(i) and the rule, before any forward (the model would fail the whole batch with a
+    ValueError naming a batch row)."""
     for i, ids in enumerate(sequences):
         if not holds_pattern(ids, pattern):
-            raise UserError(f"{where.format(i)} does not hold the gating pattern {tokenizer.decode(pattern)!r} (tokens "
-                            f"{list(pattern)}) that ArmoRM reads the prompt at: its user turn and the assistant's "
-                            f"response do not meet as the chat template writes them ({tokenizer.decode(ids)[:200]!r})")
+            why = (f"after the cut from the left to max_length={cut_to} tokens, its user turn is gone (shorten it)"
+                   if was_cut and was_cut[i] else "its user turn and the assistant's response do not meet as the "
+                   f"chat template writes them ({tokenizer.decode(ids)[:200]!r})")
+            raise UserError(f"{name(i)} does not hold the gating pattern {tokenizer.decode(pattern)!r} (tokens "
+                            f"{np.asarray(pattern).tolist()}) that ArmoRM reads the prompt at: {why} "
+                            "(no_user_turn_for_gating)")
 
 
 @torch.inference_mode()
 def embed(model, tokenizer, sequences: list[list[int]], batch_size: int, gating_pattern_ids=None,
           progress: bool = True, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS,
-          where: str = "sequence {} to embed") -> tuple[torch.Tensor, torch.Tensor | None]:
+          name: Callable[[int], str] = "sequence {} to embed".format) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Final-layer hidden state at each sequence's last token, and (with gating_pattern_ids) at its gating
     position; packed without padding up to max_tokens_per_batch tokens per forward where the model allows
     (packing.enable_padding_free), else batched by length (longest first) with right padding. Returns CPU tensors in
-    the model's dtype. A sequence without the gating pattern is a UserError naming where.format(its index)
+    the model's dtype. A sequence without the gating pattern is a UserError naming name(its index)
     (check_gating_sequences)."""
     if gating_pattern_ids is not None:
-        check_gating_sequences(tokenizer, sequences, gating_pattern_ids, where)
+        check_gating_sequences(tokenizer, sequences, gating_pattern_ids, name)
     device = model_device(model)
     hidden_size = model.config.hidden_size
     last = torch.zeros(len(sequences), hidden_size, dtype=model.dtype)

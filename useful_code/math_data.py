@@ -119,6 +119,7 @@ def to_outcome(messages: list[dict]) -> list[dict]:
 
 
 def label_count(messages: list[dict]) -> int:
+    """How many labels a training conversation carries: one per assistant turn."""
     return sum(m["role"] == "assistant" for m in messages)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from useful_code.armo_embeddings import holds_pattern
+from useful_code.armo_embeddings import check_gating_sequences
 from useful_code.cli import UserError, load_error
 from useful_code.formats import CONVERSATION_RULES, validate_conversation
 from useful_code.modeling import load_for_scoring, load_reward_model
@@ -161,18 +161,11 @@ class RewardScorer:
         return cut_sequences, cut
 
     def check_gating(self, sequences: list[list[int]], where: str, was_cut: Optional[list[bool]] = None) -> None:
-        """ArmoRM: every sequence must hold the gating pattern (the end of a user turn and the start of the
-        assistant's), where the model reads the prompt for its gating weights; a sequence without it is a UserError
-        naming where.format(i) and the rule (the model itself would fail the whole batch). Other kinds: nothing."""
-        if self.gating_pattern is None:
-            return
-        for i, ids in enumerate(sequences):
-            if not holds_pattern(ids, self.gating_pattern):
-                why = (f"after it was cut from the left to max_length={self.max_length} tokens, it has none left "
-                       "(its user turn was cut off: shorten it)" if was_cut and was_cut[i] else "it has none")
-                raise UserError(f"{where.format(i)}: ArmoRM needs a user turn followed by the assistant's response "
-                                f"(its gating pattern, tokens {self.gating_pattern.tolist()}), and {why} "
-                                "(no_user_turn_for_gating)")
+        """ArmoRM: every sequence must hold the gating pattern, a sequence without it is a UserError naming
+        where.format(i) and the rule (check_gating_sequences). Other kinds: nothing."""
+        if self.gating_pattern is not None:
+            check_gating_sequences(self.tokenizer, sequences, self.gating_pattern, where.format, self.max_length,
+                                   was_cut)
 
     def check_conversation(self, messages: list[dict], where: str, ends_with_assistant: bool = True) -> None:
         """The project's rules of a conversation (CONVERSATION_RULES, as the eval scripts and score_dataset apply

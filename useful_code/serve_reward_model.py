@@ -185,22 +185,27 @@ Text = Annotated[StrictStr, AfterValidator(_unicode_text)]
 
 
 class Message(BaseModel):
+    """One chat message; keys besides role and content are ignored, as chat templates ignore them."""
     model_config = ConfigDict(extra="ignore")
     role: Text
     content: Text
 
 
 class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward request: chat-templated prompt + response texts; prompts and labels, one per query
+    when given, are not used for the reward."""
     query: list[Text] = Field(min_length=1)
     prompts: Optional[list[Any]] = None
     labels: Optional[list[Any]] = None
 
 
 class ScoreRequest(BaseModel):
+    """Conversations ending with the assistant's response, templated on the server."""
     conversations: list[list[Message]] = Field(min_length=1)
 
 
 class CompareRequest(BaseModel):
+    """A PM comparison: one context and the responses to compare, pairwise in both orders."""
     context: list[Message] = Field(min_length=1)
     responses: list[Text] = Field(min_length=2)
 
