@@ -11,7 +11,7 @@ the alpha with the lowest validation MSE. Writes <output_dir>/<model>_<dataset>.
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
@@ -55,7 +55,7 @@ def main():
         print(f"  {name:40s} {n_train:6d} train / {n_val:5d} val rows  {shown}")
 
     summary = {"attributes": ATTRIBUTES, **{k: probes[k] for k in ("alpha", "val_mse", "n_train", "n_val")},
-               "embeddings": prefix, "rows": len(embeddings)}
+               "embeddings": prefix, "rows": len(embeddings), "arguments": asdict(args)}
     atomic_save_file({"weight": torch.from_numpy(probes["weight"])}, path, metadata={"json": json.dumps(summary)})
     atomic_write_text(path.with_suffix(".json"), json.dumps(summary, indent=2))
     print(f"Regression weights: {path}")

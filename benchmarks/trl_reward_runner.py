@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from datasets import load_dataset
 from transformers import AutoTokenizer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import RewardConfig, RewardTrainer
 
 from useful_code.cli import parse_args, run_cli
@@ -47,6 +48,15 @@ class CountingRewardTrainer(RewardTrainer):
             self.train_tokens["computed"] += computed
             self.train_tokens["padding"] += computed - real
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # transformers' length grouping drawn from the seed, not the global RNG: the first epoch of the BT trainer's
+        # LengthGroupedBatches, so that both train on the same batches (useful_code/batch_samplers.py).
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+            sampler.generator = torch.Generator().manual_seed(seed)
+        return sampler
 
 
 def held_out_scores(trainer, dataset, batch_size: int) -> tuple[float, float]:

@@ -15,16 +15,17 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from useful_code import checkpoints
+from useful_code.batch_samplers import LengthGroupedBatches, TokenBudgetBatches
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
@@ -50,7 +51,6 @@ from useful_code.losses import (
 from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
 from useful_code.packing import (
-    TokenBudgetBatches,
     enable_padding_free,
     packed_rewards,
     padding_free_unsupported,
@@ -161,7 +161,7 @@ class BradleyTerryTrainer(Trainer):
     def __init__(self, *args, center_rewards_coefficient: float = 0.0, odin: Optional[tuple[float, float]] = None,
                  batch_sampler: Optional[torch.utils.data.Sampler] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batch_sampler = batch_sampler  # token-budget training batches (--max_tokens_per_batch)
+        self.batch_sampler = batch_sampler  # token-budget or length-grouped training batches (batch_samplers.py)
         self.center_rewards_coefficient = center_rewards_coefficient
         self.odin = odin  # (length, orthogonality) coefficients when training ODIN's two heads
         self.batch_metrics: dict[str, list[float]] = {}  # training batches since the last log, as TRL keeps them
@@ -226,23 +226,17 @@ class BradleyTerryTrainer(Trainer):
                 self.train_tokens[key] += value
         return (loss, {"rewards": torch.stack([chosen, rejected], dim=1)}) if return_outputs else loss
 
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        column = self.args.length_column_name
-        if self.args.train_sampling_strategy != "group_by_length" or column not in getattr(dataset, "column_names", ()):
-            return super()._get_train_sampler(train_dataset)
-        # transformers gives LengthGroupedSampler the length column as a lazy datasets Column, which it reads one
-        # index at a time, each read rebuilding a table of every record batch: quadratic in the pairs (12 s before
-        # the first step at 100K pairs, about 5 min per epoch at 700K). The same lengths as a list: the same sampler.
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    lengths=dataset.with_format("arrow")[column].to_pylist())
-
     def get_train_dataloader(self):
         if self.batch_sampler is None:
             return super().get_train_dataloader()
-        loader = torch.utils.data.DataLoader(self.train_dataset, batch_sampler=self.batch_sampler,
-                                             collate_fn=self.data_collator,
-                                             num_workers=self.args.dataloader_num_workers)
+        args = self.args
+        workers = {"persistent_workers": args.dataloader_persistent_workers,
+                   "prefetch_factor": args.dataloader_prefetch_factor} if args.dataloader_num_workers else {}
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+            **workers)
         return self.accelerator.prepare(loader)
 
     def _get_eval_sampler(self, eval_dataset):
@@ -433,16 +427,25 @@ def main(default_config: str = DEFAULT_CONFIG):
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args)
 
+    # Seeded batch orders, each epoch's drawn from (data_seed, epoch): a resumed run trains on what it would have.
+    data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     batch_sampler = None
     if args.max_tokens_per_batch:
         if not padding_free:
             raise UserError("--max_tokens_per_batch needs padding-free training, which this model cannot do (see the "
                             "note above)")
         batch_sampler = TokenBudgetBatches([pair_cost(c, r, share_prefix) for c, r in zip(
-            train["chosen_input_ids"], train["rejected_input_ids"])], args.max_tokens_per_batch, training_args.seed)
+            train["chosen_input_ids"], train["rejected_input_ids"])], args.max_tokens_per_batch, data_seed)
         if is_main:
             print(f"Token-budget batches: {len(batch_sampler)} of up to {args.max_tokens_per_batch} tokens per epoch "
                   f"(mean {len(train) / len(batch_sampler):.1f} pairs; --per_device_train_batch_size is not used)")
+    elif training_args.group_by_length:
+        # The lengths as a list: a datasets Column is read one index at a time, each read rebuilding a table of every
+        # record batch (quadratic: 12 s before the first step at 100K pairs, about 5 min per epoch at 700K).
+        batch_sampler = LengthGroupedBatches(
+            train.with_format("arrow")["length"].to_pylist(), training_args.train_batch_size,
+            training_args.train_batch_size * training_args.gradient_accumulation_steps,
+            training_args.dataloader_drop_last, data_seed)
 
     trainer = BradleyTerryTrainer(
         model=model,

@@ -70,6 +70,7 @@ def test_stage1_merges_shards_in_row_order_and_fits_19_probes(armo):
     assert all(a in RIDGE_ALPHAS for a in summary["alpha"])
     labelled = (~torch.isnan(tensors["labels"])).sum(0).tolist()
     assert [t + v for t, v in zip(summary["n_train"], summary["n_val"])] == labelled
+    assert (summary["arguments"]["seed"], summary["arguments"]["val_fraction"]) == (42, 0.2)  # they pick the alphas
 
 
 def test_stage2_keeps_overlong_pairs_aligned_and_reports_them(armo):

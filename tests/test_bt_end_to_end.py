@@ -57,6 +57,9 @@ def test_training_learns_the_toy_task_and_writes_metrics(trained):
     assert metrics["examples"]["train"]["truncated"] == 0
     assert metrics["config"].endswith("bradley-terry-rm/configs/tiny.yaml")
     assert metrics["arguments"]["max_steps"] == 40 and metrics["arguments"]["learning_rate"] == 1e-3
+    assert (metrics["arguments"]["group_by_length"], metrics["arguments"]["data_seed"]) == (True, None)
+    assert metrics["command"] == ["python", str(TRAIN), "--output_path", str(trained), "--max_steps", "40",
+                                  "--logging_steps", "20"]
     assert set(metrics["versions"]) >= {"torch", "transformers", "deepspeed", "datasets"}
     assert metrics["reload_max_abs_diff"] < 1e-4
     assert metrics["wall_time_s"] > 0
@@ -271,9 +274,12 @@ def test_a_finished_run_is_not_overwritten(trained):
 
 
 def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
-    """kill -9 mid-training (at step 20 of 60 or soon after), then --resume_from_checkpoint latest: the final weights equal an uninterrupted run's,
-    exactly (CPU, fp32). Periodic checkpoints hold no pickled training arguments."""
-    flags = ["--max_steps", "60", "--save_every_steps", "10", "--logging_steps", "100"]
+    """kill -9 mid-training (at step 40 of 60 or soon after: in the second epoch, 25 steps each), then
+    --resume_from_checkpoint latest: the final weights equal an uninterrupted run's, exactly (CPU, fp32): the resumed
+    epoch is drawn in its own order (transformers' length grouping would replay the first epoch's). Periodic
+    checkpoints hold no pickled training arguments."""
+    flags = ["--max_steps", "60", "--per_device_train_batch_size", "64", "--save_every_steps", "10",
+             "--logging_steps", "100"]
     # One thread in all three runs: a different thread count may change float sums' order (it does on AVX-512/AMX).
     one_thread = {"OMP_NUM_THREADS": "1"}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **one_thread}
@@ -281,12 +287,13 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
     proc = subprocess.Popen([sys.executable, TRAIN, "--output_path", str(killed), *flags], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "checkpoint-20" / "trainer_state.json").exists() and proc.poll() is None:
+    while not (killed / "checkpoint-40" / "trainer_state.json").exists() and proc.poll() is None:
         assert time.time() < deadline
         time.sleep(0.02)
     proc.kill()
     proc.wait()
     assert not (killed / "metrics.json").exists() and not (killed / "last_checkpoint").exists(), "killed too late"
+    assert json.loads((killed / "checkpoint-40" / "trainer_state.json").read_text())["epoch"] > 1
     assert not list(killed.glob("checkpoint-*/training_args.bin"))
     proc = run([sys.executable, TRAIN, "--output_path", str(killed), *flags, "--resume_from_checkpoint", "latest"],
                one_thread)
@@ -298,7 +305,7 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
     # transformers averages the loss over this process's steps only: not the run's train_loss
     metrics = json.loads((killed / "metrics.json").read_text())
-    assert metrics["train_loss"] is None and metrics["resumed"]["at_step"] in (10, 20)
+    assert metrics["train_loss"] is None and metrics["resumed"]["at_step"] in (30, 40)
     assert metrics["resumed"]["from"].endswith(f"checkpoint-{metrics['resumed']['at_step']}")
     assert 0 < metrics["resumed"]["train_loss_of_these_steps"] < 1
     assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["train_loss"] > 0

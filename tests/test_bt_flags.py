@@ -46,6 +46,8 @@ def test_periodic_saves_and_evals_by_either_name(bt):
     # upstream's 999999 means never
     assert schedule(training_args(bt, "--save_every_steps", "999999", "--eval_every_steps", "999999")) == (
         "no", 500, "no", None)
+    # a number of steps alone means every that many steps
+    assert schedule(training_args(bt, "--save_steps", "5", "--eval_steps", "3")) == ("steps", 5, "steps", 3)
     # both kinds agreeing is fine
     assert schedule(training_args(bt, "--save_every_steps", "4", "--save_strategy", "steps", "--save_steps", "4"))[:2] \
         == ("steps", 4)
@@ -61,6 +63,8 @@ def test_periodic_saves_and_evals_by_either_name(bt):
     (("--save_every_steps", "999999", "--save_strategy", "steps"),
      "--save_every_steps 999999 (upstream's name for --save_strategy no) disagrees with --save_strategy steps: give "
      "one or the other"),
+    (("--save_strategy", "no", "--save_steps", "5"),
+     "--save_steps 5 does nothing with --save_strategy no: drop one of them"),
     (("--save_every_steps", "0"), "--save_every_steps must be at least 1, got 0"),
     (("--eval_every_steps", "-2"), "--eval_every_steps must be at least 1, got -2"),
 ])
@@ -222,25 +226,3 @@ def test_deepspeed_without_a_launcher_is_a_world_of_one():
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-def test_length_grouped_batches_read_the_lengths_once(bt):
-    # transformers hands LengthGroupedSampler the length column as a lazy datasets Column, read one index at a time
-    # (each read rebuilds a table over the record batches: quadratic, minutes per epoch at 700K pairs). The trainer
-    # gives it a list: the same batches, from the same seed.
-    from types import SimpleNamespace
-
-    from datasets import Dataset
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    lengths = torch.randint(5, 500, (300,), generator=torch.Generator().manual_seed(0)).tolist()
-    dataset = Dataset.from_dict({"length": lengths}).shuffle(seed=1)  # an index mapping, as after the held-out split
-    trainer = SimpleNamespace(train_dataset=dataset, args=SimpleNamespace(
-        length_column_name="length", train_sampling_strategy="group_by_length", train_batch_size=8,
-        gradient_accumulation_steps=2))
-    sampler = bt.BradleyTerryTrainer._get_train_sampler(trainer)
-    assert type(sampler.lengths) is list and sampler.lengths == dataset["length"][:]
-    torch.manual_seed(3)
-    ours = list(sampler)
-    torch.manual_seed(3)
-    assert ours == list(LengthGroupedSampler(16, dataset=dataset, lengths=dataset["length"]))  # transformers' own

@@ -12,7 +12,6 @@ from useful_code.losses import PairwiseCollator, bradley_terry_loss, split_pair_
 from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
 from useful_code.packing import (
     VARLEN_ATTENTION,
-    TokenBudgetBatches,
     enable_padding_free,
     pack_groups,
     pack_pairs,
@@ -203,28 +202,6 @@ def test_packed_forward_makes_no_host_syncs_per_layer(model, tok):
     with torch.no_grad(), CountSyncs():
         packed_rewards(packed_model, inputs)
     assert CountSyncs.count <= 1, CountSyncs.count  # transformers' packed-row check, not one per layer and group
-
-
-def test_token_budget_training_batches():
-    costs = [pair_cost([1] * n, [1] * n + [2], share_prefix=True) for n in (3, 8, 1, 5, 2, 9, 4)]
-    assert costs[:3] == [5, 10, 3]  # n + (n + 1) - n shared (the rejected keeps its own last token)
-    sampler = TokenBudgetBatches(costs, max_tokens=12, seed=0)
-    first = list(sampler)
-    assert sorted(i for batch in first for i in batch) == list(range(7)) and len(sampler) == len(first)
-    assert all(sum(costs[i] for i in batch) <= 12 or len(batch) == 1 for batch in first)
-    assert list(TokenBudgetBatches(costs, 12, seed=0)) == first  # seeded
-    orders = []
-    for epoch in range(1, 6):
-        sampler.set_epoch(epoch)
-        orders.append(list(sampler))
-        assert sorted(map(tuple, orders[-1])) == sorted(map(tuple, first))  # the same batches each epoch
-    assert any(order != first for order in orders)  # in another order
-    # Sharded across two ranks by accelerate, as the Trainer prepares it: the epoch still reaches the sampler.
-    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard
-
-    shard = DataLoaderShard(list(range(7)), batch_sampler=BatchSamplerShard(sampler, num_processes=2, process_index=0))
-    shard.set_epoch(9)
-    assert sampler.epoch == 9
 
 
 def test_packed_rewards_equal_padded_for_multi_turn_pairs(model, tok):

@@ -25,12 +25,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from useful_code.cli import UserError
 from useful_code.hardware import peak_gpu_memory_mib
+from useful_code.model_card import launch_command
 
 # Training arguments recorded in metrics.json (the full set is hundreds of fields).
+# The training arguments that decide the trained weights (metrics.json also keeps the command line and the recipe).
 RECORDED_TRAINING_ARGS = ("output_dir", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                           "gradient_accumulation_steps", "num_train_epochs", "max_steps", "max_length", "packing",
-                          "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "activation_checkpointing",
-                          "bf16", "seed", "deepspeed")
+                          "packing_strategy", "group_by_length", "dataloader_drop_last", "lr_scheduler_type",
+                          "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "optim_args",
+                          "adam_beta1", "adam_beta2", "adam_epsilon", "activation_checkpointing", "bf16", "fp16",
+                          "seed", "data_seed", "full_determinism", "deepspeed")
 ZERO3_HINT = "With ZeRO-3, the DeepSpeed config needs stage3_gather_16bit_weights_on_model_save: true."
 
 
@@ -62,7 +66,8 @@ class PeriodicArguments:
     save_strategy: Optional[str] = field(default=None, metadata={
         "help": "Periodic checkpoints: no (the default here: only the final checkpoint), steps or epoch."})
     save_steps: Optional[float] = field(default=None, metadata={
-        "help": "With --save_strategy steps: every x steps (default 500; a fraction of the steps when < 1)."})
+        "help": "Save every x steps (a fraction of the steps when < 1); alone it implies --save_strategy steps, "
+                "whose default x is 500."})
     eval_strategy: Optional[str] = field(default=None, metadata={
         "help": "Periodic evaluation: no (the default: only at the end), steps or epoch."})
 
@@ -77,9 +82,14 @@ class PeriodicArguments:
 def periodic_strategy(kind: str, every: Optional[int], strategy: Optional[str], steps: Optional[float],
                       default_steps: Optional[float]) -> tuple[str, Optional[float]]:
     """transformers' (--{kind}_strategy, --{kind}_steps) from upstream's --{kind}_every_steps when given (NEVER: off),
-    else from transformers' own flags as given (unset: off); both kinds given and disagreeing is a UserError."""
+    else from transformers' own flags as given (unset: off; --{kind}_steps alone: every that many steps); both kinds
+    given and disagreeing, or steps with strategy "no", is a UserError."""
     if every is None:
-        return strategy or "no", default_steps if steps is None else steps
+        if steps is None:
+            return strategy or "no", default_steps
+        if strategy == "no":
+            raise UserError(f"--{kind}_steps {steps:g} does nothing with --{kind}_strategy no: drop one of them")
+        return strategy or "steps", steps
     wanted_strategy, wanted_steps = ("steps", every) if every < NEVER else ("no", None)
     if (strategy is not None and strategy != wanted_strategy) or (steps is not None and steps != wanted_steps):
         given = " ".join(f"--{kind}_{name} {value:g}" if isinstance(value, float) else f"--{kind}_{name} {value}"
@@ -398,9 +408,9 @@ def verify_reload(expected: np.ndarray, reloaded: np.ndarray, dtype: torch.dtype
 def write_run_metrics(output_dir: str, metrics: dict, started: float, train_result, script_args, training_args,
                       precision: str, resumed_from: Optional[str] = None) -> str:
     """Add what every training run records (losses, steps, timings, world size, precision: the weights' and the
-    compute's dtypes as distributed.precision_summary gives them, the arguments, library versions) to the script's
-    own metrics and write <output_dir>/metrics.json; return its path. A run resumed from
-    a checkpoint records where; its train_loss is null, since transformers averages the loss over the steps of this
+    compute's dtypes as distributed.precision_summary gives them, the arguments, the command line, library versions)
+    to the script's own metrics and write <output_dir>/metrics.json; return its path. A run resumed from a
+    checkpoint records where; its train_loss is null, since transformers averages the loss over the steps of this
     process only (0 when none were left), and that mean is kept as resumed.train_loss_of_these_steps."""
     training = training_args.to_dict()
     train_loss, resumed = train_result.training_loss, None
@@ -420,6 +430,7 @@ def write_run_metrics(output_dir: str, metrics: dict, started: float, train_resu
         "peak_gpu_memory_mib": peak_gpu_memory_mib(),  # this rank's; None on a CPU
         "dtype": precision,
         "arguments": {**asdict(script_args), **{k: training[k] for k in RECORDED_TRAINING_ARGS if k in training}},
+        "command": launch_command(),
         "versions": library_versions(),
     }
     path = os.path.join(output_dir, "metrics.json")

@@ -366,33 +366,6 @@ def pair_cost(chosen: list[int], rejected: list[int], share_prefix: bool) -> int
     return group_cost([len(chosen), len(rejected)], shared_prefix_length([chosen, rejected]) if share_prefix else 0)
 
 
-class TokenBudgetBatches(torch.utils.data.Sampler):
-    """A batch sampler for training on a token budget: batches of as many pairs as fit in max_tokens packed tokens
-    (one pair at least), cut once from the length-sorted pairs so that every epoch has the same number of steps; the
-    order of the batches is shuffled (seeded, reshuffled for each epoch when the Trainer calls set_epoch)."""
-
-    def __init__(self, costs: list[int], max_tokens: int, seed: int):
-        self.batches = token_budget_batches(costs, max_tokens)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def sampler(self) -> "TokenBudgetBatches":
-        # Under several ranks accelerate wraps this in a BatchSamplerShard, which has no set_epoch, and forwards the
-        # epoch to batch_sampler.batch_sampler.sampler instead.
-        return self
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        for i in torch.randperm(len(self.batches), generator=generator).tolist():
-            yield self.batches[i]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 @contextmanager
 def _captured_output(module: torch.nn.Module):
     """The output of module during the block (a forward hook, removed after)."""
