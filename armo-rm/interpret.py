@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.defaults import REPO_ROOT
+from useful_code.formats import CONVERSATION_RULES, validate_conversation
 from useful_code.modeling import load_model
 from useful_code.templates import encode_conversations, load_tokenizer
 
@@ -33,12 +34,15 @@ class ScriptArguments:
 
 def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="interpret")[0]
+    messages = [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": args.response}]
+    reason = validate_conversation(messages)  # the rules every scoring path applies (an empty text: empty_content)
+    if reason:
+        raise UserError(f"--prompt / --response: {CONVERSATION_RULES[reason]} ({reason})")
     tokenizer = load_tokenizer(args.model_path, "--model_path")
     model = load_model(AutoModelForSequenceClassification, args.model_path, "--model_path", tokenizer,
                        torch.float32, trust_remote_code=args.trust_remote_code).eval()
     if not hasattr(model.config, "attribute_names"):
         raise UserError(f"--model_path: {args.model_path} is not an ArmoRM export (no attribute_names)")
-    messages = [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": args.response}]
     result = model.explain(torch.tensor(encode_conversations(tokenizer, [messages])), args.top_k)
     print(f"score {result['score']:.5f}")
     for name, coefficient, reward in result["top"]:

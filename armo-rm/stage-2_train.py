@@ -74,16 +74,17 @@ class ScriptArguments(checkpoints.OutputDirArguments):
     batch_size: int = field(default=1024, metadata={"min": 1})
     verbosity_dim: int = field(default=VERBOSITY_INDEX, metadata={
         "min": 0, "max": len(ATTRIBUTES) - 1, "help": "Index of the verbosity attribute (0-based, among the 19)."})
-    corr_threshold: float = field(default=CORRELATION_THRESHOLD)
+    corr_threshold: float = field(default=CORRELATION_THRESHOLD, metadata={
+        "min": -1, "max": 1, "help": "Largest Spearman correlation with verbosity left after the penalty."})
     model_family: str = field(default="auto", metadata={"help": "Unused here (kept for upstream's commands)."})
     eval_reward_bench: bool = field(default=False)
     reward_bench_dataset: str = field(default="allenai/reward-bench", metadata={"help": "As given to stage-2_prepare."})
     reward_bench_split: str = field(default="filtered")
-    logit_scale: float = field(default=1.0)
-    temperature: float = field(default=10.0)
-    n_hidden: int = field(default=3)
+    logit_scale: float = field(default=1.0, metadata={"above": 0})
+    temperature: float = field(default=10.0, metadata={"above": 0})
+    n_hidden: int = field(default=3, metadata={"min": 0})
     hidden_size: int = field(default=1024, metadata={"min": 1})
-    dropout: float = field(default=0.2)
+    dropout: float = field(default=0.2, metadata={"min": 0, "below": 1})
     embeddings_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
     regression_weights: Optional[str] = field(default=None, metadata={
         "help": "stage-1_train.py's weights file, or the directory it wrote to (its --output_dir). Default: its "
@@ -155,7 +156,8 @@ def main():
     # Both pair sets are loaded and checked first: an unusable one stops the run before any fitting.
     reference_name = (args.reference_dataset or args.preference_dataset, args.reference_split or args.preference_split)
     reference, reference_meta = load_pair_embeddings(args, *reference_name, "Reference pairs (verbosity debiasing)",
-                                                     "--reference_split")
+                                                     "--reference_split" if args.reference_split else
+                                                     "--preference_split")
     check_same_backbone(reference_meta.get("model_path"), args.model_path, f"the embeddings of {reference_name[0]}")
     reference_rows = embedded_rows(reference, weight, "reference dataset", *reference_name)
     pairs, pairs_meta = load_pair_embeddings(args, args.preference_dataset, args.preference_split,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from useful_code.checkpoints import check_output_dir
 from useful_code.cli import parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling import load_preference_model
@@ -30,6 +31,7 @@ class ScriptArguments:
 
 def main():
     args = parse_args((ScriptArguments,))[0]
+    check_output_dir(args.output_path, "--output_path", inputs=(args.model_name,))  # before loading anything
     tokenizer = load_tokenizer(args.model_name, "--model_name", args.trust_remote_code)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     # Loaded on CPU whatever the machine: this only edits and re-saves the weights.

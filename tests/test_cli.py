@@ -188,6 +188,7 @@ class Limited:
     share: float = field(default=0.5, metadata={"min": 0, "max": 1})
     mode: str = field(default="a", metadata={"choices": ("a", "b")})
     optional: Optional[int] = field(default=None, metadata={"min": 1})
+    temperature: float = field(default=1.0, metadata={"above": 0, "below": 10})
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -196,6 +197,8 @@ class Limited:
     (["--share", "7"], "--share must be at most 1, got 7.0"),
     (["--share", "-0.5"], "--share must be at least 0, got -0.5"),
     (["--mode", "c"], "--mode must be one of a, b, got 'c'"),
+    (["--temperature", "0"], "--temperature must be above 0, got 0.0"),
+    (["--temperature", "10"], "--temperature must be below 10, got 10.0"),
 ])
 def test_values_outside_their_limits_are_one_line(flags, message):
     with pytest.raises(UserError) as err:
@@ -216,6 +219,14 @@ def test_values_at_their_limits_pass():
     (["--num_train_epochs", "0"], "--num_train_epochs must be above 0 (or --max_steps set), got 0.0"),
     (["--weight_decay", "-1"], "--weight_decay must be at least 0, got -1.0"),
     (["--warmup_steps", "-2"], "Got warmup_steps = -2.0, Expected value warmup_steps >= 0"),  # transformers' own
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["--adam_beta1", "1"], "--adam_beta1 must be below 1, got 1.0"),
+    (["--logging_steps", "-1"], "--logging_steps must be above 0, got -1.0"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be at least 0, got -1.0"),
+    (["--bf16", "true", "--fp16", "true"], "--bf16 and --fp16 are both on"),
+    (["--deepspeed", "missing.json"], "--deepspeed: missing.json: no such file"),  # before DeepSpeed starts
+    (["--learning_rat", "1e-4"],  # not taken for --learning_rate
+     "Some specified arguments are not used by the HfArgumentParser: ['--learning_rat', '1e-4']"),
 ])
 def test_training_argument_limits(tmp_path, flags, message):
     with pytest.raises(UserError) as err:
@@ -318,3 +329,32 @@ def test_warmup_ratio_is_a_fraction(tmp_path):
     recipe.write_text("warmup_ratio: 3\n")
     with pytest.raises(UserError, match=rf"^--warmup_ratio is a fraction .*, got 3 \(recipe: {recipe}\)$"):
         parse_args((Warmup,), None, argv=[str(recipe)])
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("armo-rm/interpret.py", ["--response", " "],
+     "error: --prompt / --response: no message may have empty content (empty_content)"),
+    ("armo-rm/stage-2_train.py", ["--dropout", "1"], "error: --dropout must be below 1, got 1.0"),
+    ("armo-rm/stage-2_train.py", ["--temperature", "0"], "error: --temperature must be above 0, got 0.0"),
+    ("armo-rm/stage-2_train.py", ["--corr_threshold", "2"], "error: --corr_threshold must be at most 1, got 2.0"),
+    ("useful_code/serve_reward_model.py", ["--port", "0"], "error: --port must be at least 1, got 0"),
+    ("pair-pm/prepare_model.py", ["--output_path", "{file}"], "error: --output_path: {file} is a file, not a directory"),
+])
+def test_script_errors_before_any_work_are_one_line(script, argv, message, monkeypatch, capsys, tmp_path):
+    """Found by running every script with bad flags: each of these used to trace back or pass silently."""
+    import importlib.util
+    import sys
+
+    from useful_code.cli import run_cli
+
+    existing = tmp_path / "a_file"
+    existing.write_text("x")
+    spec = importlib.util.spec_from_file_location(Path(script).stem.replace("-", "_"), REPO_ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [script, *[a.format(file=existing) for a in argv]])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().splitlines()[-1] == message.format(file=existing)
+    assert "Traceback" not in err

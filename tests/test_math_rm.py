@@ -20,6 +20,7 @@ from datasets import Dataset
 from helpers import ROOT, check_ok, run, sharpened, two_ranks
 from useful_code.best_of_n import (
     aggregate,
+    check_step_format,
     best_of_n_curve,
     best_pick,
     candidate_coverage,
@@ -367,6 +368,19 @@ def test_split_steps():
     assert split_steps(deepseek, "Deepseek") == ["First, 2 + 3 = 5.", "Then 5 * 2 = 10.",
                                                  "The answer is $\\boxed{10}$."]
     assert prm_conversation("Q?", ["a", "b"]) == chat("Q? a", "+", "b", "+")
+
+
+def test_answers_in_the_other_step_format_are_one_error():
+    """Else every solution would be scored as one step (Mistral's tag under Deepseek, blank lines under Mistral)."""
+    mistral = [["Step 1: 5 ки\nStep 2: 10 ки", "Step 1: 6 ки"]]
+    deepseek = [["First, 5.\n\nThen 10.", "First, 6."]]
+    check_step_format(mistral, "Mistral")
+    check_step_format(deepseek, "Deepseek")
+    check_step_format([mistral[0] + deepseek[0]], "Deepseek")  # some tagged: a Deepseek answer may hold the word
+    with pytest.raises(UserError, match="--model_type Deepseek: every answer holds Mistral's step tag 'ки'"):
+        check_step_format(mistral, "Deepseek")
+    with pytest.raises(UserError, match="--model_type Mistral: none of the 2 answers holds its step tag 'ки'"):
+        check_step_format(deepseek, "Mistral")
 
 
 @pytest.mark.parametrize("answer, final", [

@@ -201,4 +201,20 @@ def load_best_of_n_inputs(args: "BestOfNArguments", state):
     with state.main_process_first():  # one rank fills the datasets cache, the others then read it
         problems, stats = validate_eval_rows(load_split(args.dataset, args.split, "--dataset", args.skip_invalid),
                                              scorer.tokenizer, args.skip_invalid, "--dataset")
-    return scorer, problems, [row[: args.num_n] for row in problems["answers"]], stats
+    candidates = [row[: args.num_n] for row in problems["answers"]]
+    check_step_format(candidates, args.model_type)
+    return scorer, problems, candidates, stats
+
+
+def check_step_format(candidates: list[list[str]], model_type: str) -> None:
+    """The answers must be in --model_type's step format, or every solution would be read as one step: Mistral's
+    answers end their steps with its tag, Deepseek's do not carry it."""
+    tag = STEP_SEPARATORS["Mistral"]
+    answers = [answer for problem in candidates for answer in problem]
+    tagged = sum(tag in answer for answer in answers)
+    if model_type == "Mistral" and not tagged:
+        raise UserError(f"--model_type Mistral: none of the {len(answers)} answers holds its step tag {tag!r}; "
+                        "answers whose steps are separated by blank lines need --model_type Deepseek")
+    if model_type == "Deepseek" and tagged == len(answers):
+        raise UserError(f"--model_type Deepseek: every answer holds Mistral's step tag {tag!r}, so each would be read "
+                        "as one step; pass --model_type Mistral")

@@ -123,7 +123,7 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
     return (*parsed, config_path)
 
 
-LIMIT_KEYS = ("min", "max", "choices")
+LIMIT_KEYS = ("min", "max", "above", "below", "choices")  # min/max inclusive, above/below exclusive
 
 # An alias whose meaning is narrower than its field's: upstream's --warmup_ratio is transformers' --warmup_steps, where
 # a value of 1 or more would silently mean steps.
@@ -197,18 +197,24 @@ def limits_aware_parser(dataclass_types):
                 field.metadata = {k: v for k, v in field.metadata.items() if k not in LIMIT_KEYS}
             TrlParser._parse_dataclass_field(parser, field)
 
-    return Parser(dataclass_types)
+    # No abbreviations: a misspelt flag that is a prefix of another (--learning_rat) would be taken as that one.
+    return Parser(dataclass_types, allow_abbrev=False)
 
 
 # Limits of the library classes' fields (TrainingArguments and TRL's configs), which cannot carry our metadata.
+# A field named "seed" anywhere gets numpy's range, which every seed here reaches.
 INHERITED_LIMITS = {"per_device_train_batch_size": {"min": 1}, "per_device_eval_batch_size": {"min": 1},
                     "gradient_accumulation_steps": {"min": 1}, "learning_rate": {"min": 0},
-                    "max_length": {"min": 1}, "weight_decay": {"min": 0}}
+                    "max_length": {"min": 1}, "weight_decay": {"min": 0}, "max_grad_norm": {"min": 0},
+                    "adam_beta1": {"min": 0, "below": 1}, "adam_beta2": {"min": 0, "below": 1},
+                    "adam_epsilon": {"min": 0}, "logging_steps": {"above": 0}, "seed": {"min": 0, "max": 2**32 - 1},
+                    "data_seed": {"min": 0, "max": 2**32 - 1}}
 
 
 def check_limits(arguments) -> None:
-    """Check each field against its limits (field metadata "min", "max", "choices", or INHERITED_LIMITS) before any
-    work starts: a value outside them is a UserError naming the flag and what it allows."""
+    """Check each field against its limits (field metadata "min", "max", "above", "below", "choices", or
+    INHERITED_LIMITS) before any work starts: a value outside them is a UserError naming the flag and what it
+    allows."""
     for f in dataclasses.fields(arguments):
         limits = {**INHERITED_LIMITS.get(f.name, {}), **{k: f.metadata[k] for k in LIMIT_KEYS if k in f.metadata}}
         value = getattr(arguments, f.name)
@@ -222,6 +228,10 @@ def check_limits(arguments) -> None:
             raise UserError(f"--{f.name} must be at least {limits['min']}, got {value}")
         if "max" in limits and value > limits["max"]:
             raise UserError(f"--{f.name} must be at most {limits['max']}, got {value}")
+        if "above" in limits and value <= limits["above"]:
+            raise UserError(f"--{f.name} must be above {limits['above']}, got {value}")
+        if "below" in limits and value >= limits["below"]:
+            raise UserError(f"--{f.name} must be below {limits['below']}, got {value}")
     epochs, steps = getattr(arguments, "num_train_epochs", None), getattr(arguments, "max_steps", None)
     if epochs is not None and steps is not None and epochs <= 0 and steps <= 0:
         raise UserError(f"--num_train_epochs must be above 0 (or --max_steps set), got {epochs}: nothing would train")

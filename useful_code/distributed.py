@@ -59,9 +59,20 @@ class HardwareAwareArguments:
     --optim or --report_to whose package is missing is one line (check_optional_packages)."""
 
     def __post_init__(self):
+        # Checked before DeepSpeed starts (its first start builds an op for minutes) and before the bf16 note below,
+        # which would hide the clash from transformers' own check.
+        if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{") \
+                and not os.path.isfile(self.deepspeed):
+            raise UserError(f"--deepspeed: {self.deepspeed}: no such file (a DeepSpeed JSON config, e.g. "
+                            "deepspeed_configs/deepspeed_3.json)")
+        if self.fp16 and self.bf16:
+            raise UserError("--bf16 and --fp16 are both on (bf16 may come from the recipe or the script's default): "
+                            "pass --bf16 false to train in fp16")
         if init_distributed_for_cpu(self.deepspeed is not None):
             self.use_cpu = True
-        if self.bf16 and not bf16_available():
+        if self.fp16:
+            self.bf16 = False
+        elif self.bf16 and not bf16_available():
             print("bf16 requested but this machine has no bf16-capable GPU: using fp32")
             self.bf16 = False
         elif self.bf16 is None:

@@ -53,7 +53,7 @@ class ServerArguments:
     reward_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "BT, ArmoRM or PM checkpoint (hub name or directory). Default: make demo's checkpoint."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind; other than loopback needs --api_key."})
-    port: int = field(default=5000, metadata={"min": 0, "max": 65535})
+    port: int = field(default=5000, metadata={"min": 1, "max": 65535})
     api_key: Optional[str] = field(default=None, metadata={
         "help": "Bearer token every request but /health must carry (Authorization: Bearer KEY)."})
     max_length: int = field(default=4096, metadata={"min": 1, "help": "Longer inputs are cut from the left (counted)."})

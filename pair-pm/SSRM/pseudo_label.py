@@ -206,10 +206,11 @@ def main(argv: Optional[list[str]] = None):
         raise UserError("--dataset_path: no valid pairs to label")
     valid = len(pairs)
     if args.n_shards > 1:  # after validation, so every shard splits the same valid pairs
-        pairs = pairs.shard(num_shards=args.n_shards, index=args.shard_idx, contiguous=True)
-        if len(pairs) == 0:
+        # datasets' contiguous shards: the first valid % n_shards hold one pair more (an empty one is an IndexError)
+        if valid // args.n_shards + (args.shard_idx < valid % args.n_shards) == 0:
             raise UserError(f"--shard_idx {args.shard_idx}: shard {args.shard_idx} of {args.n_shards} holds none of "
                             f"the {valid} valid pairs; use fewer --n_shards")
+        pairs = pairs.shard(num_shards=args.n_shards, index=args.shard_idx, contiguous=True)
 
     # Every rank scores its slice of the sequences and gets all the probabilities back.
     probs = scorer.score_pairs(pairs, progress=state.is_main_process)["mean"]
@@ -219,8 +220,12 @@ def main(argv: Optional[list[str]] = None):
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         swapped = sum(r[SWAPPED_COLUMN] for r in rows)
         shard = f"shard {args.shard_idx} of {args.n_shards} (0-based), " if args.n_shards > 1 else ""
-        following = (f"--input_path {path}" if args.n_shards == 1
-                     else f"--data_name {args.data_name}, once all {args.n_shards} shards are written")
+        if args.n_shards == 1:
+            following = f"--input_path {path}"
+        elif args.output_path:  # conf_threshold.py finds shards by --data_name only where they are written by default
+            following = f"--input_path ONE_FILE, the {args.n_shards} shards' outputs concatenated in shard order"
+        else:
+            following = f"--data_name {args.data_name}, once all {args.n_shards} shards are written"
         print(f"Pseudo-labelled {args.dataset_path} with {args.reward_name_or_path} ({state.num_processes} "
               f"process{'es' if state.num_processes > 1 else ''})\n"
               f"  pairs read: {read}, invalid dropped: {read - valid} (of which special tokens: {forged}), {shard}"
