@@ -270,3 +270,21 @@ def test_a_file_mixing_formats_reads_each_row_in_its_own(tmp_path):
     pairs, stats = standardize_pairs(load_dataset_dict(str(path), "--x")["train"], False, "x")
     assert stats["used"] == 2 and stats["format"] in ("prompt: 1, hh: 1", "hh: 1, prompt: 1")
     assert pairs[1]["chosen"] == [m("user", "hi there"), m("assistant", "hello, how can I help?")]
+
+
+def test_an_unparseable_line_is_counted_without_datasets_error_log(tmp_path):
+    """datasets logs a failed JSON parse as an ERROR before the loader counts the line: a run that goes on (with
+    --skip_invalid) or stops with its own line must not show that alarm first. Its log handler is bound to the real
+    stderr, so this runs in its own process."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "pairs.jsonl"
+    row = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b"}]}
+    path.write_text(json.dumps(row) + "\n{bad\n")
+    code = ("from useful_code.data import load_dataset_dict; "
+            f"print(len(load_dataset_dict({str(path)!r}, '--x', skip_invalid=True)['train']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("1"), proc.stderr[-2000:]
+    assert "dropped 1 lines" in proc.stdout and "Failed to load JSON" not in proc.stderr

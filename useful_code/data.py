@@ -6,9 +6,11 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import logging
 import lzma
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -224,6 +226,18 @@ def _load_data_directory(local: Path, flag: str, skip_invalid: bool) -> DatasetD
     return DatasetDict(loaded)
 
 
+@contextmanager
+def _logger_silenced(name: str):
+    """The named logger quiet for the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_dataset_dict(path: str, flag: str, split: Optional[str] = None, skip_invalid: bool = False):
     """Load a dataset from a hub name, a directory saved by `datasets`, a data directory, or a
     .json/.jsonl/.parquet file (optionally compressed). Returns a DatasetDict; a single file is split 'train'.
@@ -236,7 +250,10 @@ def load_dataset_dict(path: str, flag: str, split: Optional[str] = None, skip_in
             raise UserError(f"{flag}: unsupported file type '{local.name}' (use .json, .jsonl or .parquet, optionally "
                             ".gz, .bz2 or .xz)")
         try:
-            loaded = load_dataset(builder, data_files={"train": str(local)})
+            # datasets logs an unparseable JSON line as an ERROR before raising; the line reader below names it (or
+            # drops it, counted), so the log line would only say the same thing first, or alarm a run that goes on.
+            with _logger_silenced("datasets.packaged_modules.json.json"):
+                loaded = load_dataset(builder, data_files={"train": str(local)})
             # Arrow's JSON reader keeps invalid UTF-8 bytes in strings, which fail only when a row is read:
             # a full validation finds them now, and the line reader below names their lines.
             loaded["train"].data.table.validate(full=True)
