@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from useful_code.checkpoints import check_output_dir
+from useful_code.checkpoints import check_output_dir, match_umask
 from useful_code.cli import parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling import load_preference_model
@@ -40,6 +40,7 @@ def main():
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(args.output_path)
     tokenizer.save_pretrained(args.output_path)
+    match_umask(args.output_path)
     print(f"pad token {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}); vocabulary "
           f"{model.get_input_embeddings().num_embeddings}; saved to {args.output_path}")
 

@@ -177,3 +177,26 @@ def test_a_write_removes_a_killed_writes_leftover_but_not_a_live_ones(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_published_weights_are_readable_as_the_umask_allows(tmp_path):
+    """safetensors 0.8 writes 0600: another user, or a server running as one, could not read a trained model."""
+    import torch
+    from safetensors.torch import save_file
+
+    from useful_code.checkpoints import atomic_save_file
+
+    old_mask = os.umask(0o022)
+    try:
+        staged = tmp_path / STAGING / "last_checkpoint"
+        staged.mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, str(staged / "model.safetensors"))
+        (staged.parent / "metrics.json").write_text("{}")
+        publish_run(str(tmp_path))
+        atomic_save_file({"w": torch.zeros(2)}, tmp_path / "shard.safetensors")
+        modes = [(path / name).stat().st_mode & 0o777 for path, name in (
+            (tmp_path / "last_checkpoint", "model.safetensors"), (tmp_path, "shard.safetensors"),
+            (tmp_path, "metrics.json"))]
+    finally:
+        os.umask(old_mask)
+    assert modes == [0o644, 0o644, 0o644]

@@ -260,6 +260,17 @@ def _complete(directory: Path, marker: str, written_last: Optional[str]) -> bool
         return False
 
 
+def match_umask(path) -> None:
+    """The file at path, or every safetensors file under the directory path, gets the mode the umask gives any new
+    file. safetensors 0.8 writes 0600 (its temporary file's mode, safetensors issue #782), so another user, a reward
+    server or vLLM running as someone else could not read a trained model, while its config could be read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for file in ([path] if path.is_file() else path.rglob("*.safetensors")):
+        file.chmod(0o666 & ~mask)
+
+
 def _write_beside(path, write) -> None:
     """write(staged path) beside path, flushed to disk, then renamed into place: a killed write never leaves a
     truncated file under the real name, a failed one leaves no staged file behind, and a killed one's is removed by
@@ -272,6 +283,7 @@ def _write_beside(path, write) -> None:
             left.unlink(missing_ok=True)
     try:
         write(staged)
+        match_umask(staged)
         with open(staged, "rb") as f:
             os.fsync(f.fileno())
         os.replace(staged, path)
@@ -302,7 +314,8 @@ def atomic_write_lines(path, lines) -> None:
 
 
 def publish_dir(staged, final) -> None:
-    """Replace the directory final with the verified directory staged."""
+    """Replace the directory final with the verified directory staged (its weights readable as the umask allows)."""
+    match_umask(staged)
     if Path(final).exists():
         shutil.rmtree(final)
     os.replace(staged, final)
@@ -329,12 +342,15 @@ def load_loop_state(checkpoint: str) -> dict:
 
 
 class DropPickledArguments(TrainerCallback):
-    """Periodic checkpoints keep weights (safetensors) and training state (read back with torch's weights-only
-    loader), not the pickled training_args.bin the Trainer adds: resuming never reads it."""
+    """Periodic checkpoints keep weights (safetensors, readable as the umask allows: match_umask) and training state
+    (read back with torch's weights-only loader), not the pickled training_args.bin the Trainer adds: resuming never
+    reads it."""
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            Path(args.output_dir, f"checkpoint-{state.global_step}", "training_args.bin").unlink(missing_ok=True)
+            checkpoint = Path(args.output_dir, f"checkpoint-{state.global_step}")
+            (checkpoint / "training_args.bin").unlink(missing_ok=True)
+            match_umask(checkpoint)
 
 
 def staging_dir(output_dir: str) -> str:
@@ -353,6 +369,7 @@ def publish_run(output_dir: str) -> str:
     new full fine-tune), and the new metrics.json comes last, so a directory with metrics.json always holds that
     run's complete, verified outputs. Returns the final checkpoint's path."""
     out, staged = Path(output_dir), Path(staging_dir(output_dir))
+    match_umask(staged)
     (out / "metrics.json").unlink(missing_ok=True)
     for name in RUN_OUTPUTS:
         old, new = out / name, staged / name
