@@ -118,7 +118,7 @@ def test_a_missing_local_path_is_called_missing_not_a_bad_hub_name(tok, name):
 
 
 def test_an_existing_directory_without_a_model_names_transformers_reason(tok, tmp_path):
-    with pytest.raises(UserError, match=r"could not load model '.*' \(.+\); pass a local model directory"):
+    with pytest.raises(UserError, match=r"could not load model from the directory '.*' \(.+\)$"):
         load_reward_model(str(tmp_path), "--reward_name_or_path", tok, torch.float32)
 
 

@@ -40,6 +40,8 @@ def load_error(flag: str, what: str, name: str, err: Exception) -> UserError:
     if looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
         return UserError(f"{flag}: no such directory '{name}'")
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if os.path.isdir(os.path.expanduser(name)):  # a local directory: the reason is all there is to say
+        return UserError(f"{flag}: could not load {what} from the directory '{name}' ({reason})")
     return UserError(f"{flag}: could not load {what} '{name}' ({reason}); pass a local model directory with {flag}")
 
 
