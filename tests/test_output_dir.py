@@ -1,9 +1,11 @@
 """Output directories of training runs (checkpoints.claim_output_dir, publish_run): checked before any work,
 one run at a time, finished runs kept, and the final checkpoint moved into place only once verified."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -200,3 +202,34 @@ def test_published_weights_are_readable_as_the_umask_allows(tmp_path):
     finally:
         os.umask(old_mask)
     assert modes == [0o644, 0o644, 0o644]
+
+
+def test_resume_refuses_or_passes_over_damaged_weights(tmp_path, capsys):
+    """A checkpoint-N whose weights were cut short or lost a shard (a copy cut short) would stop the resumed run with
+    transformers' traceback: an explicit path is one line naming the file, 'latest' passes over it, said."""
+    import torch
+    from safetensors.torch import save_file
+
+    def checkpoint(step: int) -> Path:
+        directory = tmp_path / f"checkpoint-{step}"
+        directory.mkdir()
+        (directory / "trainer_state.json").write_text("{}")
+        save_file({"a": torch.ones(64)}, str(directory / "model-00001-of-00002.safetensors"))
+        save_file({"b": torch.ones(64)}, str(directory / "model-00002-of-00002.safetensors"))
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        return directory
+
+    good, lost, cut = checkpoint(10), checkpoint(20), checkpoint(30)
+    (lost / "model-00002-of-00002.safetensors").unlink()
+    shard = cut / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert resolve_resume(str(good), str(tmp_path)) == str(good)
+    with pytest.raises(UserError, match=r"checkpoint-20: model-00002-of-00002.safetensors is missing \(listed in "):
+        resolve_resume(str(lost), str(tmp_path))
+    with pytest.raises(UserError, match=r"checkpoint-30: model-00001-of-00002.safetensors is cut short or damaged"):
+        resolve_resume(str(cut), str(tmp_path))
+    capsys.readouterr()
+    assert resolve_resume("latest", str(tmp_path)) == str(good)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"Passing over {cut}: model-00001") and printed[2] == f"Resuming from {good}"

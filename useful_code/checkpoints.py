@@ -234,16 +234,21 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
         numbered = [(int(m.group(1)), d) for d in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                     if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", d.name)) and d.is_dir()]
         for _, directory in sorted(numbered, reverse=True):
-            if _complete(directory, marker, written_last):
+            if not _complete(directory, marker, written_last):
+                print(f"Passing over {directory}: its save was cut short ({marker}"
+                      f"{f' or {written_last}' if written_last else ''} missing or incomplete)")
+            elif problem := damaged_weights(directory):
+                print(f"Passing over {directory}: {problem}")
+            else:
                 print(f"Resuming from {directory}")
                 return str(directory)
-            print(f"Passing over {directory}: its save was cut short ({marker}"
-                  f"{f' or {written_last}' if written_last else ''} missing or incomplete)")
         raise UserError(f"--resume_from_checkpoint latest: {output_dir} has no complete checkpoint-N directory to "
                         "resume")
     if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, marker)):
         raise UserError(f"--resume_from_checkpoint: {value} is not a periodic checkpoint directory (checkpoint-N with "
                         f"{marker})")
+    if problem := damaged_weights(Path(value)):
+        raise UserError(f"--resume_from_checkpoint: {value}: {problem}")
     return value
 
 
@@ -258,6 +263,33 @@ def _complete(directory: Path, marker: str, written_last: Optional[str]) -> bool
         return True
     except (OSError, ValueError):  # missing, or cut short mid-write
         return False
+
+
+def damaged_weights(directory: Path) -> Optional[str]:
+    """What is wrong with a checkpoint directory's safetensors weights, or None: a shard its index lists that is not
+    there, or a file shorter than its own header says (a save or a copy cut short). transformers would stop the
+    resumed run on them with a traceback, after loading everything else."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            listed = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} cannot be read"
+        missing = sorted(name for name in listed if not (directory / name).is_file())
+        if missing:
+            return f"{missing[0]} is missing (listed in {index.name})"
+    for file in sorted(directory.glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little") if size >= 8 else size
+            try:
+                header = json.loads(f.read(header_size)) if 8 + header_size <= size else None
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+                header = None
+        if header is None or size < 8 + header_size + end:
+            return f"{file.name} is cut short or damaged (its safetensors header and size do not agree)"
+    return None
 
 
 def match_umask(path) -> None:
