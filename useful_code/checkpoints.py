@@ -27,8 +27,8 @@ from useful_code.cli import UserError
 from useful_code.hardware import peak_gpu_memory_mib
 from useful_code.model_card import launch_command
 
-# Training arguments recorded in metrics.json (the full set is hundreds of fields).
-# The training arguments that decide the trained weights (metrics.json also keeps the command line and the recipe).
+# Training arguments recorded in metrics.json: those that decide the trained weights (the full set is hundreds of
+# fields; metrics.json also keeps the command line and the recipe).
 RECORDED_TRAINING_ARGS = ("output_dir", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                           "gradient_accumulation_steps", "num_train_epochs", "max_steps", "max_length", "packing",
                           "packing_strategy", "group_by_length", "dataloader_drop_last", "lr_scheduler_type",
