@@ -12,6 +12,7 @@ from trl import SFTConfig
 from useful_code.cli import UserError, parse_args, read_config, split_config_path
 from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
 from useful_code.distributed import HardwareAwareArguments
+from useful_code.hardware import bf16_available
 
 PM_TINY = str(REPO_ROOT / "pair-pm" / "tiny.yaml")
 ARMO_RECIPE = str(REPO_ROOT / "armo-rm" / "configs" / "llama3-8b.yaml")
@@ -224,6 +225,7 @@ def test_values_at_their_limits_pass():
     (["--logging_steps", "-1"], "--logging_steps must be above 0, got -1.0"),
     (["--max_grad_norm", "-1"], "--max_grad_norm must be at least 0, got -1.0"),
     (["--bf16", "true", "--fp16", "true"], "--bf16 and --fp16 are both on"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16 are both on"),  # bare, though SFTConfig's bf16 defaults to None
     (["--deepspeed", "missing.json"], "--deepspeed: missing.json: no such file"),  # before DeepSpeed starts
     (["--learning_rat", "1e-4"],  # not taken for --learning_rate
      "Some specified arguments are not used by the HfArgumentParser: ['--learning_rat', '1e-4']"),
@@ -238,6 +240,13 @@ def test_zero_epochs_with_max_steps_is_allowed(tmp_path):
     _, training, _ = parse_args((Script, Config), None, argv=[PM_TINY, "--output_dir", str(tmp_path),
                                                               "--num_train_epochs", "0", "--max_steps", "5"])
     assert training.max_steps == 5
+
+
+def test_a_bare_bool_flag_whose_default_is_none_means_true(tmp_path, capsys):
+    # TRL's SFTConfig.bf16 defaults to None (bf16 where the GPU has it); transformers' parser wants a value for it.
+    _, training, _ = parse_args((Script, Config), None, argv=[PM_TINY, "--output_dir", str(tmp_path), "--bf16"])
+    assert training.bf16 is bf16_available()
+    assert ("bf16 requested but this machine has no bf16-capable GPU" in capsys.readouterr().out) is not training.bf16
 
 
 def test_a_wrong_type_is_one_line_without_usage():

@@ -198,6 +198,11 @@ def limits_aware_parser(dataclass_types):
                 field = copy.copy(field)
                 field.metadata = {k: v for k, v in field.metadata.items() if k not in LIMIT_KEYS}
             TrlParser._parse_dataclass_field(parser, field)
+            # transformers gives a bool field defaulting to None (TRL's SFTConfig.bf16) no bare form: `--bf16` alone
+            # would be "expected one argument", where every other bool flag takes it as true.
+            if field.type == Optional[bool] and field.default is None:
+                action = next(a for a in reversed(parser._actions) if a.dest == field.name)
+                action.nargs, action.const = "?", True
 
     # No abbreviations: a misspelt flag that is a prefix of another (--learning_rat) would be taken as that one.
     return Parser(dataclass_types, allow_abbrev=False)
