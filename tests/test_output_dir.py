@@ -122,6 +122,9 @@ def test_publish_removes_the_old_runs_outputs_this_run_did_not_make(tmp_path):
 
 
 def test_resume_targets_are_checked(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
     assert resolve_resume(None, str(tmp_path)) is None
     with pytest.raises(UserError, match="--resume_from_checkpoint: /nope is not a periodic checkpoint directory"):
         resolve_resume("/nope", str(tmp_path))
@@ -130,6 +133,7 @@ def test_resume_targets_are_checked(tmp_path, capsys):
     for step in (5, 40, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        save_file({"w": torch.ones(2)}, str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
     assert resolve_resume("latest", str(tmp_path)) == str(tmp_path / "checkpoint-40")
     # Saves cut short by a kill (the Trainer writes into checkpoint-N directly, trainer_state.json last): passed over
     (tmp_path / "checkpoint-60").mkdir()
@@ -148,6 +152,17 @@ def test_resume_targets_are_checked(tmp_path, capsys):
     assert resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path)) == str(tmp_path / "checkpoint-5")
     with pytest.raises(UserError, match="checkpoint-N with loop_state.pt"):
         resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path), marker="loop_state.pt")
+    (tmp_path / "loop" / "checkpoint-3").mkdir(parents=True)  # a loop's checkpoint: its tensors are in loop_state.pt
+    (tmp_path / "loop" / "checkpoint-3" / "loop_state.pt").write_text("")
+    assert resolve_resume("latest", str(tmp_path / "loop"), marker="loop_state.pt") == str(
+        tmp_path / "loop" / "checkpoint-3")
+    # weights lost (a copy that left them out): one line for the path, passed over by 'latest'
+    (tmp_path / "checkpoint-40" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"checkpoint-40: it holds no weights \(model.safetensors is missing\)"):
+        resolve_resume(str(tmp_path / "checkpoint-40"), str(tmp_path))
+    capsys.readouterr()
+    assert resolve_resume("latest", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert f"Passing over {tmp_path / 'checkpoint-40'}: it holds no weights" in capsys.readouterr().out
 
 
 def test_lines_written_as_they_come_replace_the_file_only_whole(tmp_path):

@@ -237,7 +237,7 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
             if not _complete(directory, marker, written_last):
                 print(f"Passing over {directory}: its save was cut short ({marker}"
                       f"{f' or {written_last}' if written_last else ''} missing or incomplete)")
-            elif problem := damaged_weights(directory):
+            elif problem := damaged_weights(directory, marker != LOOP_STATE):
                 print(f"Passing over {directory}: {problem}")
             else:
                 print(f"Resuming from {directory}")
@@ -247,7 +247,7 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
     if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, marker)):
         raise UserError(f"--resume_from_checkpoint: {value} is not a periodic checkpoint directory (checkpoint-N with "
                         f"{marker})")
-    if problem := damaged_weights(Path(value)):
+    if problem := damaged_weights(Path(value), marker != LOOP_STATE):
         raise UserError(f"--resume_from_checkpoint: {value}: {problem}")
     return value
 
@@ -265,11 +265,16 @@ def _complete(directory: Path, marker: str, written_last: Optional[str]) -> bool
         return False
 
 
-def damaged_weights(directory: Path) -> Optional[str]:
-    """What is wrong with a checkpoint directory's safetensors weights, or None: a shard its index lists that is not
-    there, or a file shorter than its own header says (a save or a copy cut short). transformers would stop the
-    resumed run on them with a traceback, after loading everything else."""
+def damaged_weights(directory: Path, model_checkpoint: bool = True) -> Optional[str]:
+    """What is wrong with a checkpoint directory's safetensors weights, or None: no weights at all in a Trainer's
+    model_checkpoint (a loop's LOOP_STATE checkpoint holds its tensors in that file), a shard its index
+    lists that is not there, or a file shorter than its own header says (a save or a copy cut short). transformers
+    would stop the resumed run on them with a traceback, after loading everything else."""
     index = directory / "model.safetensors.index.json"
+    # DeepSpeed resumes from its own global_stepN states; a .bin is another tool's checkpoint, left to transformers.
+    weights = ("*.safetensors", "*.safetensors.index.json", "global_step*", "*.bin")
+    if model_checkpoint and not any(next(directory.glob(pattern), None) for pattern in weights):
+        return "it holds no weights (model.safetensors is missing)"
     if index.is_file():
         try:
             listed = set(json.loads(index.read_text())["weight_map"].values())
