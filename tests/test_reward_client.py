@@ -88,6 +88,42 @@ def test_trl_more_items_than_max_items_are_sent_in_chunks_in_order(server):
     assert batches == 4  # ceil(10 / 3) requests, each scored in one batch
 
 
+def test_trl_grpo_trainer_trains_on_the_servers_rewards(server, tmp_path):
+    """TRL's GRPOTrainer itself (the tiny model as the policy, two steps on the CPU) calls the reward function with
+    its own keyword arguments, and the rewards it trains on and logs are the server's for the conversations it
+    generated."""
+    import math
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from useful_code.defaults import DEFAULT_MODEL
+    from useful_code.templates import load_tokenizer
+
+    reward_function, calls = trl_reward_function(server.url), []
+
+    def rm(prompts, completions, **kwargs):
+        rewards = reward_function(prompts, completions, **kwargs)
+        calls.append((prompts, completions, rewards))
+        return rewards
+
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}]}
+                                 for i in range(4)])
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=12, max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
+                      bf16=False, save_strategy="no", seed=0)
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL), reward_funcs=[rm], args=args,
+                          train_dataset=prompts, processing_class=load_tokenizer(DEFAULT_MODEL, "--model"))
+    trainer.train()
+    assert len(calls) == 2 and all(len(completions) == 4 for _, completions, _ in calls)
+    for (prompt_messages, completions, rewards), logged in zip(calls, trainer.state.log_history):
+        scored = [(p + c, r) for p, c, r in zip(prompt_messages, completions, rewards) if r is not None]
+        assert scored, "every generated completion was unscorable"
+        assert [r for _, r in scored] == pytest.approx(reference(server, [c for c, _ in scored]), abs=1e-5)
+        assert logged["rewards/rm/mean"] == pytest.approx(math.fsum(r for _, r in scored) / len(scored), rel=1e-5)
+
+
 def test_a_url_ending_with_an_endpoint_is_the_servers_base(server):
     """OpenRLHF's flag takes http://host:port/get_reward; the same URL given to the client posted to
     /get_reward/score (a 404). The trailing endpoint is stripped."""
