@@ -49,7 +49,7 @@ from useful_code.losses import (
     split_pair_rewards,
 )
 from useful_code.model_card import launch_command, write_model_card
-from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
+from useful_code.modeling import REWARD_HEAD_WEIGHTS, disable_dropout, load_reward_model
 from useful_code.packing import (
     enable_padding_free,
     packed_rewards,
@@ -98,6 +98,9 @@ class ScriptArguments(HeldOutArguments):
         "min": 0, "help": "With --padding_free: batches of as many pairs as fit in this many packed tokens (replaces "
                           "--per_device_train_batch_size; bounds the activations of a step). 0: batches of "
                           "--per_device_train_batch_size pairs."})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Train without the model's dropout (TRL's default): chosen and rejected would be read under different "
+                "dropout masks, noise on the reward difference the loss is on. Most decoder LLMs have none."})
     prefix_sharing: bool = field(default=True, metadata={
         "help": "With --padding_free: compute each pair's shared context once, both responses attending to it "
                 "(sdpa/eager; flash attention falls back to plain padding-free, said once)."})
@@ -423,6 +426,10 @@ def main(default_config: str = DEFAULT_CONFIG):
                               new_weights=REWARD_HEAD_WEIGHTS,  # a base model gets a new head
                               pickled_weights=args.load_pickled_weights, **quantization)
     model.config.use_cache = False
+    # Before LoRA wraps the model: the adapters keep their own --lora_dropout.
+    if args.disable_dropout and (turned_off := disable_dropout(model)) and is_main:
+        print(f"Dropout off in training: {turned_off} dropout layers of {args.model_name} (--disable_dropout false "
+              "keeps them)")
     padding_free, share_prefix = choose_packing(model, args, is_main)
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args)

@@ -226,3 +226,26 @@ def test_deepspeed_without_a_launcher_is_a_world_of_one():
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.mark.e2e
+def test_dropout_is_off_in_training_unless_kept(tmp_path):
+    """A base model with attention dropout trains without it (TRL's default), said once; --disable_dropout false
+    keeps it (no note)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from useful_code.templates import load_tokenizer
+
+    base = tmp_path / "dropout-llama"
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL, attention_dropout=0.2)
+    AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, config=config).save_pretrained(base)
+    load_tokenizer(DEFAULT_MODEL, "m").save_pretrained(base)
+    flags = ["--model_name", str(base), "--max_steps", "1", "--max_length", "128"]
+    proc = run([sys.executable, TRAIN, "--output_path", str(tmp_path / "off"), *flags], {"OMP_NUM_THREADS": "1"})
+    check_ok(proc)
+    assert f"Dropout off in training: {config.num_hidden_layers} dropout layers of {base}" in proc.stdout
+    proc = run([sys.executable, TRAIN, "--output_path", str(tmp_path / "kept"), *flags, "--disable_dropout", "false"],
+               {"OMP_NUM_THREADS": "1"})
+    check_ok(proc)
+    assert "Dropout off" not in proc.stdout
+    assert json.loads((tmp_path / "kept" / "metrics.json").read_text())["arguments"]["disable_dropout"] is False

@@ -143,3 +143,32 @@ def test_loading_options_transformers_rejects_name_their_own_flag(tok, bt_checkp
         load_reward_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32, attn_implementation="foo")
     with pytest.raises(UserError, match=r"^--device_map foo: When passing device_map as a string"):
         load_reward_model(str(bt_checkpoint), "--reward_name_or_path", tok, torch.float32, device_map="foo")
+
+
+def test_disable_dropout_turns_off_dropout_layers_and_llama_attention_dropout(tok):
+    """Both kinds of dropout: a BERT's nn.Dropout layers and the float attention_dropout Llama's attention passes to
+    SDPA. In train mode the same input then gives the same rewards twice, as in eval mode."""
+    from transformers import AutoConfig, BertConfig
+
+    from useful_code.modeling import disable_dropout
+
+    llama_config = AutoConfig.from_pretrained(DEFAULT_MODEL, num_labels=1, attention_dropout=0.5,
+                                              pad_token_id=tok.pad_token_id)
+    bert_config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, num_labels=1, hidden_dropout_prob=0.5,
+                             attention_probs_dropout_prob=0.5)
+    for config, expected in ((llama_config, llama_config.num_hidden_layers), (bert_config, None)):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config).train()
+        ids = torch.randint(3, 100, (2, 12))
+
+        def rewards():
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+        assert not torch.equal(rewards(), rewards())  # dropout on
+        layers = sum(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        turned_off = disable_dropout(model)
+        assert turned_off == (expected if expected is not None else layers) and turned_off > 0
+        assert torch.equal(rewards(), rewards())
+        assert torch.allclose(rewards(), model.eval()(input_ids=ids).logits, atol=1e-6)
+        assert disable_dropout(model) == 0

@@ -266,10 +266,10 @@ def _complete(directory: Path, marker: str, written_last: Optional[str]) -> bool
 
 
 def damaged_weights(directory: Path, model_checkpoint: bool = True) -> Optional[str]:
-    """What is wrong with a checkpoint directory's safetensors weights, or None: no weights at all in a Trainer's
-    model_checkpoint (a loop's LOOP_STATE checkpoint holds its tensors in that file), a shard its index
-    lists that is not there, or a file shorter than its own header says (a save or a copy cut short). transformers
-    would stop the resumed run on them with a traceback, after loading everything else."""
+    """What is wrong with a checkpoint directory's safetensors weights, or None: no weights at all (in a Trainer's
+    model_checkpoint; a loop's LOOP_STATE checkpoint holds its tensors in that file), a shard its index lists that is
+    not there, or a file shorter than its own header says (a save or a copy cut short). transformers would stop the
+    resumed run on them with a traceback, after loading everything else."""
     index = directory / "model.safetensors.index.json"
     # DeepSpeed resumes from its own global_stepN states; a .bin is another tool's checkpoint, left to transformers.
     weights = ("*.safetensors", "*.safetensors.index.json", "global_step*", "*.bin")

@@ -136,6 +136,22 @@ def load_reward_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_
                       trust_remote_code, num_labels=num_labels, **options)
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turn off a model's dropout for training (TRL's RewardConfig default): its nn.Dropout layers, with TRL's own
+    helper, and the attention dropout that Llama-style attention reads from a float attribute instead. Returns how
+    many were on."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    active = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    # Llama, Qwen2, Mistral, ...: F.scaled_dot_product_attention(dropout_p=module.attention_dropout), no module
+    attention = [m for m in model.modules() if isinstance(getattr(m, "attention_dropout", None), float)
+                 and m.attention_dropout > 0]
+    disable_dropout_in_model(model)
+    for module in attention:
+        module.attention_dropout = 0.0
+    return len(active) + len(attention)
+
+
 def load_preference_model(name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
                           trust_remote_code: bool = False, **options):
     """A causal LM as a pairwise preference model, aligned with the tokenizer's vocabulary and pad token."""
