@@ -327,11 +327,15 @@ def export_quality_head(two_heads_dir: str, checkpoint_dir: str, tokenizer, dtyp
 
 def compute_metrics(eval_pred) -> dict:
     """Over the held-out rewards [pairs, 2]: plain BT loss (the mean over pairs), pair accuracy (chosen strictly
-    above rejected: ties count as wrong, as in RewardBench) and ties."""
+    above rejected: ties count as wrong, as in RewardBench), ties, and the rewards' scale (the mean margin, and the
+    mean and standard deviation of every chosen and rejected reward), which an RL loop may normalize by."""
     rewards = np.asarray(eval_pred.predictions).reshape(-1, 2)
     loss = bradley_terry_loss(torch.from_numpy(rewards[:, 0]), torch.from_numpy(rewards[:, 1]))
     return {"loss": loss.item(), "accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1])),
-            "ties": int(np.sum(rewards[:, 0] == rewards[:, 1]))}
+            "ties": int(np.sum(rewards[:, 0] == rewards[:, 1])),
+            "margin": float(np.mean(rewards[:, 0] - rewards[:, 1], dtype=np.float64)),
+            "reward_mean": float(np.mean(rewards, dtype=np.float64)),
+            "reward_std": float(np.std(rewards, dtype=np.float64))}
 
 
 def verify_checkpoint(trainer, checkpoint_dir: str, pairs, in_memory: np.ndarray, dtype: torch.dtype) -> float:
@@ -497,6 +501,7 @@ def main(default_config: str = DEFAULT_CONFIG):
             "eval_accuracy": eval_metrics["eval_accuracy"],
             "eval_loss": eval_metrics["eval_loss"],
             "eval_ties": eval_metrics["eval_ties"],
+            **{key: eval_metrics[key] for key in ("eval_margin", "eval_reward_mean", "eval_reward_std")},
             "examples": data_stats,
             "reload_max_abs_diff": reload_diff,
             "train_tokens": {**trainer.train_tokens, "padding_free": padding_free, "prefix_sharing": share_prefix},

@@ -441,7 +441,8 @@ def test_token_budget_batches_stay_within_the_budget(tmp_path):
 @pytest.mark.parametrize("flags", [("--loss_type", "odin"), ("--center_rewards_coefficient", "1.0")])
 def test_held_out_loss_is_plain_bt_whatever_the_training_loss(tmp_path, flags):
     """eval_loss is mean(-log sigmoid(r_c - r_r)) over the held-out pairs, without ODIN's terms or the centering
-    penalty: recomputed here from the saved checkpoint's rewards (ODIN: the quality head, exported alone)."""
+    penalty: recomputed here from the saved checkpoint's rewards (ODIN: the quality head, exported alone), as are
+    the accuracy, the mean margin and the rewards' mean and standard deviation."""
     out = tmp_path / "run"
     check_ok(run([sys.executable, TRAIN, "--output_path", str(out), "--max_steps", "10", *flags]))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -452,6 +453,9 @@ def test_held_out_loss_is_plain_bt_whatever_the_training_loss(tmp_path, flags):
     plain = -torch.nn.functional.logsigmoid(chosen - rejected).mean().item()
     assert metrics["eval_loss"] == pytest.approx(plain, abs=1e-5)
     assert metrics["eval_accuracy"] == pytest.approx((chosen > rejected).double().mean().item(), abs=1e-9)
+    both = torch.cat([chosen, rejected])  # the rewards' scale, for an RL loop that normalizes by it
+    assert [metrics["eval_margin"], metrics["eval_reward_mean"], metrics["eval_reward_std"]] == pytest.approx(
+        [(chosen - rejected).mean().item(), both.mean().item(), both.std(correction=0).item()], abs=1e-5)
     if "--center_rewards_coefficient" in flags:  # the penalty the training loss adds is far above the tolerance
         assert ((chosen + rejected) ** 2).mean().item() > 1e-2
 
