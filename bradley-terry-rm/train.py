@@ -38,6 +38,7 @@ from useful_code.distributed import (
 )
 from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import standardize_pairs, validate_pair_values
+from useful_code.hub import FinalCheckpointPush, push_checkpoint
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.losses import (
     PAIR_COLUMNS,
@@ -107,8 +108,8 @@ class ScriptArguments(HeldOutArguments):
 
 
 @dataclass
-class RewardTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments, checkpoints.PeriodicArguments,
-                              DivergenceArguments, TrainingArguments):
+class RewardTrainingArguments(FinalCheckpointPush, HardwareAwareArguments, checkpoints.OutputDirArguments,
+                              checkpoints.PeriodicArguments, DivergenceArguments, TrainingArguments):
     """transformers' TrainingArguments with upstream's flag names and defaults (gemma_2B_rm.py) where they differ."""
 
     output_dir: Optional[str] = field(default="./bt_models/reward_model",
@@ -518,6 +519,8 @@ def main(default_config: str = DEFAULT_CONFIG):
               f"on {len(held_out)} pairs; wall time {time.time() - started:.1f} s")
         final = checkpoints.publish_run(training_args.output_dir)
         print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
+        if training_args.push_final_checkpoint:
+            print(f"Pushed to the Hub: {push_checkpoint(training_args, final)}")
 
 
 def run_with_recipe(recipe: str) -> None:

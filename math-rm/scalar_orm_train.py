@@ -45,6 +45,7 @@ from useful_code.distributed import (
 )
 from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import enforce_validity
+from useful_code.hub import FinalCheckpointPush, push_checkpoint
 from useful_code.math_data import TOY_PRM, to_outcome, validate_training_rows
 from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
 from useful_code.scoring import score_sequences
@@ -69,7 +70,7 @@ class ScriptArguments:
 
 
 @dataclass
-class ScalarORMTrainingArguments(HardwareAwareArguments, checkpoints.OutputDirArguments,
+class ScalarORMTrainingArguments(FinalCheckpointPush, HardwareAwareArguments, checkpoints.OutputDirArguments,
                                  checkpoints.PeriodicArguments, DivergenceArguments, TrainingArguments):
     """transformers' TrainingArguments with upstream's names where they differ (--output_path, --warmup_ratio), and
     values that train the tiny model (upstream's values: math-rm/llama-3.1-scalar-orm.yaml)."""
@@ -204,8 +205,11 @@ def main():
                                       precision_summary(training_args, dtype))
         print(f"Held-out accuracy {metrics['eval_accuracy']:.4f} (P(right) > 0.5), loss {metrics['eval_loss']:.4f} "
               f"on {len(held_out)} solutions ({eval_stats['right']} right)")
-        print(f"Checkpoint: {checkpoints.publish_run(training_args.output_dir)}")
+        final = checkpoints.publish_run(training_args.output_dir)
+        print(f"Checkpoint: {final}")
     trainer.accelerator.wait_for_everyone()
+    if training_args.process_index == 0 and training_args.push_final_checkpoint:  # after the barrier: see pair-pm
+        print(f"Pushed to the Hub: {push_checkpoint(training_args, final)}")
 
 
 if __name__ == "__main__":

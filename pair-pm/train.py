@@ -37,6 +37,7 @@ from useful_code.distributed import (
 )
 from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import standardize_pairs
+from useful_code.hub import FinalCheckpointPush, push_checkpoint
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import load_preference_model
@@ -73,8 +74,8 @@ class ScriptArguments(HeldOutArguments):
 
 
 @dataclass
-class PreferenceModelConfig(HardwareAwareArguments, checkpoints.OutputDirArguments, DivergenceArguments,
-                            SFTConfig):
+class PreferenceModelConfig(FinalCheckpointPush, HardwareAwareArguments, checkpoints.OutputDirArguments,
+                            DivergenceArguments, SFTConfig):
     """TRL's SFTConfig, usable unchanged on a GPU or a CPU-only machine (bf16 where the GPU has it, as upstream's
     "bf16: auto"); padding is ours (a non-EOS pad token, see useful_code/templates.py)."""
 
@@ -230,6 +231,9 @@ def main():
         final = checkpoints.publish_run(training_args.output_dir)
         print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
     trainer.accelerator.wait_for_everyone()
+    # After the barrier: the other ranks would time out in it while a large model uploads.
+    if is_main and training_args.push_final_checkpoint:
+        print(f"Pushed to the Hub: {push_checkpoint(training_args, final)}")
 
 
 if __name__ == "__main__":

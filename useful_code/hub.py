@@ -1,0 +1,44 @@
+"""--push_to_hub for the trainers: the final, verified checkpoint goes to the Hugging Face Hub once the run is
+published, and nothing before.
+
+Why not the Trainer's own push: it creates the repository when the Trainer is built (a network error before any
+work), pushes the whole output directory at every save, before the reload check, and with last_checkpoint/ as a
+sub-folder, so that from_pretrained(repo) would find no model at the repository's root."""
+
+from pathlib import Path
+
+from useful_code.cli import UserError
+
+
+class FinalCheckpointPush:
+    """Mixin for TrainingArguments subclasses, listed first: --push_to_hub (with transformers' --hub_model_id,
+    --hub_private_repo, --hub_token, --hub_revision) is kept as push_final_checkpoint and turned off for the Trainer;
+    the script calls push_checkpoint after publishing the run."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.push_final_checkpoint, self.push_to_hub = self.push_to_hub, False
+
+
+def hub_repo_id(args) -> str:
+    """--hub_model_id, else the output directory's name (the Trainer's default)."""
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+def push_checkpoint(args, checkpoint_dir: str) -> str:
+    """Upload checkpoint_dir's files to the root of the Hub repository (created if missing, private with
+    --hub_private_repo); returns the repository's URL. A failure (network, authentication, permissions) is one line
+    that says the run itself is complete and how to upload it later."""
+    from huggingface_hub import HfApi
+
+    repo_id = hub_repo_id(args)
+    api = HfApi(token=args.hub_token)
+    try:
+        repo = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
+        api.upload_folder(repo_id=repo.repo_id, folder_path=checkpoint_dir, revision=args.hub_revision,
+                          commit_message="Upload reward model")
+    except Exception as err:  # huggingface_hub's HTTP errors, requests/httpx connection errors, OSError
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--push_to_hub: uploading {checkpoint_dir} to {repo_id} failed ({reason}); the run is "
+                        f"complete there: upload it later with `hf upload {repo_id} {checkpoint_dir} .`") from None
+    return repo.url
