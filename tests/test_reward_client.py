@@ -124,6 +124,43 @@ def test_trl_grpo_trainer_trains_on_the_servers_rewards(server, tmp_path):
         assert logged["rewards/rm/mean"] == pytest.approx(math.fsum(r for _, r in scored) / len(scored), rel=1e-5)
 
 
+def test_trl_grpo_takes_a_bt_checkpoint_itself_as_its_reward_model(checkpoints, tmp_path):
+    """Without a server: GRPOTrainer(reward_funcs=[checkpoint path]) loads the BT checkpoint with TRL's own code
+    (its chat template, no second BOS, right padding) and trains on the rewards this project's scorer gives the
+    same conversations. A second, zero-weighted reward function only records what was generated."""
+    import math
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from useful_code.defaults import DEFAULT_MODEL
+    from useful_code.reward_scorer import RewardScorer
+    from useful_code.templates import load_tokenizer
+
+    generated = []
+
+    def record(prompts, completions, **kwargs):
+        generated.append([p + c for p, c in zip(prompts, completions)])
+        return [0.0] * len(completions)
+
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} times {i}?"}]}
+                                 for i in range(4)])
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=12, max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
+                      bf16=False, save_strategy="no", seed=0, reward_weights=[1.0, 0.0])
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL),
+                          reward_funcs=[str(checkpoints / "bt"), record], args=args, train_dataset=prompts,
+                          processing_class=load_tokenizer(DEFAULT_MODEL, "--model"))
+    trainer.train()
+    scorer = RewardScorer.from_pretrained(str(checkpoints / "bt"))
+    assert len(generated) == 2
+    for conversations, logged in zip(generated, trainer.state.log_history):
+        rewards = scorer.score(scorer.encode_conversations(conversations)[0])["rewards"]
+        assert logged["rewards/bt/mean"] == pytest.approx(math.fsum(rewards) / len(rewards), abs=1e-5)
+        assert logged["reward"] == pytest.approx(logged["rewards/bt/mean"], abs=1e-5)  # the recorder weighs 0
+
+
 def test_a_url_ending_with_an_endpoint_is_the_servers_base(server):
     """OpenRLHF's flag takes http://host:port/get_reward; the same URL given to the client posted to
     /get_reward/score (a 404). The trailing endpoint is stripped."""
