@@ -81,6 +81,20 @@ def test_the_trainer_itself_never_pushes(script, tmp_path, monkeypatch):
     assert parse_args([config], None, argv=["--output_dir", str(tmp_path)])[0].push_final_checkpoint is False
 
 
+def test_hub_strategies_are_said_to_be_unused(tmp_path, capsys):
+    from transformers import TrainingArguments
+
+    class Config(FinalCheckpointPush, TrainingArguments):
+        pass
+
+    Config(output_dir=str(tmp_path), push_to_hub=True, hub_strategy="checkpoint")
+    assert capsys.readouterr().out == ("note: --hub_strategy checkpoint not used: only the final, verified checkpoint "
+                                       "is pushed\n")
+    Config(output_dir=str(tmp_path), push_to_hub=True)
+    Config(output_dir=str(tmp_path), hub_strategy="checkpoint")  # no push asked for
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.e2e
 def test_training_publishes_then_a_failed_push_is_one_line(tmp_path):
     out = tmp_path / "run"

@@ -18,6 +18,10 @@ class FinalCheckpointPush:
     def __post_init__(self):
         super().__post_init__()
         self.push_final_checkpoint, self.push_to_hub = self.push_to_hub, False
+        strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
+        if self.push_final_checkpoint and (strategy != "every_save" or self.hub_always_push):
+            print(f"note: --hub_strategy {strategy}{' and --hub_always_push' if self.hub_always_push else ''} not "
+                  "used: only the final, verified checkpoint is pushed")
 
 
 def hub_repo_id(args) -> str:
