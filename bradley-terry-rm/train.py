@@ -329,14 +329,14 @@ def export_quality_head(two_heads_dir: str, checkpoint_dir: str, tokenizer, dtyp
 def compute_metrics(eval_pred) -> dict:
     """Over the held-out rewards [pairs, 2]: plain BT loss (the mean over pairs), pair accuracy (chosen strictly
     above rejected: ties count as wrong, as in RewardBench), ties, and the rewards' scale (the mean margin, and the
-    mean and standard deviation of every chosen and rejected reward), which an RL loop may normalize by."""
+    mean and sample standard deviation of every chosen and rejected reward), which an RL loop may normalize by."""
     rewards = np.asarray(eval_pred.predictions).reshape(-1, 2)
     loss = bradley_terry_loss(torch.from_numpy(rewards[:, 0]), torch.from_numpy(rewards[:, 1]))
     return {"loss": loss.item(), "accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1])),
             "ties": int(np.sum(rewards[:, 0] == rewards[:, 1])),
             "margin": float(np.mean(rewards[:, 0] - rewards[:, 1], dtype=np.float64)),
             "reward_mean": float(np.mean(rewards, dtype=np.float64)),
-            "reward_std": float(np.std(rewards, dtype=np.float64))}
+            "reward_std": float(np.std(rewards, ddof=1, dtype=np.float64))}  # ddof=1 as OpenRLHF's torch.std
 
 
 def verify_checkpoint(trainer, checkpoint_dir: str, pairs, in_memory: np.ndarray, dtype: torch.dtype) -> float:
@@ -493,6 +493,8 @@ def main(default_config: str = DEFAULT_CONFIG):
         save_final_model(trainer, checkpoint_dir, lora_args.use_peft, lambda: load_reward_model(
             args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation, args.trust_remote_code,
             new_weights=REWARD_HEAD_WEIGHTS, pickled_weights=args.load_pickled_weights), tokenizer)
+    if is_main:
+        checkpoints.record_reward_scale(checkpoint_dir, eval_metrics["eval_reward_mean"], eval_metrics["eval_reward_std"])
     n_check = min(args.reload_check_pairs, len(held_out))
     reload_diff = verify_checkpoint(trainer, checkpoint_dir, held_out.select(range(n_check)),
                                     held_out_rewards[:n_check], dtype)

@@ -455,7 +455,12 @@ def test_held_out_loss_is_plain_bt_whatever_the_training_loss(tmp_path, flags):
     assert metrics["eval_accuracy"] == pytest.approx((chosen > rejected).double().mean().item(), abs=1e-9)
     both = torch.cat([chosen, rejected])  # the rewards' scale, for an RL loop that normalizes by it
     assert [metrics["eval_margin"], metrics["eval_reward_mean"], metrics["eval_reward_std"]] == pytest.approx(
-        [(chosen - rejected).mean().item(), both.mean().item(), both.std(correction=0).item()], abs=1e-5)
+        [(chosen - rejected).mean().item(), both.mean().item(), both.std(correction=1).item()], abs=1e-5)
+    config = json.loads((out / "last_checkpoint" / "config.json").read_text())  # OpenRLHF normalizes by them
+    assert (config["mean"], config["std"]) == (metrics["eval_reward_mean"], metrics["eval_reward_std"])
+    # OpenRLHF's reward model reads the base model under model. and the score head (its value_head_prefix)
+    names = set(load_file(str(out / "last_checkpoint" / "model.safetensors")))
+    assert "score.weight" in names and all(name.startswith("model.") for name in names - {"score.weight"})
     if "--center_rewards_coefficient" in flags:  # the penalty the training loss adds is far above the tolerance
         assert ((chosen + rejected) ** 2).mean().item() > 1e-2
 

@@ -421,6 +421,16 @@ def publish_run(output_dir: str) -> str:
     return str(out / "last_checkpoint")
 
 
+def record_reward_scale(checkpoint_dir: str, mean: float, std: float) -> None:
+    """The held-out rewards' mean and standard deviation in the checkpoint's config.json under OpenRLHF's names
+    (config.mean, config.std; std at least 1e-8, as its trainer clamps it): OpenRLHF's reward model, given this
+    checkpoint, normalizes its rewards by them with --normalize_reward."""
+    path = Path(checkpoint_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(mean=mean, std=max(std, 1e-8))
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_final_checkpoint(trainer, checkpoint_dir: str) -> None:
     """Save weights (gathered from every rank under ZeRO-3), config and tokenizer as safetensors/JSON. The
     pickled training_args.bin the Trainer adds is removed (metrics.json records the arguments): the checkpoint
