@@ -494,7 +494,8 @@ def main(default_config: str = DEFAULT_CONFIG):
             args.model_name, "--model_name", tokenizer, dtype, args.attn_implementation, args.trust_remote_code,
             new_weights=REWARD_HEAD_WEIGHTS, pickled_weights=args.load_pickled_weights), tokenizer)
     if is_main:
-        checkpoints.record_reward_scale(checkpoint_dir, eval_metrics["eval_reward_mean"], eval_metrics["eval_reward_std"])
+        checkpoints.record_reward_scale(checkpoint_dir, eval_metrics["eval_reward_mean"],
+                                        eval_metrics["eval_reward_std"])
     n_check = min(args.reload_check_pairs, len(held_out))
     reload_diff = verify_checkpoint(trainer, checkpoint_dir, held_out.select(range(n_check)),
                                     held_out_rewards[:n_check], dtype)
