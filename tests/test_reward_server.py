@@ -85,6 +85,30 @@ def test_score_and_get_reward_equal_the_eval_path(checkpoints):
         assert got["extra_logs"]["rm_tokens"] == tokens
 
 
+def test_normalize_reward_divides_by_the_checkpoints_held_out_scale(checkpoints, tmp_path):
+    """--normalize_reward (OpenRLHF serve_rm's): (reward - mean) / std by the config's mean and std, which the BT
+    trainer writes; the other endpoints' values and the eval path are untouched without the flag."""
+    import shutil
+
+    from useful_code.checkpoints import record_reward_scale
+
+    scaled = tmp_path / "bt"
+    shutil.copytree(checkpoints / "bt", scaled)
+    record_reward_scale(str(scaled), 0.5, 2.0)
+    expected = [(r - 0.5) / 2.0 for r in eval_path_rewards(checkpoints / "bt", CONVERSATIONS)]
+    with Server(scaled, normalize_reward=True) as server:
+        client = RewardClient(server.url)
+        np.testing.assert_allclose(client.score(CONVERSATIONS)["rewards"], expected, rtol=1e-5, atol=1e-5)
+        texts = render_conversations(server.scorer.tokenizer, CONVERSATIONS)
+        np.testing.assert_allclose(client.get_reward(texts)["rewards"], expected, rtol=1e-5, atol=1e-5)
+        assert client.info()["reward_normalization"] == {"mean": 0.5, "std": 2.0}
+    with pytest.raises(UserError, match=r"--normalize_reward: .*config.json has no usable mean and std .*got None, "
+                                        r"None\): bradley-terry-rm/train.py writes them"):
+        Server(checkpoints / "bt", normalize_reward=True)
+    with pytest.raises(UserError, match="--normalize_reward: .* is a pairwise preference model; only a Bradley-Terry"):
+        Server(checkpoints / "pm", normalize_reward=True)
+
+
 def test_openrlhf_padded_queries_score_as_the_clean_text(checkpoints):
     """OpenRLHF before 0.8.3 sent batch_decode(skip_special_tokens=False) text: left padding, the BOS, prompt and
     response, the EOS and right padding (current releases decode one unpadded sequence). The server strips the

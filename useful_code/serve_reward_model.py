@@ -75,6 +75,23 @@ class ServerArguments:
     attn_implementation: str = field(default="auto")
     trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own code (ArmoRM)."})
     load_pickled_weights: bool = field(default=False)
+    normalize_reward: bool = field(default=False, metadata={
+        "help": "Return (reward - mean) / std, by the mean and std of the held-out rewards in a BT checkpoint's "
+                "config (bradley-terry-rm/train.py writes them; OpenRLHF's serve_rm --reward.normalize_enable)."})
+
+
+def reward_scale(scorer: RewardScorer, model_name: str) -> tuple[float, float]:
+    """(mean, std) that --normalize_reward divides by: config.mean and config.std of a BT checkpoint, OpenRLHF's
+    names, which bradley-terry-rm/train.py and OpenRLHF's reward trainer write."""
+    if scorer.kind != "bt":
+        raise UserError(f"--normalize_reward: {model_name} is a {KINDS[scorer.kind]}; only a Bradley-Terry "
+                        "checkpoint carries the reward scale to normalize by")
+    mean, std = (getattr(scorer.model.config, key, None) for key in ("mean", "std"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mean, std)) \
+            or std <= 0:
+        raise UserError(f"--normalize_reward: {model_name}'s config.json has no usable mean and std (a finite mean, "
+                        f"a std above 0; got {mean!r}, {std!r}): bradley-terry-rm/train.py writes them")
+    return float(mean), float(std)
 
 
 def is_loopback(host: str) -> bool:
@@ -283,6 +300,7 @@ def parse_body(body: bytes, model: type[BaseModel], content_encoding: Optional[s
 def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> FastAPI:
     """The FastAPI application: endpoints, authentication and request bounds around one loaded scorer."""
     check_access(args.host, args.api_key)
+    scale = reward_scale(scorer, model_name) if args.normalize_reward else None
     batcher = DynamicBatcher(scorer.score, args.batch_wait_ms / 1000, args.max_batch_tokens)
     # JSON parsing, the conversation checks and tokenising: off the event loop, which keeps answering (/health) while
     # a large request is prepared. Only the model runs on the batcher's one scoring thread.
@@ -353,6 +371,9 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
             bad = [i for i, v in enumerate(values) if not all(map(math.isfinite, v if isinstance(v, list) else [v]))]
             if bad:
                 raise ModelOutputError(f"the model gave NaN or infinite {key} for items {bad[:10]}")
+        if scale:
+            mean, std = scale
+            results = {**results, "rewards": [(reward - mean) / std for reward in results["rewards"]]}
         return results
 
     def prepare_texts(body: GetRewardRequest) -> tuple[list[list[int]], int]:
@@ -390,6 +411,7 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
                 "dtype": str(scorer.dtype).replace("torch.", ""), "max_length": scorer.max_length,
                 "model_position_limit": scorer.position_limit, "version": _version(),
                 "attributes": scorer.attributes, "batches_run": batcher.batches,
+                "reward_normalization": dict(zip(("mean", "std"), scale)) if scale else None,
                 "peak_gpu_memory_mib": peak_gpu_memory_mib(),  # the allocator's peak so far; None without a GPU
                 "limits": {"max_items": args.max_items, "max_messages": args.max_messages,
                            "max_responses": args.max_responses, "max_body_bytes": args.max_body_bytes,
