@@ -196,6 +196,32 @@ def test_the_local_rules_are_the_servers():
 # verl's compute_score
 
 
+def test_verls_own_reward_model_worker_reads_a_bt_checkpoint_as_ours(checkpoints):
+    """verl's in-process reward model (reward_model.enable=True, reward_model.model.path=DIR) loads the checkpoint as
+    AutoModelForTokenClassification with num_labels 1 and classifier_dropout 0, in verl's code, and reads the logit
+    of the last valid token: the score head's bias, absent from a BT checkpoint, starts at zero, so the rewards are
+    ours (fp32 here; verl runs bf16)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    from useful_code.reward_scorer import RewardScorer
+
+    path = str(checkpoints / "bt")
+    scorer = RewardScorer.from_pretrained(path)
+    sequences = scorer.encode_conversations(CONVERSATIONS)[0]
+    config = AutoConfig.from_pretrained(path)
+    config.num_labels, config.classifier_dropout = 1, 0.0
+    verl_model = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32).eval()
+    width = max(map(len, sequences))  # verl's batches are right-padded; it reads at argmax(position_ids * mask)
+    ids = torch.tensor([s + [scorer.tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = verl_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.squeeze(-1)
+    verl_rewards = logits[torch.arange(len(sequences)), torch.argmax(positions * mask, dim=-1)]
+    assert verl_rewards.tolist() == pytest.approx(scorer.score(sequences)["rewards"], abs=1e-5)
+
+
 def test_verl_compute_score_called_as_verl_calls_it_equals_score(server):
     """verl's naive reward manager (verl/workers/reward_manager/naive.py) calls compute_score(data_source=,
     solution_str=, ground_truth=, extra_info=) per sample, with the response only; extra_info gains num_turns and
