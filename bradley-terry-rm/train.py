@@ -92,6 +92,9 @@ class ScriptArguments(HeldOutArguments):
         "min": 0, "aliases": ["--ortho_reg"], "help": "ODIN's head-orthogonality term."})
     center_rewards_coefficient: float = field(default=0.0, metadata={
         "min": 0, "help": "TRL's reward centering: adds coefficient * mean((r_c + r_r)^2)."})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Train without the model's dropout (TRL's default): chosen and rejected would be read under different "
+                "dropout masks, noise on the reward difference the loss is on. Most decoder LLMs have none."})
     padding_free: bool = field(default=True, metadata={
         "help": "Pack each batch's sequences end to end in one row, no padding computed, attention kept inside each "
                 "sequence (where the model and attention implementation allow it; else padded, said once)."})
@@ -99,9 +102,6 @@ class ScriptArguments(HeldOutArguments):
         "min": 0, "help": "With --padding_free: batches of as many pairs as fit in this many packed tokens (replaces "
                           "--per_device_train_batch_size; bounds the activations of a step). 0: batches of "
                           "--per_device_train_batch_size pairs."})
-    disable_dropout: bool = field(default=True, metadata={
-        "help": "Train without the model's dropout (TRL's default): chosen and rejected would be read under different "
-                "dropout masks, noise on the reward difference the loss is on. Most decoder LLMs have none."})
     prefix_sharing: bool = field(default=True, metadata={
         "help": "With --padding_free: compute each pair's shared context once, both responses attending to it "
                 "(sdpa/eager; flash attention falls back to plain padding-free, said once)."})

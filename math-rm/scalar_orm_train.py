@@ -208,7 +208,8 @@ def main():
         final = checkpoints.publish_run(training_args.output_dir)
         print(f"Checkpoint: {final}")
     trainer.accelerator.wait_for_everyone()
-    if training_args.process_index == 0 and training_args.push_final_checkpoint:  # after the barrier: see pair-pm
+    # After the barrier: the other ranks would time out in it while a large model uploads.
+    if training_args.process_index == 0 and training_args.push_final_checkpoint:
         print(f"Pushed to the Hub: {push_checkpoint(training_args, final)}")
 
 

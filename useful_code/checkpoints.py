@@ -424,7 +424,8 @@ def publish_run(output_dir: str) -> str:
 def record_reward_scale(checkpoint_dir: str, mean: float, std: float) -> None:
     """The held-out rewards' mean and standard deviation in the checkpoint's config.json under OpenRLHF's names
     (config.mean, config.std; std at least 1e-8, as its trainer clamps it): OpenRLHF's reward model, given this
-    checkpoint, normalizes its rewards by them with --normalize_reward."""
+    checkpoint, normalizes its rewards by them with --reward.normalize_enable, as the reward server does with
+    --normalize_reward."""
     path = Path(checkpoint_dir) / "config.json"
     config = json.loads(path.read_text())
     config.update(mean=mean, std=max(std, 1e-8))

@@ -40,8 +40,9 @@ RESULTS = (("eval_accuracy", "held-out accuracy"), ("eval_accuracy_chosen_as_A",
            ("eval_accuracy_plus", 'held-out accuracy on "+" labels'),
            ("eval_accuracy_minus", 'held-out accuracy on "-" labels'), ("eval_labels", "held-out labels"),
            ("eval_loss", "held-out loss"),
-           ("eval_ties", "held-out ties (counted as wrong)"), ("eval_margin", "held-out mean margin (chosen - rejected)"),
-           ("eval_reward_mean", "held-out reward mean"), ("eval_reward_std", "held-out reward standard deviation"), ("train_loss", "training loss (mean)"),
+           ("eval_ties", "held-out ties (counted as wrong)"),
+           ("eval_margin", "held-out mean margin (chosen - rejected)"), ("eval_reward_mean", "held-out reward mean"),
+           ("eval_reward_std", "held-out reward standard deviation"), ("train_loss", "training loss (mean)"),
            ("train_steps", "training steps"), ("reload_max_abs_diff", "reload check: largest difference"),
            ("wall_time_s", "wall time (s)"))
 USAGE = {
