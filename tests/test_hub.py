@@ -34,6 +34,9 @@ class RecordingApi:
         full = repo_id if "/" in repo_id else f"me/{repo_id}"
         return SimpleNamespace(repo_id=full, url=f"https://huggingface.co/{full}")
 
+    def create_branch(self, repo_id, *, branch, exist_ok=False):
+        RecordingApi.calls.append(("create_branch", repo_id, branch, exist_ok))
+
     def upload_folder(self, *, repo_id, folder_path, revision=None, commit_message=None):
         RecordingApi.calls.append(("upload_folder", repo_id, folder_path, revision))
 
@@ -47,7 +50,8 @@ def test_the_checkpoint_goes_to_the_repository_root(tmp_path, monkeypatch):
                                   ("upload_folder", "me/my-rm", "/runs/x/last_checkpoint", None)]
     RecordingApi.calls = []
     push_checkpoint(hub_args(tmp_path, hub_model_id="org/rm-v2", hub_revision="dev"), "/runs/x/last_checkpoint")
-    assert RecordingApi.calls[1] == ("upload_folder", "org/rm-v2", "/runs/x/last_checkpoint", "dev")
+    assert RecordingApi.calls[1:] == [("create_branch", "org/rm-v2", "dev", True),  # upload_folder needs it
+                                      ("upload_folder", "org/rm-v2", "/runs/x/last_checkpoint", "dev")]
 
 
 def test_a_failed_upload_is_one_line_saying_the_run_is_complete(tmp_path, monkeypatch):
@@ -60,6 +64,10 @@ def test_a_failed_upload_is_one_line_saying_the_run_is_complete(tmp_path, monkey
                                                       "failed (")
     assert message.endswith("the run is complete there: upload it later with "
                             "`hf upload org/rm /runs/x/last_checkpoint .`")
+    with pytest.raises(UserError) as err:  # the command keeps the repository's settings
+        push_checkpoint(hub_args(tmp_path, hub_model_id="org/rm", hub_private_repo=True, hub_revision="dev"),
+                        "/runs/x/last_checkpoint")
+    assert str(err.value).endswith("`hf upload org/rm /runs/x/last_checkpoint . --private --revision dev`")
 
 
 @pytest.mark.parametrize("script", ["bradley-terry-rm/train.py", "pair-pm/train.py", "math-rm/train.py",

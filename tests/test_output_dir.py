@@ -156,8 +156,10 @@ def test_resume_targets_are_checked(tmp_path, capsys):
     (tmp_path / "loop" / "checkpoint-3" / "loop_state.pt").write_text("")
     assert resolve_resume("latest", str(tmp_path / "loop"), marker="loop_state.pt") == str(
         tmp_path / "loop" / "checkpoint-3")
-    # weights lost (a copy that left them out): one line for the path, passed over by 'latest'
+    # weights lost (a copy that left them out): one line for the path, passed over by 'latest'; the Trainer's
+    # pickled arguments beside them are no weights
     (tmp_path / "checkpoint-40" / "model.safetensors").unlink()
+    (tmp_path / "checkpoint-40" / "training_args.bin").write_bytes(b"pickled")
     with pytest.raises(UserError, match=r"checkpoint-40: it holds no weights \(model.safetensors is missing\)"):
         resolve_resume(str(tmp_path / "checkpoint-40"), str(tmp_path))
     capsys.readouterr()

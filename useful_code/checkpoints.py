@@ -271,8 +271,9 @@ def damaged_weights(directory: Path, model_checkpoint: bool = True) -> Optional[
     not there, or a file shorter than its own header says (a save or a copy cut short). transformers would stop the
     resumed run on them with a traceback, after loading everything else."""
     index = directory / "model.safetensors.index.json"
-    # DeepSpeed resumes from its own global_stepN states; a .bin is another tool's checkpoint, left to transformers.
-    weights = ("*.safetensors", "*.safetensors.index.json", "global_step*", "*.bin")
+    # DeepSpeed resumes from its own global_stepN states; pickled weights are another tool's, left to transformers
+    # (not training_args.bin, which a plain Trainer's checkpoint holds beside its weights).
+    weights = ("*.safetensors", "*.safetensors.index.json", "global_step*", "pytorch_model*.bin", "adapter_model.bin")
     if model_checkpoint and not any(next(directory.glob(pattern), None) for pattern in weights):
         return "it holds no weights (model.safetensors is missing)"
     if index.is_file():

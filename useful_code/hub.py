@@ -39,10 +39,16 @@ def push_checkpoint(args, checkpoint_dir: str) -> str:
     api = HfApi(token=args.hub_token)
     try:
         repo = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
+        if args.hub_revision:  # upload_folder needs the branch to exist
+            api.create_branch(repo.repo_id, branch=args.hub_revision, exist_ok=True)
         api.upload_folder(repo_id=repo.repo_id, folder_path=checkpoint_dir, revision=args.hub_revision,
                           commit_message="Upload reward model")
     except Exception as err:  # huggingface_hub's HTTP errors, requests/httpx connection errors, OSError
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        # The same repository settings, or hf upload would make a repository meant to be private public.
+        options = "".join(f" {option}" for option, given in (
+            ("--private", args.hub_private_repo), (f"--revision {args.hub_revision}", args.hub_revision)) if given)
+        later = f"hf upload {repo_id} {checkpoint_dir} .{options}"
         raise UserError(f"--push_to_hub: uploading {checkpoint_dir} to {repo_id} failed ({reason}); the run is "
-                        f"complete there: upload it later with `hf upload {repo_id} {checkpoint_dir} .`") from None
+                        f"complete there: upload it later with `{later}`") from None
     return repo.url
