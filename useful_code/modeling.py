@@ -4,6 +4,7 @@ trusted, with one clear error when a model cannot be loaded."""
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from useful_code.cli import UserError, load_error
 from useful_code.hardware import default_device, resolve_attn_implementation, resolve_dtype
+from useful_code.openrlhf_format import openrlhf_value_head
 from useful_code.packing import enable_padding_free
 from useful_code.templates import load_tokenizer
 
@@ -76,6 +78,12 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
         raise UserError(f"{flag}: '{name}' defines its own {auto_class.__name__} ({custom}); pass "
                         "--trust_remote_code to run that code")
     wanted, saved = _task_suffix(auto_class.__name__), [_task_suffix(a) for a in config.architectures or []]
+    value_head = openrlhf_value_head(config) if auto_class is AutoModelForSequenceClassification else None
+    head_renaming = rf"^{re.escape(value_head)}\." if value_head not in (None, "score") else None
+    if value_head is not None:
+        saved = [wanted]  # OpenRLHF's RewardModel is its model type's sequence classifier, saved under another name
+    if head_renaming:
+        kwargs["key_mapping"] = {head_renaming: "score."}
     if wanted and not new_weights and saved and wanted not in saved:
         raise UserError(f"{flag}: '{name}' was saved as {', '.join(config.architectures)}, not a ...{wanted} model; "
                         f"this script needs a {CHECKPOINT_KINDS.get(wanted, wanted)}, another kind of checkpoint")
@@ -122,6 +130,12 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
                  f"weights that {type(model).__name__} does not use: {', '.join(unused[:3])}"
                  f"{f' and {len(unused) - 3} more' if len(unused) > 3 else ''}" if unused else ""]
         print(f"{flag} {name}: " + "; ".join(part for part in parts if part))
+    if head_renaming:
+        # Saved again as a plain sequence classifier (score.*): transformers would write the head back under its old
+        # name, which a LlamaForSequenceClassification config does not name; and OpenRLHF reads config.value_head_prefix.
+        model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or []
+                                     if getattr(c, "source_patterns", None) != [head_renaming]]
+        model.config.value_head_prefix = "score"
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

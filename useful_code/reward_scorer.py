@@ -15,6 +15,7 @@ from useful_code.armo_embeddings import check_gating_sequences
 from useful_code.cli import UserError, load_error
 from useful_code.formats import CONVERSATION_RULES, validate_conversation
 from useful_code.modeling import load_for_scoring, load_reward_model
+from useful_code.openrlhf_format import openrlhf_value_head
 from useful_code.pm_scoring import PairPreferenceScorer, knockout_tournaments
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences, split_by_sizes
 from useful_code.templates import (
@@ -35,9 +36,12 @@ KINDS = {"bt": "Bradley-Terry reward model", "armo": "ArmoRM (multi-objective) r
 def checkpoint_kind(path: str, flag: str = "--reward_name_or_path") -> str:
     """'armo', 'bt' or 'pm', from the architecture the checkpoint's config names."""
     try:
-        architectures = AutoConfig.from_pretrained(path).architectures or []
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise load_error(flag, "model", path, err) from None
+    architectures = config.architectures or []
+    if openrlhf_value_head(config) is not None:
+        return "bt"
     if any(a.startswith("ArmoRM") for a in architectures):
         return "armo"
     if any(a.endswith("ForSequenceClassification") for a in architectures):

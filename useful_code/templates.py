@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from useful_code.cli import UserError, load_error
 from useful_code.formats import enforce_validity, map_rows
+from useful_code.openrlhf_format import is_openrlhf_reward_model, read_as_openrlhf
 
 
 class TemplateRefusal(UserError):
@@ -64,6 +65,10 @@ def load_tokenizer(name: str, flag: str, trust_remote_code: bool = False, chat_t
     if not (tokenizer.chat_template or "").strip():  # none, or an empty file left by a killed save
         raise UserError(f"{flag}: tokenizer of '{name}' has no chat template; use an instruct/chat model or give one "
                         f"with --chat_template (a Jinja file, or {', '.join(BUILTIN_CHAT_TEMPLATES)})")
+    if is_openrlhf_reward_model(name):
+        read_as_openrlhf(tokenizer)
+        print(f"note: {flag} '{name}' is a reward model trained by OpenRLHF: each conversation ends as its trainer ended "
+              "one (trailing newlines removed, then ' ' + EOS unless it ends with EOS), where it reads the reward")
     # Right padding keeps position ids identical to the unpadded sequence, so a reward does not depend on
     # what it was batched with; the classifier reads the last non-pad token either way.
     tokenizer.padding_side = "right"
