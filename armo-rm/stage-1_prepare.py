@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, save_shard, shard_rows
+from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, save_shard, shard_rows, validate_attribute_labels
 from useful_code.armo_embeddings import PrepareArguments, embed
 from useful_code.checkpoints import check_output_dir
 from useful_code.cli import UserError, parse_args, run_cli
@@ -43,13 +43,15 @@ def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-1_prepare")[0]
     prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path)
     check_output_dir(Path(prefix).parent, "--output_dir")  # before any embedding
-    # Upstream shuffles with seed 0 before it shards; stage-1_train.py's 80/20 split (seed 42) then takes the same
-    # validation rows, which pick each probe's alpha.
-    data = load_split(args.dataset_path, "train", "--dataset_path", args.skip_invalid).shuffle(seed=0)
+    data = load_split(args.dataset_path, "train", "--dataset_path", args.skip_invalid)
     missing = [a for a in ATTRIBUTES if a not in data.column_names]
     if missing:
         raise UserError(f"--dataset_path lacks attribute columns {missing}")
+    # Every check runs before the shuffle, so that an error names the row as it is in the file.
     data, stats = validate_conversations(data, args.skip_invalid, "--dataset_path")
+    data, label_stats = validate_attribute_labels(data, args.skip_invalid, "--dataset_path")
+    stats["invalid"].update(label_stats["invalid"])
+    stats["used"] = label_stats["used"]
     model, tokenizer = load_backbone(args.model_path, default_device(args.device), args.bf16,
                                      args.attn_implementation, args.trust_remote_code,
                                      pickled_weights=args.load_pickled_weights)
@@ -58,6 +60,9 @@ def main():
                                                                     "--dataset_path")
     data, stats["chat_template_rejects"] = reject_untemplatable(data, tokenizer, ("messages",), args.skip_invalid,
                                                                 "--dataset_path")
+    # Upstream shuffles with seed 0 before it shards; stage-1_train.py's 80/20 split (seed 42) then takes the same
+    # validation rows, which pick each probe's alpha.
+    data = data.shuffle(seed=0)
     rows = shard_rows(len(data), args.n_shards, args.shard_idx)
     shard = data.select(rows)
 

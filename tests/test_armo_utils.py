@@ -35,6 +35,7 @@ from useful_code.armo_data import (
     save_shard,
     shard_path,
     shard_rows,
+    validate_attribute_labels,
 )
 from useful_code.armo_embeddings import embed, gating_pattern
 from useful_code.armo_fit import (
@@ -923,3 +924,21 @@ def test_a_correlation_exactly_at_the_threshold_is_low_enough():
     rho = spearmanr(rewards[:, 0], verbosity).statistic  # penalty 0 leaves the attribute as it is
     out = verbosity_penalties(rewards, verbosity_index=1, threshold=rho)
     assert out["penalty"][0] == 0 and out["corr"][0] == rho
+
+
+def test_attribute_labels_are_numbers_or_null():
+    """A label that is a string, a boolean or an infinity is named with its row (as in the file) and attribute before
+    any embedding; null and NaN mean not rated; --skip_invalid drops and counts."""
+    rated = {a: None for a in ATTRIBUTES}
+    rows = [{**rated, ATTRIBUTES[0]: 3.5}, {**rated, ATTRIBUTES[3]: float("nan")}, {**rated, ATTRIBUTES[2]: True},
+            {**rated, ATTRIBUTES[5]: float("inf")}, {**rated, ATTRIBUTES[1]: 2}]
+    data = Dataset.from_list(rows)
+    with pytest.raises(UserError, match=rf"2 of 5 rows are invalid \(bad_attribute_label: 2\); first: row 2 "
+                                        rf"{ATTRIBUTES[2]} \(bad_attribute_label\), row 3 {ATTRIBUTES[5]} "):
+        validate_attribute_labels(data, False, "--dataset_path")
+    kept, stats = validate_attribute_labels(data, True, "--dataset_path")
+    assert (stats["read"], stats["used"], stats["invalid"]) == (5, 3, {"bad_attribute_label": 2})
+    assert kept[ATTRIBUTES[1]] == [None, None, 2]
+    text = Dataset.from_list([{**rated, ATTRIBUTES[0]: "high"}, {**rated, ATTRIBUTES[0]: None}])
+    with pytest.raises(UserError, match=rf"first: row 0 {ATTRIBUTES[0]} \(bad_attribute_label\)"):
+        validate_attribute_labels(text, False, "--dataset_path")

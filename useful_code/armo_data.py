@@ -7,6 +7,7 @@ Upstream hard-codes ~/data/ArmoRM; here every location is a flag, defaulting und
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from useful_code.checkpoints import atomic_save_file
 from useful_code.cli import UserError
+from useful_code.formats import enforce_validity, map_rows
 
 # Head order everywhere (RLHFlow/ArmoRM-Multi-Objective-Data-v0.1 columns).
 ATTRIBUTES = (
@@ -27,9 +29,29 @@ ATTRIBUTES = (
     "code-explanation", "code-instruction-following", "code-readability",
 )
 VERBOSITY_INDEX = ATTRIBUTES.index("helpsteer-verbosity")
+LABEL_RULES = {"bad_attribute_label": "each attribute label must be a finite number, or null where the attribute "
+                                       "is not rated (not a string, a boolean or an infinity)"}
 DATA_ROOT = "./armo_data"
 HEAD_WEIGHTS = "armo_head.safetensors"  # stage-2_train.py writes, export.py reads: regression, transform, gating
 HEAD_SUMMARY = "armo_head.json"  # attributes, penalties, gating hyper-parameters, validation accuracy
+
+
+def validate_attribute_labels(dataset, skip_invalid: bool, name: str):
+    """Check the ATTRIBUTES columns of every row against LABEL_RULES (NaN counts as not rated, as null does): a row
+    that breaks them is an error naming it and the attribute, or with skip_invalid is dropped and counted; checked
+    before any embedding is computed. Returns (dataset, stats)."""
+    def bad(value) -> bool:
+        if value is None:
+            return False
+        return not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and (math.isfinite(value) or math.isnan(value)))
+
+    def reason(*labels) -> dict:
+        broken = next((a for a, v in zip(ATTRIBUTES, labels) if bad(v)), None)
+        return {"invalid_reason": "bad_attribute_label" if broken else "", "invalid_where": broken or ""}
+
+    marked = map_rows(dataset, reason, list(ATTRIBUTES), desc=f"checking {name}'s attribute labels")
+    return enforce_validity(marked, LABEL_RULES, skip_invalid, name)
 
 
 def dataset_name(path: str) -> str:

@@ -34,7 +34,8 @@ KINDS = {"bt": "Bradley-Terry reward model", "armo": "ArmoRM (multi-objective) r
 
 
 def checkpoint_kind(path: str, flag: str = "--reward_name_or_path") -> str:
-    """'armo', 'bt' or 'pm', from the architecture the checkpoint's config names."""
+    """'armo', 'bt' or 'pm', from the architecture the checkpoint's config names (a reward model trained by OpenRLHF
+    is a BT model)."""
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
