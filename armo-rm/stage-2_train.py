@@ -146,7 +146,8 @@ def main():
     args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-2_train")[0]
     device = default_device(args.device)
     output_dir = checkpoints.claim_output_dir(str(gating_head_dir(args.output_dir, args.model_path)),
-                                              args.overwrite_output_dir, finished=HEAD_SUMMARY)
+                                              args.overwrite_output_dir, finished=HEAD_SUMMARY,
+                                              resuming=bool(args.resume_from_checkpoint))
     torch.manual_seed(args.seed)
     weights_path = args.regression_weights
     if weights_path is None or Path(weights_path).is_dir():

@@ -391,7 +391,8 @@ def main(default_config: str = DEFAULT_CONFIG):
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
                                      inputs=(args.model_name, args.train_set_path, args.eval_set_path),
-                                     flag="--output_path")  # upstream's name (--output_dir works too)
+                                     flag="--output_path",  # upstream's name (--output_dir works too)
+                                     resuming=bool(training_args.resume_from_checkpoint))
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
                                         written_last=TrainTokensInCheckpoints.path("", 0).name)
     # 4/8-bit needs a GPU and bitsandbytes: said now

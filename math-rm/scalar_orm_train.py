@@ -148,7 +148,9 @@ def main():
     is_main = training_args.process_index == 0
     if is_main:
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
-                                     inputs=(args.model_name, args.train_set_path, args.eval_set_path))
+                                     inputs=(args.model_name, args.train_set_path, args.eval_set_path),
+                                     resuming=bool(training_args.resume_from_checkpoint))
+    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
     # Data: train rows and held-out rows (the test split, or --eval_set_path), both checked by math-rm's rules.
     tokenizer = load_tokenizer(args.model_name, "--model_name")
@@ -182,7 +184,7 @@ def main():
                                processing_class=tokenizer, data_collator=collate(tokenizer),
                                compute_metrics=compute_metrics, callbacks=[checkpoints.DropPickledArguments(),
                                                                                     StopOnNonFiniteLoss()])
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=resume)
     prediction = trainer.predict(held_out, metric_key_prefix="eval")
 
     # Save through staging, verify the reload on held-out rows, then publish.
@@ -202,7 +204,7 @@ def main():
                    "examples": {"train": train_stats, "eval": eval_stats}, "reload_max_abs_diff": reload_diff,
                    "config": config}
         checkpoints.write_run_metrics(staging, metrics, started, train_result, args, training_args,
-                                      precision_summary(training_args, dtype))
+                                      precision_summary(training_args, dtype), resumed_from=resume)
         print(f"Held-out accuracy {metrics['eval_accuracy']:.4f} (P(right) > 0.5), loss {metrics['eval_loss']:.4f} "
               f"on {len(held_out)} solutions ({eval_stats['right']} right)")
         final = checkpoints.publish_run(training_args.output_dir)

@@ -160,7 +160,8 @@ def main():
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
                                      inputs=(script_args.model_name_or_path, script_args.dataset_path,
-                                             script_args.eval_set_path))
+                                             script_args.eval_set_path),
+                                     resuming=bool(training_args.resume_from_checkpoint))
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     # fp32 weights under the Trainer's bf16 autocast; bf16 under DeepSpeed (fp32 master weights) or for LoRA's base
     dtype = weights_dtype(training_args, frozen_base=lora_args.use_peft)

@@ -61,3 +61,14 @@ def test_two_ranks_match_one_process_on_rewardbench_1(models, tmp_path):
     assert_same_scores(one, two, ["chosen_reward", "rejected_reward"])
     assert [e["correct"] for e in one["per_example"]] == [e["correct"] for e in two["per_example"]]
     assert one["sections"] == two["sections"] and one["score"] == two["score"]
+
+
+def test_rewardbench_2_says_how_many_completions_were_cut(models, tmp_path):
+    results = tmp_path / "cut.json"
+    proc = run([sys.executable, SCRIPTS["bt"], "--reward_name_or_path", str(models / "bt"), "--data_set_name",
+                V2_SAMPLE, "--record_dir", str(tmp_path / "record.txt"), "--results_json", str(results),
+                "--max_length", "40"], env_extra={"OMP_NUM_THREADS": "1"})
+    check_ok(proc)
+    cut = json.loads(results.read_text())["data"]["truncated"]
+    assert cut > 0
+    assert f"[data_set_name] truncated {cut} completions longer than max_length=40 tokens from the left" in proc.stdout

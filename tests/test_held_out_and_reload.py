@@ -104,6 +104,10 @@ def test_an_eval_set_that_is_the_training_data_is_replaced_by_held_out_pairs(tmp
     assert len(kept) == 15 and len(held) == 5 and stats == {"read": 5, "source": "held out of --train_set_path"}
     assert not set(prompts(kept)) & set(prompts(held))
     assert f"(--eval_holdout_size; every pair of the {path} is a training pair)" in capsys.readouterr().out
+    with pytest.raises(UserError, match=f"20 valid pairs and every pair of the {path} is a training pair: too few to "
+                                        "hold out --eval_holdout_size=15; pass other pairs as --eval_set_path or a "
+                                        "smaller --eval_holdout_size"):
+        held_out_pairs(train, {}, str(path), 15, 3, False, "--train_set_path")
 
 
 def test_reload_within_tolerance_returns_the_largest_difference(capsys):

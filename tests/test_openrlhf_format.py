@@ -92,7 +92,7 @@ def test_openrlhf_checkpoint_scores_as_openrlhf_reads_it(tmp_path, value_head_pr
     # OpenRLHF's remote-reward query: the same text, already templated, scored as it is
     queried, _ = scorer.encode_texts(texts)
     assert queried == ids
-    assert reward_scale(scorer, "m") == (0.5, 2.0)
+    assert reward_scale(scorer.kind, scorer.model.config.to_dict(), "m") == (0.5, 2.0)
 
 
 def test_openrlhf_template_is_wrapped_once_and_saved(tmp_path, capsys):

@@ -92,6 +92,24 @@ def test_a_killed_save_leaves_the_previous_run_whole_and_is_cleaned_up(tmp_path)
     assert not (tmp_path / STAGING).exists()
 
 
+def test_a_new_run_does_not_start_beside_an_unfinished_runs_checkpoints(tmp_path, capsys):
+    """A later --resume_from_checkpoint latest would take the killed run's checkpoint-30 for the new run's own."""
+    for step in (5, 30):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()  # not a numbered checkpoint: left alone
+    with pytest.raises(UserError, match=rf"{tmp_path} holds 2 checkpoints of an unfinished run \(the last "
+                                        r"checkpoint-30\); pass --resume_from_checkpoint latest to continue it, or "
+                                        r"--overwrite_output_dir to start over"):
+        claim_output_dir(str(tmp_path), False)
+    assert claim_output_dir(str(tmp_path), False, resuming=True) == tmp_path  # resuming is what they are for
+    assert (tmp_path / "checkpoint-30").is_dir()
+    claim_output_dir(str(tmp_path), True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-x"]
+    assert f"Removed the 2 checkpoints of an earlier run in {tmp_path} (--overwrite_output_dir)" in \
+        capsys.readouterr().out
+    assert claim_output_dir(str(tmp_path), False) == tmp_path
+
+
 def test_publish_moves_the_verified_run_into_place(tmp_path):
     finished_run(tmp_path, "old")
     staged = tmp_path / STAGING

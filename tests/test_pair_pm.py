@@ -213,8 +213,15 @@ def test_is_pm_format():
         standard = Dataset.from_list([json.loads(next(f)) for _ in range(4)])
     assert not is_pm_format(standard)
     assert not is_pm_format(toy_pairs(4))
-    # a 'messages' column holding an ordinary conversation is not PM data
+    # a 'messages' column holding ordinary conversations is not PM data
     assert not is_pm_format(pm_dataset([[msg("user", "hi"), msg("assistant", "hello")]]))
+    # PM data whose first row is broken is PM data all the same: validation names that row
+    broken_first = pm_dataset([[msg("user", "[CONTEXT] hi"), msg("assistant", "C")], good_example("A")])
+    assert is_pm_format(broken_first)
+    with pytest.raises(UserError, match=r"1 of 2 rows are invalid \(bad_label: 1\); first: row 0 \(bad_label\)"):
+        validate_pm_examples(broken_first, False, "train set")
+    # pairs that also carry a 'messages' column (UltraFeedback's layout) are pairs
+    assert not is_pm_format(Dataset.from_list([{**standard[0], "messages": good_example("A")}]))
 
 
 # ------------------------------------------------------------------------------------------ 4. label tokens

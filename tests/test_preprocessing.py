@@ -845,6 +845,9 @@ def test_responses_that_template_to_the_same_tokens_are_an_error_or_a_counted_dr
     with pytest.raises(UserError, match=r"1 of 1 pairs .* \(1 once cut to max_length=32 from the left, 0 as the chat "
                                         r"template writes them"):
         tokenize_pairs(long_pairs, tok, 32, "truncate", "set")
+    # Under --overlength drop nothing is cut: such a pair is over-long, dropped and counted as that alone.
+    kept, stats = tokenize_pairs(long_pairs, tok, 32, "drop", "set")
+    assert len(kept) == 0 and (stats["dropped_overlength"], stats["same_tokens"]) == (1, 0)
     kept, stats = tokenize_pairs(pairs, tok, 512, "truncate", "set", skip_invalid=True)
     assert len(kept) == 1 and stats["same_tokens"] == 1 and kept["chosen"][0][-1]["content"] == "yes"
     assert "same_tokens" not in kept.column_names

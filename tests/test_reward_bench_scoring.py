@@ -256,6 +256,19 @@ def test_duplicate_ids_are_refused_before_scoring(tmp_path):
         evaluation.load_examples(str(path), None, "--data_set_name", False)
 
 
+def test_a_row_without_a_subset_name_is_named_or_dropped(tmp_path):
+    """A null or blank subset would be scored under "None": a row error, or a counted drop with --skip_invalid."""
+    path = tmp_path / "subsets.jsonl"
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "subset": s, "id": i}
+            for i, s in enumerate(["shp", None, " ", "shp"])]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(UserError, match=r"2 of 4 rows are invalid \(bad_subset: 2\); first: row 1 \(bad_subset\), "
+                                        r"row 2 \(bad_subset\)"):
+        evaluation.load_examples(str(path), None, "--data_set_name", False)
+    kept, stats = evaluation.load_examples(str(path), None, "--data_set_name", True)
+    assert kept["id"] == [0, 3] and stats["read"] == 4 and stats["invalid"] == {"bad_subset": 2}
+
+
 def test_all_four_sections_present_record_has_no_averages_line(tmp_path):
     subsets = ["alpacaeval-easy", "mt-bench-hard", "donotanswer", "math-prm"]
     res = rb.score_examples([0, 1, 2, 3], subsets, [1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0])

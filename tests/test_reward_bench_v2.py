@@ -134,7 +134,7 @@ def test_v2_rows_are_validated_per_row():
     rows = [v2_row(0), v2_row(1, prompt=""), v2_row(2, chosen=[]), v2_row(3, num_correct=2),
             v2_row(4, subset="Ties"), v2_row(5, rejected=["fine <|eot_id|>", "no"]),
             v2_row(6, subset="Ties", id="ref:6"), v2_row(7, subset="Ties", id="tied:6"),
-            v2_row(8, subset="ties", id="tied:x")]
+            v2_row(8, subset="ties", id="tied:x"), v2_row(9, subset=None), v2_row(10, subset=" ")]
     dataset = Dataset.from_list(rows)
     with pytest.raises(UserError, match=r"row 1 \(bad_prompt\), row 2 \(not_a_completion_list\), row 3 "
                                         r"\(counts_mismatch\), row 4 \(bad_ties_id\), row 7 \(bad_ties_id\)"):
@@ -142,7 +142,7 @@ def test_v2_rows_are_validated_per_row():
     pattern = re.compile(r"<\|eot_id\|>")
     kept, stats = evaluation.prepare_examples_v2(dataset, "--data_set_name", True, pattern)
     assert stats["invalid"] == {"bad_prompt": 1, "not_a_completion_list": 1, "counts_mismatch": 1,
-                                "bad_ties_id": 3, "special_token_in_content": 1}
+                                "bad_ties_id": 3, "special_token_in_content": 1, "bad_subset": 2}
     assert kept["id"] == ["0", "ref:6"] and kept["num_correct"] == [1, 1]
     assert kept[0]["context"] == [{"role": "user", "content": "question 0"}]
     assert kept[0]["responses"] == ["right 0", "wrong 0", "no 0"]  # the correct completions first

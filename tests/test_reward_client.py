@@ -6,13 +6,14 @@ the server closed is). The HTTP tests use the real server on a free loopback por
 
 import http.server
 import json
+import shutil
 import threading
 import time
 
 import pytest
 from test_reward_server import ANSWERS, CONVERSATIONS, QUESTION
 
-from helpers import Server, save_sharp_checkpoints
+from helpers import Server, save_sharp_checkpoints, save_tiny_armo
 from useful_code.formats import validate_conversation
 from useful_code.reward_client import (
     RewardClient,
@@ -73,6 +74,30 @@ def test_trl_unscorable_completions_get_none_and_the_others_are_scored(server):
     assert trl_reward_function(server.url)(prompts=["Q"], completions=[""]) == [None]  # nothing sent at all
 
 
+def test_trl_conversations_refused_by_the_template_or_armo_gating_get_none(checkpoints, tmp_path):
+    """Refusals only the server can make about one conversation: a chat template that raises for it (Gemma's, for a
+    system message), and an ArmoRM input whose user turn the cut to max_length removed. The server names the
+    conversation by its index ("item"); that one gets None, the others are scored. Before: the call raised."""
+    refusing = tmp_path / "refusing"
+    shutil.copytree(checkpoints / "bt", refusing)
+    template = refusing / "chat_template.jinja"
+    template.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}" + template.read_text())
+    system = [{"role": "system", "content": "Be brief."}, QUESTION]
+    with Server(refusing) as running:
+        got = trl_reward_function(running.url)(prompts=[[QUESTION], system, [QUESTION]],
+                                               completions=[ANSWERS[0], ANSWERS[0], ANSWERS[1]])
+        assert got[1] is None
+        assert [got[0], got[2]] == pytest.approx(reference(running, CONVERSATIONS[:2]), abs=1e-5)
+        with pytest.raises(RewardServerError, match=r"conversations\[0\]: the model's chat template refuses it") \
+                as err:
+            RewardClient(running.url).score([system + [{"role": "assistant", "content": "Hi"}]])
+        assert (err.value.status, err.value.item) == (400, 0)
+    with Server(save_tiny_armo(tmp_path / "armo"), trust_remote_code=True, max_length=64) as running:
+        got = trl_reward_function(running.url)(prompts=["hi", "hello"], completions=["short answer", "word " * 200])
+        assert got[1] is None and isinstance(got[0], float)
+
+
 def test_trl_more_items_than_max_items_are_sent_in_chunks_in_order(server):
     """11 completions to a server with --max_items=3: four requests, the rewards in the completions' order.
     Before: one request of 11, a 413."""
@@ -86,6 +111,24 @@ def test_trl_more_items_than_max_items_are_sent_in_chunks_in_order(server):
                                   if i != 4])
     assert [r for i, r in enumerate(got) if i != 4] == pytest.approx(expected, abs=1e-5)
     assert batches == 4  # ceil(10 / 3) requests, each scored in one batch
+
+
+def test_trl_requests_stay_within_the_servers_body_limit(checkpoints):
+    """Eight 700-byte completions to a server with --max_body_bytes 4000: requests of at most 4000 bytes, every
+    completion scored; one completion over the limit by itself gets None. Before: one request, a 413."""
+    completions = [f"{ANSWERS[i % 4]} ({i}) " + "and so on " * 68 for i in range(8)] + ["long " * 900]
+    with Server(checkpoints / "bt", max_body_bytes=4000) as running:
+        client = RewardClient(running.url)
+        requests = client._score_requests([[QUESTION, {"role": "assistant", "content": c}] for c in completions],
+                                          list(range(9)))
+        assert len(requests) > 1 and sorted(sum(requests, [])) == list(range(8))
+        for request in requests:
+            conversations = [[QUESTION, {"role": "assistant", "content": completions[i]}] for i in request]
+            assert len(json.dumps({"conversations": conversations}).encode()) <= 4000
+        got = trl_reward_function(running.url)(prompts=[QUESTION["content"]] * 9, completions=completions)
+        assert got[8] is None and None not in got[:8]
+        assert got[:8] == pytest.approx(reference(running, [[QUESTION, {"role": "assistant", "content": c}]
+                                                            for c in completions[:8]]), abs=1e-5)
 
 
 def test_trl_grpo_trainer_trains_on_the_servers_rewards(server, tmp_path):

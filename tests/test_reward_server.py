@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, Server, run, save_sharp_checkpoints
+from helpers import ROOT, Server, free_port, run, save_sharp_checkpoints
 from useful_code.cli import UserError
 from useful_code.modeling import load_preference_model, load_reward_model
 from useful_code.pm_scoring import PairPreferenceScorer
@@ -107,6 +107,12 @@ def test_normalize_reward_divides_by_the_checkpoints_held_out_scale(checkpoints,
         Server(checkpoints / "bt", normalize_reward=True)
     with pytest.raises(UserError, match="--normalize_reward: .* is a pairwise preference model; only a Bradley-Terry"):
         Server(checkpoints / "pm", normalize_reward=True)
+    # The script says it before loading the model, and never announces a server it does not start.
+    proc = run([sys.executable, str(ROOT / "useful_code" / "serve_reward_model.py"), "--reward_name_or_path",
+                str(checkpoints / "bt"), "--normalize_reward", "--port", str(free_port())], timeout=120)
+    assert proc.returncode == 2 and "Serving" not in proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).strip().splitlines()[-1].startswith(
+        "error: --normalize_reward: ") and "Loading weights" not in proc.stdout + proc.stderr
 
 
 def test_openrlhf_padded_queries_score_as_the_clean_text(checkpoints):

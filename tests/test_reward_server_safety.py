@@ -301,6 +301,9 @@ def test_auth_comes_first_and_the_bearer_scheme_is_case_insensitive(checkpoints)
     for key in ("", "   ", " s3cret"):
         with pytest.raises(UserError, match="--api_key must be a token"):
             check_access("127.0.0.1", key)
+    for key in ("clé", "ключ", "tab\there"):  # http.client sends Latin-1, curl UTF-8: never one key for both
+        with pytest.raises(UserError, match="--api_key must be printable ASCII"):
+            check_access("127.0.0.1", key)
 
 
 def test_info_needs_the_bearer_token_and_health_does_not(checkpoints):

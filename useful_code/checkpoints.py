@@ -188,13 +188,16 @@ def own_lock(fd: int) -> None:
 
 
 def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = (),
-                     finished: str = "metrics.json", flag: str = "--output_dir") -> Path:
+                     finished: str = "metrics.json", flag: str = "--output_dir", resuming: bool = False) -> Path:
     """Before any work: check that output_dir can take this run and lock it (call on the main process only).
 
     It must be a creatable, writable directory that is none of the inputs; a finished run there (the file named
     finished, which a run writes last) is kept unless overwrite; a run in progress there (its lock file flocked, or
-    naming a live PID) stops this one, and a stale lock is taken over. The lock is released when this process
-    exits. Errors name flag, the script's name for output_dir. Returns the directory."""
+    naming a live PID) stops this one, and a stale lock is taken over. A run that is not resuming (resuming: a
+    --resume_from_checkpoint was given) does not start beside an earlier run's checkpoint-N directories, which a
+    later --resume_from_checkpoint latest would take for its own: they stop it, or with overwrite are removed. The
+    lock is released when this process exits. Errors name flag, the script's name for output_dir. Returns the
+    directory."""
     out = check_output_dir(output_dir, flag, inputs)
     lock = out / LOCK
     def busy(holder: str) -> str:
@@ -208,6 +211,11 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
         if (out / finished).exists() and not overwrite:
             raise UserError(f"{flag}: {out} holds a finished run ({finished}); pass "
                             f"--overwrite_output_dir to replace it, or choose another {flag}")
+        earlier = [] if resuming else numbered_checkpoints(out)
+        if earlier and not overwrite:
+            raise UserError(f"{flag}: {out} holds {len(earlier)} checkpoints of an unfinished run (the last "
+                            f"{earlier[-1].name}); pass --resume_from_checkpoint latest to continue it, or "
+                            f"--overwrite_output_dir to start over (they are removed), or choose another {flag}")
     except UserError:
         os.close(fd)
         raise
@@ -218,7 +226,18 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
     atexit.register(lambda: lock.unlink(missing_ok=True) if lock.exists() and lock.read_text() == str(os.getpid())
                     else None)
     shutil.rmtree(out / STAGING, ignore_errors=True)  # what a killed run left half-written
+    if earlier:
+        for directory in earlier:
+            shutil.rmtree(directory)
+        print(f"Removed the {len(earlier)} checkpoints of an earlier run in {out} (--overwrite_output_dir)")
     return out
+
+
+def numbered_checkpoints(directory: Path) -> list[Path]:
+    """The checkpoint-N directories of a run's output directory, by N."""
+    numbered = [(int(m.group(1)), d) for d in Path(directory).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", d.name)) and d.is_dir()]
+    return [d for _, d in sorted(numbered)]
 
 
 def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer_state.json",
@@ -231,9 +250,7 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
     if not value:
         return None
     if value == "latest":
-        numbered = [(int(m.group(1)), d) for d in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                    if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", d.name)) and d.is_dir()]
-        for _, directory in sorted(numbered, reverse=True):
+        for directory in reversed(numbered_checkpoints(Path(output_dir))):
             if not _complete(directory, marker, written_last):
                 print(f"Passing over {directory}: its save was cut short ({marker}"
                       f"{f' or {written_last}' if written_last else ''} missing or incomplete)")

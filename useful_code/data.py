@@ -350,7 +350,8 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
         return train, held_out, {**stats, "source": source}
     seen = training_pair_indices(held_out, train)
     if seen and len(seen) == len(held_out):
-        return _hold_out(train, holdout_size, seed, f"every pair of the {source} is a training pair", train_flag)
+        return _hold_out(train, holdout_size, seed, f"every pair of the {source} is a training pair", train_flag,
+                         eval_set_given=True)
     if seen:
         held_out = held_out.select(sorted(set(range(len(held_out))) - set(seen)))
         print(f"Left {len(seen)} of the {stats['used']} pairs of the {source} out of the evaluation: they are "
@@ -359,12 +360,14 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
     return train, held_out, {**stats, "source": source}
 
 
-def _hold_out(train, holdout_size: int, seed: int, why: str, train_flag: str):
-    """holdout_size pairs of train, seeded, for evaluation, and the rest to train on."""
+def _hold_out(train, holdout_size: int, seed: int, why: str, train_flag: str, eval_set_given: bool = False):
+    """holdout_size pairs of train, seeded, for evaluation, and the rest to train on (eval_set_given: an
+    --eval_set_path was given and held only training pairs)."""
     if len(train) < 2 * holdout_size:
         raise UserError(
             f"{train_flag} has {len(train)} valid pairs and {why}: too few to hold out "
-            f"--eval_holdout_size={holdout_size}; pass --eval_set_path or a smaller --eval_holdout_size")
+            f"--eval_holdout_size={holdout_size}; pass {'other pairs as ' if eval_set_given else ''}--eval_set_path "
+            "or a smaller --eval_holdout_size")
     split = train.train_test_split(test_size=holdout_size, seed=seed)
     print(f"Held out {holdout_size} of the train set's pairs for evaluation (--eval_holdout_size; {why})")
     return split["train"], split["test"], {"read": holdout_size, "source": f"held out of {train_flag}"}

@@ -86,6 +86,9 @@ def main():
 
     if benchmark == 2:
         scores, stats["truncated"] = completion_scores(model, tokenizer, examples, args, state)
+        if stats["truncated"] and state.is_main_process:  # said as the v1 path and the PM script say it
+            print(f"[data_set_name] truncated {stats['truncated']} completions longer than max_length="
+                  f"{args.max_length} tokens from the left")
         results = score_examples_v2(examples["id"], examples["subset"], scores, examples["num_correct"])
     else:
         chosen, rejected = score_pairs(model, tokenizer, examples, args.batch_size, state.is_main_process, state,

@@ -15,7 +15,7 @@ from datasets import concatenate_datasets
 from useful_code.checkpoints import atomic_write_text, check_output_file
 from useful_code.cli import UserError
 from useful_code.data import load_dataset_dict, pick_split
-from useful_code.formats import clean_messages, enforce_validity, standardize_pairs
+from useful_code.formats import clean_messages, enforce_validity, map_rows, standardize_pairs
 from useful_code.reward_bench import (
     SECTIONS,
     TIES_SUBSET,
@@ -33,7 +33,9 @@ BENCHMARK_DATA = {1: ("allenai/reward-bench", "filtered"), 2: ("allenai/reward-b
 V2_COLUMNS = ("prompt", "chosen", "rejected", "subset")
 
 # Rules of a RewardBench 2 row (one prompt, its correct completions in 'chosen', the incorrect ones in 'rejected').
+SUBSET_RULES = {"bad_subset": "subset must be a non-empty string (the name results are grouped and weighted by)"}
 V2_RULES = {
+    **SUBSET_RULES,
     "bad_prompt": "prompt must be a non-empty string or a list of {role, content} messages",
     "not_a_completion_list": "chosen and rejected must be non-empty lists of non-empty strings",
     "counts_mismatch": "num_correct, num_incorrect and total_completions must equal the lengths of chosen, rejected "
@@ -145,7 +147,13 @@ def has_v2_columns(dataset) -> bool:
     return isinstance(first, list) and bool(first) and all(isinstance(c, str) for c in first)
 
 
+def _subset_reason(subset) -> str:
+    return "" if isinstance(subset, str) and subset.strip() else "bad_subset"
+
+
 def _v2_invalid_reason(row: dict, special_tokens) -> str:
+    if _subset_reason(row["subset"]):
+        return "bad_subset"
     prompt = row["prompt"]
     if isinstance(prompt, str) and prompt.strip():
         context = [{"role": "user", "content": prompt}]
@@ -243,9 +251,12 @@ def prepare_examples(dataset, path: str, flag: str, skip_invalid: bool):
         raise UserError(f"{flag}: '{path}' has no 'subset' column")
     if "id" not in dataset.column_names:
         dataset = dataset.add_column("id", list(range(len(dataset))))
+    marked = map_rows(dataset, lambda subset: {"invalid_reason": _subset_reason(subset)}, ["subset"],
+                      desc=f"checking {flag.lstrip('-')}'s subsets")
+    dataset, subset_stats = enforce_validity(marked, SUBSET_RULES, skip_invalid, flag.lstrip("-"))
     dataset, stats = standardize_pairs(dataset, skip_invalid, flag.lstrip("-"))
     unique_ids(dataset["id"])
-    return dataset, stats
+    return dataset, {**stats, "read": subset_stats["read"], "invalid": {**subset_stats["invalid"], **stats["invalid"]}}
 
 
 def check_eval_arguments(args, state) -> None:

@@ -97,12 +97,17 @@ def pm_invalid_reason(messages) -> str:
 
 
 def is_pm_format(dataset) -> bool:
-    """Whether a dataset is already in PM format: a 'messages' column whose first row ends in an "A"/"B" answer
-    (anything else is read as standard-format preference pairs)."""
-    if "messages" not in dataset.column_names or len(dataset) == 0:
+    """Whether a dataset is already in PM format: a 'messages' column, no chosen/rejected pair, and a row that ends in
+    an "A"/"B"/"Same" answer; its other rows are then validated as PM examples, a broken first one too (anything else
+    is read as standard-format preference pairs)."""
+    if "messages" not in dataset.column_names or {"chosen", "rejected"} <= set(dataset.column_names):
         return False
-    first = dataset[0]["messages"]
-    return isinstance(first, list) and bool(first) and first[-1].get("content") in ANSWERS
+    for batch in dataset.select_columns(["messages"]).iter(batch_size=1024):  # stops at the first answer: row 0
+        for messages in batch["messages"]:
+            if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                    and messages[-1].get("content") in ANSWERS:
+                return True
+    return False
 
 
 def validate_pm_examples(dataset, skip_invalid: bool, name: str):

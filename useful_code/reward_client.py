@@ -31,15 +31,15 @@ _STALE_CONNECTION = (ConnectionResetError, ConnectionAbortedError, BrokenPipeErr
 ROLES = ("system", "user", "assistant")
 # Half of a UTF-16 surrogate pair, which JSON can escape ("\\ud800") but no tokenizer can read (the server's rule too).
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_ITEM_REFUSED = re.compile(r"^conversations\[(\d+)\]: .*\((\w+)\)$")
 
 
 class RewardServerError(RuntimeError):
-    """The server answered with an error (its one-line message and HTTP status), or could not be reached."""
+    """The server answered with an error (its one-line message and HTTP status; item, the index of the one
+    conversation it refused, when the error is about one), or could not be reached."""
 
-    def __init__(self, message: str, status: Optional[int] = None):
+    def __init__(self, message: str, status: Optional[int] = None, item: Optional[int] = None):
         super().__init__(message if status is None else f"HTTP {status}: {message}")
-        self.message, self.status = message, status
+        self.message, self.status, self.item = message, status, item
 
 
 class RewardClient:
@@ -66,7 +66,7 @@ class RewardClient:
         self._address = (parts.hostname, parts.port)
         self._base_path = path
         self._local = threading.local()
-        self._max_items: Optional[int] = None
+        self._limits: Optional[dict] = None
 
     def _connection(self):
         if getattr(self._local, "connection", None) is None:
@@ -107,10 +107,11 @@ class RewardClient:
             break
         if status >= 400:
             try:
-                message = json.loads(data).get("error", data.decode(errors="replace"))
+                answer = json.loads(data)
+                message, item = answer.get("error", data.decode(errors="replace")), answer.get("item")
             except (ValueError, AttributeError):
-                message = data.decode(errors="replace")
-            raise RewardServerError(message, status)
+                message, item = data.decode(errors="replace"), None
+            raise RewardServerError(message, status, item if type(item) is int else None)
         return json.loads(data)
 
     def health(self) -> dict:
@@ -138,33 +139,49 @@ class RewardClient:
         """A preference model's pairwise probabilities over responses to one context, and the winner."""
         return self._request("/compare", {"context": context, "responses": responses})
 
-    def max_items(self) -> int:
-        """The server's --max_items (conversations per request), read from /info once."""
-        if self._max_items is None:
-            self._max_items = int(self.info()["limits"]["max_items"])
-        return self._max_items
+    def limits(self) -> dict:
+        """The server's request limits (max_items, max_body_bytes, ...), read from /info once."""
+        if self._limits is None:
+            self._limits = self.info()["limits"]
+        return self._limits
+
+    def _score_requests(self, conversations: list, indices: list[int]) -> list[list[int]]:
+        """indices split into /score requests within the server's --max_items and --max_body_bytes (the JSON body
+        _request sends, counted exactly); a conversation too large for any request is left out."""
+        limits = self.limits()
+        max_items, room = int(limits["max_items"]), int(limits["max_body_bytes"]) - len(b'{"conversations": []}')
+        requests, current, used = [], [], 0
+        for i in indices:
+            size = len(json.dumps(conversations[i]).encode())
+            if size > room:
+                continue
+            extra = size + (2 if current else 0)  # the ", " between items
+            if current and (len(current) == max_items or used + extra > room):
+                requests.append(current)
+                current, used, extra = [], 0, size
+            current.append(i)
+            used += extra
+        return requests + ([current] if current else [])
 
     def rewards(self, conversations: list) -> list[Optional[float]]:
         """One reward per conversation, any number of them, in order; None for a conversation the server would
         refuse. Those are found here by the server's cheap rules (unscorable_reason: empty or blank content,
         content that is not a string such as a list of parts, a role other than system/user/assistant, roles out of
-        turn, no final assistant message) and never sent; one the server still refuses by name (a special token
-        written as text) gets None too and the rest are sent again. The others go to /score in requests of at most
-        the server's --max_items (read from /info once). Any other error (auth, a PM server, an unreachable one)
-        is raised."""
+        turn, no final assistant message) and never sent; one the server still refuses by its index (a special token
+        written as text, a chat template that refuses it, an ArmoRM input cut past its user turn) gets None too and
+        the rest are sent again. The others go to /score in requests within the server's --max_items and
+        --max_body_bytes (read from /info once; one conversation larger than that alone gets None). Any other error
+        (auth, a PM server, an unreachable one) is raised."""
         rewards: list[Optional[float]] = [None] * len(conversations)
         keep = [i for i, conversation in enumerate(conversations) if not unscorable_reason(conversation)]
-        size = self.max_items() if keep else 1
-        for start in range(0, len(keep), size):
-            chunk = keep[start:start + size]
+        for chunk in self._score_requests(conversations, keep) if keep else []:
             while chunk:  # each refused item leaves the chunk: at most len(chunk) requests
                 try:
                     scored = self.score([conversations[i] for i in chunk])["rewards"]
                 except RewardServerError as err:
-                    refused = _ITEM_REFUSED.match(err.message or "") if err.status == 400 else None
-                    if refused is None or int(refused.group(1)) >= len(chunk):
+                    if err.status != 400 or err.item is None or not 0 <= err.item < len(chunk):
                         raise
-                    del chunk[int(refused.group(1))]
+                    del chunk[err.item]
                     continue
                 for i, reward in zip(chunk, scored):
                     rewards[i] = reward

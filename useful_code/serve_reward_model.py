@@ -23,6 +23,7 @@ import importlib.metadata
 import ipaddress
 import json
 import math
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -35,12 +36,13 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from transformers import PretrainedConfig
 
 from useful_code.cli import ModelOutputError, UserError, parse_args, run_cli
 from useful_code.defaults import REPO_ROOT
 from useful_code.hardware import peak_gpu_memory_mib
 from useful_code.reward_client import LONE_SURROGATE
-from useful_code.reward_scorer import KINDS, RewardScorer
+from useful_code.reward_scorer import KINDS, RewardScorer, checkpoint_kind
 from useful_code.scoring import split_by_sizes, token_budget_field
 
 DEMO_CHECKPOINT = REPO_ROOT / "outputs" / "demo" / "last_checkpoint"
@@ -80,13 +82,13 @@ class ServerArguments:
                 "config (bradley-terry-rm/train.py writes them; OpenRLHF's serve_rm --reward.normalize_enable)."})
 
 
-def reward_scale(scorer: RewardScorer, model_name: str) -> tuple[float, float]:
-    """(mean, std) that --normalize_reward divides by: config.mean and config.std of a BT checkpoint, OpenRLHF's
-    names, which bradley-terry-rm/train.py and OpenRLHF's reward trainer write."""
-    if scorer.kind != "bt":
-        raise UserError(f"--normalize_reward: {model_name} is a {KINDS[scorer.kind]}; only a Bradley-Terry "
+def reward_scale(kind: str, config: dict, model_name: str) -> tuple[float, float]:
+    """(mean, std) that --normalize_reward divides by: config.mean and config.std of a BT checkpoint (kind, and its
+    config as a dict), OpenRLHF's names, which bradley-terry-rm/train.py and OpenRLHF's reward trainer write."""
+    if kind != "bt":
+        raise UserError(f"--normalize_reward: {model_name} is a {KINDS[kind]}; only a Bradley-Terry "
                         "checkpoint carries the reward scale to normalize by")
-    mean, std = (getattr(scorer.model.config, key, None) for key in ("mean", "std"))
+    mean, std = config.get("mean"), config.get("std")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mean, std)) \
             or std <= 0:
         raise UserError(f"--normalize_reward: {model_name}'s config.json has no usable mean and std (a finite mean, "
@@ -300,7 +302,7 @@ def parse_body(body: bytes, model: type[BaseModel], content_encoding: Optional[s
 def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> FastAPI:
     """The FastAPI application: endpoints, authentication and request bounds around one loaded scorer."""
     check_access(args.host, args.api_key)
-    scale = reward_scale(scorer, model_name) if args.normalize_reward else None
+    scale = reward_scale(scorer.kind, scorer.model.config.to_dict(), model_name) if args.normalize_reward else None
     batcher = DynamicBatcher(scorer.score, args.batch_wait_ms / 1000, args.max_batch_tokens)
     # JSON parsing, the conversation checks and tokenising: off the event loop, which keeps answering (/health) while
     # a large request is prepared. Only the model runs on the batcher's one scoring thread.
@@ -329,7 +331,10 @@ def build_app(scorer: RewardScorer, args: ServerArguments, model_name: str) -> F
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, err: UserError):
-        return _error(500 if isinstance(err, ModelOutputError) else 400, str(err))
+        if isinstance(err, ModelOutputError):
+            return _error(500, str(err))
+        item = ITEM_ERROR.match(str(err))
+        return _error(400, str(err), item=int(item.group(1)) if item else None)
 
     @app.exception_handler(Exception)  # anything unforeseen: one JSON line (no details: they may hold others' data)
     async def unexpected_error(request: Request, err: Exception):
@@ -461,9 +466,15 @@ def extra_logs(cut: int, sequences: Optional[list[list[int]]] = None) -> dict:
     return logs
 
 
-def _error(status: int, message: str, close: bool = False) -> JSONResponse:
-    return JSONResponse({"error": message, "detail": message}, status_code=status,
-                        headers={"Connection": "close"} if close else None)
+# An error about one conversation of a /score request starts with its name, conversations[i] (the `where` of
+# prepare_conversations); the answer then carries i as "item", so that a client can set that conversation aside and
+# send the others again (reward_client.RewardClient.rewards).
+ITEM_ERROR = re.compile(r"conversations\[(\d+)\]")
+
+
+def _error(status: int, message: str, close: bool = False, item: Optional[int] = None) -> JSONResponse:
+    return JSONResponse({"error": message, "detail": message, **({"item": item} if item is not None else {})},
+                        status_code=status, headers={"Connection": "close"} if close else None)
 
 
 def _version() -> str:
@@ -490,11 +501,15 @@ def check_bindable(host: str, port: int) -> None:
 
 
 def check_access(host: str, api_key: Optional[str]) -> None:
-    """An --api_key a client can send (not empty, no spaces around it: header values lose them), and one at all
-    when --host is not a loopback address."""
+    """An --api_key a client can send (not empty, no spaces around it: header values lose them; printable ASCII),
+    and one at all when --host is not a loopback address."""
     if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
         raise UserError("--api_key must be a token without spaces around it (an empty or all-space key cannot be "
                         "sent in an Authorization header)")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        # HTTP clients send header values as Latin-1 (Python's http.client) or UTF-8 (curl): only ASCII is one key
+        raise UserError("--api_key must be printable ASCII (other characters reach the server as different bytes "
+                        "from different HTTP clients)")
     if not is_loopback(host) and not api_key:
         raise UserError(f"--host {host} is reachable from other machines: pass --api_key to require a bearer "
                         "token, or bind 127.0.0.1")
@@ -510,14 +525,17 @@ def main():
             raise UserError("no --reward_name_or_path given and no demo checkpoint: run `make demo` (it writes "
                             f"{DEMO_CHECKPOINT.relative_to(REPO_ROOT)}) or pass --reward_name_or_path DIR")
         path = str(DEMO_CHECKPOINT)
+    if args.normalize_reward:  # said before the model loads; the kind and the scale are in config.json
+        reward_scale(checkpoint_kind(path), PretrainedConfig.get_config_dict(path)[0], path)
     scorer = RewardScorer.from_pretrained(path, max_length=args.max_length, batch_size=args.batch_size, bf16=args.bf16,
                                           attn_implementation=args.attn_implementation,
                                           trust_remote_code=args.trust_remote_code,
                                           pickled_weights=args.load_pickled_weights,
                                           max_tokens_per_batch=args.max_tokens_per_batch)
+    app = build_app(scorer, args, path)
     print(f"Serving {KINDS[scorer.kind]} {path} on http://{args.host}:{args.port} "
           f"({'bearer token required' if args.api_key else 'no authentication'})", flush=True)
-    uvicorn.run(build_app(scorer, args, path), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -299,7 +299,9 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, overlength: str, name: s
             "rejected_input_ids": rejected,
             "length": [min(max(len(c), len(r)), max_length) for c, r in zip(chosen, rejected)],
             "overlength": too_long,
-            "same_tokens": [c == r for c, r in zip(chosen, rejected)],
+            # An over-long pair that --overlength drop removes is counted as over-long, not as cut to the same tokens
+            "same_tokens": [c == r and not (over and overlength == "drop")
+                            for c, r, over in zip(chosen, rejected, too_long)],
         }
 
     try:
