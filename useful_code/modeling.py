@@ -132,7 +132,8 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
         print(f"{flag} {name}: " + "; ".join(part for part in parts if part))
     if head_renaming:
         # Saved again as a plain sequence classifier (score.*): transformers would write the head back under its old
-        # name, which a LlamaForSequenceClassification config does not name; and OpenRLHF reads config.value_head_prefix.
+        # name, which the saved ...ForSequenceClassification config does not name (and OpenRLHF reads the head's name
+        # from config.value_head_prefix).
         model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or []
                                      if getattr(c, "source_patterns", None) != [head_renaming]]
         model.config.value_head_prefix = "score"

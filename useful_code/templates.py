@@ -67,8 +67,8 @@ def load_tokenizer(name: str, flag: str, trust_remote_code: bool = False, chat_t
                         f"with --chat_template (a Jinja file, or {', '.join(BUILTIN_CHAT_TEMPLATES)})")
     if is_openrlhf_reward_model(name):
         read_as_openrlhf(tokenizer)
-        print(f"note: {flag} '{name}' is a reward model trained by OpenRLHF: each conversation ends as its trainer ended "
-              "one (trailing newlines removed, then ' ' + EOS unless it ends with EOS), where it reads the reward")
+        print(f"note: {flag} '{name}' is a reward model trained by OpenRLHF: each conversation ends as its trainer "
+              "ended one (trailing newlines removed, then ' ' + EOS unless it ends with EOS), where it reads the reward")
     # Right padding keeps position ids identical to the unpadded sequence, so a reward does not depend on
     # what it was batched with; the classifier reads the last non-pad token either way.
     tokenizer.padding_side = "right"
