@@ -13,7 +13,8 @@ checkpointing, evaluation every 50 steps) are the recipe math-rm/llama-3.1-scala
 Data as upstream: PRM/ORM rows (a chat of steps and '+'/'-' labels, validated by math-rm's rules); the solution is
 right when its last label is '+'. As upstream, the problem is the text before the first "Step 1" and the solution
 all the rest (upstream's cut also stopped at "Step 10", see math-rm/README.md), read as one user turn and one
-assistant answer; a row without "Step 1" is an error naming it (rule no_step_1).
+assistant answer; a row without "Step 1", or with nothing before it, is an error naming it (rules no_step_1,
+no_problem).
 The model, tokenizer and checkpoint handling are the BT reward model's (a reward head on the last token, one BOS,
 left truncation, staging, reload check); the reward is the logit of P(right). Writes
 <output_dir>/last_checkpoint/ (loads with AutoModelForSequenceClassification) and <output_dir>/metrics.json.
@@ -30,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from useful_code import checkpoints
 from useful_code.cli import UserError, parse_args, run_cli
@@ -52,7 +53,8 @@ from useful_code.scoring import score_sequences
 from useful_code.templates import encode_conversations, load_tokenizer, truncate_all
 
 STEP_1 = "Step 1"  # where upstream cuts a row into the problem and its solution
-SOLUTION_RULES = {"no_step_1": f"the solution must start at '{STEP_1}' (upstream's problem/solution boundary)"}
+SOLUTION_RULES = {"no_step_1": f"the solution must start at '{STEP_1}' (upstream's problem/solution boundary)",
+                  "no_problem": f"the text before '{STEP_1}' (the problem, the user's turn) must not be empty"}
 
 
 @dataclass
@@ -104,7 +106,9 @@ def solution_rows(dataset, tokenizer, max_length: int, skip_invalid: bool, name:
         if STEP_1 not in text:
             return {"conversation": [], "label": 0.0, "invalid_reason": "no_step_1"}
         problem, solution = text.split(STEP_1, 1)
-        conversation = [*outcome[:-2], {"role": "user", "content": problem.strip() or text},
+        if not problem.strip():
+            return {"conversation": [], "label": 0.0, "invalid_reason": "no_problem"}
+        conversation = [*outcome[:-2], {"role": "user", "content": problem.strip()},
                         {"role": "assistant", "content": STEP_1 + solution}]
         return {"conversation": conversation, "label": float(outcome[-1]["content"] == "+"), "invalid_reason": ""}
 
@@ -113,7 +117,7 @@ def solution_rows(dataset, tokenizer, max_length: int, skip_invalid: bool, name:
     sequences, cut = truncate_all(tokenizer, encode_conversations(tokenizer, list(converted["conversation"])),
                                   max_length)
     tokenized = converted.remove_columns("conversation").add_column("input_ids", sequences)
-    return tokenized, {**stats, "no_step_1": rule_stats["read"] - rule_stats["used"], "truncated": cut,
+    return tokenized, {**stats, "invalid": {**stats["invalid"], **rule_stats["invalid"]}, "truncated": cut,
                        "used": len(tokenized), "right": int(sum(tokenized["label"]))}
 
 
@@ -179,6 +183,7 @@ def main():
         print(f"lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
               f"{training_args.gradient_accumulation_steps} max_length={training_args.max_length} "
               f"{precision_summary(training_args, dtype)} world_size={training_args.world_size}")
+    set_seed(training_args.seed)  # the new head's initial weights: the Trainer seeds only once the model exists
     model = load_reward_model(args.model_name, "--model_name", tokenizer, dtype, new_weights=REWARD_HEAD_WEIGHTS)
     trainer = ScalarORMTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out,
                                processing_class=tokenizer, data_collator=collate(tokenizer),

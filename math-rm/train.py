@@ -47,6 +47,7 @@ from useful_code.math_data import (
     TOY_PRM,
     encode_labeled,
     label_count,
+    label_token_ids,
     to_outcome,
     tokenize_examples,
     validate_training_rows,
@@ -183,10 +184,10 @@ def main():
     if len(train) == 0:
         raise UserError("no examples left to train on after validation and length filtering")
     if is_main:
-        n_labels = [label_count(m) for m in rows["messages"]]
-        n_minus = sum(m["content"] == "-" for messages in rows["messages"] for m in messages
-                      if m["role"] == "assistant")
-        print(f"{len(train)} training solutions ({script_args.reward_type}), {sum(n_labels)} labels ('-': {n_minus}); "
+        # Counted on the tokenized examples: what --overlength drop removed is not trained on.
+        trained = [label for labels in train["labels"] for label in labels if label != -100]
+        n_minus = sum(label == label_token_ids(tokenizer)[1] for label in trained)
+        print(f"{len(train)} training solutions ({script_args.reward_type}), {len(trained)} labels ('-': {n_minus}); "
               f"lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
               f"{training_args.gradient_accumulation_steps} epochs={training_args.num_train_epochs} "
               f"max_length={training_args.max_length} packing={training_args.packing} {precision} "

@@ -117,10 +117,16 @@ def test_lora_target_modules_must_name_modules_of_the_model():
         check_lora_targets(model, ["q_proj", "foo", "score"])
     assert str(err.value) == (f"--lora_target_modules: foo, score is not a module of this model (the 'score' head "
                               f"trains in full); its linear layers are {linear}; leave the flag unset for all")
+    # a block or a norm is a module, but not a layer LoRA adapts (peft's ValueError traceback before)
+    with pytest.raises(UserError) as err:
+        check_lora_targets(model, ["q_proj", "mlp", "input_layernorm"])
+    assert str(err.value) == ("--lora_target_modules: mlp, input_layernorm names no layer LoRA can adapt (LlamaMLP, "
+                              f"LlamaRMSNorm); its linear layers are {linear}; leave the flag unset for all")
+    check_lora_targets(model, ["embed_tokens"])  # an embedding is adaptable
     causal_lm = load_preference_model(DEFAULT_MODEL, "--model_name", tokenizer, torch.float32)
     with pytest.raises(UserError, match=r"^--lora_target_modules: foo is not a module of this model; its linear "
                                         r"layers are down_proj, gate_proj, k_proj, lm_head, o_proj"):
-        wrap_with_lora(causal_lm, LoraArguments(lora_target_modules=["foo"]), TaskType.CAUSAL_LM)
+        wrap_with_lora(causal_lm, LoraArguments(use_peft=True, lora_target_modules=["foo"]), TaskType.CAUSAL_LM)
 
 
 @pytest.mark.e2e
@@ -249,3 +255,13 @@ def test_dropout_is_off_in_training_unless_kept(tmp_path):
     check_ok(proc)
     assert "Dropout off" not in proc.stdout
     assert json.loads((tmp_path / "kept" / "metrics.json").read_text())["arguments"]["disable_dropout"] is False
+
+
+def test_lora_settings_without_use_peft_are_one_line():
+    """They would be ignored and the whole model trained, without a word."""
+    from useful_code.lora import LoraArguments
+
+    with pytest.raises(UserError, match=r"^--lora_r, --lora_target_modules: LoRA settings, which apply only with "
+                                        r"--use_peft \(without it the whole model trains\): pass --use_peft"):
+        LoraArguments(lora_r=8, lora_target_modules=["q_proj"])
+    assert LoraArguments(use_peft=True, lora_r=8).lora_r == 8 and not LoraArguments().use_peft

@@ -12,7 +12,7 @@ import pytest
 from datasets import Dataset
 
 from useful_code.cli import UserError
-from useful_code.data import load_dataset_dict
+from useful_code.data import load_dataset_dict, read_json_records
 from useful_code.evaluation import load_examples
 from useful_code.formats import standardize_pairs, validate_conversations
 from useful_code.pm_data import validate_pm_examples
@@ -288,3 +288,16 @@ def test_an_unparseable_line_is_counted_without_datasets_error_log(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("1"), proc.stderr[-2000:]
     assert "dropped 1 lines" in proc.stdout and "Failed to load JSON" not in proc.stderr
+
+
+@pytest.mark.parametrize("array", [False, True])
+def test_a_byte_order_mark_is_not_a_bad_first_record(tmp_path, array):
+    """A file an editor saved with a UTF-8 BOM: when another entry is bad, the first record is still read (it was
+    named 'not_json' and dropped with it)."""
+    row = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b"}]}
+    path = tmp_path / ("pairs.json" if array else "pairs.jsonl")
+    text = json.dumps([row, row, 5]) if array else f"{json.dumps(row)}\n{json.dumps(row)}\n{{\"chosen\": oops\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    records, bad = read_json_records(path, "--x")
+    assert len(records) == 2 and bad == [(2, "not_an_object" if array else "not_json")]

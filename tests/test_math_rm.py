@@ -701,6 +701,13 @@ def test_scalar_orm_takes_upstreams_flags_and_holds_out_rows_of_train_only_data(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["examples"]["eval"]["used"] == 40 and (out / "checkpoint-3").is_dir()
     assert metrics["examples"]["train"]["read"] == len(train_only.read_text().splitlines()) - 40
+    # The same flags give the same weights: the new head is drawn from --seed (it was not seeded before).
+    again = tmp_path / "again"
+    check_ok(run([sys.executable, str(ROOT / "math-rm" / "scalar_orm_train.py"), "--train_set_path", str(train_only),
+                  "--eval_holdout_size", "40", "--max_steps", "3", "--output_dir", str(again)]))
+    from safetensors.torch import load_file
+    first, second = (load_file(d / "last_checkpoint" / "model.safetensors") for d in (out, again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_scalar_orm_loss_is_binary_cross_entropy_on_the_reward_logit():
@@ -749,6 +756,21 @@ def test_scalar_orm_solution_keeps_every_step_after_the_first_step_1():
     assert problem_end < answer_start and text.count("Step 1:") == 1
     assert all(step in text for step in steps) and text.index("Step 12:") > text.index("Step 10:") > answer_start
     assert rows[0]["label"] == 0.0 and stats["truncated"] == 0
+
+
+def test_scalar_orm_row_without_a_problem_before_step_1_is_named():
+    """Nothing before "Step 1" leaves no user turn: the row is named (or dropped and counted), where the whole
+    solution used to be copied into the user's turn."""
+    spec = importlib.util.spec_from_file_location("scalar_orm_train", ROOT / "math-rm" / "scalar_orm_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model")
+    data = Dataset.from_list([{"messages": chat("Q? Step 1: 2+2=4", "+")},
+                              {"messages": chat("Step 1: 2+2=4", "+", "Step 2: The answer is 4", "+")}])
+    with pytest.raises(UserError, match=r"row 1 \(no_problem\).*the text before 'Step 1' \(the problem"):
+        module.solution_rows(data, tokenizer, 4096, False, "train")
+    rows, stats = module.solution_rows(data, tokenizer, 4096, True, "train")
+    assert len(rows) == 1 and stats["invalid"] == {"no_problem": 1}
 
 
 def test_truncation_keeps_a_label_whose_read_position_is_the_first_kept_token(tok, sharp_model):

@@ -47,7 +47,7 @@ def bf16_base_model():
 
 
 def test_lora_trains_fp32_parameters_on_a_frozen_bf16_base():
-    model = wrap_with_lora(bf16_base_model(), LoraArguments(lora_r=4), TaskType.SEQ_CLS, run_args())
+    model = wrap_with_lora(bf16_base_model(), LoraArguments(use_peft=True, lora_r=4), TaskType.SEQ_CLS, run_args())
     trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert any("lora_A" in name for name in trainable) and any("score" in name for name in trainable)
@@ -60,7 +60,7 @@ def test_lora_under_zero3_keeps_one_dtype_and_reentrant_checkpointing():
     reentrant checkpointing on both of transformers' names for its kwargs, input embeddings' outputs requiring grad."""
     args = run_args(deepspeed="ds.json", deepspeed_plugin=SimpleNamespace(zero_stage=3), gradient_checkpointing=True,
                     activation_checkpointing_kwargs=None, gradient_checkpointing_kwargs=None)
-    model = wrap_with_lora(bf16_base_model(), LoraArguments(lora_r=4), TaskType.SEQ_CLS, args)
+    model = wrap_with_lora(bf16_base_model(), LoraArguments(use_peft=True, lora_r=4), TaskType.SEQ_CLS, args)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert args.activation_checkpointing_kwargs == {"use_reentrant": True}
     assert args.gradient_checkpointing_kwargs is args.activation_checkpointing_kwargs  # TRL reads the old name

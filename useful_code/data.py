@@ -4,6 +4,7 @@ split every trainer uses."""
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import json
 import logging
@@ -73,6 +74,7 @@ def read_json_records(path: Path, flag: str) -> tuple[list[dict], list[tuple[int
             raw = f.read()
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as err:
         raise UserError(f"{flag}: {path}: cannot be read as a {path.suffix} file ({err})") from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark that editors write, which Arrow skips too
     try:
         whole = json.loads(raw.decode("utf-8"))
         entries = whole if isinstance(whole, list) else [whole]

@@ -4,7 +4,7 @@ trained in full), and merging a trained adapter into a plain checkpoint that loa
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
 import torch
@@ -28,6 +28,14 @@ class LoraArguments:
         "help": "Module names to adapt. Default: every linear layer but the head ('all-linear')."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base weights (bitsandbytes, GPU)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (bitsandbytes, GPU)."})
+
+    def __post_init__(self):
+        # Without --use_peft the run trains in full: LoRA settings given then would be ignored without a word.
+        given = [f"--{f.name}" for f in fields(self)
+                 if f.name.startswith("lora_") and getattr(self, f.name) != f.default]
+        if given and not self.use_peft:
+            raise UserError(f"{', '.join(given)}: LoRA settings, which apply only with --use_peft (without it the "
+                            "whole model trains): pass --use_peft, or drop them")
 
 
 def quantization_options(args: LoraArguments, dtype: torch.dtype) -> dict:
@@ -62,14 +70,23 @@ def check_lora_targets(model, targets: Optional[list[str]]) -> None:
     if not targets:
         return
     head = next((name for name in ("score", "classifier") if hasattr(model, name)), None)
-    names = [name for name, _ in model.named_modules() if name and name.split(".")[0] != head]
-    unknown = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    modules = [(name, module) for name, module in model.named_modules() if name and name.split(".")[0] != head]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules if isinstance(module, torch.nn.Linear)})
+    advice = f"its linear layers are {', '.join(linear)}; leave the flag unset for all"
+    matched = {t: [m for name, m in modules if name == t or name.endswith(f".{t}")] for t in targets}
+    unknown = [t for t, found in matched.items() if not found]
     if unknown:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear) and name.split(".")[0] != head})
         trained = f" (the '{head}' head trains in full)" if head else ""
-        raise UserError(f"--lora_target_modules: {', '.join(unknown)} is not a module of this model{trained}; its "
-                        f"linear layers are {', '.join(linear)}; leave the flag unset for all")
+        raise UserError(f"--lora_target_modules: {', '.join(unknown)} is not a module of this model{trained}; "
+                        f"{advice}")
+    # peft adapts these layer types only, and raises a traceback for a block or a norm named here
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    blocks = [t for t, found in matched.items()
+              if not any(isinstance(m, adaptable) or type(m).__name__ == "Conv1D" for m in found)]
+    if blocks:
+        kinds = sorted({type(m).__name__ for t in blocks for m in matched[t]})
+        raise UserError(f"--lora_target_modules: {', '.join(blocks)} names no layer LoRA can adapt "
+                        f"({', '.join(kinds)}); {advice}")
 
 
 def wrap_with_lora(model, args: LoraArguments, task_type: TaskType, training_args=None):
