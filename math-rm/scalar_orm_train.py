@@ -161,22 +161,28 @@ def main():
     with training_args.main_process_first():
         splits = load_dataset_dict(args.train_set_path, "--train_set_path", skip_invalid=args.skip_invalid)
         train_raw = pick_split(splits, "train", "--train_set_path")
+        held_out_raw = None
         if args.eval_set_path:
             held_out_raw = load_split(args.eval_set_path, "test", "--eval_set_path", args.skip_invalid)
         elif "test" in splits and split_name(splits, "train", "--train_set_path") != "test":
             held_out_raw = splits["test"]
-        else:  # no test split (RLHFlow/Mistral-ORM-Data has none), or it is the training data
-            if len(train_raw) < 2 * args.eval_holdout_size:
-                raise UserError(f"--train_set_path has {len(train_raw)} rows and no 'test' split of its own: too few "
-                                f"to hold out --eval_holdout_size={args.eval_holdout_size}; pass --eval_set_path or "
-                                "a smaller --eval_holdout_size")
-            split = train_raw.train_test_split(test_size=args.eval_holdout_size, seed=training_args.seed)
-            train_raw, held_out_raw = split["train"], split["test"]
-            print(f"Held out {args.eval_holdout_size} of the training rows for evaluation (--eval_holdout_size)")
+        # Checked before any hold-out split, so that an error names the row as it is in the file.
         train, train_stats = solution_rows(train_raw, tokenizer, training_args.max_length, args.skip_invalid,
                                            "train set")
-        held_out, eval_stats = solution_rows(held_out_raw, tokenizer, training_args.max_length, args.skip_invalid,
-                                             "eval set")
+        if held_out_raw is not None:
+            held_out, eval_stats = solution_rows(held_out_raw, tokenizer, training_args.max_length,
+                                                 args.skip_invalid, "eval set")
+        else:  # no test split (RLHFlow/Mistral-ORM-Data has none), or it is the training data
+            if len(train) < 2 * args.eval_holdout_size:
+                raise UserError(f"--train_set_path has {len(train)} valid rows and no 'test' split of its own: too "
+                                f"few to hold out --eval_holdout_size={args.eval_holdout_size}; pass --eval_set_path "
+                                "or a smaller --eval_holdout_size")
+            split = train.train_test_split(test_size=args.eval_holdout_size, seed=training_args.seed)
+            train, held_out = split["train"], split["test"]
+            train_stats.update(used=len(train), right=int(sum(train["label"])), held_out=len(held_out))
+            eval_stats = {"read": len(held_out), "used": len(held_out), "right": int(sum(held_out["label"])),
+                          "source": "held out of --train_set_path"}
+            print(f"Held out {args.eval_holdout_size} of the training rows for evaluation (--eval_holdout_size)")
 
     # Model: the BT reward model's loader, a new one-output head on the base model.
     if is_main:

@@ -685,6 +685,13 @@ def test_scalar_orm_learns_which_solutions_are_right_and_reloads(tmp_path):
     proc = run([sys.executable, str(ROOT / "math-rm" / "scalar_orm_train.py"), "--train_set_path", str(bad),
                 "--eval_set_path", str(bad), "--output_dir", str(tmp_path / "bad")])
     assert proc.returncode == 2 and "row 0 (no_step_1)" in proc.stderr and "Traceback" not in proc.stderr
+    # Without a test split the rows are checked before the hold-out split: the error names the file's row.
+    rows = [json.loads(line) for line in (ROOT / "assets/data/toy_math/prm/train.jsonl").read_text().splitlines()]
+    rows[3]["conversations"][1]["content"] = "x"
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows[:40]))
+    proc = run([sys.executable, str(ROOT / "math-rm" / "scalar_orm_train.py"), "--train_set_path", str(bad),
+                "--eval_holdout_size", "8", "--output_dir", str(tmp_path / "bad2")])
+    assert proc.returncode == 2 and "1 of 40 rows are invalid" in proc.stderr and "row 3 (bad_label)" in proc.stderr
 
 
 def test_scalar_orm_takes_upstreams_flags_and_holds_out_rows_of_train_only_data(tmp_path):
@@ -700,7 +707,8 @@ def test_scalar_orm_takes_upstreams_flags_and_holds_out_rows_of_train_only_data(
     assert "Held out 40 of the training rows for evaluation (--eval_holdout_size)" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["examples"]["eval"]["used"] == 40 and (out / "checkpoint-3").is_dir()
-    assert metrics["examples"]["train"]["read"] == len(train_only.read_text().splitlines()) - 40
+    rows = len(train_only.read_text().splitlines())
+    assert (metrics["examples"]["train"]["read"], metrics["examples"]["train"]["used"]) == (rows, rows - 40)
     # The same flags give the same weights: the new head is drawn from --seed (it was not seeded before).
     again = tmp_path / "again"
     check_ok(run([sys.executable, str(ROOT / "math-rm" / "scalar_orm_train.py"), "--train_set_path", str(train_only),

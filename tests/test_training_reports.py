@@ -51,7 +51,7 @@ def test_curves_are_a_png_at_the_path(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no temp file left beside it
 
 
-def test_curves_leave_out_empty_panels_and_write_nothing_without_points(tmp_path):
+def test_curves_leave_out_empty_panels_and_write_nothing_without_points(tmp_path, capsys):
     both, loss_only = tmp_path / "both.png", tmp_path / "loss.png"
     plot_curves(HISTORY, both)
     plot_curves([{k: v for k, v in e.items() if "accuracy" not in k} for e in HISTORY], loss_only)
@@ -59,6 +59,7 @@ def test_curves_leave_out_empty_panels_and_write_nothing_without_points(tmp_path
     assert plot_curves([], tmp_path / "empty.png") is None
     assert plot_curves(HISTORY[-1:], tmp_path / "summary.png") is None  # a summary has no curve point
     assert not (tmp_path / "empty.png").exists() and not (tmp_path / "summary.png").exists()
+    assert capsys.readouterr().out.count("not written: the run logged no loss or accuracy to draw") == 2
 
 
 def test_rewards_plot_and_bad_rewards(tmp_path):

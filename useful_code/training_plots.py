@@ -47,7 +47,7 @@ def _series(log_history: list[dict], key: str) -> tuple[list, list]:
 
 def plot_curves(log_history: list[dict], path) -> Optional[str]:
     """Write loss (train, eval) and accuracy (train if logged, eval) against the step to path; return path, or
-    None (and write nothing) when log_history holds no point to draw."""
+    None (write nothing, and say so) when log_history holds no point to draw."""
     train_acc = next((k for k in TRAIN_ACCURACY_KEYS if _series(log_history, k)[0]), TRAIN_ACCURACY_KEYS[0])
     panels = []
     for label, keys in (("loss", ("loss", "eval_loss")), ("accuracy", (train_acc, "eval_accuracy"))):
@@ -56,6 +56,8 @@ def plot_curves(log_history: list[dict], path) -> Optional[str]:
         if lines:  # an empty panel says nothing: leave it out
             panels.append((label, lines))
     if not panels:
+        print(f"note: {Path(path).name} not written: the run logged no loss or accuracy to draw (it ran fewer steps "
+              "than --logging_steps, and evaluated none)")
         return None
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
