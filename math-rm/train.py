@@ -186,7 +186,8 @@ def main():
     if is_main:
         # Counted on the tokenized examples: what --overlength drop removed is not trained on.
         trained = [label for labels in train["labels"] for label in labels if label != -100]
-        n_minus = sum(label == label_token_ids(tokenizer)[1] for label in trained)
+        minus_id = label_token_ids(tokenizer)[1]
+        n_minus = sum(label == minus_id for label in trained)
         print(f"{len(train)} training solutions ({script_args.reward_type}), {len(trained)} labels ('-': {n_minus}); "
               f"lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
               f"{training_args.gradient_accumulation_steps} epochs={training_args.num_train_epochs} "
