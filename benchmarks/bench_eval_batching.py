@@ -1,7 +1,7 @@
 """Benchmark: RewardBench-style scoring of real HH-RLHF pairs four ways, on the same checkpoint and token ids:
 one sequence per forward (upstream's pipeline with batch_size=1, the reference), length-sorted padded batches,
 token-budget padding-free rows, and the same with each shared context computed once (prefix sharing: the default of
-every scoring path here). Prints pairs/s, peak memory and the ratios to the reference, and checks that every method
+every scoring path here on a CPU; on a GPU plain packing is). Prints pairs/s, peak memory and the ratios to the reference, and checks that every method
 makes the same decisions (chosen above rejected).
 
     python benchmarks/bench_eval_batching.py [--model tiny|30m|1b] [--pairs 300] [--max_length 1024] [--bf16 true]
@@ -33,7 +33,7 @@ from useful_code.scoring import DEFAULT_SCORING_TOKENS, score_sequences
 from useful_code.templates import load_tokenizer, tokenize_pairs
 
 METHODS = {"single": "one sequence per forward", "padded": "padded batches", "packed": "padding-free token budget",
-           "prefix": "+ prefix sharing (default)"}
+           "prefix": "+ prefix sharing"}
 
 
 @dataclass
@@ -42,10 +42,10 @@ class BenchArguments(HHBenchArguments):
     bf16: bool = field(default=False, metadata={"help": "Score in bf16 (on a GPU only; fp32 on a CPU)."})
     max_length: int = field(default=1024, metadata={"min": 1})
     max_tokens_per_batch: int = field(default=DEFAULT_SCORING_TOKENS, metadata={"min": 1})
-    group_length_ratio: float = field(default=packing.GROUP_LENGTH_RATIO, metadata={
+    group_length_ratio: Optional[float] = field(default=None, metadata={
         "min": 0, "max": 1, "help": "packing.GROUP_LENGTH_RATIO for the packed methods: blocks whose lengths are "
         "within this ratio share one attention call (0: one call per layer, padded to the longest block). Fewer "
-        "calls cost more padding: a GPU, where each call is several kernel launches, may want a lower ratio."})
+        "calls cost more padding. Default: the device's (packing.group_length_ratio: 0.8 on a CPU, 0 on a GPU)."})
     method: Optional[str] = field(default=None, metadata={
         "choices": tuple(METHODS), "help": "Run one method in this process, on --model_dir, into --results."})
     model_dir: Optional[str] = field(default=None, metadata={"help": "With --method: the checkpoint to score with."})
@@ -69,15 +69,15 @@ def score_with(method: str, args: BenchArguments) -> None:
         if method == "single":
             with torch.inference_mode():
                 return [model(input_ids=torch.tensor([ids], device=device)).logits[0, 0].item() for ids in batch]
-        if method == "packed":  # score_sequences without its prefix sharing
+        if method in ("packed", "prefix"):  # score_sequences' packed path, prefix sharing as the method says
             rewards = [0.0] * len(batch)
             with torch.inference_mode():
-                for chunk, _, inputs in packed_rows(batch, args.max_tokens_per_batch, device):
+                for chunk, _, inputs in packed_rows(batch, args.max_tokens_per_batch, device,
+                                                    share_prefix=method == "prefix"):
                     for i, value in zip(chunk, packed_rewards(model, inputs)[:, 0].float().tolist()):
                         rewards[i] = value
             return rewards
-        return score_sequences(model, tokenizer, batch, args.batch_size,
-                               max_tokens_per_batch=args.max_tokens_per_batch if method == "prefix" else 0)
+        return score_sequences(model, tokenizer, batch, args.batch_size, max_tokens_per_batch=0)
 
     # A GPU's first forwards load kernels and set up cuBLAS (a second or two): not part of the method's speed.
     score(sequences[:8])
@@ -110,11 +110,14 @@ def main():
                 raise UserError(f"{method} failed: {(work / f'{method}.log').read_text()[-2000:]}")
             results[method] = {**run, **json.loads((work / f"{method}.json").read_text())}
     reference = results["single"]
+    ratio = args.group_length_ratio
+    if ratio is None:
+        ratio = packing.group_length_ratio("cuda" if torch.cuda.is_available() else "cpu")
     rewards = {m: np.asarray(r["rewards"]).reshape(2, -1) for m, r in results.items()}
     decisions = {m: r[0] > r[1] for m, r in rewards.items()}
     print(f"{args.pairs} HH-RLHF pairs ({2 * args.pairs} sequences, mean {reference['mean_tokens']:.0f} tokens, "
           f"max_length {args.max_length}), model {args.model}, one thread per process, attention groups of blocks "
-          f"within {args.group_length_ratio} of each other's length")
+          f"within {ratio} of each other's length")
     # On a GPU the process's resident memory is mostly the CUDA context: the GPU's own peak is what batching moves.
     peak = "peak_gpu_mib" if reference["peak_gpu_mib"] is not None else "peak_rss_mib"
     print(f"{'method':34s} {'pairs/s':>9s} {'speed-up':>9s} {'peak MiB':>9s} {'memory':>7s} {'max |diff|':>11s}"

@@ -52,9 +52,6 @@ step smoke_bt bradley-terry-rm/train.py --output_path "$out/smoke_bt" --max_step
 step smoke_pm pair-pm/train.py --output_dir "$out/smoke_pm" --max_steps 40
 step eval_tiny benchmarks/bench_eval_batching.py --model tiny --pairs "$eval_pairs" --data "$data"
 step eval_30m benchmarks/bench_eval_batching.py --model 30m --pairs "$eval_pairs" --data "$data"
-# Each attention group is several kernel launches per layer on a GPU: the same with coarser groups.
-step eval_30m_coarse benchmarks/bench_eval_batching.py --model 30m --pairs "$eval_pairs" --data "$data" \
-    --group_length_ratio 0.5
 step server benchmarks/bench_reward_server.py --requests "$requests" --data "$data"
 step train_$train_model benchmarks/bench_bt_training.py --model "$train_model" --bf16 "$bf16" --peak_tflops "$peak" \
     --pairs "$train_pairs" --held_out "$held_out" --data "$data" --json "$out/train_$train_model.json"

@@ -56,6 +56,7 @@ from useful_code.packing import (
     packed_rewards,
     padding_free_unsupported,
     pair_cost,
+    prefix_sharing_pays,
     supports_prefix_sharing,
 )
 from useful_code.scoring import score_sequences
@@ -102,9 +103,10 @@ class ScriptArguments(HeldOutArguments):
         "min": 0, "help": "With --padding_free: batches of as many pairs as fit in this many packed tokens (replaces "
                           "--per_device_train_batch_size; bounds the activations of a step). 0: batches of "
                           "--per_device_train_batch_size pairs."})
-    prefix_sharing: bool = field(default=True, metadata={
+    prefix_sharing: Optional[bool] = field(default=None, metadata={
         "help": "With --padding_free: compute each pair's shared context once, both responses attending to it "
-                "(sdpa/eager; flash attention falls back to plain padding-free, said once)."})
+                "(sdpa/eager; flash attention falls back to plain padding-free, said once). Default: on a CPU, where "
+                "it is faster; not on a GPU, where plain padding-free was faster (its tree needs a mask)."})
 
 
 @dataclass
@@ -360,8 +362,9 @@ def verify_checkpoint(trainer, checkpoint_dir: str, pairs, in_memory: np.ndarray
     return max_diff
 
 
-def choose_packing(model, args: ScriptArguments, is_main: bool) -> tuple[bool, bool]:
-    """(padding_free, share_prefix) as asked and as the model allows; what could not be had is said once."""
+def choose_packing(model, args: ScriptArguments, is_main: bool, device: torch.device) -> tuple[bool, bool]:
+    """(padding_free, share_prefix) as asked (by default, prefix sharing where it pays on device) and as the model
+    allows; what could not be had is said once."""
     if not args.padding_free:
         return False, False
     reason = padding_free_unsupported(model)
@@ -370,6 +373,8 @@ def choose_packing(model, args: ScriptArguments, is_main: bool) -> tuple[bool, b
             print(f"note: padded batches, not padding-free: {reason}")
         return False, False
     enable_padding_free(model)
+    if args.prefix_sharing is None:
+        return True, prefix_sharing_pays(model, device)
     if args.prefix_sharing and not supports_prefix_sharing(model):
         if is_main:
             print(f"note: prefix sharing needs sdpa or eager attention, not {model.config._attn_implementation}; "
@@ -436,7 +441,7 @@ def main(default_config: str = DEFAULT_CONFIG):
     if args.disable_dropout and (turned_off := disable_dropout(model)) and is_main:
         print(f"Dropout off in training: {turned_off} dropout layers of {args.model_name} (--disable_dropout false "
               "keeps them)")
-    padding_free, share_prefix = choose_packing(model, args, is_main)
+    padding_free, share_prefix = choose_packing(model, args, is_main, training_args.device)
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args)
 

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from helpers import sharpened
+from useful_code import packing
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.losses import PairwiseCollator, bradley_terry_loss, split_pair_rewards
 from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
 from useful_code.packing import (
     VARLEN_ATTENTION,
     enable_padding_free,
+    group_length_ratio,
     pack_groups,
     pack_pairs,
     pack_sequences,
@@ -22,6 +24,7 @@ from useful_code.packing import (
     pair_cost,
     plan_attention,
     prefix_groups,
+    prefix_sharing_pays,
     shared_prefix_length,
     supports_prefix_sharing,
     token_budget_batches,
@@ -154,6 +157,26 @@ def test_attention_plan_groups_blocks_of_similar_length():
     assert tree_mask[0, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
 
 
+def test_group_length_ratio_by_device(monkeypatch):
+    assert (group_length_ratio("cpu"), group_length_ratio("cuda"), group_length_ratio("cuda:1")) == (0.8, 0.0, 0.0)
+    monkeypatch.setattr(packing, "GROUP_LENGTH_RATIO", 0.5)
+    assert (group_length_ratio("cpu"), group_length_ratio("cuda")) == (0.5, 0.5)
+
+
+def test_attention_plan_on_a_gpu_is_one_group(monkeypatch):
+    # a GPU's ratio, 0: every block of the row in one attention call, the plain ones masked causally like the tree
+    monkeypatch.setattr(packing, "GROUP_LENGTH_RATIO", packing.GPU_GROUP_LENGTH_RATIO)
+    plan = plan_attention([(0, 10, 0, 0), (10, 19, 10, 10), (19, 22, 19, 19), (22, 25, 19, 22)], 25, "cpu")
+    (queries, keys, mask, kept, targets), = plan.groups
+    assert queries.tolist() == [list(range(10)), list(range(10, 19)) + [18], [22, 23, 24] + [24] * 7,
+                                [19, 20, 21] + [21] * 7]  # longest first, padded to the longest block
+    assert keys[2, :3].tolist() == [19, 20, 21] and mask.shape == (4, 1, 10, 3 + 10)  # the longest prefix, then L
+    assert mask[0, 0, 2].int().tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]  # a plain block: causal, no prefix
+    assert mask[2, 0, 1].int().tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]  # the tree: prefix, then causal
+    assert kept.tolist() == list(range(19)) + [20, 21, 22, 30, 31, 32]  # the 4 x 10 outputs less the padding
+    assert sorted(targets.tolist()) == list(range(25))  # every token once
+
+
 def test_attention_plan_batches_trees_and_masks_prefix_padding():
     # two trees, prefixes of 5 and 4 tokens (4 >= 0.8 * 5), branches of 2 and 2 tokens: one group
     plan = plan_attention([(5, 7, 0, 5), (11, 13, 7, 11)], 13, "cpu")
@@ -163,7 +186,8 @@ def test_attention_plan_batches_trees_and_masks_prefix_padding():
     assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 1, 1]]  # its padding masked
 
 
-def test_attention_plan_moves_to_the_device_whole():
+def test_attention_plan_moves_to_the_device_whole(monkeypatch):
+    monkeypatch.setattr(packing, "GROUP_LENGTH_RATIO", 0.8)  # the same groups on both (by default each device's own)
     blocks = [(0, 10, 0, 0), (10, 19, 10, 10), (19, 22, 19, 19), (22, 25, 19, 22)]
     on_cpu, elsewhere = plan_attention(blocks, 25, "cpu"), plan_attention(blocks, 25, "meta")
     for cpu_group, moved_group in zip(on_cpu.groups, elsewhere.groups, strict=True):
@@ -204,7 +228,9 @@ def test_packed_forward_makes_no_host_syncs_per_layer(model, tok):
     assert CountSyncs.count <= 1, CountSyncs.count  # transformers' packed-row check, not one per layer and group
 
 
-def test_packed_rewards_equal_padded_for_multi_turn_pairs(model, tok):
+@pytest.mark.parametrize("ratio", [None, packing.GPU_GROUP_LENGTH_RATIO], ids=["cpu-groups", "gpu-groups"])
+def test_packed_rewards_equal_padded_for_multi_turn_pairs(model, tok, ratio, monkeypatch):
+    monkeypatch.setattr(packing, "GROUP_LENGTH_RATIO", ratio)  # a GPU's grouping, run here on the CPU
     chosen, rejected = pair_ids(tok)
     assert any(shared_prefix_length([a, b]) > 10 for a, b in zip(chosen, rejected))
     with torch.no_grad():
@@ -235,8 +261,10 @@ def test_token_budget_scoring_equals_padded_batches(model, tok, budget):
     torch.testing.assert_close(torch.tensor(packed), torch.tensor(padded), atol=1e-4, rtol=1e-4)
 
 
-def test_gradients_equal_padded(model, tok):
+@pytest.mark.parametrize("ratio", [None, packing.GPU_GROUP_LENGTH_RATIO], ids=["cpu-groups", "gpu-groups"])
+def test_gradients_equal_padded(model, tok, ratio, monkeypatch):
     """Also under activation checkpointing, whose backward reruns the layers with the same block plan."""
+    monkeypatch.setattr(packing, "GROUP_LENGTH_RATIO", ratio)
     chosen, rejected = pair_ids(tok, 4)
     padded_model = copy.deepcopy(model).train()
     bradley_terry_loss(*split_pair_rewards(padded_rewards(padded_model, tok, chosen + rejected))).backward()
@@ -299,6 +327,9 @@ def test_which_models_pack(model, tok, tmp_path):
     decoder = copy.deepcopy(model)
     assert padding_free_unsupported(decoder) is None and enable_padding_free(decoder)
     assert supports_prefix_sharing(decoder) and decoder.config._attn_implementation == VARLEN_ATTENTION
+    # prefix sharing is the default where it is faster: on a CPU, not on a GPU (its tree mask keeps SDPA off flash)
+    assert prefix_sharing_pays(decoder) and not prefix_sharing_pays(decoder, "cuda")
+    assert not prefix_sharing_pays(encoder, "cpu")
     # a checkpoint saved from a packed model names a stock implementation (it loads without this module)
     decoder.save_pretrained(tmp_path)
     assert VARLEN_ATTENTION not in (tmp_path / "config.json").read_text()

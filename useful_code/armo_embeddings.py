@@ -14,7 +14,7 @@ import torch
 from useful_code.cli import UserError
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling_armo_rm import find_gating_positions
-from useful_code.packing import packed_hidden_states, packed_rows, padding_free_ready, supports_prefix_sharing
+from useful_code.packing import packed_hidden_states, packed_rows, padding_free_ready, prefix_sharing_pays
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device, token_budget_field
 from useful_code.templates import chat_template_error, render_conversations
 
@@ -156,7 +156,7 @@ def embed(model, tokenizer, sequences: list[list[int]], batch_size: int, gating_
     gated = torch.zeros(len(sequences), hidden_size, dtype=model.dtype) if gating_pattern_ids else None
     if max_tokens_per_batch and padding_free_ready(model):  # packed rows, read at each sequence's positions
         packed = packed_rows(sequences, max_tokens_per_batch, device, "embedding", progress,
-                             share_prefix=supports_prefix_sharing(model))
+                             share_prefix=prefix_sharing_pays(model))
         for chunk, row, inputs in packed:
             hidden = packed_hidden_states(model, inputs)[0]
             last[chunk] = hidden[row.last_positions.to(device)].cpu()

@@ -15,7 +15,7 @@ import torch
 from useful_code.cli import ModelOutputError, UserError
 from useful_code.data_parallel import map_across_ranks
 from useful_code.modeling import load_for_scoring, load_preference_model
-from useful_code.packing import packed_lm_logits, packed_rows, padding_free_ready, supports_prefix_sharing
+from useful_code.packing import packed_lm_logits, packed_rows, padding_free_ready, prefix_sharing_pays
 from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device, once_each
 from useful_code.templates import truncate_all
@@ -125,7 +125,7 @@ class PairPreferenceScorer:
         out = np.zeros((len(sequences), 2), dtype=np.float32)
         if self.max_tokens_per_batch and padding_free_ready(self.model):
             for chunk, _, inputs in packed_rows(sequences, self.max_tokens_per_batch, device, progress=progress,
-                                                share_prefix=supports_prefix_sharing(self.model)):
+                                                share_prefix=prefix_sharing_pays(self.model)):
                 logits = packed_lm_logits(self.model, inputs)
                 out[chunk] = logits[:, [self.token_a, self.token_b]].float().cpu().numpy()
             return out

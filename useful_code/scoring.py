@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from useful_code.data_parallel import map_across_ranks
-from useful_code.packing import packed_rewards, packed_rows, padding_free_ready, reward_head, supports_prefix_sharing
+from useful_code.packing import packed_rewards, packed_rows, padding_free_ready, prefix_sharing_pays, reward_head
 
 
 def length_sorted_batches(sequences: list[list[int]], batch_size: int, desc: str = "scoring", progress: bool = False):
@@ -60,8 +60,8 @@ def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: in
                     read: Callable = reward_logit, max_tokens_per_batch: int = DEFAULT_SCORING_TOKENS) -> list:
     """read(outputs) of each token sequence (default: its scalar reward, logit 0; an ArmoRM's attribute rewards
     with another read). A model set up for packed rows (packing.enable_padding_free) scores its rewards padding-free,
-    up to max_tokens_per_batch tokens per forward, sequences that share a context as trees where its attention
-    allows (packing.prefix_groups); otherwise (or with max_tokens_per_batch 0, or another read) in
+    up to max_tokens_per_batch tokens per forward, sequences that share a context as trees where that pays
+    (packing.prefix_groups, prefix_sharing_pays); otherwise (or with max_tokens_per_batch 0, or another read) in
     right-padded batches of batch_size, longest first. Repeats of a sequence get its one result (once_each)."""
     if len(set(map(tuple, sequences))) < len(sequences):
         return once_each(partial(score_sequences, model, tokenizer, batch_size=batch_size, progress=progress,
@@ -70,7 +70,7 @@ def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: in
     results = [None] * len(sequences)
     if read is reward_logit and max_tokens_per_batch and padding_free_ready(model) and reward_head(model) is not None:
         for chunk, _, inputs in packed_rows(sequences, max_tokens_per_batch, device, progress=progress,
-                                            share_prefix=supports_prefix_sharing(model)):
+                                            share_prefix=prefix_sharing_pays(model)):
             rewards = packed_rewards(model, inputs)[:, 0]
             for i, value in zip(chunk, rewards.float().cpu().tolist()):
                 results[i] = value
