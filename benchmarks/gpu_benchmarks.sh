@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU measurements still open in benchmarks/README.md ("Measured on a GPU"), in one run, each log in OUT_DIR:
 #   bash benchmarks/gpu_benchmarks.sh OUT_DIR [HH_DATA]    # or: make bench-gpu
+# 0. attention choices (bench_attention_choices.py): padded, packed at each device's grouping, prefix sharing, and
+#    SDPA's first-sight cost of a sequence length with and without cuDNN (tiny and ~1B Llama);
 # 1. scoring: one sequence per forward against padded, padding-free and prefix-shared batches (tiny and ~30M Llama,
 #    fp32, so that "identical decisions" is a fair test);
 # 2. the reward server's load test (bf16): one request at a time against 16 concurrent clients;
 # 3. BT training of a ~1B Llama in bf16: TRL's RewardTrainer against this trainer padded, padding-free and
 #    prefix-sharing, with MFU against --peak_tflops (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
-# STEPS picks some of them (default "smoke eval server train"; smoke: a short bf16 BT and PM training run each),
-# e.g. to split the run in two; PYTHON names the interpreter
-# (default python3); QUICK=1 runs every step at toy sizes (a smoke test of the script, on any machine). A step that
-# fails is reported and the others still run; the exit status says whether all passed.
+# STEPS picks some of them (default "attention smoke eval server train"; smoke: a short bf16 BT and PM training run
+# each), e.g. to split the run in two; PYTHON names the interpreter (default python3); QUICK=1 runs every step at
+# toy sizes (a smoke test of the script, on any machine). A step that fails is reported and the others still run;
+# the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_benchmarks.sh OUT_DIR [HH_DATA]}
@@ -17,10 +19,10 @@ data=${2:-../shared/data/hh-rlhf-harmless-base-test.jsonl.gz}
 peak=${PEAK_TFLOPS:-989}
 python=${PYTHON:-python3}
 if [ "${QUICK:-0}" = 1 ]; then
-    eval_pairs=20; requests=4; train_model=tiny; train_pairs=32; held_out=16
+    eval_pairs=20; requests=4; train_model=tiny; train_pairs=32; held_out=16; attention_pairs=4; big_model=30m
 else
     # 1200 pairs are 150 steps of 8: enough that the first steps' warm-up does not weigh on the 1B model's MFU
-    eval_pairs=300; requests=20; train_model=1b; train_pairs=1200; held_out=200
+    eval_pairs=300; requests=20; train_model=1b; train_pairs=1200; held_out=200; attention_pairs=64; big_model=1b
 fi
 # bf16 training where the GPU has it (TRL refuses bf16 on a CPU).
 bf16=$("$python" -c "import torch; print(str(torch.cuda.is_available() and torch.cuda.is_bf16_supported()).lower())")
@@ -33,7 +35,7 @@ print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else
 EOF
 cat "$out/environment.txt"
 failed=()
-steps=" ${STEPS:-smoke eval server train} "
+steps=" ${STEPS:-attention smoke eval server train} "
 step() {  # step NAME SCRIPT FLAGS...: run one benchmark, its whole output to OUT_DIR/NAME.log, its table to stdout
     local name=$1; shift
     [[ $steps == *" ${name%%_*} "* ]] || return 0
@@ -46,6 +48,9 @@ step() {  # step NAME SCRIPT FLAGS...: run one benchmark, its whole output to OU
     fi
     echo "   ($((SECONDS - start)) s)"
 }
+step attention_tiny benchmarks/bench_attention_choices.py --model tiny --pairs "$attention_pairs" --data "$data"
+step attention_$big_model benchmarks/bench_attention_choices.py --model "$big_model" --pairs "$attention_pairs" \
+    --data "$data"
 # The trainers' GPU path (bf16 mixed precision, SDPA or flash-attention, padding-free): a short BT and PM run each,
 # whose reload checks must pass.
 step smoke_bt bradley-terry-rm/train.py --output_path "$out/smoke_bt" --max_steps 40

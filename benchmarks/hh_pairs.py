@@ -37,25 +37,30 @@ def load_hh_pairs(args: HHBenchArguments):
     return pairs.select(range(args.pairs))
 
 
-def build_bench_model(kind: str, tokenizer, path: Path, seed: int, max_length: int) -> int:
-    """Save the contestants' common starting point (a one-output sequence classifier and its tokenizer) to path, the
-    new weights drawn from a fixed seed: 'tiny' is the embedded model with a new score head, '30m' a random-init
-    Llama (hidden 512, 8 layers, 8 heads, intermediate 1376; 25.9M parameters with the tiny tokenizer's vocabulary),
-    '1b' a random-init Llama of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 key/value heads,
-    intermediate 5632; 0.97B parameters with the tiny vocabulary), for a GPU. Returns its parameter count."""
+def bench_model(kind: str, tokenizer, seed: int, max_length: int, device=None):
+    """The contestants' common starting point, a one-output sequence classifier (fp32, on device), its new weights
+    drawn from a fixed seed: 'tiny' is the embedded model with a new score head, '30m' a random-init Llama (hidden
+    512, 8 layers, 8 heads, intermediate 1376; 25.9M parameters with the tiny tokenizer's vocabulary), '1b' a
+    random-init Llama of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 key/value heads, intermediate
+    5632; 0.97B parameters with the tiny vocabulary), for a GPU."""
     torch.manual_seed(seed)
     if kind == "tiny":
         model = load_reward_model(DEFAULT_MODEL, "--model", tokenizer, torch.float32, new_weights=REWARD_HEAD_WEIGHTS)
-    else:
-        shape = {"30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                             intermediate_size=1376),
-                 "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                            intermediate_size=5632)}[kind]
-        config = LlamaConfig(vocab_size=len(tokenizer), **shape,
-                             max_position_embeddings=max(2048, max_length), num_labels=1,
-                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-        model = LlamaForSequenceClassification(config)
+        return model.to(device) if device is not None else model
+    shape = {"30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                         intermediate_size=1376),
+             "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                        intermediate_size=5632)}[kind]
+    config = LlamaConfig(vocab_size=len(tokenizer), **shape, max_position_embeddings=max(2048, max_length),
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    with torch.device(device or "cpu"):  # initialised where it runs: a 1B model's init on a CPU takes a while
+        return LlamaForSequenceClassification(config)
+
+
+def build_bench_model(kind: str, tokenizer, path: Path, seed: int, max_length: int) -> int:
+    """Save bench_model(kind) and its tokenizer to path. Returns its parameter count."""
+    model = bench_model(kind, tokenizer, seed, max_length)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
