@@ -206,6 +206,19 @@ def test_zero3_two_ranks_on_cpu_saves_a_complete_checkpoint(tmp_path):
     assert not (out / "checkpoint-6").exists()  # no optimizer-state dump unless asked for
 
 
+def test_two_ranks_train_loss_is_every_ranks_mean_whatever_the_logging_steps(tmp_path):
+    """transformers gathers the loss across ranks only at a log; the last step is always logged
+    (StopOnNonFiniteLoss), so a run that logs once, at its end, reports the same train_loss as one that logs (and
+    gathers) every step. Before, the steps after the last log counted rank 0's loss alone."""
+    losses = {}
+    for logging_steps in (1, 100):
+        out = tmp_path / f"log{logging_steps}"
+        check_ok(run([*two_ranks("torchrun"), TRAIN, "--output_path", str(out), "--max_steps", "4",
+                      "--logging_steps", str(logging_steps)], env_extra={"OMP_NUM_THREADS": "1"}))
+        losses[logging_steps] = json.loads((out / "metrics.json").read_text())["train_loss"]
+    assert losses[100] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_lora_under_zero3_with_gradient_checkpointing_on_two_ranks(tmp_path):
     """LoRA under ZeRO-3 with gradient checkpointing (reentrant, as wrap_with_lora sets it: non-reentrant
     recomputation meets ZeRO-3's partitioned frozen weights) trains on two CPU ranks, and the merged checkpoint

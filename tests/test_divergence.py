@@ -34,6 +34,15 @@ def test_a_finite_log_passes_and_the_first_non_finite_one_stops_the_run():
         log(StopOnNonFiniteLoss(), 50, loss=-math.inf, grad_norm=math.nan)
 
 
+def test_the_last_step_is_always_logged():
+    guard, control = StopOnNonFiniteLoss(), SimpleNamespace(should_log=False)
+    for step in (1, 9):
+        guard.on_step_end(None, SimpleNamespace(global_step=step, max_steps=10), control)
+        assert control.should_log is False  # the Trainer's own logging_steps decide
+    guard.on_step_end(None, SimpleNamespace(global_step=10, max_steps=10), control)
+    assert control.should_log is True
+
+
 def test_under_fp16_an_overflowing_gradient_norm_is_a_skipped_step_not_divergence():
     guard = StopOnNonFiniteLoss()
     log(guard, 10, fp16=True, loss=0.69, grad_norm=math.inf)  # loss scaling skips this step by design

@@ -24,10 +24,16 @@ class DivergenceArguments:
 class StopOnNonFiniteLoss(TrainerCallback):
     """Raise a UserError at the first logged non-finite training loss or gradient norm (the gradient norm is not
     checked under fp16, whose loss scaling skips overflowing steps by design). Every rank logs the same gathered
-    values, so every rank stops at the same step and none waits on a collective."""
+    values, so every rank stops at the same step and none waits on a collective. The last step is always logged:
+    the steps after the last logging step are checked too, and the Trainer's train_loss then averages every rank's
+    losses (it gathers them across ranks only at a log; the rest would be rank 0's alone)."""
 
     def __init__(self):
         self.last_finite_step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         keys = ("loss",) if args.fp16 else ("loss", "grad_norm")
