@@ -334,6 +334,20 @@ def test_two_ranks_write_the_one_process_output(checkpoints, toy_run, tmp_path):
     assert len(read_jsonl(tmp_path / "pairs.jsonl")) == 24
 
 
+@pytest.mark.e2e
+def test_a_bad_row_on_two_ranks_is_one_line_per_rank_and_no_traceback(checkpoints, tmp_path):
+    """The rows are checked on the main rank first (main_process_first): its error reaches the other rank as the
+    same line, where Accelerate's barrier left that rank to die on a closed gloo connection with a traceback."""
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "responses": ["a", "b"]}, {"prompt": 5, "responses": ["a"]}])
+    proc = run([*two_ranks("torchrun"), SCRIPT, "--reward_name_or_path", str(checkpoints / "bt"), "--dataset_path",
+                str(tmp_path / "bad.jsonl"), "--output_path", str(tmp_path / "out.jsonl")],
+               env_extra={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "row 1 (bad_prompt)" in errors[0]
+    assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr  # torchrun's own summary aside
+
+
 def test_armo_response_cut_past_its_user_turn_is_named_before_scoring_or_dropped(armo, tmp_path):
     """ArmoRM reads its gating input at the end of the user turn: a response so long that --max_length cuts that
     turn off is named (row, response, rule) when the rows are checked, before anything is scored or written; with

@@ -14,6 +14,7 @@ import numpy as np
 
 from useful_code.cli import UserError
 from useful_code.data import load_split
+from useful_code.data_parallel import main_process_first
 from useful_code.math_data import STEP_SEPARATORS, TOY_BEST_OF_N, extract_final_answer, validate_eval_rows
 from useful_code.math_scoring import StepScorer
 
@@ -198,7 +199,7 @@ def load_best_of_n_inputs(args: "BestOfNArguments", state):
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights, device=state.device,
         batch_size=args.batch_size, max_length=args.max_length, state=state)
-    with state.main_process_first():  # one rank fills the datasets cache, the others then read it
+    with main_process_first(state):  # one rank fills the datasets cache, the others then read it
         problems, stats = validate_eval_rows(load_split(args.dataset, args.split, "--dataset", args.skip_invalid),
                                              scorer.tokenizer, args.skip_invalid, "--dataset")
     candidates = [row[: args.num_n] for row in problems["answers"]]

@@ -3,11 +3,13 @@ and every rank gets all the scores back, in order; without a launcher it is one 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
+from useful_code.cli import UserError
 from useful_code.hardware import has_accelerator
 
 
@@ -27,6 +29,46 @@ def map_across_ranks(state: Optional[PartialState], score: Callable[[list], list
     if len(local) != len(part):
         raise RuntimeError(f"rank {state.process_index}: {len(local)} results for {len(part)} items")
     return gather_object(local)
+
+
+def on_main(state: PartialState, action: Callable):
+    """action() on the main process, its result broadcast to every process; its UserError, if any, raised on every
+    process (the others would otherwise wait for the main one at the next collective)."""
+    outcome = [None, None]
+    if state.is_main_process:
+        try:
+            outcome[0] = action()
+        except UserError as err:
+            outcome[1] = str(err)
+    result, error = broadcast_object_list(outcome)
+    if error:
+        raise UserError(error)
+    return result
+
+
+@contextmanager
+def main_process_first(state: PartialState):
+    """The block on the main process first (it fills the datasets cache), then on the others (they read it). If the
+    main process's block fails, every process stops with its error as one line: with Accelerate's
+    main_process_first (barriers only) the others, waiting at a barrier, die on a closed connection with a
+    traceback."""
+    if state.num_processes == 1:
+        yield
+        return
+    error = [None]
+    if state.is_main_process:
+        try:
+            yield
+        except BaseException as err:
+            error[0] = str(err) if isinstance(err, UserError) else f"the main process stopped ({type(err).__name__})"
+            raise
+        finally:
+            broadcast_object_list(error)
+        return
+    broadcast_object_list(error)
+    if error[0]:
+        raise UserError(error[0])
+    yield
 
 
 def finish(state: PartialState) -> None:

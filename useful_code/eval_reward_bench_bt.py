@@ -15,7 +15,7 @@ from functools import partial
 from typing import Optional
 
 from useful_code.cli import parse_args, run_cli
-from useful_code.data_parallel import finish, map_across_ranks, process_state
+from useful_code.data_parallel import finish, main_process_first, map_across_ranks, process_state
 from useful_code.evaluation import (
     EvalArguments,
     check_eval_arguments,
@@ -70,7 +70,7 @@ def main():
                                         args.bf16, args.attn_implementation, args.trust_remote_code,
                                         device=state.device, device_map=args.device_map,
                                         pickled_weights=args.load_pickled_weights)
-    with state.main_process_first():  # one rank fills the datasets cache, the others then read it
+    with main_process_first(state):  # one rank fills the datasets cache, the others then read it
         benchmark, raw = load_benchmark(args)
         if benchmark == 2:
             examples, stats = prepare_examples_v2(raw, "--data_set_name", args.skip_invalid,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from useful_code.cli import UserError, parse_args, run_cli
-from useful_code.data_parallel import finish, process_state
+from useful_code.data_parallel import finish, main_process_first, process_state
 from useful_code.evaluation import (
     EvalArguments,
     check_eval_arguments,
@@ -67,7 +67,7 @@ def main():
         trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights, device=state.device,
         device_map=args.device_map, batch_size=args.batch_size, max_length=args.max_length,
         temperature=args.temperature, state=state, max_tokens_per_batch=args.max_tokens_per_batch)
-    with state.main_process_first():  # one rank fills the datasets cache, the others then read it
+    with main_process_first(state):  # one rank fills the datasets cache, the others then read it
         benchmark, raw = load_benchmark(args)
         if benchmark == 2:
             examples, stats = prepare_examples_v2(raw, "--data_set_name", args.skip_invalid,

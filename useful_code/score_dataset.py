@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 from transformers import AutoConfig
 
@@ -56,7 +55,7 @@ from useful_code.checkpoints import (
 )
 from useful_code.cli import ModelOutputError, UserError, limits_aware_parser, parse_args, run_cli
 from useful_code.data import load_split
-from useful_code.data_parallel import finish, map_across_ranks, process_state
+from useful_code.data_parallel import finish, main_process_first, map_across_ranks, on_main, process_state
 from useful_code.defaults import TOY_GENERATIONS
 from useful_code.formats import (
     CONVERSATION_RULES,
@@ -419,21 +418,6 @@ def best_and_pairs(path: Path, expected: int, threshold: float, counts: dict):
         raise RuntimeError(f"{path} holds {counts['rows']} scored rows, expected {expected}")
 
 
-def on_main(state, action):
-    """action() on the main process, its result broadcast to every process; its UserError, if any, raised on every
-    process (the others would otherwise wait for the main one at the next collective)."""
-    outcome = [None, None]
-    if state.is_main_process:
-        try:
-            outcome[0] = action()
-        except UserError as err:
-            outcome[1] = str(err)
-    result, error = broadcast_object_list(outcome)
-    if error:
-        raise UserError(error)
-    return result
-
-
 def main(argv: Optional[list[str]] = None):
     started = time.time()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -453,7 +437,7 @@ def main(argv: Optional[list[str]] = None):
         gating = (getattr(AutoConfig.from_pretrained(args.reward_name_or_path), "gating_pattern", None) or None
                   if kind == "armo" else None)
         tokenizer = load_tokenizer(args.reward_name_or_path, flag, args.trust_remote_code)
-        with state.main_process_first():  # one rank fills the datasets cache, the others then read it
+        with main_process_first(state):  # one rank fills the datasets cache, the others then read it
             rows, stats = load_rows(args, tokenizer, gating)
         # The PM's own rank split stays off (state=None): the prompts of each chunk are split across the ranks below.
         scorer = RewardScorer.from_pretrained(args.reward_name_or_path, flag, args.max_length, args.batch_size,
@@ -461,7 +445,7 @@ def main(argv: Optional[list[str]] = None):
                                               args.load_pickled_weights, device=state.device, state=None,
                                               max_tokens_per_batch=args.max_tokens_per_batch)
         if gating is not None and scorer.max_length < args.max_length:  # a learned position table lowered it
-            with state.main_process_first():
+            with main_process_first(state):
                 rows, stats = load_rows(args, scorer.tokenizer, gating, scorer.max_length)
 
         # Only the main rank reads (and repairs) the output; the others learn where to start, or its error.

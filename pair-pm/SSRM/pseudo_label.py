@@ -35,7 +35,7 @@ import torch
 from useful_code.checkpoints import atomic_write_text, check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
-from useful_code.data_parallel import finish, process_state
+from useful_code.data_parallel import finish, main_process_first, process_state
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA
 from useful_code.formats import enforce_validity, standardize_pairs
 from useful_code.pm_scoring import PairPreferenceScorer
@@ -190,7 +190,7 @@ def main(argv: Optional[list[str]] = None):
         raise UserError(f"--reward_name_or_path: {args.reward_name_or_path} is not a pairwise preference model "
                         "(a causal LM trained by pair-pm/train.py)")
     state = process_state()
-    with state.main_process_first():  # one rank fills the datasets cache, the others then read it
+    with main_process_first(state):  # one rank fills the datasets cache, the others then read it
         pairs, read = load_pairs(args)
 
     scorer = PairPreferenceScorer.from_pretrained(
@@ -199,7 +199,7 @@ def main(argv: Optional[list[str]] = None):
         device=shard_device(args, state),
         batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
         max_length=args.max_length, state=state)
-    with state.main_process_first():
+    with main_process_first(state):
         pairs, forged = reject_special_tokens(pairs, scorer.tokenizer, ("chosen", "rejected"), args.skip_invalid,
                                               "dataset_path")
     if len(pairs) == 0:
