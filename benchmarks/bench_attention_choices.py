@@ -4,7 +4,8 @@ on the same real HH-RLHF batches and the same weights:
 1. a BT training step (forward and backward, no optimizer step; bf16 autocast on a GPU): padded batches (the
    reference), transformers' own packed path (a row x row mask from the position ids), and packed rows through
    packing's attention at the CPU's and the GPU's attention grouping (packing.CPU_GROUP_LENGTH_RATIO and
-   GPU_GROUP_LENGTH_RATIO), plain and with prefix sharing;
+   GPU_GROUP_LENGTH_RATIO), plain and with prefix sharing; on a GPU each with torch's default SDPA backends and
+   again without cuDNN's;
 2. scoring (inference) of the same batches: one sequence per forward (the reference), padded, and packed as above;
 3. SDPA's cost of a sequence length seen for the first time (on a GPU, cuDNN's attention builds a graph per
    shape): single sequences of new lengths scored twice (first sight, then again), with torch's default SDPA
@@ -29,6 +30,9 @@ from useful_code import packing
 from useful_code.cli import parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.templates import load_tokenizer, tokenize_pairs
+
+
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -92,18 +96,28 @@ def main():
             return packing.packed_rewards(model, {k: v.to(device) for k, v in row.as_inputs().items()})
         return run
 
+    # On a GPU every choice runs with torch's default SDPA backends and again without cuDNN's, whose attention builds
+    # a graph for each new shape.
+    settings = {"default SDPA": None}
+    if device.type == "cuda":
+        settings["without cuDNN"] = NO_CUDNN
+
     def report(title, reference_name, runs):
-        """runs: name -> (whether it runs packing's attention, run)."""
-        print(f"\n{title}\n{'':<44}{'ms':>9}{'speed-up':>10}")
+        """runs: name -> (whether it runs packing's attention, run); ms and speed-up per SDPA setting."""
+        print(f"\n{title}\n{'':<44}" + "".join(f"{name + ': ms':>22}{'speed-up':>10}" for name in settings))
         results = {}
-        for name, (packed_attention, run) in runs.items():
-            if packed_attention:
-                assert packing.enable_padding_free(model)
-            else:
-                model.set_attn_implementation("sdpa")
-            results[name] = timed(run, batches, device, args.repeats)
-        for name, ms in results.items():
-            print(f"{name:<44}{ms:9.1f}{results[reference_name] / ms:9.2f}x")
+        for setting, allowed in settings.items():
+            with sdpa_kernel(allowed) if allowed else nullcontext():
+                for name, (packed_attention, run) in runs.items():
+                    if packed_attention:
+                        assert packing.enable_padding_free(model)
+                    else:
+                        model.set_attn_implementation("sdpa")
+                    results[name, setting] = timed(run, batches, device, args.repeats)
+        for name in runs:
+            print(f"{name:<44}" + "".join(f"{results[name, setting]:22.1f}"
+                                          f"{results[reference_name, setting] / results[name, setting]:9.2f}x"
+                                          for setting in settings))
         packing.GROUP_LENGTH_RATIO = None
 
     def training_step(forward):
@@ -144,9 +158,7 @@ def main():
         longest = max(chosen + rejected, key=len)
         unseen = sorted(set(range(16, len(longest) + 1)) - {len(ids) for ids in chosen + rejected})
         lengths = unseen[:: max(1, len(unseen) // 64)][:64]  # lengths no forward of parts 1-2 had
-        backends = {"default SDPA backends": None,
-                    "without cuDNN": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                      SDPBackend.MATH]}
+        backends = {"default SDPA backends": None, "without cuDNN": NO_CUDNN}
         for k, (name, allowed) in enumerate(backends.items()):
             # every other length for each: both get lengths of the same spread, each seen first here
             sequences = [longest[:n] for n in lengths[k::2]]
