@@ -26,10 +26,14 @@ def bt():
     return module
 
 
+def parsed(bt, *flags):
+    """(script arguments, training arguments, LoRA arguments, config path) of train.py for these flags."""
+    return parse_args((bt.ScriptArguments, bt.RewardTrainingArguments, bt.LoraArguments), bt.DEFAULT_CONFIG,
+                      argv=["--output_path", "/tmp/unused", *flags])
+
+
 def training_args(bt, *flags):
-    _, args, _, _ = parse_args((bt.ScriptArguments, bt.RewardTrainingArguments, bt.LoraArguments), bt.DEFAULT_CONFIG,
-                               argv=["--output_path", "/tmp/unused", *flags])
-    return args
+    return parsed(bt, *flags)[1]
 
 
 def schedule(args):
@@ -265,3 +269,23 @@ def test_lora_settings_without_use_peft_are_one_line():
                                         r"--use_peft \(without it the whole model trains\): pass --use_peft"):
         LoraArguments(lora_r=8, lora_target_modules=["q_proj"])
     assert LoraArguments(use_peft=True, lora_r=8).lora_r == 8 and not LoraArguments().use_peft
+
+
+def test_prefix_sharing_by_default_on_a_cpu_only_and_when_asked_anywhere(bt):
+    """Measured on an H200, plain padding-free beat prefix sharing (its tree mask keeps SDPA off the flash kernel):
+    the default shares prefixes where the model will train on a CPU, not on a GPU; the flag decides either way."""
+    import copy
+
+    import torch
+
+    from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
+    from useful_code.templates import load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "--m")
+    base = load_reward_model(DEFAULT_MODEL, "--m", tokenizer, torch.float32, new_weights=REWARD_HEAD_WEIGHTS)
+    cases = {((), "cpu"): (True, True), ((), "cuda"): (True, False), (("--prefix_sharing", "true"), "cuda"):
+             (True, True), (("--prefix_sharing", "false"), "cpu"): (True, False),
+             (("--padding_free", "false"), "cpu"): (False, False)}
+    for (flags, device), expected in cases.items():
+        chosen = bt.choose_packing(copy.deepcopy(base), parsed(bt, *flags)[0], False, torch.device(device))
+        assert chosen == expected, (flags, device)
