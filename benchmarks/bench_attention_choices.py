@@ -5,7 +5,7 @@ on the same real HH-RLHF batches and the same weights:
    reference), transformers' own packed path (a row x row mask from the position ids), and packed rows through
    packing's attention at the CPU's and the GPU's attention grouping (packing.CPU_GROUP_LENGTH_RATIO and
    GPU_GROUP_LENGTH_RATIO), plain and with prefix sharing; on a GPU each with torch's default SDPA backends and
-   again without cuDNN's;
+   again without cuDNN's (packing's own choice on a GPU: PACKED_SDPA_BACKENDS);
 2. scoring (inference) of the same batches: one sequence per forward (the reference), padded, and packed as above;
 3. SDPA's cost of a sequence length seen for the first time (on a GPU, cuDNN's attention builds a graph per
    shape): single sequences of new lengths scored twice (first sight, then again), with torch's default SDPA
@@ -32,7 +32,7 @@ from useful_code.defaults import DEFAULT_MODEL
 from useful_code.templates import load_tokenizer, tokenize_pairs
 
 
-NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # packing's on a GPU
 
 
 @dataclass
@@ -97,16 +97,18 @@ def main():
         return run
 
     # On a GPU every choice runs with torch's default SDPA backends and again without cuDNN's, whose attention builds
-    # a graph for each new shape.
+    # a graph for each new shape (packed rows keep off it on a GPU: packing.PACKED_SDPA_BACKENDS).
     settings = {"default SDPA": None}
     if device.type == "cuda":
         settings["without cuDNN"] = NO_CUDNN
+    packed_backends = packing.PACKED_SDPA_BACKENDS
 
     def report(title, reference_name, runs):
         """runs: name -> (whether it runs packing's attention, run); ms and speed-up per SDPA setting."""
         print(f"\n{title}\n{'':<44}" + "".join(f"{name + ': ms':>22}{'speed-up':>10}" for name in settings))
         results = {}
         for setting, allowed in settings.items():
+            packing.PACKED_SDPA_BACKENDS = allowed
             with sdpa_kernel(allowed) if allowed else nullcontext():
                 for name, (packed_attention, run) in runs.items():
                     if packed_attention:
@@ -118,7 +120,7 @@ def main():
             print(f"{name:<44}" + "".join(f"{results[name, setting]:22.1f}"
                                           f"{results[reference_name, setting] / results[name, setting]:9.2f}x"
                                           for setting in settings))
-        packing.GROUP_LENGTH_RATIO = None
+        packing.GROUP_LENGTH_RATIO, packing.PACKED_SDPA_BACKENDS = None, packed_backends
 
     def training_step(forward):
         def step(batch):

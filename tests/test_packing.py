@@ -20,6 +20,7 @@ from useful_code.packing import (
     pack_sequences,
     packed_rewards,
     packed_rows,
+    packed_sdpa_backends,
     padding_free_unsupported,
     pair_cost,
     plan_attention,
@@ -175,6 +176,20 @@ def test_attention_plan_on_a_gpu_is_one_group(monkeypatch):
     assert mask[2, 0, 1].int().tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]  # the tree: prefix, then causal
     assert kept.tolist() == list(range(19)) + [20, 21, 22, 30, 31, 32]  # the 4 x 10 outputs less the padding
     assert sorted(targets.tolist()) == list(range(25))  # every token once
+
+
+def test_packed_rows_keep_off_cudnn_attention_on_a_gpu_only(monkeypatch):
+    # cuDNN's attention builds a graph for each new shape, and packed rows bring new shapes in nearly every batch
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with packed_sdpa_backends(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after
+    with packed_sdpa_backends(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU's SDPA is left as torch has it
+    monkeypatch.setattr(packing, "PACKED_SDPA_BACKENDS", None)  # torch's own choice, for the benchmarks
+    with packed_sdpa_backends(torch.device("cuda")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_attention_plan_batches_trees_and_masks_prefix_padding():

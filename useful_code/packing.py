@@ -18,12 +18,13 @@ path reads the sequence starts from the position ids (plain packing only: a tree
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -123,6 +124,20 @@ def plan_attention(blocks: list, length: int, device) -> AttentionPlan:
     return AttentionPlan(length, [tuple(None if t is None else next(placed) for t in group) for group in groups])
 
 
+# SDPA backends for packed rows on a GPU. torch prefers cuDNN's attention on Hopper (torch 2.10 and later, with cuDNN
+# above 9.15), which builds a graph for each new shape: on an H200 a tiny model's scoring call took 53-58 ms the first
+# time a length was seen and about 3 ms after, and packed rows bring new shapes in nearly every batch. Flash,
+# memory-efficient and math attention serve any shape without a build. None: torch's own choice (the benchmarks
+# compare both).
+PACKED_SDPA_BACKENDS: Optional[list] = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def packed_sdpa_backends(device: torch.device):
+    """The context packed rows' SDPA calls run in on device: PACKED_SDPA_BACKENDS on a GPU, torch's default
+    elsewhere."""
+    return sdpa_kernel(PACKED_SDPA_BACKENDS) if PACKED_SDPA_BACKENDS and device.type == "cuda" else nullcontext()
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: Optional[float] = None, packed_plan: Optional[AttentionPlan] = None, **kwargs):
     """Attention of a packed row by its AttentionPlan; without a plan, transformers' SDPA attention (a padded batch
@@ -130,6 +145,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if packed_plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    with packed_sdpa_backends(query.device):
+        return _packed_attention(module, query, key, value, dropout, scaling, packed_plan, **kwargs)
+
+
+def _packed_attention(module, query, key, value, dropout: float, scaling: Optional[float], packed_plan: AttentionPlan,
+                      **kwargs):
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         # padding_free_unsupported keeps such models padded; a model it missed must not be scored wrong silently
         raise RuntimeError(f"{type(module).__name__}: packed rows cannot apply a sliding window or soft-capping")
