@@ -93,7 +93,7 @@ def main():
         def run(batch):
             packing.GROUP_LENGTH_RATIO = ratio
             row = packing.pack_pairs([chosen[i] for i in batch], [rejected[i] for i in batch], share_prefix)
-            return packing.packed_rewards(model, {k: v.to(device) for k, v in row.as_inputs().items()})
+            return packing.packed_rewards(model, packing.inputs_on_device(row.as_inputs(), device))
         return run
 
     # On a GPU every choice runs with torch's default SDPA backends and again without cuDNN's, whose attention builds

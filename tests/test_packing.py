@@ -192,6 +192,21 @@ def test_packed_rows_keep_off_cudnn_attention_on_a_gpu_only(monkeypatch):
         assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
+@pytest.mark.parametrize("tree", [False, True])
+def test_attention_groups_pad_at_most_twice_their_tokens_at_any_ratio(monkeypatch, tree):
+    # one long sequence (or a long shared context) among 200 short ones, at a GPU's ratio 0: without the padding
+    # limit every short block would be padded to 1500 tokens (queries) or attend to 1500 padded keys
+    monkeypatch.setattr(packing, "GROUP_LENGTH_RATIO", 0.0)
+    blocks = [(0, 1500, 0, 0), (1500, 1520, 0, 1500)] if tree else [(0, 1500, 0, 0)]
+    start = blocks[-1][1]
+    blocks += [(start + 20 * i, start + 20 * (i + 1), start + 20 * i, start + 20 * i) for i in range(200)]
+    plan = plan_attention(blocks, blocks[-1][1], "cpu")
+    for queries, keys, _, kept, _ in plan.groups:
+        assert queries.numel() <= 2 * len(kept)  # padded queries against the tokens kept
+        assert keys.numel() <= 2 * (len(kept) + (1500 if tree and keys.shape[1] > queries.shape[1] else 0))
+    assert sorted(t for *_, targets in plan.groups for t in targets.tolist()) == list(range(blocks[-1][1]))
+
+
 def test_attention_plan_batches_trees_and_masks_prefix_padding():
     # two trees, prefixes of 5 and 4 tokens (4 >= 0.8 * 5), branches of 2 and 2 tokens: one group
     plan = plan_attention([(5, 7, 0, 5), (11, 13, 7, 11)], 13, "cpu")

@@ -62,16 +62,28 @@ def group_length_ratio(device) -> float:
     return CPU_GROUP_LENGTH_RATIO if torch.device(device).type == "cpu" else GPU_GROUP_LENGTH_RATIO
 
 
-def _similar_runs(items: list, size, ratio: float) -> list[list]:
-    """items cut into runs of similar size(item), longest first: each run's smallest is at least `ratio` of its
-    largest."""
+# Whatever the ratio, what a group pads (members x its largest size) stays within this multiple of its real tokens:
+# at ratio 0 one long sequence among hundreds of short ones would otherwise pad them all to its length (68x the
+# row's tokens for 1500 among 20s).
+GROUP_PADDING_LIMIT = 2.0
+
+
+def _similar_runs(items: list, size, ratio: float, real=None) -> list[list]:
+    """items cut into runs of similar size(item), largest first: each run's smallest is at least `ratio` of its
+    largest, and its members x largest size at most GROUP_PADDING_LIMIT times the sum of real(item) (default:
+    size(item)), the tokens its members compute unpadded."""
+    real = real or size
     items = sorted(items, key=lambda b: -size(b))
-    runs = []
+    runs, total = [], 0
     for item in items:
-        if runs and size(item) >= ratio * size(runs[-1][0]):
-            runs[-1].append(item)
-        else:
-            runs.append([item])
+        if runs:
+            largest, n = size(runs[-1][0]), len(runs[-1])
+            if size(item) >= ratio * largest and (n + 1) * largest <= GROUP_PADDING_LIMIT * (total + real(item)):
+                runs[-1].append(item)
+                total += real(item)
+                continue
+        runs.append([item])
+        total = real(item)
     return runs
 
 
@@ -102,7 +114,9 @@ def _on_device(tensors: list, device) -> list:
 def plan_attention(blocks: list, length: int, device) -> AttentionPlan:
     """The AttentionPlan of a row of `length` tokens with these (start, end, prefix_start, prefix_end) blocks."""
     groups, ratio = [], group_length_ratio(device)
-    for same_prefix in _similar_runs(blocks, lambda b: b[3] - b[2], ratio):
+    # the keys of a group are its prefixes (padded to the longest) and its blocks: a prefix's padding weighs
+    # against both
+    for same_prefix in _similar_runs(blocks, lambda b: b[3] - b[2], ratio, lambda b: b[3] - b[2] + b[1] - b[0]):
         for members in _similar_runs(same_prefix, lambda b: b[1] - b[0], ratio):
             starts, ends, prefix_starts, prefix_ends = torch.tensor(members).T
             sizes, prefix_sizes = ends - starts, prefix_ends - prefix_starts
@@ -276,10 +290,12 @@ class PackedRow:
     last_positions: torch.Tensor
     segments: torch.Tensor
 
-    def as_inputs(self) -> dict[str, torch.Tensor]:
-        """The tensors a collator returns (the Trainer moves them to the device)."""
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "packed_blocks": self.blocks,
-                "last_positions": self.last_positions}
+    def as_inputs(self) -> dict:
+        """What a collator returns: tensors, which the Trainer moves to the device, and the block plan as tuples,
+        which stay on the host, where plan_attention reads them (read back from a GPU they would wait for its queued
+        work in every forward)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "packed_blocks": tuple(map(tuple, self.blocks.tolist())), "last_positions": self.last_positions}
 
     def token_positions(self, offsets: torch.Tensor) -> torch.Tensor:
         """The row position of token offsets[i] of sequence i."""
@@ -399,7 +415,12 @@ def packed_rows(sequences: list[list[int]], max_tokens: int, device, desc: str =
     for batch in tqdm(token_budget_batches(costs, max_tokens), desc=desc, disable=not progress):
         row = pack_groups([members[g] for g in batch])
         chunk = [i for g in batch for i in groups[g]]
-        yield chunk, row, {k: v.to(device) for k, v in row.as_inputs().items()}
+        yield chunk, row, inputs_on_device(row.as_inputs(), device)
+
+
+def inputs_on_device(inputs: dict, device) -> dict:
+    """A packed row's inputs (PackedRow.as_inputs) with its tensors on device; the block plan stays on the host."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def pair_cost(chosen: list[int], rejected: list[int], share_prefix: bool) -> int:
@@ -423,8 +444,8 @@ def packed_model_kwargs(model, inputs: dict) -> dict:
     flash path reads the sequence starts from the position ids, which restart at 0 at each)."""
     kwargs = {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"]}
     if supports_prefix_sharing(model):
-        blocks = [tuple(b) for b in inputs["packed_blocks"].tolist()]
-        kwargs["packed_plan"] = plan_attention(blocks, inputs["input_ids"].shape[1], inputs["input_ids"].device)
+        kwargs["packed_plan"] = plan_attention(list(inputs["packed_blocks"]), inputs["input_ids"].shape[1],
+                                               inputs["input_ids"].device)
     return kwargs
 
 
