@@ -348,6 +348,29 @@ def test_a_bad_row_on_two_ranks_is_one_line_per_rank_and_no_traceback(checkpoint
     assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr  # torchrun's own summary aside
 
 
+@pytest.mark.e2e
+def test_a_crash_of_the_main_rank_stops_the_others_with_one_line(tmp_path):
+    """on_main and main_process_first: the main rank's traceback, one line on the other, no rank left waiting."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import sys\n"
+        "from useful_code.cli import run_cli\n"
+        "from useful_code.data_parallel import main_process_first, on_main, process_state\n"
+        "def main():\n"
+        "    state = process_state()\n"
+        "    if sys.argv[1] == 'on_main':\n"
+        "        on_main(state, lambda: open('/nonexistent/file'))\n"
+        "    with main_process_first(state):\n"
+        "        open('/nonexistent/file')\n"
+        "run_cli(main)\n")
+    for where in ("on_main", "main_process_first"):
+        proc = run([*two_ranks("torchrun"), str(script), where], env_extra={"OMP_NUM_THREADS": "1"}, timeout=120)
+        assert proc.returncode != 0
+        assert "FileNotFoundError" in proc.stderr  # the main rank's own traceback
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors == ["error: the main process stopped (FileNotFoundError)"], where
+
+
 def test_armo_response_cut_past_its_user_turn_is_named_before_scoring_or_dropped(armo, tmp_path):
     """ArmoRM reads its gating input at the end of the user turn: a response so long that --max_length cuts that
     turn off is named (row, response, rule) when the rows are checked, before anything is scored or written; with

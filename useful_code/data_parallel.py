@@ -31,15 +31,24 @@ def map_across_ranks(state: Optional[PartialState], score: Callable[[list], list
     return gather_object(local)
 
 
+def _failure(err: BaseException) -> str:
+    """The line the other processes stop with when the main process fails with err."""
+    return str(err) if isinstance(err, UserError) else f"the main process stopped ({type(err).__name__})"
+
+
 def on_main(state: PartialState, action: Callable):
-    """action() on the main process, its result broadcast to every process; its UserError, if any, raised on every
-    process (the others would otherwise wait for the main one at the next collective)."""
+    """action() on the main process, its result broadcast to every process. If it fails, every process stops: a
+    UserError as its one line everywhere, anything else with its traceback on the main process and one line on the
+    others (which would otherwise wait for the main one at the next collective)."""
     outcome = [None, None]
     if state.is_main_process:
         try:
             outcome[0] = action()
-        except UserError as err:
-            outcome[1] = str(err)
+        except BaseException as err:
+            outcome[1] = _failure(err)
+            if not isinstance(err, UserError):
+                broadcast_object_list(outcome)
+                raise
     result, error = broadcast_object_list(outcome)
     if error:
         raise UserError(error)
@@ -60,7 +69,7 @@ def main_process_first(state: PartialState):
         try:
             yield
         except BaseException as err:
-            error[0] = str(err) if isinstance(err, UserError) else f"the main process stopped ({type(err).__name__})"
+            error[0] = _failure(err)
             raise
         finally:
             broadcast_object_list(error)
