@@ -42,6 +42,9 @@ class LoadTestArguments(HHBenchArguments):
     batch_wait_ms: float = field(default=5.0, metadata={"min": 0})
     max_seconds: float = field(default=120.0, metadata={"min": 1, "help": "Stop sending after this long."})
     max_length: int = field(default=512, metadata={"min": 1})
+    bf16: bool = field(default=True, metadata={
+        "help": "The server's --bf16 (on a GPU; a CPU scores in fp32). bf16 rewards of one sequence differ by "
+                "rounding between batches; --bf16 false checks that batching changes no reward beyond fp32's."})
 
 
 def free_loopback_port() -> int:
@@ -111,7 +114,7 @@ def main():
         server = subprocess.Popen([sys.executable, str(REPO_ROOT / "useful_code" / "serve_reward_model.py"),
                                    "--reward_name_or_path", checkpoint, "--host", "127.0.0.1", "--port", str(port),
                                    "--batch_wait_ms", str(args.batch_wait_ms), "--max_length", str(args.max_length),
-                                   "--batch_size", str(args.batch_size)], cwd=REPO_ROOT)
+                                   "--batch_size", str(args.batch_size), "--bf16", str(args.bf16)], cwd=REPO_ROOT)
         try:
             client = RewardClient(f"http://127.0.0.1:{port}", timeout=60)
             started = time.time()
@@ -134,13 +137,14 @@ def main():
             batches.append(client.info()["batches_run"])
             cpu.append(cpu_seconds(server.pid))
             memory_after = resident_mib(server.pid)
-            gpu_peak = client.info()["peak_gpu_memory_mib"]
+            info = client.info()
+            gpu_peak, dtype = info["peak_gpu_memory_mib"], info["dtype"]
         finally:
             server.terminate()
             server.wait(timeout=30)
 
     print(f"\n{n} single-conversation requests, {args.clients} concurrent clients x {args.requests} requests, "
-          f"batch wait {args.batch_wait_ms} ms, data {args.data}")
+          f"batch wait {args.batch_wait_ms} ms, {dtype}, data {args.data}")
     # The load generator shares this machine's cores with the server: the server's own CPU time per request says
     # what batching saves, whatever the clients cost.
     print(f"{'':<26}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'batches':>9}{'server CPU ms/req':>19}")

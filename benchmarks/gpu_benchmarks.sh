@@ -5,7 +5,7 @@
 #    SDPA's first-sight cost of a sequence length with and without cuDNN (tiny and ~1B Llama);
 # 1. scoring: one sequence per forward against padded, padding-free and prefix-shared batches (tiny and ~30M Llama,
 #    fp32, so that "identical decisions" is a fair test);
-# 2. the reward server's load test (bf16): one request at a time against 16 concurrent clients;
+# 2. the reward server's load test (bf16, then fp32): one request at a time against 16 concurrent clients;
 # 3. BT training of a ~1B Llama in bf16: TRL's RewardTrainer against this trainer padded, padding-free and
 #    prefix-sharing, with MFU against --peak_tflops (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
 # STEPS picks some of them (default "attention smoke eval server train"; smoke: a short bf16 BT and PM training run
@@ -58,6 +58,8 @@ step smoke_pm pair-pm/train.py --output_dir "$out/smoke_pm" --max_steps 40
 step eval_tiny benchmarks/bench_eval_batching.py --model tiny --pairs "$eval_pairs" --data "$data"
 step eval_30m benchmarks/bench_eval_batching.py --model 30m --pairs "$eval_pairs" --data "$data"
 step server benchmarks/bench_reward_server.py --requests "$requests" --data "$data"
+# fp32: batching must change no reward beyond fp32's rounding (bf16's differs by its own between batches)
+step server_fp32 benchmarks/bench_reward_server.py --requests "$requests" --data "$data" --bf16 false
 step train_$train_model benchmarks/bench_bt_training.py --model "$train_model" --bf16 "$bf16" --peak_tflops "$peak" \
     --pairs "$train_pairs" --held_out "$held_out" --data "$data" --json "$out/train_$train_model.json"
 if [ ${#failed[@]} -gt 0 ]; then
