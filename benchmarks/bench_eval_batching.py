@@ -1,8 +1,8 @@
 """Benchmark: RewardBench-style scoring of real HH-RLHF pairs four ways, on the same checkpoint and token ids:
 one sequence per forward (upstream's pipeline with batch_size=1, the reference), length-sorted padded batches,
 token-budget padding-free rows, and the same with each shared context computed once (prefix sharing: the default of
-every scoring path here on a CPU; on a GPU plain packing is). Prints pairs/s, peak memory and the ratios to the reference, and checks that every method
-makes the same decisions (chosen above rejected).
+every scoring path here on a CPU; on a GPU plain packing is). Prints pairs/s, peak memory and the ratios to the
+reference, and checks that every method makes the same decisions (chosen above rejected).
 
     python benchmarks/bench_eval_batching.py [--model tiny|30m|1b] [--pairs 300] [--max_length 1024] [--bf16 true]
 
