@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -172,10 +172,31 @@ class BradleyTerryTrainer(Trainer):
         self.odin = odin  # (length, orthogonality) coefficients when training ODIN's two heads
         self.batch_metrics: dict[str, list[float]] = {}  # training batches since the last log, as TRL keeps them
         self.train_tokens = {"real": 0, "computed": 0, "padding": 0}  # this rank's training forwards, whole run
-        self.token_counter = TrainTokensInCheckpoints(self.train_tokens)  # ... across a resume too
+        # Each training batch's statistics, still on the device, and its computed tokens: read into batch_metrics and
+        # train_tokens at the next log or save, so that a step never waits for the device to report them.
+        self.pending_stats: list[tuple[torch.Tensor, int]] = []
+        self.token_counter = TrainTokensInCheckpoints(self.train_tokens, self.read_pending_stats)  # across a resume
         self.add_callback(self.token_counter)
 
+    def read_pending_stats(self) -> None:
+        """The pending batches' statistics into batch_metrics and train_tokens, in one copy from the device (float64
+        holds the float32 statistics and the token counts exactly)."""
+        if not self.pending_stats:
+            return
+        rows = torch.stack([stats for stats, _ in self.pending_stats]).tolist()
+        for (*values, real, padding), (_, computed) in zip(rows, self.pending_stats):
+            for key, value in zip(("accuracy", "margin", "rewards/mean", "rewards/min", "rewards/max"), values):
+                self.batch_metrics.setdefault(key, []).append(value)
+            # num_tokens: the sequences' own tokens (TRL's); computed_tokens: what the forward ran, padding included
+            # and a shared context counted once
+            self.batch_metrics.setdefault("num_tokens", []).append(int(real))
+            self.batch_metrics.setdefault("computed_tokens", []).append(computed)
+            for key, value in (("real", int(real)), ("computed", computed), ("padding", int(padding))):
+                self.train_tokens[key] += value
+        self.pending_stats = []
+
     def log(self, logs: dict, *args, **kwargs) -> None:
+        self.read_pending_stats()
         if self.model.training and self.batch_metrics:  # TRL's reward metrics, averaged over the logging window
             logs.update({k: sum(v) / len(v) for k, v in self.batch_metrics.items()})
             self.batch_metrics = {}
@@ -216,20 +237,12 @@ class BradleyTerryTrainer(Trainer):
                 self.batch_metrics.setdefault(f"odin/{key}", []).append(value)
             with torch.no_grad():
                 gap, both = (chosen - rejected).float(), torch.cat([chosen, rejected]).float()
-                # One copy to the host per step (each .item() or int() of a GPU tensor waits for the GPU): float64
-                # holds the float32 statistics and the token counts exactly, so the values are those .item() gave.
                 stats = torch.stack([(gap > 0).float().mean(), gap.mean(), both.mean(), both.min(), both.max()])
-                counts = torch.stack([torch.as_tensor(n, device=gap.device) for n in (inputs["real_tokens"], padding)])
-                *values, real, padding = torch.cat([stats.double(), counts.double()]).tolist()
-            for key, value in zip(("accuracy", "margin", "rewards/mean", "rewards/min", "rewards/max"), values):
-                self.batch_metrics.setdefault(key, []).append(value)
-            real, padding, computed = int(real), int(padding), inputs["input_ids"].numel()
-            # num_tokens: the sequences' own tokens (TRL's); computed_tokens: what the forward ran, padding included
-            # and a shared context counted once
-            self.batch_metrics.setdefault("num_tokens", []).append(real)
-            self.batch_metrics.setdefault("computed_tokens", []).append(computed)
-            for key, value in (("real", real), ("computed", computed), ("padding", padding)):
-                self.train_tokens[key] += value
+                # torch.full, not as_tensor: a fill on the device, where copying a host number would wait for it
+                counts = [n.to(gap.device) if torch.is_tensor(n) else torch.full((), n, device=gap.device)
+                          for n in (inputs["real_tokens"], padding)]
+                self.pending_stats.append((torch.cat([stats.double(), torch.stack(counts).double()]),
+                                           inputs["input_ids"].numel()))
         return (loss, {"rewards": torch.stack([chosen, rejected], dim=1)}) if return_outputs else loss
 
     def get_train_dataloader(self):
@@ -275,14 +288,15 @@ class TrainTokensInCheckpoints(TrainerCallback):
     checkpoint holds this rank's counts so far (counts: the Trainer's dict, updated in place), and restore() starts
     a resumed run from them."""
 
-    def __init__(self, counts: dict):
-        self.counts = counts
+    def __init__(self, counts: dict, update: Callable[[], None]):
+        self.counts, self.update = counts, update  # update(): brings counts up to date before they are saved
 
     @staticmethod
     def path(checkpoint_dir, rank: int) -> Path:
         return Path(checkpoint_dir) / f"train_tokens_rank{rank}.json"
 
     def on_save(self, args, state, control, **kwargs):
+        self.update()
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if directory.is_dir():
             checkpoints.atomic_write_text(self.path(directory, args.process_index), json.dumps(self.counts))
@@ -481,6 +495,7 @@ def main(default_config: str = DEFAULT_CONFIG):
     if resume:
         trainer.token_counter.restore(resume, training_args.process_index)
     train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.read_pending_stats()
     # The held-out pairs are scored once: their accuracy and loss, the pictures, and the reload check's reference.
     prediction = trainer.predict(held_out, metric_key_prefix="eval")
     trainer.log(prediction.metrics)
