@@ -8,10 +8,10 @@
 # 2. the reward server's load test (bf16, then fp32): one request at a time against 16 concurrent clients;
 # 3. BT training of a ~1B Llama in bf16: TRL's RewardTrainer against this trainer padded, padding-free and
 #    prefix-sharing, with MFU against --peak_tflops (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
-# STEPS picks some of them (default "attention smoke eval server train"; smoke: a short bf16 BT and PM training run
-# each), e.g. to split the run in two; PYTHON names the interpreter (default python3); QUICK=1 runs every step at
-# toy sizes (a smoke test of the script, on any machine). A step that fails is reported and the others still run;
-# the exit status says whether all passed.
+# STEPS picks some of them by kind or by name (default "attention smoke eval server train"; smoke: a short bf16 BT
+# and PM training run each; names such as attention_tiny or eval_30m pick one step), e.g. to split the run in two;
+# PYTHON names the interpreter (default python3); QUICK=1 runs every step at toy sizes (a smoke test of the script,
+# on any machine). A step that fails is reported and the others still run; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_benchmarks.sh OUT_DIR [HH_DATA]}
@@ -38,7 +38,7 @@ failed=()
 steps=" ${STEPS:-attention smoke eval server train} "
 step() {  # step NAME SCRIPT FLAGS...: run one benchmark, its whole output to OUT_DIR/NAME.log, its table to stdout
     local name=$1; shift
-    [[ $steps == *" ${name%%_*} "* ]] || return 0
+    [[ $steps == *" ${name%%_*} "* || $steps == *" $name "* ]] || return 0
     echo "== $name: $python $*"
     local start=$SECONDS
     if PYTHONUNBUFFERED=1 "$python" "$@" > "$out/$name.log" 2>&1; then
