@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from hh_pairs import HHBenchArguments, bench_model, load_hh_pairs
 from useful_code import packing
@@ -32,7 +32,6 @@ from useful_code.defaults import DEFAULT_MODEL
 from useful_code.templates import load_tokenizer, tokenize_pairs
 
 
-NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # packing's on a GPU
 
 
 @dataclass
@@ -100,7 +99,7 @@ def main():
     # a graph for each new shape (packed rows keep off it on a GPU: packing.PACKED_SDPA_BACKENDS).
     settings = {"default SDPA": None}
     if device.type == "cuda":
-        settings["without cuDNN"] = NO_CUDNN
+        settings["without cuDNN"] = packing.NO_CUDNN_SDPA
     packed_backends = packing.PACKED_SDPA_BACKENDS
 
     def report(title, reference_name, runs):
@@ -160,7 +159,10 @@ def main():
         longest = max(chosen + rejected, key=len)
         unseen = sorted(set(range(16, len(longest) + 1)) - {len(ids) for ids in chosen + rejected})
         lengths = unseen[:: max(1, len(unseen) // 64)][:64]  # lengths no forward of parts 1-2 had
-        backends = {"default SDPA backends": None, "without cuDNN": NO_CUDNN}
+        if len(lengths) < 2:
+            print(f"  skipped: the pairs leave {len(lengths)} unseen lengths between 16 and {len(longest)} tokens")
+            return
+        backends = {"default SDPA backends": None, "without cuDNN": packing.NO_CUDNN_SDPA}
         for k, (name, allowed) in enumerate(backends.items()):
             # every other length for each: both get lengths of the same spread, each seen first here
             sequences = [longest[:n] for n in lengths[k::2]]

@@ -143,7 +143,8 @@ def plan_attention(blocks: list, length: int, device) -> AttentionPlan:
 # time a length was seen and about 3 ms after, and packed rows bring new shapes in nearly every batch. Flash,
 # memory-efficient and math attention serve any shape without a build. None: torch's own choice (the benchmarks
 # compare both).
-PACKED_SDPA_BACKENDS: Optional[list] = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+NO_CUDNN_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+PACKED_SDPA_BACKENDS: Optional[list] = NO_CUDNN_SDPA
 
 
 def packed_sdpa_backends(device: torch.device):
