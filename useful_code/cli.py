@@ -50,9 +50,15 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         main()
     except UserError as err:
-        # tqdm.write: an error raised mid-loop (a diverged run) gets its own line, not the end of a progress bar's.
-        tqdm.write(f"error: {err}", file=sys.stderr)
+        report_error(err)
         sys.exit(2)
+
+
+def report_error(err) -> None:
+    """A user error's one line on stderr, flushed."""
+    # tqdm.write: an error raised mid-loop (a diverged run) gets its own line, not the end of a progress bar's.
+    tqdm.write(f"error: {err}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def split_config_path(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:

@@ -3,13 +3,14 @@ and every rank gets all the scores back, in order; without a launcher it is one 
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Callable, Optional
 
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from useful_code.cli import UserError
+from useful_code.cli import UserError, report_error
 from useful_code.hardware import has_accelerator
 
 
@@ -36,6 +37,18 @@ def _failure(err: BaseException) -> str:
     return str(err) if isinstance(err, UserError) else f"the main process stopped ({type(err).__name__})"
 
 
+def _stop_together(state: PartialState, error: str, main_error: Optional[BaseException] = None):
+    """Every process stops on the main process's failure: the others print its line, then all meet at a barrier
+    before any exits. torchrun stops the remaining workers as soon as one exits with an error, so without the
+    barrier another rank's line was lost whenever it was slower than the main rank's exit (seen under CI load)."""
+    if state.is_main_process:
+        state.wait_for_everyone()
+        raise main_error
+    report_error(error)
+    state.wait_for_everyone()
+    sys.exit(2)
+
+
 def on_main(state: PartialState, action: Callable):
     """action() on the main process, its result broadcast to every process. If it fails, every process stops: a
     UserError as its one line everywhere, anything else with its traceback on the main process and one line on the
@@ -46,12 +59,11 @@ def on_main(state: PartialState, action: Callable):
             outcome[0] = action()
         except BaseException as err:
             outcome[1] = _failure(err)
-            if not isinstance(err, UserError):
-                broadcast_object_list(outcome)
-                raise
+            broadcast_object_list(outcome)
+            _stop_together(state, outcome[1], err)
     result, error = broadcast_object_list(outcome)
     if error:
-        raise UserError(error)
+        _stop_together(state, error)
     return result
 
 
@@ -70,13 +82,13 @@ def main_process_first(state: PartialState):
             yield
         except BaseException as err:
             error[0] = _failure(err)
-            raise
-        finally:
             broadcast_object_list(error)
+            _stop_together(state, error[0], err)
+        broadcast_object_list(error)
         return
     broadcast_object_list(error)
     if error[0]:
-        raise UserError(error[0])
+        _stop_together(state, error[0])
     yield
 
 
