@@ -114,11 +114,14 @@ def test_prefix_groups_by_hand():
     assert prefix_groups(sequences, max_tokens=1000) == [[3], [5], [0, 2, 4], [1]]
     # a group that would exceed the budget is cut: 20 shared + 1 + 2 = 23 fits in 23, the third response does not
     assert prefix_groups(sequences, max_tokens=23) == [[3], [5], [0, 2], [4], [1]]
-    # a late joiner that shortens the shared context from 24 to 16 tokens saves 16 and costs 2 x 8: left out
-    wide = [context + [1] * 5, context + [1] * 4 + [2], context[:16] + [500]]
-    assert prefix_groups(wide, 1000) == [[0, 1], [2]]
-    wide[2] = context[:17] + [500]  # from 24 to 17: saves 17, costs 14
-    assert prefix_groups(wide, 1000) == [[0, 1, 2]]
+    # a late joiner that shortens the shared context of 3 from 24 to 16 tokens: its own 16 shared tokens saved, 8
+    # more laid by each of the 3 branches but one (the context is laid once): 27 + 17 - 44 = 0 saved, left out
+    wide = [context + [1] * 5, context + [1] * 4 + [2], context + [1] * 4 + [3], context[:16] + [500]]
+    assert prefix_groups(wide, 1000) == [[0, 1, 2], [3]]
+    wide[3] = context[:17] + [500]  # from 24 to 17: saves 17, costs 2 x 7
+    assert prefix_groups(wide, 1000) == [[0, 1, 2, 3]]
+    # the same for a group of 2: 16 saved, 8 more laid once
+    assert prefix_groups(wide[:2] + [context[:16] + [500]], 1000) == [[0, 1, 2]]
     assert prefix_groups([], 10) == []
 
 
@@ -192,6 +195,18 @@ def test_packed_rows_keep_off_cudnn_attention_on_a_gpu_only(monkeypatch):
         assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
+def assert_groups_pad_at_most_twice(plan, blocks):
+    """Every group's padded queries within 2x its members' tokens, and its padded keys within 2x their prefixes and
+    tokens."""
+    by_start = {b[0]: b for b in blocks}
+    for queries, keys, _, kept, _ in plan.groups:
+        members = [by_start[start] for start in queries[:, 0].tolist()]
+        assert queries.numel() <= 2 * len(kept) == 2 * sum(end - start for start, end, *_ in members)
+        assert keys.numel() <= 2 * sum(end - start + prefix_end - prefix_start
+                                       for start, end, prefix_start, prefix_end in members)
+    assert sorted(t for *_, targets in plan.groups for t in targets.tolist()) == list(range(blocks[-1][1]))
+
+
 @pytest.mark.parametrize("tree", [False, True])
 def test_attention_groups_pad_at_most_twice_their_tokens_at_any_ratio(monkeypatch, tree):
     # one long sequence (or a long shared context) among 200 short ones, at a GPU's ratio 0: without the padding
@@ -200,11 +215,30 @@ def test_attention_groups_pad_at_most_twice_their_tokens_at_any_ratio(monkeypatc
     blocks = [(0, 1500, 0, 0), (1500, 1520, 0, 1500)] if tree else [(0, 1500, 0, 0)]
     start = blocks[-1][1]
     blocks += [(start + 20 * i, start + 20 * (i + 1), start + 20 * i, start + 20 * i) for i in range(200)]
-    plan = plan_attention(blocks, blocks[-1][1], "cpu")
-    for queries, keys, _, kept, _ in plan.groups:
-        assert queries.numel() <= 2 * len(kept)  # padded queries against the tokens kept
-        assert keys.numel() <= 2 * (len(kept) + (1500 if tree and keys.shape[1] > queries.shape[1] else 0))
-    assert sorted(t for *_, targets in plan.groups for t in targets.tolist()) == list(range(blocks[-1][1]))
+    assert_groups_pad_at_most_twice(plan_attention(blocks, blocks[-1][1], "cpu"), blocks)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.8])
+def test_tree_branches_with_short_blocks_pad_their_keys_at_most_twice(monkeypatch, ratio):
+    # short branches of a 300-token context beside short plain sequences: grouped together, each plain one would
+    # attend to 300 padded keys (6.9x the keys' tokens on the first case, up to 12x on random rows)
+    monkeypatch.setattr(packing, "GROUP_LENGTH_RATIO", ratio)
+    rows = [[[list(range(10, 2010))], [[7] * 300 + [1, 2, 3, 4], [7] * 300 + [5, 6, 7, 8]]]
+            + [[[9, 9, 9, i]] for i in range(13)]]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        groups = []
+        for _ in range(int(torch.randint(2, 12, (1,), generator=generator))):
+            context = torch.randint(10, 1000, (int(torch.randint(0, 400, (1,), generator=generator)),),
+                                    generator=generator).tolist()
+            groups.append([context + torch.randint(10, 1000, (int(torch.randint(1, 60, (1,), generator=generator)),),
+                                                   generator=generator).tolist()
+                           for _ in range(int(torch.randint(1, 4, (1,), generator=generator)) if context else 1)])
+        rows.append(groups)
+    for groups in rows:
+        row = pack_groups(groups)
+        blocks = [tuple(b) for b in row.blocks.tolist()]
+        assert_groups_pad_at_most_twice(plan_attention(blocks, row.input_ids.shape[1], "cpu"), blocks)
 
 
 def test_attention_plan_batches_trees_and_masks_prefix_padding():

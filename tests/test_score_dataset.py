@@ -351,16 +351,19 @@ def test_a_bad_row_on_two_ranks_is_one_line_per_rank_and_no_traceback(checkpoint
 @pytest.mark.e2e
 def test_a_crash_of_the_main_rank_stops_the_others_with_one_line(tmp_path):
     """on_main and main_process_first: the main rank's traceback, one line on the other, no rank left waiting. The
-    other rank is made slow to print: torchrun stops it as soon as the main rank exits, so its line is there only
-    because every rank meets at a barrier before any exits (CI once lost it without the barrier)."""
+    rank given as argv[3] is made slow to print: torchrun stops the others as soon as one exits, so the slow one's
+    line is there only because every rank prints before a barrier that all pass before any exits (CI once lost a
+    line without it)."""
     script = tmp_path / "crash.py"
     script.write_text(
-        "import sys, time\n"
-        "import useful_code.data_parallel as data_parallel\n"
+        "import os, sys, time\n"
+        "import useful_code.cli as cli, useful_code.data_parallel as data_parallel\n"
         "from useful_code.cli import UserError, run_cli\n"
         "from useful_code.data_parallel import main_process_first, on_main, process_state\n"
-        "report = data_parallel.report_error\n"
-        "data_parallel.report_error = lambda err: (time.sleep(3), report(err))\n"
+        "def slow(print_line):\n"
+        "    return lambda err: (time.sleep(3 * (os.environ['RANK'] == sys.argv[3])), print_line(err))\n"
+        "cli.report_error = data_parallel.report_error = slow(cli.report_error)\n"
+        "data_parallel.print_exception = slow(data_parallel.print_exception)\n"
         "def fail():\n"
         "    if sys.argv[2] == 'user':\n"
         "        raise UserError('bad row')\n"
@@ -372,18 +375,19 @@ def test_a_crash_of_the_main_rank_stops_the_others_with_one_line(tmp_path):
         "    with main_process_first(state):\n"
         "        fail()\n"
         "run_cli(main)\n")
-    for where in ("on_main", "main_process_first"):
-        proc = run([*two_ranks("torchrun"), str(script), where, "crash"], env_extra={"OMP_NUM_THREADS": "1"},
-                   timeout=120)
+    for where, slow_rank in (("on_main", "1"), ("main_process_first", "0")):
+        proc = run([*two_ranks("torchrun"), str(script), where, "crash", slow_rank],
+                   env_extra={"OMP_NUM_THREADS": "1"}, timeout=120)
         assert proc.returncode != 0
-        assert "FileNotFoundError" in proc.stderr  # the main rank's own traceback
+        assert "open('/nonexistent/file')" in proc.stderr  # the main rank's own traceback
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert errors == ["error: the main process stopped (FileNotFoundError)"], where
-    proc = run([*two_ranks("torchrun"), str(script), "on_main", "user"], env_extra={"OMP_NUM_THREADS": "1"},
-               timeout=120)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode != 0 and errors == ["error: bad row"] * 2
-    assert "data_parallel.py" not in proc.stderr  # no rank's traceback (torchrun prints its own summary)
+    for slow_rank in ("0", "1"):
+        proc = run([*two_ranks("torchrun"), str(script), "on_main", "user", slow_rank],
+                   env_extra={"OMP_NUM_THREADS": "1"}, timeout=120)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode != 0 and errors == ["error: bad row"] * 2, slow_rank
+        assert "data_parallel.py" not in proc.stderr  # no rank's traceback (torchrun prints its own summary)
 
 
 def test_armo_response_cut_past_its_user_turn_is_named_before_scoring_or_dropped(armo, tmp_path):

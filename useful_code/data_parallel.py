@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from traceback import print_exception
 from typing import Callable, Optional
 
 from accelerate import PartialState
@@ -38,15 +39,17 @@ def _failure(err: BaseException) -> str:
 
 
 def _stop_together(state: PartialState, error: str, main_error: Optional[BaseException] = None):
-    """Every process stops on the main process's failure: the others print its line, then all meet at a barrier
-    before any exits. torchrun stops the remaining workers as soon as one exits with an error, so without the
-    barrier another rank's line was lost whenever it was slower than the main rank's exit (seen under CI load)."""
-    if state.is_main_process:
-        state.wait_for_everyone()
-        raise main_error
-    report_error(error)
+    """Every process stops on the main process's failure: each prints its line (the main process its traceback, or
+    its UserError's line), then all meet at a barrier, then exit. torchrun stops the remaining workers as soon as one
+    exits with an error, so a rank that printed after the first exit could lose its line (seen under CI load)."""
+    crashed = main_error is not None and not isinstance(main_error, UserError)
+    if crashed:
+        print_exception(main_error)
+        sys.stderr.flush()
+    else:
+        report_error(error)
     state.wait_for_everyone()
-    sys.exit(2)
+    sys.exit(1 if crashed else 2)
 
 
 def on_main(state: PartialState, action: Callable):

@@ -68,23 +68,25 @@ def group_length_ratio(device) -> float:
 GROUP_PADDING_LIMIT = 2.0
 
 
-def _similar_runs(items: list, size, ratio: float, real=None) -> list[list]:
+def _similar_runs(items: list, size, ratio: float, real=None, extra=None) -> list[list]:
     """items cut into runs of similar size(item), largest first: each run's smallest is at least `ratio` of its
     largest, and its members x largest size at most GROUP_PADDING_LIMIT times the sum of real(item) (default:
-    size(item)), the tokens its members compute unpadded."""
-    real = real or size
-    items = sorted(items, key=lambda b: -size(b))
-    runs, total = [], 0
-    for item in items:
+    size(item)), the tokens its members compute unpadded. With extra (a block's prefix, which its keys add), members
+    x (largest size + largest extra) is bounded the same way by the sum of real + extra: the padded keys."""
+    real, extra = real or size, extra or (lambda item: 0)
+    runs = []
+    for item in sorted(items, key=lambda b: -size(b)):
         if runs:
-            largest, n = size(runs[-1][0]), len(runs[-1])
-            if size(item) >= ratio * largest and (n + 1) * largest <= GROUP_PADDING_LIMIT * (total + real(item)):
-                runs[-1].append(item)
-                total += real(item)
+            members, total, keys, widest = runs[-1]
+            largest, n = size(members[0]), len(members) + 1
+            total, keys, widest = total + real(item), keys + real(item) + extra(item), max(widest, extra(item))
+            if (size(item) >= ratio * largest and n * largest <= GROUP_PADDING_LIMIT * total
+                    and n * (largest + widest) <= GROUP_PADDING_LIMIT * keys):
+                members.append(item)
+                runs[-1] = (members, total, keys, widest)
                 continue
-        runs.append([item])
-        total = real(item)
-    return runs
+        runs.append(([item], real(item), real(item) + extra(item), extra(item)))
+    return [members for members, *_ in runs]
 
 
 def _clamped(starts: torch.Tensor, sizes: torch.Tensor, width: int) -> torch.Tensor:
@@ -117,7 +119,7 @@ def plan_attention(blocks: list, length: int, device) -> AttentionPlan:
     # the keys of a group are its prefixes (padded to the longest) and its blocks: a prefix's padding weighs
     # against both
     for same_prefix in _similar_runs(blocks, lambda b: b[3] - b[2], ratio, lambda b: b[3] - b[2] + b[1] - b[0]):
-        for members in _similar_runs(same_prefix, lambda b: b[1] - b[0], ratio):
+        for members in _similar_runs(same_prefix, lambda b: b[1] - b[0], ratio, extra=lambda b: b[3] - b[2]):
             starts, ends, prefix_starts, prefix_ends = torch.tensor(members).T
             sizes, prefix_sizes = ends - starts, prefix_ends - prefix_starts
             width, prefix_width = int(sizes.max()), int(prefix_sizes.max())
@@ -379,9 +381,9 @@ def prefix_groups(sequences: list[list[int]], max_tokens: int) -> list[list[int]
             members, shared = groups[-1]
             joined = shared_prefix_length([sequences[members[-1]], seq])
             joined = min(joined, shared) if len(members) > 1 else joined
-            # Joining saves `joined` tokens of this sequence and costs (shared - joined) for each member already in.
-            saves = joined - (len(members) * (shared - joined) if len(members) > 1 else 0)
             lengths = [len(sequences[j]) for j in members] + [len(seq)]
+            # against laying it alone: a shorter shared context than the group had costs its members the difference
+            saves = group_cost(lengths[:-1], shared) + len(seq) - group_cost(lengths, joined)
             if joined >= MIN_SHARED_PREFIX and saves > 0 and group_cost(lengths, joined) <= max_tokens:
                 members.append(i)
                 groups[-1][1] = joined
