@@ -108,6 +108,11 @@ class ScriptArguments(HeldOutArguments):
                 "(sdpa/eager; flash attention falls back to plain padding-free, said once). Default: on a CPU, where "
                 "it is faster; not on a GPU, where plain padding-free was faster (its tree needs a mask)."})
 
+    def __post_init__(self):
+        for flag in ("max_tokens_per_batch", "prefix_sharing"):
+            if getattr(self, flag) and not self.padding_free:
+                raise UserError(f"--{flag} needs padding-free training: drop --padding_free false")
+
 
 @dataclass
 class RewardTrainingArguments(FinalCheckpointPush, HardwareAwareArguments, checkpoints.OutputDirArguments,
@@ -158,6 +163,22 @@ def load_pairs(args: ScriptArguments, seed: int):
     return train, held_out, {"train": train_stats, "eval": eval_stats}
 
 
+def window_metrics(batch_metrics: dict[str, list]) -> dict[str, float]:
+    """The logged metrics of a logging window's training batches: accuracy, margin and the mean reward over its
+    pairs (token-budget batches hold different numbers of pairs; TRL's mean of batch means would weigh a small
+    batch's pairs more), the rewards' extremes over the window, and the mean of the other per-batch values."""
+    pairs = batch_metrics.get("pairs", [])
+    logs = {}
+    for key, values in batch_metrics.items():
+        if key in ("accuracy", "margin", "rewards/mean"):
+            logs[key] = sum(v * n for v, n in zip(values, pairs)) / sum(pairs)
+        elif key in ("rewards/min", "rewards/max"):
+            logs[key] = (min if key == "rewards/min" else max)(values)
+        elif key != "pairs":
+            logs[key] = sum(values) / len(values)
+    return logs
+
+
 class BradleyTerryTrainer(Trainer):
     """Trainer whose loss is the Bradley-Terry loss (or a variant: margin, per-pair weight, centering) over
     (chosen, rejected) batches from PairwiseCollator."""
@@ -174,7 +195,7 @@ class BradleyTerryTrainer(Trainer):
         self.train_tokens = {"real": 0, "computed": 0, "padding": 0}  # this rank's training forwards, whole run
         # Each training batch's statistics, still on the device, and its computed tokens: read into batch_metrics and
         # train_tokens at the next log or save, so that a step never waits for the device to report them.
-        self.pending_stats: list[tuple[torch.Tensor, int]] = []
+        self.pending_stats: list[tuple[torch.Tensor, int, int]] = []  # (statistics, computed tokens, pairs)
         self.token_counter = TrainTokensInCheckpoints(self.train_tokens, self.read_pending_stats)  # across a resume
         self.add_callback(self.token_counter)
 
@@ -183,10 +204,11 @@ class BradleyTerryTrainer(Trainer):
         holds the float32 statistics and the token counts exactly)."""
         if not self.pending_stats:
             return
-        rows = torch.stack([stats for stats, _ in self.pending_stats]).tolist()
-        for (*values, real, padding), (_, computed) in zip(rows, self.pending_stats):
+        rows = torch.stack([stats for stats, *_ in self.pending_stats]).tolist()
+        for (*values, real, padding), (_, computed, pairs) in zip(rows, self.pending_stats):
             for key, value in zip(("accuracy", "margin", "rewards/mean", "rewards/min", "rewards/max"), values):
                 self.batch_metrics.setdefault(key, []).append(value)
+            self.batch_metrics.setdefault("pairs", []).append(pairs)
             # num_tokens: the sequences' own tokens (TRL's); computed_tokens: what the forward ran, padding included
             # and a shared context counted once
             self.batch_metrics.setdefault("num_tokens", []).append(int(real))
@@ -197,8 +219,8 @@ class BradleyTerryTrainer(Trainer):
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         self.read_pending_stats()
-        if self.model.training and self.batch_metrics:  # TRL's reward metrics, averaged over the logging window
-            logs.update({k: sum(v) / len(v) for k, v in self.batch_metrics.items()})
+        if self.model.training and self.batch_metrics:  # TRL's reward metrics over the logging window
+            logs.update(window_metrics(self.batch_metrics))
             self.batch_metrics = {}
         super().log(logs, *args, **kwargs)
 
@@ -242,7 +264,7 @@ class BradleyTerryTrainer(Trainer):
                 counts = [n.to(gap.device) if torch.is_tensor(n) else torch.full((), n, device=gap.device)
                           for n in (inputs["real_tokens"], padding)]
                 self.pending_stats.append((torch.cat([stats.double(), torch.stack(counts).double()]),
-                                           inputs["input_ids"].numel()))
+                                           inputs["input_ids"].numel(), len(chosen)))
         return (loss, {"rewards": torch.stack([chosen, rejected], dim=1)}) if return_outputs else loss
 
     def get_train_dataloader(self):
@@ -416,8 +438,6 @@ def main(default_config: str = DEFAULT_CONFIG):
                                         written_last=TrainTokensInCheckpoints.path("", 0).name)
     # 4/8-bit needs a GPU and bitsandbytes: said now
     quantization = quantization_options(lora_args, compute_dtype(training_args))
-    if args.max_tokens_per_batch and not args.padding_free:  # said before any work; the model's own limits later
-        raise UserError("--max_tokens_per_batch needs padding-free training: drop --padding_free false")
     set_seed(training_args.seed)
     if is_main:
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"

@@ -280,6 +280,19 @@ def test_lora_settings_without_use_peft_are_one_line():
     assert LoraArguments(use_peft=True, lora_r=8).lora_r == 8 and not LoraArguments().use_peft
 
 
+def test_logged_accuracy_margin_and_mean_are_over_the_windows_pairs(bt):
+    """Token-budget batches hold different numbers of pairs: a window's accuracy is its share of pairs ranked right
+    (17 of 35 here; the mean of the batch accuracies would be 0.4718), its min and max the window's extremes."""
+    pairs = [7, 5, 7, 4, 6, 6]
+    right = [2, 1, 3, 1, 5, 5]
+    logs = bt.window_metrics({"accuracy": [r / n for r, n in zip(right, pairs)], "pairs": pairs,
+                              "margin": [1.0, 2.0, 0.0, 0.0, 0.0, 0.0], "rewards/mean": [0.5] * 6,
+                              "rewards/min": [-1.0, -3.0, -2.0, 0.0, 0.0, 0.0], "rewards/max": [1.0, 4.0, 2.0, 0, 0, 0],
+                              "num_tokens": [100, 200, 300, 400, 500, 600]})
+    assert logs == pytest.approx({"accuracy": 17 / 35, "margin": 17 / 35, "rewards/mean": 0.5, "rewards/min": -3.0,
+                                  "rewards/max": 4.0, "num_tokens": 350.0}, rel=1e-12)
+
+
 def test_prefix_sharing_by_default_on_a_cpu_only_and_when_asked_anywhere(bt):
     """Measured on an H200, plain padding-free beat prefix sharing (its tree mask keeps SDPA off the flash kernel):
     the default shares prefixes where the model will train on a CPU, not on a GPU; the flag decides either way."""
@@ -298,3 +311,6 @@ def test_prefix_sharing_by_default_on_a_cpu_only_and_when_asked_anywhere(bt):
     for (flags, device), expected in cases.items():
         chosen = bt.choose_packing(copy.deepcopy(base), parsed(bt, *flags)[0], False, torch.device(device))
         assert chosen == expected, (flags, device)
+    for flag, value in (("--prefix_sharing", "true"), ("--max_tokens_per_batch", "300")):
+        with pytest.raises(UserError, match=f"^{flag} needs padding-free training: drop --padding_free false$"):
+            parsed(bt, flag, value, "--padding_free", "false")
