@@ -126,13 +126,17 @@ class Server:
         from useful_code.reward_scorer import RewardScorer
         from useful_code.serve_reward_model import ServerArguments, build_app
 
-        self.args = replace(ServerArguments(reward_name_or_path=str(checkpoint), port=free_port()), **flags)
+        # bound now, listened on by uvicorn: a port only looked up here could be taken before the server starts
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        port = self.socket.getsockname()[1]
+        self.args = replace(ServerArguments(reward_name_or_path=str(checkpoint), port=port), **flags)
         self.scorer = RewardScorer.from_pretrained(str(checkpoint), max_length=self.args.max_length,
                                                    batch_size=self.args.batch_size, trust_remote_code=trust_remote_code)
         config = uvicorn.Config(build_app(self.scorer, self.args, str(checkpoint)), host="127.0.0.1",
                                 port=self.args.port, log_level="warning")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.url = f"http://127.0.0.1:{self.args.port}"
 
     def __enter__(self):
@@ -146,3 +150,4 @@ class Server:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.socket.close()
