@@ -19,7 +19,7 @@ import torch
 from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, save_shard, shard_rows, validate_attribute_labels
 from useful_code.armo_embeddings import PrepareArguments, embed
 from useful_code.checkpoints import check_output_dir
-from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_MULTI_OBJECTIVE_DATA, REPO_ROOT
 from useful_code.formats import validate_conversations
@@ -40,7 +40,8 @@ class ScriptArguments(PrepareArguments):
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-1_prepare")[0]
+    args, config = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-1_prepare")
+    note_tiny_recipe(config, DEFAULT_CONFIG, args.model_path, "armo-rm/configs/llama3-8b.yaml")
     prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path)
     check_output_dir(Path(prefix).parent, "--output_dir")  # before any embedding
     data = load_split(args.dataset_path, "train", "--dataset_path", args.skip_invalid)

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, load_shards, regression_weights_path
+from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, has_shards, load_shards, regression_weights_path
 from useful_code.armo_fit import fit_ridge_probes
 from useful_code.checkpoints import atomic_save_file, atomic_write_text, check_output_dir
-from useful_code.cli import parse_args, run_cli
+from useful_code.cli import note_tiny_recipe, parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, REPO_ROOT
 
 DEFAULT_CONFIG = str(REPO_ROOT / "armo-rm" / "configs" / "tiny.yaml")
@@ -31,7 +31,9 @@ class ScriptArguments:
 
     model_path: str = field(default=DEFAULT_MODEL)
     dataset_path: str = field(default=DEFAULT_MULTI_OBJECTIVE_DATA)
-    embeddings_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/embeddings/<model>."})
+    embeddings_dir: Optional[str] = field(default=None, metadata={
+        "help": "The folder of stage-1_prepare.py's shards (<dataset>-*.safetensors), or upstream's form, the shards' "
+                "own path prefix. Default: ./armo_data/embeddings/<model>."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Default: ./armo_data/regression_weights."})
     val_fraction: float = field(default=0.2, metadata={
         "min": 0.0, "max": 1.0, "help": "Rows held out to pick each probe's alpha (strictly between 0 and 1)."})
@@ -39,10 +41,13 @@ class ScriptArguments:
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-1_train")[0]
+    args, config = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-1_train")
+    note_tiny_recipe(config, DEFAULT_CONFIG, args.model_path, "armo-rm/configs/llama3-8b.yaml")
     path = regression_weights_path(args.output_dir, args.model_path, args.dataset_path)
     check_output_dir(path.parent, "--output_dir")  # before any fitting
     prefix = embeddings_prefix(args.embeddings_dir, args.model_path, args.dataset_path)
+    if args.embeddings_dir and not has_shards(prefix) and has_shards(args.embeddings_dir):
+        prefix = args.embeddings_dir  # upstream's form: the shards' own path prefix, not their folder
     tensors, metadata = load_shards(prefix)
     embeddings = tensors["embeddings"].float().numpy()
     labels = tensors["labels"].float().numpy()

@@ -22,7 +22,7 @@ import torch
 from useful_code.armo_data import embeddings_prefix, save_shard, shard_rows
 from useful_code.armo_embeddings import PrepareArguments, embed, gating_pattern
 from useful_code.checkpoints import check_output_dir
-from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.formats import standardize_pairs
@@ -49,7 +49,8 @@ class ScriptArguments(PrepareArguments):
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-2_prepare")[0]
+    args, config = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-2_prepare")
+    note_tiny_recipe(config, DEFAULT_CONFIG, args.model_path, "armo-rm/configs/llama3-8b.yaml")
     prefix = embeddings_prefix(args.output_dir, args.model_path, args.dataset_path, args.dataset_split, args.source)
     check_output_dir(Path(prefix).parent, "--output_dir")  # before any embedding
     pairs = load_split(args.dataset_path, args.dataset_split, "--dataset_path", args.skip_invalid)

@@ -44,7 +44,7 @@ from useful_code.armo_data import (
     shard_path,
 )
 from useful_code.armo_fit import CORRELATION_THRESHOLD, split_rows, transform_matrix, verbosity_penalties
-from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.hardware import default_device
 from useful_code.losses import bradley_terry_loss
@@ -143,7 +143,8 @@ def pair_scores(gating: GatingNetwork, weight: torch.Tensor, transform: torch.Te
 
 
 def main():
-    args = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-2_train")[0]
+    args, config = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-2_train")
+    note_tiny_recipe(config, DEFAULT_CONFIG, args.model_path, "armo-rm/configs/llama3-8b.yaml")
     device = default_device(args.device)
     output_dir = checkpoints.claim_output_dir(str(gating_head_dir(args.output_dir, args.model_path)),
                                               args.overwrite_output_dir, finished=HEAD_SUMMARY,

@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from useful_code import checkpoints
 from useful_code.batch_samplers import LengthGroupedBatches, TokenBudgetBatches
-from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.distributed import (
@@ -87,10 +87,12 @@ class ScriptArguments(HeldOutArguments):
         "help": "bt; margin (TRL's: -log sigmoid(r_c - r_r - margin), a 'margin' column); scaled (each pair's loss "
                 "times its 'weight' column); odin (a length head and a quality head; last_checkpoint/ is the quality "
                 "head alone)."})
-    odin_length_coefficient: float = field(default=1.0, metadata={
-        "min": 0, "aliases": ["--correlation_with_length"], "help": "ODIN's length-correlation term."})
-    odin_ortho_coefficient: float = field(default=1.0, metadata={
-        "min": 0, "aliases": ["--ortho_reg"], "help": "ODIN's head-orthogonality term."})
+    odin_length_coefficient: Optional[float] = field(default=None, metadata={
+        "min": 0, "aliases": ["--correlation_with_length"],
+        "help": "ODIN's length-correlation term (--loss_type odin only; default 1.0)."})
+    odin_ortho_coefficient: Optional[float] = field(default=None, metadata={
+        "min": 0, "aliases": ["--ortho_reg"], "help": "ODIN's head-orthogonality term (--loss_type odin only; default "
+                                                      "1.0; upstream's term was commented out: its recipe sets 0)."})
     center_rewards_coefficient: float = field(default=0.0, metadata={
         "min": 0, "help": "TRL's reward centering: adds coefficient * mean((r_c + r_r)^2)."})
     disable_dropout: bool = field(default=True, metadata={
@@ -112,6 +114,13 @@ class ScriptArguments(HeldOutArguments):
         for flag in ("max_tokens_per_batch", "prefix_sharing"):
             if getattr(self, flag) and not self.padding_free:
                 raise UserError(f"--{flag} needs padding-free training: drop --padding_free false")
+        for flag, upstream in (("odin_length_coefficient", "correlation_with_length"),
+                               ("odin_ortho_coefficient", "ortho_reg")):
+            if self.loss_type == "odin" and getattr(self, flag) is None:
+                setattr(self, flag, 1.0)
+            elif self.loss_type != "odin" and getattr(self, flag) is not None:
+                raise UserError(f"--{flag} (--{upstream}): an ODIN setting, which applies only with --loss_type odin "
+                                f"(here: {self.loss_type}); pass --loss_type odin or drop it")
 
 
 @dataclass
@@ -443,9 +452,7 @@ def main(default_config: str = DEFAULT_CONFIG):
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
               f"{training_args.gradient_accumulation_steps} epochs={training_args.num_train_epochs} "
               f"max_length={training_args.max_length} {precision} world_size={training_args.world_size}")
-        if config == DEFAULT_CONFIG and args.model_name != DEFAULT_MODEL:
-            print(f"note: these hyper-parameters are the tiny model's ({config}); pass a model's recipe first, e.g. "
-                  "bradley-terry-rm/configs/gemma-2b-it.yaml, for upstream's values")
+        note_tiny_recipe(config, DEFAULT_CONFIG, args.model_name, "bradley-terry-rm/configs/gemma-2b-it.yaml")
 
     tokenizer = load_tokenizer(args.model_name, "--model_name", args.trust_remote_code, args.chat_template)
     with training_args.main_process_first():

@@ -77,8 +77,10 @@ def main():
         print(format_curve(curve))
         for note in coverage_notes:
             print(note)
-        print(f"accuracy {results['accuracy']:.4f} (upstream's number: best-of-{curve[-1]['n']}, "
-              "'accuracy' in best_of_n.json)")
+        # upstream's number is best-of-num_n, with the steps' mean: under another aggregation the same name differs
+        same = "upstream's number" if args.aggregation == "mean" else \
+            f"upstream's measure with the {args.aggregation} of the step scores, where upstream took the mean"
+        print(f"accuracy {results['accuracy']:.4f} ({same}: best-of-{curve[-1]['n']}, 'accuracy' in best_of_n.json)")
         if scorer.truncated:
             print(f"{scorer.truncated} solutions longer than max_length={args.max_length} were cut from the left; "
                   "their first steps are not scored")

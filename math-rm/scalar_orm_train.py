@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
 from useful_code import checkpoints
-from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import load_dataset_dict, load_split, pick_split, split_name
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.distributed import (
@@ -151,6 +151,7 @@ def main():
     dtype = weights_dtype(training_args)
     is_main = training_args.process_index == 0
     if is_main:
+        note_tiny_recipe(config, None, args.model_name, "math-rm/llama-3.1-scalar-orm.yaml")
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
                                      inputs=(args.model_name, args.train_set_path, args.eval_set_path),
                                      resuming=bool(training_args.resume_from_checkpoint))

@@ -25,7 +25,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from useful_code import checkpoints
-from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.distributed import (
@@ -115,6 +115,7 @@ def main():
                                                                DEFAULT_CONFIG)
     is_main = training_args.process_index == 0
     if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
+        note_tiny_recipe(config, DEFAULT_CONFIG, script_args.model_name_or_path, "pair-pm/gemma-2b-it.yaml")
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
                                      inputs=(script_args.model_name_or_path, script_args.dataset_path,
                                              script_args.eval_set_path),

@@ -129,6 +129,15 @@ def test_custom_code_needs_trust_remote_code(armo, tmp_path):
     assert proc.returncode == 2 and "--trust_remote_code" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_stage1_takes_upstreams_embeddings_prefix_too(armo, tmp_path):
+    """Upstream's --embeddings_dir is the shards' path prefix (<dir>/<dataset>), this project's their folder: both
+    read the same shards and fit the same probes."""
+    check_ok(run(stage("stage-1_train.py", "--embeddings_dir", armo / "emb" / "toy_multi_objective", "--output_dir",
+                       tmp_path / "rw")))
+    name = "tiny-llama_toy_multi_objective.safetensors"
+    assert torch.equal(load_file(tmp_path / "rw" / name)["weight"], load_file(armo / "rw" / name)["weight"])
+
+
 def test_missing_shard_is_one_clear_error(tmp_path):
     emb = tmp_path / "emb"
     check_ok(run(stage("stage-1_prepare.py", "--output_dir", emb, "--n_shards", 3, "--shard_idx", 1)))

@@ -81,7 +81,7 @@ def test_a_copy_of_the_tiny_model_trains_with_the_same_hyper_parameters(trained,
     proc = run([sys.executable, TRAIN, "--model_name", str(copy), "--output_path", str(tmp_path / "out"),
                 "--max_steps", "2"])
     check_ok(proc)
-    assert "note: these hyper-parameters are the tiny model's" in proc.stdout  # said, not silent
+    assert "note: these settings are the tiny model's" in proc.stdout  # said, not silent
     ours = json.loads((tmp_path / "out" / "metrics.json").read_text())["arguments"]
     default = json.loads((trained / "metrics.json").read_text())["arguments"]
     keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",

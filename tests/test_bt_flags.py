@@ -224,6 +224,17 @@ def test_odin_script_takes_upstreams_recipe_and_flag_names(bt):
     assert args.output_dir == "./bt_models/gemma2b_rm"
     script, _, _, _ = parse_args(classes, recipe, argv=["--correlation_with_length", "0.5", "--ortho_reg", "0.25"])
     assert (script.odin_length_coefficient, script.odin_ortho_coefficient) == (0.5, 0.25)
+    script = parse_args(classes, recipe, argv=["--ortho_reg", "2"])[0]
+    assert (script.odin_length_coefficient, script.odin_ortho_coefficient) == (1.0, 2.0)
+    assert parsed(bt, "--loss_type", "odin")[0].odin_length_coefficient == 1.0  # ODIN's default
+    # upstream's plain BT scripts had no such flags: an ODIN coefficient on another loss would be ignored, so it is
+    # refused (gemma_2B_rm.py --correlation_with_length 0.5 trained plain BT)
+    assert parsed(bt)[0].odin_length_coefficient is None
+    with pytest.raises(UserError, match=r"^--odin_length_coefficient \(--correlation_with_length\): an ODIN setting, "
+                                        r"which applies only with --loss_type odin \(here: bt\)"):
+        parsed(bt, "--correlation_with_length", "0.5")
+    with pytest.raises(UserError, match=r"^--odin_ortho_coefficient \(--ortho_reg\): .* \(here: margin\)"):
+        parsed(bt, "--loss_type", "margin", "--odin_ortho_coefficient", "1")
 
 
 def test_deepspeed_without_a_launcher_is_a_world_of_one():

@@ -367,3 +367,31 @@ def test_script_errors_before_any_work_are_one_line(script, argv, message, monke
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.strip().splitlines()[-1] == message.format(file=existing)
     assert "Traceback" not in err
+
+
+def test_a_real_model_on_the_tiny_recipe_is_noted(capsys):
+    from useful_code.cli import note_tiny_recipe
+    from useful_code.defaults import DEFAULT_MODEL
+
+    note_tiny_recipe("a/tiny.yaml", "a/tiny.yaml", "meta-llama/Llama-3.1-8B", "a/llama.yaml")
+    assert capsys.readouterr().out == ("note: these settings are the tiny model's (a/tiny.yaml); pass a model's "
+                                       "recipe first, e.g. a/llama.yaml, for upstream's values\n")
+    note_tiny_recipe(None, None, "meta-llama/Llama-3.1-8B", "a/llama.yaml")  # a script whose defaults are tiny
+    assert "(the defaults)" in capsys.readouterr().out
+    note_tiny_recipe("a/tiny.yaml", "a/tiny.yaml", DEFAULT_MODEL, "a/llama.yaml")  # the tiny model itself
+    note_tiny_recipe("a/llama.yaml", "a/tiny.yaml", "meta-llama/Llama-3.1-8B", "a/llama.yaml")  # a recipe given
+    assert capsys.readouterr().out == ""
+
+
+def test_a_load_error_names_a_missing_directory_a_training_output_dir_or_the_reason(tmp_path):
+    from useful_code.cli import load_error
+
+    err = OSError("no tokenizer files\nmore detail")
+    assert str(load_error("--m", "tokenizer", str(tmp_path / "nope"), err)) == \
+        f"--m: no such directory '{tmp_path / 'nope'}'"
+    assert str(load_error("--m", "tokenizer", str(tmp_path), err)) == \
+        f"--m: could not load tokenizer from the directory '{tmp_path}' (no tokenizer files)"
+    (tmp_path / "last_checkpoint").mkdir()
+    (tmp_path / "last_checkpoint" / "config.json").write_text("{}")  # what every trainer writes
+    assert str(load_error("--m", "tokenizer", str(tmp_path), err)) == \
+        f"--m: '{tmp_path}' is a training run's output directory; its model is {tmp_path / 'last_checkpoint'}"

@@ -656,6 +656,7 @@ def test_train_then_best_of_n_beats_majority_and_pass_at_1(tmp_path):
     assert len(scores) == 64 and all(len(s["step_scores"]) == 8 for s in scores)
     assert all(s["scores"][i] == min(s["step_scores"][i]) for s in scores for i in range(8))  # --aggregation min
     assert "best-of-N" in proc.stdout and "majority" in proc.stdout and results["processes"] == 2
+    assert "(upstream's measure with the min of the step scores, where upstream took the mean: best-of-8" in proc.stdout
 
     check_ok(run([sys.executable, "math-rm/prm_evaluate.py", "--reward_name_or_path", str(out / "last_checkpoint"),
                   "--output_dir", str(tmp_path / "one"), "--num_n", "8", "--batch_size", "7"],

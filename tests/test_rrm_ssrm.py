@@ -210,8 +210,12 @@ def test_rrm_output_directory_spelled_another_way_is_the_input(tmp_path, monkeyp
     DatasetDict({"train": Dataset.from_list(standard_rows(THREE))}).save_to_disk("std_dir")
     with pytest.raises(UserError, match=r"--output_dataset: \./std_dir is an input of this run \(std_dir\)"):
         call(rrm.main, "--input_dataset", "std_dir", "--output_dataset", "./std_dir")
-    call(rrm.main, "--input_dataset", "./std_dir", "--output_dataset", "rrm_dir")  # a new directory works
-    assert (tmp_path / "rrm_dir" / "dataset_dict.json").exists()
+    printed = call(rrm.main, "--input_dataset", "./std_dir", "--output_dataset", "rrm_dir")  # a new directory works
+    assert (tmp_path / "rrm_dir" / "dataset_dict.json").exists() and "nothing was pushed" not in printed
+    # upstream's --output_dataset was the hub repo it pushed to: written here as a directory, and said so
+    printed = call(rrm.main, "--input_dataset", "./std_dir", "--output_dataset", "someone/rrm_out")
+    assert (tmp_path / "someone" / "rrm_out" / "dataset_dict.json").exists()
+    assert "note: nothing was pushed" in printed and "--push_to_hub someone/rrm_out" in printed
 
 
 # --------------------------------------------------------------------------------------------------------- SSRM

@@ -135,6 +135,11 @@ def save_shard(prefix: str, shard_idx: int, n_shards: int, tensors: dict, metada
     return path
 
 
+def has_shards(prefix: str) -> bool:
+    """Whether any embedding shard of this prefix exists."""
+    return any(Path(prefix).parent.glob(f"{Path(prefix).name}-*-of-*.safetensors"))
+
+
 def load_shards(prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Merge every shard of a prefix back into one set of tensors in row order. All shards of one run
     (same n_shards) must be present; a missing, duplicated or foreign shard is an error."""

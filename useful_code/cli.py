@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 import yaml
 from tqdm import tqdm
 
+from useful_code.defaults import DEFAULT_MODEL
+
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
@@ -41,6 +43,9 @@ def load_error(flag: str, what: str, name: str, err: Exception) -> UserError:
         return UserError(f"{flag}: no such directory '{name}'")
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     if os.path.isdir(os.path.expanduser(name)):  # a local directory: the reason is all there is to say
+        trained = os.path.join(name, "last_checkpoint")
+        if os.path.isfile(os.path.expanduser(os.path.join(trained, "config.json"))):  # a trainer's output_dir
+            return UserError(f"{flag}: '{name}' is a training run's output directory; its model is {trained}")
         return UserError(f"{flag}: could not load {what} from the directory '{name}' ({reason})")
     return UserError(f"{flag}: could not load {what} '{name}' ({reason}); pass a local model directory with {flag}")
 
@@ -59,6 +64,14 @@ def report_error(err) -> None:
     # tqdm.write: an error raised mid-loop (a diverged run) gets its own line, not the end of a progress bar's.
     tqdm.write(f"error: {err}", file=sys.stderr)
     sys.stderr.flush()
+
+
+def note_tiny_recipe(config: Optional[str], default_config: Optional[str], model: str, recipe: str) -> None:
+    """A note when another model than the embedded tiny one runs on the tiny model's settings (what a run without a
+    recipe gets): a learning rate or a step count chosen for a 2-layer model would be far off for it, silently."""
+    if config == default_config and model != DEFAULT_MODEL:
+        print(f"note: these settings are the tiny model's ({config or 'the defaults'}); pass a model's recipe first, "
+              f"e.g. {recipe}, for upstream's values")
 
 
 def split_config_path(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:

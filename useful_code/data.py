@@ -314,8 +314,9 @@ class HeldOutArguments:
 
     eval_set_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Held-out standard-format pairs ('test' split). Default: the train data's 'test' split, "
-                  "else --eval_holdout_size pairs held out of it (never overlapping the training pairs)."},
+        metadata={"help": "Held-out standard-format pairs ('test' split, else its only split), all of them (upstream "
+                  "took 500 random pairs of its train split). Default: the train data's 'test' split, else "
+                  "--eval_holdout_size pairs held out of it (never overlapping the training pairs)."},
     )
     eval_holdout_size: int = field(default=500,
                                    metadata={"min": 1, "help": "Pairs held out of train data with no 'test' split."})

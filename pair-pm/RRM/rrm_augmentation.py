@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.cli import UserError, looks_like_local_path, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA
 from useful_code.formats import enforce_validity, standardize_pairs
@@ -176,6 +176,12 @@ def save(dataset: Dataset, output_path: str) -> None:
         DatasetDict({"train": dataset}).save_to_disk(output_path)
 
 
+def looks_like_hub_repo(name: str) -> bool:
+    """Whether an output name reads as a hub repo id (owner/name: no file suffix, not a ./, ../, / or ~/ path)."""
+    return (not looks_like_local_path(name) and name.count("/") == 1 and all(name.split("/"))
+            and not name.endswith((".json", ".jsonl", ".parquet")))
+
+
 def main(argv: Optional[list[str]] = None):
     args = parse_args((ScriptArguments,), argv=argv)[0]
     check_dataset_output(args.output_dataset, "--output_dataset", (args.input_dataset,))
@@ -215,6 +221,9 @@ def main(argv: Optional[list[str]] = None):
     if args.push_to_hub:
         DatasetDict({"train": output}).push_to_hub(args.push_to_hub)
         print(f"Pushed to the hub: {args.push_to_hub}")
+    elif looks_like_hub_repo(args.output_dataset):
+        print(f"note: nothing was pushed: upstream's --output_dataset was a hub repo it pushed to; here it is where "
+              f"the dataset is written. Pass --push_to_hub {args.output_dataset} to push it too")
 
 
 if __name__ == "__main__":
