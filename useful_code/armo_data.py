@@ -135,15 +135,19 @@ def save_shard(prefix: str, shard_idx: int, n_shards: int, tensors: dict, metada
     return path
 
 
+def _shard_files(prefix: str) -> list[Path]:
+    return sorted(Path(prefix).parent.glob(f"{Path(prefix).name}-*-of-*.safetensors"))
+
+
 def has_shards(prefix: str) -> bool:
     """Whether any embedding shard of this prefix exists."""
-    return any(Path(prefix).parent.glob(f"{Path(prefix).name}-*-of-*.safetensors"))
+    return bool(_shard_files(prefix))
 
 
 def load_shards(prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Merge every shard of a prefix back into one set of tensors in row order. All shards of one run
     (same n_shards) must be present; a missing, duplicated or foreign shard is an error."""
-    files = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}-*-of-*.safetensors"))
+    files = _shard_files(prefix)
     pattern = re.compile(re.escape(Path(prefix).name) + r"-(\d{5})-of-(\d{5})\.safetensors$")
     found = {}
     for f in files:
