@@ -157,7 +157,9 @@ def main():
         model.set_attn_implementation("sdpa")
         print("\n3. single sequences of distinct lengths, ms per call: first sight of a length, then again")
         longest = max(chosen + rejected, key=len)
-        unseen = sorted(set(range(16, len(longest) + 1)) - {len(ids) for ids in chosen + rejected})
+        seen = {len(ids) for ids in chosen + rejected}  # and transformers' packed rows, [1, T] too
+        seen |= {sum(len(chosen[i]) + len(rejected[i]) for i in batch) for batch in batches}
+        unseen = sorted(set(range(16, len(longest) + 1)) - seen)
         lengths = unseen[:: max(1, len(unseen) // 64)][:64]  # lengths no forward of parts 1-2 had
         if len(lengths) < 2:
             print(f"  skipped: the pairs leave {len(lengths)} unseen lengths between 16 and {len(longest)} tokens")

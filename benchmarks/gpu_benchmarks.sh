@@ -11,7 +11,7 @@
 # STEPS picks some of them by kind or by name (default "attention smoke eval server train"; smoke: a short bf16 BT
 # and PM training run each; names such as attention_tiny or eval_30m pick one step), e.g. to split the run in two;
 # PYTHON names the interpreter (default python3); QUICK=1 runs every step at toy sizes (a smoke test of the script,
-# on any machine). A step that fails is reported and the others still run; the exit status says whether all passed.
+# on any machine); EVAL_PAIRS, REQUESTS (per client), TRAIN_PAIRS and ATTENTION_PAIRS override the sizes. A step that fails is reported and the others still run; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_benchmarks.sh OUT_DIR [HH_DATA]}
@@ -24,6 +24,9 @@ else
     # 1200 pairs are 150 steps of 8: enough that the first steps' warm-up does not weigh on the 1B model's MFU
     eval_pairs=300; requests=20; train_model=1b; train_pairs=1200; held_out=200; attention_pairs=64; big_model=1b
 fi
+# sizes for a short device lease, e.g. TRAIN_PAIRS=400 ATTENTION_PAIRS=16
+eval_pairs=${EVAL_PAIRS:-$eval_pairs}; requests=${REQUESTS:-$requests}; train_pairs=${TRAIN_PAIRS:-$train_pairs}
+attention_pairs=${ATTENTION_PAIRS:-$attention_pairs}
 # bf16 training where the GPU has it (TRL refuses bf16 on a CPU).
 bf16=$("$python" -c "import torch; print(str(torch.cuda.is_available() and torch.cuda.is_bf16_supported()).lower())")
 mkdir -p "$out"

@@ -39,15 +39,18 @@ class CountingRewardTrainer(RewardTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.train_tokens = {"real": 0, "computed": 0, "padding": 0}
+        self.real_tokens, self.computed_tokens = [], 0  # the real counts stay on the device until the run ends
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            real, computed = int(inputs["attention_mask"].sum()), inputs["input_ids"].numel()
-            self.train_tokens["real"] += real
-            self.train_tokens["computed"] += computed
-            self.train_tokens["padding"] += computed - real
+        if model.training:  # no read from the device here: on a GPU it would wait for the step, which TRL does not
+            self.real_tokens.append(inputs["attention_mask"].sum())
+            self.computed_tokens += inputs["input_ids"].numel()
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @property
+    def train_tokens(self) -> dict:
+        real = int(torch.stack(self.real_tokens).sum()) if self.real_tokens else 0
+        return {"real": real, "computed": self.computed_tokens, "padding": self.computed_tokens - real}
 
     def _get_train_sampler(self, train_dataset=None):
         # transformers' length grouping drawn from the seed, not the global RNG: the first epoch of the BT trainer's
