@@ -348,6 +348,24 @@ def test_a_bad_row_on_two_ranks_is_one_line_per_rank_and_no_traceback(checkpoint
     assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr  # torchrun's own summary aside
 
 
+def test_one_process_errors_pass_through_on_main_and_main_process_first():
+    """Without a launcher there is no one to stop together with: the error itself reaches the caller (a script's
+    run_cli, or a test calling main() in-process), not an exit."""
+    from useful_code.data_parallel import main_process_first, on_main, process_state
+
+    state = process_state()
+
+    def fail():
+        raise UserError("bad row")
+
+    assert on_main(state, lambda: 3) == 3
+    with pytest.raises(UserError, match="^bad row$"):
+        on_main(state, fail)
+    with pytest.raises(FileNotFoundError):
+        with main_process_first(state):
+            open("/nonexistent/file")
+
+
 @pytest.mark.e2e
 def test_a_crash_of_the_main_rank_stops_the_others_with_one_line(tmp_path):
     """on_main and main_process_first: the main rank's traceback, one line on the other, no rank left waiting. The

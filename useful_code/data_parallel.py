@@ -56,6 +56,8 @@ def on_main(state: PartialState, action: Callable):
     """action() on the main process, its result broadcast to every process. If it fails, every process stops: a
     UserError as its one line everywhere, anything else with its traceback on the main process and one line on the
     others (which would otherwise wait for the main one at the next collective)."""
+    if state.num_processes == 1:
+        return action()
     outcome = [None, None]
     if state.is_main_process:
         try:
