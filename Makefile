@@ -97,13 +97,15 @@ test-fast: $(STAMP)
 test-e2e: $(STAMP)
 	python -m pytest tests -q -m e2e
 
-# Speed of batched RewardBench scoring (BT, and PM in both orders) vs one sequence per forward, on real HH-RLHF
-# pairs (needs ../shared).
+# The CPU benchmarks, each against its reference in the same run: batched scoring (BT, PM in both orders) vs one
+# sequence per forward, the server's batching, BT training vs TRL (real HH-RLHF pairs: needs ../shared), and PRM
+# step scoring vs upstream's per-step loop (toy best-of-N set).
 bench: $(STAMP)
 	python benchmarks/bench_eval_batching.py
 	python benchmarks/bench_pm_eval_batching.py
 	python benchmarks/bench_reward_server.py
 	python benchmarks/bench_bt_training.py
+	python benchmarks/bench_math_step_scoring.py
 
 # The GPU measurements in one run (scoring ratios, server batching, ~1B Llama training against TRL with MFU).
 bench-gpu: $(STAMP)

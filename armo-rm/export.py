@@ -1,6 +1,6 @@
 """Assemble backbone + regression layer + reward transform matrix + gating network into one Hugging Face model.
 
-    python armo-rm/export.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \
+    python armo-rm/export.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \\
         --head_dir ./armo_data/gating_network/FsfairX-LLaMA3-RM-v0.1 --output_path ./models/ArmoRM
 
 The result loads like the published RLHFlow/ArmoRM-Llama3-8B-v0.1:

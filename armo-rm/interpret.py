@@ -1,6 +1,6 @@
 """Which attributes drive an ArmoRM score: the top-K attributes by |coefficient| for one conversation.
 
-    python armo-rm/interpret.py --trust_remote_code --model_path ./models/ArmoRM --prompt "What are some synonyms for beautiful?" \
+    python armo-rm/interpret.py --trust_remote_code --model_path ./models/ArmoRM --prompt "What are some synonyms for beautiful?" \\
         --response "Nicely, Beautifully, Handsome, Stunning, Wonderful, Gorgeous, Pretty, Stunning, Elegant" --top_k 3
 
 The coefficients are gating_output @ T^T (T: the reward transform matrix), so score = sum_k rewards_k * coeff_k,

@@ -1,6 +1,6 @@
 """ArmoRM stage 1, part 1: last-token embeddings of a frozen reward model for multi-objective examples.
 
-    python armo-rm/stage-1_prepare.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \
+    python armo-rm/stage-1_prepare.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \\
         --dataset_path RLHFlow/ArmoRM-Multi-Objective-Data-v0.1 --n_shards 8 --shard_idx 1 --device 0
 
 Each row is a conversation ('messages') with the 19 attribute columns (useful_code/ATTRIBUTES; null

@@ -1,6 +1,6 @@
 """ArmoRM stage 1, part 2: one ridge-regression probe per attribute on the frozen embeddings.
 
-    python armo-rm/stage-1_train.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \
+    python armo-rm/stage-1_train.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \\
         --dataset_path RLHFlow/ArmoRM-Multi-Objective-Data-v0.1
 
 Merges the stage-1 shards in row order (upstream's shuffled order), splits rows 80/20 (seed 42), and per attribute

@@ -1,6 +1,6 @@
 """ArmoRM stage 2, part 1: embeddings of preference pairs for the gating network.
 
-    python armo-rm/stage-2_prepare.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 --model_family llama3 \
+    python armo-rm/stage-2_prepare.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 --model_family llama3 \\
         --dataset_path RLHFlow/pair_data_v2_80K_wsafety --dataset_split train --n_shards 1 --shard_idx 1
     python armo-rm/stage-2_prepare.py --dataset_path allenai/reward-bench --dataset_split filtered ...
 

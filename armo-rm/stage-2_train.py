@@ -1,8 +1,8 @@
 """ArmoRM stage 2, part 2: verbosity debiasing and the mixture-of-experts gating network.
 
-    python armo-rm/stage-2_train.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \
-        --multi_objective_dataset RLHFlow/ArmoRM-Multi-Objective-Data-v0.1 \
-        --preference_dataset RLHFlow/pair_data_v2_80K_wsafety --reference_dataset RLHFlow/UltraFeedback-preference-standard \
+    python armo-rm/stage-2_train.py --model_path sfairXC/FsfairX-LLaMA3-RM-v0.1 \\
+        --multi_objective_dataset RLHFlow/ArmoRM-Multi-Objective-Data-v0.1 \\
+        --preference_dataset RLHFlow/pair_data_v2_80K_wsafety --reference_dataset RLHFlow/UltraFeedback-preference-standard \\
         --eval_reward_bench
 
 The reference pairs are --reference_dataset's --reference_split embeddings: by default the preference dataset and

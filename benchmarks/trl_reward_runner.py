@@ -1,6 +1,6 @@
 """TRL's RewardTrainer on pre-tokenized pairs: bench_bt_training.py's baseline contestant, run as its own process.
 
-    python benchmarks/trl_reward_runner.py --model_name DIR --train_set_path TRAIN.jsonl \
+    python benchmarks/trl_reward_runner.py --model_name DIR --train_set_path TRAIN.jsonl \\
         --eval_set_path HELD_OUT.jsonl --output_dir DIR [any RewardConfig flag]
 
 The jsonl files hold chosen_ids / rejected_ids (and length) rows: the token ids this project's tokenize_pairs made,

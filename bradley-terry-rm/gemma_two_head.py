@@ -3,8 +3,8 @@ configs/gemma-two-head-odin.yaml (--loss_type odin, upstream's values) as the re
 command line replaces it, and every flag overrides it. Upstream's --correlation_with_length and --ortho_reg are
 this trainer's --odin_length_coefficient and --odin_ortho_coefficient.
 
-    accelerate launch bradley-terry-rm/gemma_two_head.py --model_name google/gemma-2-9b-it --max_length 2048 \
-        --train_set_path hendrydong/preference_700K --output_path ./gemma_9b_700K_v2 \
+    accelerate launch bradley-terry-rm/gemma_two_head.py --model_name google/gemma-2-9b-it --max_length 2048 \\
+        --train_set_path hendrydong/preference_700K --output_path ./gemma_9b_700K_v2 \\
         --deepspeed deepspeed_configs/deepspeed_2.json --per_device_train_batch_size 16
 """
 

@@ -4,7 +4,7 @@ One script for every model family; a YAML recipe per model in configs/ carries u
 overrides it (upstream's gemma_2B_rm.py, llama3_8B_rm.py and mistral_7B_rm.py run this with their recipe). Runs
 under `deepspeed`, `accelerate launch`, `torchrun` or plain `python`, on GPUs or on a CPU-only machine:
 
-    deepspeed bradley-terry-rm/train.py bradley-terry-rm/configs/gemma-2b-it.yaml \
+    deepspeed bradley-terry-rm/train.py bradley-terry-rm/configs/gemma-2b-it.yaml \\
         --deepspeed deepspeed_configs/deepspeed_3.json
     python bradley-terry-rm/train.py        # configs/tiny.yaml: the embedded tiny model on the bundled toy pairs
 

@@ -1,6 +1,6 @@
 """Give a model without a pad token one, and save model and tokenizer together (upstream's Llama-3 recipe).
 
-    python pair-pm/prepare_model.py --model_name meta-llama/Meta-Llama-3-8B-Instruct \
+    python pair-pm/prepare_model.py --model_name meta-llama/Meta-Llama-3-8B-Instruct \\
         --output_path ./models/llama3_it_with_padding_token
 
 Upstream pads with EOS. Here the pad token is a reserved special token where the vocabulary has one

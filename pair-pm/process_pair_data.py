@@ -1,6 +1,6 @@
 """Turn standard-format preference pairs into pairwise-preference-model (PM) training data.
 
-    python pair-pm/process_pair_data.py --dataset_path RLHFlow/HH-RLHF-Helpful-standard RLHFlow/SHP-standard \
+    python pair-pm/process_pair_data.py --dataset_path RLHFlow/HH-RLHF-Helpful-standard RLHFlow/SHP-standard \\
         --output_path data/pm_mix            # a `datasets` directory; or data/pm_mix.jsonl / .parquet
 
 Each pair becomes upstream's layout: one user message "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \\n"

@@ -311,6 +311,21 @@ def test_every_help_text_survives_argparse_formatting():
     assert checked > 200
 
 
+
+def test_help_shows_the_description_and_every_default_from_the_recipe(tmp_path, capsys):
+    """Flags without help text show their default too (argparse shows none there), the recipe's value where it
+    gives one; the description comes first as written, and the recipe is named last."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("overlength: drop\n")
+    with pytest.raises(SystemExit):
+        parse_args((Script,), str(recipe), argv=["--help"], description="Line one.\n\n    python x.py \\\n  --flag")
+    text = capsys.readouterr().out
+    assert "Line one.\n\n    python x.py \\\n  --flag\n" in text  # not re-wrapped
+    flat = " ".join(text.split())
+    assert "--overlength OVERLENGTH (default: drop)" in flat and "(default: False)" in flat
+    assert flat.endswith(f"Defaults shown: the recipe {recipe}'s values. A recipe (YAML) may come first, or "
+                         "--config PATH; every flag overrides it.")
+
 @pytest.mark.parametrize("argv", [["--output_path", "a", "--output_dir", "b"],
                                   ["--output_dir=b", "--output_path", "a"]])
 def test_two_spellings_that_disagree_are_one_line(argv):

@@ -7,6 +7,7 @@ SFTConfig), and every flag overrides it. `--help` shows the values the config gi
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import math
@@ -114,16 +115,23 @@ def read_config(path: str, section: Optional[str] = None) -> dict:
 
 
 def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = None,
-               section: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> tuple:
+               section: Optional[str] = None, argv: Optional[Sequence[str]] = None,
+               description: Optional[str] = None) -> tuple:
     """Parse flags over a YAML config into one instance of each dataclass type.
 
     The config is argv's (see split_config_path), else default_config, else none. Returns the instances followed by
-    the config path used. An unknown field, an unknown flag or a value the dataclass rejects is a UserError."""
+    the config path used. An unknown field, an unknown flag or a value the dataclass rejects is a UserError.
+    --help starts with `description` (default: the script's docstring)."""
     config_path, argv = split_config_path(sys.argv[1:] if argv is None else argv)
     if config_path is None and default_config and "--help" not in argv and "-h" not in argv:
         print(f"Recipe: {default_config} (the default; give a recipe first, or --config PATH, to change it)")
     config_path = config_path or default_config
-    parser = limits_aware_parser(dataclass_types)
+    if description is None:
+        description = getattr(sys.modules.get("__main__"), "__doc__", None)
+    parser = limits_aware_parser(dataclass_types, description)
+    if config_path:
+        parser.epilog = (f"Defaults shown: the recipe {config_path}'s values. A recipe (YAML) may come first, or "
+                         f"--config PATH; every flag overrides it.")
     check_spellings(parser, argv)
     if config_path:
         # A config may use a flag's alias (upstream's --output_path for output_dir) as its key, like the command line.
@@ -202,7 +210,11 @@ def typed_config_values(parser, config: dict, config_path: str) -> dict:
     return typed
 
 
-def limits_aware_parser(dataclass_types):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: a script's docstring as written, and every flag's default."""
+
+
+def limits_aware_parser(dataclass_types, description: Optional[str] = None):
     """TRL's parser (YAML defaults) that leaves our limit metadata to check_limits: argparse would reject the keys
     (and its own `choices` check never sees values from a config)."""
     from trl import TrlParser  # here, not at the top: reward_bench.py's pure arithmetic imports UserError only
@@ -217,14 +229,16 @@ def limits_aware_parser(dataclass_types):
                 field = copy.copy(field)
                 field.metadata = {k: v for k, v in field.metadata.items() if k not in LIMIT_KEYS}
             TrlParser._parse_dataclass_field(parser, field)
+            action = next(a for a in reversed(parser._actions) if a.dest == field.name)
+            if not (action.help or "").strip():  # argparse shows no default for a flag without help text
+                action.help = "(default: %(default)s)"
             # transformers gives a bool field defaulting to None (TRL's SFTConfig.bf16) no bare form: `--bf16` alone
             # would be "expected one argument", where every other bool flag takes it as true.
             if field.type == Optional[bool] and field.default is None:
-                action = next(a for a in reversed(parser._actions) if a.dest == field.name)
                 action.nargs, action.const = "?", True
 
     # No abbreviations: a misspelt flag that is a prefix of another (--learning_rat) would be taken as that one.
-    return Parser(dataclass_types, allow_abbrev=False)
+    return Parser(dataclass_types, allow_abbrev=False, description=description, formatter_class=HelpFormatter)
 
 
 # Limits of the library classes' fields (TrainingArguments and TRL's configs), which cannot carry our metadata.

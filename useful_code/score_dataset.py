@@ -27,7 +27,6 @@ DPO). Ties: the first of equal rewards is taken as the best, and as the worst.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -134,9 +133,7 @@ class ScriptArguments:
 
 def print_help() -> None:
     """--help: this module's description, then the flags."""
-    parser = limits_aware_parser((ScriptArguments,))
-    parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
-    parser.print_help()
+    limits_aware_parser((ScriptArguments,), __doc__).print_help()
 
 
 def output_paths(args) -> dict[str, Path]:
