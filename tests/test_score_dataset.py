@@ -545,6 +545,31 @@ def test_the_data_is_checked_before_the_model_loads(checkpoints, tmp_path, monke
         score(checkpoints / "bt", tmp_path / "mixed.jsonl", tmp_path)
 
 
+def test_a_context_the_chat_template_refuses_is_named_by_its_row_or_dropped(checkpoints, tmp_path):
+    """Gemma's template raises on a system message: row 1, named before anything is written (it used to stop the
+    run mid-way, naming a position in its chunk); --skip_invalid drops and counts it. A PM reads the context as text
+    in its own prompt, so the same template does not refuse that row there."""
+    valid = [MIXED[i] for i in VALID_IDS]
+    write_jsonl(tmp_path / "valid.jsonl", valid)
+    for kind in ("bt", "pm"):
+        shutil.copytree(checkpoints / kind, tmp_path / kind)
+        template = tmp_path / kind / "chat_template.jinja"
+        template.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported')"
+                            " }}{% endif %}" + template.read_text())
+    with pytest.raises(UserError) as err:
+        score(tmp_path / "bt", tmp_path / "valid.jsonl", tmp_path)
+    assert ("1 of 4 rows are invalid (chat_template_rejects: 1); first: row 1 (chat_template_rejects) (0-based). "
+            "Rules: chat_template_rejects: the model's chat template must accept the conversation (it raised: "
+            "'System role not supported')") in str(err.value)
+    assert not (tmp_path / "scored.jsonl").exists()
+    printed = score(tmp_path / "bt", tmp_path / "valid.jsonl", tmp_path, "--skip_invalid")
+    assert [r["id"] for r in read_jsonl(tmp_path / "scored.jsonl")] == [0, 3, 5]
+    assert "chat_template_rejects: 1" in printed
+    (tmp_path / "pm_out").mkdir()
+    score(tmp_path / "pm", tmp_path / "valid.jsonl", tmp_path / "pm_out")
+    assert [r["id"] for r in read_jsonl(tmp_path / "pm_out" / "scored.jsonl")] == VALID_IDS
+
+
 def test_one_run_writes_an_output_at_a_time(checkpoints, tmp_path):
     """Another process holding <output>.lock (as a concurrent run does): one line, nothing written."""
     lock = tmp_path / "scored.jsonl.lock"

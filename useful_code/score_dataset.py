@@ -67,9 +67,12 @@ from useful_code.reward_scorer import KINDS, RewardScorer, checkpoint_kind
 from useful_code.scoring import token_budget_field
 from useful_code.templates import (
     SPECIAL_TOKEN_RULES,
+    TEMPLATE_REJECTS,
+    chat_template_error,
     encode_conversations,
     load_tokenizer,
     special_token_pattern,
+    template_rejects_rule,
     tokenizer_adds_bos,
     truncate_all,
 )
@@ -95,6 +98,7 @@ TEMPLATED_HINT = ("a string prompt holding the tokenizer's special tokens looks 
                   "jsonl), since a templated prompt would be templated twice")
 DROPPED = "__score_dataset_dropped"  # internal column: a row's dropped responses, [[index, rule], ...] as JSON
 TEMPLATED = "__score_dataset_templated"  # internal column: the row's string prompt holds special tokens
+REFUSED = "__score_dataset_refused"  # internal column: what the chat template raised on the row's context, or ''
 LOCK_SUFFIX = ".lock"
 
 
@@ -225,11 +229,13 @@ def response_problems(context: list[dict], responses: list[str], gating=None) ->
     return sorted(problems)
 
 
-def load_rows(args, tokenizer, gating_pattern=None, max_length: Optional[int] = None):
+def load_rows(args, tokenizer, gating_pattern=None, max_length: Optional[int] = None, templated: bool = True):
     """The valid rows of --dataset_path, checked with the tokenizer only (no model): a broken rule is an error naming
     the row (and response) and the rule, or with --skip_invalid a counted drop of the row, or of the response for
     RESPONSE_RULES (the row, while a response is left, keeps the others; the internal column DROPPED lists them).
-    gating_pattern (ArmoRM) adds no_user_turn_for_gating at max_length. Returns (dataset, stats)."""
+    templated: each context + response is the tokenizer's chat template's (not a PM's, which reads the context as
+    text), so a context the template refuses (Gemma: a system message) breaks TEMPLATE_REJECTS. gating_pattern
+    (ArmoRM) adds no_user_turn_for_gating at max_length. Returns (dataset, stats)."""
     dataset = load_split(args.dataset_path, args.split, "--dataset_path", args.skip_invalid)
     columns = dataset.column_names
     if "responses" not in columns or not set(FORMAT_COLUMNS) & set(columns):
@@ -243,6 +249,10 @@ def load_rows(args, tokenizer, gating_pattern=None, max_length: Optional[int] = 
 
     def mark(row) -> dict:
         context, responses, reason = parse_row(row, special_tokens)
+        # the context decides what a template refuses (roles, their order): checked once, with a stand-in response
+        refused = chat_template_error(tokenizer, context + [{"role": "assistant", "content": "response"}]) \
+            if templated and not reason else ""
+        reason = TEMPLATE_REJECTS if refused else reason
         problems = [] if reason else response_problems(context, responses, gating)
         kept = [r for i, r in enumerate(responses) if i not in {j for j, _ in problems}]
         where = ""
@@ -250,21 +260,22 @@ def load_rows(args, tokenizer, gating_pattern=None, max_length: Optional[int] = 
             reason, where = problems[0][1], f"response {problems[0][0]}"
         elif problems and not kept:  # a row left with no response is dropped, under its first response's rule
             reason = problems[0][1]
-        templated = (reason == "special_token_in_content" and isinstance(row_context(row), str)
-                     and bool(special_tokens.search(row_context(row))))
+        templated_prompt = (reason == "special_token_in_content" and isinstance(row_context(row), str)
+                            and bool(special_tokens.search(row_context(row))))
         return {"invalid_reason": reason, "invalid_where": where, DROPPED: json.dumps(problems),
-                TEMPLATED: templated, "responses": row["responses"] if reason else kept}
+                TEMPLATED: templated_prompt, REFUSED: refused, "responses": row["responses"] if reason else kept}
 
     marked = dataset.map(mark, desc="validating dataset_path")
     responses_dropped = Counter(rule for reason, found in zip(marked["invalid_reason"], marked[DROPPED])
                                 if not reason for _, rule in json.loads(found))
-    rules = {**ROW_RULES, **{k: v.format(max_length=max_length) for k, v in RESPONSE_RULES.items()}}
+    rules = {**ROW_RULES, **{k: v.format(max_length=max_length) for k, v in RESPONSE_RULES.items()},
+             TEMPLATE_REJECTS: template_rejects_rule(marked[REFUSED])}
     rows, stats = enforce_validity(marked, rules, args.skip_invalid, "dataset_path",
                                    hint=TEMPLATED_HINT if any(marked[TEMPLATED]) else "")
     if responses_dropped:
         print(f"[dataset_path] dropped {sum(responses_dropped.values())} invalid responses of the rows kept "
               f"(--skip_invalid; each row lists its own in 'dropped_responses'): {count_summary(responses_dropped)}")
-    return rows.remove_columns(TEMPLATED), {**stats, "responses_dropped": dict(responses_dropped)}
+    return rows.remove_columns([TEMPLATED, REFUSED]), {**stats, "responses_dropped": dict(responses_dropped)}
 
 
 def to_json(value) -> str:
@@ -435,7 +446,7 @@ def main(argv: Optional[list[str]] = None):
                   if kind == "armo" else None)
         tokenizer = load_tokenizer(args.reward_name_or_path, flag, args.trust_remote_code)
         with main_process_first(state):  # one rank fills the datasets cache, the others then read it
-            rows, stats = load_rows(args, tokenizer, gating)
+            rows, stats = load_rows(args, tokenizer, gating, templated=kind != "pm")
         # The PM's own rank split stays off (state=None): the prompts of each chunk are split across the ranks below.
         scorer = RewardScorer.from_pretrained(args.reward_name_or_path, flag, args.max_length, args.batch_size,
                                               args.bf16, args.attn_implementation, args.trust_remote_code,

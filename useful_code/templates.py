@@ -185,11 +185,16 @@ def reject_untemplatable(dataset, tokenizer, columns: tuple[str, ...], skip_inva
         return {"invalid_reason": TEMPLATE_REJECTS if error else "", "template_error": error}
 
     marked = dataset.map(check, desc=f"checking {name} against the chat template")
-    said = sorted({e for e in marked["template_error"] if e})
-    rules = {TEMPLATE_REJECTS: "the model's chat template must accept the conversation (it raised: "
-                               f"{'; '.join(map(repr, said[:3]))}{' ...' if len(said) > 3 else ''})"}
+    rules = {TEMPLATE_REJECTS: template_rejects_rule(marked["template_error"])}
     checked, stats = enforce_validity(marked.remove_columns("template_error"), rules, skip_invalid, name)
     return checked, stats["read"] - stats["used"]
+
+
+def template_rejects_rule(errors: list[str]) -> str:
+    """The rule of TEMPLATE_REJECTS, quoting what the template raised (its first three messages of errors)."""
+    said = sorted({e for e in errors if e})
+    return ("the model's chat template must accept the conversation (it raised: "
+            f"{'; '.join(map(repr, said[:3]))}{' ...' if len(said) > 3 else ''})")
 
 
 # The date a template that writes one sees (Llama 3.2's "Today Date: ..." is today's unless given): one fixed date, so
