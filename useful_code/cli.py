@@ -213,6 +213,9 @@ def typed_config_values(parser, config: dict, config_path: str) -> dict:
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help: a script's docstring as written, and every flag's default."""
 
+    def _get_help_string(self, action):
+        return super()._get_help_string(action) if action.option_strings else action.help  # positionals: no flag
+
 
 def limits_aware_parser(dataclass_types, description: Optional[str] = None):
     """TRL's parser (YAML defaults) that leaves our limit metadata to check_limits: argparse would reject the keys

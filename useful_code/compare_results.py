@@ -27,7 +27,7 @@ class CompareArguments:
 def parse_command_line(argv=None) -> tuple[CompareArguments, list[str]]:
     """The flags and the file list; a wrong flag or value is a UserError, as in every script of the project."""
     # cli.parse_args has no positionals: its parser (argparse errors raised as UserError) takes one added here.
-    parser = limits_aware_parser((CompareArguments,))
+    parser = limits_aware_parser((CompareArguments,), __doc__)
     parser.add_argument("files", nargs="*", metavar="RESULTS.json", help="Results JSON files, compared in this order.")
     args, extra, leftover = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     # argparse takes positionals from one place only: files after a flag come back here, still in order.
