@@ -103,8 +103,9 @@ class ScriptArguments(HeldOutArguments):
                 "sequence (where the model and attention implementation allow it; else padded, said once)."})
     max_tokens_per_batch: int = field(default=0, metadata={
         "min": 0, "help": "With --padding_free: batches of as many pairs as fit in this many packed tokens (replaces "
-                          "--per_device_train_batch_size; bounds the activations of a step). 0: batches of "
-                          "--per_device_train_batch_size pairs."})
+                          "--per_device_train_batch_size; bounds the activations of a step). A batch's loss is the "
+                          "mean over its pairs, so the pairs of a batch of few long pairs weigh more each. 0: batches "
+                          "of --per_device_train_batch_size pairs."})
     prefix_sharing: Optional[bool] = field(default=None, metadata={
         "help": "With --padding_free: compute each pair's shared context once, both responses attending to it "
                 "(sdpa/eager; flash attention falls back to plain padding-free, said once). Default: on a CPU, where "
