@@ -27,11 +27,27 @@ def test_holds_out_disjoint_seeded_pairs():
     train, _ = standardize_pairs(pairs(20), False, "train")
     kept, held, stats = held_out_pairs(train, {"train": pairs(20)}, None, 5, seed=3, skip_invalid=False,
                                        train_flag="--train_set_path")
-    assert len(kept) == 15 and len(held) == 5 and stats == {"read": 5, "source": "held out of --train_set_path"}
+    assert len(kept) == 15 and len(held) == 5
+    assert stats == {"read": 5, "source": "held out of --train_set_path", "used": 5}
     assert not set(prompts(kept)) & set(prompts(held))
     assert set(prompts(kept)) | set(prompts(held)) == {f"t question {i}" for i in range(20)}
     _, again, _ = held_out_pairs(train, {}, None, 5, seed=3, skip_invalid=False, train_flag="x")
     assert prompts(again) == prompts(held)  # seeded
+
+
+def test_repeated_pairs_held_out_with_a_training_copy_are_left_out_counted(capsys):
+    """Real sets repeat pairs: a held-out pair whose copy is trained on is left out of the evaluation, counted."""
+    rows = pairs(10).to_list() * 3  # every pair three times
+    train, _ = standardize_pairs(Dataset.from_list(rows), False, "train")
+    kept, held, stats = held_out_pairs(train, {}, None, 10, seed=0, skip_invalid=False, train_flag="--train_set_path")
+    assert len(kept) == 20 and not set(prompts(kept)) & set(prompts(held))
+    left_out = stats["training_pairs_left_out"]
+    assert left_out > 0 and stats["used"] == len(held) == 10 - left_out and stats["read"] == 10
+    assert f"Left {left_out} of the 10 held-out pairs out of the evaluation: the data repeats them" \
+        in capsys.readouterr().out
+    twice = standardize_pairs(Dataset.from_list(pairs(1).to_list() * 4), False, "train")[0]
+    with pytest.raises(UserError, match="every held-out pair is also a training pair .the data repeats its pairs."):
+        held_out_pairs(twice, {}, None, 2, seed=0, skip_invalid=False, train_flag="--train_set_path")
 
 
 def test_too_few_pairs_to_hold_out_is_one_error():
@@ -101,7 +117,8 @@ def test_an_eval_set_that_is_the_training_data_is_replaced_by_held_out_pairs(tmp
     path.write_text("".join(json.dumps(r) + "\n" for r in pairs(20)))
     train, _ = standardize_pairs(pairs(20), False, "train")
     kept, held, stats = held_out_pairs(train, {}, str(path), 5, 3, False, "--train_set_path")
-    assert len(kept) == 15 and len(held) == 5 and stats == {"read": 5, "source": "held out of --train_set_path"}
+    assert len(kept) == 15 and len(held) == 5
+    assert stats == {"read": 5, "source": "held out of --train_set_path", "used": 5}
     assert not set(prompts(kept)) & set(prompts(held))
     assert f"(--eval_holdout_size; every pair of the {path} is a training pair)" in capsys.readouterr().out
     with pytest.raises(UserError, match=f"20 valid pairs and every pair of the {path} is a training pair: too few to "

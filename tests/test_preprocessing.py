@@ -290,6 +290,41 @@ def test_prompt_format_with_message_list_prompt():
     assert to_standard_pair(row, "prompt") == (conv("s", "sys", "u", "q", "a", "a"), conv("s", "sys", "u", "q", "a", "b"), "")
 
 
+def test_trls_explicit_prompt_messages_are_the_context_of_their_responses():
+    """TRL's explicit-prompt conversational format: the responses' lists hold only their own turns. It used to be
+    read as whole conversations, every row failing roles_not_alternating."""
+    row = {"prompt": conv("s", "sys", "u", "q"), "chosen": conv("a", "yes"), "rejected": conv("a", "no")}
+    assert detect_format(row) == "prompt"
+    assert to_standard_pair(row, "prompt") == (conv("s", "sys", "u", "q", "a", "yes"), conv("s", "sys", "u", "q", "a", "no"), "")
+    # a string prompt, and full conversations beside a prompt (ultrafeedback_binarized): the lists are the pairs
+    assert to_standard_pair({**row, "prompt": "q"}, "prompt") == (conv("u", "q", "a", "yes"), conv("u", "q", "a", "no"), "")
+    full = {"prompt": conv("u", "q"), "chosen": conv("u", "q", "a", "yes"), "rejected": conv("u", "q", "a", "no")}
+    assert detect_format(full) == "messages"
+    data, stats = standardize_pairs(Dataset.from_list([row, full]), False, "d")
+    assert stats["format"] == "prompt: 1, messages: 1" and data["chosen"][1] == conv("u", "q", "a", "yes")
+
+
+def test_hh_turns_in_a_prompt_string_are_read_as_turns_except_in_reward_bench():
+    """Dahoas/rm-static's layout (an HH-RLHF prompt ending with the empty assistant turn, responses beside it), and
+    HH-RLHF transcripts beside a prompt column holding their start, give the HH-RLHF conversation itself, not one
+    user message of transcript. RewardBench keeps its prompt as the user's text, as reward-bench reads it."""
+    prompt = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How are you?\n\nAssistant:"
+    expected = conv("u", "Hi", "a", "Hello", "u", "How are you?", "a", "Fine, thanks.")
+    split = {"prompt": prompt, "chosen": " Fine, thanks.", "rejected": " Go away."}
+    whole = {"prompt": prompt, "chosen": prompt + " Fine, thanks.", "rejected": prompt + " Go away."}
+    for row, fmt in ((split, "prompt"), (whole, "hh")):
+        assert detect_format(row) == fmt
+        chosen, rejected, reason = to_standard_pair(row, fmt)
+        assert (chosen, rejected[-1], reason) == (expected, {"role": "assistant", "content": "Go away."}, "")
+    assert detect_format(whole, read_hh=False) == "prompt"
+    assert to_standard_pair(split, "prompt", read_hh=False)[0] == conv("u", prompt, "a", " Fine, thanks.")
+    data, stats = standardize_pairs(Dataset.from_list([split]), False, "rb", read_hh=False)
+    assert data["chosen"] == [conv("u", prompt, "a", " Fine, thanks.")]
+    # a prompt that merely mentions a turn marker, or does not start with one, stays the user's text
+    assert to_standard_pair({**split, "prompt": "Quote: \n\nHuman: hi"}, "prompt")[0][0]["content"] == \
+        "Quote: \n\nHuman: hi"
+
+
 def test_parse_hh_single_turn():
     assert parse_hh_conversation("\n\nHuman: hi\n\nAssistant: hello") == conv("u", "hi", "a", "hello")
 

@@ -641,3 +641,11 @@ def test_only_a_prompt_may_be_the_users_text():
     assert score_dataset.parse_row({"prompt": "Hi?", "responses": responses})[2] == ""
     for column in ("context_messages", "messages", "conversations"):
         assert score_dataset.parse_row({column: "Hi?", "prompt": None, "responses": responses})[2] == "bad_prompt"
+
+
+def test_a_prompt_of_hh_rlhf_turns_is_read_as_those_turns():
+    hh = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye?\n\nAssistant:"
+    context, responses, reason = score_dataset.parse_row({"prompt": hh, "responses": [" Bye.", " No."]})
+    assert (reason, responses) == ("", [" Bye.", " No."])  # the responses are scored as written
+    assert context == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                       {"role": "user", "content": "Bye?"}]

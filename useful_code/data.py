@@ -373,7 +373,18 @@ def _hold_out(train, holdout_size: int, seed: int, why: str, train_flag: str, ev
             "or a smaller --eval_holdout_size")
     split = train.train_test_split(test_size=holdout_size, seed=seed)
     print(f"Held out {holdout_size} of the train set's pairs for evaluation (--eval_holdout_size; {why})")
-    return split["train"], split["test"], {"read": holdout_size, "source": f"held out of {train_flag}"}
+    stats = {"read": holdout_size, "source": f"held out of {train_flag}"}
+    # Data that repeats a pair (real sets do) would otherwise put copies on both sides and score training pairs.
+    seen = training_pair_indices(split["test"], split["train"])
+    if len(seen) == holdout_size:
+        raise UserError(f"{train_flag}: every held-out pair is also a training pair (the data repeats its pairs): "
+                        "remove the repeats, or pass other pairs as --eval_set_path")
+    if seen:
+        print(f"Left {len(seen)} of the {holdout_size} held-out pairs out of the evaluation: the data repeats them, "
+              "and a copy is a training pair")
+        stats.update(training_pairs_left_out=len(seen))
+    held_out = split["test"].select(sorted(set(range(holdout_size)) - set(seen))) if seen else split["test"]
+    return split["train"], held_out, {**stats, "used": len(held_out)}
 
 
 def training_pair_indices(held_out, train) -> list[int]:

@@ -1,7 +1,7 @@
 """Preference-data formats and the rules every row must follow.
 
-Three input formats become one standard format (chosen/rejected message lists): standard messages, RewardBench's
-prompt/chosen/rejected strings and raw Anthropic HH-RLHF text. Every row is validated; an invalid row is an error
+Three input formats become one standard format (chosen/rejected message lists): standard messages, a prompt with
+its two responses (RewardBench's strings, TRL's explicit-prompt messages) and raw Anthropic HH-RLHF text. Every row is validated; an invalid row is an error
 naming its index and rule, or with skip_invalid a counted and printed drop.
 """
 
@@ -35,7 +35,9 @@ INVALID_REASONS = {
     "context_mismatch": "chosen and rejected must share the same context (every message but the last)",
     "identical_responses": "chosen and rejected must differ (their last messages are the same)",
     "bad_prompt": "prompt must be a non-empty string or a list of {role, content} messages",
-    "unparseable_hh": "HH-RLHF text must be a sequence of '\\n\\nHuman: ...' / '\\n\\nAssistant: ...' turns",
+    "unparseable_hh": "string chosen/rejected without a prompt are read as HH-RLHF text, which must be a sequence "
+                      "of '\\n\\nHuman: ...' / '\\n\\nAssistant: ...' turns (else give a prompt column, or "
+                      "chosen/rejected as message lists)",
 }
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -54,6 +56,20 @@ def parse_hh_conversation(text: str) -> Optional[list[dict]]:
     return [{"role": roles[speaker], "content": content.strip()} for speaker, content in zip(pieces[1::2], pieces[2::2])]
 
 
+def hh_prompt_messages(prompt: str) -> Optional[list[dict]]:
+    """A prompt string of HH-RLHF turns ending with the empty assistant turn to answer (Dahoas/rm-static's layout:
+    "\\n\\nHuman: ...\\n\\nAssistant:") as its messages, that last turn left off; None for any other text."""
+    messages = parse_hh_conversation(prompt)
+    if messages and messages[-1] == {"role": "assistant", "content": ""}:
+        messages = messages[:-1]
+    return messages or None
+
+
+def _starts_with_assistant(messages: Any) -> bool:
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[0], dict) \
+        and messages[0].get("role") == "assistant"
+
+
 def check_pair_columns(column_names: Iterable[str]) -> None:
     """Preference data must have 'chosen' and 'rejected' columns."""
     columns = set(column_names)
@@ -61,11 +77,17 @@ def check_pair_columns(column_names: Iterable[str]) -> None:
         raise UserError(f"preference data needs 'chosen' and 'rejected' columns (found: {', '.join(sorted(columns))})")
 
 
-def detect_format(row: dict) -> str:
-    """Name one row's format: 'messages' (standard), 'prompt' (RewardBench style) or 'hh' (raw HH-RLHF). Decided per
-    row, so a malformed row is that row's error and never changes how the others are read."""
-    if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
-        return "messages"
+def detect_format(row: dict, read_hh: bool = True) -> str:
+    """Name one row's format: 'messages' (standard), 'prompt' (a prompt and two responses: RewardBench's strings, or
+    TRL's explicit-prompt messages, the responses' lists starting with the assistant's turn) or 'hh' (raw HH-RLHF).
+    Decided per row, so a malformed row is that row's error and never changes how the others are read. read_hh:
+    string responses of HH-RLHF turns are whole HH-RLHF conversations even beside a prompt (a copy of their start)."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        explicit = row.get("prompt") is not None and _starts_with_assistant(chosen) and _starts_with_assistant(rejected)
+        return "prompt" if explicit else "messages"
+    if read_hh and row.get("prompt") is not None and parse_hh_conversation(chosen) is not None:
+        return "hh"
     # A file mixing formats gives every row the 'prompt' column, null where the row had none: a null prompt beside
     # HH-RLHF turns is an HH-RLHF row, beside anything else a RewardBench row missing its prompt.
     if "prompt" in row and (row["prompt"] is not None or not _HH_TURN.search(str(row.get("chosen") or ""))):
@@ -89,24 +111,29 @@ def clean_messages(messages: Any) -> Optional[list[dict]]:
     return cleaned
 
 
-def to_standard_pair(row: dict, fmt: str) -> tuple[list[dict], list[dict], str]:
-    """Convert one row to (chosen messages, rejected messages, invalid reason or '')."""
+def to_standard_pair(row: dict, fmt: str, read_hh: bool = True) -> tuple[list[dict], list[dict], str]:
+    """Convert one row to (chosen messages, rejected messages, invalid reason or ''). read_hh: a prompt string of
+    HH-RLHF turns is read as those turns (hh_prompt_messages), its responses stripped as HH-RLHF text's are."""
     if fmt == "hh":
         chosen, rejected = parse_hh_conversation(row["chosen"]), parse_hh_conversation(row["rejected"])
         if chosen is None or rejected is None:
             return [], [], "unparseable_hh"
     elif fmt == "prompt":
-        prompt = row["prompt"]
+        prompt, responses = row["prompt"], [row["chosen"], row["rejected"]]
+        hh_turns = hh_prompt_messages(prompt) if read_hh else None
         if isinstance(prompt, list):
             context = clean_messages(prompt)
         elif isinstance(prompt, str) and prompt.strip():
-            context = [{"role": "user", "content": prompt}]
+            context = hh_turns or [{"role": "user", "content": prompt}]
         else:
             return [], [], "bad_prompt"
-        if context is None or not all(isinstance(row[k], str) for k in ("chosen", "rejected")):
+        if all(isinstance(r, str) for r in responses):
+            responses = [[{"role": "assistant", "content": r.strip() if hh_turns else r}] for r in responses]
+        else:  # TRL's explicit-prompt messages: the responses' own turns
+            responses = [clean_messages(r) for r in responses]
+        if context is None or None in responses:
             return [], [], "not_a_message_list"
-        chosen = context + [{"role": "assistant", "content": row["chosen"]}]
-        rejected = context + [{"role": "assistant", "content": row["rejected"]}]
+        chosen, rejected = context + responses[0], context + responses[1]
     else:
         chosen, rejected = clean_messages(row["chosen"]), clean_messages(row["rejected"])
         if chosen is None or rejected is None:
@@ -176,17 +203,19 @@ def validate_pair_values(dataset, column: str, skip_invalid: bool, name: str):
     return enforce_validity(marked, PAIR_VALUE_RULES, skip_invalid, name)
 
 
-def standardize_pairs(dataset, skip_invalid: bool, name: str):
+def standardize_pairs(dataset, skip_invalid: bool, name: str, read_hh: bool = True):
     """Convert a preference dataset to the standard format (chosen/rejected message lists) and validate
     every row. An invalid row is an error naming its index and rule, unless skip_invalid, in which case it
-    is dropped and counted. Returns (dataset, stats) with stats = {'format', 'read', 'invalid': {reason: n}, 'used'}."""
+    is dropped and counted. read_hh: HH-RLHF turns in a prompt string, or in responses beside a prompt, are read as
+    turns (off for RewardBench, whose prompt is the user's text as reward-bench reads it). Returns (dataset, stats)
+    with stats = {'format', 'read', 'invalid': {reason: n}, 'used'}."""
     check_pair_columns(dataset.column_names)
     source_columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
 
     def convert(*values):
         row = dict(zip(source_columns, values))
-        fmt = detect_format(row)
-        chosen, rejected, reason = to_standard_pair(row, fmt)
+        fmt = detect_format(row, read_hh)
+        chosen, rejected, reason = to_standard_pair(row, fmt, read_hh)
         return {"chosen": chosen, "rejected": rejected, "invalid_reason": reason, "source_format": fmt}
 
     # Typed output (MESSAGES_FEATURE), which also keeps a message's extra keys (e.g. 'name') from being carried as

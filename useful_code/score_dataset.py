@@ -8,7 +8,8 @@ The reward model is a BT checkpoint, an exported ArmoRM (--trust_remote_code) or
 response then scores its mean win probability against the other candidates; a lone response has no opponent: its
 reward is null). Each input row holds "responses" (a list of strings) and its context, the first of these it has:
 "context_messages", "messages" or "conversations" (standard messages ending with the user's turn), or "prompt" (the
-user's text, or such a message list: the jsonl of RLHFlow's generation/gen_hf2.py).
+user's text, or such a message list: the jsonl of RLHFlow's generation/gen_hf2.py; a string of HH-RLHF turns ending
+with "\\n\\nAssistant:" is read as those turns).
 
 The rows are checked before the model loads (only its tokenizer is needed): a broken rule is an error naming the row
 and the rule, or with --skip_invalid a counted drop. An empty response, or for ArmoRM one that --max_length cuts so
@@ -61,6 +62,7 @@ from useful_code.formats import (
     clean_messages,
     count_summary,
     enforce_validity,
+    hh_prompt_messages,
     validate_conversation,
 )
 from useful_code.reward_scorer import KINDS, RewardScorer, checkpoint_kind
@@ -189,7 +191,8 @@ def parse_row(row: dict, special_tokens=None) -> tuple[list[dict], list[str], st
     value = row_context(row)
     if isinstance(value, str):  # the user's text: a prompt's form only (a context column holds messages)
         prompt = row.get("prompt") is value and all(row.get(c) is None for c in CONTEXT_COLUMNS)
-        context = [{"role": "user", "content": value}] if prompt and value.strip() else None
+        context = (hh_prompt_messages(value) or [{"role": "user", "content": value}]) if prompt and value.strip() \
+            else None
     else:
         context = clean_messages(value)
     responses = row.get("responses")
