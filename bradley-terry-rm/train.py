@@ -41,6 +41,7 @@ from useful_code.formats import standardize_pairs, validate_pair_values
 from useful_code.hub import FinalCheckpointPush, push_checkpoint
 from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
 from useful_code.losses import (
+    ODIN_PARTS,
     PAIR_COLUMNS,
     PairwiseCollator,
     bradley_terry_loss,
@@ -202,35 +203,39 @@ class BradleyTerryTrainer(Trainer):
         self.center_rewards_coefficient = center_rewards_coefficient
         self.odin = odin  # (length, orthogonality) coefficients when training ODIN's two heads
         self.batch_metrics: dict[str, list[float]] = {}  # training batches since the last log, as TRL keeps them
-        self.train_tokens = {"real": 0, "computed": 0, "padding": 0}  # this rank's training forwards, whole run
-        # Each training batch's statistics, still on the device, and its computed tokens: read into batch_metrics and
-        # train_tokens at the next log or save, so that a step never waits for the device to report them.
-        self.pending_stats: list[tuple[torch.Tensor, int, int]] = []  # (statistics, computed tokens, pairs)
+        self.train_tokens = {"real": 0, "computed": 0, "padding": 0}  # every rank's training forwards, whole run
+        # Each training batch's statistics (BATCH_STATS, then ODIN's parts), still on the device: read into
+        # batch_metrics and train_tokens at the next log or save, so that a step never waits for the device.
+        self.pending_stats: list[torch.Tensor] = []
         self.token_counter = TrainTokensInCheckpoints(self.train_tokens, self.read_pending_stats)  # across a resume
         self.add_callback(self.token_counter)
 
     def read_pending_stats(self) -> None:
-        """The pending batches' statistics into batch_metrics and train_tokens, in one copy from the device (float64
-        holds the float32 statistics and the token counts exactly)."""
+        """The pending batches' statistics, every rank's, into batch_metrics and train_tokens, in one copy from the
+        device (float64 holds the float32 statistics and the token counts exactly). Every rank calls it at the same
+        points (log, save, the end of training), as the gather needs."""
         if not self.pending_stats:
             return
-        rows = torch.stack([stats for stats, *_ in self.pending_stats]).tolist()
-        for (*values, real, padding), (_, computed, pairs) in zip(rows, self.pending_stats):
-            for key, value in zip(("accuracy", "margin", "rewards/mean", "rewards/min", "rewards/max"), values):
-                self.batch_metrics.setdefault(key, []).append(value)
-            self.batch_metrics.setdefault("pairs", []).append(pairs)
-            # num_tokens: the sequences' own tokens (TRL's); computed_tokens: what the forward ran, padding included
-            # and a shared context counted once
-            self.batch_metrics.setdefault("num_tokens", []).append(int(real))
-            self.batch_metrics.setdefault("computed_tokens", []).append(computed)
-            for key, value in (("real", int(real)), ("computed", computed), ("padding", int(padding))):
-                self.train_tokens[key] += value
+        rows = torch.stack(self.pending_stats)
         self.pending_stats = []
+        if self.args.world_size > 1:  # the logged metrics describe all the pairs, as TRL's do, not rank 0's share
+            rows = self.accelerator.gather(rows)
+        for row in rows.tolist():
+            values = dict(zip(BATCH_STATS, row))
+            for key in ("accuracy", "margin", "rewards/mean", "rewards/min", "rewards/max", "pairs"):
+                self.batch_metrics.setdefault(key, []).append(values[key])
+            for key in ("real", "computed", "padding"):
+                self.train_tokens[key] += int(values[key])
+            for key, value in zip(ODIN_PARTS, row[len(BATCH_STATS):]):
+                self.batch_metrics.setdefault(f"odin/{key}", []).append(value)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         self.read_pending_stats()
         if self.model.training and self.batch_metrics:  # TRL's reward metrics over the logging window
             logs.update(window_metrics(self.batch_metrics))
+            # So far in the run, every rank's: num_tokens the sequences' own tokens (TRL's), computed_tokens what
+            # the forwards ran (padding included, a shared context once)
+            logs.update(num_tokens=self.train_tokens["real"], computed_tokens=self.train_tokens["computed"])
             self.batch_metrics = {}
         super().log(logs, *args, **kwargs)
 
@@ -265,16 +270,14 @@ class BradleyTerryTrainer(Trainer):
             loss, parts = odin_loss(chosen, rejected, length_c, length_r, inputs["chosen_length"],
                                     inputs["rejected_length"], odin_head_weight(model), *self.odin)
         if model.training:
-            for key, value in parts.items():
-                self.batch_metrics.setdefault(f"odin/{key}", []).append(value)
             with torch.no_grad():
                 gap, both = (chosen - rejected).float(), torch.cat([chosen, rejected]).float()
-                stats = torch.stack([(gap > 0).float().mean(), gap.mean(), both.mean(), both.min(), both.max()])
                 # torch.full, not as_tensor: a fill on the device, where copying a host number would wait for it
                 counts = [n.to(gap.device) if torch.is_tensor(n) else torch.full((), n, device=gap.device)
-                          for n in (inputs["real_tokens"], padding)]
-                self.pending_stats.append((torch.cat([stats.double(), torch.stack(counts).double()]),
-                                           inputs["input_ids"].numel(), len(chosen)))
+                          for n in (inputs["real_tokens"], padding, inputs["input_ids"].numel(), len(chosen))]
+                stats = [(gap > 0).float().mean(), gap.mean(), both.mean(), both.min(), both.max(), *counts,
+                         *parts.values()]
+                self.pending_stats.append(torch.stack([value.double() for value in stats]))
         return (loss, {"rewards": torch.stack([chosen, rejected], dim=1)}) if return_outputs else loss
 
     def get_train_dataloader(self):
@@ -313,6 +316,9 @@ class BradleyTerryTrainer(Trainer):
 
 
 ODIN_LENGTH, ODIN_QUALITY = 0, 1  # upstream odin/'s column order
+# A training batch's statistics as BradleyTerryTrainer keeps them (ODIN's parts follow under --loss_type odin).
+BATCH_STATS = ("accuracy", "margin", "rewards/mean", "rewards/min", "rewards/max", "real", "padding", "computed",
+               "pairs")
 
 
 class TrainTokensInCheckpoints(TrainerCallback):

@@ -1,7 +1,9 @@
 """End to end: train the embedded tiny reward model, save, reload, evaluate on the RewardBench sample."""
 
+import ast
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -217,6 +219,31 @@ def test_two_ranks_train_loss_is_every_ranks_mean_whatever_the_logging_steps(tmp
                       "--logging_steps", str(logging_steps)], env_extra={"OMP_NUM_THREADS": "1"}))
         losses[logging_steps] = json.loads((out / "metrics.json").read_text())["train_loss"]
     assert losses[100] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_two_ranks_log_every_ranks_pairs(tmp_path):
+    """The logged accuracy, margin, rewards and token counts of two ranks of 16 pairs are those of one rank of the
+    same 32 pairs (they used to be rank 0's half); metrics.json's train_tokens too. Without length grouping, whose
+    groups depend on the world size, both runs take the same pairs at each step."""
+    def logs(proc) -> list[dict]:
+        return [ast.literal_eval(line) for line in re.findall(r"\{'loss'.*?\}", proc.stdout)]
+
+    runs = {}
+    for ranks, launcher, batch in ((1, [sys.executable], "32"), (2, two_ranks("torchrun"), "16")):
+        out = tmp_path / f"ranks{ranks}"
+        proc = run([*launcher, TRAIN, "--output_path", str(out), "--max_steps", "3", "--logging_steps", "1",
+                    "--per_device_train_batch_size", batch, "--group_by_length", "false"],
+                   env_extra={"OMP_NUM_THREADS": "1"})
+        check_ok(proc)
+        runs[ranks] = logs(proc), json.loads((out / "metrics.json").read_text())["train_tokens"]
+    (one, one_tokens), (two, two_tokens) = runs[1], runs[2]
+    assert len(one) == len(two) == 3 and one_tokens == two_tokens and one_tokens["real"] > 0
+    for a, b in zip(one, two):
+        assert (a["accuracy"], a["num_tokens"], a["computed_tokens"]) == (b["accuracy"], b["num_tokens"],
+                                                                          b["computed_tokens"])
+        for key in ("margin", "rewards/mean", "rewards/min", "rewards/max"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=2e-3, abs=1e-5), key
+    assert one[-1]["num_tokens"] == one_tokens["real"]  # the run so far
 
 
 def test_lora_under_zero3_with_gradient_checkpointing_on_two_ranks(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.losses import (
     LOSS_VARIANTS,
+    ODIN_PARTS,
     PairwiseCollator,
     bradley_terry_loss,
     head_orthogonality,
@@ -195,12 +196,20 @@ def test_head_orthogonality_by_hand():
         head_orthogonality(torch.empty(0))  # what a ZeRO-3 partitioned score.weight looks like
 
 
+def floats(parts: dict) -> dict:
+    return {name: value.item() for name, value in parts.items()}
+
+
 def test_odin_parts_by_hand():
     # pooled lengths [1..6]; pooled quality [1, -1, -1, 1, 0, 0] is uncorrelated with them (dot with the centred
     # lengths: -2.5 + 1.5 + 0.5 + 0.5 = 0); pooled length head [0, 0, 0, 1, 1, 1] has rho = 9 / sqrt(105).
     # BT on q + l: diffs (1 + 0) - (1 + 1) = -1, (-1) - (0 + 1) = -2, -2.
-    loss, parts = odin_loss(T([1.0, -1.0, -1.0]), T([1.0, 0.0, 0.0]), T([0.0, 0.0, 0.0]), T([1.0, 1.0, 1.0]),
-                            T([1.0, 2.0, 3.0]), T([4.0, 5.0, 6.0]), head_weights=T([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    loss, tensors = odin_loss(T([1.0, -1.0, -1.0]), T([1.0, 0.0, 0.0]), T([0.0, 0.0, 0.0]), T([1.0, 1.0, 1.0]),
+                              T([1.0, 2.0, 3.0]), T([4.0, 5.0, 6.0]), head_weights=T([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    # detached values on the loss's device, read when logged: no step waits for them
+    assert list(tensors) == list(ODIN_PARTS)
+    assert all(v.shape == () and v.dtype == torch.float32 and not v.requires_grad for v in tensors.values())
+    parts = floats(tensors)
     bt = (SP_ONE + 2 * SP_TWO) / 3  # 1.855706
     assert parts["bt"] == pytest.approx(bt, abs=1e-6)
     assert parts["rho_quality"] == pytest.approx(0.0, abs=1e-7)
@@ -208,7 +217,6 @@ def test_odin_parts_by_hand():
     assert parts["length"] == pytest.approx(1 - RHO_STEP, abs=1e-6)  # 0.121690
     assert parts["ortho"] == pytest.approx(0.5, abs=1e-6)
     assert loss.item() == parts["loss"] == pytest.approx(bt + 1 - RHO_STEP + 0.5, abs=1e-6)  # 2.477396
-    assert all(isinstance(value, float) for value in parts.values())
 
 
 def test_odin_abs_and_coefficients():
@@ -217,6 +225,7 @@ def test_odin_abs_and_coefficients():
     args = (T([0.0, 0.0, 0.0]), T([-1.0, -1.0, -1.0]), T([0.0, 0.0, 0.0]), T([1.0, 1.0, 1.0]),
             T([1.0, 2.0, 3.0]), T([4.0, 5.0, 6.0]))
     loss, parts = odin_loss(*args, length_coefficient=0.5)
+    parts = floats(parts)
     assert parts["rho_quality"] == pytest.approx(-RHO_STEP, abs=1e-6)
     assert parts["length"] == pytest.approx(1.0, abs=1e-6)
     assert parts["ortho"] == 0.0
@@ -235,7 +244,7 @@ def test_odin_bf16_and_gradients():
     assert torch.isfinite(q_c.grad).all() and torch.isfinite(q_r.grad).all() and torch.isfinite(heads.grad).all()
     low, _ = odin_loss(q_c.detach().bfloat16(), q_r.detach().bfloat16(), (q_c * 0.5).detach().bfloat16(),
                        (q_r * 0.25).detach().bfloat16(), *lengths, head_weights=heads.detach().bfloat16())
-    assert low.dtype == torch.float32 and low.item() == pytest.approx(parts["loss"], abs=1e-6)
+    assert low.dtype == torch.float32 and low.item() == pytest.approx(parts["loss"].item(), abs=1e-6)
 
 
 def one_odin_step(length_coefficient: float) -> tuple[dict, dict]:
@@ -261,7 +270,7 @@ def one_odin_step(length_coefficient: float) -> tuple[dict, dict]:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history.append(parts)
+        history.append(floats(parts))
     return history[0], history[1]
 
 

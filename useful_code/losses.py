@@ -138,6 +138,9 @@ def head_orthogonality(head_weights: torch.Tensor) -> torch.Tensor:
     return torch.triu(w @ w.T, diagonal=1).abs().sum()
 
 
+ODIN_PARTS = ("bt", "length", "ortho", "rho_quality", "rho_length", "loss")  # the terms odin_loss reports
+
+
 def odin_loss(quality_c: torch.Tensor, quality_r: torch.Tensor, length_c: torch.Tensor, length_r: torch.Tensor,
               chosen_len: torch.Tensor, rejected_len: torch.Tensor, head_weights: Optional[torch.Tensor] = None,
               length_coefficient: float = 1.0, ortho_coefficient: float = 1.0) -> tuple[torch.Tensor, dict]:
@@ -154,7 +157,8 @@ def odin_loss(quality_c: torch.Tensor, quality_r: torch.Tensor, length_c: torch.
     [2, hidden] score weight (row order does not matter), None skips it. Under data parallelism rho is over the
     rows given: upstream all-gathers rewards and lengths across ranks first.
 
-    Returns (loss, parts): float values of bt, length, ortho (unweighted), rho_quality, rho_length and loss.
+    Returns (loss, parts): parts = {name: value} of ODIN_PARTS (bt, length, ortho unweighted, rho_quality,
+    rho_length, loss), detached float32 0-d tensors on the loss's device (read when logged, not each step).
     """
     quality = torch.cat([quality_c.reshape(-1), quality_r.reshape(-1)]).float()
     length_head = torch.cat([length_c.reshape(-1), length_r.reshape(-1)]).float()
@@ -167,7 +171,5 @@ def odin_loss(quality_c: torch.Tensor, quality_r: torch.Tensor, length_c: torch.
     if head_weights is not None:
         ortho = head_orthogonality(head_weights)
         loss = loss + ortho_coefficient * ortho
-    parts = {"bt": bt, "length": length_term, "ortho": ortho, "rho_quality": rho_q, "rho_length": rho_l, "loss": loss}
-    # one copy to the host (a float() of each GPU value would wait for the GPU six times a step)
-    values = torch.stack([value.detach().float() for value in parts.values()]).tolist()
-    return loss, dict(zip(parts, values))
+    parts = (bt, length_term, ortho, rho_q, rho_l, loss)
+    return loss, {name: value.detach().float() for name, value in zip(ODIN_PARTS, parts)}
