@@ -71,6 +71,15 @@ def test_periodic_saves_and_evals_by_either_name(bt):
      "--save_steps 5 does nothing with --save_strategy no: drop one of them"),
     (("--save_every_steps", "0"), "--save_every_steps must be at least 1, got 0"),
     (("--eval_every_steps", "-2"), "--eval_every_steps must be at least 1, got -2"),
+    # transformers would save never, or evaluate at every step
+    (("--save_steps", "0"), "--save_steps must be above 0 (a number of steps, or below 1 a fraction of them), got 0"),
+    (("--eval_steps", "-2"), "--eval_steps must be above 0 (a number of steps, or below 1 a fraction of them), got -2"),
+    (("--bf16_full_eval", "true"), "--bf16_full_eval is not supported: the Trainer would cast the trained model "
+     "itself to half precision to evaluate it, and the final checkpoint would be saved so (evaluation runs in the "
+     "training precision: --bf16 covers it)"),
+    (("--fp16_full_eval", "true"), "--fp16_full_eval is not supported: the Trainer would cast the trained model "
+     "itself to half precision to evaluate it, and the final checkpoint would be saved so (evaluation runs in the "
+     "training precision: --bf16 covers it)"),
 ])
 def test_disagreeing_or_out_of_range_periodic_flags_are_one_line(bt, flags, message):
     with pytest.raises(UserError) as err:

@@ -410,3 +410,7 @@ def test_a_load_error_names_a_missing_directory_a_training_output_dir_or_the_rea
     (tmp_path / "last_checkpoint" / "config.json").write_text("{}")  # what every trainer writes
     assert str(load_error("--m", "tokenizer", str(tmp_path), err)) == \
         f"--m: '{tmp_path}' is a training run's output directory; its model is {tmp_path / 'last_checkpoint'}"
+    (tmp_path / "last_checkpoint" / "adapter_config.json").write_text("{}")  # a --use_peft run's checkpoint-N
+    assert str(load_error("--m", "model", str(tmp_path / "last_checkpoint"), err)).startswith(
+        f"--m: '{tmp_path / 'last_checkpoint'}' holds a LoRA adapter, not a model (a --use_peft run's periodic "
+        "checkpoint): the run's last_checkpoint/ is its model with the adapter merged")

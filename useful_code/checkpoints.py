@@ -83,7 +83,10 @@ def periodic_strategy(kind: str, every: Optional[int], strategy: Optional[str], 
                       default_steps: Optional[float]) -> tuple[str, Optional[float]]:
     """transformers' (--{kind}_strategy, --{kind}_steps) from upstream's --{kind}_every_steps when given (NEVER: off),
     else from transformers' own flags as given (unset: off; --{kind}_steps alone: every that many steps); both kinds
-    given and disagreeing, or steps with strategy "no", is a UserError."""
+    given and disagreeing, steps with strategy "no", or steps not above 0, is a UserError."""
+    if steps is not None and not steps > 0:  # transformers would save or evaluate never, or at every step
+        raise UserError(f"--{kind}_steps must be above 0 (a number of steps, or below 1 a fraction of them), got "
+                        f"{steps:g}")
     if every is None:
         if steps is None:
             return strategy or "no", default_steps

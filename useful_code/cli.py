@@ -47,6 +47,10 @@ def load_error(flag: str, what: str, name: str, err: Exception) -> UserError:
         trained = os.path.join(name, "last_checkpoint")
         if os.path.isfile(os.path.expanduser(os.path.join(trained, "config.json"))):  # a trainer's output_dir
             return UserError(f"{flag}: '{name}' is a training run's output directory; its model is {trained}")
+        if os.path.isfile(os.path.expanduser(os.path.join(name, "adapter_config.json"))):  # --use_peft checkpoint-N
+            return UserError(f"{flag}: '{name}' holds a LoRA adapter, not a model (a --use_peft run's periodic "
+                             "checkpoint): the run's last_checkpoint/ is its model with the adapter merged; merge "
+                             "this one with peft (PeftModel.from_pretrained(base, dir).merge_and_unload())")
         return UserError(f"{flag}: could not load {what} from the directory '{name}' ({reason})")
     return UserError(f"{flag}: could not load {what} '{name}' ({reason}); pass a local model directory with {flag}")
 

@@ -65,6 +65,11 @@ class HardwareAwareArguments:
                 and not os.path.isfile(self.deepspeed):
             raise UserError(f"--deepspeed: {self.deepspeed}: no such file (a DeepSpeed JSON config, e.g. "
                             "deepspeed_configs/deepspeed_3.json)")
+        for flag in ("bf16_full_eval", "fp16_full_eval"):
+            if getattr(self, flag, False):  # the Trainer casts the model itself, which is then saved in half precision
+                raise UserError(f"--{flag} is not supported: the Trainer would cast the trained model itself to half "
+                                "precision to evaluate it, and the final checkpoint would be saved so (evaluation "
+                                "runs in the training precision: --bf16 covers it)")
         if self.fp16 and self.bf16:
             raise UserError("--bf16 and --fp16 are both on (bf16 may come from the recipe or the script's default): "
                             "pass --bf16 false to train in fp16")
