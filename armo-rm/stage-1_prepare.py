@@ -48,8 +48,8 @@ def main():
     missing = [a for a in ATTRIBUTES if a not in data.column_names]
     if missing:
         raise UserError(f"--dataset_path lacks attribute columns {missing}: stage 1 reads the layout of "
-                        f"RLHFlow/ArmoRM-Multi-Objective-Data-v0.1, a 'messages' conversation and the {len(ATTRIBUTES)} "
-                        "attribute columns (null where a row's source does not rate one)")
+                        "RLHFlow/ArmoRM-Multi-Objective-Data-v0.1, a 'messages' conversation and the "
+                        f"{len(ATTRIBUTES)} attribute columns (null where a row's source does not rate one)")
     # Every check runs before the shuffle, so that an error names the row as it is in the file.
     data, stats = validate_conversations(data, args.skip_invalid, "--dataset_path")
     data, label_stats = validate_attribute_labels(data, args.skip_invalid, "--dataset_path")

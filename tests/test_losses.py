@@ -205,7 +205,8 @@ def test_odin_parts_by_hand():
     # lengths: -2.5 + 1.5 + 0.5 + 0.5 = 0); pooled length head [0, 0, 0, 1, 1, 1] has rho = 9 / sqrt(105).
     # BT on q + l: diffs (1 + 0) - (1 + 1) = -1, (-1) - (0 + 1) = -2, -2.
     loss, tensors = odin_loss(T([1.0, -1.0, -1.0]), T([1.0, 0.0, 0.0]), T([0.0, 0.0, 0.0]), T([1.0, 1.0, 1.0]),
-                              T([1.0, 2.0, 3.0]), T([4.0, 5.0, 6.0]), head_weights=T([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+                              T([1.0, 2.0, 3.0]), T([4.0, 5.0, 6.0]),
+                              head_weights=T([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
     # detached values on the loss's device, read when logged: no step waits for them
     assert list(tensors) == list(ODIN_PARTS)
     assert all(v.shape == () and v.dtype == torch.float32 and not v.requires_grad for v in tensors.values())

@@ -295,9 +295,11 @@ def test_trls_explicit_prompt_messages_are_the_context_of_their_responses():
     read as whole conversations, every row failing roles_not_alternating."""
     row = {"prompt": conv("s", "sys", "u", "q"), "chosen": conv("a", "yes"), "rejected": conv("a", "no")}
     assert detect_format(row) == "prompt"
-    assert to_standard_pair(row, "prompt") == (conv("s", "sys", "u", "q", "a", "yes"), conv("s", "sys", "u", "q", "a", "no"), "")
+    assert to_standard_pair(row, "prompt") == (conv("s", "sys", "u", "q", "a", "yes"),
+                                               conv("s", "sys", "u", "q", "a", "no"), "")
     # a string prompt, and full conversations beside a prompt (ultrafeedback_binarized): the lists are the pairs
-    assert to_standard_pair({**row, "prompt": "q"}, "prompt") == (conv("u", "q", "a", "yes"), conv("u", "q", "a", "no"), "")
+    assert to_standard_pair({**row, "prompt": "q"}, "prompt") == (conv("u", "q", "a", "yes"),
+                                                                  conv("u", "q", "a", "no"), "")
     full = {"prompt": conv("u", "q"), "chosen": conv("u", "q", "a", "yes"), "rejected": conv("u", "q", "a", "no")}
     assert detect_format(full) == "messages"
     data, stats = standardize_pairs(Dataset.from_list([row, full]), False, "d")

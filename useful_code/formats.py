@@ -1,8 +1,8 @@
 """Preference-data formats and the rules every row must follow.
 
 Three input formats become one standard format (chosen/rejected message lists): standard messages, a prompt with
-its two responses (RewardBench's strings, TRL's explicit-prompt messages) and raw Anthropic HH-RLHF text. Every row is validated; an invalid row is an error
-naming its index and rule, or with skip_invalid a counted and printed drop.
+its two responses (RewardBench's strings, TRL's explicit-prompt messages) and raw Anthropic HH-RLHF text. Every row
+is validated; an invalid row is an error naming its index and rule, or with skip_invalid a counted and printed drop.
 """
 
 from __future__ import annotations
