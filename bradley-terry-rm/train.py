@@ -170,7 +170,7 @@ def load_pairs(args: ScriptArguments, seed: int):
     # The held-out loss is plain BT whatever the training loss: comparable across variants, like the accuracy.
     held_out = held_out.remove_columns([c for c in PAIR_COLUMNS if c in held_out.column_names])
     if eval_stats["source"].startswith("held out"):
-        train_stats["held_out_for_eval"] = len(held_out)
+        train_stats["held_out_for_eval"] = eval_stats["read"]  # taken out of training (some may be left out)
     return train, held_out, {"train": train_stats, "eval": eval_stats}
 
 
