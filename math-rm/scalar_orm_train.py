@@ -129,6 +129,14 @@ class ScalarORMTrainer(Trainer):
         loss = F.binary_cross_entropy_with_logits(logits.float(), inputs["label"].float())
         return (loss, {"logits": logits.detach()}) if return_outputs else loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Held-out reward logits and labels, without a per-batch loss: compute_metrics takes it over every row at
+        once (on several ranks the Trainer's mean of batch losses counted the rows repeated to fill a last batch)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0]
+        return None, logits.detach().float(), inputs["label"]
+
 
 def collate(tokenizer):
     """Right-padded input ids and attention mask, and the float labels."""
@@ -139,9 +147,11 @@ def collate(tokenizer):
 
 
 def compute_metrics(eval_pred) -> dict:
-    """Accuracy of sigmoid(reward) > 0.5 against the labels."""
+    """Over every held-out row: the binary cross-entropy of sigmoid(reward) against the labels, and the accuracy of
+    sigmoid(reward) > 0.5."""
     logits, labels = np.asarray(eval_pred.predictions).reshape(-1), np.asarray(eval_pred.label_ids).reshape(-1)
-    return {"accuracy": float(np.mean((logits > 0) == (labels > 0.5)))}
+    loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits).float(), torch.from_numpy(labels).float())
+    return {"loss": loss.item(), "accuracy": float(np.mean((logits > 0) == (labels > 0.5)))}
 
 
 def main():

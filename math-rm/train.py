@@ -56,6 +56,7 @@ from useful_code.math_scoring import StepScorer
 from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import load_preference_model
 from useful_code.packing import enable_padding_free
+from useful_code.sft_arguments import PretokenizedSFTArguments
 from useful_code.templates import load_tokenizer
 from useful_code.training_plots import plot_curves
 
@@ -94,7 +95,7 @@ class ScriptArguments:
 
 @dataclass
 class MathRewardConfig(FinalCheckpointPush, HardwareAwareArguments, checkpoints.OutputDirArguments,
-                       DivergenceArguments, SFTConfig):
+                       DivergenceArguments, PretokenizedSFTArguments, SFTConfig):
     """TRL's SFTConfig, usable unchanged on a GPU or a CPU-only machine (bf16 where the GPU has it, as upstream's
     "bf16: auto"); padding is ours (a non-EOS pad token, see useful_code/templates.py)."""
 

@@ -50,6 +50,7 @@ from useful_code.pm_data import (
     validate_pm_examples,
 )
 from useful_code.pm_scoring import PairPreferenceScorer
+from useful_code.sft_arguments import PretokenizedSFTArguments
 from useful_code.templates import load_tokenizer, reject_special_tokens
 from useful_code.training_plots import plot_curves
 
@@ -75,7 +76,7 @@ class ScriptArguments(HeldOutArguments):
 
 @dataclass
 class PreferenceModelConfig(FinalCheckpointPush, HardwareAwareArguments, checkpoints.OutputDirArguments,
-                            DivergenceArguments, SFTConfig):
+                            DivergenceArguments, PretokenizedSFTArguments, SFTConfig):
     """TRL's SFTConfig, usable unchanged on a GPU or a CPU-only machine (bf16 where the GPU has it, as upstream's
     "bf16: auto"); padding is ours (a non-EOS pad token, see useful_code/templates.py)."""
 

@@ -6,16 +6,19 @@ Expected values are written out by hand or computed independently of the code un
 assistant header and <|eot_id|>, one unpadded forward per step as upstream ran it, torch's cross-entropy).
 """
 
+import contextlib
 import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from transformers import EvalPrediction
 
 from helpers import ROOT, check_ok, run, sharpened, two_ranks
 from useful_code.best_of_n import (
@@ -501,6 +504,14 @@ def test_best_of_n_json_carries_upstreams_accuracy(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [line["label"] for line in lines] == labels and lines[0]["final_answers"] == ["1", "2", "3"]
     assert lines[1]["step_scores"] == [[0.3], [0.8]] and lines[1]["scores"] == [0.3, 0.8]
+    # a step --max_length cut off (and a solution left with none): null, strict JSON, not a bare NaN
+    nan = float("nan")
+    write_results(tmp_path, curve, {}, problems, [[[0.1, nan], [0.2], [0.9]], [[nan], [0.8]]],
+                  [[0.1, 0.2, 0.9], [nan, 0.8]], "test")
+    text = (tmp_path / "scores.jsonl").read_text()
+    lines = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in scores.jsonl"))
+             for line in text.splitlines()]
+    assert lines[0]["step_scores"][0] == [0.1, None] and lines[1]["scores"] == [None, 0.8]
 
 
 def test_candidate_coverage_reports_the_n_reached_and_the_short_problems():
@@ -732,6 +743,18 @@ def test_scalar_orm_loss_is_binary_cross_entropy_on_the_reward_logit():
     loss = trainer.compute_loss(Model(), {"input_ids": None, "attention_mask": None, "label": torch.tensor([1.0, 1.0])})
     expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # Held out: no per-batch loss (on several ranks the Trainer's mean of batch losses counted the rows repeated to
+    # fill the last batch); compute_metrics takes it over the gathered rows.
+    trainer.args = type("Args", (), {"device": torch.device("cpu")})()
+    trainer._prepare_inputs = lambda inputs: inputs
+    trainer.compute_loss_context_manager = contextlib.nullcontext
+    loss, logits, labels = trainer.prediction_step(
+        Model(), {"input_ids": None, "attention_mask": None, "label": torch.tensor([1.0, 0.0])}, False)
+    assert loss is None and logits.tolist() == [2.0, -1.0] and labels.tolist() == [1.0, 0.0]
+    metrics = module.compute_metrics(EvalPrediction(predictions=np.array([2.0, -1.0, 0.5]),
+                                                    label_ids=np.array([1.0, 1.0, 0.0])))
+    softplus = [math.log1p(math.exp(-2.0)), math.log1p(math.exp(1.0)), math.log1p(math.exp(0.5))]
+    assert metrics["loss"] == pytest.approx(sum(softplus) / 3, rel=1e-6) and metrics["accuracy"] == pytest.approx(1 / 3)
 
 
 def test_held_out_labels_cut_by_truncation_are_counted_not_scored_as_wrong():

@@ -169,6 +169,10 @@ class BestOfNArguments:
     local_rank: int = field(default=-1, metadata={"help": "Passed by the deepspeed launcher; the rank comes from it."})
 
 
+def _or_null(score: float) -> Optional[float]:
+    return None if math.isnan(score) else score
+
+
 def write_results(output_dir, curve: list[dict], summary: dict, problems, step_scores: list[list[list[float]]],
                   scores: list[list[float]], title: str) -> dict:
     """best_of_n.json (the run's summary, upstream's "accuracy" and the curve), best_of_n.png and scores.jsonl (each
@@ -184,9 +188,12 @@ def write_results(output_dir, curve: list[dict], summary: dict, problems, step_s
     lines = []
     for row, steps, solution_scores in zip(problems, step_scores, scores):
         n = len(solution_scores)
-        lines.append(json.dumps({"prompt": row["prompt"], "label": row["label"][:n], "scores": solution_scores,
-                                 "step_scores": steps,
-                                 "final_answers": [extract_final_answer(a) for a in row["answers"][:n]]}))
+        # null, not NaN, for a step --max_length cut off (and a solution with no step left): strict JSON
+        lines.append(json.dumps({"prompt": row["prompt"], "label": row["label"][:n],
+                                 "scores": [_or_null(x) for x in solution_scores],
+                                 "step_scores": [[_or_null(x) for x in solution] for solution in steps],
+                                 "final_answers": [extract_final_answer(a) for a in row["answers"][:n]]},
+                                allow_nan=False))
     atomic_write_text(out / "scores.jsonl", "\n".join(lines) + "\n")
     return results
 
