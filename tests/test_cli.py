@@ -255,6 +255,20 @@ def test_a_wrong_type_is_one_line_without_usage():
     assert str(err.value) == "argument --batch_size/--batch-size: invalid int value: 'abc'"
 
 
+def test_a_rejection_over_several_lines_is_one_whole_line():
+    """transformers says what it found on the lines after the first (--load_best_model_at_end's strategies)."""
+    @dataclass
+    class Checked:
+        steps: int = 1
+
+        def __post_init__(self):
+            raise ValueError("strategies must match, but found\n- Evaluation strategy: no\n- Save strategy: steps\n")
+
+    with pytest.raises(UserError) as err:
+        parse_args((Checked,), None, argv=[])
+    assert str(err.value) == "strategies must match, but found - Evaluation strategy: no - Save strategy: steps"
+
+
 @pytest.mark.parametrize("content,message", [
     ("batch_size: 2.5\n", "argument --batch_size/--batch-size: invalid int value: '2.5'"),
     ("batch_size: true\n", "argument --batch_size/--batch-size: invalid int value: 'True'"),

@@ -150,7 +150,9 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # unknown flags, and values a dataclass's __post_init__ rejects
-        raise UserError(str(err).splitlines()[0] + (f" (recipe: {config_path})" if config_path else "")) from None
+        # one line: transformers' messages may go on to say what they found on the next lines
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise UserError(message + (f" (recipe: {config_path})" if config_path else "")) from None
     for arguments in parsed:
         check_limits(arguments)
     return (*parsed, config_path)
