@@ -16,7 +16,14 @@ from typing import Optional
 
 import torch
 
-from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, has_shards, load_shards, regression_weights_path
+from useful_code.armo_data import (
+    ATTRIBUTES,
+    check_same_backbone,
+    embeddings_prefix,
+    has_shards,
+    load_shards,
+    regression_weights_path,
+)
 from useful_code.armo_fit import fit_ridge_probes
 from useful_code.checkpoints import atomic_save_file, atomic_write_text, check_output_dir
 from useful_code.cli import note_tiny_recipe, parse_args, run_cli
@@ -49,6 +56,7 @@ def main():
     if args.embeddings_dir and not has_shards(prefix) and has_shards(args.embeddings_dir):
         prefix = args.embeddings_dir  # upstream's form: the shards' own path prefix, not their folder
     tensors, metadata = load_shards(prefix)
+    check_same_backbone(metadata.get("model_path"), args.model_path, f"the embeddings at {prefix}")
     embeddings = tensors["embeddings"].float().numpy()
     labels = tensors["labels"].float().numpy()
     print(f"{len(embeddings)} rows from {metadata['n_shards']} shard(s), hidden size {embeddings.shape[1]}")
@@ -60,7 +68,8 @@ def main():
         print(f"  {name:40s} {n_train:6d} train / {n_val:5d} val rows  {shown}")
 
     summary = {"attributes": ATTRIBUTES, **{k: probes[k] for k in ("alpha", "val_mse", "n_train", "n_val")},
-               "embeddings": prefix, "rows": len(embeddings), "arguments": asdict(args)}
+               "embeddings": prefix, "backbone": metadata.get("model_path"), "rows": len(embeddings),
+               "arguments": asdict(args)}
     atomic_save_file({"weight": torch.from_numpy(probes["weight"])}, path, metadata={"json": json.dumps(summary)})
     atomic_write_text(path.with_suffix(".json"), json.dumps(summary, indent=2))
     print(f"Regression weights: {path}")

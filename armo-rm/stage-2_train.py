@@ -153,7 +153,7 @@ def main():
     weights_path = args.regression_weights
     if weights_path is None or Path(weights_path).is_dir():
         weights_path = str(regression_weights_path(weights_path, args.model_path, args.multi_objective_dataset))
-    weight = load_regression_weights(weights_path).to(device)  # [K, D]
+    weight = load_regression_weights(weights_path, model_path=args.model_path).to(device)  # [K, D]
 
     # Both pair sets are loaded and checked first: an unusable one stops the run before any fitting.
     reference_name = (args.reference_dataset or args.preference_dataset, args.reference_split or args.preference_split)

@@ -10,6 +10,7 @@ of upstream's backwards search for the gating pattern).
 """
 
 import copy
+import json
 import re
 
 import numpy as np
@@ -511,6 +512,29 @@ def test_shards_round_trip_in_row_order(tmp_path):
     assert meta == {"model": "tiny", "shard": 1, "n_shards": 3}
 
 
+def test_shards_metadata_joins_every_shards_rows_and_counts_and_refuses_another_backbone(tmp_path):
+    """RewardBench ids and subsets (one per row) were the first shard's alone, so a benchmark embedded in several
+    shards failed after stage 2's training; a shard of another backbone was merged silently."""
+    prefix = str(tmp_path / "bench")
+    for k in (2, 1, 3):
+        rows = list(shard_rows(7, 3, k))[::-1]  # each shard in its own order too
+        save_shard(prefix, k, 3, {"row_ids": torch.tensor(rows)},
+                   {"model_path": "tiny", "ids": [f"id{r}" for r in rows], "subsets": [f"s{r % 2}" for r in rows],
+                    "not_embedded": k, "truncated": 1})
+    _, meta = load_shards(prefix)
+    assert meta["ids"] == [f"id{r}" for r in range(7)] and meta["subsets"] == [f"s{r % 2}" for r in range(7)]
+    assert (meta["not_embedded"], meta["truncated"], meta["model_path"]) == (6, 3, "tiny")
+    save_shard(prefix, 2, 3, {"row_ids": torch.tensor(list(shard_rows(7, 3, 2)))},
+               {"model_path": "other", "ids": ["a", "b"], "subsets": ["x", "y"]})
+    with pytest.raises(UserError, match=r"the shards were prepared with different model_path \(.*other.*tiny"):
+        load_shards(prefix)
+
+
+def test_more_shards_than_rows_is_one_line():
+    with pytest.raises(UserError, match="--n_shards 1000 is more than the 600 valid rows: use at most 600 shards"):
+        shard_rows(600, 1000, 1)
+
+
 def test_shards_without_row_ids_concatenate_by_index(tmp_path):
     prefix = str(tmp_path / "data")
     for k in (3, 1, 2):
@@ -845,6 +869,13 @@ def test_regression_weights_missing_pickled_or_misshapen_are_one_error(tmp_path)
     save_file({"weight": torch.ones(19, 4, dtype=torch.bfloat16)}, tmp_path / "ok.safetensors")
     weight = load_regression_weights(str(tmp_path / "ok.safetensors"))
     assert weight.dtype == torch.float32 and torch.equal(weight, torch.ones(19, 4))
+    # fitted on another backbone's embeddings (stage 1 records it): stage 2 would build its head on the wrong probes
+    save_file({"weight": torch.ones(19, 4)}, tmp_path / "fitted.safetensors",
+              metadata={"json": json.dumps({"backbone": "org/model-a"})})
+    assert torch.equal(load_regression_weights(str(tmp_path / "fitted.safetensors"), model_path="org/model-a"), weight)
+    with pytest.raises(UserError, match="fitted.safetensors was made with the backbone org/model-a, not --model_path "
+                                        "org/model-b"):
+        load_regression_weights(str(tmp_path / "fitted.safetensors"), model_path="org/model-b")
 
 
 def test_conversations_the_chat_template_refuses_name_the_row(tok):

@@ -77,21 +77,26 @@ def regression_weights_path(weights_dir: Optional[str], model_path: str, dataset
     return directory / f"{dataset_name(model_path)}_{dataset_name(dataset_path)}.safetensors"
 
 
-def load_regression_weights(path: str, flag: str = "--regression_weights") -> torch.Tensor:
-    """Stage 1's regression layer, `weight` [len(ATTRIBUTES), hidden] in fp32. A missing or unreadable file, or one
-    of another shape, is a UserError naming the path: the file is stage-1_train.py's safetensors output (upstream's
-    pickled .pt weights are not read, as pickles can run code)."""
+def load_regression_weights(path: str, flag: str = "--regression_weights", model_path: Optional[str] = None
+                            ) -> torch.Tensor:
+    """Stage 1's regression layer, `weight` [len(ATTRIBUTES), hidden] in fp32. A missing or unreadable file, one of
+    another shape, or (given model_path) one fitted on another backbone's embeddings is a UserError naming the path:
+    the file is stage-1_train.py's safetensors output (upstream's pickled .pt weights are not read, as pickles can
+    run code)."""
     hint = "run armo-rm/stage-1_train.py to write it (pickled .pt weights, as upstream's stage 1 saves, are not read)"
     if not Path(path).is_file():
         raise UserError(f"{flag}: no regression weights file at {path}; {hint}")
     try:
         with safe_open(path, framework="pt") as f:
             weight = f.get_tensor("weight") if "weight" in f.keys() else None
+            summary = json.loads((f.metadata() or {}).get("json", "{}"))
     except (SafetensorError, OSError) as err:
         raise UserError(f"{flag}: {path} is not a safetensors file ({str(err).splitlines()[0]}); {hint}") from None
     if weight is None or weight.dim() != 2 or weight.shape[0] != len(ATTRIBUTES):
         found = "no 'weight' tensor" if weight is None else f"'weight' of shape {list(weight.shape)}"
         raise UserError(f"{flag}: {path} has {found}, not the [{len(ATTRIBUTES)}, hidden] regression layer; {hint}")
+    if model_path is not None:
+        check_same_backbone(summary.get("backbone"), model_path, f"{flag} {path}")
     return weight.float()
 
 
@@ -99,11 +104,7 @@ def check_same_backbone(recorded: Optional[str], model_path: str, what: str) -> 
     """What an earlier stage wrote (embeddings, the gating head) belongs to the backbone it recorded: another
     --model_path is a UserError. The default folders are named after the backbone's last path component, and every
     checkpoint this toolkit trains is called last_checkpoint, so two backbones easily share one folder."""
-    def same(path: str) -> str:
-        local = Path(path).expanduser()
-        return str(local.resolve()) if local.exists() else path
-
-    if recorded is not None and same(recorded) != same(model_path):
+    if recorded is not None and _resolved(recorded) != _resolved(model_path):
         raise UserError(f"{what} was made with the backbone {recorded}, not --model_path {model_path}: pass that "
                         "backbone, or run the earlier stages again with this one")
 
@@ -118,6 +119,8 @@ def shard_rows(n_rows: int, n_shards: int, shard_idx: int) -> range:
     """Rows of shard shard_idx (1-based, as upstream) of n_shards: contiguous, so shards merge back in order."""
     if not 1 <= shard_idx <= n_shards:
         raise UserError(f"--shard_idx must be between 1 and --n_shards={n_shards}, got {shard_idx}")
+    if n_shards > n_rows:  # an empty shard has nothing to embed
+        raise UserError(f"--n_shards {n_shards} is more than the {n_rows} valid rows: use at most {n_rows} shards")
     bounds = np.linspace(0, n_rows, n_shards + 1).astype(int)
     return range(bounds[shard_idx - 1], bounds[shard_idx])
 
@@ -144,6 +147,11 @@ def has_shards(prefix: str) -> bool:
     return bool(_shard_files(prefix))
 
 
+SHARD_IDENTITY = ("model_path", "dataset_path", "split", "gating_pattern", "attributes")  # one run's shards share them
+SHARD_COUNTS = ("not_embedded", "truncated")  # each shard's own count: summed
+SHARD_ROW_LISTS = ("ids", "subsets")  # one value per row of the shard, in its row order
+
+
 def load_shards(prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Merge every shard of a prefix back into one set of tensors in row order. All shards of one run
     (same n_shards) must be present; a missing, duplicated or foreign shard is an error."""
@@ -162,11 +170,17 @@ def load_shards(prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     missing = sorted(set(range(1, n_shards + 1)) - set(shards))
     if missing:
         raise UserError(f"{prefix}: shards {missing} of {n_shards} are missing")
-    parts, metadata = [], None
+    parts, metas = [], []
     for idx in range(1, n_shards + 1):
         with safe_open(str(shards[idx]), framework="pt") as f:
             parts.append({k: f.get_tensor(k) for k in f.keys()})
-            metadata = metadata or json.loads(f.metadata()["json"])
+            metas.append(json.loads(f.metadata()["json"]))
+    for key in SHARD_IDENTITY:  # a shard prepared from another backbone or data would be merged silently
+        values = {json.dumps(m.get(key) if key != "model_path" else _resolved(m.get(key))) for m in metas}
+        if len(values) > 1:
+            raise UserError(f"{prefix}: the shards were prepared with different {key} ({', '.join(sorted(values))}); "
+                            "prepare them again with one")
+    metadata = {**metas[0], **{key: sum(m[key] for m in metas) for key in SHARD_COUNTS if key in metas[0]}}
     merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     if "row_ids" in merged:
         order = torch.argsort(merged["row_ids"])
@@ -174,4 +188,13 @@ def load_shards(prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
         expected = torch.arange(len(order))
         if not torch.equal(merged["row_ids"], expected):
             raise UserError(f"{prefix}: shards do not cover rows 0..{len(order) - 1} exactly once")
+        for key in SHARD_ROW_LISTS:  # every shard's, in the merged row order (they were the first shard's alone)
+            if metadata.get(key) is not None:
+                joined = [value for m in metas for value in m[key]]
+                metadata[key] = [joined[i] for i in order.tolist()]
     return merged, {**metadata, "n_shards": n_shards}
+
+
+def _resolved(path: Optional[str]) -> Optional[str]:
+    local = Path(path).expanduser() if path else None
+    return str(local.resolve()) if local is not None and local.exists() else path
