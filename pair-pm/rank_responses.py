@@ -106,7 +106,7 @@ def write_winners(path: str, rows: list[dict], candidates: list[list[str]], resu
 def main():
     args = parse_args((ScriptArguments,))[0]
     state = process_state()
-    check_output_file(args.output_path, "--output_path", inputs=(args.input_path,))
+    check_output_file(args.output_path, "--output_path", inputs=(args.input_path, args.reward_name_or_path))
     contexts, candidates, rows, numbers = read_prompts(args.input_path)
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,

@@ -123,6 +123,18 @@ def test_exported_model_outputs_and_interpretation(armo):
     assert type(model).__name__ == "ArmoRMForSequenceClassification"  # the shipped code, not the stock Llama head
 
 
+def test_an_eval_cut_past_the_gating_position_names_the_example(armo, tmp_path):
+    """A --max_length that cuts a conversation's user turn off: the model's own forward raised, naming a batch row."""
+    proc = run([sys.executable, str(ROOT / "useful_code/eval_reward_bench_bt.py"), "--trust_remote_code",
+                "--reward_name_or_path", str(armo / "model"), "--data_set_name", BENCH, "--max_length", "20",
+                "--record_dir", str(tmp_path / "r.txt")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    first_id = json.loads(open(BENCH).readline())["id"]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: example {first_id} (chosen) does not hold the gating pattern")
+    assert "after the cut from the left to max_length=20 tokens" in proc.stderr
+
+
 def test_custom_code_needs_trust_remote_code(armo, tmp_path):
     proc = run([sys.executable, str(ROOT / "useful_code/eval_reward_bench_bt.py"), "--reward_name_or_path",
                 str(armo / "model"), "--data_set_name", BENCH, "--record_dir", str(tmp_path / "r.txt")])

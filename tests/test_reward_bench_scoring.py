@@ -336,6 +336,19 @@ def test_eval_outputs_are_checked_before_scoring(tmp_path):
     evaluation.check_eval_arguments(args, one_process)
     with pytest.raises(UserError, match="--device_map auto spreads one model .* without a launcher"):
         evaluation.check_eval_arguments(args, SimpleNamespace(num_processes=2))
+    # Results written into the model's directory replaced its weights or config; one file for both wiped the records.
+    args.device_map, args.reward_name_or_path = None, str(tmp_path / "model")
+    (tmp_path / "model").mkdir()
+    args.results_json = str(tmp_path / "model" / "model.safetensors")
+    with pytest.raises(UserError, match=f"--results_json: .*model.safetensors is inside {tmp_path / 'model'}, an "
+                                        "input of this run; write it elsewhere"):
+        evaluation.check_eval_arguments(args, one_process)
+    args.results_json = args.record_dir
+    with pytest.raises(UserError, match="--results_json and --record_dir are one file .*: the JSON would replace the "
+                                        "records; give two"):
+        evaluation.check_eval_arguments(args, one_process)
+    args.results_json = str(tmp_path / "rec" / "r.json")
+    evaluation.check_eval_arguments(args, one_process)
 
 
 @pytest.mark.parametrize("temperature", ["0", "-1", "nan"])

@@ -118,14 +118,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def check_output_file(path: str, flag: str, inputs: tuple = ()) -> None:
-    """Before any work: an output file's path must not be a directory or one of the inputs, and its directory must
-    be creatable and writable: a probe file is written beside it, and an existing file opened for appending
+    """Before any work: an output file's path must not be a directory, one of the inputs or inside an input directory
+    (a model's or a dataset's: results written there replaced a checkpoint's weights or config), and its directory
+    must be creatable and writable: a probe file is written beside it, and an existing file opened for appending
     (permission bits do not tell: root passes os.access, and /proc refuses new files)."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise UserError(f"{flag}: {target} is a directory; give a file path")
-    if any(target.resolve() == Path(p).expanduser().resolve() for p in inputs if p):
-        raise UserError(f"{flag}: {target} is an input of this run")
+    for given in (p for p in inputs if p):
+        source = Path(given).expanduser().resolve()
+        if target.resolve() == source:
+            raise UserError(f"{flag}: {target} is an input of this run")
+        if source.is_dir() and source in target.resolve().parents:
+            raise UserError(f"{flag}: {target} is inside {given}, an input of this run; write it elsewhere")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

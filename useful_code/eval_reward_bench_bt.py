@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
 
+from useful_code.armo_embeddings import check_gating_sequences
 from useful_code.cli import parse_args, run_cli
 from useful_code.data_parallel import finish, main_process_first, map_across_ranks, process_state
 from useful_code.evaluation import (
@@ -49,6 +50,15 @@ def tokenized_pairs(examples, flag: str, args, tokenizer):
     return dataset, {**stats, **token_stats}
 
 
+def check_gating(model, tokenizer, sequences: list[list[int]], names: list[str], max_length: int) -> None:
+    """An exported ArmoRM reads the prompt at its gating pattern: a sequence without it (its user turn cut off by
+    --max_length) is one line naming the example, where the model's forward would fail its whole batch."""
+    pattern = getattr(model.config, "gating_pattern", None)
+    if pattern:
+        check_gating_sequences(tokenizer, sequences, pattern, names.__getitem__, max_length,
+                               [len(ids) >= max_length for ids in sequences])
+
+
 def completion_scores(model, tokenizer, examples, args, state) -> tuple[list[list[float]], int]:
     """v2: the reward of every completion of every prompt (each scored once, length-sorted batches split across
     the ranks), grouped by prompt; and how many sequences were cut to max_length."""
@@ -56,6 +66,9 @@ def completion_scores(model, tokenizer, examples, args, state) -> tuple[list[lis
                      for context, responses in zip(examples["context"], examples["responses"])
                      for response in responses]
     sequences, cut = truncate_all(tokenizer, encode_conversations(tokenizer, conversations), args.max_length)
+    check_gating(model, tokenizer, sequences, [f"example {i} completion {j}" for i, responses in
+                                               zip(examples["id"], examples["responses"]) for j in range(len(responses))],
+                 args.max_length)
     score = partial(score_sequences, model, tokenizer, batch_size=args.batch_size, progress=state.is_main_process,
                     max_tokens_per_batch=args.max_tokens_per_batch)
     flat = once_each(partial(map_across_ranks, state, score), sequences)  # a repeated completion: one score
@@ -91,6 +104,10 @@ def main():
                   f"{args.max_length} tokens from the left")
         results = score_examples_v2(examples["id"], examples["subset"], scores, examples["num_correct"])
     else:
+        for pairs in (examples, prior) if prior is not None else (examples,):
+            check_gating(model, tokenizer, list(pairs["chosen_input_ids"]) + list(pairs["rejected_input_ids"]),
+                         [f"example {i} ({side})" for side in ("chosen", "rejected") for i in pairs["id"]],
+                         args.max_length)
         chosen, rejected = score_pairs(model, tokenizer, examples, args.batch_size, state.is_main_process, state,
                                        args.max_tokens_per_batch)
         prior_scores = None

@@ -260,13 +260,17 @@ def prepare_examples(dataset, path: str, flag: str, skip_invalid: bool):
 
 
 def check_eval_arguments(args, state) -> None:
-    """Before any scoring: the record file and the results JSON must be writable files (creatable, not directories,
-    not the evaluated data), and --device_map runs in one process."""
+    """Before any scoring: the record file and the results JSON must be two writable files (creatable, not
+    directories, not the evaluated data or model nor inside them), and --device_map runs in one process."""
     # Before the data says which benchmark it is, either default name may be the one written.
     results = ({default_results_json(args.record_dir, args.reward_name_or_path, b) for b in (1, 2)}
                if args.benchmark is None and not args.results_json else {results_json_path(args)})
     for flag, path in (("--record_dir", args.record_dir), *(("--results_json", path) for path in sorted(results))):
-        check_output_file(path, flag, inputs=(args.data_set_name, args.prior_sets_path))
+        check_output_file(path, flag, inputs=(args.data_set_name, args.prior_sets_path, args.reward_name_or_path))
+    record = Path(args.record_dir).expanduser().resolve()
+    if any(Path(path).expanduser().resolve() == record for path in results):
+        raise UserError(f"--results_json and --record_dir are one file ({args.record_dir}): the JSON would replace "
+                        "the records; give two")
     if args.device_map and state.num_processes > 1:
         raise UserError(f"--device_map {args.device_map} spreads one model over the GPUs of one process; run it "
                         f"without a launcher ({state.num_processes} processes here)")

@@ -155,7 +155,7 @@ def output_paths(args) -> dict[str, Path]:
     for flag, path in paths.items():
         if path.suffix != ".jsonl":
             raise UserError(f"{flag}: {path} must be a .jsonl file")
-        check_output_file(str(path), flag, inputs=(args.dataset_path,))
+        check_output_file(str(path), flag, inputs=(args.dataset_path, args.reward_name_or_path))
     if len({p.resolve() for p in paths.values()}) < len(paths):
         raise UserError(f"{', '.join(paths)} must be different files")
     return paths

@@ -127,7 +127,7 @@ def output_path(args) -> str:
     path = args.output_path or pred_probs_path(args.data_name, args.shard_idx, args.n_shards)
     if Path(path).suffix != ".jsonl":
         raise UserError(f"--output_path: {path} must be a .jsonl file")
-    check_output_file(path, "--output_path", inputs=(args.dataset_path,))
+    check_output_file(path, "--output_path", inputs=(args.dataset_path, args.reward_name_or_path))
     return path
 
 
