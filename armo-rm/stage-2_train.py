@@ -142,6 +142,27 @@ def pair_scores(gating: GatingNetwork, weight: torch.Tensor, transform: torch.Te
     return armo_score(responses @ weight.T, gate, transform)
 
 
+# Flags that do not change the gating network's training: a resumed run may set them anew.
+NOT_TRAINING = ("overwrite_output_dir", "device", "model_family", "eval_reward_bench", "reward_bench_dataset",
+                "reward_bench_split", "save_every_steps", "resume_from_checkpoint", "output_dir")
+
+
+def training_settings(args, weights_path: str) -> dict:
+    """What the steps of a run depend on: every flag but NOT_TRAINING's, and the regression weights file used."""
+    return {**{k: v for k, v in asdict(args).items() if k not in NOT_TRAINING}, "regression_weights": weights_path}
+
+
+def check_same_settings(saved: dict, settings: dict, checkpoint: str) -> None:
+    """A resumed run must continue the saved one: another --n_steps, --seed (it redraws the validation split),
+    network shape or regression weights would mix two runs in one head (a checkpoint that predates the record
+    passes)."""
+    changed = [f"--{k} {saved[k]} -> {settings.get(k)}" for k in sorted(saved) if saved[k] != settings.get(k)]
+    if changed:
+        raise UserError(f"--resume_from_checkpoint {checkpoint} was saved by a run with other settings "
+                        f"({'; '.join(changed)}): resume with the saved ones, or start again with "
+                        "--overwrite_output_dir")
+
+
 def main():
     args, config = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-2_train")
     note_tiny_recipe(config, DEFAULT_CONFIG, args.model_path, "armo-rm/configs/llama3-8b.yaml")
@@ -201,8 +222,10 @@ def main():
     train_rows_t = torch.as_tensor(train_rows)
     start = 0
     resume = checkpoints.resolve_resume(args.resume_from_checkpoint, str(output_dir), checkpoints.LOOP_STATE)
+    settings = training_settings(args, weights_path)
     if resume:  # everything the remaining steps depend on, so they are the ones an uninterrupted run takes
         state = checkpoints.load_loop_state(resume)
+        check_same_settings(json.loads(state.get("settings", "{}")), settings, resume)
         gating.load_state_dict(state["gating"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -229,6 +252,7 @@ def main():
             checkpoints.save_loop_state(str(output_dir), step + 1, {
                 "gating": gating.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "batch_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "settings": json.dumps(settings),
                 **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
     gating.eval()
     with torch.inference_mode():

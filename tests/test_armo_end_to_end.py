@@ -165,6 +165,12 @@ def test_stage2_resume_gives_the_uninterrupted_head(armo, tmp_path):
     assert proc.returncode == 2 and "holds a finished run (armo_head.json)" in proc.stderr
     (tmp_path / "resumed").mkdir()
     (tmp_path / "whole" / "checkpoint-10").rename(tmp_path / "resumed" / "checkpoint-10")  # a run stopped at 10
+    # other settings would mix two runs in one head (--seed redraws the validation split): one line, nothing written
+    other = [*common[:-1], 5, "--seed", 7, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint", "latest"]
+    proc = run(stage("stage-2_train.py", *other))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (f"--resume_from_checkpoint {tmp_path / 'resumed' / 'checkpoint-10'} was saved by a run with other "
+            "settings (--seed 0 -> 7): resume with the saved ones") in proc.stderr
     proc = run(stage("stage-2_train.py", *common, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
                      "latest"))
     check_ok(proc)
