@@ -149,7 +149,8 @@ NOT_TRAINING = ("overwrite_output_dir", "device", "model_family", "eval_reward_b
 
 def training_settings(args, weights_path: str) -> dict:
     """What the steps of a run depend on: every flag but NOT_TRAINING's, and the regression weights file used."""
-    return {**{k: v for k, v in asdict(args).items() if k not in NOT_TRAINING}, "regression_weights": weights_path}
+    return {**{k: v for k, v in asdict(args).items() if k not in NOT_TRAINING},
+            "regression_weights": str(Path(weights_path).resolve())}
 
 
 def check_same_settings(saved: dict, settings: dict, checkpoint: str) -> None:
