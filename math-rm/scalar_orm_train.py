@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
 from useful_code import checkpoints
-from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
-from useful_code.data import load_dataset_dict, load_split, pick_split, split_name
+from useful_code.cli import note_tiny_recipe, parse_args, run_cli
+from useful_code.data import hold_out, load_dataset_dict, load_split, pick_split, split_name
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -184,16 +184,11 @@ def main():
             held_out, eval_stats = solution_rows(held_out_raw, tokenizer, training_args.max_length,
                                                  args.skip_invalid, "eval set")
         else:  # no test split (RLHFlow/Mistral-ORM-Data has none), or it is the training data
-            if len(train) < 2 * args.eval_holdout_size:
-                raise UserError(f"--train_set_path has {len(train)} valid rows and no 'test' split of its own: too "
-                                f"few to hold out --eval_holdout_size={args.eval_holdout_size}; pass --eval_set_path "
-                                "or a smaller --eval_holdout_size")
-            split = train.train_test_split(test_size=args.eval_holdout_size, seed=training_args.seed)
-            train, held_out = split["train"], split["test"]
-            train_stats.update(used=len(train), right=int(sum(train["label"])), held_out=len(held_out))
-            eval_stats = {"read": len(held_out), "used": len(held_out), "right": int(sum(held_out["label"])),
-                          "source": "held out of --train_set_path"}
-            print(f"Held out {args.eval_holdout_size} of the training rows for evaluation (--eval_holdout_size)")
+            why = "its 'test' split is the train set" if "test" in splits else "no 'test' split"
+            train, held_out, eval_stats = hold_out(train, args.eval_holdout_size, training_args.seed, why,
+                                                   "--train_set_path", key_columns=("input_ids",), unit="solutions")
+            train_stats.update(used=len(train), right=int(sum(train["label"])), held_out=eval_stats["read"])
+            eval_stats["right"] = int(sum(held_out["label"]))
 
     # Model: the BT reward model's loader, a new one-output head on the base model.
     if is_main:

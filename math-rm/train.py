@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 
 from useful_code import checkpoints
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
-from useful_code.data import load_dataset_dict, load_split, pick_split
+from useful_code.data import hold_out, load_dataset_dict, load_split, pick_split
 from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -116,13 +116,9 @@ def load_rows(args: ScriptArguments, tokenizer, seed: int, num_proc: Optional[in
         held_out, eval_stats = validate_training_rows(raw, tokenizer, args.skip_invalid, "eval set", num_proc)
         eval_stats["source"] = source
     elif args.eval_holdout_size:
-        if len(train) < 2 * args.eval_holdout_size:
-            raise UserError(f"--dataset_path has {len(train)} valid rows: too few to hold out --eval_holdout_size="
-                            f"{args.eval_holdout_size}; pass --eval_set_path or a smaller --eval_holdout_size")
-        split = train.train_test_split(test_size=args.eval_holdout_size, seed=seed)
-        train, held_out = split["train"], split["test"]
-        eval_stats = {"read": len(held_out), "source": "held out of --dataset_path"}
-        train_stats["held_out_for_eval"] = len(held_out)
+        train, held_out, eval_stats = hold_out(train, args.eval_holdout_size, seed, "no 'test' split",
+                                               "--dataset_path", key_columns=("messages",), unit="rows")
+        train_stats["held_out_for_eval"] = eval_stats["read"]
     if args.reward_type == "orm":
         # One label per solution: a multi-step row keeps its last label (a solution is right when its last step is).
         converted = sum(label_count(m) > 1 for m in train["messages"])

@@ -10,7 +10,7 @@ from datasets import Dataset, DatasetDict
 
 from useful_code.checkpoints import verify_reload
 from useful_code.cli import UserError
-from useful_code.data import held_out_pairs
+from useful_code.data import hold_out, held_out_pairs
 from useful_code.formats import standardize_pairs
 
 
@@ -48,6 +48,29 @@ def test_repeated_pairs_held_out_with_a_training_copy_are_left_out_counted(capsy
     twice = standardize_pairs(Dataset.from_list(pairs(1).to_list() * 4), False, "train")[0]
     with pytest.raises(UserError, match="every held-out pair is also a training pair .the data repeats its pairs."):
         held_out_pairs(twice, {}, None, 2, seed=0, skip_invalid=False, train_flag="--train_set_path")
+
+
+def test_math_rows_hold_out_by_their_own_columns(capsys):
+    """The math trainers' rows (one chat, or one tokenized solution) are held out by the same rule, keyed on their
+    own columns: a repeated row is never both trained on and scored."""
+    chats = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "+"}]}
+             for i in range(6)]
+    train = Dataset.from_list(chats + chats[:3])  # three rows twice
+    kept, held, stats = hold_out(train, 4, 0, "no 'test' split", "--dataset_path", key_columns=("messages",),
+                                 unit="rows")
+    kept_keys = {json.dumps(m) for m in kept["messages"]}
+    assert len(kept) == 5 and not kept_keys & {json.dumps(m) for m in held["messages"]}
+    assert 0 < stats["training_rows_left_out"] < 4 and stats["used"] == len(held) == 4 - stats["training_rows_left_out"]
+    assert "held-out rows out of the evaluation: the data repeats them, and a copy is a training row" \
+        in capsys.readouterr().out
+    solutions = Dataset.from_list([{"input_ids": [1, 2, i % 3], "label": float(i % 2)} for i in range(9)])
+    with pytest.raises(UserError, match="9 valid solutions and no 'test' split: too few to hold out "
+                                        "--eval_holdout_size=5"):
+        hold_out(solutions, 5, 0, "no 'test' split", "--train_set_path", key_columns=("input_ids",),
+                 unit="solutions")
+    with pytest.raises(UserError, match="every held-out solution is also a training solution"):
+        hold_out(solutions, 3, 0, "no 'test' split", "--train_set_path", key_columns=("input_ids",),
+                 unit="solutions")
 
 
 def test_too_few_pairs_to_hold_out_is_one_error():

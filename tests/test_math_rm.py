@@ -716,7 +716,8 @@ def test_scalar_orm_takes_upstreams_flags_and_holds_out_rows_of_train_only_data(
                 "--eval_holdout_size", "40", "--eval_every_steps", "999999", "--save_every_steps", "3",
                 "--max_steps", "3", "--output_dir", str(out)])
     check_ok(proc)
-    assert "Held out 40 of the training rows for evaluation (--eval_holdout_size)" in proc.stdout
+    assert ("Held out 40 of the train set's solutions for evaluation (--eval_holdout_size; no 'test' split)"
+            in proc.stdout)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["examples"]["eval"]["used"] == 40 and (out / "checkpoint-3").is_dir()
     rows = len(train_only.read_text().splitlines())

@@ -347,13 +347,13 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
     else:
         # No test split, or the training pairs are the test split: evaluating on it would score training pairs.
         why = "its 'test' split is the train set" if "test" in train_splits else "no 'test' split"
-        return _hold_out(train, holdout_size, seed, why, train_flag)
+        return hold_out(train, holdout_size, seed, why, train_flag)
     held_out, stats = standardize_pairs(raw, skip_invalid, "eval set")
     if train is None:
         return train, held_out, {**stats, "source": source}
-    seen = training_pair_indices(held_out, train)
+    seen = training_row_indices(held_out, train)
     if seen and len(seen) == len(held_out):
-        return _hold_out(train, holdout_size, seed, f"every pair of the {source} is a training pair", train_flag,
+        return hold_out(train, holdout_size, seed, f"every pair of the {source} is a training pair", train_flag,
                          eval_set_given=True)
     if seen:
         held_out = held_out.select(sorted(set(range(len(held_out))) - set(seen)))
@@ -363,37 +363,39 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
     return train, held_out, {**stats, "source": source}
 
 
-def _hold_out(train, holdout_size: int, seed: int, why: str, train_flag: str, eval_set_given: bool = False):
-    """holdout_size pairs of train, seeded, for evaluation, and the rest to train on (eval_set_given: an
-    --eval_set_path was given and held only training pairs)."""
+def hold_out(train, holdout_size: int, seed: int, why: str, train_flag: str, eval_set_given: bool = False,
+             key_columns: tuple = ("chosen", "rejected"), unit: str = "pairs"):
+    """holdout_size rows of train, seeded, for evaluation, and the rest to train on. Held-out rows equal to a training
+    row in key_columns (data that repeats its rows) are left out, counted. eval_set_given: an --eval_set_path was
+    given and held only training rows; unit names the rows in messages. Returns (train, held out, stats)."""
     if len(train) < 2 * holdout_size:
         raise UserError(
-            f"{train_flag} has {len(train)} valid pairs and {why}: too few to hold out "
-            f"--eval_holdout_size={holdout_size}; pass {'other pairs as ' if eval_set_given else ''}--eval_set_path "
-            "or a smaller --eval_holdout_size")
+            f"{train_flag} has {len(train)} valid {unit} and {why}: too few to hold out "
+            f"--eval_holdout_size={holdout_size}; pass {'other ' + unit + ' as ' if eval_set_given else ''}"
+            "--eval_set_path or a smaller --eval_holdout_size")
     split = train.train_test_split(test_size=holdout_size, seed=seed)
-    print(f"Held out {holdout_size} of the train set's pairs for evaluation (--eval_holdout_size; {why})")
+    print(f"Held out {holdout_size} of the train set's {unit} for evaluation (--eval_holdout_size; {why})")
     stats = {"read": holdout_size, "source": f"held out of {train_flag}"}
-    # Data that repeats a pair (real sets do) would otherwise put copies on both sides and score training pairs.
-    seen = training_pair_indices(split["test"], split["train"])
+    # Data that repeats a row (real sets do) would otherwise put copies on both sides and score training rows.
+    seen = training_row_indices(split["test"], split["train"], key_columns)
     if len(seen) == holdout_size:
-        raise UserError(f"{train_flag}: every held-out pair is also a training pair (the data repeats its pairs): "
-                        "remove the repeats, or pass other pairs as --eval_set_path")
+        raise UserError(f"{train_flag}: every held-out {unit[:-1]} is also a training {unit[:-1]} (the data repeats "
+                        f"its {unit}): remove the repeats, or pass other {unit} as --eval_set_path")
     if seen:
-        print(f"Left {len(seen)} of the {holdout_size} held-out pairs out of the evaluation: the data repeats them, "
-              "and a copy is a training pair")
-        stats.update(training_pairs_left_out=len(seen))
+        print(f"Left {len(seen)} of the {holdout_size} held-out {unit} out of the evaluation: the data repeats them, "
+              f"and a copy is a training {unit[:-1]}")
+        stats[f"training_{unit}_left_out"] = len(seen)
     held_out = split["test"].select(sorted(set(range(holdout_size)) - set(seen))) if seen else split["test"]
     return split["train"], held_out, {**stats, "used": len(held_out)}
 
 
-def training_pair_indices(held_out, train) -> list[int]:
-    """Indices of the held-out standard-format pairs that are also pairs of train (same chosen and rejected
-    conversations)."""
+def training_row_indices(held_out, train, key_columns: tuple = ("chosen", "rejected")) -> list[int]:
+    """Indices of the held-out rows equal to a row of train in key_columns (for standard-format pairs: the same
+    chosen and rejected conversations)."""
     def keys(dataset):
-        for batch in dataset.select_columns(["chosen", "rejected"]).iter(batch_size=4096):
-            for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
-                yield json.dumps([chosen, rejected], sort_keys=True)
+        for batch in dataset.select_columns(list(key_columns)).iter(batch_size=4096):
+            for values in zip(*(batch[column] for column in key_columns)):
+                yield json.dumps(values, sort_keys=True)
 
     wanted = {}
     for i, key in enumerate(keys(held_out)):
