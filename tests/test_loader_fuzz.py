@@ -152,7 +152,15 @@ def test_pairs_every_valid_row_kept_every_invalid_named(tmp_path, capsys, make_r
 
 def test_rewardbench_loader_keeps_ids_and_subsets(tmp_path):
     path = tmp_path / "bench.jsonl"
-    row_rules, _, valid = write_file(path, prompt_row, seed=7, line_errors=True)
+    same = []
+
+    def benchmark_row(rng, i):  # a benchmark scores a pair with the same response twice (a tie)
+        row, rule = prompt_row(rng, i)
+        same.append(rule == "identical_responses")
+        return row, "" if same[-1] else rule
+
+    row_rules, _, valid = write_file(path, benchmark_row, seed=7, line_errors=True)
+    assert any(same)
     kept, stats = load_examples(str(path), "filtered", "--data_set_name", skip_invalid=True)
     assert answers(kept) == valid
     assert [f"answer {i}" for i in kept["id"]] == valid and set(kept["subset"]) <= {"shp", "alpacaeval-easy"}

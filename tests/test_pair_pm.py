@@ -403,6 +403,15 @@ def test_scorer_swapping_pairs_is_the_same_sequences(tok, sharp_model):
     np.testing.assert_allclose(swapped["mean"], 1 - forward["mean"], atol=1e-5, rtol=0)
 
 
+def test_a_response_against_itself_is_exactly_even(tok, sharp_model):
+    """P(A) + P(B) of one prompt is 1 only up to rounding: a response compared with itself is 0.5 exactly, so a
+    benchmark pair with the same response twice is a tie, never a win by a rounding error."""
+    scorer = PairPreferenceScorer(sharp_model, tok, batch_size=4)
+    probs = scorer.prob_first_preferred(SIX_CONTEXTS, SIX_FIRST, SIX_FIRST)
+    assert probs["mean"].tolist() == [0.5] * 6
+    assert np.ptp(probs["first_as_A"]) > 0.05  # the model itself is far from even on these prompts
+
+
 def test_scorer_probabilities_match_the_model_on_each_unpadded_sequence(tok, sharp_model):
     scorer = PairPreferenceScorer(sharp_model, tok, batch_size=4)
     probs = scorer.prob_first_preferred(SIX_CONTEXTS, SIX_FIRST, SIX_SECOND)

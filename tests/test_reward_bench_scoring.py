@@ -256,6 +256,17 @@ def test_duplicate_ids_are_refused_before_scoring(tmp_path):
         evaluation.load_examples(str(path), None, "--data_set_name", False)
 
 
+def test_a_pair_with_the_same_response_twice_is_scored_not_refused(tmp_path):
+    """reward-bench scores every row, and a pair whose two responses are the same is a tie (counted wrong): the
+    training rule that refuses such a pair must not shrink a benchmark's denominators."""
+    path = tmp_path / "same.jsonl"
+    rows = [{"prompt": "q", "chosen": "a", "rejected": r, "subset": "shp", "id": i} for i, r in enumerate("ab")]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    kept, stats = evaluation.load_examples(str(path), None, "--data_set_name", False)
+    assert kept["id"] == [0, 1] and stats["used"] == 2 and stats["invalid"] == {}
+    assert kept[0]["chosen"] == kept[0]["rejected"]
+
+
 def test_a_row_without_a_subset_name_is_named_or_dropped(tmp_path):
     """A null or blank subset would be scored under "None": a row error, or a counted drop with --skip_invalid."""
     path = tmp_path / "subsets.jsonl"

@@ -200,6 +200,24 @@ def test_pm_response_scores_are_mean_win_probabilities():
     assert scores[1] == pytest.approx([0.3, 0.7])  # two completions: P(first preferred) and its complement
 
 
+def test_pm_repeated_completion_is_an_exact_tie_and_is_compared_once():
+    """A completion repeated in a prompt's list gets exactly its copy's win rate (RewardBench 2 credits an exact tie
+    1/k), and the copies are not compared with each other or a second time with the rest."""
+    scorer = PairPreferenceScorer.__new__(PairPreferenceScorer)
+    table = {("a", "b"): 0.9, ("a", "c"): 0.6, ("b", "c"): 0.2}
+    asked = []
+
+    def prob_first_preferred(contexts, first, second, progress=False):
+        asked.extend(zip(first, second))
+        return {"mean": np.array([table[(f, s)] for f, s in zip(first, second)])}
+
+    scorer.prob_first_preferred = prob_first_preferred
+    (scores,) = scorer.response_scores([[]], [["a", "b", "a", "c"]])
+    assert sorted(asked) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert scores[0] == scores[2] == pytest.approx((0.9 + 0.5 + 0.6) / 3)  # against b, its copy, c
+    assert scores[1] == pytest.approx((0.1 + 0.1 + 0.2) / 3) and scores[3] == pytest.approx((0.4 + 0.8 + 0.4) / 3)
+
+
 def test_split_by_sizes_and_one_process_mapping():
     assert split_by_sizes([1, 2, 3, 4, 5, 6], [1, 3, 2]) == [[1], [2, 3, 4], [5, 6]]
     assert map_across_ranks(None, lambda items: [2 * x for x in items], [1, 2, 3]) == [2, 4, 6]

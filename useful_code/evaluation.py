@@ -254,7 +254,8 @@ def prepare_examples(dataset, path: str, flag: str, skip_invalid: bool):
     marked = map_rows(dataset, lambda subset: {"invalid_reason": _subset_reason(subset)}, ["subset"],
                       desc=f"checking {flag.lstrip('-')}'s subsets")
     dataset, subset_stats = enforce_validity(marked, SUBSET_RULES, skip_invalid, flag.lstrip("-"))
-    dataset, stats = standardize_pairs(dataset, skip_invalid, flag.lstrip("-"), read_hh=False)
+    # A pair with the same response twice stays: reward-bench scores it, a tie, which its strict '>' counts wrong.
+    dataset, stats = standardize_pairs(dataset, skip_invalid, flag.lstrip("-"), read_hh=False, allow_identical=True)
     unique_ids(dataset["id"])
     return dataset, {**stats, "read": subset_stats["read"], "invalid": {**subset_stats["invalid"], **stats["invalid"]}}
 

@@ -203,12 +203,13 @@ def validate_pair_values(dataset, column: str, skip_invalid: bool, name: str):
     return enforce_validity(marked, PAIR_VALUE_RULES, skip_invalid, name)
 
 
-def standardize_pairs(dataset, skip_invalid: bool, name: str, read_hh: bool = True):
+def standardize_pairs(dataset, skip_invalid: bool, name: str, read_hh: bool = True, allow_identical: bool = False):
     """Convert a preference dataset to the standard format (chosen/rejected message lists) and validate
     every row. An invalid row is an error naming its index and rule, unless skip_invalid, in which case it
     is dropped and counted. read_hh: HH-RLHF turns in a prompt string, or in responses beside a prompt, are read as
-    turns (off for RewardBench, whose prompt is the user's text as reward-bench reads it). Returns (dataset, stats)
-    with stats = {'format', 'read', 'invalid': {reason: n}, 'used'}."""
+    turns (off for RewardBench, whose prompt is the user's text as reward-bench reads it). allow_identical: a pair
+    whose responses are the same is kept (a benchmark scores it as a tie). Returns (dataset, stats) with
+    stats = {'format', 'read', 'invalid': {reason: n}, 'used'}."""
     check_pair_columns(dataset.column_names)
     source_columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
 
@@ -216,6 +217,8 @@ def standardize_pairs(dataset, skip_invalid: bool, name: str, read_hh: bool = Tr
         row = dict(zip(source_columns, values))
         fmt = detect_format(row, read_hh)
         chosen, rejected, reason = to_standard_pair(row, fmt, read_hh)
+        if allow_identical and reason == "identical_responses":
+            reason = ""
         return {"chosen": chosen, "rejected": rejected, "invalid_reason": reason, "source_format": fmt}
 
     # Typed output (MESSAGES_FEATURE), which also keeps a message's extra keys (e.g. 'name') from being carried as

@@ -167,7 +167,11 @@ class PairPreferenceScorer:
         check_finite(logits, probs, contexts)
         as_a = probs[:n, 0]  # first shown as A: P(answer A)
         as_b = probs[n:, 1]  # first shown as B: P(answer B)
-        return {"first_as_A": as_a, "first_as_B": as_b, "mean": (as_a + as_b) / 2}
+        mean = (as_a + as_b) / 2
+        # A response against itself: both orders are one prompt, whose P(A) + P(B) is 1 only up to rounding, so the
+        # mean would land a hair off 0.5 and a benchmark would score the tie as a win or a loss.
+        mean[[a == b for a, b in zip(first, second)]] = 0.5
+        return {"first_as_A": as_a, "first_as_B": as_b, "mean": mean}
 
     def score_pairs(self, pairs, progress: bool = True) -> dict[str, np.ndarray]:
         """prob_first_preferred for standard-format pairs (chosen/rejected message lists): P(chosen preferred)."""
@@ -177,15 +181,19 @@ class PairPreferenceScorer:
     def preference_matrices(self, contexts: list[list[dict]], responses: list[list[str]],
                             progress: bool = False) -> list[np.ndarray]:
         """For each prompt, P[i, j] = P(response i preferred over response j), both orders averaged (diagonal 0.5):
-        every unordered pair is played once in both orders, all prompts' pairs in shared batches."""
-        pairings = [(p, i, j) for p, rs in enumerate(responses) for i in range(len(rs)) for j in range(i + 1, len(rs))]
+        every unordered pair of distinct responses is played once in both orders, all prompts' pairs in shared
+        batches. A response repeated in the list shares its rows and columns, and 0.5 against its copy, so the copies'
+        win rates are exactly equal (RewardBench 2 credits an exact tie)."""
+        distinct = [list(dict.fromkeys(rs)) for rs in responses]
+        pairings = [(p, i, j) for p, rs in enumerate(distinct) for i in range(len(rs)) for j in range(i + 1, len(rs))]
         probs = self.prob_first_preferred([contexts[p] for p, _, _ in pairings],
-                                          [responses[p][i] for p, i, _ in pairings],
-                                          [responses[p][j] for p, _, j in pairings], progress)["mean"]
-        matrices = [np.full((len(rs), len(rs)), 0.5) for rs in responses]
+                                          [distinct[p][i] for p, i, _ in pairings],
+                                          [distinct[p][j] for p, _, j in pairings], progress)["mean"]
+        matrices = [np.full((len(rs), len(rs)), 0.5) for rs in distinct]
         for (p, i, j), prob in zip(pairings, probs):
             matrices[p][i, j], matrices[p][j, i] = prob, 1.0 - prob
-        return matrices
+        positions = [[rs.index(r) for r in responses[p]] for p, rs in enumerate(distinct)]
+        return [m[np.ix_(at, at)] for m, at in zip(matrices, positions)]
 
     def response_scores(self, contexts: list[list[dict]], responses: list[list[str]],
                         progress: bool = True) -> list[list[float]]:
