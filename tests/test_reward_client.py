@@ -72,6 +72,9 @@ def test_trl_unscorable_completions_get_none_and_the_others_are_scored(server):
     assert plain[0] is None and plain[2] is None
     assert plain[1] == pytest.approx(reference(server, [CONVERSATIONS[2]])[0], abs=1e-5)
     assert trl_reward_function(server.url)(prompts=["Q"], completions=[""]) == [None]  # nothing sent at all
+    # TRL logs each reward function under its __name__: two servers' functions must be told apart.
+    assert trl_reward_function(server.url).__name__ == "reward_model"
+    assert trl_reward_function(server.url, name="helpfulness").__name__ == "helpfulness"
 
 
 def test_trl_conversations_refused_by_the_template_or_armo_gating_get_none(checkpoints, tmp_path):

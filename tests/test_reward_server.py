@@ -18,7 +18,7 @@ from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.reward_client import RewardClient, RewardServerError, trl_reward_function
 from useful_code.reward_scorer import checkpoint_kind
 from useful_code.scoring import score_sequences
-from useful_code.serve_reward_model import check_bindable, is_loopback
+from useful_code.serve_reward_model import check_bindable, is_loopback, server_url
 from useful_code.templates import encode_conversations, load_tokenizer, render_conversations, truncate_left
 
 QUESTION = {"role": "user", "content": "How do I bake bread at home?"}
@@ -306,6 +306,7 @@ def test_trl_reward_function_returns_the_servers_rewards(checkpoints):
 
 def test_loopback_only_unless_an_api_key_is_given():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert server_url("::1", 5000) == "http://[::1]:5000" and server_url("127.0.0.1", 80) == "http://127.0.0.1:80"
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
     proc = run([sys.executable, str(ROOT / "useful_code" / "serve_reward_model.py"), "--host", "0.0.0.0"])
     assert proc.returncode == 2 and "pass --api_key" in proc.stderr and "Traceback" not in proc.stderr

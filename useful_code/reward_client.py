@@ -224,7 +224,7 @@ def _as_messages(value, role: str) -> list:
 
 
 def trl_reward_function(url: str = "http://127.0.0.1:5000", api_key: Optional[str] = None,
-                        timeout: float = 300.0) -> Callable[..., list[Optional[float]]]:
+                        timeout: float = 300.0, name: str = "reward_model") -> Callable[..., list[Optional[float]]]:
     """A TRL reward function, (prompts, completions, **kwargs) -> one reward per completion, that asks the server
     for the reward of each prompt + completion conversation (RewardClient.rewards: in requests of at most the
     server's --max_items).
@@ -233,13 +233,16 @@ def trl_reward_function(url: str = "http://127.0.0.1:5000", api_key: Optional[st
     reply, a `tool` message or any role but system/user/assistant, content given as a list of parts, roles out of
     turn, a special token as text. TRL turns None into NaN and leaves that completion out of the rewards' means and
     advantages (it warns when every reward function gave None). Errors that are not about one completion (the server
-    unreachable, a wrong api_key, a PM server) are raised. url may end with an endpoint such as /get_reward."""
+    unreachable, a wrong api_key, a PM server) are raised. url may end with an endpoint such as /get_reward.
+    name: the function's __name__, under which TRL logs its rewards (rewards/<name>/mean): give each of several
+    servers its own, or TRL logs them under one name."""
     client = RewardClient(url, api_key, timeout)
 
     def reward_model(prompts, completions, **kwargs) -> list[Optional[float]]:
         conversations = [_as_messages(p, "user") + _as_messages(c, "assistant") for p, c in zip(prompts, completions)]
         return client.rewards(conversations)
 
+    reward_model.__name__ = reward_model.__qualname__ = name
     return reward_model
 
 

@@ -515,6 +515,11 @@ def check_access(host: str, api_key: Optional[str]) -> None:
                         "token, or bind 127.0.0.1")
 
 
+def server_url(host: str, port: int) -> str:
+    """The URL clients reach host:port at (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def main():
     args = parse_args((ServerArguments,))[0]
     check_access(args.host, args.api_key)
@@ -533,7 +538,7 @@ def main():
                                           pickled_weights=args.load_pickled_weights,
                                           max_tokens_per_batch=args.max_tokens_per_batch)
     app = build_app(scorer, args, path)
-    print(f"Serving {KINDS[scorer.kind]} {path} on http://{args.host}:{args.port} "
+    print(f"Serving {KINDS[scorer.kind]} {path} on {server_url(args.host, args.port)} "
           f"({'bearer token required' if args.api_key else 'no authentication'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
