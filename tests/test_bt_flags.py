@@ -268,6 +268,32 @@ def test_deepspeed_without_a_launcher_is_a_world_of_one():
         os.environ.update(saved)
 
 
+def test_a_deepspeed_config_that_contradicts_the_flags_is_one_line_before_any_work(tmp_path):
+    """transformers and DeepSpeed find these only once training starts (a traceback on every rank), or, for a ZeRO-3
+    config that gathers no weights at save, when the finished run's checkpoint is empty."""
+    base = json.loads((ROOT / "deepspeed_configs" / "deepspeed_3.json").read_text())
+    no_gather = json.loads(json.dumps(base))
+    del no_gather["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    cases = {
+        "batch": ({**base, "train_micro_batch_size_per_gpu": 4}, TRAIN, [],
+                  "the config contradicts the run's flags: train_micro_batch_size_per_gpu is 4 there, 16 from "
+                  "--per_device_train_batch_size; set these config values to \"auto\""),
+        "bf16": ({**base, "bf16": {"enabled": True}, "gradient_accumulation_steps": 1}, TRAIN,
+                 ["--gradient_accumulation_steps", "2"],
+                 "gradient_accumulation_steps is 1 there, 2 from --gradient_accumulation_steps; bf16.enabled is True "
+                 "there, False from --bf16 (this machine has no bf16-capable GPU: the run is fp32)"),
+        "gather": (no_gather, str(ROOT / "pair-pm" / "train.py"), [],
+                   "a ZeRO-3 config needs \"stage3_gather_16bit_weights_on_model_save\": true in zero_optimization"),
+    }
+    for name, (config, script, flags, message) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(config))
+        out = tmp_path / f"out_{name}"
+        proc = run([sys.executable, script, "--deepspeed", str(path), "--output_dir", str(out), *flags])
+        assert proc.returncode == 2 and message in proc.stderr, (name, proc.stderr[-600:])
+        assert "Traceback" not in proc.stderr and not out.exists()
+
+
 @pytest.mark.e2e
 def test_dropout_is_off_in_training_unless_kept(tmp_path):
     """A base model with attention dropout trains without it (TRL's default), said once; --disable_dropout false

@@ -87,7 +87,40 @@ class HardwareAwareArguments:
             # activation_checkpointing and warns about on every run.
             warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
             super().__post_init__()
+        if self.deepspeed:
+            check_deepspeed_config(self)
         check_optional_packages(self)
+
+
+# transformers' names for what it fills into a DeepSpeed config, as this project's flags
+DEEPSPEED_FILLED_FROM = {"train_batch_size (calculated)": "--per_device_train_batch_size x "
+                                                          "--gradient_accumulation_steps x processes",
+                         "bf16|bf16_full_eval": "--bf16", "fp16|fp16_full_eval": "--fp16",
+                         "adam_beta1+adam_beta2": "--adam_beta1, --adam_beta2"}
+
+
+def check_deepspeed_config(training_args) -> None:
+    """A DeepSpeed config that contradicts the flags (batch sizes, accumulation, learning rate, precision: what
+    transformers fills in where the config says "auto"), or a ZeRO-3 config that saves no full weights: one line
+    before any work. transformers and DeepSpeed find the first kind only once training starts, as a traceback on
+    every rank; the second, only when the finished run's checkpoint holds no weights."""
+    config = training_args.hf_deepspeed_config
+    flag = f"--deepspeed {training_args.deepspeed}" if isinstance(training_args.deepspeed, str) else "--deepspeed"
+    if config.mismatches:
+        clashes = []
+        for line in config.mismatches:  # "- ds train_batch_size=64 vs hf train_batch_size (calculated)=32"
+            ours, theirs = line.removeprefix("- ds ").split(" vs hf ", 1)
+            key, ds_value = ours.split("=", 1)
+            name, value = theirs.rsplit("=", 1)
+            clashes.append(f"{key} is {ds_value} there, {value} from {DEEPSPEED_FILLED_FROM.get(name, '--' + name)}")
+        bf16 = (" (this machine has no bf16-capable GPU: the run is fp32)"
+                if not bf16_available() and any("bf16.enabled" in m for m in config.mismatches) else "")
+        raise UserError(f"{flag}: the config contradicts the run's flags: {'; '.join(clashes)}{bf16}; set these "
+                        "config values to \"auto\" (filled in from the flags) or change the flags")
+    if config.is_zero3() and not config.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save"):
+        raise UserError(f"{flag}: a ZeRO-3 config needs \"stage3_gather_16bit_weights_on_model_save\": true in "
+                        "zero_optimization, or the final checkpoint gets no full weights (see "
+                        "deepspeed_configs/deepspeed_3.json)")
 
 
 def weights_dtype(training_args, frozen_base: bool = False) -> torch.dtype:
