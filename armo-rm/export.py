@@ -151,7 +151,7 @@ def check_export(path: Path, backbone_path: str, head: dict, n_pairs: int, toler
         via_embeddings = modeling_armo_rm.armo_score(last @ head["regression_layer.weight"].T, gating(gated),
                                                      head["reward_transform_matrix"]).numpy()
     return checkpoints.verify_reload(via_embeddings, np.array(direct), torch.float32, str(path), "scores", tolerance,
-                         reference="stage 2's scores from embeddings", hint="")
+                                     reference="stage 2's scores from embeddings")
 
 
 if __name__ == "__main__":

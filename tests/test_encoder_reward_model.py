@@ -70,3 +70,20 @@ def test_encoder_reward_model_trains_evaluates_and_serves(encoder):
     assert served["rewards"][0] == pytest.approx(first["chosen_reward"], abs=1e-4)
     direct = score_sequences(scorer.model, tokenizer, encode_conversations(tokenizer, [conversation]), batch_size=1)
     assert len(direct) == 1
+
+
+def test_lora_on_an_encoder_trains_and_saves_its_new_pooler_in_full(encoder):
+    """A masked-LM base has no pooler: the reward head's new pooler trains in full beside the classifier (as a LoRA
+    target it would stay random, and the merged export would draw another), so the merged checkpoint verifies."""
+    from safetensors import safe_open
+
+    out = encoder / "lora"
+    proc = run([sys.executable, str(ROOT / "bradley-terry-rm" / "train.py"), "--model_name", str(encoder / "base"),
+                "--chat_template", "plain", "--use_peft", "--output_path", str(out), "--max_steps", "4",
+                "--max_length", "512", "--skip_invalid"])
+    check_ok(proc)
+    assert "Checkpoint verified: the reloaded rewards match the trained model" in proc.stdout
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as saved:
+        names = set(saved.keys())
+    assert {"base_model.model.bert.pooler.dense.weight", "base_model.model.classifier.weight"} <= names
+    assert not any("pooler" in name and "lora_" in name for name in names)

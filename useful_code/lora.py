@@ -14,6 +14,7 @@ from useful_code.checkpoints import ADAPTER_DIR, save_final_checkpoint
 from useful_code.cli import UserError
 from useful_code.distributed import outside_zero3
 from useful_code.hardware import has_accelerator
+from useful_code.modeling import REWARD_HEAD_WEIGHTS
 
 
 @dataclass
@@ -70,9 +71,17 @@ def check_lora_targets(model, targets: Optional[list[str]]) -> None:
     if not targets:
         return
     head = next((name for name in ("score", "classifier") if hasattr(model, name)), None)
-    modules = [(name, module) for name, module in model.named_modules() if name and name.split(".")[0] != head]
+    # A causal LM's output layer (the PM's answer head): TRL's SFTTrainer refuses an adapter on it, with a traceback.
+    output = model.get_output_embeddings() if head is None and hasattr(model, "get_output_embeddings") else None
+    modules = [(name, module) for name, module in model.named_modules()
+               if name and name.split(".")[0] != head and module is not output]
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules if isinstance(module, torch.nn.Linear)})
     advice = f"its linear layers are {', '.join(linear)}; leave the flag unset for all"
+    output_names = [name for name, module in model.named_modules() if output is not None and module is output]
+    on_output = [t for t in targets if any(name == t or name.endswith(f".{t}") for name in output_names)]
+    if on_output:
+        raise UserError(f"--lora_target_modules: {', '.join(on_output)} is the model's output layer, which LoRA does "
+                        f"not adapt here (TRL refuses it); {advice}")
     matched = {t: [m for name, m in modules if name == t or name.endswith(f".{t}")] for t in targets}
     unknown = [t for t, found in matched.items() if not found]
     if unknown:
@@ -90,8 +99,9 @@ def check_lora_targets(model, targets: Optional[list[str]]) -> None:
 
 
 def wrap_with_lora(model, args: LoraArguments, task_type: TaskType, training_args=None):
-    """The model with LoRA adapters on its linear layers (check_lora_targets first); for a sequence classifier peft
-    also trains and saves the score head in full (SEQ_CLS puts 'score'/'classifier' in modules_to_save). Prints the
+    """The model with LoRA adapters on its linear layers (check_lora_targets first); for a sequence classifier the
+    head trains and is saved in full (peft's SEQ_CLS puts 'score'/'classifier' in modules_to_save; an encoder's
+    pooler is added). Prints the
     trainable share. training_args (the run's TrainingArguments; None: a plain run without DeepSpeed or gradient
     checkpointing) decide the dtypes of what trains and the checkpointing set-up:
 
@@ -116,8 +126,13 @@ def wrap_with_lora(model, args: LoraArguments, task_type: TaskType, training_arg
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if quantized:  # QLoRA: upcasts every non-quantized weight to fp32 itself
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    # Every part of a new reward head trains in full, as peft trains 'score'/'classifier': an encoder's pooler (new
+    # on a masked-LM base) adapted by LoRA instead would keep its random init, which the merged export redraws.
+    head_parts = {prefix.rstrip(".") for prefix in REWARD_HEAD_WEIGHTS} - {"score", "classifier"}
+    extra_head = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & head_parts) \
+        if task_type == TaskType.SEQ_CLS else []
     config = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=args.lora_target_modules or "all-linear")
+                        target_modules=args.lora_target_modules or "all-linear", modules_to_save=extra_head or None)
     model = get_peft_model(model, config, **({"autocast_adapter_dtype": False} if zero3 and not quantized else {}))
     if not deepspeed:
         for param in model.parameters():
