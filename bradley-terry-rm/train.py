@@ -39,7 +39,8 @@ from useful_code.distributed import (
 from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import standardize_pairs, validate_pair_values
 from useful_code.hub import FinalCheckpointPush, push_checkpoint
-from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
+from useful_code.lora import (LoraArguments, TaskType, check_resume_settings, quantization_options,
+                               save_final_model, wrap_with_lora)
 from useful_code.losses import (
     ODIN_PARTS,
     PAIR_COLUMNS,
@@ -492,6 +493,7 @@ def main(default_config: str = DEFAULT_CONFIG):
     padding_free, share_prefix = choose_packing(model, args, is_main, training_args.device)
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.SEQ_CLS, training_args)
+    check_resume_settings(model, resume)
 
     # Seeded batch orders, each epoch's drawn from (data_seed, epoch): a resumed run trains on what it would have.
     data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed

@@ -41,7 +41,8 @@ from useful_code.distributed import (
 from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import map_rows
 from useful_code.hub import FinalCheckpointPush, push_checkpoint
-from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
+from useful_code.lora import (LoraArguments, TaskType, check_resume_settings, quantization_options,
+                               save_final_model, wrap_with_lora)
 from useful_code.math_data import (
     LABELS,
     TOY_PRM,
@@ -199,6 +200,7 @@ def main():
     model.config.use_cache = False
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args)
+    check_resume_settings(model, resume)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          callbacks=[checkpoints.DropPickledArguments(), StopOnNonFiniteLoss()])
     train_result = trainer.train(resume_from_checkpoint=resume)

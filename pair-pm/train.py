@@ -38,7 +38,8 @@ from useful_code.distributed import (
 from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import standardize_pairs
 from useful_code.hub import FinalCheckpointPush, push_checkpoint
-from useful_code.lora import LoraArguments, TaskType, quantization_options, save_final_model, wrap_with_lora
+from useful_code.lora import (LoraArguments, TaskType, check_resume_settings, quantization_options,
+                               save_final_model, wrap_with_lora)
 from useful_code.model_card import launch_command, write_model_card
 from useful_code.modeling import load_preference_model
 from useful_code.pm_data import (
@@ -162,6 +163,7 @@ def main():
     model.config.use_cache = False
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args)
+    check_resume_settings(model, resume)
     if not (training_args.packing or training_args.shuffle_dataset):
         # Unpacked, TRL's preparation of these rows would only cut them to max_length and drop rows without loss
         # tokens, row by row (6.5 s per 100K examples here); tokenize_pm_examples has done both.

@@ -146,6 +146,40 @@ def test_lora_target_modules_must_name_modules_of_the_model():
                               f"here (TRL refuses it); its linear layers are {linear}; leave the flag unset for all")
 
 
+def test_a_resume_with_other_lora_settings_is_one_line(tmp_path):
+    """The Trainer fails on another rank or targets with a state-dict or optimizer traceback, on a LoRA checkpoint
+    without --use_peft with "can't find a checkpoint index", and resumes another alpha without a word."""
+    from useful_code.lora import LoraArguments, TaskType, check_resume_settings, wrap_with_lora
+    from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
+    from useful_code.templates import load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "--model_name")
+
+    def model(**lora):
+        base = load_reward_model(DEFAULT_MODEL, "--model_name", tokenizer, torch.float32,
+                                 new_weights=REWARD_HEAD_WEIGHTS)
+        return wrap_with_lora(base, LoraArguments(use_peft=True, **lora), TaskType.SEQ_CLS) if lora else base
+
+    lora_checkpoint, full_checkpoint = tmp_path / "checkpoint-2", tmp_path / "full" / "checkpoint-2"
+    model(lora_r=16).save_pretrained(lora_checkpoint)
+    model().save_pretrained(full_checkpoint)
+    check_resume_settings(model(lora_r=16), str(lora_checkpoint))  # the same settings
+    check_resume_settings(model(), str(full_checkpoint))
+    check_resume_settings(model(lora_r=4), None)  # not resuming
+    with pytest.raises(UserError, match="a checkpoint of LoRA adapters: resume it with --use_peft"):
+        check_resume_settings(model(), str(lora_checkpoint))
+    with pytest.raises(UserError, match="a checkpoint of the whole model, not of LoRA adapters: resume it without "
+                                        "--use_peft"):
+        check_resume_settings(model(lora_r=16), str(full_checkpoint))
+    with pytest.raises(UserError) as err:
+        check_resume_settings(model(lora_r=8, lora_alpha=256, lora_target_modules=["q_proj"]), str(lora_checkpoint))
+    message = str(err.value)
+    assert message.startswith(f"--resume_from_checkpoint {lora_checkpoint}: its adapters were trained with other LoRA "
+                              "settings: --lora_r 8 (the checkpoint: 16); --lora_alpha 256 (the checkpoint: 32); "
+                              "--lora_target_modules ['q_proj'] (the checkpoint: ['model.layers.0.mlp.down_proj',")
+    assert message.endswith("resume with the checkpoint's settings")
+
+
 @pytest.mark.e2e
 def test_checks_come_before_any_work(tmp_path):
     from transformers.utils import is_bitsandbytes_available

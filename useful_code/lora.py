@@ -3,6 +3,7 @@ trained in full), and merging a trained adapter into a plain checkpoint that loa
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
@@ -151,6 +152,38 @@ def wrap_with_lora(model, args: LoraArguments, task_type: TaskType, training_arg
     print(f"LoRA r={args.lora_r} alpha={args.lora_alpha}: {trainable:,} of {total:,} parameters trainable "
           f"({100 * trainable / total:.2f}%)")
     return model
+
+
+def check_resume_settings(model, resume: Optional[str]) -> None:
+    """Resuming must keep the checkpoint's LoRA settings: a LoRA checkpoint resumed without --use_peft (or a full one
+    with it), another rank or targets (a state-dict or optimizer traceback from the Trainer), or another alpha or
+    dropout (no error at all: the adapter would train on at another scale, and metrics.json would record only the
+    new one) is one line. model: the model about to train (a PeftModel with --use_peft)."""
+    if not resume:
+        return
+    saved_path = os.path.join(resume, "adapter_config.json")
+    live = model.peft_config["default"] if isinstance(model, PeftModel) else None
+    if live is None or not os.path.isfile(saved_path):
+        if live is not None:
+            raise UserError(f"--resume_from_checkpoint {resume}: a checkpoint of the whole model, not of LoRA "
+                            "adapters: resume it without --use_peft")
+        if os.path.isfile(saved_path):
+            raise UserError(f"--resume_from_checkpoint {resume}: a checkpoint of LoRA adapters: resume it with "
+                            "--use_peft and the LoRA settings it was trained with")
+        return
+    with open(saved_path) as f:
+        saved = json.load(f)
+    flags = {"r": "--lora_r", "lora_alpha": "--lora_alpha", "lora_dropout": "--lora_dropout",
+             "target_modules": "--lora_target_modules"}
+
+    def comparable(value):
+        return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+    changed = [f"{flag} {comparable(getattr(live, key))} (the checkpoint: {comparable(saved.get(key))})"
+               for key, flag in flags.items() if comparable(getattr(live, key)) != comparable(saved.get(key))]
+    if changed:
+        raise UserError(f"--resume_from_checkpoint {resume}: its adapters were trained with other LoRA settings: "
+                        f"{'; '.join(changed)}; resume with the checkpoint's settings")
 
 
 def save_final_model(trainer, checkpoint_dir: str, use_peft: bool, load_base: Callable, tokenizer) -> None:
