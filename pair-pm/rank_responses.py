@@ -3,8 +3,9 @@
     python pair-pm/rank_responses.py --reward_name_or_path DIR --input_path prompts.jsonl --output_path best.jsonl
 
 Each input line is a JSON object with "prompt" (a string, or a message list) or "context" (a message list ending with
-the user's turn), and "responses" (a non-empty list of non-empty strings). Every line is checked before the model
-loads (the rules of useful_code/score_dataset.py's rows); a bad line stops the run naming its number and rule.
+the user's turn; also read from score_dataset.py's context_messages, messages or conversations), and "responses" (a
+non-empty list of non-empty strings). Every line is checked before the model loads, with its tokenizer (the rules of
+useful_code/score_dataset.py's rows); a bad line stops the run naming its number and rule.
 A tournament takes n - 1 comparisons, each scored in both orders (upstream's recommendation for n > 2: linear in n,
 where ranking every pair is quadratic). The matches of a round, across all prompts, share batched forward passes;
 under torchrun, accelerate launch or deepspeed each rank scores a slice of every round's sequences, and the first
@@ -26,14 +27,14 @@ from useful_code.checkpoints import atomic_write_text, check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data_parallel import finish, process_state
 from useful_code.pm_scoring import PairPreferenceScorer
-from useful_code.score_dataset import RESPONSE_RULES, ROW_RULES, parse_row, response_problems
+from useful_code.score_dataset import CONTEXT_COLUMNS, RESPONSE_RULES, ROW_RULES, parse_row, response_problems
 from useful_code.scoring import token_budget_field
-from useful_code.templates import special_token_pattern
+from useful_code.templates import load_tokenizer, special_token_pattern
 
 # score_dataset's row rules, with this script's name for the message-list context.
 LINE_RULES = {**ROW_RULES, "empty_response": RESPONSE_RULES["empty_response"],
               "bad_prompt": "needs 'prompt' (a non-empty string or a message list) or 'context' (a message list "
-                            "ending with the user's turn)"}
+                            "ending with the user's turn; or context_messages, messages or conversations)"}
 
 
 @dataclass
@@ -52,14 +53,17 @@ class ScriptArguments:
     trust_remote_code: bool = field(default=False)
     load_pickled_weights: bool = field(default=False, metadata={
         "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
+    local_rank: int = field(default=-1, metadata={"help": "Passed by the deepspeed launcher; the rank comes from it."})
 
 
 def parse_line(row, number: int, special_tokens=None) -> tuple[list[dict], list[str]]:
     """(context messages, responses) of one input line (1-based number), or a UserError naming it and its rule."""
     if not isinstance(row, dict):
         raise UserError(f"--input_path line {number}: not a JSON object ({type(row).__name__})")
-    context, responses, reason = parse_row({"context_messages": row.get("context"), "prompt": row.get("prompt"),
-                                            "responses": row.get("responses")}, special_tokens)
+    fields = {c: row.get(c) for c in (*CONTEXT_COLUMNS, "prompt", "responses")}
+    if row.get("context") is not None:  # this script's name for score_dataset's context_messages
+        fields["context_messages"] = row["context"]
+    context, responses, reason = parse_row(fields, special_tokens)
     if reason:
         raise UserError(f"--input_path line {number}: {reason}: {LINE_RULES[reason]}")
     for index, rule in response_problems(context, responses):  # a tournament needs every response scorable
@@ -67,9 +71,9 @@ def parse_line(row, number: int, special_tokens=None) -> tuple[list[dict], list[
     return context, responses
 
 
-def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dict], list[int]]:
+def read_prompts(path: str, special_tokens=None) -> tuple[list[list[dict]], list[list[str]], list[dict], list[int]]:
     """Contexts, candidate lists, the raw rows and their line numbers of a JSON-lines file; a malformed line is an
-    error naming it."""
+    error naming it (special_tokens: the tokenizer's special_token_pattern, refused in any text)."""
     contexts, candidates, rows, numbers = [], [], [], []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -84,7 +88,7 @@ def read_prompts(path: str) -> tuple[list[list[dict]], list[list[str]], list[dic
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"--input_path line {number}: not JSON ({err.msg})") from None
-        context, responses = parse_line(row, number)
+        context, responses = parse_line(row, number, special_tokens)
         contexts.append(context)
         candidates.append(responses)
         rows.append(row)
@@ -107,15 +111,14 @@ def main():
     args = parse_args((ScriptArguments,))[0]
     state = process_state()
     check_output_file(args.output_path, "--output_path", inputs=(args.input_path, args.reward_name_or_path))
-    contexts, candidates, rows, numbers = read_prompts(args.input_path)
+    # Checked with the tokenizer only, before the model loads: a bad line costs seconds, not minutes.
+    tokenizer = load_tokenizer(args.reward_name_or_path, "--reward_name_or_path", args.trust_remote_code)
+    contexts, candidates, rows, numbers = read_prompts(args.input_path, special_token_pattern(tokenizer))
     scorer = PairPreferenceScorer.from_pretrained(
         args.reward_name_or_path, bf16=args.bf16, attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code, pickled_weights=args.load_pickled_weights, device=state.device,
         batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
         max_length=args.max_length, state=state)
-    special_tokens = special_token_pattern(scorer.tokenizer)  # known once the tokenizer is: a forged turn break
-    for row, number in zip(rows, numbers):
-        parse_line(row, number, special_tokens)
     results = scorer.knockout_many(contexts, candidates)  # every rank gets every result
     if state.is_main_process:
         write_winners(args.output_path, rows, candidates, results)

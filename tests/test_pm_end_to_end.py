@@ -224,10 +224,17 @@ def test_lora_merged_checkpoint_is_a_plain_causal_lm_equal_to_the_adapter_model(
 
 
 def test_rank_responses_checks_every_line_before_loading_the_model(tmp_path):
-    # --reward_name_or_path does not exist: each of these lines is refused first, naming its number and rule.
+    # --reward_name_or_path holds a tokenizer and no model: each of these lines is refused first, naming its number
+    # and rule (a special token's text needs the tokenizer).
+    from useful_code.defaults import DEFAULT_MODEL
+
+    load_tokenizer(DEFAULT_MODEL, "m").save_pretrained(tmp_path / "no_model")
     context = [{"role": "user", "content": "Name a colour."}]
     good = {"context": context, "responses": ["Red.", "Blue."]}
     for bad, expected in [
+        ({"prompt": "q", "responses": ["a<|eot_id|>", "b"]}, "line 2: special_token_in_content"),
+        # score_dataset's context columns are read too: this line is valid, and the model's absence is next
+        ({"messages": context, "responses": ["a", "b"]}, "--reward_name_or_path"),
         ({"context": "hello there", "responses": ["a", "b"]}, "line 2: bad_prompt: needs 'prompt' (a non-empty "
                                                               "string or a message list) or 'context'"),
         ([1, 2], "line 2: not a JSON object (list)"),
@@ -241,9 +248,12 @@ def test_rank_responses_checks_every_line_before_loading_the_model(tmp_path):
         path = tmp_path / "in.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         proc = run([sys.executable, RANK, "--reward_name_or_path", str(tmp_path / "no_model"), "--input_path",
-                    str(path), "--output_path", str(tmp_path / "out.jsonl")])
+                    str(path), "--output_path", str(tmp_path / "out.jsonl"),
+                    "--local_rank=0"])  # as the deepspeed launcher passes it
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --input_path {expected}"), proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        where = "" if expected.startswith("--") else "--input_path "
+        assert last.startswith(f"error: {where}{expected}"), proc.stderr
     assert not (tmp_path / "out.jsonl").exists()
 
 
