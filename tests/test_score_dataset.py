@@ -533,6 +533,12 @@ def test_an_empty_response_is_named_or_dropped_alone(checkpoints, tmp_path):
     assert "dropped_responses" not in scored[1]
     assert "dropped: 1 (empty_response: 1)" in printed and "responses dropped: 1 (empty_response: 1)" in printed
     assert "scored now: 0, resumed: 2" in score(checkpoints / "bt", tmp_path / "gen.jsonl", tmp_path, "--skip_invalid")
+    # A scored file scored again: its rows' old indices name responses of another row, so they are not carried.
+    (tmp_path / "scored.jsonl").rename(tmp_path / "first.jsonl")
+    score(checkpoints / "bt", tmp_path / "first.jsonl", tmp_path)
+    again = read_jsonl(tmp_path / "scored.jsonl")
+    assert [r["responses"] for r in again] == [[GOOD, "No."], [GOOD, "No."]]
+    assert not any("dropped_responses" in r for r in again)
 
 
 def test_the_data_is_checked_before_the_model_loads(checkpoints, tmp_path, monkeypatch):

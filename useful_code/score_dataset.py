@@ -288,9 +288,11 @@ def to_json(value) -> str:
 
 def scored_row(row: dict, rewards: Optional[list] = None) -> dict:
     """An output line: the row as read, less the other formats' columns (null in a mixed file), with the responses
-    it keeps and, when some were dropped (--skip_invalid), their indices in the row as read ("dropped_responses");
-    and its rewards, one per kept response."""
-    kept = {k: v for k, v in row.items() if not (k in FORMAT_COLUMNS and v is None) and k != DROPPED}
+    it keeps and, when some were dropped (--skip_invalid), their indices in the row as read ("dropped_responses";
+    an input that was itself scored brings its own, which would name other indices); and its rewards, one per kept
+    response."""
+    kept = {k: v for k, v in row.items()
+            if not (k in FORMAT_COLUMNS and v is None) and k not in (DROPPED, "dropped_responses")}
     dropped = json.loads(row.get(DROPPED) or "[]")
     if dropped:
         kept["dropped_responses"] = [i for i, _ in dropped]
