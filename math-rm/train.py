@@ -202,7 +202,8 @@ def main():
         model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args)
     check_resume_settings(model, resume)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                         callbacks=[checkpoints.DropPickledArguments(), StopOnNonFiniteLoss()])
+                         callbacks=[checkpoints.DropPickledArguments(), checkpoints.DropDraftModelCard(),
+                                    StopOnNonFiniteLoss()])
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # Save: written and verified in a staging directory, then moved into place (a killed save never looks complete).

@@ -169,7 +169,8 @@ def main():
         # tokens, row by row (6.5 s per 100K examples here); tokenize_pm_examples has done both.
         training_args.dataset_kwargs = {"skip_prepare_dataset": True, **(training_args.dataset_kwargs or {})}
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                         callbacks=[checkpoints.DropPickledArguments(), StopOnNonFiniteLoss()])
+                         callbacks=[checkpoints.DropPickledArguments(), checkpoints.DropDraftModelCard(),
+                                    StopOnNonFiniteLoss()])
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # Written and verified in a staging directory, then moved into place: a killed save never looks complete.

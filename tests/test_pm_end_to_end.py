@@ -187,6 +187,9 @@ def test_resume_gives_the_uninterrupted_weights(pm_run, tmp_path):
     flags = ["pair-pm/tiny.yaml", "--dataset_path", str(pm_run / "pm.jsonl"), "--eval_set_path", TOY,
              "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "6"]
     check_ok(run([sys.executable, TRAIN, *flags, "--output_dir", str(tmp_path / "whole")]))
+    # TRL's SFTTrainer drafts a model card into the output directory at each save ("fine-tuned from [None]"): gone
+    first_run = tmp_path / "whole"
+    assert not (first_run / "README.md").exists() and (first_run / "last_checkpoint" / "README.md").exists()
     shutil.copytree(tmp_path / "whole" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
     proc = run([sys.executable, TRAIN, *flags, "--output_dir", str(tmp_path / "resumed"),
                 "--resume_from_checkpoint", "latest"])

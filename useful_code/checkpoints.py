@@ -415,6 +415,16 @@ class DropPickledArguments(TrainerCallback):
             match_umask(checkpoint)
 
 
+class DropDraftModelCard(TrainerCallback):
+    """TRL's SFTTrainer writes a draft model card to <output_dir>/README.md at every periodic save, describing a
+    text-generation model "fine-tuned from [None]"; the run's own card is last_checkpoint/README.md (model_card.py)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        draft = Path(args.output_dir, "README.md")
+        if state.is_world_process_zero and draft.is_file() and "generated_from_trainer" in draft.read_text():
+            draft.unlink()
+
+
 def staging_dir(output_dir: str) -> str:
     """Where the final checkpoint and metrics.json are written and verified before publish_run moves them."""
     return os.path.join(output_dir, STAGING)
