@@ -124,6 +124,9 @@ class ScriptArguments(HeldOutArguments):
             elif self.loss_type != "odin" and getattr(self, flag) is not None:
                 raise UserError(f"--{flag} (--{upstream}): an ODIN setting, which applies only with --loss_type odin "
                                 f"(here: {self.loss_type}); pass --loss_type odin or drop it")
+        if self.loss_type == "odin" and self.center_rewards_coefficient:
+            raise UserError("--center_rewards_coefficient does not apply to --loss_type odin (its loss has no "
+                            "centering term): drop one of them")
 
 
 @dataclass
@@ -149,6 +152,9 @@ class RewardTrainingArguments(FinalCheckpointPush, HardwareAwareArguments, check
         if self.prediction_loss_only:
             raise UserError("--prediction_loss_only: the held-out accuracy and the reload check need the rewards; "
                             "drop the flag")
+        if self.label_smoothing_factor:  # the Trainer applies it to class labels; a BT loss has none
+            raise UserError("--label_smoothing_factor: not applied by the Bradley-Terry losses (it would be ignored); "
+                            "drop the flag")
         self.train_sampling_strategy = "group_by_length" if self.group_by_length else "random"
         self.remove_unused_columns = False  # the collator reads the token-id columns
         self.label_names = []
@@ -165,6 +171,10 @@ def load_pairs(args: ScriptArguments, seed: int):
     for column in required_columns(args.loss_type):
         train, train_stats[column] = validate_pair_values(train, column, args.skip_invalid, "train set")
     unused = [c for c in PAIR_COLUMNS if c in train.column_names and c not in required_columns(args.loss_type)]
+    readers = {"margin": "margin", "weight": "scaled"}  # the loss that reads each
+    if noted := [c for c in unused if c in readers]:  # TRL applies a 'margin' column whenever there is one: said
+        print(f"note: --loss_type {args.loss_type} does not use the train set's "
+              + ", ".join(f"'{c}' column (--loss_type {readers[c]} does)" for c in noted))
     train = train.remove_columns(unused)
     train, held_out, eval_stats = held_out_pairs(train, train_splits, args.eval_set_path, args.eval_holdout_size, seed,
                                                  args.skip_invalid, "--train_set_path")
@@ -356,8 +366,33 @@ def response_lengths(batch, tokenizer) -> dict:
             for side in ("chosen", "rejected")}
 
 
+def check_odin_settings(args: ScriptArguments, training_args) -> None:
+    """What ODIN's terms need of a run, as one line before any work: its orthogonality term reads the head's whole
+    weight, of which ZeRO-3 holds a shard outside the forward (the term was skipped, silently), and its length term is
+    a correlation over a device's batch, which one pair (two points) makes +-1 whatever the rewards."""
+    zero3 = training_args.deepspeed and training_args.hf_deepspeed_config.is_zero3()
+    if zero3 and args.odin_ortho_coefficient:
+        raise UserError("--loss_type odin under ZeRO-3: its orthogonality term needs the head's whole weight, which "
+                        "ZeRO-3 partitions; use ZeRO-2 (deepspeed_configs/deepspeed_2.json, upstream's ODIN setting) "
+                        "or --odin_ortho_coefficient 0")
+    if training_args.per_device_train_batch_size < 2 and not args.max_tokens_per_batch:
+        raise UserError("--loss_type odin with --per_device_train_batch_size 1: its length term is a correlation over "
+                        "each device's batch, always +-1 for one pair; use at least 2 pairs per device")
+
+
+def check_odin_head(model) -> None:
+    """ODIN's two heads are the rows of one linear layer (score or classifier): an encoder whose classifier is a
+    block (RoBERTa's dense + projection) has none, and its quality head could not be exported."""
+    module = model.module if hasattr(model, "module") else model
+    head = getattr(module, "score", None) or getattr(module, "classifier", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise UserError(f"--loss_type odin needs a model whose reward head is one linear layer ('score' or "
+                        f"'classifier'); {type(module).__name__}'s is {type(head).__name__}")
+
+
 def odin_head_weight(model) -> Optional[torch.Tensor]:
-    """The [2, hidden] head weight for ODIN's orthogonality term; None where ZeRO-3 holds only a shard of it."""
+    """The [2, hidden] head weight for ODIN's orthogonality term; None where ZeRO-3 holds only a shard of it (a run
+    whose orthogonality coefficient is 0: check_odin_settings refuses the others)."""
     module = model.module if hasattr(model, "module") else model
     head = getattr(module, "score", None) or getattr(module, "classifier", None)
     weight = getattr(head, "weight", None)
@@ -455,6 +490,8 @@ def main(default_config: str = DEFAULT_CONFIG):
                                         written_last=TrainTokensInCheckpoints.path("", 0).name)
     # 4/8-bit needs a GPU and bitsandbytes: said now
     quantization = quantization_options(lora_args, compute_dtype(training_args))
+    if args.loss_type == "odin":
+        check_odin_settings(args, training_args)
     set_seed(training_args.seed)
     if is_main:
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"
@@ -486,6 +523,8 @@ def main(default_config: str = DEFAULT_CONFIG):
                               new_weights=REWARD_HEAD_WEIGHTS,  # a base model gets a new head
                               pickled_weights=args.load_pickled_weights, **quantization)
     model.config.use_cache = False
+    if args.loss_type == "odin":
+        check_odin_head(model)
     # Before LoRA wraps the model: the adapters keep their own --lora_dropout.
     if args.disable_dropout and (turned_off := disable_dropout(model)) and is_main:
         print(f"Dropout off in training: {turned_off} dropout layers of {args.model_name} (--disable_dropout false "

@@ -285,6 +285,51 @@ def test_odin_script_takes_upstreams_recipe_and_flag_names(bt):
         parsed(bt, "--loss_type", "margin", "--odin_ortho_coefficient", "1")
 
 
+def test_settings_a_loss_would_ignore_are_one_line(bt):
+    """Each was accepted and had no effect (the ODIN loss has no centering term; label smoothing applies to class
+    labels), or made ODIN's terms vanish: its orthogonality term under ZeRO-3, its length correlation on one pair."""
+    from types import SimpleNamespace
+
+    with pytest.raises(UserError, match=r"^--center_rewards_coefficient does not apply to --loss_type odin"):
+        parsed(bt, "--loss_type", "odin", "--center_rewards_coefficient", "0.01")
+    with pytest.raises(UserError, match=r"^--label_smoothing_factor: not applied by the Bradley-Terry losses"):
+        parsed(bt, "--label_smoothing_factor", "0.1")
+    args = parsed(bt, "--loss_type", "odin")[0]
+
+    def run_args(zero3, batch):
+        return SimpleNamespace(deepspeed="ds.json" if zero3 is not None else None, per_device_train_batch_size=batch,
+                               hf_deepspeed_config=SimpleNamespace(is_zero3=lambda: bool(zero3)))
+
+    bt.check_odin_settings(args, run_args(None, 2))
+    bt.check_odin_settings(args, run_args(False, 2))  # ZeRO-2: the head is whole
+    with pytest.raises(UserError, match="--loss_type odin under ZeRO-3: its orthogonality term needs the head's whole "
+                                        "weight"):
+        bt.check_odin_settings(args, run_args(True, 2))
+    bt.check_odin_settings(parsed(bt, "--loss_type", "odin", "--ortho_reg", "0")[0], run_args(True, 2))
+    with pytest.raises(UserError, match="always \\+-1 for one pair"):
+        bt.check_odin_settings(args, run_args(None, 1))
+    bt.check_odin_settings(parsed(bt, "--loss_type", "odin", "--max_tokens_per_batch", "512")[0], run_args(None, 1))
+    block = SimpleNamespace(classifier=torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+    with pytest.raises(UserError, match="reward head is one linear layer .* SimpleNamespace's is Sequential"):
+        bt.check_odin_head(block)
+    bt.check_odin_head(SimpleNamespace(score=torch.nn.Linear(4, 2)))
+
+
+def test_a_margin_column_the_loss_does_not_read_is_said(bt, tmp_path, capsys):
+    """TRL's RewardTrainer applies a 'margin' column whenever the data has one; plain BT drops it, said once."""
+    rows = [{"prompt": f"q {i}", "chosen": f"good {i}", "rejected": f"bad {i}", "margin": 1.0} for i in range(20)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = parsed(bt, "--train_set_path", str(path), "--eval_holdout_size", "5")[0]
+    train, _, _ = bt.load_pairs(args, 0)
+    assert "margin" not in train.column_names
+    assert ("note: --loss_type bt does not use the train set's 'margin' column (--loss_type margin does)"
+            in capsys.readouterr().out)
+    train, _, _ = bt.load_pairs(parsed(bt, "--train_set_path", str(path), "--eval_holdout_size", "5",
+                                       "--loss_type", "margin")[0], 0)
+    assert train["margin"] == [1.0] * 15 and "does not use" not in capsys.readouterr().out
+
+
 def test_deepspeed_without_a_launcher_is_a_world_of_one():
     """Plain `python train.py --deepspeed ...`: the variables DeepSpeed's MPI discovery would set for one process, so
     it needs no mpi4py; a launcher's own variables are left alone (the ZeRO-3 run itself: test_bt_end_to_end.py)."""
