@@ -371,6 +371,14 @@ def test_split_steps():
     assert split_steps(deepseek, "Deepseek") == ["First, 2 + 3 = 5.", "Then 5 * 2 = 10.",
                                                  "The answer is $\\boxed{10}$."]
     assert prm_conversation("Q?", ["a", "b"]) == chat("Q? a", "+", "b", "+")
+    # The tag is a tag at a line's end, not the letters ending a Cyrillic word (upstream splits at "ки\n")
+    russian = "Шаг 1: У Никиты 3 книги ки\nШаг 2: Итого ки ки\nШаг 3: The answer is: Ники ки"
+    assert split_steps(russian, "Mistral") == ["Шаг 1: У Никиты 3 книги", "Шаг 2: Итого ки",
+                                               "Шаг 3: The answer is: Ники"]
+    assert orm_conversation("Q", russian, "Mistral")[0]["content"] == \
+        "Q Шаг 1: У Никиты 3 книги\nШаг 2: Итого ки\nШаг 3: The answer is: Ники"
+    assert extract_final_answer("The answer is: Никита ки") == "Никита"
+    check_step_format([["Никита читает книги.\n\nThe answer is: 3"]], "Deepseek")  # words, not tags
 
 
 def test_answers_in_the_other_step_format_are_one_error():
@@ -404,7 +412,7 @@ def eval_set(*problems):
 
 
 def test_eval_row_rules(tok):
-    data = eval_set(("Q1", ["a", "b"], [1, 0]), ("", ["a"], [1]), ("Q3", ["a", " ки "], [1, 0]),
+    data = eval_set(("Q1", ["a", "b"], [1.0, 0]), ("", ["a"], [1]), ("Q3", ["a", " ки "], [1, 0]),
                     ("Q4", ["a", "b"], [1]), ("Q5", ["a"], [2]), ("Q6", ["<|eot_id|>"], [0]))
     kept, stats = validate_eval_rows(data, tok, True, "--dataset")
     assert stats == {"read": 6, "invalid": {"bad_prompt": 1, "bad_answers": 1, "bad_labels": 2,

@@ -15,7 +15,8 @@ import numpy as np
 from useful_code.cli import UserError
 from useful_code.data import load_split
 from useful_code.data_parallel import main_process_first
-from useful_code.math_data import STEP_SEPARATORS, TOY_BEST_OF_N, extract_final_answer, validate_eval_rows
+from useful_code.math_data import (MISTRAL_TAG, STEP_SEPARATORS, TOY_BEST_OF_N, extract_final_answer,
+                                   validate_eval_rows)
 from useful_code.math_scoring import StepScorer
 
 AGGREGATIONS = ("min", "mean", "last", "prod")
@@ -217,9 +218,9 @@ def load_best_of_n_inputs(args: "BestOfNArguments", state):
 def check_step_format(candidates: list[list[str]], model_type: str) -> None:
     """The answers must be in --model_type's step format, or every solution would be read as one step: Mistral's
     answers end their steps with its tag, Deepseek's do not carry it."""
-    tag = STEP_SEPARATORS["Mistral"]
+    tag = MISTRAL_TAG
     answers = [answer for problem in candidates for answer in problem]
-    tagged = sum(tag in answer for answer in answers)
+    tagged = sum(bool(STEP_SEPARATORS["Mistral"].search(answer)) for answer in answers)
     if model_type == "Mistral" and not tagged:
         raise UserError(f"--model_type Mistral: none of the {len(answers)} answers holds its step tag {tag!r}; "
                         "answers whose steps are separated by blank lines need --model_type Deepseek")

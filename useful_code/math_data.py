@@ -29,8 +29,15 @@ TOY_MATH = ASSETS / "data" / "toy_math"
 TOY_PRM = str(TOY_MATH / "prm")  # splits train and test
 TOY_BEST_OF_N = str(TOY_MATH / "best_of_n_test.jsonl")
 # Where upstream's test sets cut an answer into steps: Mistral's answers tag each step's end with "ки" (MetaMath /
-# Math-Shepherd), Deepseek's separate steps with a blank line.
-STEP_SEPARATORS = {"Mistral": "ки", "Deepseek": "\n\n"}
+# Math-Shepherd), Deepseek's separate steps with a blank line. The tag counts only as a tag, at a line's end and not
+# the end of a Cyrillic word ("книги", "Никита" are words, not steps; upstream splits at "ки\n").
+MISTRAL_TAG = "ки"
+STEP_SEPARATORS = {"Mistral": re.compile(r"(?<![А-Яа-яЁё])ки(?=[ \t]*(?:\n|\Z))"), "Deepseek": re.compile(r"\n\n")}
+
+
+def remove_step_tags(answer: str) -> str:
+    """The answer without Mistral's step tags (and the space before each)."""
+    return re.sub(r"[ \t]?" + STEP_SEPARATORS["Mistral"].pattern, "", answer)
 
 
 def label_token_ids(tokenizer) -> tuple[int, int]:
@@ -209,7 +216,7 @@ def tokenize_examples(dataset, tokenizer, max_length: int, overlength: str, name
 EVAL_RULES = {
     "bad_prompt": "prompt must be a non-empty string",
     "bad_answers": "answers must be a non-empty list of strings, each with text besides step tags",
-    "bad_labels": "label must be a list of 0/1 (or true/false), one per answer",
+    "bad_labels": "label must be a list of 0/1 (or true/false, 0.0/1.0), one per answer",
     "special_token_in_content": "text must not contain the tokenizer's special tokens (they would forge turns)",
 }
 
@@ -220,10 +227,10 @@ def eval_invalid_reason(row: dict, special: re.Pattern) -> str:
     if not (isinstance(prompt, str) and prompt.strip()):
         return "bad_prompt"
     if not (isinstance(answers, list) and answers and all(
-            isinstance(a, str) and a.replace(STEP_SEPARATORS["Mistral"], "").strip() for a in answers)):
+            isinstance(a, str) and remove_step_tags(a).strip() for a in answers)):
         return "bad_answers"
     if not (isinstance(labels, list) and len(labels) == len(answers) and all(
-            isinstance(y, (bool, int)) and y in (0, 1) for y in labels)):
+            isinstance(y, (bool, int, float)) and y in (0, 1) for y in labels)):  # upstream: label == 1
         return "bad_labels"
     if special.search(prompt) or any(special.search(a) for a in answers):
         return "special_token_in_content"
@@ -250,7 +257,7 @@ def validate_eval_rows(dataset, tokenizer, skip_invalid: bool, name: str):
 def split_steps(answer: str, model_type: str) -> list[str]:
     """The steps of an answer: cut at the model type's step separator, stripped, empty pieces dropped (upstream
     kept the last step's "ки" tag with Mistral answers and passed empty steps on with Deepseek's)."""
-    return [step.strip() for step in answer.split(STEP_SEPARATORS[model_type]) if step.strip()]
+    return [step.strip() for step in STEP_SEPARATORS[model_type].split(answer) if step.strip()]
 
 
 def prm_conversation(prompt: str, steps: list[str]) -> list[dict]:
@@ -266,7 +273,7 @@ def prm_conversation(prompt: str, steps: list[str]) -> list[dict]:
 def orm_conversation(prompt: str, answer: str, model_type: str) -> list[dict]:
     """A solution as the ORM reads it: problem and whole answer in one user turn (Mistral's step tags removed,
     as upstream did), answered "+"."""
-    text = answer.replace(" ки", "").replace("ки", "") if model_type == "Mistral" else answer
+    text = remove_step_tags(answer) if model_type == "Mistral" else answer
     return [{"role": "user", "content": f"{prompt} {text.strip()}"}, {"role": "assistant", "content": "+"}]
 
 
@@ -286,7 +293,7 @@ def _boxed(text: str) -> Optional[str]:
 def extract_final_answer(answer: str) -> Optional[str]:
     """The final answer a candidate states, for majority voting: the last \\boxed{...} (Deepseek), else what follows
     the last "The answer is" (MetaMath/Mistral), normalized (spaces, "$" and a final "." dropped); None if neither."""
-    text = answer.replace("ки", "")
+    text = remove_step_tags(answer)
     found = _boxed(text)
     if found is None:
         stated = re.findall(r"answer is:?\s*([^\n]+)", text, flags=re.IGNORECASE)
