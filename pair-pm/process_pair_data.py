@@ -11,11 +11,11 @@ dropped and counted per reason.
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from datasets import DatasetDict, concatenate_datasets
 
+from useful_code.checkpoints import save_dataset
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA
@@ -41,18 +41,6 @@ class ScriptArguments:
     push_to_hub: Optional[str] = field(default=None, metadata={"help": "Also push the result to this hub repo id."})
 
 
-def save(dataset, output_path: str) -> None:
-    """Write by the output's extension: JSON lines, parquet, or a DatasetDict directory."""
-    suffix = Path(output_path).suffix
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    if suffix in (".json", ".jsonl"):
-        dataset.to_json(output_path, lines=True)
-    elif suffix == ".parquet":
-        dataset.to_parquet(output_path)
-    else:
-        DatasetDict({"train": dataset}).save_to_disk(output_path)
-
-
 def main():
     args = parse_args((ScriptArguments,))[0]
     check_dataset_output(args.output_path, "--output_path", tuple(args.dataset_path))
@@ -71,7 +59,7 @@ def main():
     if not parts:
         raise UserError("no valid pairs to write")
     combined = concatenate_datasets(parts).shuffle(seed=args.seed).flatten_indices()
-    save(combined, args.output_path)
+    save_dataset(combined, args.output_path, "--output_path")
     print(f"Wrote {len(combined)} PM examples to {args.output_path}")
     if args.push_to_hub:
         DatasetDict({"train": combined}).push_to_hub(args.push_to_hub)

@@ -17,6 +17,7 @@ from useful_code.checkpoints import (
     claim_output_dir,
     publish_run,
     resolve_resume,
+    save_dataset,
     staging_dir,
 )
 from useful_code.cli import UserError
@@ -268,3 +269,29 @@ def test_resume_refuses_or_passes_over_damaged_weights(tmp_path, capsys):
     assert resolve_resume("latest", str(tmp_path)) == str(good)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"Passing over {cut}: model-00001") and printed[2] == f"Resuming from {good}"
+
+
+def test_a_dataset_output_is_written_atomically_and_a_failed_write_is_one_line(tmp_path, monkeypatch):
+    """process_pair_data.py and RRM wrote onto the output itself: a full disk left a cut last line under the real
+    name, and a traceback."""
+    from datasets import Dataset, load_from_disk
+
+    data = Dataset.from_list([{"a": 1}, {"a": 2}])
+    target = tmp_path / "out.jsonl"
+    target.write_text("old\n")
+
+    def cut_short(self, path, **kwargs):
+        Path(path).write_text('{"a": 1}\n{"a"')
+        raise OSError(27, "File too large")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Dataset, "to_json", cut_short)
+        with pytest.raises(UserError, match=r"^--output_dataset: cannot write .*out.jsonl: File too large$"):
+            save_dataset(data, str(target), "--output_dataset")
+    assert target.read_text() == "old\n" and sorted(tmp_path.iterdir()) == [target]  # nothing staged left
+    save_dataset(data, str(target), "--output_dataset")
+    assert [json.loads(line) for line in target.read_text().splitlines()] == [{"a": 1}, {"a": 2}]
+    for _ in range(2):  # a directory output, then replaced whole
+        save_dataset(data.select([1]), str(tmp_path / "dir"), "--output_path")
+    assert load_from_disk(str(tmp_path / "dir"))["train"].to_list() == [{"a": 2}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "out.jsonl"]

@@ -296,8 +296,8 @@ def test_default_paths_chain_the_two_scripts(checkpoints, tmp_path, monkeypatch)
     labelled = read_jsonl(tmp_path / "outputs/ssrm/toy-pred-probs.jsonl")
     kept = read_jsonl(tmp_path / "outputs/ssrm/toy-selected.jsonl")
     assert [(r["chosen"], r["rejected"]) for r in kept] == [(r["chosen"], r["rejected"]) for r in labelled]
-    assert "kept 6 (100.00% of 6), dropped 0 below the threshold; chosen/rejected swapped to the PM's preference: 0" \
-        in printed
+    assert ("kept 6 (100.00% of 6), dropped 0 not above the threshold; chosen/rejected swapped to the PM's "
+            "preference: 0") in printed
     with pytest.raises(UserError, match="run pair-pm/SSRM/pseudo_label.py --data_name other first"):
         call(conf_threshold.main, "--data_name", "other")
 
@@ -311,12 +311,13 @@ def test_thresholds_by_hand(tmp_path):
     printed = call(conf_threshold.main, "--input_path", source, "--output_path", str(tmp_path / "kept.jsonl"),
                    "--conf_threshold", "0.75")
     kept = read_jsonl(tmp_path / "kept.jsonl")
-    # 0.9 keeps its order; 0.2 and 0.25 (confidence 0.8 and exactly the threshold 0.75) are kept the other way round.
+    # 0.9 keeps its order; 0.2 (confidence 0.8) is kept the other way round; 0.25 (confidence exactly the threshold
+    # 0.75) is dropped, as upstream keeps confidence > threshold only.
     assert [(r["chosen"][-1]["content"], r["rejected"][-1]["content"], r["chosen_prob"]) for r in kept] == [
-        ("first 0", "second 0", 0.9), ("second 2", "first 2", 0.8), ("second 3", "first 3", 0.75)]
+        ("first 0", "second 0", 0.9), ("second 2", "first 2", 0.8)]
     assert "Confidence threshold: 0.75" in printed
-    assert "5 read, 0 invalid dropped; kept 3 (60.00% of 5), dropped 2 below the threshold; chosen/rejected " \
-           "swapped to the PM's preference: 2" in printed
+    assert "5 read, 0 invalid dropped; kept 2 (40.00% of 5), dropped 3 not above the threshold; chosen/rejected " \
+           "swapped to the PM's preference: 1" in printed
 
 
 def test_outputs_and_flags_checked_before_any_work(checkpoints, tmp_path):

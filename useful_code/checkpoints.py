@@ -375,6 +375,32 @@ def atomic_write_lines(path, lines) -> None:
     _write_beside(path, write)
 
 
+def save_dataset(dataset, output_path: str, flag: str) -> None:
+    """Write a dataset by the output's extension, atomically: JSON lines (.json/.jsonl, UTF-8 as is), parquet, or
+    else a DatasetDict directory (save_to_disk, its one split 'train'), written beside and renamed into place. A
+    failed write (a full disk) is one line naming flag, and leaves the old output, if any, in place."""
+    from datasets import DatasetDict
+
+    path = Path(output_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.suffix in (".json", ".jsonl"):
+            _write_beside(path, lambda staged: dataset.to_json(str(staged), lines=True, force_ascii=False))
+        elif path.suffix == ".parquet":
+            _write_beside(path, lambda staged: dataset.to_parquet(str(staged)))
+        else:
+            staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            shutil.rmtree(staged, ignore_errors=True)
+            try:
+                DatasetDict({"train": dataset}).save_to_disk(str(staged))
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            publish_dir(staged, path)
+    except OSError as err:
+        raise UserError(f"{flag}: cannot write {output_path}: {err.strerror or err}") from None
+
+
 def publish_dir(staged, final) -> None:
     """Replace the directory final with the verified directory staged (its weights readable as the umask allows)."""
     match_umask(staged)

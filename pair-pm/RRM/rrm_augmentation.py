@@ -23,12 +23,12 @@ Invalid input rows stop the run with the row and the rule, or with --skip_invali
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from datasets import Dataset, DatasetDict
 
+from useful_code.checkpoints import save_dataset
 from useful_code.cli import UserError, looks_like_local_path, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA
@@ -164,18 +164,6 @@ def pm_example(context: str, first: str, second: str, position: int, label: Opti
                          {"role": "assistant", "content": label or LABELS[position]}]}
 
 
-def save(dataset: Dataset, output_path: str) -> None:
-    """Write by the output's extension: JSON lines, parquet, or a DatasetDict directory (as process_pair_data.py)."""
-    suffix = Path(output_path).suffix
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    if suffix in (".json", ".jsonl"):
-        dataset.to_json(output_path, lines=True, force_ascii=False)
-    elif suffix == ".parquet":
-        dataset.to_parquet(output_path)
-    else:
-        DatasetDict({"train": dataset}).save_to_disk(output_path)
-
-
 def looks_like_hub_repo(name: str) -> bool:
     """Whether an output name reads as a hub repo id (owner/name: no file suffix, not a ./, ../, / or ~/ path)."""
     return (not looks_like_local_path(name) and name.count("/") == 1 and all(name.split("/"))
@@ -204,7 +192,7 @@ def main(argv: Optional[list[str]] = None):
                         "(--include_original false, or only ties with --include_same false)")
     # Shuffled here, not with Dataset.shuffle: flattening its index mapping takes seconds per ten thousand rows.
     output = Dataset.from_list([examples[i] for i in np.random.default_rng(args.seed).permutation(len(examples))])
-    save(output, args.output_dataset)
+    save_dataset(output, args.output_dataset, "--output_dataset")
 
     labels = Counter(m[1]["content"] for m in output["messages"])
     invalid = ", ".join(f"{r}: {n}" for r, n in stats["invalid"].items()) or "none"

@@ -5,7 +5,7 @@
 Reads what pair-pm/SSRM/pseudo_label.py writes (default: its default output for the same --data_name,
 outputs/ssrm/<data_name>-pred-probs.jsonl, or all its shard files after a run with --n_shards, as upstream's script
 gathers every shard of its folder): standard-format pairs with "chosen_prob", P(chosen preferred). A pair is
-kept when its confidence max(p, 1 - p) >= --conf_threshold, with chosen the response the PM prefers (p < 0.5, as in
+kept when its confidence max(p, 1 - p) > --conf_threshold (strictly, as upstream), with chosen the response the PM prefers (p < 0.5, as in
 a file of unoriented pairs, swaps them). Writes standard-format pairs (default outputs/ssrm/<data_name>-selected.jsonl)
 with their "chosen_prob", ready for bradley-terry-rm/train.py or pair-pm/process_pair_data.py (step 3: train on them
 with the labelled data). Invalid rows stop the run with the row and the rule, or with --skip_invalid are dropped and
@@ -46,7 +46,7 @@ class ScriptArguments:
     output_path: Optional[str] = field(default=None, metadata={
         "help": "The kept pairs (.jsonl). Default: outputs/ssrm/<data_name>-selected.jsonl"})
     conf_threshold: float = field(default=0.8, metadata={
-        "min": 0.5, "max": 1.0, "help": "Keep a pair when max(p, 1 - p) >= this (upstream: 0.8)."})
+        "min": 0.5, "max": 1.0, "help": "Keep a pair when max(p, 1 - p) > this (upstream: 0.8)."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (counted) instead of failing."})
     push_to_hub: Optional[str] = field(default=None, metadata={"help": "Also push the kept pairs to this hub repo id."})
 
@@ -87,13 +87,13 @@ def load_pseudo_labels(sources: list[str], skip_invalid: bool):
 
 
 def select(rows: list[dict], threshold: float) -> tuple[list[dict], int]:
-    """The rows with confidence max(p, 1 - p) >= threshold, each with chosen the preferred response and p its
+    """The rows with confidence max(p, 1 - p) > threshold (upstream's strict rule), each with chosen the preferred response and p its
     probability; and how many of them had to be swapped."""
     kept, swapped = [], 0
     for row in rows:
         p = row[PROB_COLUMN]
         confidence = max(p, 1.0 - p)
-        if confidence < threshold:
+        if confidence <= threshold:
             continue
         row = {k: v for k, v in row.items() if k != SWAPPED_COLUMN}  # relative to the unlabelled input only
         if p < 0.5:
@@ -113,9 +113,9 @@ def main(argv: Optional[list[str]] = None):
     atomic_write_text(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
 
     share = f"{100 * len(kept) / len(pairs):.2f}%" if len(pairs) else "-"
-    print(f"Confidence threshold: {args.conf_threshold} (kept when max(p, 1 - p) >= it)\n"
+    print(f"Confidence threshold: {args.conf_threshold} (kept when max(p, 1 - p) > it)\n"
           f"  {source}: {read} read, {read - len(pairs)} invalid dropped; kept {len(kept)} ({share} of "
-          f"{len(pairs)}), dropped {len(pairs) - len(kept)} below the threshold; chosen/rejected swapped to the PM's "
+          f"{len(pairs)}), dropped {len(pairs) - len(kept)} not above the threshold; chosen/rejected swapped to the PM's "
           f"preference: {swapped}\n"
           f"Wrote {len(kept)} standard-format pairs to {target}")
     if args.push_to_hub and kept:
