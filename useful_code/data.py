@@ -354,7 +354,7 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
     seen = training_row_indices(held_out, train)
     if seen and len(seen) == len(held_out):
         return hold_out(train, holdout_size, seed, f"every pair of the {source} is a training pair", train_flag,
-                         eval_set_given=True)
+                        eval_set_given=True)
     if seen:
         held_out = held_out.select(sorted(set(range(len(held_out))) - set(seen)))
         print(f"Left {len(seen)} of the {stats['used']} pairs of the {source} out of the evaluation: they are "
