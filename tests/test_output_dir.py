@@ -46,6 +46,24 @@ def test_a_finished_run_is_kept_unless_overwrite(tmp_path):
     assert (tmp_path / LOCK).read_text() == str(os.getpid())
 
 
+def test_a_killed_overwriting_run_beside_a_finished_one_is_told_how_to_resume(tmp_path):
+    """--overwrite_output_dir keeps the finished run whole until the new one ends: killed before that, its
+    checkpoints sit beside the old metrics.json, and the advice must not be to throw them away."""
+    finished_run(tmp_path, "old")
+    os.utime(tmp_path / "metrics.json", (2, 2))
+    (tmp_path / "checkpoint-5").mkdir()  # the finished run's own (older than its metrics.json)
+    os.utime(tmp_path / "checkpoint-5", (1, 1))
+    with pytest.raises(UserError, match=r"holds a finished run \(metrics.json\); pass --overwrite_output_dir"):
+        claim_output_dir(str(tmp_path), False)
+    (tmp_path / "checkpoint-50").mkdir()  # a later run's, killed
+    with pytest.raises(UserError, match=r"holds a finished run \(metrics.json\) and 1 checkpoints of a later, "
+                                        r"unfinished run \(the last checkpoint-50\); pass --resume_from_checkpoint "
+                                        "latest --overwrite_output_dir to continue that run"):
+        claim_output_dir(str(tmp_path), False)
+    assert claim_output_dir(str(tmp_path), True, resuming=True) == tmp_path
+    assert (tmp_path / "checkpoint-50").is_dir() and (tmp_path / "metrics.json").read_text() == "old"
+
+
 def test_the_lock_is_taken_in_one_step(tmp_path):
     """Two runs started together: the first holds an flock on the lock file before it has written its PID (or
     with any PID in it); the second is refused rather than both seeing the lock free."""
@@ -169,6 +187,12 @@ def test_resume_targets_are_checked(tmp_path, capsys):
     (tmp_path / "checkpoint-10" / "tokens.json").write_text("{}")
     assert resolve_resume("latest", str(tmp_path), written_last="tokens.json") == str(tmp_path / "checkpoint-10")
     assert resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path)) == str(tmp_path / "checkpoint-5")
+    # named by the user: the same check, one line instead of the Trainer's JSONDecodeError after loading everything
+    with pytest.raises(UserError, match=r"checkpoint-50: its save was cut short \(trainer_state.json missing or "
+                                        r"incomplete\); resume from an earlier checkpoint-N, or pass latest"):
+        resolve_resume(str(tmp_path / "checkpoint-50"), str(tmp_path))
+    with pytest.raises(UserError, match=r"checkpoint-5: its save was cut short \(trainer_state.json or tokens.json"):
+        resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path), written_last="tokens.json")
     with pytest.raises(UserError, match="checkpoint-N with loop_state.pt"):
         resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path), marker="loop_state.pt")
     (tmp_path / "loop" / "checkpoint-3").mkdir(parents=True)  # a loop's checkpoint: its tensors are in loop_state.pt

@@ -216,6 +216,14 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
         if holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder)):
             raise UserError(busy(holder))  # a live process named there, whose lock is not an flock
         if (out / finished).exists() and not overwrite:
+            # checkpoint-N newer than the finished run: a later --overwrite_output_dir run was killed, and can resume
+            done = (out / finished).stat().st_mtime
+            later = [d for d in numbered_checkpoints(out) if d.stat().st_mtime > done]
+            if later:
+                raise UserError(f"{flag}: {out} holds a finished run ({finished}) and {len(later)} checkpoints of a "
+                                f"later, unfinished run (the last {later[-1].name}); pass --resume_from_checkpoint "
+                                "latest --overwrite_output_dir to continue that run, --overwrite_output_dir alone to "
+                                f"start over (they are removed), or choose another {flag}")
             raise UserError(f"{flag}: {out} holds a finished run ({finished}); pass "
                             f"--overwrite_output_dir to replace it, or choose another {flag}")
         earlier = [] if resuming else numbered_checkpoints(out)
@@ -271,6 +279,10 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
     if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, marker)):
         raise UserError(f"--resume_from_checkpoint: {value} is not a periodic checkpoint directory (checkpoint-N with "
                         f"{marker})")
+    if not _complete(Path(value), marker, written_last):  # the Trainer would trace back on it, after loading all
+        raise UserError(f"--resume_from_checkpoint: {value}: its save was cut short ({marker}"
+                        f"{f' or {written_last}' if written_last else ''} missing or incomplete); resume from an "
+                        "earlier checkpoint-N, or pass latest (it passes over such a checkpoint)")
     if problem := damaged_weights(Path(value), marker != LOOP_STATE):
         raise UserError(f"--resume_from_checkpoint: {value}: {problem}")
     return value
