@@ -4,7 +4,8 @@
 
 Starts useful_code/serve_reward_model.py on a free loopback port (never another address), sends each of
 clients x requests conversations (real HH-RLHF pairs when ../shared is there, else the toy pairs) once one request
-at a time, then again from K concurrent clients, and stops by itself after --max_seconds at the latest. Reports
+at a time, then again from K concurrent clients, each pass sending for at most half of --max_seconds (the
+concurrent pass sends the requests the first sent; what is left unsent is counted apart from errors). Reports
 throughput, p50/p99 latency, the error count (must be 0), the server's resident memory before and after, the
 concurrent/sequential throughput ratio (dynamic batching), and whether both passes gave the same rewards.
 """
@@ -40,7 +41,8 @@ class LoadTestArguments(HHBenchArguments):
     clients: int = field(default=16, metadata={"min": 1, "max": 256})
     requests: int = field(default=20, metadata={"min": 1, "max": 10_000, "help": "Requests per client."})
     batch_wait_ms: float = field(default=5.0, metadata={"min": 0})
-    max_seconds: float = field(default=120.0, metadata={"min": 1, "help": "Stop sending after this long."})
+    max_seconds: float = field(default=120.0, metadata={
+        "min": 1, "help": "Stop sending after this long: half for each pass (one at a time, concurrent)."})
     max_length: int = field(default=512, metadata={"min": 1})
     bf16: bool = field(default=True, metadata={
         "help": "The server's --bf16 (on a GPU; a CPU scores in fp32). bf16 rewards of one sequence differ by "
@@ -67,9 +69,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def send_all(client: RewardClient, conversations: list, workers: int, deadline: float):
-    """Each conversation in its own request, from `workers` threads; (rewards, latencies, errors, seconds)."""
-    rewards, latencies, errors = [None] * len(conversations), [], 0
+def send_all(client: RewardClient, conversations: list, workers: int, seconds: float):
+    """Each conversation in its own request, from `workers` threads, none sent after `seconds`; (rewards, latencies,
+    errors, skipped: those not sent in time, seconds taken)."""
+    rewards, latencies, errors, skipped = [None] * len(conversations), [], 0, 0
+    deadline = time.time() + seconds
 
     def one(i: int):
         if time.time() > deadline:
@@ -85,11 +89,13 @@ def send_all(client: RewardClient, conversations: list, workers: int, deadline: 
     with ThreadPoolExecutor(workers) as pool:
         for i, (reward, latency, error) in enumerate(pool.map(one, range(len(conversations)))):
             rewards[i] = reward
-            if error:
+            if error == "deadline":
+                skipped += 1
+            elif error:
                 errors += 1
             else:
                 latencies.append(latency)
-    return rewards, np.array(latencies), errors, time.perf_counter() - start
+    return rewards, np.array(latencies), errors, skipped, time.perf_counter() - start
 
 
 def main():
@@ -126,14 +132,15 @@ def main():
                     if server.poll() is not None or time.time() - started > 120:
                         raise UserError("the server did not start") from None
                     time.sleep(0.2)
-            deadline = time.time() + args.max_seconds
             client.score(conversations[:2])  # warm-up
             memory_before = resident_mib(server.pid)
             batches, cpu = [client.info()["batches_run"]], [cpu_seconds(server.pid)]
-            sequential = send_all(client, conversations, 1, deadline)
+            sequential = send_all(client, conversations, 1, args.max_seconds / 2)
             batches.append(client.info()["batches_run"])
             cpu.append(cpu_seconds(server.pid))
-            concurrent = send_all(client, conversations, args.clients, deadline)
+            # The same requests: those the first pass sent in its time (a prefix: one worker sends them in order).
+            sent = len(conversations) - sequential[3]
+            concurrent = send_all(client, conversations[:sent], args.clients, args.max_seconds / 2)
             batches.append(client.info()["batches_run"])
             cpu.append(cpu_seconds(server.pid))
             memory_after = resident_mib(server.pid)
@@ -141,23 +148,36 @@ def main():
             gpu_peak, dtype = info["peak_gpu_memory_mib"], info["dtype"]
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
     print(f"\n{n} single-conversation requests, {args.clients} concurrent clients x {args.requests} requests, "
           f"batch wait {args.batch_wait_ms} ms, {dtype}, data {args.data}")
     # The load generator shares this machine's cores with the server: the server's own CPU time per request says
     # what batching saves, whatever the clients cost.
-    print(f"{'':<26}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'batches':>9}{'server CPU ms/req':>19}")
+    print(f"{'':<26}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'unsent':>8}{'batches':>9}"
+          f"{'server CPU ms/req':>19}")
     phases = (("one request at a time", sequential), (f"{args.clients} concurrent clients", concurrent))
-    for n_batches, cpu_used, (name, (_, latencies, errors, seconds)) in zip(np.diff(batches), np.diff(cpu), phases):
+    for n_batches, cpu_used, (name, (_, latencies, errors, skipped, seconds)) in zip(np.diff(batches), np.diff(cpu),
+                                                                                    phases):
         done = len(latencies)
         p50, p99 = (1000 * np.percentile(latencies, q) if done else float("nan") for q in (50, 99))
-        print(f"{name:<26}{done / seconds:>9.1f}{p50:>9.1f}{p99:>9.1f}{errors:>8}{n_batches:>9}"
+        print(f"{name:<26}{done / seconds:>9.1f}{p50:>9.1f}{p99:>9.1f}{errors:>8}{skipped:>8}{n_batches:>9}"
               f"{1000 * cpu_used / max(done, 1):>19.2f}")
-    ratio = (len(concurrent[1]) / concurrent[3]) / (len(sequential[1]) / sequential[3])
+    if sequential[3] or concurrent[3]:
+        print(f"note: {sequential[3]} requests were not sent within half of --max_seconds {args.max_seconds} one at a "
+              f"time, so the concurrent pass sent the first {len(conversations) - sequential[3]} only"
+              + (f", of which {concurrent[3]} were not sent in its half either" if concurrent[3] else ""))
+    if len(sequential[1]) and len(concurrent[1]):
+        ratio = (len(concurrent[1]) / concurrent[4]) / (len(sequential[1]) / sequential[4])
+        print(f"throughput ratio (concurrent / one at a time): {ratio:.2f}x")
+    else:
+        print("throughput ratio: not measured (a pass completed no request)")
     pairs_done = [(a, b) for a, b in zip(sequential[0], concurrent[0]) if a is not None and b is not None]
     max_diff = max((abs(a - b) for a, b in pairs_done), default=float("nan"))
-    print(f"throughput ratio (concurrent / one at a time): {ratio:.2f}x")
     print(f"rewards, concurrent vs one at a time: max |diff| {max_diff:.2e} over {len(pairs_done)} requests")
     print(f"server resident memory: {memory_before:.0f} MiB before, {memory_after:.0f} MiB after"
           + (f"; GPU allocator peak {gpu_peak:.0f} MiB" if gpu_peak is not None else ""))
