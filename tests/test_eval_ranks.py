@@ -72,3 +72,30 @@ def test_rewardbench_2_says_how_many_completions_were_cut(models, tmp_path):
     cut = json.loads(results.read_text())["data"]["truncated"]
     assert cut > 0
     assert f"[data_set_name] truncated {cut} completions longer than max_length=40 tokens from the left" in proc.stdout
+
+
+def test_an_error_in_one_ranks_share_stops_every_rank_with_its_line(tmp_path):
+    """A NaN or a refused row in one rank's slice (PRM/ORM evaluation, PM score_dataset): that rank stopped alone and
+    the others died at the gather with a gloo traceback. map_across_ranks raises it on every rank, after the gather."""
+    script = tmp_path / "shares.py"
+    script.write_text(
+        "from useful_code.cli import UserError, run_cli\n"
+        "from useful_code.data_parallel import finish, map_across_ranks, process_state\n\n\n"
+        "def score(items):\n"
+        "    if 7 in items:\n"
+        "        raise UserError(f'item 7 is bad (position {items.index(7)})')\n"
+        "    return [2 * x for x in items]\n\n\n"
+        "def main():\n"
+        "    state = process_state()\n"
+        "    print(f'results {map_across_ranks(state, score, list(range(5)))}', flush=True)  # one write\n"
+        "    map_across_ranks(state, score, list(range(8)))\n"
+        "    finish(state)\n\n\n"
+        "run_cli(main)\n")
+    proc = run([*two_ranks("torchrun"), str(script)], env_extra={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and proc.stdout.count("results [0, 2, 4, 6, 8]") == 2  # uneven shares, in order
+    assert proc.stderr.count("error: item 7 is bad (position 3) (counted within rank 1's share of the items)") == 2, \
+        proc.stderr[-3000:]
+    # the ranks exit 2 together (torchrun then prints its own ChildFailedError report): no worker traceback, no gloo
+    # connection error, no abort from a process group left open
+    assert "failed (exitcode: 2)" in proc.stderr
+    assert not any(marker in proc.stderr for marker in ("gloo", "terminate called", "RuntimeError", "UserError"))

@@ -328,6 +328,8 @@ def test_outputs_and_flags_checked_before_any_work(checkpoints, tmp_path):
         call(conf_threshold.main, "--input_path", source, "--output_path", source)
     with pytest.raises(UserError, match="must be a .jsonl file"):
         label(checkpoints, TOY_TEST, "--output_path", str(tmp_path / "labels.txt"))
+    with pytest.raises(UserError, match="must be a .jsonl file"):  # the deepspeed launcher's flag is taken
+        label(checkpoints, TOY_TEST, "--output_path", str(tmp_path / "labels.txt"), "--local_rank=0")
     with pytest.raises(UserError, match="is not a pairwise preference model"):
         call(pseudo_label.main, "--reward_name_or_path", str(checkpoints / "bt"), "--output_path",
              str(tmp_path / "x.jsonl"))

@@ -23,14 +23,23 @@ def process_state() -> PartialState:
 
 def map_across_ranks(state: Optional[PartialState], score: Callable[[list], list], items: list) -> list:
     """score(items) with the items split into contiguous slices, one per rank; returns every rank's results
-    concatenated in rank order, which is items' order. score must return one result per item, in order."""
+    concatenated in rank order, which is items' order. score must return one result per item, in order. A UserError
+    on any rank (a NaN in its slice, a row it refuses) stops every rank with its line, after the gather: a rank that
+    stopped on its own left the others to die at the gather with a gloo traceback."""
     if state is None or state.num_processes == 1:
         return score(items)
     with state.split_between_processes(items) as part:
-        local = score(list(part))
-    if len(local) != len(part):
+        try:
+            local, error = score(list(part)), ""
+        except UserError as err:
+            local, error = [], f"{err} (counted within rank {state.process_index}'s share of the items)"
+    if not error and len(local) != len(part):
         raise RuntimeError(f"rank {state.process_index}: {len(local)} results for {len(part)} items")
-    return gather_object(local)
+    shares = gather_object([(local, error)])  # one (results, error) per rank, in rank order
+    failed = next((share_error for _, share_error in shares if share_error), "")
+    if failed:
+        _stop_together(state, failed)
+    return [result for share, _ in shares for result in share]
 
 
 def _failure(err: BaseException) -> str:
@@ -39,16 +48,17 @@ def _failure(err: BaseException) -> str:
 
 
 def _stop_together(state: PartialState, error: str, main_error: Optional[BaseException] = None):
-    """Every process stops on the main process's failure: each prints its line (the main process its traceback, or
-    its UserError's line), then all meet at a barrier, then exit. torchrun stops the remaining workers as soon as one
-    exits with an error, so a rank that printed after the first exit could lose its line (seen under CI load)."""
+    """Every process stops on one failure (the main process's, or a rank's share in map_across_ranks): each prints
+    its line (the main process its traceback, or the UserError's line), then all meet at a barrier and close the
+    process group, then exit. torchrun stops the remaining workers as soon as one exits with an error, so a rank that
+    printed after the first exit could lose its line (seen under CI load)."""
     crashed = main_error is not None and not isinstance(main_error, UserError)
     if crashed:
         print_exception(main_error)
         sys.stderr.flush()
     else:
         report_error(error)
-    state.wait_for_everyone()
+    finish(state)  # a process that exits with gloo's connections open aborts ("terminate called ...")
     sys.exit(1 if crashed else 2)
 
 

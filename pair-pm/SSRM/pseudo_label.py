@@ -117,6 +117,7 @@ class ScriptArguments:
     trust_remote_code: bool = field(default=False)
     load_pickled_weights: bool = field(default=False, metadata={
         "help": "Read a checkpoint that has only pickled weights (.bin) with torch's weights-only loader."})
+    local_rank: int = field(default=-1, metadata={"help": "Passed by the deepspeed launcher; the rank comes from it."})
 
 
 def output_path(args) -> str:
