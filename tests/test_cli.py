@@ -371,7 +371,19 @@ def test_warmup_ratio_is_a_fraction(tmp_path):
 
 @pytest.mark.parametrize("script, argv, message", [
     ("armo-rm/interpret.py", ["--response", " "],
-     "error: --prompt / --response: no message may have empty content (empty_content)"),
+     "error: --response: an empty value; give one, or leave the flag out for its default"),
+    # an empty path was the default for some scripts, the current directory or a KeyError for others
+    ("useful_code/score_dataset.py", ["--output_path", ""],
+     "error: --output_path: an empty value; give one, or leave the flag out for its default"),
+    ("pair-pm/SSRM/pseudo_label.py", ["--output_path="],
+     "error: --output_path: an empty value; give one, or leave the flag out for its default"),
+    # NaN passes every comparison, and fields without limits were not checked at all (traced back in train())
+    ("bradley-terry-rm/train.py", ["--num_train_epochs", "nan"], "error: --num_train_epochs must be a finite number, "
+                                                                 "got nan"),
+    ("useful_code/eval_reward_bench_pm.py", ["--temperature", "inf"],
+     "error: --temperature must be a finite number, got inf"),
+    ("math-rm/train.py", ["--dataset_num_proc", "-3"], "error: --dataset_num_proc must be at least 1, got -3"),
+    ("bradley-terry-rm/train.py", ["--save_total_limit", "0"], "error: --save_total_limit must be at least 1, got 0"),
     ("armo-rm/stage-2_train.py", ["--dropout", "1"], "error: --dropout must be below 1, got 1.0"),
     ("armo-rm/stage-2_train.py", ["--temperature", "0"], "error: --temperature must be above 0, got 0.0"),
     ("armo-rm/stage-2_train.py", ["--corr_threshold", "2"], "error: --corr_threshold must be at most 1, got 2.0"),
@@ -389,6 +401,7 @@ def test_script_errors_before_any_work_are_one_line(script, argv, message, monke
     existing.write_text("x")
     spec = importlib.util.spec_from_file_location(Path(script).stem.replace("-", "_"), REPO_ROOT / script)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     monkeypatch.setattr(sys, "argv", [script, *[a.format(file=existing) for a in argv]])
     with pytest.raises(SystemExit) as exit_info:

@@ -137,6 +137,7 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
         parser.epilog = (f"Defaults shown: the recipe {config_path}'s values. A recipe (YAML) may come first, or "
                          f"--config PATH; every flag overrides it.")
     check_spellings(parser, argv)
+    check_no_empty_values(argv)
     if config_path:
         # A config may use a flag's alias (upstream's --output_path for output_dir) as its key, like the command line.
         dests = {opt.lstrip("-"): action.dest for action in parser._actions for opt in action.option_strings}
@@ -257,7 +258,20 @@ INHERITED_LIMITS = {"per_device_train_batch_size": {"min": 1}, "per_device_eval_
                     "max_length": {"min": 1}, "weight_decay": {"min": 0}, "max_grad_norm": {"min": 0},
                     "adam_beta1": {"min": 0, "below": 1}, "adam_beta2": {"min": 0, "below": 1},
                     "adam_epsilon": {"min": 0}, "logging_steps": {"above": 0}, "seed": {"min": 0, "max": 2**32 - 1},
-                    "data_seed": {"min": 0, "max": 2**32 - 1}}
+                    "data_seed": {"min": 0, "max": 2**32 - 1}, "num_train_epochs": {"min": 0},
+                    "warmup_steps": {"min": 0}, "neftune_noise_alpha": {"min": 0}, "dataloader_num_workers": {"min": 0},
+                    # transformers keeps every checkpoint for a limit <= 0, as for none (the default)
+                    "save_total_limit": {"min": 1}, "dataset_num_proc": {"min": 1}, "pad_to_multiple_of": {"min": 1}}
+
+
+def check_no_empty_values(argv: Sequence[str]) -> None:
+    """A flag given an empty value ('--output_dir ""', '--x='): one line. Read as the flag's default by some
+    scripts, as the current directory or a missing file by others, it failed late or silently."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg and not arg.split("=", 1)[1].strip():
+            raise UserError(f"{arg.split('=', 1)[0]}: an empty value; give one, or leave the flag out for its default")
+        if not arg.strip() and i > 0 and argv[i - 1].startswith("--") and "=" not in argv[i - 1]:
+            raise UserError(f"{argv[i - 1]}: an empty value; give one, or leave the flag out for its default")
 
 
 def check_limits(arguments) -> None:
@@ -267,10 +281,10 @@ def check_limits(arguments) -> None:
     for f in dataclasses.fields(arguments):
         limits = {**INHERITED_LIMITS.get(f.name, {}), **{k: f.metadata[k] for k in LIMIT_KEYS if k in f.metadata}}
         value = getattr(arguments, f.name)
+        if isinstance(value, float) and not math.isfinite(value):  # every number: NaN passes every comparison
+            raise UserError(f"--{f.name} must be a finite number, got {value}")
         if value is None or not limits:
             continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{f.name} must be a finite number, got {value}")
         if "choices" in limits and value not in limits["choices"]:
             raise UserError(f"--{f.name} must be one of {', '.join(map(str, limits['choices']))}, got {value!r}")
         if "min" in limits and value < limits["min"]:
