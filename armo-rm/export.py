@@ -51,6 +51,9 @@ class ScriptArguments:
 def build_config(model_path: str, summary: dict, pattern: list[int], trust_remote_code: bool):
     """The backbone's config plus what the ArmoRM head needs, with auto_map pointing at the shipped modeling file."""
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    for key in ("mean", "std"):  # a BT backbone's reward scale (OpenRLHF's names), not ArmoRM's score's
+        if hasattr(config, key):
+            delattr(config, key)
     config.num_objectives = len(summary["attributes"])
     config.attribute_names = list(summary["attributes"])
     config.gating_hidden_dim = summary["gating_hidden_dim"]

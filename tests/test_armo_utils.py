@@ -973,3 +973,24 @@ def test_attribute_labels_are_numbers_or_null():
     text = Dataset.from_list([{**rated, ATTRIBUTES[0]: "high"}, {**rated, ATTRIBUTES[0]: None}])
     with pytest.raises(UserError, match=rf"first: row 0 {ATTRIBUTES[0]} \(bad_attribute_label\)"):
         validate_attribute_labels(text, False, "--dataset_path")
+
+
+def test_the_export_does_not_carry_a_bt_backbones_reward_scale(tmp_path):
+    """A BT checkpoint's config.json holds its held-out reward mean and std under OpenRLHF's names, which OpenRLHF
+    normalizes rewards by: the exported ArmoRM's score is another scale, so they are not copied into its config."""
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    from useful_code.checkpoints import record_reward_scale
+    from useful_code.defaults import REPO_ROOT
+
+    AutoConfig.from_pretrained(DEFAULT_MODEL).save_pretrained(tmp_path)
+    record_reward_scale(str(tmp_path), 0.29, 1.62)
+    spec = importlib.util.spec_from_file_location("armo_export", REPO_ROOT / "armo-rm" / "export.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    summary = {"attributes": ["a", "b"], "gating_hidden_dim": 8, "gating_n_hidden": 1, "gating_temperature": 10.0,
+               "penalty": [0.0, 0.0]}
+    config = export.build_config(str(tmp_path), summary, [1, 2], False).to_dict()
+    assert "mean" not in config and "std" not in config and config["num_objectives"] == 2

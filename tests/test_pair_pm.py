@@ -487,6 +487,10 @@ def test_knockout_five_responses():
     assert [(f, s) for _, f, s in scorer.calls] == [(["3", "1"], ["9", "7"]), (["9"], ["7"]), (["9"], ["5"])]
     assert len(scorer.calls) == result.rounds
     assert all(c == [context] * len(f) for c, f, _ in scorer.calls)
+    # a string is the user's message, as rank_responses.py reads a "prompt" (it traced back on a string)
+    as_text = IntScorer()
+    assert as_text.knockout("pick the largest", ["3", "9", "1", "7", "5"]) == result
+    assert as_text.calls == scorer.calls
 
 
 def test_knockout_single_response():

@@ -203,9 +203,12 @@ class PairPreferenceScorer:
         return [((m.sum(axis=1) - 0.5) / max(len(m) - 1, 1)).tolist()
                 for m in self.preference_matrices(contexts, responses, progress)]
 
-    def knockout(self, context: list[dict], responses: list[str]) -> TournamentResult:
+    def knockout(self, context, responses: list[str]) -> TournamentResult:
         """Best of n responses by a knock-out tournament: n - 1 comparisons (each in both orders), one batch
-        per round. With an odd number left, the last candidate passes the round unplayed."""
+        per round. With an odd number left, the last candidate passes the round unplayed. context: the messages
+        before the responses, or a string, the user's message (as rank_responses.py reads a "prompt")."""
+        if isinstance(context, str):
+            context = [{"role": "user", "content": context}]
         return self.knockout_many([context], [responses])[0]
 
     def knockout_many(self, contexts: list[list[dict]], candidates: list[list[str]]) -> list[TournamentResult]:
