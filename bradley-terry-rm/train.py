@@ -380,11 +380,16 @@ def check_odin_settings(args: ScriptArguments, training_args) -> None:
                         "each device's batch, always +-1 for one pair; use at least 2 pairs per device")
 
 
+def reward_head(model) -> tuple:
+    """(the model itself, unwrapped from DeepSpeed's engine, and its reward head: 'score' or 'classifier')."""
+    module = model.module if hasattr(model, "module") else model
+    return module, getattr(module, "score", None) or getattr(module, "classifier", None)
+
+
 def check_odin_head(model) -> None:
     """ODIN's two heads are the rows of one linear layer (score or classifier): an encoder whose classifier is a
     block (RoBERTa's dense + projection) has none, and its quality head could not be exported."""
-    module = model.module if hasattr(model, "module") else model
-    head = getattr(module, "score", None) or getattr(module, "classifier", None)
+    module, head = reward_head(model)
     if not isinstance(head, torch.nn.Linear):
         raise UserError(f"--loss_type odin needs a model whose reward head is one linear layer ('score' or "
                         f"'classifier'); {type(module).__name__}'s is {type(head).__name__}")
@@ -393,9 +398,7 @@ def check_odin_head(model) -> None:
 def odin_head_weight(model) -> Optional[torch.Tensor]:
     """The [2, hidden] head weight for ODIN's orthogonality term; None where ZeRO-3 holds only a shard of it (a run
     whose orthogonality coefficient is 0: check_odin_settings refuses the others)."""
-    module = model.module if hasattr(model, "module") else model
-    head = getattr(module, "score", None) or getattr(module, "classifier", None)
-    weight = getattr(head, "weight", None)
+    weight = getattr(reward_head(model)[1], "weight", None)
     return weight if weight is not None and weight.dim() == 2 and weight.shape[1] > 0 else None
 
 
