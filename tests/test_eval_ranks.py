@@ -33,6 +33,8 @@ def evaluate(models, kind: str, data: str, ranks: int, tmp_path, launcher: str =
                 "--record_dir", str(tmp_path / "record.txt"), "--results_json", str(results), "--batch_size", "4"],
                env_extra={"OMP_NUM_THREADS": "1"})
     check_ok(proc)
+    if data == V2_SAMPLE:  # a data note is said once, by the main rank, whatever the number of ranks
+        assert proc.stdout.count("RewardBench 2 columns, scored as RewardBench 2") == 1, proc.stdout
     saved = json.loads(results.read_text())
     assert saved["data"]["processes"] == ranks
     return saved

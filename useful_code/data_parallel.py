@@ -3,8 +3,9 @@ and every rank gets all the scores back, in order; without a launcher it is one 
 
 from __future__ import annotations
 
+import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from traceback import print_exception
 from typing import Callable, Optional
 
@@ -87,7 +88,8 @@ def main_process_first(state: PartialState):
     """The block on the main process first (it fills the datasets cache), then on the others (they read it). If the
     main process's block fails, every process stops with its error as one line: with Accelerate's
     main_process_first (barriers only) the others, waiting at a barrier, die on a closed connection with a
-    traceback."""
+    traceback. The others' block prints nothing to stdout: they read the same data, and the main process has said
+    its notes (drops, truncations) once."""
     if state.num_processes == 1:
         yield
         return
@@ -104,7 +106,8 @@ def main_process_first(state: PartialState):
     broadcast_object_list(error)
     if error[0]:
         _stop_together(state, error[0])
-    yield
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        yield
 
 
 def finish(state: PartialState) -> None:
