@@ -290,8 +290,21 @@ def test_a_model_giving_nan_logits_is_an_error_not_a_step_cut_off(tok, model):
     broken = copy.deepcopy(model)
     with torch.no_grad():
         broken.lm_head.weight[MINUS, 0] = float("nan")
-    with pytest.raises(UserError, match=r"NaN or infinite '\+'/'-' logits at 3 of 3 label positions"):
+    with pytest.raises(UserError, match=r"NaN or infinite '\+'/'-' logits at 3 of 3 label positions of a batch "
+                                        r"\(first: sequence 0 of the call"):
         StepScorer(broken, tok).label_probs(encode_labeled(tok, [SOLUTION]))
+    # A NaN embedding for one word: only the solution holding it fails, and the error names it (the scripts score
+    # thousands of solutions, length-sorted, across ranks).
+    solutions = [SOLUTION, chat("Ann has 5 pears.", "+"), chat("A zebra has 4 legs and 1 tail. Step 1: ok", "+"),
+                 chat("Step 1: 7", "+")]
+    word = tok.convert_tokens_to_ids("z")
+    assert [word in ids for ids, _ in encode_labeled(tok, solutions)] == [False, False, True, False]
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.get_input_embeddings().weight[word] = float("nan")
+    with pytest.raises(UserError, match=r"logits at 1 of \d+ label positions of a batch \(first: solution 2 "
+                                        r"\(0-based\), problem 'A zebra has 4 legs and 1 tail. Step 1: o\.\.\.'\)"):
+        StepScorer(broken, tok, batch_size=4).score_conversations(solutions, progress=False)
 
 
 def upstream_step_scores(model, tokenizer, conversation):

@@ -5,6 +5,7 @@ prefix; by causality both read the same logits."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -59,9 +60,11 @@ class StepScorer:
         return out
 
     @torch.inference_mode()
-    def label_probs(self, encoded: list[tuple[list[int], list[int]]], progress: bool = False) -> list[list[float]]:
+    def label_probs(self, encoded: list[tuple[list[int], list[int]]], progress: bool = False,
+                    describe: Callable[[int], str] = "sequence {} of the call (0-based)".format) -> list[list[float]]:
         """P(+) (softmax over the "+"/"-" logits) predicted for each label position of each sequence, read one
-        position before it; NaN for a position of -1."""
+        position before it; NaN for a position of -1. NaN or infinite logits stop the call, naming the first such
+        sequence by describe(its index in encoded)."""
         device = model_device(self.model)
         pad_id = self.tokenizer.pad_token_id
         out: list[list[float]] = [[] for _ in encoded]
@@ -84,11 +87,14 @@ class StepScorer:
             if logits.dim() == 3:  # a model that computed every position anyway
                 logits = logits[keep.to(logits.device)]
             answer_logits = logits[:, [self.plus, self.minus]].float()
-            if not torch.isfinite(answer_logits).all():  # a NaN P(+) would pass for a step cut off and be left out
-                bad = int((~torch.isfinite(answer_logits).all(-1)).sum())
-                raise ModelOutputError(f"the math reward model gave NaN or infinite '+'/'-' logits at {bad} of "
-                                       f"{len(answer_logits)} label positions of a batch; its weights may hold NaN, "
-                                       "or it overflows in this dtype")
+            bad = ~torch.isfinite(answer_logits).all(-1)
+            if bad.any():  # a NaN P(+) would pass for a step cut off and be left out
+                # logits_to_keep returns the kept positions row by row: the first bad one's row is its sequence's
+                first_row = int(keep.nonzero()[int(bad.nonzero()[0]), 0])
+                raise ModelOutputError(f"the math reward model gave NaN or infinite '+'/'-' logits at "
+                                       f"{int(bad.sum())} of {len(answer_logits)} label positions of a batch (first: "
+                                       f"{describe(chunk[first_row])}); its weights may hold NaN, or it overflows in "
+                                       "this dtype")
             probs = torch.softmax(answer_logits, dim=-1)[:, 0].cpu().tolist()
             # The kept positions come row by row, each row's in order: hand them back in that order.
             start = 0
@@ -111,10 +117,18 @@ class StepScorer:
             for start in range(0, len(part), chunk_size):
                 encoded = encode_labeled(self.tokenizer, part[start:start + chunk_size], name)
                 cut = [len(ids) > self.max_length for ids, _ in encoded]
-                results += zip(self.label_probs(self.truncate(encoded), progress), cut)
+                results += zip(self.label_probs(self.truncate(encoded), progress,
+                                                lambda i: describe_solution(part[start + i], start + i)), cut)
             return results
 
         before = self.truncated
         scored = map_across_ranks(self.state, score, conversations)
         self.truncated = before + sum(cut for _, cut in scored)
         return [probs for probs, _ in scored]
+
+
+def describe_solution(conversation: list[dict], index: int) -> str:
+    """A solution named for an error: its index among those scored, and the start of its first user message, which
+    says which problem it is whichever script and rank scored it."""
+    text = next((m["content"] for m in conversation if m["role"] == "user"), "")
+    return f"solution {index} (0-based), problem {text[:40] + ('...' if len(text) > 40 else '')!r}"
