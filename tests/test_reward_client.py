@@ -64,9 +64,15 @@ def test_trl_unscorable_completions_get_none_and_the_others_are_scored(server):
         [{"role": "assistant", "content": FORGED}],  # refused by the server only (its tokenizer's special tokens)
         [{"role": "assistant", "content": ANSWERS[1]}],
     ]
-    got = trl_reward_function(server.url)(prompts=[user] * len(completions), completions=completions,
-                                          completion_ids=None)
+    with pytest.warns(UserWarning) as warned:  # each reason said once: an RLHF log says why rewards are missing
+        got = trl_reward_function(server.url)(prompts=[user] * len(completions), completions=completions,
+                                              completion_ids=None)
     assert got[1:6] == [None] * 5
+    reasons = [str(w.message).split("(None): ")[1].split(" (said once")[0] for w in warned
+               if "got no reward (None)" in str(w.message)]
+    assert reasons[:3] == ["empty_content", "unknown_role", "not_a_message_list"], reasons
+    assert len(reasons) == 4 and reasons[3].startswith("refused by the server: "), reasons
+    assert "special token" in reasons[3] and "conversations[" not in reasons[3], reasons
     assert [got[0], got[6]] == pytest.approx(reference(server, [CONVERSATIONS[0], CONVERSATIONS[1]]), abs=1e-5)
     plain = trl_reward_function(server.url)(prompts=[QUESTION["content"]] * 3, completions=["", ANSWERS[2], "  "])
     assert plain[0] is None and plain[2] is None
@@ -128,7 +134,8 @@ def test_trl_requests_stay_within_the_servers_body_limit(checkpoints):
         for request in requests:
             conversations = [[QUESTION, {"role": "assistant", "content": completions[i]}] for i in request]
             assert len(json.dumps({"conversations": conversations}).encode()) <= 4000
-        got = trl_reward_function(running.url)(prompts=[QUESTION["content"]] * 9, completions=completions)
+        with pytest.warns(UserWarning, match=r"got no reward \(None\): larger than the server's --max_body_bytes"):
+            got = trl_reward_function(running.url)(prompts=[QUESTION["content"]] * 9, completions=completions)
         assert got[8] is None and None not in got[:8]
         assert got[:8] == pytest.approx(reference(running, [[QUESTION, {"role": "assistant", "content": c}]
                                                             for c in completions[:8]]), abs=1e-5)

@@ -17,6 +17,7 @@ import json
 import re
 import threading
 import urllib.parse
+import warnings
 from typing import Any, Callable, Optional
 
 # A URL may name one of the server's endpoints (OpenRLHF's flag takes http://host:port/get_reward): the client
@@ -171,21 +172,31 @@ class RewardClient:
         written as text, a chat template that refuses it, an ArmoRM input cut past its user turn) gets None too and
         the rest are sent again. The others go to /score in requests within the server's --max_items and
         --max_body_bytes (read from /info once; one conversation larger than that alone gets None). Any other error
-        (auth, a PM server, an unreachable one) is raised."""
+        (auth, a PM server, an unreachable one) is raised. Each reason for a None is warned of once per process
+        (Python's warnings), so an RLHF run's log says why some completions got no reward."""
         rewards: list[Optional[float]] = [None] * len(conversations)
-        keep = [i for i, conversation in enumerate(conversations) if not unscorable_reason(conversation)]
-        for chunk in self._score_requests(conversations, keep) if keep else []:
+        reasons = {i: unscorable_reason(conversation) for i, conversation in enumerate(conversations)}
+        keep = [i for i, reason in reasons.items() if not reason]
+        requests = self._score_requests(conversations, keep) if keep else []
+        sent = {i for request in requests for i in request}
+        reasons.update({i: "larger than the server's --max_body_bytes" for i in keep if i not in sent})
+        for chunk in requests:
             while chunk:  # each refused item leaves the chunk: at most len(chunk) requests
                 try:
                     scored = self.score([conversations[i] for i in chunk])["rewards"]
                 except RewardServerError as err:
                     if err.status != 400 or err.item is None or not 0 <= err.item < len(chunk):
                         raise
+                    # the server's line without its "HTTP 400: conversations[i]: " prefix: one warning per rule
+                    reasons[chunk[err.item]] = "refused by the server: " + str(err).split(": ", 2)[-1]
                     del chunk[err.item]
                     continue
                 for i, reward in zip(chunk, scored):
                     rewards[i] = reward
                 break
+        for reason in dict.fromkeys(r for r in reasons.values() if r):
+            warnings.warn(f"reward server client: a conversation got no reward (None): {reason} (said once per "
+                          "reason)", stacklevel=2)
         return rewards
 
 
@@ -231,7 +242,7 @@ def trl_reward_function(url: str = "http://127.0.0.1:5000", api_key: Optional[st
 
     A completion the server would refuse gets None instead of a reward, and training goes on: an empty or blank
     reply, a `tool` message or any role but system/user/assistant, content given as a list of parts, roles out of
-    turn, a special token as text. TRL turns None into NaN and leaves that completion out of the rewards' means and
+    turn, a special token as text (a warning names each reason once). TRL turns None into NaN and leaves that completion out of the rewards' means and
     advantages (it warns when every reward function gave None). Errors that are not about one completion (the server
     unreachable, a wrong api_key, a PM server) are raised. url may end with an endpoint such as /get_reward.
     name: the function's __name__, under which TRL logs its rewards (rewards/<name>/mean): give each of several
