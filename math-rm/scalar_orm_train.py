@@ -35,7 +35,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from useful_code import checkpoints
 from useful_code.cli import note_tiny_recipe, parse_args, run_cli
-from useful_code.data import hold_out, load_dataset_dict, load_split, pick_split, split_name
+from useful_code.data import held_out_source, hold_out, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -172,11 +172,8 @@ def main():
     with training_args.main_process_first():
         splits = load_dataset_dict(args.train_set_path, "--train_set_path", skip_invalid=args.skip_invalid)
         train_raw = pick_split(splits, "train", "--train_set_path")
-        held_out_raw = None
-        if args.eval_set_path:
-            held_out_raw = load_split(args.eval_set_path, "test", "--eval_set_path", args.skip_invalid)
-        elif "test" in splits and split_name(splits, "train", "--train_set_path") != "test":
-            held_out_raw = splits["test"]
+        held_out_raw, source = held_out_source(splits, args.eval_set_path, "train", "--train_set_path",
+                                               args.skip_invalid)
         # Checked before any hold-out split, so that an error names the row as it is in the file.
         train, train_stats = solution_rows(train_raw, tokenizer, training_args.max_length, args.skip_invalid,
                                            "train set")
@@ -184,8 +181,7 @@ def main():
             held_out, eval_stats = solution_rows(held_out_raw, tokenizer, training_args.max_length,
                                                  args.skip_invalid, "eval set")
         else:  # no test split (RLHFlow/Mistral-ORM-Data has none), or it is the training data
-            why = "its 'test' split is the train set" if "test" in splits else "no 'test' split"
-            train, held_out, eval_stats = hold_out(train, args.eval_holdout_size, training_args.seed, why,
+            train, held_out, eval_stats = hold_out(train, args.eval_holdout_size, training_args.seed, source,
                                                    "--train_set_path", key_columns=("input_ids",), unit="solutions")
             train_stats.update(used=len(train), right=int(sum(train["label"])), held_out=eval_stats["read"])
             eval_stats["right"] = int(sum(held_out["label"]))

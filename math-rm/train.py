@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 
 from useful_code import checkpoints
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
-from useful_code.data import hold_out, load_dataset_dict, load_split, pick_split
+from useful_code.data import held_out_source, hold_out, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -108,17 +108,13 @@ def load_rows(args: ScriptArguments, tokenizer, seed: int, num_proc: Optional[in
     train = pick_split(splits, args.dataset_split, "--dataset_path")
     train, train_stats = validate_training_rows(train, tokenizer, args.skip_invalid, "train set", num_proc)
     held_out, eval_stats = None, None
-    if args.eval_set_path or "test" in splits:
-        if args.eval_set_path:
-            raw = load_split(args.eval_set_path, "test", "--eval_set_path", args.skip_invalid)
-            source = args.eval_set_path
-        else:
-            raw, source = splits["test"], "test split of --dataset_path"
+    raw, source = held_out_source(splits, args.eval_set_path, args.dataset_split, "--dataset_path", args.skip_invalid)
+    if raw is not None:
         held_out, eval_stats = validate_training_rows(raw, tokenizer, args.skip_invalid, "eval set", num_proc)
         eval_stats["source"] = source
     elif args.eval_holdout_size:
-        train, held_out, eval_stats = hold_out(train, args.eval_holdout_size, seed, "no 'test' split",
-                                               "--dataset_path", key_columns=("messages",), unit="rows")
+        train, held_out, eval_stats = hold_out(train, args.eval_holdout_size, seed, source, "--dataset_path",
+                                               key_columns=("messages",), unit="rows")
         train_stats["held_out_for_eval"] = eval_stats["read"]
     if args.reward_type == "orm":
         # One label per solution: a multi-step row keeps its last label (a solution is right when its last step is).

@@ -96,7 +96,7 @@ def load_examples(args: ScriptArguments, seed: int):
     else:
         train, train_stats = standardize_pairs(train, args.skip_invalid, "train set")
         train, held_out, eval_stats = held_out_pairs(train, splits, args.eval_set_path, args.eval_holdout_size, seed,
-                                                     args.skip_invalid, "--dataset_path")
+                                                     args.skip_invalid, "--dataset_path", args.dataset_split)
         train = pairs_to_pm(train, seed)
     return train, held_out, {"train": train_stats, "eval": eval_stats}
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from transformers import EvalPrediction
 
 from helpers import ROOT, check_ok, run, sharpened, two_ranks
@@ -641,6 +641,23 @@ def test_invalid_training_data_is_one_line(monkeypatch, capsys, tmp_path):
     assert err.strip().splitlines()[-1].startswith(
         "error: train set: 1 of 2 rows are invalid (bad_label: 1); first: row 1 (bad_label)")
     assert "Traceback" not in err
+
+
+def test_training_on_the_test_split_holds_out_of_it_never_evaluates_on_it(tok, tmp_path):
+    """--dataset_split test with a train split beside it: the held-out rows come out of the test split, disjoint from
+    the training rows (the rule every trainer shares, data.held_out_source). Before: math-rm evaluated on its own
+    training rows and called them the test split."""
+    module = load_script("math-rm/train.py")
+    problems = [chat(f"Q{i}: 1 + {i}. Step 1: {1 + i}", "+") for i in range(12)]
+    DatasetDict(train=training_set(*problems[:6]), test=training_set(*problems[6:])).save_to_disk(tmp_path / "d")
+    args = module.ScriptArguments(dataset_path=str(tmp_path / "d"), dataset_split="test", eval_holdout_size=2)
+    train, held_out, stats = module.load_rows(args, tok, seed=0)
+    train_rows = {json.dumps(m) for m in train["messages"]}
+    assert len(train) == 4 and len(held_out) == 2 and not train_rows & {json.dumps(m) for m in held_out["messages"]}
+    assert stats["eval"]["source"] == "held out of --dataset_path"
+    args = module.ScriptArguments(dataset_path=str(tmp_path / "d"), eval_holdout_size=2)  # training on train
+    train, held_out, stats = module.load_rows(args, tok, seed=0)
+    assert (len(train), len(held_out), stats["eval"]["source"]) == (6, 6, "test split of --dataset_path")
 
 
 # ------------------------------------------------------------------------------------- 8. end to end

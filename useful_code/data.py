@@ -340,14 +340,9 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
     is all training pairs (upstream's recipes give the training data as --eval_set_path) is replaced by pairs held out
     of train. train=None (PM examples, which cannot be compared) skips that check. Returns (train, held-out
     standard-format pairs, stats of the held-out pairs)."""
-    if eval_set_path:
-        raw, source = load_split(eval_set_path, "test", "--eval_set_path", skip_invalid), eval_set_path
-    elif "test" in train_splits and split_name(train_splits, train_split, train_flag) != "test":
-        raw, source = train_splits["test"], f"test split of {train_flag}"
-    else:
-        # No test split, or the training pairs are the test split: evaluating on it would score training pairs.
-        why = "its 'test' split is the train set" if "test" in train_splits else "no 'test' split"
-        return hold_out(train, holdout_size, seed, why, train_flag)
+    raw, source = held_out_source(train_splits, eval_set_path, train_split, train_flag, skip_invalid)
+    if raw is None:
+        return hold_out(train, holdout_size, seed, source, train_flag)
     held_out, stats = standardize_pairs(raw, skip_invalid, "eval set")
     if train is None:
         return train, held_out, {**stats, "source": source}
@@ -361,6 +356,19 @@ def held_out_pairs(train, train_splits, eval_set_path: Optional[str], holdout_si
               "training pairs too")
         stats = {**stats, "training_pairs_left_out": len(seen), "used": len(held_out)}
     return train, held_out, {**stats, "source": source}
+
+
+def held_out_source(train_splits, eval_set_path: Optional[str], train_split: str, train_flag: str,
+                    skip_invalid: bool):
+    """Where every trainer's held-out rows come from: (raw rows, their source) for --eval_set_path's test split (else
+    its only split), else the train data's 'test' split when the run does not train on it; else (None, why rows
+    are to be held out of the train set): no 'test' split, or the training rows are the test split, which
+    evaluating on would score training rows."""
+    if eval_set_path:
+        return load_split(eval_set_path, "test", "--eval_set_path", skip_invalid), eval_set_path
+    if "test" in train_splits and split_name(train_splits, train_split, train_flag) != "test":
+        return train_splits["test"], f"test split of {train_flag}"
+    return None, "its 'test' split is the train set" if "test" in train_splits else "no 'test' split"
 
 
 def hold_out(train, holdout_size: int, seed: int, why: str, train_flag: str, eval_set_given: bool = False,
