@@ -155,7 +155,16 @@ class RewardTrainingArguments(FinalCheckpointPush, HardwareAwareArguments, check
         if self.label_smoothing_factor:  # the Trainer applies it to class labels; a BT loss has none
             raise UserError("--label_smoothing_factor: not applied by the Bradley-Terry losses (it would be ignored); "
                             "drop the flag")
-        self.train_sampling_strategy = "group_by_length" if self.group_by_length else "random"
+        # Training batches come from --group_by_length or --max_tokens_per_batch (batch_samplers.py), never from
+        # transformers' sampler: its other strategies are accepted only where they mean what they say.
+        if self.train_sampling_strategy == "group_by_length":
+            self.group_by_length = True
+        elif self.train_sampling_strategy == "sequential" and self.group_by_length:
+            raise UserError("--train_sampling_strategy sequential: give --group_by_length false with it (length "
+                            "grouping, the default, shuffles the batches)")
+        elif self.train_sampling_strategy == "batch_rebalance":
+            raise UserError("--train_sampling_strategy batch_rebalance: not supported by this trainer; "
+                            "--max_tokens_per_batch batches by a token budget")
         self.remove_unused_columns = False  # the collator reads the token-id columns
         self.label_names = []
         super().__post_init__()
@@ -295,8 +304,11 @@ class BradleyTerryTrainer(Trainer):
         if self.batch_sampler is None:
             return super().get_train_dataloader()
         args = self.args
+        # Trainer._get_dataloader's settings, with our batch sampler (it passes only its own BatchRebalanceSampler)
         workers = {"persistent_workers": args.dataloader_persistent_workers,
-                   "prefetch_factor": args.dataloader_prefetch_factor} if args.dataloader_num_workers else {}
+                   "prefetch_factor": args.dataloader_prefetch_factor,
+                   "multiprocessing_context": args.dataloader_multiprocessing_context,
+                   "in_order": args.dataloader_in_order} if args.dataloader_num_workers else {}
         loader = torch.utils.data.DataLoader(
             self.train_dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator,
             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,

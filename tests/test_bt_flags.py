@@ -444,3 +444,17 @@ def test_prefix_sharing_by_default_on_a_cpu_only_and_when_asked_anywhere(bt):
     for flag, value in (("--prefix_sharing", "true"), ("--max_tokens_per_batch", "300")):
         with pytest.raises(UserError, match=f"^{flag} needs padding-free training: drop --padding_free false$"):
             parsed(bt, flag, value, "--padding_free", "false")
+
+
+def test_train_sampling_strategy_is_honoured_or_refused_never_overwritten(bt):
+    """transformers' --train_sampling_strategy beside the trainer's own batching (--group_by_length, on by default):
+    before, __post_init__ overwrote it, so 'sequential' silently trained on shuffled length groups."""
+    assert training_args(bt).train_sampling_strategy == "random" and training_args(bt).group_by_length
+    assert training_args(bt, "--group_by_length", "false", "--train_sampling_strategy", "sequential") \
+        .train_sampling_strategy == "sequential"
+    assert training_args(bt, "--group_by_length", "false", "--train_sampling_strategy", "group_by_length") \
+        .group_by_length
+    with pytest.raises(UserError, match="--train_sampling_strategy sequential: give --group_by_length false"):
+        training_args(bt, "--train_sampling_strategy", "sequential")
+    with pytest.raises(UserError, match="--train_sampling_strategy batch_rebalance: not supported"):
+        training_args(bt, "--train_sampling_strategy", "batch_rebalance")
