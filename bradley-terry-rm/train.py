@@ -52,7 +52,7 @@ from useful_code.losses import (
     split_pair_rewards,
 )
 from useful_code.model_card import launch_command, write_model_card
-from useful_code.modeling import REWARD_HEAD_WEIGHTS, disable_dropout, load_reward_model
+from useful_code.modeling import REWARD_HEAD_WEIGHTS, classifier_head_name, disable_dropout, load_reward_model
 from useful_code.packing import (
     enable_padding_free,
     packed_rewards,
@@ -392,16 +392,17 @@ def check_odin_settings(args: ScriptArguments, training_args) -> None:
                         "each device's batch, always +-1 for one pair; use at least 2 pairs per device")
 
 
-def reward_head(model) -> tuple:
-    """(the model itself, unwrapped from DeepSpeed's engine, and its reward head: 'score' or 'classifier')."""
+def classifier_head(model) -> tuple:
+    """(the model itself, unwrapped from DeepSpeed's engine, and its output layer: 'score' or 'classifier')."""
     module = model.module if hasattr(model, "module") else model
-    return module, getattr(module, "score", None) or getattr(module, "classifier", None)
+    name = classifier_head_name(module)
+    return module, getattr(module, name) if name else None
 
 
 def check_odin_head(model) -> None:
     """ODIN's two heads are the rows of one linear layer (score or classifier): an encoder whose classifier is a
     block (RoBERTa's dense + projection) has none, and its quality head could not be exported."""
-    module, head = reward_head(model)
+    module, head = classifier_head(model)
     if not isinstance(head, torch.nn.Linear):
         raise UserError(f"--loss_type odin needs a model whose reward head is one linear layer ('score' or "
                         f"'classifier'); {type(module).__name__}'s is {type(head).__name__}")
@@ -410,7 +411,7 @@ def check_odin_head(model) -> None:
 def odin_head_weight(model) -> Optional[torch.Tensor]:
     """The [2, hidden] head weight for ODIN's orthogonality term; None where ZeRO-3 holds only a shard of it (a run
     whose orthogonality coefficient is 0: check_odin_settings refuses the others)."""
-    weight = getattr(reward_head(model)[1], "weight", None)
+    weight = getattr(classifier_head(model)[1], "weight", None)
     return weight if weight is not None and weight.dim() == 2 and weight.shape[1] > 0 else None
 
 
@@ -418,7 +419,7 @@ def export_quality_head(two_heads_dir: str, checkpoint_dir: str, tokenizer, dtyp
     """ODIN's quality head alone as a plain one-output reward model (what evaluation and serving load)."""
     with outside_zero3():
         model = load_reward_model(two_heads_dir, "checkpoint", tokenizer, dtype, num_labels=2)
-    name = "score" if hasattr(model, "score") else "classifier"
+    name = classifier_head_name(model)
     two = getattr(model, name)
     one = torch.nn.Linear(two.in_features, 1, bias=two.bias is not None, dtype=two.weight.dtype)
     with torch.no_grad():

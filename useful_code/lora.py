@@ -15,7 +15,7 @@ from useful_code.checkpoints import ADAPTER_DIR, save_final_checkpoint
 from useful_code.cli import UserError
 from useful_code.distributed import outside_zero3
 from useful_code.hardware import has_accelerator
-from useful_code.modeling import REWARD_HEAD_WEIGHTS
+from useful_code.modeling import CLASSIFIER_HEADS, REWARD_HEAD_WEIGHTS, classifier_head_name
 
 
 @dataclass
@@ -71,7 +71,7 @@ def check_lora_targets(model, targets: Optional[list[str]]) -> None:
     layers (peft raises for no match at all and silently ignores a list that matches in part)."""
     if not targets:
         return
-    head = next((name for name in ("score", "classifier") if hasattr(model, name)), None)
+    head = classifier_head_name(model)
     # A causal LM's output layer (the PM's answer head): TRL's SFTTrainer refuses an adapter on it, with a traceback.
     output = model.get_output_embeddings() if head is None and hasattr(model, "get_output_embeddings") else None
     modules = [(name, module) for name, module in model.named_modules()
@@ -129,7 +129,7 @@ def wrap_with_lora(model, args: LoraArguments, task_type: TaskType, training_arg
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     # Every part of a new reward head trains in full, as peft trains 'score'/'classifier': an encoder's pooler (new
     # on a masked-LM base) adapted by LoRA instead would keep its random init, which the merged export redraws.
-    head_parts = {prefix.rstrip(".") for prefix in REWARD_HEAD_WEIGHTS} - {"score", "classifier"}
+    head_parts = {prefix.rstrip(".") for prefix in REWARD_HEAD_WEIGHTS} - set(CLASSIFIER_HEADS)
     extra_head = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & head_parts) \
         if task_type == TaskType.SEQ_CLS else []
     config = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

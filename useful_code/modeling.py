@@ -19,9 +19,16 @@ from useful_code.openrlhf_format import openrlhf_value_head
 from useful_code.packing import enable_padding_free
 from useful_code.templates import load_tokenizer
 
-# The modules a sequence-classification head adds to a base model: a decoder's score layer, an encoder's pooler and
-# classifier (BERT, DeBERTa). Training a reward model from a base model initialises them.
-REWARD_HEAD_WEIGHTS = ("score.", "classifier.", "pooler.")
+# A sequence classifier's output layer: a decoder's 'score', an encoder's 'classifier' (BERT, DeBERTa).
+CLASSIFIER_HEADS = ("score", "classifier")
+# The modules a sequence-classification head adds to a base model: the output layer, and an encoder's pooler.
+# Training a reward model from a base model initialises them.
+REWARD_HEAD_WEIGHTS = tuple(f"{name}." for name in CLASSIFIER_HEADS) + ("pooler.",)
+
+
+def classifier_head_name(model) -> Optional[str]:
+    """The attribute of a sequence classifier (or its peft wrapper) holding its output layer, or None."""
+    return next((name for name in CLASSIFIER_HEADS if hasattr(model, name)), None)
 
 
 def _task_suffix(class_name: str) -> str:

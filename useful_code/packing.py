@@ -211,7 +211,7 @@ def _unwrap(model):
     return model
 
 
-def reward_head(model) -> Optional[torch.nn.Module]:
+def decoder_score_head(model) -> Optional[torch.nn.Module]:
     """A decoder sequence classifier's score layer (read at each sequence's last token), or None."""
     return getattr(_unwrap(model), "score", None)
 
@@ -455,7 +455,7 @@ def packed_model_kwargs(model, inputs: dict) -> dict:
 def packed_rewards(model, inputs: dict) -> torch.Tensor:
     """[n_sequences, num_labels] score-head outputs at each packed sequence's last token (a sequence classifier's
     reward), in the order of inputs['last_positions']."""
-    head = reward_head(model)
+    head = decoder_score_head(model)
     with _captured_output(head) as captured:
         model(**packed_model_kwargs(model, inputs), use_cache=False)
     return captured["output"][0, inputs["last_positions"].to(captured["output"].device)]
