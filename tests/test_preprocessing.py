@@ -959,3 +959,22 @@ def test_special_token_pattern_is_the_same_in_every_process():
     patterns = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(patterns) == 1 and "reserved_special_token_0" in patterns.pop()
+
+
+def test_answer_labels_must_be_single_tokens():
+    """The PM's "A"/"B" and the math models' "+"/"-" are read off one position each: a tokenizer that splits one is
+    one line naming it (one rule for both, templates.single_token_ids)."""
+    from useful_code import math_data, pm_data
+    from useful_code.templates import load_tokenizer, single_token_ids
+
+    tok = load_tokenizer(DEFAULT_MODEL, "m")
+    assert pm_data.label_token_ids(tok) == tuple(tok.convert_tokens_to_ids(["A", "B"]))
+    assert math_data.label_token_ids(tok) == tuple(tok.convert_tokens_to_ids(["+", "-"]))
+
+    class SplitsB:
+        def encode(self, text, add_special_tokens):
+            return [7, 8] if text == "B" else [5]
+
+    with pytest.raises(UserError, match=r"^the tokenizer encodes the label 'B' as 2 tokens \[7, 8\]; a preference "
+                                        r"model needs 'A' and 'B' to be single tokens$"):
+        single_token_ids(SplitsB(), ("A", "B"), "a preference model")

@@ -21,6 +21,7 @@ from useful_code.templates import (
     enforce_max_length,
     reject_untemplatable,
     render_conversations,
+    single_token_ids,
     special_token_pattern,
 )
 
@@ -41,15 +42,8 @@ def remove_step_tags(answer: str) -> str:
 
 
 def label_token_ids(tokenizer) -> tuple[int, int]:
-    """Token ids of "+" and "-"; both must be single tokens for P(+) to be read off one position."""
-    ids = []
-    for label in LABELS:
-        encoded = tokenizer.encode(label, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise UserError(f"the tokenizer encodes the label '{label}' as {len(encoded)} tokens {encoded}; a math "
-                            "reward model needs '+' and '-' to be single tokens")
-        ids.append(encoded[0])
-    return ids[0], ids[1]
+    """Token ids of "+" and "-": single tokens, for P(+) to be read off one position."""
+    return single_token_ids(tokenizer, LABELS, "a math reward model")
 
 
 # ============================================================================ training rows

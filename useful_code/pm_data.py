@@ -18,7 +18,7 @@ import numpy as np
 from useful_code.checkpoints import check_output_file
 from useful_code.cli import UserError
 from useful_code.formats import enforce_validity, map_rows
-from useful_code.templates import encode_conversations, enforce_max_length
+from useful_code.templates import encode_conversations, enforce_max_length, single_token_ids
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")  # an output path ending so is a file, anything else a directory
 PM_PROMPT_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \n"
@@ -59,16 +59,8 @@ def balanced_positions(n: int, seed: int) -> list[int]:
 
 
 def label_token_ids(tokenizer) -> tuple[int, int]:
-    """Token ids of "A" and "B"; both must be single tokens for P(A) to be read off one position."""
-    ids = []
-    for label in LABELS:
-        encoded = tokenizer.encode(label, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise UserError(
-                f"the tokenizer encodes the label '{label}' as {len(encoded)} tokens {encoded}; a preference model "
-                "needs 'A' and 'B' to be single tokens")
-        ids.append(encoded[0])
-    return ids[0], ids[1]
+    """Token ids of "A" and "B": single tokens, for P(A) to be read off one position."""
+    return single_token_ids(tokenizer, LABELS, "a preference model")
 
 
 def encode_pm_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:

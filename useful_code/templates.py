@@ -165,6 +165,19 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 TEMPLATE_REJECTS = "chat_template_rejects"
 
 
+def single_token_ids(tokenizer, labels, model_kind: str) -> tuple[int, ...]:
+    """Token ids of the answer labels a model's probability is read from ("A"/"B", "+"/"-"): each must be a single
+    token, or one line naming the label and what it encodes to."""
+    ids = []
+    for label in labels:
+        encoded = tokenizer.encode(label, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise UserError(f"the tokenizer encodes the label '{label}' as {len(encoded)} tokens {encoded}; "
+                            f"{model_kind} needs {' and '.join(repr(lab) for lab in labels)} to be single tokens")
+        ids.append(encoded[0])
+    return tuple(ids)
+
+
 def chat_template_error(tokenizer, conversation: list[dict]) -> str:
     """'' when the tokenizer's chat template renders the conversation, else the template's own message (Gemma-2's
     template raises 'System role not supported' for a system message)."""
