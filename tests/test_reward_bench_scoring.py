@@ -362,13 +362,13 @@ def test_eval_outputs_are_checked_before_scoring(tmp_path):
     evaluation.check_eval_arguments(args, one_process)
 
 
-@pytest.mark.parametrize("temperature", ["0", "-1", "nan"])
-def test_pm_eval_temperature_must_be_above_zero(temperature):
+@pytest.mark.parametrize("temperature, rule", [("0", "be above 0"), ("-1", "be above 0"), ("nan", "be a finite number")])
+def test_pm_eval_temperature_must_be_above_zero(temperature, rule):
     """0 divides the A/B logits by zero; a negative temperature turns every preference around and still scores."""
     from useful_code.cli import parse_args
     from useful_code.eval_reward_bench_pm import ScriptArguments
 
-    with pytest.raises(UserError, match=f"--temperature must be above 0, got {float(temperature)}"):
+    with pytest.raises(UserError, match=f"^--temperature must {rule}, got {float(temperature)}$"):
         parse_args((ScriptArguments,), argv=["--temperature", temperature])
 
 

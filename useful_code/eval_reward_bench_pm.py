@@ -13,7 +13,7 @@ probability of being preferred over the others (its expected win rate); the v2 a
 from dataclasses import dataclass, field
 from typing import Optional
 
-from useful_code.cli import UserError, parse_args, run_cli
+from useful_code.cli import parse_args, run_cli
 from useful_code.data_parallel import finish, main_process_first, process_state
 from useful_code.evaluation import (
     EvalArguments,
@@ -36,12 +36,8 @@ class ScriptArguments(EvalArguments):
     reward_name_or_path: Optional[str] = field(
         default="RLHFlow/pair-preference-model-LLaMA3-8B", metadata={"help": "PM: hub name or checkpoint directory."}
     )
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature on the A/B logits (above 0)."})
-
-    def __post_init__(self):
-        # 0 divides by zero and a negative one turns every preference around: both would still print a score.
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be above 0, got {self.temperature}")
+    # above 0: 0 divides by zero and a negative one turns every preference around, and both would print a score
+    temperature: float = field(default=1.0, metadata={"above": 0, "help": "Softmax temperature on the A/B logits."})
 
 
 def checked_pairs(examples, flag: str, args, tokenizer):
