@@ -39,6 +39,12 @@ class ScriptArguments(PrepareArguments):
                             metadata={"min": 1, "help": "Longer conversations keep their last tokens (counted)."})
 
 
+def first_words(messages: list[dict]) -> str:
+    """A conversation's first message, cut to 40 characters: names a row after the shuffle that reorders them."""
+    text = messages[0]["content"]
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
 def main():
     args, config = parse_args((ScriptArguments,), DEFAULT_CONFIG, section="stage-1_prepare")
     note_tiny_recipe(config, DEFAULT_CONFIG, args.model_path, "armo-rm/configs/llama3-8b.yaml")
@@ -72,7 +78,9 @@ def main():
     sequences, truncated = truncate_all(tokenizer, encode_conversations(tokenizer, list(shard["messages"])),
                                         args.max_length)
     embeddings, _ = embed(model, tokenizer, sequences, args.batch_size,
-                          max_tokens_per_batch=args.max_tokens_per_batch)
+                          max_tokens_per_batch=args.max_tokens_per_batch,
+                          name=lambda i: f"the --dataset_path conversation starting "
+                                         f"{first_words(shard[i]['messages'])}")
     labels = np.array([[np.nan if v is None else v for v in shard[a]] for a in ATTRIBUTES],
                       dtype=np.float32).T.reshape(len(shard), len(ATTRIBUTES))
 

@@ -994,3 +994,20 @@ def test_the_export_does_not_carry_a_bt_backbones_reward_scale(tmp_path):
                "penalty": [0.0, 0.0]}
     config = export.build_config(str(tmp_path), summary, [1, 2], False).to_dict()
     assert "mean" not in config and "std" not in config and config["num_objectives"] == 2
+
+
+def test_embed_refuses_non_finite_hidden_states_naming_the_sequence(backbone, seven_sequences):
+    """A NaN embedding written to disk stopped stage 1's ridge fit with a scikit-learn traceback, long after: embed
+    names the first sequence (packed and padded paths alike)."""
+    import copy
+
+    model, tokenizer = backbone
+    broken = copy.deepcopy(model)
+    word = seven_sequences[5][-3]  # a token of the sixth sequence only
+    assert all(word not in s for i, s in enumerate(seven_sequences) if i != 5)
+    with torch.no_grad():
+        broken.get_input_embeddings().weight[word] = float("nan")
+    for budget in (0, 4096):
+        with pytest.raises(UserError, match=r"the model gave NaN or infinite hidden states for 1 of 7 sequences "
+                                            r"\(first: sequence 5 to embed\)"):
+            embed(broken, tokenizer, seven_sequences, batch_size=3, progress=False, max_tokens_per_batch=budget)

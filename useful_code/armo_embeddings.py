@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from useful_code.cli import UserError
+from useful_code.cli import ModelOutputError, UserError
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling_armo_rm import find_gating_positions
 from useful_code.packing import packed_hidden_states, packed_rows, padding_free_ready, prefix_sharing_pays
@@ -164,13 +164,21 @@ def embed(model, tokenizer, sequences: list[list[int]], batch_size: int, gating_
                 within = torch.cat([find_gating_positions(torch.tensor([sequences[i]]), gating_pattern_ids)
                                     for i in chunk])
                 gated[chunk] = hidden[row.token_positions(within).to(device)].cpu()
-        return last, gated
-    for chunk in length_sorted_batches(sequences, batch_size, "embedding", progress):
-        batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")
-        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        rows = torch.arange(len(chunk), device=device)
-        last[chunk] = hidden[rows, mask.sum(-1) - 1].cpu()
-        if gated is not None:
-            gated[chunk] = hidden[rows, find_gating_positions(input_ids, gating_pattern_ids)].cpu()
+    else:
+        for chunk in length_sorted_batches(sequences, batch_size, "embedding", progress):
+            batch = tokenizer.pad({"input_ids": [sequences[i] for i in chunk]}, padding=True, return_tensors="pt")
+            input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            rows = torch.arange(len(chunk), device=device)
+            last[chunk] = hidden[rows, mask.sum(-1) - 1].cpu()
+            if gated is not None:
+                gated[chunk] = hidden[rows, find_gating_positions(input_ids, gating_pattern_ids)].cpu()
+    # Written to disk, a NaN embedding stops stage 1's ridge fit with a scikit-learn traceback, long after.
+    bad = ~torch.isfinite(last).all(-1)
+    if gated is not None:
+        bad |= ~torch.isfinite(gated).all(-1)
+    if bad.any():
+        raise ModelOutputError(f"the model gave NaN or infinite hidden states for {int(bad.sum())} of {len(sequences)} "
+                               f"sequences (first: {name(int(bad.nonzero()[0]))}); its weights may hold NaN, or it "
+                               "overflows in this dtype")
     return last, gated

@@ -1,12 +1,18 @@
-"""A training run whose loss or gradient norm turns NaN or infinite stops at the next logging step with one line.
+"""A training run whose loss or gradient norm turns NaN or infinite stops at the next logging step with one line,
+and a periodic checkpoint whose weights are no longer finite is removed and stops the run.
 
 Without this, transformers trains on (every later step is NaN), its logging_nan_inf_filter (on by default) logs a
 plausible loss, often 0, in place of the NaN, and the run fails only at the end, in the reload check, blaming the
-checkpoint."""
+checkpoint; and a checkpoint saved between two logs could hold NaN weights that --resume_from_checkpoint latest
+picks up."""
 
 import math
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from useful_code.cli import UserError
@@ -31,9 +37,27 @@ class StopOnNonFiniteLoss(TrainerCallback):
     def __init__(self):
         self.last_finite_step = 0
 
+    def last_finite_log(self) -> str:
+        """'step N' of the last logged finite training loss, or 'none yet'."""
+        return f"step {self.last_finite_step}" if self.last_finite_step else "none yet"
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             control.should_log = True
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """Every rank checks its weights (its shard under ZeRO-3) after a periodic save, and all agree: weights that
+        an update made NaN or infinite (between two logs, or with a finite loss and gradient norm) remove the
+        checkpoint just written and stop the run."""
+        if model is None or not non_finite_weights(model):
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        raise UserError(f"training diverged: the weights hold NaN or infinite values at step {state.global_step} "
+                        f"(last finite log: {self.last_finite_log()}; --learning_rate {args.learning_rate}); "
+                        f"its checkpoint ({checkpoint}) was removed and nothing was published; lower --learning_rate "
+                        "(or check --max_grad_norm and the data) before resuming from an earlier checkpoint")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         keys = ("loss",) if args.fp16 else ("loss", "grad_norm")
@@ -44,7 +68,25 @@ class StopOnNonFiniteLoss(TrainerCallback):
             return
         found = " and ".join(f"the {'training loss' if k == 'loss' else 'gradient norm'} is {v}"
                              for k, v in bad.items())
-        raise UserError(f"training diverged: {found} at step {state.global_step} (last finite log: step "
-                        f"{self.last_finite_step}; --learning_rate {args.learning_rate}). Nothing was published; lower "
+        raise UserError(f"training diverged: {found} at step {state.global_step} (last finite log: "
+                        f"{self.last_finite_log()}; --learning_rate {args.learning_rate}). Nothing was published; lower "
                         "--learning_rate (or check --max_grad_norm and the data) before resuming from an earlier "
                         "checkpoint")
+
+
+def non_finite_weights(model) -> bool:
+    """Whether any weight of model is NaN or infinite, on any rank (each checks what it holds: its shard of a ZeRO-3
+    parameter), agreed by an all-reduce so that every rank stops together."""
+    found = False
+    with torch.no_grad():
+        for param in model.parameters():
+            held = getattr(param, "ds_tensor", param)  # ZeRO-3 partitions a parameter: this rank's shard
+            if held.numel() and not torch.isfinite(held).all():
+                found = True
+                break
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor(float(found), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        found = bool(flag.item())
+    return found
