@@ -258,6 +258,10 @@ def main():
     gating.eval()
     with torch.inference_mode():
         val_scores = pair_scores(gating, weight, transform, prompt[val_rows], responses[val_rows])
+    if not torch.isfinite(val_scores).all():  # the last update, after the last checked loss: NaN compares false
+        raise UserError(f"training diverged: the trained gating network gives NaN or infinite scores on "
+                        f"{int((~torch.isfinite(val_scores).all(-1)).sum())} of {len(val_rows)} validation pairs "
+                        f"(--learning_rate {args.learning_rate}); nothing was published: lower --learning_rate")
     val_accuracy = float((val_scores[:, 0] > val_scores[:, 1]).float().mean())
     print(f"Validation accuracy: {val_accuracy:.4f} on {len(val_rows)} pairs")
 

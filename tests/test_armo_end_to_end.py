@@ -245,6 +245,9 @@ def test_stage2_train_refuses_unusable_inputs_in_one_line(armo, tmp_path):
         (["--val_fraction", 1], "error: --val_fraction 1.0 splits 1600 embedded preference pairs into 0 train and "
                                 "1600 validation rows; both need at least one"),
         (["--learning_rate", 1e30], "error: training diverged: the loss is nan at step "),
+        # the one update, after the one checked loss: the validation scores are NaN (an accuracy 0 was published)
+        (["--n_steps", 1, "--batch_size", 128, "--hidden_size", 32, "--learning_rate", 1e30],
+         "error: training diverged: the trained gating network gives NaN or infinite scores on "),
     ]:
         line = error_line(run(stage("stage-2_train.py", *common, "--reference_split", "train", *flags)))
         assert line.startswith(expected), line

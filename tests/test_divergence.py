@@ -53,6 +53,9 @@ def test_under_fp16_an_overflowing_gradient_norm_is_a_skipped_step_not_divergenc
 def test_a_reload_check_of_a_model_that_gives_nan_blames_the_model_not_the_checkpoint():
     with pytest.raises(UserError, match="the trained model gives NaN or infinite rewards on 2 of 3 inputs"):
         verify_reload(np.array([1.0, np.nan, np.inf]), np.array([1.0, np.nan, np.inf]), torch.float32, "c", "rewards")
+    pairs = np.array([[1.0, np.nan], [np.inf, np.nan], [0.5, 0.2]])  # counted per input, not per value: 2 of 3
+    with pytest.raises(UserError, match="the trained model gives NaN or infinite logits on 2 of 3 inputs"):
+        verify_reload(pairs, pairs, torch.float32, "c", "logits")
 
 
 @pytest.mark.e2e

@@ -526,7 +526,8 @@ def verify_reload(expected: np.ndarray, reloaded: np.ndarray, dtype: torch.dtype
     expected, reloaded = np.asarray(expected, dtype=np.float64), np.asarray(reloaded, dtype=np.float64)
     if expected.shape != reloaded.shape:
         raise RuntimeError(f"{checkpoint}: reloaded {what} have shape {reloaded.shape}, expected {expected.shape}")
-    broken = int(np.sum(~np.isfinite(expected)))
+    # per input (a row of a [n, 2] array: a pair's two rewards, a PM's two logits)
+    broken = int((~np.isfinite(expected.reshape(len(expected), -1))).any(axis=1).sum()) if expected.size else 0
     if broken:  # the trained model itself, not its checkpoint: said so, rather than a difference of nan
         raise UserError(f"the trained model gives NaN or infinite {what} on {broken} of {len(expected)} inputs "
                         "(training diverged after its last logged step, or the dtype overflowed): nothing published")
