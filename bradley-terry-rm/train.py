@@ -52,7 +52,13 @@ from useful_code.losses import (
     split_pair_rewards,
 )
 from useful_code.model_card import launch_command, write_model_card
-from useful_code.modeling import REWARD_HEAD_WEIGHTS, classifier_head_name, disable_dropout, load_reward_model
+from useful_code.modeling import (
+    REWARD_HEAD_WEIGHTS,
+    classifier_head_name,
+    disable_dropout,
+    load_reward_model,
+    record_kind,
+)
 from useful_code.packing import (
     enable_padding_free,
     packed_rewards,
@@ -503,7 +509,7 @@ def main(default_config: str = DEFAULT_CONFIG):
                                      flag="--output_path",  # upstream's name (--output_dir works too)
                                      resuming=bool(training_args.resume_from_checkpoint))
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
-                                        written_last=TrainTokensInCheckpoints.path("", 0).name)
+                                        written_last=TrainTokensInCheckpoints.path("", 0).name, kind="bt")
     # 4/8-bit needs a GPU and bitsandbytes: said now
     quantization = quantization_options(lora_args, compute_dtype(training_args))
     if args.loss_type == "odin":
@@ -539,6 +545,7 @@ def main(default_config: str = DEFAULT_CONFIG):
                               new_weights=REWARD_HEAD_WEIGHTS,  # a base model gets a new head
                               pickled_weights=args.load_pickled_weights, **quantization)
     model.config.use_cache = False
+    record_kind(model, "bt")  # every checkpoint says what it is
     if args.loss_type == "odin":
         check_odin_head(model)
     # Before LoRA wraps the model: the adapters keep their own --lora_dropout.

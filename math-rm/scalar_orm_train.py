@@ -48,7 +48,7 @@ from useful_code.divergence import DivergenceArguments, StopOnNonFiniteLoss
 from useful_code.formats import enforce_validity
 from useful_code.hub import FinalCheckpointPush, push_checkpoint
 from useful_code.math_data import TOY_PRM, to_outcome, validate_training_rows
-from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model
+from useful_code.modeling import REWARD_HEAD_WEIGHTS, load_reward_model, record_kind
 from useful_code.scoring import score_sequences
 from useful_code.templates import encode_conversations, load_tokenizer, truncate_all
 
@@ -165,7 +165,8 @@ def main():
         checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
                                      inputs=(args.model_name, args.train_set_path, args.eval_set_path),
                                      resuming=bool(training_args.resume_from_checkpoint))
-    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                                        kind="scalar_orm")
 
     # Data: train rows and held-out rows (the test split, or --eval_set_path), both checked by math-rm's rules.
     tokenizer = load_tokenizer(args.model_name, "--model_name")
@@ -193,6 +194,7 @@ def main():
               f"{precision_summary(training_args, dtype)} world_size={training_args.world_size}")
     set_seed(training_args.seed)  # the new head's initial weights: the Trainer seeds only once the model exists
     model = load_reward_model(args.model_name, "--model_name", tokenizer, dtype, new_weights=REWARD_HEAD_WEIGHTS)
+    record_kind(model, "scalar_orm")
     trainer = ScalarORMTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out,
                                processing_class=tokenizer, data_collator=collate(tokenizer),
                                compute_metrics=compute_metrics, callbacks=[checkpoints.DropPickledArguments(),

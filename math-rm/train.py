@@ -55,7 +55,7 @@ from useful_code.math_data import (
 )
 from useful_code.math_scoring import StepScorer
 from useful_code.model_card import launch_command, write_model_card
-from useful_code.modeling import load_preference_model
+from useful_code.modeling import load_preference_model, record_kind
 from useful_code.packing import enable_padding_free
 from useful_code.sft_arguments import PretokenizedSFTArguments
 from useful_code.templates import load_tokenizer
@@ -158,7 +158,8 @@ def main():
                                      inputs=(script_args.model_name_or_path, script_args.dataset_path,
                                              script_args.eval_set_path),
                                      resuming=bool(training_args.resume_from_checkpoint))
-    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                                        kind=script_args.reward_type)
     # fp32 weights under the Trainer's bf16 autocast; bf16 under DeepSpeed (fp32 master weights) or for LoRA's base
     dtype = weights_dtype(training_args, frozen_base=lora_args.use_peft)
     precision = precision_summary(training_args, dtype, frozen_base=lora_args.use_peft)
@@ -194,6 +195,7 @@ def main():
                                   script_args.attn_implementation, training_args.trust_remote_code,
                                   pickled_weights=script_args.load_pickled_weights, **quantization)
     model.config.use_cache = False
+    record_kind(model, script_args.reward_type)  # every checkpoint says what it is: a PM is a causal LM too
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args)
     check_resume_settings(model, resume)

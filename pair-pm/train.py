@@ -41,7 +41,7 @@ from useful_code.hub import FinalCheckpointPush, push_checkpoint
 from useful_code.lora import (LoraArguments, TaskType, check_resume_settings, quantization_options,
                                save_final_model, wrap_with_lora)
 from useful_code.model_card import launch_command, write_model_card
-from useful_code.modeling import load_preference_model
+from useful_code.modeling import load_preference_model, record_kind
 from useful_code.pm_data import (
     build_pm_prompt,
     is_pm_format,
@@ -122,7 +122,7 @@ def main():
                                      inputs=(script_args.model_name_or_path, script_args.dataset_path,
                                              script_args.eval_set_path),
                                      resuming=bool(training_args.resume_from_checkpoint))
-    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, kind="pm")
     # fp32 weights under the Trainer's bf16 autocast; bf16 under DeepSpeed (fp32 master weights) or for LoRA's base
     dtype = weights_dtype(training_args, frozen_base=lora_args.use_peft)
     precision = precision_summary(training_args, dtype, frozen_base=lora_args.use_peft)
@@ -161,6 +161,7 @@ def main():
                                   script_args.attn_implementation, training_args.trust_remote_code,
                                   pickled_weights=script_args.load_pickled_weights, **quantization)
     model.config.use_cache = False
+    record_kind(model, "pm")  # every checkpoint says what it is: a math reward model is a causal LM too
     if lora_args.use_peft:
         model = wrap_with_lora(model, lora_args, TaskType.CAUSAL_LM, training_args)
     check_resume_settings(model, resume)

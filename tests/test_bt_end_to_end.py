@@ -260,6 +260,8 @@ def test_lora_under_zero3_with_gradient_checkpointing_on_two_ranks(tmp_path):
     assert metrics["world_size"] == 2 and metrics["train_steps"] == 4 and metrics["lora"]["lora_r"] == 16
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert load_file(str(out / "last_checkpoint" / "model.safetensors"))["score.weight"].shape == (1, 64)
+    # the merge loads the base model afresh: the kind is carried over to the merged checkpoint's config
+    assert json.loads((out / "last_checkpoint" / "config.json").read_text())["rlhf_reward_kind"] == "bt"
 
 
 def test_prior_sets_add_prior_score_and_leaderboard_score(trained, tmp_path):

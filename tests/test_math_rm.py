@@ -672,6 +672,7 @@ def test_train_then_best_of_n_beats_majority_and_pass_at_1(tmp_path):
                   "50", "--learning_rate", "5e-3", "--logging_steps", "10"], env_extra={"OMP_NUM_THREADS": "1"}))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 50 and metrics["reward_type"] == "prm"
+    assert json.loads((out / "last_checkpoint" / "config.json").read_text())["rlhf_reward_kind"] == "prm"
     assert metrics["reload_max_abs_diff"] < 1e-4
     assert metrics["examples"]["train"]["used"] == 1000 and metrics["examples"]["eval"]["used"] == 100
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_accuracy_minus"] >= 0.8

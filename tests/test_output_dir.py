@@ -196,7 +196,7 @@ def test_resume_targets_are_checked(tmp_path, capsys):
     with pytest.raises(UserError, match="checkpoint-N with loop_state.pt"):
         resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path), marker="loop_state.pt")
     (tmp_path / "loop" / "checkpoint-3").mkdir(parents=True)  # a loop's checkpoint: its tensors are in loop_state.pt
-    (tmp_path / "loop" / "checkpoint-3" / "loop_state.pt").write_text("")
+    torch.save({"step": 3}, tmp_path / "loop" / "checkpoint-3" / "loop_state.pt")
     assert resolve_resume("latest", str(tmp_path / "loop"), marker="loop_state.pt") == str(
         tmp_path / "loop" / "checkpoint-3")
     # weights lost (a copy that left them out): one line for the path, passed over by 'latest'; the Trainer's
@@ -208,6 +208,70 @@ def test_resume_targets_are_checked(tmp_path, capsys):
     capsys.readouterr()
     assert resolve_resume("latest", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert f"Passing over {tmp_path / 'checkpoint-40'}: it holds no weights" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_kind_or_with_a_cut_optimizer_state_is_refused(tmp_path, capsys):
+    """Resuming a BT run from a PM's checkpoint-N (or the reverse, or a PRM from a PM: the same architecture) traced
+    back inside the optimizer or silently trained on; a cut optimizer.pt traced back after loading the model."""
+    import torch
+    from safetensors.torch import save_file
+
+    def checkpoint(step: int, config: dict) -> Path:
+        directory = tmp_path / f"checkpoint-{step}"
+        directory.mkdir()
+        (directory / "trainer_state.json").write_text("{}")
+        (directory / "config.json").write_text(json.dumps(config))
+        save_file({"w": torch.ones(2)}, str(directory / "model.safetensors"))
+        torch.save({"state": {}}, directory / "optimizer.pt")
+        return directory
+
+    bt = checkpoint(1, {"architectures": ["LlamaForSequenceClassification"]})  # saved before kinds were recorded
+    pm = checkpoint(2, {"architectures": ["LlamaForCausalLM"], "rlhf_reward_kind": "pm"})
+    prm = checkpoint(3, {"architectures": ["LlamaForCausalLM"], "rlhf_reward_kind": "prm"})
+    assert resolve_resume(str(bt), str(tmp_path), kind="bt") == str(bt)
+    assert resolve_resume(str(pm), str(tmp_path), kind="pm") == str(pm)
+    with pytest.raises(UserError, match=r"checkpoint-1: it is a checkpoint of a LlamaForSequenceClassification, not "
+                                        r"of a pairwise preference model \(pair-pm/train.py\) \(a \.\.\.ForCausalLM\)"):
+        resolve_resume(str(bt), str(tmp_path), kind="pm")
+    with pytest.raises(UserError, match=r"checkpoint-2: it is a checkpoint of a pairwise preference model "
+                                        r"\(pair-pm/train.py\), not of a math process reward model"):
+        resolve_resume(str(pm), str(tmp_path), kind="prm")
+    with pytest.raises(UserError, match="checkpoint-3: it is a checkpoint of a math process reward model"):
+        resolve_resume(str(prm), str(tmp_path), kind="bt")
+    capsys.readouterr()
+    assert resolve_resume("latest", str(tmp_path), kind="pm") == str(pm)  # 3 is passed over, said
+    assert capsys.readouterr().out.startswith(f"Passing over {prm}: it is a checkpoint of a math process reward")
+    optimizer = pm / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-30])
+    with pytest.raises(UserError, match=r"checkpoint-2: optimizer.pt is cut short or damaged \(not a complete torch "
+                                        r"archive\)"):
+        resolve_resume(str(pm), str(tmp_path), kind="pm")
+
+
+def test_scorers_refuse_a_checkpoint_recorded_as_another_kind(tmp_path):
+    """A PM checkpoint and a math PRM are both plain causal LMs: the kind the trainer recorded tells them apart."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from useful_code.defaults import DEFAULT_MODEL
+    from useful_code.math_scoring import StepScorer
+    from useful_code.modeling import record_kind
+    from useful_code.pm_scoring import PairPreferenceScorer
+
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
+    for kind in ("pm", "prm"):
+        record_kind(model, kind)
+        model.save_pretrained(tmp_path / kind)
+        AutoTokenizer.from_pretrained(DEFAULT_MODEL).save_pretrained(tmp_path / kind)
+    PairPreferenceScorer.from_pretrained(str(tmp_path / "pm"), bf16=False)
+    StepScorer.from_pretrained(str(tmp_path / "prm"), bf16=False)
+    with pytest.raises(UserError, match=r"--reward_name_or_path: '.*prm' is a math process reward model \(math-rm/"
+                                        r"train.py --reward_type prm\), not a pairwise preference model; score it "
+                                        r"with math-rm/prm_evaluate.py"):
+        PairPreferenceScorer.from_pretrained(str(tmp_path / "prm"), bf16=False)
+    with pytest.raises(UserError, match=r"'.*pm' is a pairwise preference model \(pair-pm/train.py\), not a math "
+                                        r"process reward model or math outcome reward model; score a preference"):
+        StepScorer.from_pretrained(str(tmp_path / "pm"), bf16=False)
+    PairPreferenceScorer.from_pretrained(DEFAULT_MODEL, bf16=False)  # no record (a hub or base model): its architecture
 
 
 def test_lines_written_as_they_come_replace_the_file_only_whole(tmp_path):

@@ -83,6 +83,7 @@ def test_training_learns_both_orders_and_checkpoint_reloads(pm_run):
     tokenizer = load_tokenizer(str(checkpoint), "checkpoint")
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["pad_token_id"] == tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert config["rlhf_reward_kind"] == "pm"  # a math reward model is a causal LM too: the config tells them apart
 
 
 def test_rewardbench_eval_matches_an_unbatched_upstream_style_computation(pm_run):

@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -256,17 +257,21 @@ def numbered_checkpoints(directory: Path) -> list[Path]:
 
 
 def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer_state.json",
-                   written_last: Optional[str] = None) -> Optional[str]:
+                   written_last: Optional[str] = None, kind: Optional[str] = None) -> Optional[str]:
     """--resume_from_checkpoint: None, 'latest' or a checkpoint directory holding marker (the Trainer's
     trainer_state.json, or LOOP_STATE); anything else is an error. 'latest' is the newest checkpoint-N of output_dir
     that is complete: marker readable (a .json one parses) and written_last (a file a callback adds after the
     Trainer's own, when given) present. A save cut short by a kill leaves a checkpoint-N without them (the Trainer
-    writes into checkpoint-N directly); it is passed over, said once."""
+    writes into checkpoint-N directly); it is passed over, said once. kind (modeling.KINDS): the model the caller
+    trains; a checkpoint of another kind is refused (transformers would load its weights into the wrong head, or
+    trace back inside the optimizer)."""
     if not value:
         return None
     if value == "latest":
         for directory in reversed(numbered_checkpoints(Path(output_dir))):
-            if not _complete(directory, marker, written_last):
+            if problem := other_kind(directory, kind):
+                print(f"Passing over {directory}: {problem}")
+            elif not _complete(directory, marker, written_last):
                 print(f"Passing over {directory}: its save was cut short ({marker}"
                       f"{f' or {written_last}' if written_last else ''} missing or incomplete)")
             elif problem := damaged_weights(directory, marker != LOOP_STATE):
@@ -279,6 +284,8 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
     if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, marker)):
         raise UserError(f"--resume_from_checkpoint: {value} is not a periodic checkpoint directory (checkpoint-N with "
                         f"{marker})")
+    if problem := other_kind(Path(value), kind):
+        raise UserError(f"--resume_from_checkpoint: {value}: {problem}")
     if not _complete(Path(value), marker, written_last):  # the Trainer would trace back on it, after loading all
         raise UserError(f"--resume_from_checkpoint: {value}: its save was cut short ({marker}"
                         f"{f' or {written_last}' if written_last else ''} missing or incomplete); resume from an "
@@ -286,6 +293,29 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
     if problem := damaged_weights(Path(value), marker != LOOP_STATE):
         raise UserError(f"--resume_from_checkpoint: {value}: {problem}")
     return value
+
+
+def other_kind(directory: Path, kind: Optional[str]) -> Optional[str]:
+    """Why a checkpoint directory holds another kind of model than kind (a key of modeling.KINDS), or None: the kind
+    its config records, else its architecture (checkpoints saved before kinds were recorded). A directory without a
+    readable config.json (a LoRA checkpoint holds an adapter config) is left to the other checks."""
+    from useful_code.modeling import KINDS, TRAINED_KIND  # here: modeling imports torch-heavy loaders
+
+    try:
+        config = json.loads((directory / "config.json").read_text()) if kind else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    recorded = config.get(TRAINED_KIND)
+    if recorded is not None:
+        return None if recorded == kind else f"it is a checkpoint of a {KINDS.get(recorded, repr(recorded))}, not of " \
+                                             f"a {KINDS[kind]}"
+    wanted = "ForSequenceClassification" if kind in ("bt", "scalar_orm") else "ForCausalLM"
+    architectures = config.get("architectures") or []
+    if architectures and not any(a.endswith(wanted) for a in architectures):
+        return f"it is a checkpoint of a {architectures[0]}, not of a {KINDS[kind]} (a ...{wanted})"
+    return None
 
 
 def _complete(directory: Path, marker: str, written_last: Optional[str]) -> bool:
@@ -320,6 +350,9 @@ def damaged_weights(directory: Path, model_checkpoint: bool = True) -> Optional[
         missing = sorted(name for name in listed if not (directory / name).is_file())
         if missing:
             return f"{missing[0]} is missing (listed in {index.name})"
+    for file in sorted([*directory.rglob("*.pt"), *directory.rglob("*.pth")]):  # torch.save's zip archives
+        if not zipfile.is_zipfile(file):  # a truncated one has no end record: torch.load traces back on it
+            return f"{file.relative_to(directory)} is cut short or damaged (not a complete torch archive)"
     for file in sorted(directory.glob("*.safetensors")):
         size = file.stat().st_size
         with open(file, "rb") as f:

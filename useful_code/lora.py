@@ -15,7 +15,7 @@ from useful_code.checkpoints import ADAPTER_DIR, save_final_checkpoint
 from useful_code.cli import UserError
 from useful_code.distributed import outside_zero3
 from useful_code.hardware import has_accelerator
-from useful_code.modeling import CLASSIFIER_HEADS, REWARD_HEAD_WEIGHTS, classifier_head_name
+from useful_code.modeling import CLASSIFIER_HEADS, REWARD_HEAD_WEIGHTS, TRAINED_KIND, classifier_head_name, record_kind
 
 
 @dataclass
@@ -198,6 +198,9 @@ def save_final_model(trainer, checkpoint_dir: str, use_peft: bool, load_base: Ca
     if trainer.args.process_index == 0:
         with outside_zero3():
             merged = PeftModel.from_pretrained(load_base(), adapter_dir).merge_and_unload()
+        kind = getattr(trainer.model.config, TRAINED_KIND, None)  # the base model's config does not record it
+        if kind is not None:
+            record_kind(merged, kind)
         merged.save_pretrained(checkpoint_dir)
         tokenizer.save_pretrained(checkpoint_dir)
     trainer.accelerator.wait_for_everyone()

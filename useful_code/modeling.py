@@ -26,6 +26,31 @@ CLASSIFIER_HEADS = ("score", "classifier")
 REWARD_HEAD_WEIGHTS = tuple(f"{name}." for name in CLASSIFIER_HEADS) + ("pooler.",)
 
 
+# What a project trainer made, recorded in the checkpoint's config (every checkpoint-N too): a preference model and a
+# math reward model are both plain causal LMs, whose architectures alone cannot tell them (or a base model) apart.
+TRAINED_KIND = "rlhf_reward_kind"
+KINDS = {"bt": "Bradley-Terry reward model (bradley-terry-rm/train.py)",
+         "pm": "pairwise preference model (pair-pm/train.py)",
+         "prm": "math process reward model (math-rm/train.py --reward_type prm)",
+         "orm": "math outcome reward model (math-rm/train.py --reward_type orm)",
+         "scalar_orm": "scalar math outcome reward model (math-rm/scalar_orm_train.py)"}
+
+
+def record_kind(model, kind: str) -> None:
+    """Write kind (a key of KINDS) into the model's config, so its checkpoints say what they are."""
+    setattr(model.config, TRAINED_KIND, kind)
+
+
+def check_kind(config, accepted: tuple[str, ...], flag: str, name: str, use_instead: str) -> None:
+    """A checkpoint a project trainer recorded as another kind than accepted: one line naming both, and the script
+    for it (use_instead maps nothing: it is said as is). A checkpoint with no record (a hub model, a base model, one
+    trained elsewhere) passes: its architecture is all there is to go by."""
+    recorded = getattr(config, TRAINED_KIND, None) if not isinstance(config, dict) else config.get(TRAINED_KIND)
+    if recorded is not None and recorded not in accepted:
+        raise UserError(f"{flag}: '{name}' is a {KINDS.get(recorded, repr(recorded))}, not a "
+                        f"{' or '.join(KINDS[k].split(' (')[0] for k in accepted)}; {use_instead}")
+
+
 def classifier_head_name(model) -> Optional[str]:
     """The attribute of a sequence classifier (or its peft wrapper) holding its output layer, or None."""
     return next((name for name in CLASSIFIER_HEADS if hasattr(model, name)), None)
