@@ -978,3 +978,31 @@ def test_answer_labels_must_be_single_tokens():
     with pytest.raises(UserError, match=r"^the tokenizer encodes the label 'B' as 2 tokens \[7, 8\]; a preference "
                                         r"model needs 'A' and 'B' to be single tokens$"):
         single_token_ids(SplitsB(), ("A", "B"), "a preference model")
+
+
+def test_no_warning_about_the_tokenizers_own_maximum_length():
+    """Every script cuts to its own --max_length and counts the cuts: transformers' one-time warning about a text over
+    the tokenizer's model_max_length (2048 for the tiny model, not the limit in force) misled the server's log."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from useful_code.templates import load_tokenizer
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    library = logging.getLogger("transformers")
+    level = library.level
+    library.addHandler(handler)
+    library.setLevel(logging.WARNING)
+    try:
+        long_text = "word " * 3000
+        AutoTokenizer.from_pretrained(DEFAULT_MODEL)(long_text)
+        assert any("Token indices sequence length is longer" in m for m in said)  # what it said before
+        said.clear()
+        assert len(load_tokenizer(DEFAULT_MODEL, "m")(long_text)["input_ids"]) > 2048
+        assert not any("Token indices sequence length" in m for m in said)
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)

@@ -18,7 +18,7 @@ from useful_code.pm_scoring import PairPreferenceScorer
 from useful_code.reward_client import RewardClient, RewardServerError, trl_reward_function
 from useful_code.reward_scorer import checkpoint_kind
 from useful_code.scoring import score_sequences
-from useful_code.serve_reward_model import check_bindable, is_loopback, server_url
+from useful_code.serve_reward_model import bind_socket, is_loopback, server_url
 from useful_code.templates import encode_conversations, load_tokenizer, render_conversations, truncate_left
 
 QUESTION = {"role": "user", "content": "How do I bake bread at home?"}
@@ -343,13 +343,51 @@ def test_loopback_only_unless_an_api_key_is_given():
     assert proc.returncode == 2 and "pass --api_key" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_the_server_announces_itself_listening_and_stops_within_its_shutdown_timeout(checkpoints, stop):
+    """"Serving" is said once the port accepts connections (it was said before uvicorn bound it, so a port taken
+    meanwhile failed after the announcement); a stop says what it waits for and ends within --shutdown_timeout_s
+    even with a client stalled mid-body (before: --body_timeout_s, 30 s, in silence), and Ctrl-C ends with one line,
+    not a traceback."""
+    import signal
+    import subprocess
+    import time
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "useful_code" / "serve_reward_model.py"),
+                               "--reward_name_or_path", str(checkpoints / "bt"), "--port", str(port),
+                               "--shutdown_timeout_s", "2", "--body_timeout_s", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        while not (line := server.stdout.readline()).startswith("Serving") and line:
+            pass
+        assert line.startswith("Serving Bradley-Terry reward model")
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)  # accepted at once: listening
+        stalled.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 1000\r\n\r\n{")
+        assert RewardClient(f"http://127.0.0.1:{port}").health()["status"] == "ok"
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGINT)
+        out, err = server.communicate(timeout=60)
+        assert time.monotonic() - started < 20  # the stalled upload is not waited for past the shutdown timeout
+    finally:
+        server.kill()
+    assert "Stopping: requests in flight get up to 2 s (--shutdown_timeout_s)" in out
+    assert "Traceback" not in err
+    if stop == "ctrl-c":
+        assert server.returncode == 130 and err.strip().splitlines()[-1] == "Stopped (Ctrl-C)"
+    else:
+        assert server.returncode == -signal.SIGTERM  # uvicorn re-raises the signal once stopped: killed by it
+
+
 def test_a_port_in_use_is_one_line_before_the_model_loads(checkpoints):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=f"--port {port}: cannot listen there .*; pick another --port$"):
-            check_bindable("127.0.0.1", port)
+            bind_socket("127.0.0.1", port)
         proc = run([sys.executable, str(ROOT / "useful_code" / "serve_reward_model.py"), "--reward_name_or_path",
                     str(checkpoints / "bt"), "--port", str(port)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -22,9 +22,11 @@ import hmac
 import importlib.metadata
 import ipaddress
 import json
+import logging
 import math
 import re
 import socket
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -73,6 +75,9 @@ class ServerArguments:
     max_body_bytes: int = field(default=16_000_000, metadata={"min": 1, "help": "Largest request body accepted."})
     body_timeout_s: float = field(default=30.0, metadata={
         "min": 0.001, "help": "A request body not fully received this long after its headers is answered 408."})
+    shutdown_timeout_s: int = field(default=5, metadata={
+        "min": 0, "help": "On SIGTERM or Ctrl-C, how long requests in flight may finish before their connections "
+                          "are closed (a second Ctrl-C closes them at once)."})
     bf16: bool = field(default=True, metadata={"help": "bf16 where the GPU supports it (fp32 on CPU)."})
     attn_implementation: str = field(default="auto")
     trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own code (ArmoRM)."})
@@ -484,20 +489,51 @@ def _version() -> str:
         return "unknown"
 
 
-def check_bindable(host: str, port: int) -> None:
-    """One line, before the model loads, when host:port cannot be listened on (in use, or not this machine's)."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """host:port bound before the model loads (uvicorn listens on it once the app is ready): one line when it cannot
+    be (in use, or not this machine's), and no other process can take the port while the model loads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # As uvicorn binds: a port whose last connections are in TIME_WAIT is free, one with a listener is not.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            # In use, or below 1024 without root: the port is the problem; anything else is the address.
-            port_problem = err.errno in (errno.EADDRINUSE, errno.EACCES)
-            advice = "pick another --port" if port_problem else "--host must name this machine"
-            raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); {advice}") \
-                from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As uvicorn binds: a port whose last connections are in TIME_WAIT is free, one with a listener is not.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        # In use, or below 1024 without root: the port is the problem; anything else is the address.
+        port_problem = err.errno in (errno.EADDRINUSE, errno.EACCES)
+        advice = "pick another --port" if port_problem else "--host must name this machine"
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); {advice}") \
+            from None
+    return sock
+
+
+class CancelledAtShutdown(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" traceback for a request cancelled because
+    --shutdown_timeout_s ran out: uvicorn has said so in one line ("Cancel N running task(s)")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+class AnnouncedServer(uvicorn.Server):
+    """uvicorn's server that says it serves once it listens (a wrapper waiting for the line can connect at once),
+    and says so when it stops: how long requests in flight may still take, and that a second Ctrl-C closes them."""
+
+    def __init__(self, config: uvicorn.Config, ready_line: str):
+        super().__init__(config)
+        self.ready_line = ready_line
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(self.ready_line, flush=True)
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            print(f"Stopping: requests in flight get up to {self.config.timeout_graceful_shutdown} s "
+                  "(--shutdown_timeout_s); Ctrl-C again to close them now", flush=True)
+        super().handle_exit(sig, frame)
 
 
 def check_access(host: str, api_key: Optional[str]) -> None:
@@ -523,7 +559,7 @@ def server_url(host: str, port: int) -> str:
 def main():
     args = parse_args((ServerArguments,))[0]
     check_access(args.host, args.api_key)
-    check_bindable(args.host, args.port)
+    sock = bind_socket(args.host, args.port)
     path = args.reward_name_or_path
     if path is None:
         if not (DEMO_CHECKPOINT / "config.json").exists():
@@ -537,10 +573,16 @@ def main():
                                           trust_remote_code=args.trust_remote_code,
                                           pickled_weights=args.load_pickled_weights,
                                           max_tokens_per_batch=args.max_tokens_per_batch)
-    app = build_app(scorer, args, path)
-    print(f"Serving {KINDS[scorer.kind]} {path} on {server_url(args.host, args.port)} "
-          f"({'bearer token required' if args.api_key else 'no authentication'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    config = uvicorn.Config(build_app(scorer, args, path), log_level="warning",
+                            timeout_graceful_shutdown=args.shutdown_timeout_s)
+    logging.getLogger("uvicorn.error").addFilter(CancelledAtShutdown())
+    server = AnnouncedServer(config, f"Serving {KINDS[scorer.kind]} {path} on {server_url(args.host, args.port)} "
+                                     f"({'bearer token required' if args.api_key else 'no authentication'})")
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has stopped (a second one cut the wait short)
+        print("Stopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,10 @@ def load_tokenizer(name: str, flag: str, trust_remote_code: bool = False, chat_t
     # Right padding keeps position ids identical to the unpadded sequence, so a reward does not depend on
     # what it was batched with; the classifier reads the last non-pad token either way.
     tokenizer.padding_side = "right"
+    # Every path here cuts sequences to its own --max_length and counts the cuts: transformers' warning about a text
+    # longer than the tokenizer's model_max_length (said once, with a limit that is not the one in force) misleads.
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     ensure_pad_token(tokenizer)
     return tokenizer
 
