@@ -432,12 +432,20 @@ def test_a_load_error_names_a_missing_directory_a_training_output_dir_or_the_rea
     assert str(load_error("--m", "tokenizer", str(tmp_path / "nope"), err)) == \
         f"--m: no such directory '{tmp_path / 'nope'}'"
     assert str(load_error("--m", "tokenizer", str(tmp_path), err)) == \
-        f"--m: could not load tokenizer from the directory '{tmp_path}' (no tokenizer files)"
+        f"--m: the directory '{tmp_path}' holds no model (no config.json)"  # transformers: "no model_type key"
+    (tmp_path / "config.json").write_text("{}")
+    assert str(load_error("--m", "tokenizer", str(tmp_path), err)).startswith(
+        f"--m: the directory '{tmp_path}' holds no tokenizer (none of tokenizer.json, tokenizer_config.json, ")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert str(load_error("--m", "tokenizer", str(tmp_path), err)) == \
+        f"--m: could not load tokenizer from the directory '{tmp_path}' (no tokenizer files)"  # the reason, then
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "tokenizer.json").unlink()
     (tmp_path / "last_checkpoint").mkdir()
     (tmp_path / "last_checkpoint" / "config.json").write_text("{}")  # what every trainer writes
     assert str(load_error("--m", "tokenizer", str(tmp_path), err)) == \
         f"--m: '{tmp_path}' is a training run's output directory; its model is {tmp_path / 'last_checkpoint'}"
     (tmp_path / "last_checkpoint" / "adapter_config.json").write_text("{}")  # a --use_peft run's checkpoint-N
     assert str(load_error("--m", "model", str(tmp_path / "last_checkpoint"), err)).startswith(
-        f"--m: '{tmp_path / 'last_checkpoint'}' holds a LoRA adapter, not a model (a --use_peft run's periodic "
-        "checkpoint): the run's last_checkpoint/ is its model with the adapter merged")
+        f"--m: '{tmp_path / 'last_checkpoint'}' holds a LoRA adapter, not a model (a --use_peft run's adapter/ or "
+        "periodic checkpoint): the run's last_checkpoint/ is its model with the adapter merged")

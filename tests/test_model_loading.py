@@ -117,7 +117,10 @@ def test_a_missing_local_path_is_called_missing_not_a_bad_hub_name(tok, name):
         checkpoint_kind(name)
 
 
-def test_an_existing_directory_without_a_model_names_transformers_reason(tok, tmp_path):
+def test_an_existing_directory_without_a_model_says_so_or_names_transformers_reason(tok, tmp_path):
+    with pytest.raises(UserError, match=r"the directory '.*' holds no model \(no config.json\)$"):
+        load_reward_model(str(tmp_path), "--reward_name_or_path", tok, torch.float32)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a config, no weights
     with pytest.raises(UserError, match=r"could not load model from the directory '.*' \(.+\)$"):
         load_reward_model(str(tmp_path), "--reward_name_or_path", tok, torch.float32)
 

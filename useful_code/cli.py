@@ -37,6 +37,11 @@ def looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~"))
 
 
+# The files a tokenizer is loaded from (fast, SentencePiece, BPE and WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 def load_error(flag: str, what: str, name: str, err: Exception) -> UserError:
     """The one line for a model, tokenizer or config that from_pretrained could not load. A local path that does not
     exist is said to be missing: transformers would call it an invalid hub name."""
@@ -48,9 +53,16 @@ def load_error(flag: str, what: str, name: str, err: Exception) -> UserError:
         if os.path.isfile(os.path.expanduser(os.path.join(trained, "config.json"))):  # a trainer's output_dir
             return UserError(f"{flag}: '{name}' is a training run's output directory; its model is {trained}")
         if os.path.isfile(os.path.expanduser(os.path.join(name, "adapter_config.json"))):  # --use_peft checkpoint-N
-            return UserError(f"{flag}: '{name}' holds a LoRA adapter, not a model (a --use_peft run's periodic "
-                             "checkpoint): the run's last_checkpoint/ is its model with the adapter merged; merge "
-                             "this one with peft (PeftModel.from_pretrained(base, dir).merge_and_unload())")
+            return UserError(f"{flag}: '{name}' holds a LoRA adapter, not a model (a --use_peft run's adapter/ or "
+                             "periodic checkpoint): the run's last_checkpoint/ is its model with the adapter merged; "
+                             "merge this one with peft (PeftModel.from_pretrained(base, dir).merge_and_unload())")
+        has_tokenizer = any(os.path.isfile(os.path.expanduser(os.path.join(name, f))) for f in TOKENIZER_FILES)
+        if not os.path.isfile(os.path.expanduser(os.path.join(name, "config.json"))) \
+                and (what != "tokenizer" or not has_tokenizer):  # transformers: "should have a model_type key"
+            return UserError(f"{flag}: the directory '{name}' holds no model (no config.json)")
+        if what == "tokenizer" and not has_tokenizer:  # transformers: "Couldn't instantiate the backend tokenizer"
+            return UserError(f"{flag}: the directory '{name}' holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+                             "; save the model's tokenizer beside it (tokenizer.save_pretrained)")
         return UserError(f"{flag}: could not load {what} from the directory '{name}' ({reason})")
     return UserError(f"{flag}: could not load {what} '{name}' ({reason}); pass a local model directory with {flag}")
 

@@ -97,7 +97,8 @@ def reward_scale(kind: str, config: dict, model_name: str) -> tuple[float, float
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mean, std)) \
             or std <= 0:
         raise UserError(f"--normalize_reward: {model_name}'s config.json has no usable mean and std (a finite mean, "
-                        f"a std above 0; got {mean!r}, {std!r}): bradley-terry-rm/train.py writes them")
+                        f"a std above 0; got {mean!r}, {std!r}): bradley-terry-rm/train.py writes them into "
+                        "last_checkpoint/ (a periodic checkpoint-N has none)")
     return float(mean), float(std)
 
 
