@@ -269,7 +269,8 @@ def test_scorers_refuse_a_checkpoint_recorded_as_another_kind(tmp_path):
                                         r"with math-rm/prm_evaluate.py"):
         PairPreferenceScorer.from_pretrained(str(tmp_path / "prm"), bf16=False)
     with pytest.raises(UserError, match=r"'.*pm' is a pairwise preference model \(pair-pm/train.py\), not a math "
-                                        r"process reward model or math outcome reward model; score a preference"):
+                                        r"process reward model or math outcome reward model; score it with "
+                                        r"useful_code/eval_reward_bench_pm.py or pair-pm/rank_responses.py$"):
         StepScorer.from_pretrained(str(tmp_path / "pm"), bf16=False)
     PairPreferenceScorer.from_pretrained(DEFAULT_MODEL, bf16=False)  # no record (a hub or base model): its architecture
 

@@ -262,9 +262,9 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
     trainer_state.json, or LOOP_STATE); anything else is an error. 'latest' is the newest checkpoint-N of output_dir
     that is complete: marker readable (a .json one parses) and written_last (a file a callback adds after the
     Trainer's own, when given) present. A save cut short by a kill leaves a checkpoint-N without them (the Trainer
-    writes into checkpoint-N directly); it is passed over, said once. kind (modeling.KINDS): the model the caller
-    trains; a checkpoint of another kind is refused (transformers would load its weights into the wrong head, or
-    trace back inside the optimizer)."""
+    writes into checkpoint-N directly); it is passed over, said once. kind (a key of modeling.TRAINED_KINDS): the
+    model the caller trains; a checkpoint of another kind is refused (transformers would load its weights into the
+    wrong head, or trace back inside the optimizer)."""
     if not value:
         return None
     if value == "latest":
@@ -296,10 +296,10 @@ def resolve_resume(value: Optional[str], output_dir: str, marker: str = "trainer
 
 
 def other_kind(directory: Path, kind: Optional[str]) -> Optional[str]:
-    """Why a checkpoint directory holds another kind of model than kind (a key of modeling.KINDS), or None: the kind
-    its config records, else its architecture (checkpoints saved before kinds were recorded). A directory without a
-    readable config.json (a LoRA checkpoint holds an adapter config) is left to the other checks."""
-    from useful_code.modeling import KINDS, TRAINED_KIND  # here: modeling imports torch-heavy loaders
+    """Why a checkpoint directory holds another kind of model than kind (a key of modeling.TRAINED_KINDS), or None:
+    the kind its config records, else its architecture (checkpoints saved before kinds were recorded). A directory
+    without a readable config.json (a LoRA checkpoint holds an adapter config) is left to the other checks."""
+    from useful_code.modeling import TRAINED_KIND, TRAINED_KINDS  # here: modeling imports torch-heavy loaders
 
     try:
         config = json.loads((directory / "config.json").read_text()) if kind else None
@@ -309,12 +309,12 @@ def other_kind(directory: Path, kind: Optional[str]) -> Optional[str]:
         return None
     recorded = config.get(TRAINED_KIND)
     if recorded is not None:
-        return None if recorded == kind else f"it is a checkpoint of a {KINDS.get(recorded, repr(recorded))}, not of " \
-                                             f"a {KINDS[kind]}"
+        what = TRAINED_KINDS.get(recorded, (repr(recorded),))[0]
+        return None if recorded == kind else f"it is a checkpoint of a {what}, not of a {TRAINED_KINDS[kind][0]}"
     wanted = "ForSequenceClassification" if kind in ("bt", "scalar_orm") else "ForCausalLM"
     architectures = config.get("architectures") or []
     if architectures and not any(a.endswith(wanted) for a in architectures):
-        return f"it is a checkpoint of a {architectures[0]}, not of a {KINDS[kind]} (a ...{wanted})"
+        return f"it is a checkpoint of a {architectures[0]}, not of a {TRAINED_KINDS[kind][0]} (a ...{wanted})"
     return None
 
 

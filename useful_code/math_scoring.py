@@ -12,7 +12,7 @@ import torch
 from useful_code.cli import ModelOutputError
 from useful_code.data_parallel import map_across_ranks
 from useful_code.math_data import encode_labeled, label_token_ids
-from useful_code.modeling import check_kind, load_for_scoring, load_preference_model
+from useful_code.modeling import MATH_KINDS, load_for_scoring, load_preference_model
 from useful_code.scoring import length_sorted_batches, model_device
 from useful_code.templates import tokenizer_adds_bos, truncate_left
 
@@ -40,9 +40,7 @@ class StepScorer:
         """Load a PRM/ORM checkpoint (or hub name): a causal LM, onto device (default: the GPU if there is one)."""
         model, tokenizer = load_for_scoring(load_preference_model, path, flag, bf16, attn_implementation,
                                             trust_remote_code, device=device, device_map=device_map,
-                                            pickled_weights=pickled_weights)
-        check_kind(model.config, ("prm", "orm"), flag, path, "score a preference model with "
-                   "useful_code/eval_reward_bench_pm.py or pair-pm/rank_responses.py")
+                                            pickled_weights=pickled_weights, kinds=MATH_KINDS)
         return cls(model, tokenizer, **kwargs)
 
     def truncate(self, encoded: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:

@@ -29,26 +29,33 @@ REWARD_HEAD_WEIGHTS = tuple(f"{name}." for name in CLASSIFIER_HEADS) + ("pooler.
 # What a project trainer made, recorded in the checkpoint's config (every checkpoint-N too): a preference model and a
 # math reward model are both plain causal LMs, whose architectures alone cannot tell them (or a base model) apart.
 TRAINED_KIND = "rlhf_reward_kind"
-KINDS = {"bt": "Bradley-Terry reward model (bradley-terry-rm/train.py)",
-         "pm": "pairwise preference model (pair-pm/train.py)",
-         "prm": "math process reward model (math-rm/train.py --reward_type prm)",
-         "orm": "math outcome reward model (math-rm/train.py --reward_type orm)",
-         "scalar_orm": "scalar math outcome reward model (math-rm/scalar_orm_train.py)"}
+# kind -> (what it is and which trainer made it, the scripts that score it)
+TRAINED_KINDS = {
+    "bt": ("Bradley-Terry reward model (bradley-terry-rm/train.py)", "useful_code/eval_reward_bench_bt.py"),
+    "pm": ("pairwise preference model (pair-pm/train.py)",
+           "useful_code/eval_reward_bench_pm.py or pair-pm/rank_responses.py"),
+    "prm": ("math process reward model (math-rm/train.py --reward_type prm)",
+            "math-rm/prm_evaluate.py or math-rm/orm_evaluate.py"),
+    "orm": ("math outcome reward model (math-rm/train.py --reward_type orm)", "math-rm/orm_evaluate.py"),
+    "scalar_orm": ("scalar math outcome reward model (math-rm/scalar_orm_train.py)",
+                   "useful_code/eval_reward_bench_bt.py")}
+PM_KINDS, MATH_KINDS = ("pm",), ("prm", "orm")  # what the PM scorers and the math scorers read
 
 
 def record_kind(model, kind: str) -> None:
-    """Write kind (a key of KINDS) into the model's config, so its checkpoints say what they are."""
+    """Write kind (a key of TRAINED_KINDS) into the model's config, so its checkpoints say what they are."""
     setattr(model.config, TRAINED_KIND, kind)
 
 
-def check_kind(config, accepted: tuple[str, ...], flag: str, name: str, use_instead: str) -> None:
-    """A checkpoint a project trainer recorded as another kind than accepted: one line naming both, and the script
-    for it (use_instead maps nothing: it is said as is). A checkpoint with no record (a hub model, a base model, one
-    trained elsewhere) passes: its architecture is all there is to go by."""
-    recorded = getattr(config, TRAINED_KIND, None) if not isinstance(config, dict) else config.get(TRAINED_KIND)
+def check_kind(config, accepted: tuple[str, ...], flag: str, name: str) -> None:
+    """A checkpoint a project trainer recorded as another kind than accepted: one line naming both and the script
+    that scores it. A checkpoint with no record (a hub model, a base model, one trained elsewhere) passes: its
+    architecture is all there is to go by."""
+    recorded = getattr(config, TRAINED_KIND, None)
     if recorded is not None and recorded not in accepted:
-        raise UserError(f"{flag}: '{name}' is a {KINDS.get(recorded, repr(recorded))}, not a "
-                        f"{' or '.join(KINDS[k].split(' (')[0] for k in accepted)}; {use_instead}")
+        what, scored_by = TRAINED_KINDS.get(recorded, (repr(recorded), "its own scripts"))
+        wanted = " or ".join(TRAINED_KINDS[k][0].split(" (")[0] for k in accepted)
+        raise UserError(f"{flag}: '{name}' is a {what}, not a {wanted}; score it with {scored_by}")
 
 
 def classifier_head_name(model) -> Optional[str]:
@@ -94,16 +101,19 @@ def _load_report_held():
 
 def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, attn_implementation: str = "auto",
                trust_remote_code: bool = False, *, new_weights: tuple[str, ...] = (), pickled_weights: bool = False,
-               **kwargs):
+               kinds: tuple[str, ...] = (), **kwargs):
     """from_pretrained through an Auto class, checked: one clear error if the model cannot be loaded, if it was saved
     for another task (a BT checkpoint given to a PM script), if a weight the model needs is missing or of another
     shape (it would be random), or if it has only pickled weights and pickled_weights is off. new_weights are the
     name prefixes of a head the caller adds and trains (a score head on a base LM). The embeddings grow to fit a pad
-    token the tokenizer added, and the config learns the pad id."""
+    token the tokenizer added, and the config learns the pad id. kinds: the TRAINED_KINDS the caller reads (check_kind,
+    before the weights load)."""
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise load_error(flag, "model", name, err) from None
+    if kinds:
+        check_kind(config, kinds, flag, name)
     custom = (getattr(config, "auto_map", None) or {}).get(auto_class.__name__)
     if custom and not trust_remote_code:
         # Without it transformers would build the backbone's stock class and silently drop the custom head.

@@ -14,7 +14,7 @@ import torch
 
 from useful_code.cli import ModelOutputError, UserError
 from useful_code.data_parallel import map_across_ranks
-from useful_code.modeling import check_kind, load_for_scoring, load_preference_model
+from useful_code.modeling import PM_KINDS, load_for_scoring, load_preference_model
 from useful_code.packing import packed_lm_logits, packed_rows, padding_free_ready, prefix_sharing_pays
 from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
 from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device, once_each
@@ -114,8 +114,7 @@ class PairPreferenceScorer:
         GPUs with device_map='auto'."""
         model, tokenizer = load_for_scoring(load_preference_model, path, flag, bf16, attn_implementation,
                                             trust_remote_code, device=device, device_map=device_map,
-                                            pickled_weights=pickled_weights)
-        check_kind(model.config, ("pm",), flag, path, "score it with math-rm/prm_evaluate.py or math-rm/orm_evaluate.py")
+                                            pickled_weights=pickled_weights, kinds=PM_KINDS)
         return cls(model, tokenizer, **kwargs)
 
     @torch.inference_mode()
