@@ -579,3 +579,11 @@ def test_temperature_divides_the_answer_logits(tok):
     got = scorer.prob_first_preferred([[]], ["x"], ["y"])
     expected = 1 / (1 + math.exp(-1))
     assert got["first_as_A"][0] == pytest.approx(expected) and got["mean"][0] == pytest.approx(expected)
+
+
+def test_a_tiny_temperature_saturates_instead_of_overflowing(tok):
+    """Logits divided by --temperature 1e-40 overflowed float32: a 'non-finite logits' error blamed the model."""
+    scorer = PairPreferenceScorer(model=None, tokenizer=tok, temperature=1e-40)
+    scorer.label_logits = lambda sequences, progress=False: np.array([[2.0, 0.0], [0.0, 2.0]])[:len(sequences)]
+    got = scorer.prob_first_preferred([[]], ["x"], ["y"])
+    assert (got["first_as_A"][0], got["first_as_B"][0], got["mean"][0]) == (1.0, 1.0, 1.0)

@@ -162,8 +162,9 @@ class PairPreferenceScorer:
         # A repeated comparison (two identical candidates) gets one result: its ties cannot depend on batching.
         logits = once_each(partial(map_across_ranks, self.state,
                                    lambda part: self.label_logits(part, progress).tolist()), self.encode(prompts))
-        logits = np.asarray(logits, dtype=np.float32).reshape(-1, 2) / self.temperature
-        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1, 2)
+        # float64: a tiny --temperature took finite logits past float32's range (1e-40), an error blaming the model
+        probs = torch.softmax(torch.from_numpy(logits.astype(np.float64) / self.temperature), dim=-1).float().numpy()
         check_finite(logits, probs, contexts)
         as_a = probs[:n, 0]  # first shown as A: P(answer A)
         as_b = probs[n:, 1]  # first shown as B: P(answer B)
