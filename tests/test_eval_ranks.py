@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import ROOT, check_ok, run, save_sharp_checkpoints, two_ranks
 from useful_code.defaults import REWARD_BENCH_2_SAMPLE, REWARD_BENCH_SAMPLE
@@ -37,6 +38,8 @@ def evaluate(models, kind: str, data: str, ranks: int, tmp_path, launcher: str =
         assert proc.stdout.count("RewardBench 2 columns, scored as RewardBench 2") == 1, proc.stdout
     saved = json.loads(results.read_text())
     assert saved["data"]["processes"] == ranks
+    if not torch.cuda.is_available():  # --bf16 (the default) asked for, fp32 used: the JSON says which ran
+        assert saved["options"]["bf16"] is True and saved["dtype"] == "float32"
     return saved
 
 

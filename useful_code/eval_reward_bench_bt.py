@@ -118,7 +118,7 @@ def main():
         results = score_examples(examples["id"], examples["subset"], chosen, rejected, tie_credit=args.tie_credit,
                                  prior=prior_scores)
     if state.is_main_process:
-        save_and_report(results, args, {**stats, "processes": state.num_processes})
+        save_and_report(results, args, {**stats, "processes": state.num_processes}, model.dtype)
     finish(state)
 
 

@@ -92,7 +92,7 @@ def main():
     if scorer.truncated and state.is_main_process:
         print(f"{scorer.truncated} sequences longer than max_length={args.max_length} were cut from the left")
     if state.is_main_process:
-        save_and_report(results, args, {**stats, "processes": state.num_processes})
+        save_and_report(results, args, {**stats, "processes": state.num_processes}, scorer.model.dtype)
     finish(state)
 
 

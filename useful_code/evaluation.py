@@ -308,10 +308,12 @@ def _recorded(value) -> str:
     return "absent" if value is None else str(round(value, 2))  # upstream RLHFlow's record: 2 decimals
 
 
-def save_and_report(results: dict, args, data_stats: dict) -> None:
-    """An eval script's ending, on the main process: record its options and data counts, append to record_dir,
-    write the results JSON (args.results_json, else next to record_dir) and print the report."""
+def save_and_report(results: dict, args, data_stats: dict, dtype) -> None:
+    """An eval script's ending, on the main process: record its options, the dtype the model computed in (--bf16
+    falls back to fp32 without a bf16 GPU) and the data counts, append to record_dir, write the results JSON
+    (args.results_json, else next to record_dir) and print the report."""
     results["options"] = asdict(args)
+    results["dtype"] = str(dtype).removeprefix("torch.")
     results["data"] = data_stats
     results_json = results_json_path(args)
     write_results(results, args.reward_name_or_path, args.record_dir, results_json)
