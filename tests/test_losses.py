@@ -174,6 +174,10 @@ def test_pearson_matches_numpy():
         assert pearson_correlation(T(x), T(y)).item() == pytest.approx(expected, abs=1e-5)
     assert pearson_correlation(T([0.0, 0, 0, 1, 1, 1]), T([1.0, 2, 3, 4, 5, 6])).item() == pytest.approx(RHO_STEP)
     assert pearson_correlation(T([3.0, 1.0]), T([-1.0, 5.0])).item() == pytest.approx(-1.0)
+    # rewards near 1e20 (a run going wrong): float32's squared deviations overflowed and the correlation read 0
+    x, y = [1e20, -1e20, 3e19, 5e19], [10.0, 200.0, 30.0, 40.0]
+    rho = pearson_correlation(T(x), T(y))
+    assert rho.dtype == torch.float32 and rho.item() == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-5)
 
 
 def test_pearson_constant_input_is_zero_with_finite_gradient():

@@ -113,8 +113,10 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 def pearson_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Differentiable Pearson correlation of two flat tensors (float32); 0, not NaN, when either is constant."""
-    x, y = x.reshape(-1).float(), y.reshape(-1).float()
+    """Differentiable Pearson correlation of two flat tensors (as float32); 0, not NaN, when either is constant.
+    Computed in float64: the squared deviations of rewards near 1e19 overflow float32, and the correlation came out
+    as finite / inf = 0, silently."""
+    x, y = x.reshape(-1).double(), y.reshape(-1).double()
     dx, dy = x - x.mean(), y - y.mean()
     var_x, var_y = (dx * dx).sum(), (dy * dy).sum()
     # A constant input keeps rounding noise (about eps * |x|) after centring: count that as zero variance.
@@ -123,7 +125,7 @@ def pearson_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             | (var_y <= y.numel() * (4 * eps * y.detach().abs().max()) ** 2))
     # sqrt of 1 where flat: sqrt'(0) is infinite and would turn the masked gradient into NaN.
     denom = torch.sqrt(torch.where(flat, torch.ones_like(var_x), var_x * var_y))
-    return torch.where(flat, torch.zeros_like(var_x), (dx * dy).sum() / denom)
+    return torch.where(flat, torch.zeros_like(var_x), (dx * dy).sum() / denom).float()
 
 
 def head_orthogonality(head_weights: torch.Tensor) -> torch.Tensor:
