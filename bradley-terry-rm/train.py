@@ -637,8 +637,10 @@ def main(default_config: str = DEFAULT_CONFIG):
         plot_rewards(held_out_rewards[:, 0], held_out_rewards[:, 1], os.path.join(staging, "rewards.png"))
         write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()), base_model=args.model_name,
                          kind="bt", command=launch_command())
+        ties = int(metrics["eval_ties"])  # counted wrong: said, since a collapsed model's accuracy is all ties
         print(f"Held-out pair accuracy {metrics['eval_accuracy']:.4f}, loss {metrics['eval_loss']:.4f} "
-              f"on {len(held_out)} pairs; wall time {time.time() - started:.1f} s")
+              f"on {len(held_out)} pairs{f' ({ties} tied, counted wrong)' if ties else ''}; wall time "
+              f"{time.time() - started:.1f} s")
         final = checkpoints.publish_run(training_args.output_dir)
         print(f"Checkpoint: {final}\nMetrics: {os.path.join(training_args.output_dir, 'metrics.json')}")
         if training_args.push_final_checkpoint:
