@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from useful_code import checkpoints, modeling_armo_rm
+from useful_code import checkpoints, modeling_armo_rm, output_files
 from useful_code.armo_data import HEAD_SUMMARY, HEAD_WEIGHTS, check_same_backbone, gating_head_dir
 from useful_code.armo_embeddings import embed, gating_pattern
 from useful_code.cli import UserError, parse_args, run_cli
@@ -72,7 +72,7 @@ def main():
     head_dir = gating_head_dir(args.head_dir, args.model_path)
     if Path(args.output_path).is_file():
         raise UserError(f"--output_path: {args.output_path} is a file; the export is a model directory")
-    checkpoints.check_output_dir(Path(args.output_path).expanduser().resolve().parent, "--output_path")
+    output_files.check_output_dir(Path(args.output_path).expanduser().resolve().parent, "--output_path")
     try:
         head = load_file(str(head_dir / HEAD_WEIGHTS))
         summary = json.loads((head_dir / HEAD_SUMMARY).read_text())
@@ -106,7 +106,7 @@ def main():
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    checkpoints.publish_dir(staged, out)
+    output_files.publish_dir(staged, out)
     print(f"Exported ArmoRM ({config.num_objectives} attributes, hidden {config.hidden_size}) to {out}")
 
 

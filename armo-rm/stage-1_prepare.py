@@ -18,7 +18,7 @@ import torch
 
 from useful_code.armo_data import ATTRIBUTES, embeddings_prefix, save_shard, shard_rows, validate_attribute_labels
 from useful_code.armo_embeddings import PrepareArguments, embed
-from useful_code.checkpoints import check_output_dir
+from useful_code.output_files import check_output_dir
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_MULTI_OBJECTIVE_DATA, REPO_ROOT

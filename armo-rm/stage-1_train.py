@@ -25,7 +25,7 @@ from useful_code.armo_data import (
     regression_weights_path,
 )
 from useful_code.armo_fit import fit_ridge_probes
-from useful_code.checkpoints import atomic_save_file, atomic_write_text, check_output_dir
+from useful_code.output_files import atomic_save_file, atomic_write_text, check_output_dir
 from useful_code.cli import note_tiny_recipe, parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_MULTI_OBJECTIVE_DATA, REPO_ROOT
 

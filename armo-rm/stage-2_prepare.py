@@ -21,7 +21,7 @@ import torch
 
 from useful_code.armo_data import embeddings_prefix, save_shard, shard_rows
 from useful_code.armo_embeddings import PrepareArguments, embed, gating_pattern
-from useful_code.checkpoints import check_output_dir
+from useful_code.output_files import check_output_dir
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA, REPO_ROOT

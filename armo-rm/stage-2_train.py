@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from useful_code import checkpoints
+from useful_code import checkpoints, output_files
 from useful_code.armo_data import (
     ATTRIBUTES,
     HEAD_SUMMARY,
@@ -267,7 +267,7 @@ def main():
 
     head = {"regression_layer.weight": weight.cpu(), "reward_transform_matrix": transform.cpu(),
             **{f"gating.{k}": v.detach().cpu() for k, v in gating.state_dict().items()}}
-    checkpoints.atomic_save_file(head, output_dir / HEAD_WEIGHTS)
+    output_files.atomic_save_file(head, output_dir / HEAD_WEIGHTS)
     summary = {"attributes": ATTRIBUTES, "verbosity_dim": args.verbosity_dim,
                "penalty": debias["penalty"].tolist(), "corr": debias["corr"].tolist(),
                "not_reached": [ATTRIBUTES[k] for k in debias["not_reached"]],
@@ -284,11 +284,11 @@ def main():
         ids = bench_meta["ids"] or list(range(len(scores)))
         results = score_examples(ids, bench_meta["subsets"], scores[:, 0].tolist(), scores[:, 1].tolist())
         results["not_embedded"] = int((~bench["embedded"]).sum())
-        checkpoints.atomic_write_text(output_dir / "reward_bench.json", json.dumps(results, indent=2))
+        output_files.atomic_write_text(output_dir / "reward_bench.json", json.dumps(results, indent=2))
         print(format_report(results))
         summary["reward_bench"] = {"sections": results["sections"], "score": results["score"],
                                    "not_embedded": results["not_embedded"]}
-    checkpoints.atomic_write_text(output_dir / HEAD_SUMMARY, json.dumps(summary, indent=2))
+    output_files.atomic_write_text(output_dir / HEAD_SUMMARY, json.dumps(summary, indent=2))
     print(f"ArmoRM head: {output_dir / HEAD_WEIGHTS} (+ {HEAD_SUMMARY})")
 
 

@@ -24,7 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
-from useful_code import checkpoints
+from useful_code import checkpoints, output_files, run_metrics
 from useful_code.batch_samplers import LengthGroupedBatches, TokenBudgetBatches
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
@@ -366,7 +366,7 @@ class TrainTokensInCheckpoints(TrainerCallback):
         self.update()
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if directory.is_dir():
-            checkpoints.atomic_write_text(self.path(directory, args.process_index), json.dumps(self.counts))
+            output_files.atomic_write_text(self.path(directory, args.process_index), json.dumps(self.counts))
 
     def restore(self, checkpoint_dir: str, rank: int) -> None:
         saved = self.path(checkpoint_dir, rank)
@@ -631,7 +631,7 @@ def main(default_config: str = DEFAULT_CONFIG):
             "config": config,
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         }
-        metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, args, training_args,
+        metrics_path = run_metrics.write_run_metrics(staging, metrics, started, train_result, args, training_args,
                                                      precision, resumed_from=resume)
         plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
         plot_rewards(held_out_rewards[:, 0], held_out_rewards[:, 1], os.path.join(staging, "rewards.png"))

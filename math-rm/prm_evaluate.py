@@ -28,7 +28,7 @@ from useful_code.best_of_n import (
     n_values,
     write_results,
 )
-from useful_code.checkpoints import check_output_dir
+from useful_code.output_files import check_output_dir
 from useful_code.cli import parse_args, run_cli
 from useful_code.data_parallel import finish, process_state
 from useful_code.math_data import extract_final_answer, prm_conversation, split_steps

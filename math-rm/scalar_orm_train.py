@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
-from useful_code import checkpoints
+from useful_code import checkpoints, run_metrics
 from useful_code.cli import note_tiny_recipe, parse_args, run_cli
 from useful_code.data import held_out_source, hold_out, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL
@@ -218,7 +218,7 @@ def main():
         metrics = {"eval_accuracy": prediction.metrics["eval_accuracy"], "eval_loss": prediction.metrics["eval_loss"],
                    "examples": {"train": train_stats, "eval": eval_stats}, "reload_max_abs_diff": reload_diff,
                    "config": config}
-        checkpoints.write_run_metrics(staging, metrics, started, train_result, args, training_args,
+        run_metrics.write_run_metrics(staging, metrics, started, train_result, args, training_args,
                                       precision_summary(training_args, dtype), resumed_from=resume)
         print(f"Held-out accuracy {metrics['eval_accuracy']:.4f} (P(right) > 0.5), loss {metrics['eval_loss']:.4f} "
               f"on {len(held_out)} solutions ({eval_stats['right']} right)")

@@ -27,7 +27,7 @@ import numpy as np
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from useful_code import checkpoints
+from useful_code import checkpoints, run_metrics
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import held_out_source, hold_out, load_dataset_dict, pick_split
 from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
@@ -258,7 +258,7 @@ def main():
             "config": config,
             **({"lora": asdict(lora_args)} if lora_args.use_peft else {}),
         })
-        metrics_path = checkpoints.write_run_metrics(staging, metrics, started, train_result, script_args,
+        metrics_path = run_metrics.write_run_metrics(staging, metrics, started, train_result, script_args,
                                                      training_args, precision, resumed_from=resume)
         plot_curves(trainer.state.log_history, os.path.join(staging, "curves.png"))
         write_model_card(checkpoint_dir, json.loads(Path(metrics_path).read_text()),

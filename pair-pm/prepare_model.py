@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from useful_code.checkpoints import check_output_dir, match_umask
+from useful_code.output_files import check_output_dir, match_umask
 from useful_code.cli import parse_args, run_cli
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.modeling import load_preference_model

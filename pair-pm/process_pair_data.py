@@ -15,7 +15,7 @@ from typing import Optional
 
 from datasets import DatasetDict, concatenate_datasets
 
-from useful_code.checkpoints import save_dataset
+from useful_code.output_files import save_dataset
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from useful_code.checkpoints import atomic_write_text, check_output_file
+from useful_code.output_files import atomic_write_text, check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data_parallel import finish, process_state
 from useful_code.pm_scoring import PairPreferenceScorer

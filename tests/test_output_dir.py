@@ -9,17 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from useful_code.checkpoints import (
-    LOCK,
-    STAGING,
-    atomic_write_lines,
-    atomic_write_text,
-    claim_output_dir,
-    publish_run,
-    resolve_resume,
-    save_dataset,
-    staging_dir,
-)
+from useful_code.checkpoints import LOCK, STAGING, claim_output_dir, publish_run, resolve_resume, staging_dir
+from useful_code.output_files import atomic_write_lines, atomic_write_text, save_dataset
 from useful_code.cli import UserError
 
 
@@ -311,7 +302,7 @@ def test_published_weights_are_readable_as_the_umask_allows(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from useful_code.checkpoints import atomic_save_file
+    from useful_code.output_files import atomic_save_file
 
     old_mask = os.umask(0o022)
     try:

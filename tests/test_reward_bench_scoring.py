@@ -373,7 +373,7 @@ def test_pm_eval_temperature_must_be_above_zero(temperature, rule):
 
 
 def test_a_failed_results_write_leaves_the_old_file_and_no_staged_one(tmp_path):
-    from useful_code.checkpoints import atomic_write_text
+    from useful_code.output_files import atomic_write_text
 
     path = tmp_path / "r.json"
     atomic_write_text(path, "old")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from useful_code.checkpoints import atomic_save_file
+from useful_code.output_files import atomic_save_file
 from useful_code.cli import UserError
 from useful_code.formats import enforce_validity, map_rows
 

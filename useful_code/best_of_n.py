@@ -18,6 +18,7 @@ from useful_code.data_parallel import main_process_first
 from useful_code.math_data import (MISTRAL_TAG, STEP_SEPARATORS, TOY_BEST_OF_N, extract_final_answer,
                                    validate_eval_rows)
 from useful_code.math_scoring import StepScorer
+from useful_code.output_files import atomic_write_text
 
 AGGREGATIONS = ("min", "mean", "last", "prod")
 
@@ -179,8 +180,6 @@ def write_results(output_dir, curve: list[dict], summary: dict, problems, step_s
     """best_of_n.json (the run's summary, upstream's "accuracy" and the curve), best_of_n.png and scores.jsonl (each
     problem with its candidates' scores, step scores where a PRM gave them, and final answers). Returns the JSON's
     content."""
-    from useful_code.checkpoints import atomic_write_text
-
     out = Path(output_dir)
     accuracy = upstream_accuracy(scores, [row["label"][: len(s)] for row, s in zip(problems, scores)])
     results = {**summary, "accuracy": accuracy, "curve": curve}

@@ -1,41 +1,26 @@
-"""Checkpoints: the final save, the one reload verification every trainer and the ArmoRM export use, and the
-metrics every training run records."""
+"""Training runs' checkpoints: the output directory a run claims (a lock, earlier runs' checkpoints), periodic
+checkpoints and resuming from them (complete, undamaged, of the right kind), the final checkpoint staged, verified by
+reloading it and published, and the callbacks that keep checkpoints to safetensors and the project's own files."""
 
 from __future__ import annotations
 
 import atexit
-import fcntl
-import glob
-import importlib.metadata
 import json
 import os
 import re
 import shutil
-import sys
-import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from useful_code.cli import UserError
-from useful_code.hardware import peak_gpu_memory_mib
-from useful_code.model_card import launch_command
-
-# Training arguments recorded in metrics.json: those that decide the trained weights (the full set is hundreds of
-# fields; metrics.json also keeps the command line and the recipe).
-RECORDED_TRAINING_ARGS = ("output_dir", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
-                          "gradient_accumulation_steps", "num_train_epochs", "max_steps", "max_length", "packing",
-                          "packing_strategy", "group_by_length", "dataloader_drop_last", "lr_scheduler_type",
-                          "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "optim_args",
-                          "adam_beta1", "adam_beta2", "adam_epsilon", "activation_checkpointing", "bf16", "fp16",
-                          "seed", "data_seed", "full_determinism", "deepspeed")
+from useful_code.output_files import atomic_write_text, check_output_dir, match_umask, own_lock, pid_alive, publish_dir, take_lock
 
 
 @dataclass
@@ -107,92 +92,7 @@ STAGING = ".staging"  # beside the final checkpoint: where it is written and ver
 LOCK = ".lock"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def check_output_file(path: str, flag: str, inputs: tuple = ()) -> None:
-    """Before any work: an output file's path must not be a directory, one of the inputs or inside an input directory
-    (a model's or a dataset's: results written there replaced a checkpoint's weights or config), and its directory
-    must be creatable and writable: a probe file is written beside it, and an existing file opened for appending
-    (permission bits do not tell: root passes os.access, and /proc refuses new files)."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise UserError(f"{flag}: {target} is a directory; give a file path")
-    for given in (p for p in inputs if p):
-        source = Path(given).expanduser().resolve()
-        if target.resolve() == source:
-            raise UserError(f"{flag}: {target} is an input of this run")
-        if source.is_dir() and source in target.resolve().parents:
-            raise UserError(f"{flag}: {target} is inside {given}, an input of this run; write it elsewhere")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{flag}: cannot create {target.parent} ({err.strerror})") from None
-    probe = target.with_name(f".{target.name}.write-test-{os.getpid()}")
-    try:
-        probe.write_text("")
-        probe.unlink()
-        if target.exists():
-            os.close(os.open(target, os.O_WRONLY | os.O_APPEND))
-    except OSError as err:
-        raise UserError(f"{flag}: cannot write {target} ({err.strerror})") from None
-
-
-def check_output_dir(path, flag: str, inputs: tuple = ()) -> Path:
-    """Before any work: an output directory must not be a file or one of the inputs, and must be creatable and
-    writable (it is created). Returns it."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag}: {out} is a file, not a directory")
-    if any(Path(p).expanduser().resolve() == out.resolve() for p in inputs if p):
-        raise UserError(f"{flag}: {out} is also an input of this run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"{flag}: cannot write to {out} ({err.strerror})") from None
-    return out
-
-
 _HELD_LOCKS: dict[Path, int] = {}  # the output-directory locks this process holds: their open descriptors
-
-
-def take_lock(lock: Path, busy: Callable[[str], str]) -> tuple[int, str]:
-    """An exclusive flock on the file lock (created if missing), held until its descriptor is closed or this process
-    ends (a kill -9 included): taking it is one atomic step, so two runs started together cannot both hold it.
-    Returns the descriptor and what the file named before (a killed holder's PID, or ''); the caller writes its own
-    PID with own_lock. A lock another process holds is UserError(busy(its PID))."""
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(busy(holder or "?")) from None
-        # A holder that let go may have removed the file between our open and our flock: lock the file now there.
-        try:
-            same = os.path.samestat(os.stat(lock), os.fstat(fd))
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd, holder
-        os.close(fd)
-
-
-def own_lock(fd: int) -> None:
-    """Write this process's PID into a lock file it holds (take_lock)."""
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
 
 
 def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] = (),
@@ -214,7 +114,7 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
     held = _HELD_LOCKS.pop(lock, None)  # this process's own (a second run in one process): flock is per descriptor
     fd, holder = (held, os.pread(held, 32, 0).decode(errors="replace").strip()) if held else take_lock(lock, busy)
     try:
-        if holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder)):
+        if holder.isdigit() and int(holder) != os.getpid() and pid_alive(int(holder)):
             raise UserError(busy(holder))  # a live process named there, whose lock is not an flock
         if (out / finished).exists() and not overwrite:
             # checkpoint-N newer than the finished run: a later --overwrite_output_dir run was killed, and can resume
@@ -367,93 +267,6 @@ def damaged_weights(directory: Path, model_checkpoint: bool = True) -> Optional[
     return None
 
 
-def match_umask(path) -> None:
-    """The file at path, or every safetensors file under the directory path, gets the mode the umask gives any new
-    file. safetensors 0.8 writes 0600 (its temporary file's mode, safetensors issue #782), so another user, a reward
-    server or vLLM running as someone else could not read a trained model, while its config could be read."""
-    mask = os.umask(0)
-    os.umask(mask)
-    path = Path(path)
-    for file in ([path] if path.is_file() else path.rglob("*.safetensors")):
-        file.chmod(0o666 & ~mask)
-
-
-def _write_beside(path, write) -> None:
-    """write(staged path) beside path, flushed to disk, then renamed into place: a killed write never leaves a
-    truncated file under the real name, a failed one leaves no staged file behind, and a killed one's is removed by
-    the next write of that path."""
-    path = Path(path)
-    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    for left in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # a killed write's (its PID is gone)
-        pid = left.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            left.unlink(missing_ok=True)
-    try:
-        write(staged)
-        match_umask(staged)
-        with open(staged, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(staged, path)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_file(tensors: dict, path, metadata: Optional[dict] = None) -> None:
-    """safetensors' save_file, written atomically (_write_beside)."""
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    _write_beside(path, lambda staged: save_file(tensors, str(staged), metadata=metadata))
-
-
-def atomic_write_text(path, text: str) -> None:
-    """write_text (UTF-8), written atomically (_write_beside)."""
-    _write_beside(path, lambda staged: staged.write_text(text, encoding="utf-8"))
-
-
-def atomic_write_lines(path, lines) -> None:
-    """The strings of an iterable written one after another (UTF-8), as they come (a file larger than memory), and
-    atomically (_write_beside): an error while they are made leaves the old file, if any, in place."""
-    def write(staged: Path) -> None:
-        with open(staged, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-
-    _write_beside(path, write)
-
-
-def save_dataset(dataset, output_path: str, flag: str) -> None:
-    """Write a dataset by the output's extension, atomically: JSON lines (.json/.jsonl, UTF-8 as is), parquet, or
-    else a DatasetDict directory (save_to_disk, its one split 'train'), written beside and renamed into place. A
-    failed write (a full disk) is one line naming flag, and leaves the old output, if any, in place."""
-    from datasets import DatasetDict
-
-    path = Path(output_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if path.suffix in (".json", ".jsonl"):
-            _write_beside(path, lambda staged: dataset.to_json(str(staged), lines=True, force_ascii=False))
-        elif path.suffix == ".parquet":
-            _write_beside(path, lambda staged: dataset.to_parquet(str(staged)))
-        else:
-            staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            shutil.rmtree(staged, ignore_errors=True)
-            try:
-                DatasetDict({"train": dataset}).save_to_disk(str(staged))
-            except BaseException:
-                shutil.rmtree(staged, ignore_errors=True)
-                raise
-            publish_dir(staged, path)
-    except OSError as err:
-        raise UserError(f"{flag}: cannot write {output_path}: {err.strerror or err}") from None
-
-
-def publish_dir(staged, final) -> None:
-    """Replace the directory final with the verified directory staged (its weights readable as the umask allows)."""
-    match_umask(staged)
-    if Path(final).exists():
-        shutil.rmtree(final)
-    os.replace(staged, final)
-
-
 LOOP_STATE = "loop_state.pt"
 
 
@@ -574,48 +387,3 @@ def verify_reload(expected: np.ndarray, reloaded: np.ndarray, dtype: torch.dtype
     print(f"Checkpoint verified: the reloaded {what} match {reference} (max |diff| {max_diff:.2e} on "
           f"{len(expected)} inputs)")
     return max_diff
-
-
-def write_run_metrics(output_dir: str, metrics: dict, started: float, train_result, script_args, training_args,
-                      precision: str, resumed_from: Optional[str] = None) -> str:
-    """Add what every training run records (losses, steps, timings, world size, precision: the weights' and the
-    compute's dtypes as distributed.precision_summary gives them, the arguments, the command line, library versions)
-    to the script's own metrics and write <output_dir>/metrics.json; return its path. A run resumed from a
-    checkpoint records where; its train_loss is null, since transformers averages the loss over the steps of this
-    process only (0 when none were left), and that mean is kept as resumed.train_loss_of_these_steps."""
-    training = training_args.to_dict()
-    train_loss, resumed = train_result.training_loss, None
-    if resumed_from:
-        at_step = json.loads((Path(resumed_from) / "trainer_state.json").read_text())["global_step"]
-        resumed = {"from": str(resumed_from), "at_step": at_step,
-                   "train_loss_of_these_steps": train_loss if train_result.global_step > at_step else None}
-        train_loss = None
-    metrics = {
-        "train_loss": train_loss,
-        "train_steps": train_result.global_step,
-        **({"resumed": resumed} if resumed else {}),
-        **metrics,
-        "wall_time_s": round(time.time() - started, 1),
-        "train_runtime_s": train_result.metrics.get("train_runtime"),
-        "world_size": training_args.world_size,
-        "peak_gpu_memory_mib": peak_gpu_memory_mib(),  # this rank's; None on a CPU
-        "dtype": precision,
-        "arguments": {**asdict(script_args), **{k: training[k] for k in RECORDED_TRAINING_ARGS if k in training}},
-        "command": launch_command(),
-        "versions": library_versions(),
-    }
-    path = os.path.join(output_dir, "metrics.json")
-    with open(path, "w") as f:
-        json.dump(metrics, f, indent=2)
-    return path
-
-
-def library_versions() -> dict[str, str]:
-    """Versions that decide a result, recorded with every run."""
-    versions = {"python": sys.version.split()[0]}
-    for package in ("torch", "transformers", "deepspeed", "datasets", "accelerate", "trl"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions

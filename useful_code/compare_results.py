@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from useful_code.cli import UserError, check_limits, limits_aware_parser, run_cli
+from useful_code.output_files import check_output_file
 
 
 @dataclass
@@ -175,8 +176,6 @@ def write_plot(runs: list[dict], names: list[str], path: str) -> None:
 
 def check_plot(path: str, files: list[str]) -> None:
     """Before any work: --plot must be a writable .png path that is no input."""
-    from useful_code.checkpoints import check_output_file  # imports torch (seconds): only when plotting
-
     check_output_file(path, "--plot", inputs=tuple(files))
     if Path(path).suffix.lower() != ".png":
         raise UserError(f"--plot: {path} must end in .png (the chart is written as PNG)")

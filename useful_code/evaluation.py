@@ -12,7 +12,7 @@ from typing import Optional
 
 from datasets import concatenate_datasets
 
-from useful_code.checkpoints import atomic_write_text, check_output_file
+from useful_code.output_files import atomic_write_text, check_output_file
 from useful_code.cli import UserError
 from useful_code.data import load_dataset_dict, pick_split
 from useful_code.formats import clean_messages, enforce_validity, map_rows, standardize_pairs

@@ -12,6 +12,8 @@ from typing import Optional
 
 import yaml
 
+from useful_code.output_files import atomic_write_text
+
 # kind -> (title, pipeline_tag, tag, what the model is, loss when metrics record no loss type)
 KINDS = {
     "bt": ("Bradley-Terry reward model", "text-classification", "bradley-terry",
@@ -152,8 +154,6 @@ def model_card(metrics: dict, *, base_model: str, kind: str, command: list[str],
 def write_model_card(checkpoint_dir, metrics: dict, *, base_model: str, kind: str, command: list[str],
                      load_snippet: Optional[str] = None) -> str:
     """Write model_card(...) to <checkpoint_dir>/README.md (beside, then moved into place); return its path."""
-    from useful_code.checkpoints import atomic_write_text  # imports torch: only when writing
-
     path = Path(checkpoint_dir, "README.md")
     atomic_write_text(path, model_card(metrics, base_model=base_model, kind=kind, command=command,
                                        load_snippet=load_snippet))

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from useful_code.checkpoints import check_output_file
+from useful_code.output_files import check_output_file
 from useful_code.cli import UserError
 from useful_code.formats import enforce_validity, map_rows
 from useful_code.templates import encode_conversations, enforce_max_length, single_token_ids

@@ -46,13 +46,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from useful_code.armo_embeddings import holds_pattern
-from useful_code.checkpoints import (
-    atomic_write_lines,
-    atomic_write_text,
-    check_output_file,
-    own_lock,
-    take_lock,
-)
+from useful_code.output_files import atomic_write_lines, atomic_write_text, check_output_file, own_lock, take_lock
 from useful_code.cli import ModelOutputError, UserError, limits_aware_parser, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.data_parallel import finish, main_process_first, map_across_ranks, on_main, process_state
@@ -163,7 +157,7 @@ def output_paths(args) -> dict[str, Path]:
 
 @contextmanager
 def output_lock(output: Path):
-    """Hold an exclusive lock on <output>.lock while this run writes output (main process only; checkpoints.take_lock):
+    """Hold an exclusive lock on <output>.lock while this run writes output (main process only; output_files.take_lock):
     a second run into the same file stops with one line instead of appending the same rows again. The lock file
     (holding this PID) is removed on release; a killed run's lock goes with its process."""
     lock = output.with_name(output.name + LOCK_SUFFIX)

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from useful_code.checkpoints import save_dataset
+from useful_code.output_files import save_dataset
 from useful_code.cli import UserError, looks_like_local_path, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_PREFERENCE_DATA

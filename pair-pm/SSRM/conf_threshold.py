@@ -21,7 +21,7 @@ from typing import Optional
 from datasets import Dataset, DatasetDict
 from pseudo_label import PROB_COLUMN, SWAPPED_COLUMN, pred_probs_inputs
 
-from useful_code.checkpoints import atomic_write_text, check_output_file
+from useful_code.output_files import atomic_write_text, check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.formats import enforce_validity, standardize_pairs

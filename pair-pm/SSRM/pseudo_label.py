@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from useful_code.checkpoints import atomic_write_text, check_output_file
+from useful_code.output_files import atomic_write_text, check_output_file
 from useful_code.cli import UserError, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.data_parallel import finish, main_process_first, process_state
