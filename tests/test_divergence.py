@@ -89,22 +89,19 @@ def test_every_trainer_logs_non_finite_losses_as_they_are_and_stops_on_them(scri
     assert "StopOnNonFiniteLoss()" in (ROOT / script).read_text()  # the callback the trainer is built with
 
 
-def test_a_checkpoint_saved_with_non_finite_weights_is_removed_and_stops_the_run(tmp_path):
-    """An update between two logs can make the weights NaN: the checkpoint saved then would be what
-    --resume_from_checkpoint latest picks, and the resumed run would diverge at once, blaming the learning rate."""
+def test_weights_made_non_finite_between_two_logs_stop_the_run_before_a_save():
+    """An update between two logs can make the weights NaN: a checkpoint saved then would be what
+    --resume_from_checkpoint latest picks (the resumed run diverging at once, blaming the learning rate), and saving
+    it would let --save_total_limit remove an older, good one. Checked when the flow callback asks for a save."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
-    (tmp_path / "checkpoint-6").mkdir()
-    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"x")
     guard = StopOnNonFiniteLoss()
     log(guard, 5, loss=0.69, grad_norm=1.0)
-    args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=1e-5)
-    state = SimpleNamespace(global_step=6, is_world_process_zero=True)
-    guard.on_save(args, state, None, model=model)  # finite: kept
-    assert (tmp_path / "checkpoint-6" / "model.safetensors").exists()
+    args = SimpleNamespace(learning_rate=1e-5)
+    state = SimpleNamespace(global_step=6, max_steps=100)
+    guard.on_step_end(args, state, SimpleNamespace(should_save=True, should_log=False), model=model)  # finite
     with torch.no_grad():
         model[1].bias[0] = math.inf
+    guard.on_step_end(args, state, SimpleNamespace(should_save=False, should_log=False), model=model)  # no save
     with pytest.raises(UserError, match=r"training diverged: the weights hold NaN or infinite values at step 6 "
-                                        r"\(last finite log: step 5; --learning_rate 1e-05\); its checkpoint "
-                                        r"\(.*checkpoint-6\) was removed"):
-        guard.on_save(args, state, None, model=model)
-    assert not (tmp_path / "checkpoint-6").exists()
+                                        r"\(last finite log: step 5; --learning_rate 1e-05\); they were not saved"):
+        guard.on_step_end(args, state, SimpleNamespace(should_save=True, should_log=False), model=model)

@@ -232,6 +232,10 @@ def test_a_checkpoint_of_another_kind_or_with_a_cut_optimizer_state_is_refused(t
     capsys.readouterr()
     assert resolve_resume("latest", str(tmp_path), kind="pm") == str(pm)  # 3 is passed over, said
     assert capsys.readouterr().out.startswith(f"Passing over {prm}: it is a checkpoint of a math process reward")
+    (pm / "global_step2").mkdir()  # DeepSpeed's states, which a config may save unzipped (legacy torch format)
+    torch.save({"w": torch.ones(2)}, pm / "global_step2" / "mp_rank_00_model_states.pt",
+               _use_new_zipfile_serialization=False)
+    assert resolve_resume(str(pm), str(tmp_path), kind="pm") == str(pm)
     optimizer = pm / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:-30])
     with pytest.raises(UserError, match=r"checkpoint-2: optimizer.pt is cut short or damaged \(not a complete torch "

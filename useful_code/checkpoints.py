@@ -250,8 +250,10 @@ def damaged_weights(directory: Path, model_checkpoint: bool = True) -> Optional[
         missing = sorted(name for name in listed if not (directory / name).is_file())
         if missing:
             return f"{missing[0]} is missing (listed in {index.name})"
-    for file in sorted([*directory.rglob("*.pt"), *directory.rglob("*.pth")]):  # torch.save's zip archives
-        if not zipfile.is_zipfile(file):  # a truncated one has no end record: torch.load traces back on it
+    # The Trainer's (and a loop's) own state files, torch.save's zip archives: a truncated one has no end record, and
+    # torch.load would trace back on it. Not DeepSpeed's global_step*/ files, which a config may save unzipped.
+    for file in sorted([*directory.glob("*.pt"), *directory.glob("*.pth")]):
+        if not zipfile.is_zipfile(file):
             return f"{file.relative_to(directory)} is cut short or damaged (not a complete torch archive)"
     for file in sorted(directory.glob("*.safetensors")):
         size = file.stat().st_size

@@ -1,5 +1,5 @@
 """A training run whose loss or gradient norm turns NaN or infinite stops at the next logging step with one line,
-and a periodic checkpoint whose weights are no longer finite is removed and stops the run.
+and weights no longer finite stop the run before a periodic checkpoint saves them.
 
 Without this, transformers trains on (every later step is NaN), its logging_nan_inf_filter (on by default) logs a
 plausible loss, often 0, in place of the NaN, and the run fails only at the end, in the reload check, blaming the
@@ -7,9 +7,7 @@ checkpoint; and a checkpoint saved between two logs could hold NaN weights that 
 picks up."""
 
 import math
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,23 +39,18 @@ class StopOnNonFiniteLoss(TrainerCallback):
         """'step N' of the last logged finite training loss, or 'none yet'."""
         return f"step {self.last_finite_step}" if self.last_finite_step else "none yet"
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        """The last step is logged; before a periodic save (transformers' flow callback, which runs first, has just
+        asked for it), every rank checks its weights (its shard under ZeRO-3) and all agree: weights an update made
+        NaN or infinite (between two logs, or with a finite loss and gradient norm) stop the run before they are
+        saved, and before --save_total_limit removes an older, good checkpoint to make room."""
         if state.global_step >= state.max_steps:
             control.should_log = True
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        """Every rank checks its weights (its shard under ZeRO-3) after a periodic save, and all agree: weights that
-        an update made NaN or infinite (between two logs, or with a finite loss and gradient norm) remove the
-        checkpoint just written and stop the run."""
-        if model is None or not non_finite_weights(model):
-            return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero:
-            shutil.rmtree(checkpoint, ignore_errors=True)
-        raise UserError(f"training diverged: the weights hold NaN or infinite values at step {state.global_step} "
-                        f"(last finite log: {self.last_finite_log()}; --learning_rate {args.learning_rate}); "
-                        f"its checkpoint ({checkpoint}) was removed and nothing was published; lower --learning_rate "
-                        "(or check --max_grad_norm and the data) before resuming from an earlier checkpoint")
+        if model is not None and control.should_save and non_finite_weights(model):
+            raise UserError(f"training diverged: the weights hold NaN or infinite values at step {state.global_step} "
+                            f"(last finite log: {self.last_finite_log()}; --learning_rate {args.learning_rate}); "
+                            "they were not saved and nothing was published; lower --learning_rate (or check "
+                            "--max_grad_norm and the data) before resuming from an earlier checkpoint")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         keys = ("loss",) if args.fp16 else ("loss", "grad_norm")
