@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import re
+import signal
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -510,11 +511,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class CancelledAtShutdown(logging.Filter):
-    """Drops uvicorn's "Exception in ASGI application" traceback for a request cancelled because
-    --shutdown_timeout_s ran out: uvicorn has said so in one line ("Cancel N running task(s)")."""
+    """Drops the tracebacks of a stop: uvicorn's "Exception in ASGI application" for a request cancelled because
+    --shutdown_timeout_s ran out (uvicorn has said so in one line, "Cancel N running task(s)"), and Starlette's
+    lifespan failure text when a second Ctrl-C cancels the shutdown itself (logged as text, without exc_info)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return False
+        text = record.getMessage()
+        return not ("Traceback" in text and ("CancelledError" in text or "KeyboardInterrupt" in text))
 
 
 class AnnouncedServer(uvicorn.Server):
@@ -532,8 +537,9 @@ class AnnouncedServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         if not self.should_exit:
+            again = "; Ctrl-C again to close them now" if sig == signal.SIGINT else ""
             print(f"Stopping: requests in flight get up to {self.config.timeout_graceful_shutdown} s "
-                  "(--shutdown_timeout_s); Ctrl-C again to close them now", flush=True)
+                  f"(--shutdown_timeout_s){again}", flush=True)
         super().handle_exit(sig, frame)
 
 
