@@ -163,8 +163,8 @@ class RewardTrainingArguments(FinalCheckpointPush, HardwareAwareArguments, check
                             "drop the flag")
         # Training batches come from --group_by_length or --max_tokens_per_batch (batch_samplers.py), never from
         # transformers' sampler: its other strategies are accepted only where they mean what they say.
-        if self.train_sampling_strategy == "group_by_length":
-            self.group_by_length = True
+        if self.train_sampling_strategy == "group_by_length" and not self.group_by_length:
+            raise UserError("--train_sampling_strategy group_by_length and --group_by_length false disagree: give one")
         elif self.train_sampling_strategy == "sequential" and self.group_by_length:
             raise UserError("--train_sampling_strategy sequential: give --group_by_length false with it (length "
                             "grouping, the default, shuffles the batches)")
@@ -514,6 +514,9 @@ def main(default_config: str = DEFAULT_CONFIG):
     quantization = quantization_options(lora_args, compute_dtype(training_args))
     if args.loss_type == "odin":
         check_odin_settings(args, training_args)
+    if args.max_tokens_per_batch and training_args.train_sampling_strategy == "sequential":
+        raise UserError("--train_sampling_strategy sequential: token-budget batches (--max_tokens_per_batch) are drawn "
+                        "in a shuffled order; leave one of the two out")
     set_seed(training_args.seed)
     if is_main:
         print(f"Hyper-parameters: lr={training_args.learning_rate} batch={training_args.per_device_train_batch_size}x"

@@ -452,8 +452,10 @@ def test_train_sampling_strategy_is_honoured_or_refused_never_overwritten(bt):
     assert training_args(bt).train_sampling_strategy == "random" and training_args(bt).group_by_length
     assert training_args(bt, "--group_by_length", "false", "--train_sampling_strategy", "sequential") \
         .train_sampling_strategy == "sequential"
-    assert training_args(bt, "--group_by_length", "false", "--train_sampling_strategy", "group_by_length") \
-        .group_by_length
+    assert training_args(bt, "--train_sampling_strategy", "group_by_length").group_by_length
+    with pytest.raises(UserError, match="--train_sampling_strategy group_by_length and --group_by_length false "
+                                        "disagree"):
+        training_args(bt, "--group_by_length", "false", "--train_sampling_strategy", "group_by_length")
     with pytest.raises(UserError, match="--train_sampling_strategy sequential: give --group_by_length false"):
         training_args(bt, "--train_sampling_strategy", "sequential")
     with pytest.raises(UserError, match="--train_sampling_strategy batch_rebalance: not supported"):

@@ -388,6 +388,11 @@ def test_warmup_ratio_is_a_fraction(tmp_path):
     ("armo-rm/stage-2_train.py", ["--temperature", "0"], "error: --temperature must be above 0, got 0.0"),
     ("armo-rm/stage-2_train.py", ["--corr_threshold", "2"], "error: --corr_threshold must be at most 1, got 2.0"),
     ("useful_code/serve_reward_model.py", ["--port", "0"], "error: --port must be at least 1, got 0"),
+    # token-budget batches are shuffled: a sequential order asked for with them was silently not kept
+    ("bradley-terry-rm/train.py", ["--output_path", "{file}.out", "--train_sampling_strategy", "sequential",
+                                   "--group_by_length", "false", "--max_tokens_per_batch", "2048"],
+     "error: --train_sampling_strategy sequential: token-budget batches (--max_tokens_per_batch) are drawn in a "
+     "shuffled order; leave one of the two out"),
     ("pair-pm/prepare_model.py", ["--output_path", "{file}"], "error: --output_path: {file} is a file, not a directory"),
 ])
 def test_script_errors_before_any_work_are_one_line(script, argv, message, monkeypatch, capsys, tmp_path):

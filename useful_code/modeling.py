@@ -36,7 +36,8 @@ TRAINED_KINDS = {
            "useful_code/eval_reward_bench_pm.py or pair-pm/rank_responses.py"),
     "prm": ("math process reward model (math-rm/train.py --reward_type prm)",
             "math-rm/prm_evaluate.py or math-rm/orm_evaluate.py"),
-    "orm": ("math outcome reward model (math-rm/train.py --reward_type orm)", "math-rm/orm_evaluate.py"),
+    "orm": ("math outcome reward model (math-rm/train.py --reward_type orm)",
+            "math-rm/orm_evaluate.py or math-rm/prm_evaluate.py"),
     "scalar_orm": ("scalar math outcome reward model (math-rm/scalar_orm_train.py)",
                    "useful_code/eval_reward_bench_bt.py")}
 PM_KINDS, MATH_KINDS = ("pm",), ("prm", "orm")  # what the PM scorers and the math scorers read
