@@ -27,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 from useful_code import checkpoints, run_metrics
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
+from useful_code.data_parallel import on_main, process_state
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -116,12 +117,14 @@ def main():
     script_args, training_args, lora_args, config = parse_args((ScriptArguments, PreferenceModelConfig, LoraArguments),
                                                                DEFAULT_CONFIG)
     is_main = training_args.process_index == 0
-    if is_main:  # before any work: a writable directory, not an input, no finished or running run in it
+    if is_main:
         note_tiny_recipe(config, DEFAULT_CONFIG, script_args.model_name_or_path, "pair-pm/gemma-2b-it.yaml")
-        checkpoints.claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
-                                     inputs=(script_args.model_name_or_path, script_args.dataset_path,
-                                             script_args.eval_set_path),
-                                     resuming=bool(training_args.resume_from_checkpoint))
+    # Before any work, on the main process (an error there stops every rank with its line): a writable directory,
+    # not an input, no finished or running run in it.
+    on_main(process_state(), lambda: checkpoints.claim_output_dir(
+        training_args.output_dir, training_args.overwrite_output_dir,
+        inputs=(script_args.model_name_or_path, script_args.dataset_path, script_args.eval_set_path),
+        resuming=bool(training_args.resume_from_checkpoint)))
     resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, kind="pm")
     # fp32 weights under the Trainer's bf16 autocast; bf16 under DeepSpeed (fp32 master weights) or for LoRA's base
     dtype = weights_dtype(training_args, frozen_base=lora_args.use_peft)

@@ -379,3 +379,20 @@ def test_a_dataset_output_is_written_atomically_and_a_failed_write_is_one_line(t
         save_dataset(data.select([1]), str(tmp_path / "dir"), "--output_path")
     assert load_from_disk(str(tmp_path / "dir"))["train"].to_list() == [{"a": 2}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "out.jsonl"]
+
+
+@pytest.mark.e2e
+def test_a_refused_output_directory_stops_every_rank_with_its_line(tmp_path):
+    """The output directory is claimed on the main rank: its refusal left the other rank waiting at the data barrier,
+    to die there with a gloo traceback (a closed connection)."""
+    from helpers import ROOT, run, two_ranks
+
+    (tmp_path / "metrics.json").write_text("{}")  # a finished run
+    proc = run([*two_ranks("torchrun"), str(ROOT / "bradley-terry-rm" / "train.py"), "--output_path", str(tmp_path),
+                "--max_steps", "2"], env_extra={"OMP_NUM_THREADS": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and errors == [f"error: --output_path: {tmp_path} holds a finished run (metrics.json); "
+                                               "pass --overwrite_output_dir to replace it, or choose another "
+                                               "--output_path"] * 2, proc.stderr[-3000:]
+    assert "failed (exitcode: 2)" in proc.stderr  # torchrun's own report of the ranks' exit
+    assert not any(marker in proc.stderr for marker in ("gloo", "Connection closed", "RuntimeError"))
