@@ -8,7 +8,8 @@ under `deepspeed`, `accelerate launch`, `torchrun` or plain `python`, on GPUs or
         --deepspeed deepspeed_configs/deepspeed_3.json
     python bradley-terry-rm/train.py        # configs/tiny.yaml: the embedded tiny model on the bundled toy pairs
 
-Writes <output_path>/last_checkpoint/ (model, config, tokenizer) and <output_path>/metrics.json.
+Writes <output_path>/last_checkpoint/ (model, config, tokenizer, model card README.md), metrics.json, curves.png and
+rewards.png; with --use_peft also adapter/ (the adapter as trained), with --loss_type odin two_heads/ (both heads).
 """
 
 import json
@@ -217,6 +218,12 @@ def window_metrics(batch_metrics: dict[str, list]) -> dict[str, float]:
     return logs
 
 
+ODIN_LENGTH, ODIN_QUALITY = 0, 1  # upstream odin/'s column order
+# A training batch's statistics as BradleyTerryTrainer keeps them (ODIN's parts follow under --loss_type odin).
+BATCH_STATS = ("accuracy", "margin", "rewards/mean", "rewards/min", "rewards/max", "real", "padding", "computed",
+               "pairs")
+
+
 class BradleyTerryTrainer(Trainer):
     """Trainer whose loss is the Bradley-Terry loss (or a variant: margin, per-pair weight, centering) over
     (chosen, rejected) batches from PairwiseCollator."""
@@ -345,12 +352,6 @@ class BradleyTerryTrainer(Trainer):
         return None, rewards, torch.zeros(rewards.shape[0], device=rewards.device)
 
 
-ODIN_LENGTH, ODIN_QUALITY = 0, 1  # upstream odin/'s column order
-# A training batch's statistics as BradleyTerryTrainer keeps them (ODIN's parts follow under --loss_type odin).
-BATCH_STATS = ("accuracy", "margin", "rewards/mean", "rewards/min", "rewards/max", "real", "padding", "computed",
-               "pairs")
-
-
 class TrainTokensInCheckpoints(TrainerCallback):
     """Keeps metrics.json's train_tokens a count of the whole run across --resume_from_checkpoint: each periodic
     checkpoint holds this rank's counts so far (counts: the Trainer's dict, updated in place), and restore() starts
@@ -361,6 +362,7 @@ class TrainTokensInCheckpoints(TrainerCallback):
 
     @staticmethod
     def path(checkpoint_dir, rank: int) -> Path:
+        """Where a checkpoint keeps this rank's token counts."""
         return Path(checkpoint_dir) / f"train_tokens_rank{rank}.json"
 
     def on_save(self, args, state, control, **kwargs):
@@ -370,6 +372,7 @@ class TrainTokensInCheckpoints(TrainerCallback):
             output_files.atomic_write_text(self.path(directory, args.process_index), json.dumps(self.counts))
 
     def restore(self, checkpoint_dir: str, rank: int) -> None:
+        """Start this rank's counts from those a checkpoint saved (a resumed run)."""
         saved = self.path(checkpoint_dir, rank)
         if saved.is_file():
             self.counts.update(json.loads(saved.read_text()))
@@ -517,6 +520,8 @@ def main(default_config: str = DEFAULT_CONFIG):
     quantization = quantization_options(lora_args, compute_dtype(training_args))
     if args.loss_type == "odin":
         check_odin_settings(args, training_args)
+        if lora_args.use_peft:
+            raise UserError("--loss_type odin with --use_peft is not supported yet: train ODIN's heads in full")
     if args.max_tokens_per_batch and training_args.train_sampling_strategy == "sequential":
         raise UserError("--train_sampling_strategy sequential: token-budget batches (--max_tokens_per_batch) are drawn "
                         "in a shuffled order; leave one of the two out")
@@ -537,8 +542,6 @@ def main(default_config: str = DEFAULT_CONFIG):
         held_out, eval_tok = tokenize_pairs(held_out, tokenizer, training_args.max_length, "truncate", "eval set",
                                             args.skip_invalid, keep_same_tokens=True)
     if args.loss_type == "odin":  # the held-out loss is plain BT: only the training pairs need lengths
-        if lora_args.use_peft:
-            raise UserError("--loss_type odin with --use_peft is not supported yet: train ODIN's heads in full")
         train = train.map(response_lengths, batched=True, fn_kwargs={"tokenizer": tokenizer}, desc="response lengths")
     data_stats["train"].update(train_tok, used=len(train))
     data_stats["eval"].update(eval_tok, used=len(held_out))

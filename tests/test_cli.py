@@ -388,6 +388,8 @@ def test_warmup_ratio_is_a_fraction(tmp_path):
     ("armo-rm/stage-2_train.py", ["--temperature", "0"], "error: --temperature must be above 0, got 0.0"),
     ("armo-rm/stage-2_train.py", ["--corr_threshold", "2"], "error: --corr_threshold must be at most 1, got 2.0"),
     ("useful_code/serve_reward_model.py", ["--port", "0"], "error: --port must be at least 1, got 0"),
+    ("bradley-terry-rm/train.py", ["--output_path", "{file}.out", "--loss_type", "odin", "--use_peft"],
+     "error: --loss_type odin with --use_peft is not supported yet: train ODIN's heads in full"),  # said after the data
     # token-budget batches are shuffled: a sequential order asked for with them was silently not kept
     ("bradley-terry-rm/train.py", ["--output_path", "{file}.out", "--train_sampling_strategy", "sequential",
                                    "--group_by_length", "false", "--max_tokens_per_batch", "2048"],

@@ -21,10 +21,12 @@ class EpochSeededBatches(torch.utils.data.Sampler):
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration draws (the Trainer calls it at each epoch)."""
         self.epoch = epoch
 
     @property
     def sampler(self) -> "EpochSeededBatches":
+        """Itself, where accelerate looks for the object to call set_epoch on."""
         # Under several ranks accelerate wraps this in a BatchSamplerShard, which has no set_epoch, and forwards the
         # epoch to batch_sampler.batch_sampler.sampler instead.
         return self

@@ -151,6 +151,7 @@ class DynamicBatcher:
         return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
 
     async def serve_forever(self) -> None:
+        """Gather queued requests into batches and score each on the worker thread, for as long as the app runs."""
         loop = asyncio.get_running_loop()
         while True:
             items = [await self.queue.get()]
