@@ -13,7 +13,7 @@ from useful_code.cli import ModelOutputError
 from useful_code.data_parallel import map_across_ranks
 from useful_code.math_data import encode_labeled, label_token_ids
 from useful_code.modeling import MATH_KINDS, load_for_scoring, load_preference_model
-from useful_code.scoring import length_sorted_batches, model_device
+from useful_code.scoring import left_padded, length_sorted_batches, model_device
 from useful_code.templates import tokenizer_adds_bos, truncate_left
 
 
@@ -69,18 +69,12 @@ class StepScorer:
         pad_id = self.tokenizer.pad_token_id
         out: list[list[float]] = [[] for _ in encoded]
         for chunk in length_sorted_batches([ids for ids, _ in encoded], self.batch_size, progress=progress):
-            width = max(len(encoded[i][0]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            input_ids, attention_mask, position_ids = left_padded([encoded[i][0] for i in chunk], pad_id)
+            width = input_ids.shape[1]
             keep = torch.zeros((len(chunk), width), dtype=torch.bool)
             for row, i in enumerate(chunk):
                 ids, positions = encoded[i]
-                offset = width - len(ids)
-                input_ids[row, offset:] = torch.tensor(ids)
-                attention_mask[row, offset:] = 1
-                keep[row, [offset + p - 1 for p in positions if p > 0]] = True
-            # Left padding: positions must count from each sequence's first real token, as when unpadded.
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                keep[row, [width - len(ids) + p - 1 for p in positions if p > 0]] = True
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 position_ids=position_ids.to(device), logits_to_keep=keep.to(device),
                                 use_cache=False).logits

@@ -17,7 +17,13 @@ from useful_code.data_parallel import map_across_ranks
 from useful_code.modeling import PM_KINDS, load_for_scoring, load_preference_model
 from useful_code.packing import packed_lm_logits, packed_rows, padding_free_ready, prefix_sharing_pays
 from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
-from useful_code.scoring import DEFAULT_SCORING_TOKENS, length_sorted_batches, model_device, once_each
+from useful_code.scoring import (
+    DEFAULT_SCORING_TOKENS,
+    left_padded,
+    length_sorted_batches,
+    model_device,
+    once_each,
+)
 from useful_code.templates import truncate_all
 
 
@@ -130,15 +136,7 @@ class PairPreferenceScorer:
                 out[chunk] = logits[:, [self.token_a, self.token_b]].float().cpu().numpy()
             return out
         for chunk in length_sorted_batches(sequences, self.batch_size, progress=progress):
-            width = max(len(sequences[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                seq = sequences[i]
-                input_ids[row, width - len(seq):] = torch.tensor(seq)
-                attention_mask[row, width - len(seq):] = 1
-            # Left padding: positions must count from each sequence's first real token, as when unpadded.
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            input_ids, attention_mask, position_ids = left_padded([sequences[i] for i in chunk], pad_id)
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 position_ids=position_ids.to(device), logits_to_keep=1, use_cache=False).logits[:, -1]
             out[chunk] = logits[:, [self.token_a, self.token_b]].float().cpu().numpy()

@@ -21,6 +21,19 @@ def length_sorted_batches(sequences: list[list[int]], batch_size: int, desc: str
         yield order[start : start + batch_size]
 
 
+def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of sequences padded on the left to the longest, for reading the
+    last positions (a causal LM's answer or labels): position ids count from each sequence's first real token, as
+    when unpadded, so a score does not depend on what it was batched with."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def model_device(model) -> torch.device:
     """The device of a model's (first) parameters."""
     return next(model.parameters()).device
