@@ -456,3 +456,24 @@ def test_a_load_error_names_a_missing_directory_a_training_output_dir_or_the_rea
     assert str(load_error("--m", "model", str(tmp_path / "last_checkpoint"), err)).startswith(
         f"--m: '{tmp_path / 'last_checkpoint'}' holds a LoRA adapter, not a model (a --use_peft run's adapter/ or "
         "periodic checkpoint): the run's last_checkpoint/ is its model with the adapter merged")
+
+
+def test_the_default_recipe_is_said_once_under_a_launcher(tmp_path, monkeypatch, capsys):
+    """Every rank parses the same flags: the note naming the default recipe came once per rank."""
+    from dataclasses import dataclass
+
+    from useful_code.cli import parse_args
+
+    @dataclass
+    class Flags:
+        x: int = 1
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("x: 2\n")
+    for rank, said in (("0", True), ("1", False), (None, True)):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        assert parse_args((Flags,), str(recipe), argv=[])[0].x == 2
+        assert capsys.readouterr().out.startswith(f"Recipe: {recipe} (the default") is said, rank

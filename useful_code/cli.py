@@ -139,7 +139,9 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
     the config path used. An unknown field, an unknown flag or a value the dataclass rejects is a UserError.
     --help starts with `description` (default: the script's docstring)."""
     config_path, argv = split_config_path(sys.argv[1:] if argv is None else argv)
-    if config_path is None and default_config and "--help" not in argv and "-h" not in argv:
+    # Said once under a launcher (its ranks parse the same flags, before any process group exists)
+    if config_path is None and default_config and "--help" not in argv and "-h" not in argv \
+            and os.environ.get("RANK", "0") == "0":
         print(f"Recipe: {default_config} (the default; give a recipe first, or --config PATH, to change it)")
     config_path = config_path or default_config
     if description is None:
