@@ -29,7 +29,7 @@ from useful_code import checkpoints, output_files, run_metrics
 from useful_code.batch_samplers import LengthGroupedBatches, TokenBudgetBatches
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
-from useful_code.data_parallel import on_main, process_state
+from useful_code.data_parallel import main_process_first, on_main, process_state
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -509,7 +509,8 @@ def main(default_config: str = DEFAULT_CONFIG):
     is_main = training_args.process_index == 0
     # Before any work, on the main process (an error there stops every rank with its line): a writable directory,
     # not an input, no finished or running run in it.
-    on_main(process_state(), lambda: checkpoints.claim_output_dir(
+    state = process_state()  # the launcher's ranks, for the steps the main one takes first
+    on_main(state, lambda: checkpoints.claim_output_dir(
         training_args.output_dir, training_args.overwrite_output_dir,
         inputs=(args.model_name, args.train_set_path, args.eval_set_path),
         flag="--output_path",  # upstream's name (--output_dir works too)
@@ -533,7 +534,7 @@ def main(default_config: str = DEFAULT_CONFIG):
         note_tiny_recipe(config, DEFAULT_CONFIG, args.model_name, "bradley-terry-rm/configs/gemma-2b-it.yaml")
 
     tokenizer = load_tokenizer(args.model_name, "--model_name", args.trust_remote_code, args.chat_template)
-    with training_args.main_process_first():
+    with main_process_first(state):  # the main rank fills the datasets cache and says the data notes once
         train, held_out, data_stats = load_pairs(args, training_args.seed)
         train, train_tok = tokenize_pairs(train, tokenizer, training_args.max_length, args.overlength, "train set",
                                           args.skip_invalid, args.dataset_num_proc)

@@ -36,7 +36,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from useful_code import checkpoints, run_metrics
 from useful_code.cli import note_tiny_recipe, parse_args, run_cli
 from useful_code.data import held_out_source, hold_out, load_dataset_dict, pick_split
-from useful_code.data_parallel import on_main, process_state
+from useful_code.data_parallel import main_process_first, on_main, process_state
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -117,6 +117,8 @@ def solution_rows(dataset, tokenizer, max_length: int, skip_invalid: bool, name:
     converted, rule_stats = enforce_validity(converted, SOLUTION_RULES, skip_invalid, name)
     sequences, cut = truncate_all(tokenizer, encode_conversations(tokenizer, list(converted["conversation"])),
                                   max_length)
+    if cut:  # said as the other trainers say it: a solution cut from the left loses the problem's start
+        print(f"[{name}] truncated {cut} solutions longer than max_length={max_length} tokens from the left")
     tokenized = converted.remove_columns("conversation").add_column("input_ids", sequences)
     return tokenized, {**stats, "invalid": {**stats["invalid"], **rule_stats["invalid"]}, "truncated": cut,
                        "used": len(tokenized), "right": int(sum(tokenized["label"]))}
@@ -165,7 +167,8 @@ def main():
         note_tiny_recipe(config, None, args.model_name, "math-rm/llama-3.1-scalar-orm.yaml")
     # Before any work, on the main process (an error there stops every rank with its line): a writable directory,
     # not an input, no finished or running run in it.
-    on_main(process_state(), lambda: checkpoints.claim_output_dir(
+    state = process_state()  # the launcher's ranks, for the steps the main one takes first
+    on_main(state, lambda: checkpoints.claim_output_dir(
         training_args.output_dir, training_args.overwrite_output_dir,
         inputs=(args.model_name, args.train_set_path, args.eval_set_path),
         resuming=bool(training_args.resume_from_checkpoint)))
@@ -174,7 +177,7 @@ def main():
 
     # Data: train rows and held-out rows (the test split, or --eval_set_path), both checked by math-rm's rules.
     tokenizer = load_tokenizer(args.model_name, "--model_name")
-    with training_args.main_process_first():
+    with main_process_first(state):  # the main rank fills the datasets cache and says the data notes once
         splits = load_dataset_dict(args.train_set_path, "--train_set_path", skip_invalid=args.skip_invalid)
         train_raw = pick_split(splits, "train", "--train_set_path")
         held_out_raw, source = held_out_source(splits, args.eval_set_path, "train", "--train_set_path",

@@ -30,7 +30,7 @@ from trl import SFTConfig, SFTTrainer
 from useful_code import checkpoints, run_metrics
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import held_out_source, hold_out, load_dataset_dict, pick_split
-from useful_code.data_parallel import on_main, process_state
+from useful_code.data_parallel import main_process_first, on_main, process_state
 from useful_code.defaults import DEFAULT_MODEL, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -157,7 +157,8 @@ def main():
         note_tiny_recipe(config, DEFAULT_CONFIG, script_args.model_name_or_path, "math-rm/llama-3.1-prm.yaml")
     # Before any work, on the main process (an error there stops every rank with its line): a writable directory,
     # not an input, no finished or running run in it.
-    on_main(process_state(), lambda: checkpoints.claim_output_dir(
+    state = process_state()  # the launcher's ranks, for the steps the main one takes first
+    on_main(state, lambda: checkpoints.claim_output_dir(
         training_args.output_dir, training_args.overwrite_output_dir,
         inputs=(script_args.model_name_or_path, script_args.dataset_path, script_args.eval_set_path),
         resuming=bool(training_args.resume_from_checkpoint)))
@@ -173,7 +174,7 @@ def main():
     # Data: validated chats, tokenized with the loss on the "+"/"-" label tokens only.
     tokenizer = load_tokenizer(script_args.model_name_or_path, "--model_name_or_path",
                                training_args.trust_remote_code, script_args.chat_template)
-    with training_args.main_process_first():
+    with main_process_first(state):  # the main rank fills the datasets cache and says the data notes once
         # SFTConfig's --dataset_num_proc also runs these maps (checks and label placement) in that many processes.
         num_proc = training_args.dataset_num_proc
         rows, held_out, data_stats = load_rows(script_args, tokenizer, training_args.seed, num_proc)

@@ -27,7 +27,7 @@ from trl import SFTConfig, SFTTrainer
 from useful_code import checkpoints, run_metrics
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
-from useful_code.data_parallel import on_main, process_state
+from useful_code.data_parallel import main_process_first, on_main, process_state
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -121,7 +121,8 @@ def main():
         note_tiny_recipe(config, DEFAULT_CONFIG, script_args.model_name_or_path, "pair-pm/gemma-2b-it.yaml")
     # Before any work, on the main process (an error there stops every rank with its line): a writable directory,
     # not an input, no finished or running run in it.
-    on_main(process_state(), lambda: checkpoints.claim_output_dir(
+    state = process_state()  # the launcher's ranks, for the steps the main one takes first
+    on_main(state, lambda: checkpoints.claim_output_dir(
         training_args.output_dir, training_args.overwrite_output_dir,
         inputs=(script_args.model_name_or_path, script_args.dataset_path, script_args.eval_set_path),
         resuming=bool(training_args.resume_from_checkpoint)))
@@ -135,7 +136,7 @@ def main():
 
     tokenizer = load_tokenizer(script_args.model_name_or_path, "--model_name_or_path",
                                training_args.trust_remote_code, script_args.chat_template)
-    with training_args.main_process_first():
+    with main_process_first(state):  # the main rank fills the datasets cache and says the data notes once
         train, held_out, data_stats = load_examples(script_args, training_args.seed)
         # SFTConfig's --dataset_num_proc also runs these maps (checks and tokenization) in that many processes.
         num_proc = training_args.dataset_num_proc

@@ -73,6 +73,22 @@ def test_a_diverging_run_stops_with_one_line_and_publishes_nothing(script, tmp_p
     assert not (out / "last_checkpoint").exists() and not (out / "metrics.json").exists()
 
 
+@pytest.mark.e2e
+def test_on_two_ranks_every_rank_says_why_the_run_stopped(tmp_path):
+    """Every rank raised at the same logged step and exited alone: the first to exit had torchrun kill the other
+    before it printed. Now each says the line, then all leave together."""
+    from helpers import two_ranks
+
+    proc = run([*two_ranks("torchrun"), str(ROOT / "bradley-terry-rm" / "train.py"), "--output_path",
+                str(tmp_path / "run"), "--learning_rate", "1e30", "--max_steps", "6", "--logging_steps", "1"],
+               env_extra={"OMP_NUM_THREADS": "1"})
+    errors = [line[line.index("error: "):] for line in proc.stderr.replace("\r", "\n").splitlines()
+              if "error: " in line]
+    assert proc.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
+    assert errors[0].startswith("error: training diverged: the ") and "failed (exitcode: 2)" in proc.stderr
+    assert not any(marker in proc.stderr for marker in ("gloo", "terminate called", "UserError"))
+
+
 @pytest.mark.parametrize("script, config", [("bradley-terry-rm/train.py", "RewardTrainingArguments"),
                                             ("pair-pm/train.py", "PreferenceModelConfig"),
                                             ("math-rm/train.py", "MathRewardConfig"),

@@ -112,3 +112,20 @@ def test_the_recipe_trains_with_the_tiny_model_standing_in(tmp_path):
     evaluations = re.findall(r"\{'eval_loss'[^}]*'epoch': '([0-9.]+)'\}", proc.stdout + proc.stderr)
     assert evaluations == ["0.032", "0.048"]
     assert metrics["examples"]["eval"]["used"] == 100 and metrics["reload_max_abs_diff"] < 1e-4
+
+
+def test_solutions_cut_to_max_length_are_said_not_only_counted(scalar_orm, capsys):
+    """The scalar ORM cuts over-long solutions from the left (no --overlength): the count reached metrics.json only,
+    while the run printed an accuracy with status 0."""
+    from useful_code.data import load_split
+    from useful_code.defaults import DEFAULT_MODEL
+    from useful_code.math_data import TOY_PRM
+    from useful_code.templates import load_tokenizer
+
+    rows = load_split(TOY_PRM, "test", "t").select(range(6))
+    tokenizer = load_tokenizer(DEFAULT_MODEL, "m")
+    dataset, stats = scalar_orm.solution_rows(rows, tokenizer, 8, False, "eval set")
+    assert stats["truncated"] == 6 and {len(ids) for ids in dataset["input_ids"]} == {8}
+    assert "[eval set] truncated 6 solutions longer than max_length=8 tokens from the left" in capsys.readouterr().out
+    scalar_orm.solution_rows(rows, tokenizer, 4096, False, "eval set")
+    assert "truncated" not in capsys.readouterr().out

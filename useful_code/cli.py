@@ -67,6 +67,12 @@ def load_error(flag: str, what: str, name: str, err: Exception) -> UserError:
     return UserError(f"{flag}: could not load {what} '{name}' ({reason}); pass a local model directory with {flag}")
 
 
+def first_rank() -> bool:
+    """Whether this process is a launcher's first rank, or runs without a launcher: a note every rank would say
+    alike (the recipe, a dtype fallback, a model's new head) is said there only."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2."""
     try:
@@ -139,9 +145,7 @@ def parse_args(dataclass_types: Sequence[type], default_config: Optional[str] = 
     the config path used. An unknown field, an unknown flag or a value the dataclass rejects is a UserError.
     --help starts with `description` (default: the script's docstring)."""
     config_path, argv = split_config_path(sys.argv[1:] if argv is None else argv)
-    # Said once under a launcher (its ranks parse the same flags, before any process group exists)
-    if config_path is None and default_config and "--help" not in argv and "-h" not in argv \
-            and os.environ.get("RANK", "0") == "0":
+    if config_path is None and default_config and "--help" not in argv and "-h" not in argv and first_rank():
         print(f"Recipe: {default_config} (the default; give a recipe first, or --config PATH, to change it)")
     config_path = config_path or default_config
     if description is None:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from transformers.integrations import deepspeed as hf_deepspeed
 
-from useful_code.cli import UserError
+from useful_code.cli import UserError, first_rank
 from useful_code.hardware import bf16_available, has_accelerator
 
 # Set by the launchers (deepspeed, torchrun, accelerate launch); without any, a DeepSpeed run is a world of one.
@@ -78,7 +78,8 @@ class HardwareAwareArguments:
         if self.fp16:
             self.bf16 = False
         elif self.bf16 and not bf16_available():
-            print("bf16 requested but this machine has no bf16-capable GPU: using fp32")
+            if first_rank():
+                print("bf16 requested but this machine has no bf16-capable GPU: using fp32")
             self.bf16 = False
         elif self.bf16 is None:
             self.bf16 = bf16_available()

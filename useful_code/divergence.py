@@ -7,13 +7,14 @@ checkpoint; and a checkpoint saved between two logs could hold NaN weights that 
 picks up."""
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from useful_code.cli import UserError
+from useful_code.cli import UserError, report_error
 
 
 @dataclass
@@ -47,7 +48,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
         if state.global_step >= state.max_steps:
             control.should_log = True
         if model is not None and control.should_save and non_finite_weights(model):
-            raise UserError(f"training diverged: the weights hold NaN or infinite values at step {state.global_step} "
+            stop(f"training diverged: the weights hold NaN or infinite values at step {state.global_step} "
                             f"(last finite log: {self.last_finite_log()}; --learning_rate {args.learning_rate}); "
                             "they were not saved and nothing was published; lower --learning_rate (or check "
                             "--max_grad_norm and the data) before resuming from an earlier checkpoint")
@@ -61,7 +62,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
             return
         found = " and ".join(f"the {'training loss' if k == 'loss' else 'gradient norm'} is {v}"
                              for k, v in bad.items())
-        raise UserError(f"training diverged: {found} at step {state.global_step} (last finite log: "
+        stop(f"training diverged: {found} at step {state.global_step} (last finite log: "
                         f"{self.last_finite_log()}; --learning_rate {args.learning_rate}). Nothing was published; lower "
                         "--learning_rate (or check --max_grad_norm and the data) before resuming from an earlier "
                         "checkpoint")
@@ -83,3 +84,15 @@ def non_finite_weights(model) -> bool:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         found = bool(flag.item())
     return found
+
+
+def stop(message: str) -> None:
+    """Stop the run with message: every rank gets here at the same step (the logs and the weights check are agreed
+    across ranks), says it, and all leave together after a barrier; the first rank to exit alone would have the
+    launcher kill the others before they print. Without a process group: a UserError."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        report_error(message)
+        dist.barrier()
+        dist.destroy_process_group()  # a rank that exits with gloo's connections open aborts
+        sys.exit(2)
+    raise UserError(message)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from useful_code.cli import first_rank
+
 
 def has_accelerator() -> bool:
     """True when a CUDA (or other torch accelerator) device is present."""
@@ -24,7 +26,7 @@ def resolve_dtype(bf16: bool) -> torch.dtype:
     """bf16 only where the hardware supports it; fp32 otherwise (and always on CPU)."""
     if bf16 and bf16_available():
         return torch.bfloat16
-    if bf16:
+    if bf16 and first_rank():
         print("bf16 requested but this machine has no bf16-capable GPU: using fp32")
     return torch.float32
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from useful_code.cli import UserError, load_error
+from useful_code.cli import UserError, first_rank, load_error
 from useful_code.hardware import default_device, resolve_attn_implementation, resolve_dtype
 from useful_code.openrlhf_format import openrlhf_value_head
 from useful_code.packing import enable_padding_free
@@ -167,7 +167,7 @@ def load_model(auto_class, name: str, flag: str, tokenizer, dtype: torch.dtype, 
         problems = missing + [str(k) for k in info["mismatched_keys"]]
         raise UserError(f"{flag}: '{name}' lacks {len(problems)} weights the model needs, which would be random: "
                         f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}")
-    if report:  # what transformers' table said, in one line: nothing in it is wrong for this use
+    if report and first_rank():  # what transformers' table said, in one line: nothing in it is wrong for this use
         new, unused = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
         parts = [f"new head initialised: {', '.join(new)}" if new else "",
                  f"weights that {type(model).__name__} does not use: {', '.join(unused[:3])}"
