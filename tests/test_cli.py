@@ -477,3 +477,34 @@ def test_the_default_recipe_is_said_once_under_a_launcher(tmp_path, monkeypatch,
             monkeypatch.setenv("RANK", rank)
         assert parse_args((Flags,), str(recipe), argv=[])[0].x == 2
         assert capsys.readouterr().out.startswith(f"Recipe: {recipe} (the default") is said, rank
+
+
+def test_a_full_disk_and_a_lost_peer_rank_are_one_line(capsys):
+    """A full disk at a save traced back on the writing rank (safetensors' own error type), and the other rank
+    traced back in gloo ("Connection closed by peer") at the barrier it waited at."""
+    import errno
+
+    from useful_code.cli import run_cli
+
+    def failing(err):
+        def main():
+            raise err
+        return main
+
+    cases = [(OSError(errno.ENOSPC, "No space left on device", "/out/last_checkpoint/model.safetensors"), 2,
+              "error: cannot write /out/last_checkpoint/model.safetensors: No space left on device"),
+             (OSError(errno.EROFS, "Read-only file system", "/out/metrics.json"), 2,
+              "error: cannot write /out/metrics.json: Read-only file system"),
+             (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), 2,
+              "error: cannot write an output: No space left on device (Error while serializing: I/O error: No space "
+              "left on device (os error 28))"),
+             (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                           "[127.0.0.1]:25486"), 1,
+              "error: another process of this run stopped first (its error is above); this one lost its connection "
+              "to it")]
+    for err, status, line in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(failing(err))
+        assert exit_info.value.code == status and capsys.readouterr().err.strip() == line
+    with pytest.raises(FileNotFoundError):  # any other error keeps its traceback
+        run_cli(failing(FileNotFoundError(errno.ENOENT, "No such file or directory", "x")))

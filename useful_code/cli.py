@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import errno
 import math
 import os
 import sys
@@ -73,13 +74,36 @@ def first_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# An output that cannot be written: a full disk (safetensors says it in its own error type), a quota, a read-only one
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# A rank whose peer exited first (gloo): the peer's own line says why; this one's traceback says nothing more
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2."""
+    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2, as does an output the
+    disk cannot take (full, over quota, read-only). A rank that lost its connection to a rank that stopped first
+    says so in one line, the other rank's line being the reason."""
     try:
         main()
     except UserError as err:
         report_error(err)
         sys.exit(2)
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        report_error(f"cannot write {err.filename or 'an output'}: {err.strerror}")
+        sys.exit(2)
+    except Exception as err:
+        text = str(err)
+        if "No space left on device" in text:  # safetensors' SafetensorError, raised from its Rust writer
+            report_error(f"cannot write an output: No space left on device ({text.splitlines()[0]})")
+            sys.exit(2)
+        if any(marker in text for marker in _PEER_GONE):
+            report_error("another process of this run stopped first (its error is above); this one lost its "
+                         "connection to it")
+            sys.exit(1)
+        raise
 
 
 def report_error(err) -> None:
