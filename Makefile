@@ -10,7 +10,9 @@ DEMO_DIR := outputs/demo
 PM_DIR := outputs/demo-pm
 ARMO_DIR := outputs/demo-armo
 # ArmoRM's frozen backbone: the BT demo's trained checkpoint when `make demo` has run, else the tiny default.
-ARMO_BACKBONE := $(if $(wildcard $(DEMO_DIR)/last_checkpoint/model.safetensors),$(DEMO_DIR)/last_checkpoint,assets/tiny-llama)
+# Decided when the recipe runs (recursive, $(shell)): `make demo demo-armo` in one call sees demo's checkpoint.
+ARMO_BACKBONE = $(shell [ -f $(DEMO_DIR)/last_checkpoint/model.safetensors ] && echo $(DEMO_DIR)/last_checkpoint \
+	|| echo assets/tiny-llama)
 ARMO_EMB := $(ARMO_DIR)/embeddings
 
 .PHONY: install demo demo-pm demo-armo demo-math serve test test-fast test-e2e bench bench-gpu clean
