@@ -18,6 +18,9 @@ out=${1:?usage: bash benchmarks/gpu_benchmarks.sh OUT_DIR [HH_DATA]}
 data=${2:-../shared/data/hh-rlhf-harmless-base-test.jsonl.gz}
 peak=${PEAK_TFLOPS:-989}
 python=${PYTHON:-python3}
+if [ "${QUICK:-0}" = 1 ] && [ ! -e "$data" ]; then  # a smoke test runs on any checkout: ../shared may be absent
+    echo "$data not found: QUICK=1 uses the toy pairs"; data=assets/data/toy_preference
+fi
 if [ "${QUICK:-0}" = 1 ]; then
     eval_pairs=20; requests=4; train_model=tiny; train_pairs=32; held_out=16; attention_pairs=4; big_model=30m
 else
