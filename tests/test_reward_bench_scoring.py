@@ -362,7 +362,8 @@ def test_eval_outputs_are_checked_before_scoring(tmp_path):
     evaluation.check_eval_arguments(args, one_process)
 
 
-@pytest.mark.parametrize("temperature, rule", [("0", "be above 0"), ("-1", "be above 0"), ("nan", "be a finite number")])
+@pytest.mark.parametrize("temperature, rule", [("0", "be above 0"), ("-1", "be above 0"),
+                                               ("nan", "be a finite number")])
 def test_pm_eval_temperature_must_be_above_zero(temperature, rule):
     """0 divides the A/B logits by zero; a negative temperature turns every preference around and still scores."""
     from useful_code.cli import parse_args

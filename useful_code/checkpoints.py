@@ -20,7 +20,15 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from useful_code.cli import UserError
-from useful_code.output_files import atomic_write_text, check_output_dir, match_umask, own_lock, pid_alive, publish_dir, take_lock
+from useful_code.output_files import (
+    atomic_write_text,
+    check_output_dir,
+    match_umask,
+    own_lock,
+    pid_alive,
+    publish_dir,
+    take_lock,
+)
 
 
 @dataclass

@@ -49,9 +49,9 @@ class StopOnNonFiniteLoss(TrainerCallback):
             control.should_log = True
         if model is not None and control.should_save and non_finite_weights(model):
             stop(f"training diverged: the weights hold NaN or infinite values at step {state.global_step} "
-                            f"(last finite log: {self.last_finite_log()}; --learning_rate {args.learning_rate}); "
-                            "they were not saved and nothing was published; lower --learning_rate (or check "
-                            "--max_grad_norm and the data) before resuming from an earlier checkpoint")
+                 f"(last finite log: {self.last_finite_log()}; --learning_rate {args.learning_rate}); they were not "
+                 "saved and nothing was published; lower --learning_rate (or check --max_grad_norm and the data) "
+                 "before resuming from an earlier checkpoint")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         keys = ("loss",) if args.fp16 else ("loss", "grad_norm")
@@ -62,10 +62,9 @@ class StopOnNonFiniteLoss(TrainerCallback):
             return
         found = " and ".join(f"the {'training loss' if k == 'loss' else 'gradient norm'} is {v}"
                              for k, v in bad.items())
-        stop(f"training diverged: {found} at step {state.global_step} (last finite log: "
-                        f"{self.last_finite_log()}; --learning_rate {args.learning_rate}). Nothing was published; lower "
-                        "--learning_rate (or check --max_grad_norm and the data) before resuming from an earlier "
-                        "checkpoint")
+        stop(f"training diverged: {found} at step {state.global_step} (last finite log: {self.last_finite_log()}; "
+             f"--learning_rate {args.learning_rate}). Nothing was published; lower --learning_rate (or check "
+             "--max_grad_norm and the data) before resuming from an earlier checkpoint")
 
 
 def non_finite_weights(model) -> bool:

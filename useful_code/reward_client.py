@@ -242,9 +242,10 @@ def trl_reward_function(url: str = "http://127.0.0.1:5000", api_key: Optional[st
 
     A completion the server would refuse gets None instead of a reward, and training goes on: an empty or blank
     reply, a `tool` message or any role but system/user/assistant, content given as a list of parts, roles out of
-    turn, a special token as text (a warning names each reason once). TRL turns None into NaN and leaves that completion out of the rewards' means and
-    advantages (it warns when every reward function gave None). Errors that are not about one completion (the server
-    unreachable, a wrong api_key, a PM server) are raised. url may end with an endpoint such as /get_reward.
+    turn, a special token as text (a warning names each reason once). TRL turns None into NaN and leaves that
+    completion out of the rewards' means and advantages (it warns when every reward function gave None). Errors
+    that are not about one completion (the server unreachable, a wrong api_key, a PM server) are raised. url may end
+    with an endpoint such as /get_reward.
     name: the function's __name__, under which TRL logs its rewards (rewards/<name>/mean): give each of several
     servers its own, or TRL logs them under one name."""
     client = RewardClient(url, api_key, timeout)

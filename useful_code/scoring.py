@@ -11,7 +11,13 @@ import torch
 from tqdm import tqdm
 
 from useful_code.data_parallel import map_across_ranks
-from useful_code.packing import packed_rewards, packed_rows, padding_free_ready, prefix_sharing_pays, decoder_score_head
+from useful_code.packing import (
+    decoder_score_head,
+    packed_rewards,
+    packed_rows,
+    padding_free_ready,
+    prefix_sharing_pays,
+)
 
 
 def length_sorted_batches(sequences: list[list[int]], batch_size: int, desc: str = "scoring", progress: bool = False):
@@ -81,7 +87,8 @@ def score_sequences(model, tokenizer, sequences: list[list[int]], batch_size: in
                                  read=read, max_tokens_per_batch=max_tokens_per_batch), sequences)
     device = model_device(model)
     results = [None] * len(sequences)
-    if read is reward_logit and max_tokens_per_batch and padding_free_ready(model) and decoder_score_head(model) is not None:
+    if read is reward_logit and max_tokens_per_batch and padding_free_ready(model) \
+            and decoder_score_head(model) is not None:
         for chunk, _, inputs in packed_rows(sequences, max_tokens_per_batch, device, progress=progress,
                                             share_prefix=prefix_sharing_pays(model)):
             rewards = packed_rewards(model, inputs)[:, 0]
