@@ -22,7 +22,7 @@ from useful_code.output_files import check_output_dir
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import load_split
 from useful_code.defaults import DEFAULT_MULTI_OBJECTIVE_DATA, REPO_ROOT
-from useful_code.formats import validate_conversations
+from useful_code.formats import text_start, validate_conversations
 from useful_code.hardware import default_device
 from useful_code.modeling import load_backbone
 from useful_code.templates import encode_conversations, reject_special_tokens, reject_untemplatable, truncate_all
@@ -37,12 +37,6 @@ class ScriptArguments(PrepareArguments):
     dataset_path: str = field(default=DEFAULT_MULTI_OBJECTIVE_DATA)
     max_length: int = field(default=4096,
                             metadata={"min": 1, "help": "Longer conversations keep their last tokens (counted)."})
-
-
-def first_words(messages: list[dict]) -> str:
-    """A conversation's first message, cut to 40 characters: names a row after the shuffle that reorders them."""
-    text = messages[0]["content"]
-    return repr(text[:40] + ("..." if len(text) > 40 else ""))
 
 
 def main():
@@ -79,8 +73,9 @@ def main():
                                         args.max_length)
     embeddings, _ = embed(model, tokenizer, sequences, args.batch_size,
                           max_tokens_per_batch=args.max_tokens_per_batch,
+                          # a row's index after the shuffle would not find it in the file: its first words do
                           name=lambda i: f"the --dataset_path conversation starting "
-                                         f"{first_words(shard[i]['messages'])}")
+                                         f"{text_start(shard[i]['messages'][0]['content'])}")
     labels = np.array([[np.nan if v is None else v for v in shard[a]] for a in ATTRIBUTES],
                       dtype=np.float32).T.reshape(len(shard), len(ATTRIBUTES))
 

@@ -29,7 +29,7 @@ from useful_code import checkpoints, output_files, run_metrics
 from useful_code.batch_samplers import LengthGroupedBatches, TokenBudgetBatches
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
-from useful_code.data_parallel import main_process_first, on_main, process_state
+from useful_code.data_parallel import main_process_first, process_state
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -507,16 +507,12 @@ def main(default_config: str = DEFAULT_CONFIG):
     dtype = weights_dtype(training_args, frozen_base=lora_args.use_peft)
     precision = precision_summary(training_args, dtype, frozen_base=lora_args.use_peft)
     is_main = training_args.process_index == 0
-    # Before any work, on the main process (an error there stops every rank with its line): a writable directory,
-    # not an input, no finished or running run in it.
+    # Before any work: a writable output directory, not an input, no finished or running run in it; what to resume.
     state = process_state()  # the launcher's ranks, for the steps the main one takes first
-    on_main(state, lambda: checkpoints.claim_output_dir(
-        training_args.output_dir, training_args.overwrite_output_dir,
-        inputs=(args.model_name, args.train_set_path, args.eval_set_path),
-        flag="--output_path",  # upstream's name (--output_dir works too)
-        resuming=bool(training_args.resume_from_checkpoint)))
-    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
-                                        written_last=TrainTokensInCheckpoints.path("", 0).name, kind="bt")
+    resume = checkpoints.claim_and_resume(state, training_args, (args.model_name, args.train_set_path,
+                                                                 args.eval_set_path), "bt",
+                                          flag="--output_path",  # upstream's name (--output_dir works too)
+                                          written_last=TrainTokensInCheckpoints.path("", 0).name)
     # 4/8-bit needs a GPU and bitsandbytes: said now
     quantization = quantization_options(lora_args, compute_dtype(training_args))
     if args.loss_type == "odin":

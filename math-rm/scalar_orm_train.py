@@ -36,7 +36,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from useful_code import checkpoints, run_metrics
 from useful_code.cli import note_tiny_recipe, parse_args, run_cli
 from useful_code.data import held_out_source, hold_out, load_dataset_dict, pick_split
-from useful_code.data_parallel import main_process_first, on_main, process_state
+from useful_code.data_parallel import main_process_first, process_state
 from useful_code.defaults import DEFAULT_MODEL
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -165,15 +165,10 @@ def main():
     is_main = training_args.process_index == 0
     if is_main:
         note_tiny_recipe(config, None, args.model_name, "math-rm/llama-3.1-scalar-orm.yaml")
-    # Before any work, on the main process (an error there stops every rank with its line): a writable directory,
-    # not an input, no finished or running run in it.
+    # Before any work: a writable output directory, not an input, no finished or running run in it; what to resume.
     state = process_state()  # the launcher's ranks, for the steps the main one takes first
-    on_main(state, lambda: checkpoints.claim_output_dir(
-        training_args.output_dir, training_args.overwrite_output_dir,
-        inputs=(args.model_name, args.train_set_path, args.eval_set_path),
-        resuming=bool(training_args.resume_from_checkpoint)))
-    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
-                                        kind="scalar_orm")
+    resume = checkpoints.claim_and_resume(state, training_args, (args.model_name, args.train_set_path,
+                                                                 args.eval_set_path), "scalar_orm")
 
     # Data: train rows and held-out rows (the test split, or --eval_set_path), both checked by math-rm's rules.
     tokenizer = load_tokenizer(args.model_name, "--model_name")

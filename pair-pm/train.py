@@ -27,7 +27,7 @@ from trl import SFTConfig, SFTTrainer
 from useful_code import checkpoints, run_metrics
 from useful_code.cli import UserError, note_tiny_recipe, parse_args, run_cli
 from useful_code.data import HeldOutArguments, held_out_pairs, load_dataset_dict, pick_split
-from useful_code.data_parallel import main_process_first, on_main, process_state
+from useful_code.data_parallel import main_process_first, process_state
 from useful_code.defaults import DEFAULT_MODEL, DEFAULT_PREFERENCE_DATA, REPO_ROOT
 from useful_code.distributed import (
     HardwareAwareArguments,
@@ -119,14 +119,11 @@ def main():
     is_main = training_args.process_index == 0
     if is_main:
         note_tiny_recipe(config, DEFAULT_CONFIG, script_args.model_name_or_path, "pair-pm/gemma-2b-it.yaml")
-    # Before any work, on the main process (an error there stops every rank with its line): a writable directory,
-    # not an input, no finished or running run in it.
+    # Before any work: a writable output directory, not an input, no finished or running run in it; what to resume.
     state = process_state()  # the launcher's ranks, for the steps the main one takes first
-    on_main(state, lambda: checkpoints.claim_output_dir(
-        training_args.output_dir, training_args.overwrite_output_dir,
-        inputs=(script_args.model_name_or_path, script_args.dataset_path, script_args.eval_set_path),
-        resuming=bool(training_args.resume_from_checkpoint)))
-    resume = checkpoints.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, kind="pm")
+    resume = checkpoints.claim_and_resume(state, training_args, (script_args.model_name_or_path,
+                                                                 script_args.dataset_path, script_args.eval_set_path),
+                                          "pm")
     # fp32 weights under the Trainer's bf16 autocast; bf16 under DeepSpeed (fp32 master weights) or for LoRA's base
     dtype = weights_dtype(training_args, frozen_base=lora_args.use_peft)
     precision = precision_summary(training_args, dtype, frozen_base=lora_args.use_peft)

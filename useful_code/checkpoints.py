@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from useful_code.cli import UserError
+from useful_code.data_parallel import on_main
 from useful_code.output_files import (
     atomic_write_text,
     check_output_dir,
@@ -155,6 +156,18 @@ def claim_output_dir(output_dir: str, overwrite: bool, inputs: tuple[str, ...] =
             shutil.rmtree(directory)
         print(f"Removed the {len(earlier)} checkpoints of an earlier run in {out} (--overwrite_output_dir)")
     return out
+
+
+def claim_and_resume(state, training_args, inputs: tuple[str, ...], kind: str, flag: str = "--output_dir",
+                     written_last: Optional[str] = None) -> Optional[str]:
+    """A trainer's opening, before any work: its output directory claimed on the main rank (claim_output_dir; a
+    refusal stops every rank with its line, through data_parallel.on_main), then the checkpoint to resume from
+    (resolve_resume for the kind it trains), or None."""
+    on_main(state, lambda: claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
+                                            inputs=inputs, flag=flag,
+                                            resuming=bool(training_args.resume_from_checkpoint)))
+    return resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, written_last=written_last,
+                          kind=kind)
 
 
 def numbered_checkpoints(directory: Path) -> list[Path]:

@@ -277,6 +277,11 @@ def enforce_validity(dataset, rules: dict[str, str], skip_invalid: bool, name: s
     return dataset.remove_columns([c for c in ("invalid_reason", "invalid_where") if c in dataset.column_names]), stats
 
 
+def text_start(text: str, length: int = 40) -> str:
+    """The start of a text, quoted (cut texts end in ...): names a row in a message by its prompt or problem."""
+    return repr(text[:length] + ("..." if len(text) > length else ""))
+
+
 def count_summary(counts: dict) -> str:
     """'reason: n, ...', the most frequent first."""
     return ", ".join(f"{reason}: {n}" for reason, n in Counter(counts).most_common())

@@ -12,6 +12,7 @@ import torch
 from useful_code.cli import ModelOutputError
 from useful_code.data_parallel import map_across_ranks
 from useful_code.math_data import encode_labeled, label_token_ids
+from useful_code.formats import text_start
 from useful_code.modeling import MATH_KINDS, load_for_scoring, load_preference_model
 from useful_code.scoring import left_padded, length_sorted_batches, model_device
 from useful_code.templates import tokenizer_adds_bos, truncate_left
@@ -125,4 +126,4 @@ def describe_solution(conversation: list[dict], index: int) -> str:
     """A solution named for an error: its index among those scored, and the start of its first user message, which
     says which problem it is whichever script and rank scored it."""
     text = next((m["content"] for m in conversation if m["role"] == "user"), "")
-    return f"solution {index} (0-based), problem {text[:40] + ('...' if len(text) > 40 else '')!r}"
+    return f"solution {index} (0-based), problem {text_start(text)}"

@@ -14,6 +14,7 @@ import torch
 
 from useful_code.cli import ModelOutputError, UserError
 from useful_code.data_parallel import map_across_ranks
+from useful_code.formats import text_start
 from useful_code.modeling import PM_KINDS, load_for_scoring, load_preference_model
 from useful_code.packing import packed_lm_logits, packed_rows, padding_free_ready, prefix_sharing_pays
 from useful_code.pm_data import build_pm_prompt, encode_pm_prompts, label_token_ids
@@ -86,11 +87,10 @@ def check_finite(logits: np.ndarray, probs: np.ndarray, contexts: list[list[dict
         n_pairs = len(contexts)
         pair, order = bad[0] % n_pairs, "A" if bad[0] < n_pairs else "B"
         text = contexts[pair][-1]["content"] if contexts[pair] else ""
-        start = repr(text[:40] + ("..." if len(text) > 40 else ""))
         raise ModelOutputError(
             f"the preference model gave non-finite (NaN or infinite) A/B logits or probabilities for {len(bad)} of "
-            f"{len(logits)} scored sequences (first: pair {pair} of {n_pairs} (0-based), prompt {start}, its first "
-            f"response shown as {order}); its weights may hold NaN, or the model overflows in this dtype")
+            f"{len(logits)} scored sequences (first: pair {pair} of {n_pairs} (0-based), prompt {text_start(text)}, "
+            f"its first response shown as {order}); its weights may hold NaN, or the model overflows in this dtype")
 
 
 class PairPreferenceScorer:

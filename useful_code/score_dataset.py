@@ -57,6 +57,7 @@ from useful_code.formats import (
     count_summary,
     enforce_validity,
     hh_prompt_messages,
+    text_start,
     validate_conversation,
 )
 from useful_code.reward_scorer import KINDS, RewardScorer, checkpoint_kind
@@ -379,11 +380,10 @@ def check_finite_rewards(results: list[tuple[list, int]], items: list[tuple[list
         bad = [j for j, r in enumerate(rewards) if r is not None and not math.isfinite(r)]
         if bad:
             text = context[-1]["content"] if context else ""
-            start = repr(text[:40] + ("..." if len(text) > 40 else ""))
             raise ModelOutputError(f"the reward model gave a NaN or infinite reward to response {bad[0]} of row "
-                                   f"{first_row + i} (0-based, of the rows kept), prompt {start}; its weights may "
-                                   "hold NaN, or it overflows in this dtype (nothing of its --prompts_per_chunk rows "
-                                   "was written)")
+                                   f"{first_row + i} (0-based, of the rows kept), prompt {text_start(text)}; its "
+                                   "weights may hold NaN, or it overflows in this dtype (nothing of its "
+                                   "--prompts_per_chunk rows was written)")
 
 
 def best_and_pairs(path: Path, expected: int, threshold: float, counts: dict):
